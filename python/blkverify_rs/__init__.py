@@ -1,0 +1,160 @@
+"""blkverify-rs: prove that a block driver returns the right bytes.
+
+Open qcow2 and raw images with :func:`open`, and compare a test image with a raw
+reference with :func:`verify`. The heavy work runs in Rust with the GIL released.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+from blkverify_rs import _native
+from blkverify_rs._native import CorruptImageError, Error, FormatError, Image, MismatchError
+
+__version__: str = _native.__version__
+
+__all__ = [
+    "CorruptImageError",
+    "Error",
+    "FormatError",
+    "Image",
+    "Mismatch",
+    "MismatchError",
+    "Report",
+    "__version__",
+    "open",
+    "verify",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+SECTOR_SIZE = 512
+
+
+def open(
+    path: PathLike,
+    format: Optional[str] = None,
+    read_only: bool = True,
+    snapshot: Optional[str] = None,
+    *,
+    backing: bool = True,
+    max_backing_depth: int = 64,
+) -> Image:
+    """Open an image. ``format`` is ``"raw"``, ``"qcow2"`` or ``None`` to probe.
+
+    ``snapshot`` reads an internal qcow2 snapshot (by ID or name) instead of the
+    active disk. ``backing=False`` reads unallocated ranges as zeros instead of
+    following the backing chain.
+    """
+    if not read_only:
+        raise FormatError(f"{os.fspath(path)}: writable opens are not supported yet")
+    return _native.open(
+        os.fspath(path),
+        format=format,
+        snapshot=snapshot,
+        backing=backing,
+        max_backing_depth=max_backing_depth,
+    )
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A run of consecutive mismatching 512-byte sectors."""
+
+    sector: int
+    offset: int
+    length: int
+    first_byte: int
+    error: Optional[str] = None
+    mapping: Optional[dict[str, Any]] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "sector": self.sector,
+            "offset": self.offset,
+            "length": self.length,
+            "first_byte": self.first_byte,
+        }
+        if self.error is not None:
+            out["error"] = self.error
+        if self.mapping is not None:
+            out["mapping"] = self.mapping
+        return out
+
+
+@dataclass(frozen=True)
+class Report:
+    """What :func:`verify` found."""
+
+    raw: str
+    test: str
+    raw_format: str
+    test_format: str
+    virtual_size: int
+    raw_size: int
+    test_size: int
+    identical: bool
+    bytes_compared: int
+    bytes_read: int
+    elapsed_s: float
+    truncated: bool
+    warnings: list[str] = field(default_factory=list)
+    mismatches: list[Mismatch] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as the CLI's ``--json`` prints it."""
+        return {
+            "raw": self.raw,
+            "test": self.test,
+            "raw_format": self.raw_format,
+            "test_format": self.test_format,
+            "virtual_size": self.virtual_size,
+            "raw_size": self.raw_size,
+            "test_size": self.test_size,
+            "identical": self.identical,
+            "bytes_compared": self.bytes_compared,
+            "elapsed_s": self.elapsed_s,
+            "truncated": self.truncated,
+            "warnings": list(self.warnings),
+            "mismatches": [m.to_dict() for m in self.mismatches],
+        }
+
+
+def verify(
+    raw: PathLike,
+    test: PathLike,
+    all: bool = False,
+    *,
+    raw_format: Optional[str] = None,
+    test_format: Optional[str] = None,
+    strict: bool = False,
+    snapshot: Optional[str] = None,
+    backing: bool = True,
+    max_backing_depth: int = 64,
+    threads: int = 0,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> Report:
+    """Compare every guest sector of ``test`` with the raw reference ``raw``.
+
+    Stops at the first mismatching sector unless ``all`` is true. A read error
+    on the test side is a finding (a mismatch with ``error`` set); one on the
+    reference side raises. ``progress(done, total)`` is called about ten times a
+    second from the calling thread.
+    """
+    d = _native.verify(
+        os.fspath(raw),
+        os.fspath(test),
+        all=all,
+        strict=strict,
+        raw_format=raw_format,
+        test_format=test_format,
+        snapshot=snapshot,
+        backing=backing,
+        max_backing_depth=max_backing_depth,
+        threads=threads,
+        progress=progress,
+    )
+    mismatches = [Mismatch(**m) for m in d.pop("mismatches")]
+    return Report(mismatches=mismatches, **d)

@@ -1,0 +1,126 @@
+"""Reporting: the human text and JSON for a verify report, and a progress bar."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import IO, TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from blkverify_rs import Mismatch, Report
+
+SECTOR = 512
+
+
+def to_json(rep: Report) -> str:
+    """The ``--json`` object, on one line."""
+    return json.dumps(rep.to_dict())
+
+
+def describe_mapping(mapping: Optional[dict[str, Any]]) -> Optional[str]:
+    """Where the metadata puts a byte, in the words a driver developer debugs with."""
+    if not mapping:
+        return None
+    where = f"L1 index {mapping['l1_index']}, L2 index {mapping['l2_index']}"
+    if mapping.get("subcluster") is not None:
+        where += f", subcluster {mapping['subcluster']}"
+    kind = mapping["kind"]
+    host = mapping.get("host_offset")
+    file = mapping["file"]
+    if kind == "data":
+        what = f"data cluster at host offset {host:#x} in {file}"
+    elif kind == "compressed":
+        what = f"compressed cluster at host offset {host:#x} in {file}"
+    elif kind == "zero":
+        what = "zero cluster (reads as zeros)"
+    elif kind == "backing":
+        depth = mapping.get("backing_depth", 1)
+        what = f"unallocated, read from backing file {file} (depth {depth})"
+        if host is not None:
+            what += f" at host offset {host:#x}"
+    else:
+        what = "unallocated (reads as zeros)"
+    return f"{where}: {what}"
+
+
+def describe_mismatch(m: Mismatch) -> str:
+    """One line for one run, in the seed document's words."""
+    sectors = max(1, (m.length + SECTOR - 1) // SECTOR)
+    span = f"{sectors} sector{'s' if sectors != 1 else ''}"
+    if m.error:
+        return (
+            f"blkverify: read error in sector {m.sector} "
+            f"(offset {m.offset:#x}, {span}): {m.error}"
+        )
+    return (
+        f"blkverify: contents mismatch in sector {m.sector} "
+        f"(offset {m.offset:#x}, {span}, first differing byte at offset {m.first_byte:#x})"
+    )
+
+
+def human(rep: Report, all_: bool = False) -> str:
+    """The report as text."""
+    if rep.identical:
+        return "Images are identical.\n"
+    lines: list[str] = []
+    for m in rep.mismatches:
+        lines.append(describe_mismatch(m))
+        where = describe_mapping(m.mapping)
+        if where:
+            lines.append(f"  {rep.test_format} metadata: {where}")
+    if not rep.mismatches:
+        lines.append(
+            f"Images differ in size: {rep.raw} is {rep.raw_size} bytes, "
+            f"{rep.test} is {rep.test_size} bytes (--strict)."
+        )
+    elif all_:
+        total = sum(m.length for m in rep.mismatches)
+        more = " (list truncated)" if rep.truncated else ""
+        lines.append(
+            f"Images differ: {len(rep.mismatches)} mismatching run(s), {total} bytes{more}."
+        )
+    else:
+        lines.append("Images differ (stopped at the first mismatch; --all lists every one).")
+    return "\n".join(lines) + "\n"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class ProgressBar:
+    """A one-line progress display: bytes, MiB/s and ETA, redrawn in place."""
+
+    def __init__(self, stream: IO[str], min_interval: float = 0.2) -> None:
+        self.stream = stream
+        self.start = time.monotonic()
+        self.last_draw = 0.0
+        self.min_interval = min_interval
+        self.drawn = False
+
+    def update(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last_draw < self.min_interval and done < total:
+            return
+        self.last_draw = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = done / elapsed
+        pct = 100.0 * done / total if total else 100.0
+        eta = (total - done) / rate if rate > 0 else 0.0
+        line = (
+            f"\r{_size(done)} / {_size(total)} {pct:5.1f}%  "
+            f"{rate / (1 << 20):8.1f} MiB/s  ETA {eta:5.1f}s"
+        )
+        self.stream.write(line)
+        self.stream.flush()
+        self.drawn = True
+
+    def finish(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False

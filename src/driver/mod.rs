@@ -1,0 +1,302 @@
+//! The block-driver trait, the mapping a range lookup returns, and the probe that
+//! picks a driver for a file.
+//!
+//! A driver answers two questions: "what are the bytes at this guest range?"
+//! (`read_at`) and "what kind of storage backs it?" (`map`). The second lets the
+//! verifier skip ranges that read as zeros on both sides without reading them.
+
+pub mod qcow2;
+pub mod raw;
+
+use crate::error::{Error, Result};
+use crate::storage::{FileStorage, Storage};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Bytes per sector, as blkverify and qemu-io count them.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// What backs one guest range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Data stored at `host_offset` in the driver's data file.
+    Data {
+        /// Byte offset in the data file of the range's first byte.
+        host_offset: u64,
+    },
+    /// One compressed cluster (the extent never spans more than one).
+    Compressed {
+        /// Byte offset of the compressed stream in the image file.
+        host_offset: u64,
+        /// Bytes that hold the compressed stream (rounded to sectors, as stored).
+        compressed_size: u64,
+    },
+    /// Reads as zeros because the metadata says so.
+    Zero {
+        /// A host cluster stays reserved for it (qcow2 "allocated zero").
+        allocated: bool,
+    },
+    /// Nothing stored here: the range reads from the backing file, or as zeros.
+    Unallocated,
+}
+
+impl Mapping {
+    /// The short name used in reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Mapping::Data { .. } => "data",
+            Mapping::Compressed { .. } => "compressed",
+            Mapping::Zero { .. } => "zero",
+            Mapping::Unallocated => "unallocated",
+        }
+    }
+}
+
+/// A guest range with one mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Guest offset of the first byte.
+    pub offset: u64,
+    /// Length in bytes (never zero).
+    pub length: u64,
+    /// What backs it.
+    pub mapping: Mapping,
+}
+
+/// Where a guest byte lives, in the terms a driver developer debugs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    /// The mapping kind at the top image: data, compressed, zero, unallocated, or
+    /// backing (unallocated here, served by a backing file).
+    pub kind: &'static str,
+    /// Index into the top image's L1 table.
+    pub l1_index: u64,
+    /// Index into the L2 table.
+    pub l2_index: u64,
+    /// Subcluster index, for images with extended L2 entries.
+    pub subcluster: Option<u32>,
+    /// Offset of the byte in `file`, where the data is stored.
+    pub host_offset: Option<u64>,
+    /// The file the bytes come from (the image, its data file, or a backing file).
+    pub file: PathBuf,
+    /// 0 for the image itself, 1 for its backing file, and so on.
+    pub backing_depth: u32,
+}
+
+/// A disk-image format driver. Guest offsets are bytes from the start of the
+/// virtual disk. Every method takes `&self`, so one driver serves many threads.
+pub trait BlockDriver: Send + Sync {
+    /// The format name: "raw" or "qcow2".
+    fn format_name(&self) -> &'static str;
+
+    /// The image file's path.
+    fn path(&self) -> &Path;
+
+    /// The virtual disk size in bytes.
+    fn size(&self) -> u64;
+
+    /// The allocation unit: the smallest range `map` can tell apart.
+    fn granularity(&self) -> u64;
+
+    /// Fill `buf` with the guest bytes at `offset`. The range must lie inside the
+    /// disk; otherwise `InvalidArgument`. A short read of the underlying file is an
+    /// error, never silently zeros, except where the format defines it as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// The mapping of the guest range starting at `offset`, at most `max_len` long
+    /// (and never past the end of the disk). The returned extent starts at
+    /// `offset` and is at least one byte long.
+    fn map(&self, offset: u64, max_len: u64) -> Result<Extent>;
+
+    /// The backing file, if the image has one and it was opened.
+    fn backing(&self) -> Option<&dyn BlockDriver> {
+        None
+    }
+
+    /// Where the byte at `offset` lives, for formats with metadata worth naming.
+    fn locate(&self, offset: u64) -> Result<Option<Location>> {
+        let _ = offset;
+        Ok(None)
+    }
+
+    /// Human-readable facts about the image (cluster size, features).
+    fn info(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+}
+
+impl fmt::Debug for dyn BlockDriver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}({})", self.format_name(), self.path().display())
+    }
+}
+
+/// Check that `[offset, offset + len)` lies inside a disk of `size` bytes.
+pub fn check_range(path: &Path, size: u64, offset: u64, len: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::InvalidArgument(format!(
+            "{}: request at offset {offset} of {len} bytes lies past the end of the image ({size} bytes)",
+            path.display()
+        ))),
+    }
+}
+
+/// Whether the guest range starting at `offset` reads as zeros without reading
+/// it, and for how long that answer holds (at most `max_len`). Follows backing
+/// files through unallocated ranges. `false` means "must be read", not "non-zero".
+pub fn zero_status(driver: &dyn BlockDriver, offset: u64, max_len: u64) -> Result<(u64, bool)> {
+    let extent = driver.map(offset, max_len)?;
+    match extent.mapping {
+        Mapping::Data { .. } | Mapping::Compressed { .. } => Ok((extent.length, false)),
+        Mapping::Zero { .. } => Ok((extent.length, true)),
+        Mapping::Unallocated => match driver.backing() {
+            Some(backing) if offset < backing.size() => {
+                let len = extent.length.min(backing.size() - offset);
+                zero_status(backing, offset, len)
+            }
+            _ => Ok((extent.length, true)),
+        },
+    }
+}
+
+/// The formats we have drivers for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// A flat file or block device.
+    Raw,
+    /// QEMU copy-on-write v2/v3.
+    Qcow2,
+}
+
+impl Format {
+    /// Parse a format name as given on the command line or in a header extension.
+    pub fn parse(name: &str) -> Option<Format> {
+        match name {
+            "raw" => Some(Format::Raw),
+            "qcow2" => Some(Format::Qcow2),
+            _ => None,
+        }
+    }
+
+    /// The name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// How backing files are followed.
+#[derive(Debug, Clone)]
+pub struct BackingPolicy {
+    /// Open backing files at all. When false, unallocated ranges read as zeros.
+    pub follow: bool,
+    /// The longest chain below the top image.
+    pub max_depth: u32,
+}
+
+impl Default for BackingPolicy {
+    fn default() -> Self {
+        BackingPolicy {
+            follow: true,
+            max_depth: 64,
+        }
+    }
+}
+
+/// Options for opening an image.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// The format; `None` probes the file's magic.
+    pub format: Option<Format>,
+    /// An internal snapshot to read instead of the active image (ID or name).
+    pub snapshot: Option<String>,
+    /// How backing files are followed.
+    pub backing: BackingPolicy,
+}
+
+/// Open an image read-only.
+pub fn open(path: &Path, options: &OpenOptions) -> Result<Arc<dyn BlockDriver>> {
+    open_in_chain(path, options.format, options.snapshot.as_deref(), options, &[])
+}
+
+/// Open one image of a backing chain. `chain` holds the canonical paths of the
+/// images above it, to catch loops.
+pub(crate) fn open_in_chain(
+    path: &Path,
+    format: Option<Format>,
+    snapshot: Option<&str>,
+    options: &OpenOptions,
+    chain: &[PathBuf],
+) -> Result<Arc<dyn BlockDriver>> {
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open_read_only(path)?);
+    let format = match format {
+        Some(format) => format,
+        None => probe(storage.as_ref())?,
+    };
+    match format {
+        Format::Raw => {
+            if let Some(name) = snapshot {
+                return Err(Error::format(
+                    path,
+                    format!("raw images have no snapshots (asked for snapshot '{name}')"),
+                ));
+            }
+            Ok(Arc::new(raw::Raw::new(storage)?))
+        }
+        Format::Qcow2 => Ok(Arc::new(qcow2::Qcow2::open(
+            storage, snapshot, options, chain,
+        )?)),
+    }
+}
+
+/// Pick a driver by the file's first bytes. Formats we know but do not support
+/// are refused rather than compared as raw bytes, which would be a silent wrong
+/// answer.
+pub fn probe(storage: &dyn Storage) -> Result<Format> {
+    let len = storage.len()?;
+    let mut head = [0u8; 512];
+    let n = usize::try_from(len.min(head.len() as u64)).unwrap_or(0);
+    let head = head.get_mut(..n).unwrap_or(&mut []);
+    storage.read_exact_at(head, 0)?;
+    let path = storage.path();
+    if head.starts_with(b"QFI\xfb") {
+        let version = head
+            .get(4..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_be_bytes);
+        return match version {
+            Some(1) => Err(Error::format(
+                path,
+                "qcow (version 1) images are not supported; convert with 'qemu-img convert -O qcow2'",
+            )),
+            _ => Ok(Format::Qcow2),
+        };
+    }
+    let refused: &[(&[u8], &str)] = &[
+        (b"LUKS\xba\xbe", "a LUKS encrypted volume"),
+        (b"KDMV", "a VMDK image"),
+        (b"# Disk DescriptorFile", "a VMDK descriptor"),
+        (b"conectix", "a VHD (vpc) image"),
+        (b"vhdxfile", "a VHDX image"),
+        (b"QED\0", "a QED image"),
+    ];
+    for (magic, what) in refused {
+        if head.starts_with(magic) {
+            return Err(Error::format(
+                path,
+                format!("file is {what}, which blkverify cannot read; give -f raw to compare its bytes as they are"),
+            ));
+        }
+    }
+    if head.get(64..68) == Some(b"\x7f\x10\xda\xbe".as_slice()) {
+        return Err(Error::format(
+            path,
+            "file is a VDI image, which blkverify cannot read; give -f raw to compare its bytes as they are",
+        ));
+    }
+    Ok(Format::Raw)
+}

@@ -1,0 +1,647 @@
+//! The qcow2 driver, read side: header, L1/L2 lookup with subclusters,
+//! compressed clusters, zero clusters, backing chains, external data files and
+//! internal snapshots.
+
+mod cache;
+mod compressed;
+pub mod header;
+pub mod l2;
+pub mod snapshot;
+
+use super::{
+    check_range, open_in_chain, BlockDriver, Extent, Format, Location, Mapping, OpenOptions,
+};
+use crate::error::{Error, Result};
+use crate::storage::{FileStorage, Storage};
+use cache::{L2Cache, L2Table};
+use header::{CompressionType, Header};
+use l2::Cluster;
+use snapshot::Snapshot;
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Bytes of L2 tables cached per image.
+const L2_CACHE_BYTES: u64 = 16 << 20;
+
+static NEXT_DRIVER_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// The last cluster this thread decompressed, keyed by (driver id, host
+    /// offset), so small reads inside one compressed cluster decompress it once.
+    static LAST_CLUSTER: RefCell<(u64, u64, Vec<u8>)> = const { RefCell::new((0, u64::MAX, Vec::new())) };
+}
+
+/// An open qcow2 image.
+pub struct Qcow2 {
+    id: u64,
+    file: Arc<dyn Storage>,
+    data: Arc<dyn Storage>,
+    header: Header,
+    size: u64,
+    l1: Vec<u64>,
+    cache: L2Cache,
+    backing: Option<Arc<dyn BlockDriver>>,
+    snapshots: Vec<Snapshot>,
+    snapshot: Option<Snapshot>,
+}
+
+impl Qcow2 {
+    /// Open a qcow2 image on `file`, following its backing chain as `options`
+    /// allow. `chain` holds the canonical paths of the images above this one.
+    pub fn open(
+        file: Arc<dyn Storage>,
+        snapshot: Option<&str>,
+        options: &OpenOptions,
+        chain: &[PathBuf],
+    ) -> Result<Self> {
+        let path = file.path().to_path_buf();
+        let file_len = file.len()?;
+        // The header's first 104 bytes give the cluster size; the extensions and
+        // backing name lie within the first cluster.
+        let mut probe = vec![0u8; usize::try_from(file_len.min(112)).unwrap_or(0)];
+        file.read_exact_at(&mut probe, 0)?;
+        let cluster_bits = header::BeBytes(&probe).u32(20).unwrap_or(16).clamp(9, 21);
+        let first_len = file_len.min(1u64 << cluster_bits);
+        let mut first = vec![0u8; usize::try_from(first_len).unwrap_or(0)];
+        file.read_exact_at(&mut first, 0)?;
+        let header = header::parse(&path, &first, file_len)?;
+
+        let snapshots = if header.nb_snapshots > 0 {
+            read_snapshots(file.as_ref(), &header, file_len)?
+        } else {
+            Vec::new()
+        };
+        let chosen = match snapshot {
+            None => None,
+            Some(wanted) => Some(snapshot::find(&snapshots, wanted).cloned().ok_or_else(|| {
+                let names: Vec<String> = snapshots
+                    .iter()
+                    .map(|s| format!("{} (id {})", s.name, s.id))
+                    .collect();
+                Error::InvalidArgument(format!(
+                    "{}: no snapshot with ID or name '{wanted}' (the image has {})",
+                    path.display(),
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                ))
+            })?),
+        };
+        let (l1_offset, l1_size, size) = match &chosen {
+            None => (header.l1_table_offset, header.l1_size, header.size),
+            Some(s) => {
+                let size = s.disk_size.unwrap_or(header.size);
+                let l1_bytes = u64::from(s.l1_size) * 8;
+                if l1_bytes > header::MAX_L1_BYTES
+                    || u64::from(s.l1_size) < header.l1_entries_needed(size)
+                {
+                    return Err(Error::corrupt(
+                        &path,
+                        format!(
+                            "qcow2: snapshot '{}' has l1_size {} for a disk of {size} bytes",
+                            s.name, s.l1_size
+                        ),
+                    ));
+                }
+                header::check_table(
+                    &path,
+                    &format!("snapshot '{}' L1 table", s.name),
+                    s.l1_table_offset,
+                    l1_bytes,
+                    header.cluster_size(),
+                    file_len,
+                )?;
+                (s.l1_table_offset, s.l1_size, size)
+            }
+        };
+        let l1 = read_l1(file.as_ref(), l1_offset, l1_size)?;
+
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let data: Arc<dyn Storage> = match (&header.data_file, header.has_data_file()) {
+            (Some(name), true) => {
+                let data_path = resolve_relative(dir, name);
+                Arc::new(FileStorage::open_read_only(&data_path)?)
+            }
+            _ => file.clone(),
+        };
+
+        let backing = match &header.backing_file {
+            Some(name) if options.backing.follow => Some(open_backing(
+                &path,
+                dir,
+                name,
+                header.backing_format.as_deref(),
+                options,
+                chain,
+            )?),
+            _ => None,
+        };
+
+        let l2_bytes = header.cluster_size();
+        let capacity = usize::try_from(L2_CACHE_BYTES / l2_bytes).unwrap_or(4);
+        Ok(Qcow2 {
+            id: NEXT_DRIVER_ID.fetch_add(1, Ordering::Relaxed),
+            file,
+            data,
+            header,
+            size,
+            l1,
+            cache: L2Cache::new(capacity),
+            backing,
+            snapshots,
+            snapshot: chosen,
+        })
+    }
+
+    /// The parsed header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The internal snapshots.
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    fn corrupt(&self, message: String) -> Error {
+        Error::corrupt(self.file.path(), format!("qcow2: {message}"))
+    }
+
+    /// The unit `map` resolves: a subcluster with extended L2, else a cluster.
+    fn unit_bits(&self) -> u32 {
+        if self.header.extended_l2() {
+            self.header.cluster_bits - 5
+        } else {
+            self.header.cluster_bits
+        }
+    }
+
+    fn load_l2(&self, l2_offset: u64) -> Result<L2Table> {
+        self.cache.get_or_load(l2_offset, || {
+            let cluster_size = self.header.cluster_size();
+            let file_len = self.file.len()?;
+            if l2_offset % cluster_size != 0 {
+                return Err(self.corrupt(format!(
+                    "L2 table offset {l2_offset:#x} is not aligned to a cluster ({cluster_size} bytes)"
+                )));
+            }
+            if l2_offset.checked_add(cluster_size).is_none_or(|end| end > file_len) {
+                return Err(self.corrupt(format!(
+                    "L2 table at {l2_offset:#x} lies past the end of the file (size {file_len:#x})"
+                )));
+            }
+            let mut raw = vec![0u8; usize::try_from(cluster_size).unwrap_or(0)];
+            self.file.read_exact_at(&mut raw, l2_offset)?;
+            let entries: Vec<u64> = raw
+                .chunks_exact(8)
+                .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect();
+            Ok(Arc::from(entries))
+        })
+    }
+
+    /// Decode the unit (cluster or subcluster) at guest `offset` from its table.
+    fn decode_unit(&self, table: &[u64], l2_index: u64, unit_in_cluster: u32) -> Result<Cluster, String> {
+        let bits = self.header.cluster_bits;
+        let has_data_file = self.header.has_data_file();
+        if self.header.extended_l2() {
+            let at = usize::try_from(l2_index * 2).unwrap_or(usize::MAX);
+            let entry = table.get(at).copied().unwrap_or(0);
+            let bitmap = table.get(at + 1).copied().unwrap_or(0);
+            l2::decode_subcluster(entry, bitmap, unit_in_cluster, bits, has_data_file)
+        } else {
+            let entry = table.get(usize::try_from(l2_index).unwrap_or(usize::MAX)).copied().unwrap_or(0);
+            l2::decode(entry, bits, has_data_file)
+        }
+    }
+
+    /// The L1 index, L2 index and subcluster of a guest offset.
+    fn indices(&self, offset: u64) -> (u64, u64, u32) {
+        let cluster = offset >> self.header.cluster_bits;
+        let l2_entries = self.header.l2_entries();
+        let sub = if self.header.extended_l2() {
+            ((offset >> self.unit_bits()) & 31) as u32
+        } else {
+            0
+        };
+        (cluster / l2_entries, cluster % l2_entries, sub)
+    }
+
+    /// The L2 table covering `l1_index`, or `None` if it is unallocated.
+    fn l2_for(&self, l1_index: u64) -> Result<Option<(u64, L2Table)>> {
+        let Some(&l1_entry) = usize::try_from(l1_index).ok().and_then(|i| self.l1.get(i)) else {
+            return Ok(None);
+        };
+        let l2_offset = l2::l1_offset(l1_entry)
+            .map_err(|e| self.corrupt(format!("L1 index {l1_index}: {e}")))?;
+        if l2_offset == 0 {
+            return Ok(None);
+        }
+        Ok(Some((l2_offset, self.load_l2(l2_offset)?)))
+    }
+
+    fn read_compressed(
+        &self,
+        buf: &mut [u8],
+        guest_offset: u64,
+        host_offset: u64,
+        compressed_size: u64,
+    ) -> Result<()> {
+        let cluster_size = self.header.cluster_size();
+        let in_cluster = usize::try_from(guest_offset & (cluster_size - 1)).unwrap_or(0);
+        let cluster_len = usize::try_from(cluster_size).unwrap_or(0);
+        let id = self.id;
+        LAST_CLUSTER.with(|cell| {
+            let mut last = cell.borrow_mut();
+            if last.0 != id || last.1 != host_offset || last.2.len() != cluster_len {
+                last.1 = u64::MAX;
+                last.2.resize(cluster_len, 0);
+                self.decompress_cluster(host_offset, compressed_size, &mut last.2)?;
+                last.0 = id;
+                last.1 = host_offset;
+            }
+            let src = last
+                .2
+                .get(in_cluster..in_cluster + buf.len())
+                .ok_or_else(|| Error::InvalidArgument("compressed read crosses a cluster".into()))?;
+            buf.copy_from_slice(src);
+            Ok(())
+        })
+    }
+
+    fn decompress_cluster(&self, host_offset: u64, compressed_size: u64, out: &mut [u8]) -> Result<()> {
+        let file_len = self.file.len()?;
+        if host_offset >= file_len {
+            return Err(self.corrupt(format!(
+                "compressed cluster at host offset {host_offset:#x} lies past the end of the file (size {file_len:#x})"
+            )));
+        }
+        // The stored size is rounded up to sectors and may run past the end of
+        // the file for the last cluster; the stream itself must not.
+        let available = (file_len - host_offset).min(compressed_size);
+        let max_input = 2 * self.header.cluster_size() + 512;
+        if available > max_input {
+            return Err(self.corrupt(format!(
+                "compressed cluster at host offset {host_offset:#x} claims {compressed_size} bytes, more than a cluster can need"
+            )));
+        }
+        let mut input = vec![0u8; usize::try_from(available).unwrap_or(0)];
+        self.file.read_exact_at(&mut input, host_offset)?;
+        compressed::decompress(self.header.compression_type, &input, out).map_err(|e| {
+            self.corrupt(format!(
+                "compressed cluster at host offset {host_offset:#x} ({compressed_size} bytes): {e}"
+            ))
+        })
+    }
+
+    fn read_data(&self, buf: &mut [u8], host_offset: u64) -> Result<()> {
+        // A data cluster may end past the end of the data file (QEMU does not
+        // always extend it): those bytes read as zeros, as they do in QEMU.
+        let file_len = self.data.len()?;
+        let len = buf.len() as u64;
+        let stored = file_len.saturating_sub(host_offset).min(len);
+        let (head, tail) = buf.split_at_mut(usize::try_from(stored).unwrap_or(0));
+        if !head.is_empty() {
+            self.data.read_exact_at(head, host_offset)?;
+        }
+        tail.fill(0);
+        Ok(())
+    }
+
+    fn read_backing(&self, buf: &mut [u8], guest_offset: u64) -> Result<()> {
+        match &self.backing {
+            Some(backing) if guest_offset < backing.size() => {
+                let n = (backing.size() - guest_offset).min(buf.len() as u64);
+                let (head, tail) = buf.split_at_mut(usize::try_from(n).unwrap_or(0));
+                backing.read_at(head, guest_offset)?;
+                tail.fill(0);
+                Ok(())
+            }
+            _ => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+}
+
+fn read_l1(file: &dyn Storage, offset: u64, entries: u32) -> Result<Vec<u64>> {
+    let mut raw = vec![0u8; entries as usize * 8];
+    if !raw.is_empty() {
+        file.read_exact_at(&mut raw, offset)?;
+    }
+    Ok(raw
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect())
+}
+
+fn read_snapshots(file: &dyn Storage, header: &Header, file_len: u64) -> Result<Vec<Snapshot>> {
+    // Entries are variable-length; read what the table can occupy, capped.
+    let len = file_len
+        .saturating_sub(header.snapshots_offset)
+        .min(snapshot::MAX_TABLE_BYTES)
+        .min(u64::from(header.nb_snapshots) * (40 + 1024 + 2 * 65535 + 8));
+    let mut table = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    file.read_exact_at(&mut table, header.snapshots_offset)?;
+    snapshot::parse_table(file.path(), &table, header.nb_snapshots)
+}
+
+/// Resolve a name from an image header against the image's directory.
+fn resolve_relative(dir: &Path, name: &str) -> PathBuf {
+    let name = name.strip_prefix("file:").unwrap_or(name);
+    let p = Path::new(name);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        dir.join(p)
+    }
+}
+
+fn open_backing(
+    path: &Path,
+    dir: &Path,
+    name: &str,
+    format_name: Option<&str>,
+    options: &OpenOptions,
+    chain: &[PathBuf],
+) -> Result<Arc<dyn BlockDriver>> {
+    let is_protocol = name.starts_with("json:")
+        || name
+            .split_once(':')
+            .is_some_and(|(proto, _)| !proto.is_empty() && !proto.contains('/') && proto != "file"
+                && proto.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+                && ["nbd", "nbd+unix", "nbd+tcp", "http", "https", "ftp", "ftps", "ssh", "iscsi", "rbd", "gluster", "nfs", "vvfat", "blkdebug", "blkverify", "null-co", "null-aio"].contains(&proto));
+    if is_protocol {
+        return Err(Error::format(
+            path,
+            format!("qcow2: backing file '{name}' is not a plain file name; only files can be backing images"),
+        ));
+    }
+    let backing_path = resolve_relative(dir, name);
+    let depth = chain.len() as u32 + 1;
+    if depth > options.backing.max_depth {
+        return Err(Error::format(
+            path,
+            format!(
+                "qcow2: backing chain is deeper than {} images (set a larger limit to follow it)",
+                options.backing.max_depth
+            ),
+        ));
+    }
+    let me = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let target = std::fs::canonicalize(&backing_path).map_err(|e| {
+        Error::io(
+            &backing_path,
+            format!("open backing file of {}", path.display()),
+            e,
+        )
+    })?;
+    let mut above: Vec<PathBuf> = chain.to_vec();
+    above.push(me);
+    if above.contains(&target) {
+        return Err(Error::corrupt(
+            path,
+            format!(
+                "qcow2: backing chain loops: backing file '{name}' is {}, already in the chain",
+                target.display()
+            ),
+        ));
+    }
+    let format = match format_name {
+        None => None,
+        Some(f) => Some(Format::parse(f).ok_or_else(|| {
+            Error::format(
+                path,
+                format!("qcow2: backing format '{f}' (of backing file '{name}') is not supported"),
+            )
+        })?),
+    };
+    open_in_chain(&backing_path, format, None, options, &above)
+}
+
+impl BlockDriver for Qcow2 {
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+
+    fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn granularity(&self) -> u64 {
+        1 << self.unit_bits()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(self.path(), self.size, offset, buf.len() as u64)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let guest = offset + done as u64;
+            let extent = self.map(guest, (buf.len() - done) as u64)?;
+            let len = usize::try_from(extent.length).unwrap_or(0).min(buf.len() - done);
+            let piece = buf
+                .get_mut(done..done + len)
+                .ok_or_else(|| Error::InvalidArgument("extent outside request".into()))?;
+            match extent.mapping {
+                Mapping::Data { host_offset } => self.read_data(piece, host_offset)?,
+                Mapping::Zero { .. } => piece.fill(0),
+                Mapping::Unallocated => self.read_backing(piece, guest)?,
+                Mapping::Compressed {
+                    host_offset,
+                    compressed_size,
+                } => self.read_compressed(piece, guest, host_offset, compressed_size)?,
+            }
+            done += len.max(1);
+        }
+        Ok(())
+    }
+
+    fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
+        check_range(self.path(), self.size, offset, max_len.min(1))?;
+        let max_len = max_len.min(self.size - offset).max(1);
+        let unit_bits = self.unit_bits();
+        let unit = 1u64 << unit_bits;
+        let cluster_bits = self.header.cluster_bits;
+        let (l1_index, l2_index, sub) = self.indices(offset);
+        // The extent never crosses the L2 table that covers `offset`.
+        let table_span = self.header.l2_entries() << cluster_bits;
+        let table_end = (offset / table_span + 1) * table_span;
+        let limit = offset.saturating_add(max_len).min(table_end).min(self.size);
+
+        let Some((l2_offset, table)) = self.l2_for(l1_index)? else {
+            return Ok(Extent {
+                offset,
+                length: limit - offset,
+                mapping: Mapping::Unallocated,
+            });
+        };
+        let describe = |e: String, at_index: u64| {
+            self.corrupt(format!(
+                "L2 table at {l2_offset:#x}, index {at_index} (guest offset {:#x}): {e}",
+                (l1_index * self.header.l2_entries() + at_index) << cluster_bits
+            ))
+        };
+        let first = self.decode_unit(&table, l2_index, sub).map_err(|e| describe(e, l2_index))?;
+        let within = offset & (unit - 1);
+        let mapping_of = |c: Cluster, within: u64| match c {
+            Cluster::Unallocated => Mapping::Unallocated,
+            Cluster::Zero { host_offset } => Mapping::Zero {
+                allocated: host_offset.is_some(),
+            },
+            Cluster::Normal { host_offset } => Mapping::Data {
+                host_offset: host_offset + within,
+            },
+            Cluster::Compressed {
+                host_offset,
+                compressed_size,
+            } => Mapping::Compressed {
+                host_offset,
+                compressed_size,
+            },
+        };
+        let mapping = mapping_of(first, within);
+        if let Mapping::Data { host_offset } = mapping {
+            let data_len = self.data.len()?;
+            if host_offset - within >= data_len && !self.header.has_data_file() {
+                return Err(describe(
+                    format!(
+                        "data cluster at host offset {:#x} lies past the end of the file (size {data_len:#x})",
+                        host_offset - within
+                    ),
+                    l2_index,
+                ));
+            }
+        }
+        if let Mapping::Compressed { .. } = mapping {
+            // One compressed cluster per extent.
+            let cluster_end = ((offset >> cluster_bits) + 1) << cluster_bits;
+            return Ok(Extent {
+                offset,
+                length: cluster_end.min(limit) - offset,
+                mapping,
+            });
+        }
+        // Extend over following units with the same kind of mapping (and, for
+        // data, contiguous host offsets).
+        let mut end = ((offset >> unit_bits) + 1) << unit_bits;
+        while end < limit {
+            let (_, idx, sub) = self.indices(end);
+            let next = self.decode_unit(&table, idx, sub).map_err(|e| describe(e, idx))?;
+            let continues = match (mapping, next) {
+                (Mapping::Data { host_offset }, Cluster::Normal { host_offset: h }) => {
+                    h == host_offset + (end - offset)
+                }
+                (Mapping::Zero { allocated }, Cluster::Zero { host_offset }) => {
+                    allocated == host_offset.is_some()
+                }
+                (Mapping::Unallocated, Cluster::Unallocated) => true,
+                _ => false,
+            };
+            if !continues {
+                break;
+            }
+            end += unit;
+        }
+        Ok(Extent {
+            offset,
+            length: end.min(limit) - offset,
+            mapping,
+        })
+    }
+
+    fn backing(&self) -> Option<&dyn BlockDriver> {
+        self.backing.as_deref()
+    }
+
+    fn locate(&self, offset: u64) -> Result<Option<Location>> {
+        let (l1_index, l2_index, sub) = self.indices(offset);
+        let extent = self.map(offset, 1)?;
+        let subcluster = self.header.extended_l2().then_some(sub);
+        let mut location = Location {
+            kind: extent.mapping.kind(),
+            l1_index,
+            l2_index,
+            subcluster,
+            host_offset: None,
+            file: self.path().to_path_buf(),
+            backing_depth: 0,
+        };
+        match extent.mapping {
+            Mapping::Data { host_offset } => {
+                location.host_offset = Some(host_offset);
+                location.file = self.data.path().to_path_buf();
+            }
+            Mapping::Compressed { host_offset, .. } => location.host_offset = Some(host_offset),
+            Mapping::Zero { .. } => {}
+            Mapping::Unallocated => {
+                if let Some(backing) = self.backing.as_deref().filter(|b| offset < b.size()) {
+                    location.kind = "backing";
+                    location.backing_depth = 1;
+                    location.file = backing.path().to_path_buf();
+                    match backing.locate(offset)? {
+                        Some(inner) => {
+                            location.host_offset = inner.host_offset;
+                            location.file = inner.file;
+                            location.backing_depth = inner.backing_depth + 1;
+                        }
+                        None => location.host_offset = Some(offset),
+                    }
+                }
+            }
+        }
+        Ok(Some(location))
+    }
+
+    fn info(&self) -> Vec<(String, String)> {
+        let h = &self.header;
+        let mut facts = vec![
+            ("version".to_string(), h.version.to_string()),
+            ("cluster_size".to_string(), h.cluster_size().to_string()),
+            ("refcount_bits".to_string(), (1u32 << h.refcount_order).to_string()),
+            (
+                "compression_type".to_string(),
+                match h.compression_type {
+                    CompressionType::Deflate => "zlib",
+                    CompressionType::Zstd => "zstd",
+                }
+                .to_string(),
+            ),
+            ("extended_l2".to_string(), h.extended_l2().to_string()),
+            (
+                "lazy_refcounts".to_string(),
+                (h.compatible_features & 1 != 0).to_string(),
+            ),
+            (
+                "dirty".to_string(),
+                (h.incompatible_features & header::INCOMPAT_DIRTY != 0).to_string(),
+            ),
+            (
+                "corrupt".to_string(),
+                (h.incompatible_features & header::INCOMPAT_CORRUPT != 0).to_string(),
+            ),
+        ];
+        if let Some(b) = &h.backing_file {
+            facts.push(("backing_file".to_string(), b.clone()));
+        }
+        if let Some(f) = &h.backing_format {
+            facts.push(("backing_format".to_string(), f.clone()));
+        }
+        if let Some(d) = &h.data_file {
+            facts.push(("data_file".to_string(), d.clone()));
+            facts.push(("data_file_raw".to_string(), h.data_file_raw().to_string()));
+        }
+        if let Some(s) = &self.snapshot {
+            facts.push(("snapshot".to_string(), format!("{} (id {})", s.name, s.id)));
+        }
+        facts
+    }
+}

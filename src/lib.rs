@@ -1,0 +1,18 @@
+//! blkverify-rs: prove that a block driver returns the right bytes.
+//!
+//! The core: image drivers ([`driver`]), the storage they read ([`storage`]),
+//! and the whole-image verify engine ([`verify`]). Nothing here knows Python;
+//! the bindings live in `python` behind the `python` feature.
+#![warn(missing_docs)]
+
+pub mod driver;
+pub mod error;
+pub mod storage;
+pub mod verify;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use driver::{open, BlockDriver, Extent, Format, Location, Mapping, OpenOptions};
+pub use error::{Error, Result};
+pub use verify::{verify, Mismatch, Report, VerifyOptions};

@@ -1,0 +1,41 @@
+//! How bytes reach a file: positional reads (and, later, writes) that take `&self`,
+//! so many threads can read one image at once without a shared cursor.
+//!
+//! `pread` was chosen over a memory map for the first backend: it reports I/O
+//! errors as values instead of `SIGBUS`, which matters for a tool whose job is to
+//! survive a file that is truncated or failing underneath it.
+
+mod file;
+
+pub use file::FileStorage;
+
+use crate::error::Result;
+use std::path::Path;
+
+/// A byte store under an image: a file, a block device, later a socket.
+pub trait Storage: Send + Sync {
+    /// The path it was opened from, for messages.
+    fn path(&self) -> &Path;
+
+    /// The current length in bytes.
+    fn len(&self) -> Result<u64>;
+
+    /// Whether the store is empty.
+    fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Fill `buf` from `offset`. A read that reaches past the end of the store is
+    /// an error (`UnexpectedEof`): the caller decides whether that means a corrupt
+    /// image or a file that shrank.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Where the next data at or after `offset` starts, and where it ends, if the
+    /// store can tell holes apart (`SEEK_DATA`/`SEEK_HOLE`). `None` means "unknown:
+    /// treat everything as data". `Some((start, end))` with `start >= len` means no
+    /// more data.
+    fn next_data(&self, offset: u64) -> Option<(u64, u64)> {
+        let _ = offset;
+        None
+    }
+}

@@ -1,0 +1,572 @@
+//! The whole-image verify engine: split the disk into chunks, let worker
+//! threads take them in order, skip ranges that read as zeros on both sides,
+//! compare the rest, and report mismatching sectors merged into runs.
+//!
+//! Workers take chunks from a shared counter rather than splitting the disk into
+//! fixed halves, so reads stay near-sequential (good for readahead) and a worker
+//! can stop as soon as an earlier mismatch makes its chunk irrelevant.
+
+mod compare;
+
+pub use compare::{first_difference, first_nonzero};
+
+use crate::driver::{zero_status, BlockDriver, SECTOR_SIZE};
+use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// How to verify.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// Report every mismatching run instead of stopping at the first.
+    pub all: bool,
+    /// A size difference is itself a mismatch.
+    pub strict: bool,
+    /// Bytes per unit of work (rounded to sectors).
+    pub chunk_size: u64,
+    /// Worker threads; 0 means one per core.
+    pub threads: usize,
+    /// The most runs `all` collects before it stops (bounds memory).
+    pub max_runs: usize,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        VerifyOptions {
+            all: false,
+            strict: false,
+            chunk_size: 8 << 20,
+            threads: 0,
+            max_runs: 100_000,
+        }
+    }
+}
+
+/// A run of consecutive mismatching sectors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    /// Guest offset of the run's first sector (a multiple of 512).
+    pub offset: u64,
+    /// Length in bytes (whole sectors, except at the end of the disk).
+    pub length: u64,
+    /// Guest offset of the first byte that differs.
+    pub first_byte: u64,
+    /// Set when the test image could not be read here: the error.
+    pub error: Option<String>,
+}
+
+impl Mismatch {
+    /// The first mismatching sector.
+    pub fn sector(&self) -> u64 {
+        self.offset / SECTOR_SIZE
+    }
+}
+
+/// What a verification found.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// No mismatch (and, with `strict`, equal sizes).
+    pub identical: bool,
+    /// The reference's size.
+    pub raw_size: u64,
+    /// The test image's size.
+    pub test_size: u64,
+    /// The compared range: the larger of the two sizes.
+    pub virtual_size: u64,
+    /// Guest bytes verified (read and compared, or proven zero on both sides).
+    pub bytes_compared: u64,
+    /// Guest bytes that were read from at least one side.
+    pub bytes_read: u64,
+    /// Mismatching runs, in disk order.
+    pub mismatches: Vec<Mismatch>,
+    /// `max_runs` was reached; more mismatches may exist.
+    pub truncated: bool,
+    /// Things the user should know (size differences).
+    pub warnings: Vec<String>,
+    /// Wall-clock time.
+    pub elapsed: Duration,
+}
+
+/// Progress, as the engine reports it to its caller's hook.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Guest bytes done.
+    pub done: u64,
+    /// Guest bytes in all.
+    pub total: u64,
+}
+
+/// One side of the comparison, padded with zeros past its own end.
+struct Side<'a> {
+    driver: &'a dyn BlockDriver,
+}
+
+impl Side<'_> {
+    fn size(&self) -> u64 {
+        self.driver.size()
+    }
+
+    fn zero_status(&self, offset: u64, max_len: u64) -> Result<(u64, bool)> {
+        let size = self.size();
+        if offset >= size {
+            return Ok((max_len, true));
+        }
+        let (len, zero) = zero_status(self.driver, offset, max_len.min(size - offset))?;
+        Ok((len.clamp(1, max_len), zero))
+    }
+
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let size = self.size();
+        let stored = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(stored);
+        if !head.is_empty() {
+            self.driver.read_at(head, offset)?;
+        }
+        tail.fill(0);
+        Ok(())
+    }
+}
+
+/// Runs found in one chunk.
+struct ChunkResult {
+    runs: Vec<Mismatch>,
+    bytes_read: u64,
+}
+
+struct Shared<'a> {
+    raw: Side<'a>,
+    test: Side<'a>,
+    options: &'a VerifyOptions,
+    total: u64,
+    chunk_size: u64,
+    next_chunk: AtomicU64,
+    /// The lowest chunk index with a finding (or error), for early stop.
+    first_hit: AtomicU64,
+    cancelled: AtomicBool,
+    done_bytes: AtomicU64,
+    runs_found: AtomicU64,
+    results: Mutex<Vec<(u64, ChunkResult)>>,
+    errors: Mutex<Vec<(u64, Error)>>,
+}
+
+/// Push a mismatching sector range into `runs`, merging with the last run.
+fn add_run(runs: &mut Vec<Mismatch>, start: u64, end: u64, first_byte: u64, error: Option<String>) {
+    if let Some(last) = runs.last_mut() {
+        let last_end = last.offset + last.length;
+        if last_end >= start && last.offset <= start && last.error == error {
+            last.length = last_end.max(end) - last.offset;
+            return;
+        }
+    }
+    runs.push(Mismatch {
+        offset: start,
+        length: end - start,
+        first_byte,
+        error,
+    });
+}
+
+/// Compare `a` with `b` (buffers of the guest range at `base`) sector by
+/// sector, appending runs. `b == None` means "compare `a` with zeros". With
+/// `stop_after_first_run`, stops where the first run of sectors ends.
+/// Returns whether anything differed.
+fn collect_runs(
+    runs: &mut Vec<Mismatch>,
+    base: u64,
+    a: &[u8],
+    b: Option<&[u8]>,
+    stop_after_first_run: bool,
+    total: u64,
+) -> bool {
+    let differs = |from: usize| -> Option<usize> {
+        let x = a.get(from..).unwrap_or(&[]);
+        let found = match b {
+            Some(b) => first_difference(x, b.get(from..).unwrap_or(&[])),
+            None => first_nonzero(x),
+        };
+        found.map(|d| from + d)
+    };
+    let Some(mut pos) = differs(0) else {
+        return false;
+    };
+    loop {
+        let abs = base + pos as u64;
+        let sector_start = abs - abs % SECTOR_SIZE;
+        let sector_end = (sector_start + SECTOR_SIZE).min(total);
+        add_run(runs, sector_start, sector_end, abs, None);
+        let next_from = usize::try_from(sector_end - base).unwrap_or(usize::MAX);
+        if next_from >= a.len() {
+            break;
+        }
+        match differs(next_from) {
+            Some(next) => {
+                let next_abs = base + next as u64;
+                if stop_after_first_run && next_abs - next_abs % SECTOR_SIZE != sector_end {
+                    break;
+                }
+                pos = next;
+            }
+            None => break,
+        }
+    }
+    true
+}
+
+impl Shared<'_> {
+    fn worker(&self) {
+        let buf_len = usize::try_from(self.chunk_size).unwrap_or(1 << 20);
+        let mut raw_buf = vec![0u8; buf_len];
+        let mut test_buf = vec![0u8; buf_len];
+        loop {
+            if self.cancelled.load(Ordering::Relaxed) {
+                return;
+            }
+            let index = self.next_chunk.fetch_add(1, Ordering::Relaxed);
+            let start = index.saturating_mul(self.chunk_size);
+            if start >= self.total {
+                return;
+            }
+            if !self.options.all && index > self.first_hit.load(Ordering::Relaxed) {
+                return;
+            }
+            let end = (start + self.chunk_size).min(self.total);
+            match self.check_chunk(start, end, &mut raw_buf, &mut test_buf) {
+                Ok(result) => {
+                    if !result.runs.is_empty() {
+                        self.first_hit.fetch_min(index, Ordering::Relaxed);
+                        let n = self
+                            .runs_found
+                            .fetch_add(result.runs.len() as u64, Ordering::Relaxed)
+                            + result.runs.len() as u64;
+                        if n >= self.options.max_runs as u64 {
+                            self.first_hit.fetch_min(index, Ordering::Relaxed);
+                        }
+                    }
+                    self.results
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push((index, result));
+                }
+                Err(e) => {
+                    self.first_hit.fetch_min(index, Ordering::Relaxed);
+                    self.errors
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push((index, e));
+                    if self.options.all {
+                        self.cancelled.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+            self.done_bytes.fetch_add(end - start, Ordering::Relaxed);
+        }
+    }
+
+    /// Verify `[start, end)`. Errors on the reference side are returned; errors
+    /// on the test side become findings.
+    fn check_chunk(
+        &self,
+        start: u64,
+        end: u64,
+        raw_buf: &mut [u8],
+        test_buf: &mut [u8],
+    ) -> Result<ChunkResult> {
+        let stop_early = !self.options.all;
+        let mut result = ChunkResult {
+            runs: Vec::new(),
+            bytes_read: 0,
+        };
+        let mut pos = start;
+        while pos < end {
+            if stop_early && !result.runs.is_empty() {
+                break;
+            }
+            let (raw_len, raw_zero) = self.raw.zero_status(pos, end - pos)?;
+            let (test_len, test_zero) = match self.test.zero_status(pos, end - pos) {
+                Ok(status) => status,
+                Err(e) => {
+                    let unit = self.test.driver.granularity().max(SECTOR_SIZE);
+                    let bad_end = ((pos / unit + 1) * unit).min(end);
+                    self.test_error(&mut result.runs, pos, bad_end, e);
+                    pos = bad_end;
+                    continue;
+                }
+            };
+            let len = raw_len.min(test_len).min(end - pos);
+            let n = len as usize;
+            match (raw_zero, test_zero) {
+                (true, true) => {}
+                (false, true) => {
+                    let buf = raw_buf.get_mut(..n).unwrap_or(&mut []);
+                    self.raw.read(buf, pos)?;
+                    result.bytes_read += len;
+                    collect_runs(&mut result.runs, pos, buf, None, stop_early, self.total);
+                }
+                (true, false) => {
+                    let buf = test_buf.get_mut(..n).unwrap_or(&mut []);
+                    if let Err(e) = self.test.read(buf, pos) {
+                        self.test_read_failed(&mut result.runs, pos, len, e, raw_buf, test_buf, true)?;
+                    } else {
+                        result.bytes_read += len;
+                        collect_runs(&mut result.runs, pos, buf, None, stop_early, self.total);
+                    }
+                }
+                (false, false) => {
+                    let rbuf = raw_buf.get_mut(..n).unwrap_or(&mut []);
+                    let tbuf = test_buf.get_mut(..n).unwrap_or(&mut []);
+                    self.raw.read(rbuf, pos)?;
+                    if let Err(e) = self.test.read(tbuf, pos) {
+                        self.test_read_failed(&mut result.runs, pos, len, e, raw_buf, test_buf, false)?;
+                    } else {
+                        result.bytes_read += len;
+                        collect_runs(&mut result.runs, pos, rbuf, Some(tbuf), stop_early, self.total);
+                    }
+                }
+            }
+            pos += len;
+        }
+        Ok(result)
+    }
+
+    fn test_error(&self, runs: &mut Vec<Mismatch>, start: u64, end: u64, e: Error) {
+        let sector_start = start - start % SECTOR_SIZE;
+        add_run(runs, sector_start, end, start, Some(e.to_string()));
+    }
+
+    /// A test-side read of `[pos, pos+len)` failed. Narrow it down: re-read unit
+    /// by unit, so the finding names the bad cluster and the rest is still checked.
+    #[allow(clippy::too_many_arguments)]
+    fn test_read_failed(
+        &self,
+        runs: &mut Vec<Mismatch>,
+        pos: u64,
+        len: u64,
+        first_error: Error,
+        raw_buf: &mut [u8],
+        test_buf: &mut [u8],
+        raw_is_zero: bool,
+    ) -> Result<()> {
+        let unit = self.test.driver.granularity().max(SECTOR_SIZE);
+        let end = pos + len;
+        let mut at = pos;
+        let mut reported = false;
+        while at < end {
+            let piece_end = ((at / unit + 1) * unit).min(end);
+            let n = (piece_end - at) as usize;
+            let tbuf = test_buf.get_mut(..n).unwrap_or(&mut []);
+            match self.test.read(tbuf, at) {
+                Ok(()) => {
+                    let rbuf = raw_buf.get_mut(..n).unwrap_or(&mut []);
+                    if raw_is_zero {
+                        collect_runs(runs, at, tbuf, None, !self.options.all, self.total);
+                    } else {
+                        self.raw.read(rbuf, at)?;
+                        collect_runs(runs, at, rbuf, Some(tbuf), !self.options.all, self.total);
+                    }
+                }
+                Err(e) => {
+                    self.test_error(runs, at, piece_end, e);
+                    reported = true;
+                }
+            }
+            if !self.options.all && !runs.is_empty() {
+                return Ok(());
+            }
+            at = piece_end;
+        }
+        if !reported {
+            // The whole read failed but no piece did: report the range once.
+            self.test_error(runs, pos, end, first_error);
+        }
+        Ok(())
+    }
+}
+
+/// Verify `test` against the reference `raw`. `tick` is called from the calling
+/// thread about ten times a second with the progress so far; returning `false`
+/// cancels the run (`Error::Cancelled`).
+pub fn verify(
+    raw: &dyn BlockDriver,
+    test: &dyn BlockDriver,
+    options: &VerifyOptions,
+    tick: &mut dyn FnMut(Progress) -> bool,
+) -> Result<Report> {
+    let started = Instant::now();
+    let raw_size = raw.size();
+    let test_size = test.size();
+    let total = raw_size.max(test_size);
+    let chunk_size = (options.chunk_size.max(SECTOR_SIZE) / SECTOR_SIZE) * SECTOR_SIZE;
+    let chunk_size = chunk_size.min(256 << 20);
+    let chunks = total.div_ceil(chunk_size);
+    let threads = if options.threads == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        options.threads
+    }
+    .clamp(1, 64)
+    .min(usize::try_from(chunks).unwrap_or(1).max(1));
+
+    let mut warnings = Vec::new();
+    if raw_size != test_size {
+        warnings.push(format!(
+            "image sizes differ: {} is {raw_size} bytes, {} is {test_size} bytes; the longer one's tail must read as zeros",
+            raw.path().display(),
+            test.path().display()
+        ));
+    }
+
+    let shared = Shared {
+        raw: Side { driver: raw },
+        test: Side { driver: test },
+        options,
+        total,
+        chunk_size,
+        next_chunk: AtomicU64::new(0),
+        first_hit: AtomicU64::new(u64::MAX),
+        cancelled: AtomicBool::new(false),
+        done_bytes: AtomicU64::new(0),
+        runs_found: AtomicU64::new(0),
+        results: Mutex::new(Vec::new()),
+        errors: Mutex::new(Vec::new()),
+    };
+
+    let mut user_cancelled = false;
+    std::thread::scope(|scope| {
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        for _ in 0..threads {
+            let tx = done_tx.clone();
+            let shared = &shared;
+            scope.spawn(move || {
+                shared.worker();
+                let _ = tx.send(());
+            });
+        }
+        drop(done_tx);
+        let mut finished = 0;
+        while finished < threads {
+            match done_rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(()) => finished += 1,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            let progress = Progress {
+                done: shared.done_bytes.load(Ordering::Relaxed),
+                total,
+            };
+            if !user_cancelled && !tick(progress) {
+                user_cancelled = true;
+                shared.cancelled.store(true, Ordering::Relaxed);
+            }
+        }
+    });
+    if user_cancelled {
+        return Err(Error::Cancelled);
+    }
+
+    let mut results = shared
+        .results
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner);
+    let mut errors = shared
+        .errors
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner);
+    results.sort_by_key(|(index, _)| *index);
+    errors.sort_by_key(|(index, _)| *index);
+    let first_result_hit = results
+        .iter()
+        .find(|(_, r)| !r.runs.is_empty())
+        .map(|(index, _)| *index);
+    if let Some((error_index, _)) = errors.first() {
+        // A reference-side error before the first finding (or any, with --all)
+        // means we cannot vouch for the result.
+        if options.all || first_result_hit.is_none_or(|hit| *error_index <= hit) {
+            let (_, e) = errors.swap_remove(0);
+            return Err(e);
+        }
+    }
+
+    let mut mismatches: Vec<Mismatch> = Vec::new();
+    let mut bytes_read = 0;
+    for (_, result) in &results {
+        bytes_read += result.bytes_read;
+        for run in &result.runs {
+            add_run(
+                &mut mismatches,
+                run.offset,
+                run.offset + run.length,
+                run.first_byte,
+                run.error.clone(),
+            );
+        }
+    }
+    let mut truncated = false;
+    if !options.all {
+        mismatches.truncate(1);
+    } else if mismatches.len() > options.max_runs {
+        mismatches.truncate(options.max_runs);
+        truncated = true;
+    } else if shared.runs_found.load(Ordering::Relaxed) >= options.max_runs as u64 {
+        truncated = true;
+    }
+    let bytes_compared = if mismatches.is_empty() || options.all {
+        total
+    } else {
+        mismatches.first().map_or(total, |m| m.first_byte)
+    };
+    let identical = mismatches.is_empty() && !(options.strict && raw_size != test_size);
+    Ok(Report {
+        identical,
+        raw_size,
+        test_size,
+        virtual_size: total,
+        bytes_compared,
+        bytes_read,
+        mismatches,
+        truncated,
+        warnings,
+        elapsed: started.elapsed(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_merge_and_name_the_first_byte() {
+        let a = vec![0u8; 4096];
+        let mut b = a.clone();
+        b[700] = 1; // sector 1
+        b[1100] = 1; // sector 2
+        b[3000] = 1; // sector 5
+        let mut runs = Vec::new();
+        assert!(collect_runs(&mut runs, 0, &a, Some(&b), false, 4096));
+        assert_eq!(
+            runs,
+            vec![
+                Mismatch { offset: 512, length: 1024, first_byte: 700, error: None },
+                Mismatch { offset: 2560, length: 512, first_byte: 3000, error: None },
+            ]
+        );
+        let mut first = Vec::new();
+        collect_runs(&mut first, 0, &a, Some(&b), true, 4096);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].first_byte, 700);
+        let mut zeros = Vec::new();
+        assert!(collect_runs(&mut zeros, 1 << 20, &b, None, false, 2 << 20));
+        assert_eq!(zeros[0].offset, (1 << 20) + 512);
+        assert!(!collect_runs(&mut Vec::new(), 0, &a, None, false, 4096));
+    }
+
+    #[test]
+    fn unaligned_disk_end() {
+        let a = vec![0u8; 700];
+        let mut b = a.clone();
+        b[650] = 9;
+        let mut runs = Vec::new();
+        collect_runs(&mut runs, 0, &a, Some(&b), false, 700);
+        assert_eq!(runs, vec![Mismatch { offset: 512, length: 188, first_byte: 650, error: None }]);
+    }
+}
