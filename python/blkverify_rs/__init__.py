@@ -7,8 +7,9 @@ reference with :func:`verify`. The heavy work runs in Rust with the GIL released
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 from blkverify_rs import _native
 from blkverify_rs._native import CorruptImageError, Error, FormatError, Image, MismatchError
@@ -28,16 +29,16 @@ __all__ = [
     "verify",
 ]
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = str | os.PathLike[str]
 
 SECTOR_SIZE = 512
 
 
 def open(
     path: PathLike,
-    format: Optional[str] = None,
+    format: str | None = None,
     read_only: bool = True,
-    snapshot: Optional[str] = None,
+    snapshot: str | None = None,
     *,
     backing: bool = True,
     max_backing_depth: int = 64,
@@ -67,8 +68,8 @@ class Mismatch:
     offset: int
     length: int
     first_byte: int
-    error: Optional[str] = None
-    mapping: Optional[dict[str, Any]] = None
+    error: str | None = None
+    mapping: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -127,14 +128,14 @@ def verify(
     test: PathLike,
     all: bool = False,
     *,
-    raw_format: Optional[str] = None,
-    test_format: Optional[str] = None,
+    raw_format: str | None = None,
+    test_format: str | None = None,
     strict: bool = False,
-    snapshot: Optional[str] = None,
+    snapshot: str | None = None,
     backing: bool = True,
     max_backing_depth: int = 64,
     threads: int = 0,
-    progress: Optional[Callable[[int, int], None]] = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Report:
     """Compare every guest sector of ``test`` with the raw reference ``raw``.
 

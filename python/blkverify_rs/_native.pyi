@@ -1,6 +1,7 @@
 """Type stubs for the native module (kept in step with src/python/mod.rs)."""
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 __version__: str
 
@@ -21,9 +22,9 @@ class Image:
     def read(self, offset: int, length: int) -> bytes: ...
     def readinto(self, offset: int, buf: Any) -> int: ...
     def map(
-        self, offset: int = 0, length: Optional[int] = None
-    ) -> list[tuple[int, int, str, Optional[int]]]: ...
-    def locate(self, offset: int) -> Optional[dict[str, Any]]: ...
+        self, offset: int = 0, length: int | None = None
+    ) -> list[tuple[int, int, str, int | None]]: ...
+    def locate(self, offset: int) -> dict[str, Any] | None: ...
     def info(self) -> dict[str, str]: ...
     def close(self) -> None: ...
     def __enter__(self) -> Image: ...
@@ -31,8 +32,8 @@ class Image:
 
 def open(
     path: str,
-    format: Optional[str] = None,
-    snapshot: Optional[str] = None,
+    format: str | None = None,
+    snapshot: str | None = None,
     backing: bool = True,
     max_backing_depth: int = 64,
 ) -> Image: ...
@@ -42,14 +43,14 @@ def verify(
     *,
     all: bool = False,
     strict: bool = False,
-    raw_format: Optional[str] = None,
-    test_format: Optional[str] = None,
-    snapshot: Optional[str] = None,
+    raw_format: str | None = None,
+    test_format: str | None = None,
+    snapshot: str | None = None,
     backing: bool = True,
     max_backing_depth: int = 64,
     threads: int = 0,
     chunk_size: int = 0,
     max_runs: int = 100000,
-    progress: Optional[Callable[[int, int], None]] = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]: ...
 def probe_format(path: str) -> str: ...

@@ -5,7 +5,8 @@ Python API (never to ``_native`` directly). Exit codes: 0 identical, 1 a finding
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, NoReturn, Optional, TypeVar
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -60,10 +61,16 @@ for param in main.params:
 @main.command()
 @click.argument("raw", type=click.Path(dir_okay=False))
 @click.argument("test", type=click.Path(dir_okay=False))
-@click.option("-f", "--raw-format", type=FORMATS, help="Format of RAW (default: probe; must be raw).")
+@click.option(
+    "-f", "--raw-format", type=FORMATS, help="Format of RAW (default: probe; must be raw)."
+)
 @click.option("-F", "--test-format", type=FORMATS, help="Format of TEST (default: probe).")
-@click.option("--snapshot", metavar="NAME", help="Verify this internal snapshot of TEST (ID or name).")
-@click.option("--all", "all_", is_flag=True, help="Report every mismatching sector, not just the first.")
+@click.option(
+    "--snapshot", metavar="NAME", help="Verify this internal snapshot of TEST (ID or name)."
+)
+@click.option(
+    "--all", "all_", is_flag=True, help="Report every mismatching sector, not just the first."
+)
 @click.option("--strict", is_flag=True, help="A size difference is a mismatch.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option(
@@ -72,17 +79,19 @@ for param in main.params:
     help="Show a progress bar on stderr (default: when stderr is a terminal).",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-@click.option("--threads", type=click.IntRange(0, 64), default=0, help="Worker threads (0: one per core).")
+@click.option(
+    "--threads", type=click.IntRange(0, 64), default=0, help="Worker threads (0: one per core)."
+)
 def verify(
     raw: str,
     test: str,
-    raw_format: Optional[str],
-    test_format: Optional[str],
-    snapshot: Optional[str],
+    raw_format: str | None,
+    test_format: str | None,
+    snapshot: str | None,
     all_: bool,
     strict: bool,
     as_json: bool,
-    progress: Optional[bool],
+    progress: bool | None,
     quiet: bool,
     threads: int,
 ) -> None:

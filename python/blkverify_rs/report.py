@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import IO, TYPE_CHECKING, Any, Optional
+from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from blkverify_rs import Mismatch, Report
@@ -17,7 +17,7 @@ def to_json(rep: Report) -> str:
     return json.dumps(rep.to_dict())
 
 
-def describe_mapping(mapping: Optional[dict[str, Any]]) -> Optional[str]:
+def describe_mapping(mapping: dict[str, Any] | None) -> str | None:
     """Where the metadata puts a byte, in the words a driver developer debugs with."""
     if not mapping:
         return None
@@ -49,8 +49,7 @@ def describe_mismatch(m: Mismatch) -> str:
     span = f"{sectors} sector{'s' if sectors != 1 else ''}"
     if m.error:
         return (
-            f"blkverify: read error in sector {m.sector} "
-            f"(offset {m.offset:#x}, {span}): {m.error}"
+            f"blkverify: read error in sector {m.sector} (offset {m.offset:#x}, {span}): {m.error}"
         )
     return (
         f"blkverify: contents mismatch in sector {m.sector} "

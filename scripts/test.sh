@@ -1,0 +1,9 @@
+#!/bin/sh
+# The whole test suite: Rust unit tests, then the pytest suite against the
+# installed package (QEMU's tools are the oracle). Run from the repo root after
+# `pip install .`; it installs the test-only Python packages it needs.
+set -eu
+cd "$(dirname "$0")/.."
+python3 -m pip install --quiet --disable-pip-version-check 'pytest>=8' 'pytest-benchmark>=4'
+cargo test --release --quiet
+python3 -m pytest -q tests benches
