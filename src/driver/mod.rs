@@ -220,7 +220,13 @@ pub struct OpenOptions {
 
 /// Open an image read-only.
 pub fn open(path: &Path, options: &OpenOptions) -> Result<Arc<dyn BlockDriver>> {
-    open_in_chain(path, options.format, options.snapshot.as_deref(), options, &[])
+    open_in_chain(
+        path,
+        options.format,
+        options.snapshot.as_deref(),
+        options,
+        &[],
+    )
 }
 
 /// Open one image of a backing chain. `chain` holds the canonical paths of the

@@ -306,7 +306,15 @@ impl Shared<'_> {
                 (true, false) => {
                     let buf = test_buf.get_mut(..n).unwrap_or(&mut []);
                     if let Err(e) = self.test.read(buf, pos) {
-                        self.test_read_failed(&mut result.runs, pos, len, e, raw_buf, test_buf, true)?;
+                        self.test_read_failed(
+                            &mut result.runs,
+                            pos,
+                            len,
+                            e,
+                            raw_buf,
+                            test_buf,
+                            true,
+                        )?;
                     } else {
                         result.bytes_read += len;
                         collect_runs(&mut result.runs, pos, buf, None, stop_early, self.total);
@@ -317,10 +325,25 @@ impl Shared<'_> {
                     let tbuf = test_buf.get_mut(..n).unwrap_or(&mut []);
                     self.raw.read(rbuf, pos)?;
                     if let Err(e) = self.test.read(tbuf, pos) {
-                        self.test_read_failed(&mut result.runs, pos, len, e, raw_buf, test_buf, false)?;
+                        self.test_read_failed(
+                            &mut result.runs,
+                            pos,
+                            len,
+                            e,
+                            raw_buf,
+                            test_buf,
+                            false,
+                        )?;
                     } else {
                         result.bytes_read += len;
-                        collect_runs(&mut result.runs, pos, rbuf, Some(tbuf), stop_early, self.total);
+                        collect_runs(
+                            &mut result.runs,
+                            pos,
+                            rbuf,
+                            Some(tbuf),
+                            stop_early,
+                            self.total,
+                        );
                     }
                 }
             }
@@ -546,8 +569,18 @@ mod tests {
         assert_eq!(
             runs,
             vec![
-                Mismatch { offset: 512, length: 1024, first_byte: 700, error: None },
-                Mismatch { offset: 2560, length: 512, first_byte: 3000, error: None },
+                Mismatch {
+                    offset: 512,
+                    length: 1024,
+                    first_byte: 700,
+                    error: None
+                },
+                Mismatch {
+                    offset: 2560,
+                    length: 512,
+                    first_byte: 3000,
+                    error: None
+                },
             ]
         );
         let mut first = Vec::new();
@@ -567,6 +600,14 @@ mod tests {
         b[650] = 9;
         let mut runs = Vec::new();
         collect_runs(&mut runs, 0, &a, Some(&b), false, 700);
-        assert_eq!(runs, vec![Mismatch { offset: 512, length: 188, first_byte: 650, error: None }]);
+        assert_eq!(
+            runs,
+            vec![Mismatch {
+                offset: 512,
+                length: 188,
+                first_byte: 650,
+                error: None
+            }]
+        );
     }
 }

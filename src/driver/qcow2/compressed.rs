@@ -39,14 +39,14 @@ pub fn decompress(kind: CompressionType, input: &[u8], output: &mut [u8]) -> Res
             let mut remaining_hint = 1usize;
             while outbuf.pos() < out_len {
                 let (in_before, out_before) = (inbuf.pos(), outbuf.pos());
-                remaining_hint = dctx
-                    .decompress_stream(&mut outbuf, &mut inbuf)
-                    .map_err(|code| {
-                        format!(
-                            "zstd stream is invalid ({})",
-                            zstd::zstd_safe::get_error_name(code)
-                        )
-                    })?;
+                remaining_hint =
+                    dctx.decompress_stream(&mut outbuf, &mut inbuf)
+                        .map_err(|code| {
+                            format!(
+                                "zstd stream is invalid ({})",
+                                zstd::zstd_safe::get_error_name(code)
+                            )
+                        })?;
                 if remaining_hint == 0 && outbuf.pos() < out_len {
                     return Err(format!(
                         "zstd frame holds {} bytes, not a whole cluster ({out_len})",

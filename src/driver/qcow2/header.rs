@@ -142,13 +142,19 @@ impl BeBytes<'_> {
         self.0.get(at).copied()
     }
     pub(crate) fn u16(&self, at: usize) -> Option<u16> {
-        Some(u16::from_be_bytes(self.0.get(at..at.checked_add(2)?)?.try_into().ok()?))
+        Some(u16::from_be_bytes(
+            self.0.get(at..at.checked_add(2)?)?.try_into().ok()?,
+        ))
     }
     pub(crate) fn u32(&self, at: usize) -> Option<u32> {
-        Some(u32::from_be_bytes(self.0.get(at..at.checked_add(4)?)?.try_into().ok()?))
+        Some(u32::from_be_bytes(
+            self.0.get(at..at.checked_add(4)?)?.try_into().ok()?,
+        ))
     }
     pub(crate) fn u64(&self, at: usize) -> Option<u64> {
-        Some(u64::from_be_bytes(self.0.get(at..at.checked_add(8)?)?.try_into().ok()?))
+        Some(u64::from_be_bytes(
+            self.0.get(at..at.checked_add(8)?)?.try_into().ok()?,
+        ))
     }
 }
 
@@ -188,7 +194,9 @@ pub fn parse(path: &Path, first_cluster: &[u8], file_len: u64) -> Result<Header>
     if version != 2 && version != 3 {
         return Err(Error::format(
             path,
-            format!("qcow2: header field version is {version}; only versions 2 and 3 are supported"),
+            format!(
+                "qcow2: header field version is {version}; only versions 2 and 3 are supported"
+            ),
         ));
     }
     let field64 = |at: usize| b.u64(at).ok_or_else(too_short);
@@ -297,9 +305,8 @@ pub fn parse(path: &Path, first_cluster: &[u8], file_len: u64) -> Result<Header>
             })?;
         let data = first_cluster.get(data_start..data_end).unwrap_or(&[]);
         let text = |what: &str| -> Result<String> {
-            let s = std::str::from_utf8(data).map_err(|_| {
-                corrupt(format!("header extension {what} is not valid UTF-8"))
-            })?;
+            let s = std::str::from_utf8(data)
+                .map_err(|_| corrupt(format!("header extension {what} is not valid UTF-8")))?;
             Ok(s.trim_end_matches('\0').to_string())
         };
         match ext_type {
@@ -476,7 +483,14 @@ fn check_tables(path: &Path, h: &Header, file_len: u64) -> Result<()> {
             ),
         ));
     }
-    check_table(path, "L1 table", h.l1_table_offset, l1_bytes, cluster_size, file_len)?;
+    check_table(
+        path,
+        "L1 table",
+        h.l1_table_offset,
+        l1_bytes,
+        cluster_size,
+        file_len,
+    )?;
     let reftable_bytes = u64::from(h.refcount_table_clusters) * cluster_size;
     if reftable_bytes > MAX_REFTABLE_BYTES {
         return Err(Error::corrupt(

@@ -176,7 +176,11 @@ mod tests {
         for cluster_bits in 9..=21u32 {
             let offset_bits = 62 - (cluster_bits - 8);
             let max_sectors = (1u64 << (cluster_bits - 8)) - 1;
-            for (host, extra) in [(0x1234_5600u64 + 17, 3u64.min(max_sectors)), (512, 0), (0x7_0000_0001, max_sectors)] {
+            for (host, extra) in [
+                (0x1234_5600u64 + 17, 3u64.min(max_sectors)),
+                (512, 0),
+                (0x7_0000_0001, max_sectors),
+            ] {
                 let entry = COMPRESSED | (extra << offset_bits) | host;
                 let (o, s) = compressed_descriptor(entry, cluster_bits);
                 assert_eq!(o, host, "cluster_bits {cluster_bits}");
@@ -192,19 +196,33 @@ mod tests {
     #[test]
     fn standard_entries() {
         assert_eq!(decode(0, 16, false), Ok(Cluster::Unallocated));
-        assert_eq!(decode(1, 16, false), Ok(Cluster::Zero { host_offset: None }));
+        assert_eq!(
+            decode(1, 16, false),
+            Ok(Cluster::Zero { host_offset: None })
+        );
         assert_eq!(
             decode(COPIED | 0x5_0000 | 1, 16, false),
-            Ok(Cluster::Zero { host_offset: Some(0x5_0000) })
+            Ok(Cluster::Zero {
+                host_offset: Some(0x5_0000)
+            })
         );
         assert_eq!(
             decode(COPIED | 0x5_0000, 16, false),
-            Ok(Cluster::Normal { host_offset: 0x5_0000 })
+            Ok(Cluster::Normal {
+                host_offset: 0x5_0000
+            })
         );
-        assert_eq!(decode(COPIED, 16, true), Ok(Cluster::Normal { host_offset: 0 }));
+        assert_eq!(
+            decode(COPIED, 16, true),
+            Ok(Cluster::Normal { host_offset: 0 })
+        );
         assert_eq!(decode(COPIED, 16, false), Ok(Cluster::Unallocated));
-        assert!(decode(0x5_0200, 16, false).unwrap_err().contains("not aligned"));
-        assert!(decode(0x5_0000 | 2, 16, false).unwrap_err().contains("reserved"));
+        assert!(decode(0x5_0200, 16, false)
+            .unwrap_err()
+            .contains("not aligned"));
+        assert!(decode(0x5_0000 | 2, 16, false)
+            .unwrap_err()
+            .contains("reserved"));
         assert!(decode(COMPRESSED | 512, 16, true).is_err());
     }
 
@@ -223,16 +241,25 @@ mod tests {
         let bitmap = 1u64 | (1 << (32 + 1));
         assert_eq!(
             decode_subcluster(host, bitmap, 0, bits, false),
-            Ok(Cluster::Normal { host_offset: 0x10_0000 })
+            Ok(Cluster::Normal {
+                host_offset: 0x10_0000
+            })
         );
         assert_eq!(
             decode_subcluster(host, bitmap, 1, bits, false),
-            Ok(Cluster::Zero { host_offset: Some(0x10_0000) })
+            Ok(Cluster::Zero {
+                host_offset: Some(0x10_0000)
+            })
         );
-        assert_eq!(decode_subcluster(host, bitmap, 2, bits, false), Ok(Cluster::Unallocated));
+        assert_eq!(
+            decode_subcluster(host, bitmap, 2, bits, false),
+            Ok(Cluster::Unallocated)
+        );
         assert_eq!(
             decode_subcluster(host, 1 << 31, 31, bits, false),
-            Ok(Cluster::Normal { host_offset: 0x10_0000 + 31 * sc })
+            Ok(Cluster::Normal {
+                host_offset: 0x10_0000 + 31 * sc
+            })
         );
         assert!(decode_subcluster(host, 1 | (1 << 32), 0, bits, false).is_err());
         assert!(decode_subcluster(0, 1, 0, bits, false).is_err());

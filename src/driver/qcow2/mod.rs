@@ -205,7 +205,12 @@ impl Qcow2 {
     }
 
     /// Decode the unit (cluster or subcluster) at guest `offset` from its table.
-    fn decode_unit(&self, table: &[u64], l2_index: u64, unit_in_cluster: u32) -> Result<Cluster, String> {
+    fn decode_unit(
+        &self,
+        table: &[u64],
+        l2_index: u64,
+        unit_in_cluster: u32,
+    ) -> Result<Cluster, String> {
         let bits = self.header.cluster_bits;
         let has_data_file = self.header.has_data_file();
         if self.header.extended_l2() {
@@ -214,7 +219,10 @@ impl Qcow2 {
             let bitmap = table.get(at + 1).copied().unwrap_or(0);
             l2::decode_subcluster(entry, bitmap, unit_in_cluster, bits, has_data_file)
         } else {
-            let entry = table.get(usize::try_from(l2_index).unwrap_or(usize::MAX)).copied().unwrap_or(0);
+            let entry = table
+                .get(usize::try_from(l2_index).unwrap_or(usize::MAX))
+                .copied()
+                .unwrap_or(0);
             l2::decode(entry, bits, has_data_file)
         }
     }
@@ -267,13 +275,20 @@ impl Qcow2 {
             let src = last
                 .2
                 .get(in_cluster..in_cluster + buf.len())
-                .ok_or_else(|| Error::InvalidArgument("compressed read crosses a cluster".into()))?;
+                .ok_or_else(|| {
+                    Error::InvalidArgument("compressed read crosses a cluster".into())
+                })?;
             buf.copy_from_slice(src);
             Ok(())
         })
     }
 
-    fn decompress_cluster(&self, host_offset: u64, compressed_size: u64, out: &mut [u8]) -> Result<()> {
+    fn decompress_cluster(
+        &self,
+        host_offset: u64,
+        compressed_size: u64,
+        out: &mut [u8],
+    ) -> Result<()> {
         let file_len = self.file.len()?;
         if host_offset >= file_len {
             return Err(self.corrupt(format!(
@@ -371,11 +386,34 @@ fn open_backing(
     chain: &[PathBuf],
 ) -> Result<Arc<dyn BlockDriver>> {
     let is_protocol = name.starts_with("json:")
-        || name
-            .split_once(':')
-            .is_some_and(|(proto, _)| !proto.is_empty() && !proto.contains('/') && proto != "file"
-                && proto.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
-                && ["nbd", "nbd+unix", "nbd+tcp", "http", "https", "ftp", "ftps", "ssh", "iscsi", "rbd", "gluster", "nfs", "vvfat", "blkdebug", "blkverify", "null-co", "null-aio"].contains(&proto));
+        || name.split_once(':').is_some_and(|(proto, _)| {
+            !proto.is_empty()
+                && !proto.contains('/')
+                && proto != "file"
+                && proto
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+                && [
+                    "nbd",
+                    "nbd+unix",
+                    "nbd+tcp",
+                    "http",
+                    "https",
+                    "ftp",
+                    "ftps",
+                    "ssh",
+                    "iscsi",
+                    "rbd",
+                    "gluster",
+                    "nfs",
+                    "vvfat",
+                    "blkdebug",
+                    "blkverify",
+                    "null-co",
+                    "null-aio",
+                ]
+                .contains(&proto)
+        });
     if is_protocol {
         return Err(Error::format(
             path,
@@ -447,7 +485,9 @@ impl BlockDriver for Qcow2 {
         while done < buf.len() {
             let guest = offset + done as u64;
             let extent = self.map(guest, (buf.len() - done) as u64)?;
-            let len = usize::try_from(extent.length).unwrap_or(0).min(buf.len() - done);
+            let len = usize::try_from(extent.length)
+                .unwrap_or(0)
+                .min(buf.len() - done);
             let piece = buf
                 .get_mut(done..done + len)
                 .ok_or_else(|| Error::InvalidArgument("extent outside request".into()))?;
@@ -490,7 +530,9 @@ impl BlockDriver for Qcow2 {
                 (l1_index * self.header.l2_entries() + at_index) << cluster_bits
             ))
         };
-        let first = self.decode_unit(&table, l2_index, sub).map_err(|e| describe(e, l2_index))?;
+        let first = self
+            .decode_unit(&table, l2_index, sub)
+            .map_err(|e| describe(e, l2_index))?;
         let within = offset & (unit - 1);
         let mapping_of = |c: Cluster, within: u64| match c {
             Cluster::Unallocated => Mapping::Unallocated,
@@ -535,7 +577,9 @@ impl BlockDriver for Qcow2 {
         let mut end = ((offset >> unit_bits) + 1) << unit_bits;
         while end < limit {
             let (_, idx, sub) = self.indices(end);
-            let next = self.decode_unit(&table, idx, sub).map_err(|e| describe(e, idx))?;
+            let next = self
+                .decode_unit(&table, idx, sub)
+                .map_err(|e| describe(e, idx))?;
             let continues = match (mapping, next) {
                 (Mapping::Data { host_offset }, Cluster::Normal { host_offset: h }) => {
                     h == host_offset + (end - offset)
@@ -606,7 +650,10 @@ impl BlockDriver for Qcow2 {
         let mut facts = vec![
             ("version".to_string(), h.version.to_string()),
             ("cluster_size".to_string(), h.cluster_size().to_string()),
-            ("refcount_bits".to_string(), (1u32 << h.refcount_order).to_string()),
+            (
+                "refcount_bits".to_string(),
+                (1u32 << h.refcount_order).to_string(),
+            ),
             (
                 "compression_type".to_string(),
                 match h.compression_type {

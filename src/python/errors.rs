@@ -1,0 +1,104 @@
+//! The exception hierarchy, the one `Error` → `PyErr` mapping, and the helper
+//! that runs core code with the GIL released and panics contained.
+
+use crate::driver::{BackingPolicy, Format, OpenOptions};
+use crate::error::Error;
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyKeyboardInterrupt, PyOSError, PyValueError};
+use pyo3::prelude::*;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+create_exception!(
+    _native,
+    BlkverifyError,
+    PyException,
+    "The root of blkverify_rs's errors."
+);
+create_exception!(
+    _native,
+    FormatError,
+    BlkverifyError,
+    "The image uses something blkverify does not support or must not trust."
+);
+create_exception!(
+    _native,
+    CorruptImageError,
+    BlkverifyError,
+    "The image's metadata contradicts itself or the file."
+);
+create_exception!(
+    _native,
+    MismatchError,
+    BlkverifyError,
+    "The test image returned different bytes than the reference."
+);
+
+pub(crate) fn to_pyerr(e: Error) -> PyErr {
+    match e {
+        Error::Io {
+            path,
+            context,
+            source,
+        } => {
+            let errno = source.raw_os_error().unwrap_or(libc::EIO);
+            // std's Display appends " (os error N)"; Python's OSError shows errno itself.
+            let text = source.to_string();
+            let text = match text.rfind(" (os error ") {
+                Some(cut) => text.get(..cut).unwrap_or(&text).to_string(),
+                None => text,
+            };
+            let message = format!("{context}: {text}");
+            PyOSError::new_err((errno, message, path.display().to_string()))
+        }
+        Error::Format { .. } => FormatError::new_err(e.to_string()),
+        Error::Corrupt { .. } => CorruptImageError::new_err(e.to_string()),
+        Error::InvalidArgument(m) => PyValueError::new_err(m),
+        Error::Cancelled => PyKeyboardInterrupt::new_err("cancelled"),
+    }
+}
+
+/// Run core code with the GIL released, turning a panic into `blkverify_rs.Error`.
+pub(crate) fn run_detached<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> Result<T, Error> + Send,
+) -> PyResult<T> {
+    let outcome = py.detach(|| catch_unwind(AssertUnwindSafe(f)));
+    match outcome {
+        Ok(result) => result.map_err(to_pyerr),
+        Err(panic) => Err(panic_to_pyerr(panic)),
+    }
+}
+
+pub(crate) fn panic_to_pyerr(panic: Box<dyn std::any::Any + Send>) -> PyErr {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown".to_string());
+    BlkverifyError::new_err(format!("internal error (please report it): {what}"))
+}
+
+pub(crate) fn parse_format(name: Option<&str>) -> PyResult<Option<Format>> {
+    match name {
+        None => Ok(None),
+        Some(n) => Format::parse(n).map(Some).ok_or_else(|| {
+            PyValueError::new_err(format!("unknown format '{n}' (supported: raw, qcow2)"))
+        }),
+    }
+}
+
+pub(crate) fn open_options(
+    format: Option<&str>,
+    snapshot: Option<String>,
+    backing: bool,
+    max_backing_depth: u32,
+) -> PyResult<OpenOptions> {
+    Ok(OpenOptions {
+        format: parse_format(format)?,
+        snapshot,
+        backing: BackingPolicy {
+            follow: backing,
+            max_depth: max_backing_depth,
+        },
+    })
+}

@@ -1,0 +1,216 @@
+//! `Image`: an open image, and `open`.
+
+use super::errors::{open_options, run_detached, to_pyerr};
+use crate::driver::{self, BlockDriver};
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// An open image (read-only).
+#[pyclass(module = "blkverify_rs._native", name = "Image")]
+pub struct PyImage {
+    driver: Option<Arc<dyn BlockDriver>>,
+    path: PathBuf,
+}
+
+impl PyImage {
+    fn driver(&self) -> PyResult<Arc<dyn BlockDriver>> {
+        self.driver.clone().ok_or_else(|| {
+            PyValueError::new_err(format!("{}: I/O on a closed image", self.path.display()))
+        })
+    }
+}
+
+#[pymethods]
+impl PyImage {
+    /// The virtual disk size in bytes.
+    #[getter]
+    fn size(&self) -> PyResult<u64> {
+        Ok(self.driver()?.size())
+    }
+
+    /// "raw" or "qcow2".
+    #[getter]
+    fn format(&self) -> PyResult<&'static str> {
+        Ok(self.driver()?.format_name())
+    }
+
+    /// The path the image was opened from.
+    #[getter]
+    fn path(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    /// Whether `close()` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.driver.is_none()
+    }
+
+    /// Read `length` guest bytes at `offset`.
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        offset: u64,
+        length: usize,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let driver = self.driver()?;
+        driver::check_range(driver.path(), driver.size(), offset, length as u64)
+            .map_err(to_pyerr)?;
+        PyBytes::new_with(py, length, |buf| {
+            run_detached(py, || driver.read_at(buf, offset))
+        })
+    }
+
+    /// Fill `buf` (a writable, contiguous buffer) with the guest bytes at
+    /// `offset`; returns the number of bytes read.
+    fn readinto(&self, py: Python<'_>, offset: u64, buf: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let driver = self.driver()?;
+        let view = PyBuffer::<u8>::get(buf)?;
+        if view.readonly() {
+            return Err(PyValueError::new_err("readinto needs a writable buffer"));
+        }
+        if !view.is_c_contiguous() {
+            return Err(PyValueError::new_err("readinto needs a contiguous buffer"));
+        }
+        let len = view.len_bytes();
+        driver::check_range(driver.path(), driver.size(), offset, len as u64).map_err(to_pyerr)?;
+        let ptr = view.buf_ptr() as usize;
+        run_detached(py, move || {
+            // SAFETY: `view` holds a buffer export for the whole call, so the
+            // object can neither be freed nor resized while the GIL is released;
+            // it is writable and C-contiguous (checked above), and `len` is its
+            // length in bytes. Concurrent Python writers would race on the bytes
+            // only, never on memory safety of this slice's bounds.
+            let slice = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+            driver.read_at(slice, offset)
+        })?;
+        drop(view);
+        Ok(len)
+    }
+
+    /// The mapping of the guest range: a list of (offset, length, kind,
+    /// host_offset or None) tuples, as the driver's metadata describes it.
+    #[pyo3(signature = (offset=0, length=None))]
+    fn map<'py>(
+        &self,
+        py: Python<'py>,
+        offset: u64,
+        length: Option<u64>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let driver = self.driver()?;
+        let end = length.map_or(driver.size(), |l| {
+            offset.saturating_add(l).min(driver.size())
+        });
+        let extents = run_detached(py, || {
+            let mut out = Vec::new();
+            let mut at = offset;
+            while at < end {
+                let e = driver.map(at, end - at)?;
+                let host = match e.mapping {
+                    driver::Mapping::Data { host_offset } => Some(host_offset),
+                    driver::Mapping::Compressed { host_offset, .. } => Some(host_offset),
+                    _ => None,
+                };
+                out.push((e.offset, e.length, e.mapping.kind(), host));
+                at += e.length.max(1);
+            }
+            Ok(out)
+        })?;
+        PyList::new(py, extents)
+    }
+
+    /// Where the byte at `offset` lives (a dict), or None for raw images.
+    fn locate<'py>(&self, py: Python<'py>, offset: u64) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let driver = self.driver()?;
+        let loc = run_detached(py, || driver.locate(offset))?;
+        loc.map(|l| location_dict(py, &l)).transpose()
+    }
+
+    /// Facts about the image: a dict of strings.
+    fn info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, v) in self.driver()?.info() {
+            d.set_item(k, v)?;
+        }
+        Ok(d)
+    }
+
+    /// Release the image. Further I/O raises ValueError.
+    fn close(&mut self) {
+        self.driver = None;
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(
+        &mut self,
+        _exc_type: &Bound<'_, PyAny>,
+        _exc: &Bound<'_, PyAny>,
+        _tb: &Bound<'_, PyAny>,
+    ) -> bool {
+        self.close();
+        false
+    }
+
+    fn __repr__(&self) -> String {
+        match &self.driver {
+            Some(d) => format!(
+                "<blkverify_rs.Image {} format={} size={}>",
+                self.path.display(),
+                d.format_name(),
+                d.size()
+            ),
+            None => format!("<blkverify_rs.Image {} closed>", self.path.display()),
+        }
+    }
+}
+
+pub(crate) fn location_dict<'py>(
+    py: Python<'py>,
+    l: &driver::Location,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("file", l.file.display().to_string())?;
+    d.set_item("kind", l.kind)?;
+    d.set_item("l1_index", l.l1_index)?;
+    d.set_item("l2_index", l.l2_index)?;
+    d.set_item("subcluster", l.subcluster)?;
+    d.set_item("host_offset", l.host_offset)?;
+    d.set_item("backing_depth", l.backing_depth)?;
+    Ok(d)
+}
+
+/// Open an image read-only.
+#[pyfunction]
+#[pyo3(signature = (path, format=None, snapshot=None, backing=true, max_backing_depth=64))]
+pub(crate) fn open(
+    py: Python<'_>,
+    path: PathBuf,
+    format: Option<&str>,
+    snapshot: Option<String>,
+    backing: bool,
+    max_backing_depth: u32,
+) -> PyResult<PyImage> {
+    let options = open_options(format, snapshot, backing, max_backing_depth)?;
+    let p = path.clone();
+    let driver = run_detached(py, move || driver::open(&p, &options))?;
+    Ok(PyImage {
+        driver: Some(driver),
+        path,
+    })
+}
+
+/// Whether `path` names something we can open (used for CLI messages).
+#[pyfunction]
+pub(crate) fn probe_format(py: Python<'_>, path: PathBuf) -> PyResult<&'static str> {
+    run_detached(py, move || {
+        let storage = crate::storage::FileStorage::open_read_only(Path::new(&path))?;
+        Ok(driver::probe(&storage)?.name())
+    })
+}
