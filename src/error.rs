@@ -42,6 +42,9 @@ pub enum Error {
     /// The caller asked for something impossible (a read past the end, a bad option).
     #[error("{0}")]
     InvalidArgument(String),
+    /// A write was asked of an image opened read-only.
+    #[error("{}: the image is open read-only", .0.display())]
+    ReadOnly(PathBuf),
     /// The operation was cancelled (Ctrl-C, or the caller's progress hook said stop).
     #[error("cancelled")]
     Cancelled,
@@ -79,6 +82,7 @@ impl Error {
         match self {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::InvalidArgument(_) => libc::EINVAL,
+            Error::ReadOnly(_) => libc::EROFS,
             Error::Format { .. } => libc::ENOTSUP,
             Error::Corrupt { .. } | Error::Cancelled => libc::EIO,
         }

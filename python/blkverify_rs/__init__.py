@@ -45,15 +45,17 @@ def open(
 ) -> Image:
     """Open an image. ``format`` is ``"raw"``, ``"qcow2"`` or ``None`` to probe.
 
+    ``read_only=False`` opens the image for ``write``, ``write_zeroes``,
+    ``discard`` and ``flush``; nothing is ever written otherwise.
+
     ``snapshot`` reads an internal qcow2 snapshot (by ID or name) instead of the
     active disk. ``backing=False`` reads unallocated ranges as zeros instead of
     following the backing chain.
     """
-    if not read_only:
-        raise FormatError(f"{os.fspath(path)}: writable opens are not supported yet")
     return _native.open(
         os.fspath(path),
         format=format,
+        read_only=read_only,
         snapshot=snapshot,
         backing=backing,
         max_backing_depth=max_backing_depth,

@@ -124,6 +124,37 @@ pub trait BlockDriver: Send + Sync {
     fn info(&self) -> Vec<(String, String)> {
         Vec::new()
     }
+
+    /// Whether writes are refused (the image was opened read-only).
+    fn is_read_only(&self) -> bool {
+        true
+    }
+
+    /// Write `buf` at guest `offset`. Any byte offset and length inside the disk
+    /// are allowed; a write past the end is `InvalidArgument`, never a resize.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let _ = (buf, offset);
+        Err(Error::ReadOnly(self.path().to_path_buf()))
+    }
+
+    /// Make `[offset, offset + len)` read as zeros. With `unmap`, the driver may
+    /// free the storage behind it.
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        let _ = (offset, len, unmap);
+        Err(Error::ReadOnly(self.path().to_path_buf()))
+    }
+
+    /// Tell the driver the range's contents are no longer needed. Afterwards it
+    /// reads as zeros or as the backing file, as QEMU's driver of the format does.
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Err(Error::ReadOnly(self.path().to_path_buf()))
+    }
+
+    /// Make every completed write durable.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl fmt::Debug for dyn BlockDriver {
@@ -210,6 +241,8 @@ impl Default for BackingPolicy {
 /// Options for opening an image.
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
+    /// Open for writing. Backing files are always opened read-only.
+    pub writable: bool,
     /// The format; `None` probes the file's magic.
     pub format: Option<Format>,
     /// An internal snapshot to read instead of the active image (ID or name).
@@ -238,11 +271,22 @@ pub(crate) fn open_in_chain(
     options: &OpenOptions,
     chain: &[PathBuf],
 ) -> Result<Arc<dyn BlockDriver>> {
-    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open_read_only(path)?);
+    // Only the top image is ever opened for writing; backing files never are.
+    let storage: Arc<dyn Storage> = if options.writable && chain.is_empty() {
+        Arc::new(FileStorage::open_read_write(path)?)
+    } else {
+        Arc::new(FileStorage::open_read_only(path)?)
+    };
     let format = match format {
         Some(format) => format,
         None => probe(storage.as_ref())?,
     };
+    if options.writable && chain.is_empty() && snapshot.is_some() {
+        return Err(Error::InvalidArgument(format!(
+            "{}: snapshots are read-only; open without a snapshot to write",
+            path.display()
+        )));
+    }
     match format {
         Format::Raw => {
             if let Some(name) = snapshot {
@@ -253,6 +297,10 @@ pub(crate) fn open_in_chain(
             }
             Ok(Arc::new(raw::Raw::new(storage)?))
         }
+        Format::Qcow2 if options.writable && chain.is_empty() => Err(Error::format(
+            path,
+            "qcow2: writing qcow2 images is not supported yet; open it read-only",
+        )),
         Format::Qcow2 => Ok(Arc::new(qcow2::Qcow2::open(
             storage, snapshot, options, chain,
         )?)),

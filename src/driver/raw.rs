@@ -70,7 +70,40 @@ impl BlockDriver for Raw {
         })
     }
 
-    fn info(&self) -> Vec<(String, String)> {
-        Vec::new()
+    fn is_read_only(&self) -> bool {
+        self.storage.is_read_only()
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        check_range(self.path(), self.size, offset, buf.len() as u64)?;
+        self.storage.write_all_at(buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        check_range(self.path(), self.size, offset, len)?;
+        if unmap {
+            return self.storage.punch_zeroes(offset, len);
+        }
+        // Keep the range allocated: write real zeros.
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let n = (end - at).min(zeros.len() as u64) as usize;
+            self.storage
+                .write_all_at(zeros.get(..n).unwrap_or(&[]), at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(self.path(), self.size, offset, len)?;
+        // A raw reference must stay well defined: discarded ranges read as zeros.
+        self.storage.punch_zeroes(offset, len)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.storage.flush()
     }
 }

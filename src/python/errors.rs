@@ -53,6 +53,7 @@ pub(crate) fn to_pyerr(e: Error) -> PyErr {
         Error::Format { .. } => FormatError::new_err(e.to_string()),
         Error::Corrupt { .. } => CorruptImageError::new_err(e.to_string()),
         Error::InvalidArgument(m) => PyValueError::new_err(m),
+        Error::ReadOnly(_) => PyOSError::new_err((libc::EROFS, e.to_string())),
         Error::Cancelled => PyKeyboardInterrupt::new_err("cancelled"),
     }
 }
@@ -88,12 +89,14 @@ pub(crate) fn parse_format(name: Option<&str>) -> PyResult<Option<Format>> {
 }
 
 pub(crate) fn open_options(
+    writable: bool,
     format: Option<&str>,
     snapshot: Option<String>,
     backing: bool,
     max_backing_depth: u32,
 ) -> PyResult<OpenOptions> {
     Ok(OpenOptions {
+        writable,
         format: parse_format(format)?,
         snapshot,
         backing: BackingPolicy {

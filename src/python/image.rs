@@ -139,6 +139,52 @@ impl PyImage {
         Ok(d)
     }
 
+    /// Whether the image refuses writes.
+    #[getter]
+    fn read_only(&self) -> PyResult<bool> {
+        Ok(self.driver()?.is_read_only())
+    }
+
+    /// Write `data` (any bytes-like object) at guest `offset`.
+    fn write(&self, py: Python<'_>, offset: u64, data: &Bound<'_, PyAny>) -> PyResult<usize> {
+        let driver = self.driver()?;
+        let view = PyBuffer::<u8>::get(data)?;
+        if !view.is_c_contiguous() {
+            return Err(PyValueError::new_err("write needs a contiguous buffer"));
+        }
+        let len = view.len_bytes();
+        let ptr = view.buf_ptr() as usize;
+        run_detached(py, move || {
+            // SAFETY: `view` holds a buffer export for the whole call, so the
+            // object can neither be freed nor resized while the GIL is released;
+            // it is C-contiguous and `len` bytes long. We only read from it.
+            let slice = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
+            driver.write_at(slice, offset)
+        })?;
+        drop(view);
+        Ok(len)
+    }
+
+    /// Make `[offset, offset + length)` read as zeros; `unmap` lets the driver
+    /// free the storage.
+    #[pyo3(signature = (offset, length, unmap=false))]
+    fn write_zeroes(&self, py: Python<'_>, offset: u64, length: u64, unmap: bool) -> PyResult<()> {
+        let driver = self.driver()?;
+        run_detached(py, move || driver.write_zeroes(offset, length, unmap))
+    }
+
+    /// Discard `[offset, offset + length)`.
+    fn discard(&self, py: Python<'_>, offset: u64, length: u64) -> PyResult<()> {
+        let driver = self.driver()?;
+        run_detached(py, move || driver.discard(offset, length))
+    }
+
+    /// Make every completed write durable.
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        let driver = self.driver()?;
+        run_detached(py, move || driver.flush())
+    }
+
     /// Release the image. Further I/O raises ValueError.
     fn close(&mut self) {
         self.driver = None;
@@ -188,16 +234,17 @@ pub(crate) fn location_dict<'py>(
 
 /// Open an image read-only.
 #[pyfunction]
-#[pyo3(signature = (path, format=None, snapshot=None, backing=true, max_backing_depth=64))]
+#[pyo3(signature = (path, format=None, read_only=true, snapshot=None, backing=true, max_backing_depth=64))]
 pub(crate) fn open(
     py: Python<'_>,
     path: PathBuf,
     format: Option<&str>,
+    read_only: bool,
     snapshot: Option<String>,
     backing: bool,
     max_backing_depth: u32,
 ) -> PyResult<PyImage> {
-    let options = open_options(format, snapshot, backing, max_backing_depth)?;
+    let options = open_options(!read_only, format, snapshot, backing, max_backing_depth)?;
     let p = path.clone();
     let driver = run_detached(py, move || driver::open(&p, &options))?;
     Ok(PyImage {

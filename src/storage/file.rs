@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 pub struct FileStorage {
     file: File,
     path: PathBuf,
+    writable: bool,
 }
 
 impl FileStorage {
@@ -33,7 +34,57 @@ impl FileStorage {
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
+            writable: false,
         })
+    }
+
+    /// Open `path` for reading and writing. The file must exist.
+    pub fn open_read_write(path: &Path) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(path, "open for writing", e))?;
+        if file
+            .metadata()
+            .map_err(|e| Error::io(path, "stat", e))?
+            .is_dir()
+        {
+            return Err(Error::io(
+                path,
+                "open",
+                io::Error::from_raw_os_error(libc::EISDIR),
+            ));
+        }
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+            writable: true,
+        })
+    }
+
+    /// Create (or truncate) `path` and open it for reading and writing.
+    pub fn create(path: &Path) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| Error::io(path, "create", e))?;
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+            writable: true,
+        })
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(Error::ReadOnly(self.path.clone()))
+        }
     }
 
     fn seek(&self, offset: u64, whence: libc::c_int) -> Option<u64> {
@@ -87,5 +138,75 @@ impl Storage for FileStorage {
         };
         let end = self.seek(start, libc::SEEK_HOLE)?;
         Some((start, end))
+    }
+
+    fn is_read_only(&self) -> bool {
+        !self.writable
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        self.file.write_all_at(buf, offset).map_err(|e| {
+            Error::io(
+                &self.path,
+                format!("write {} bytes at offset {:#x}", buf.len(), offset),
+                e,
+            )
+        })
+    }
+
+    fn punch_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        let (Ok(start), Ok(length)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+        else {
+            return Err(Error::InvalidArgument(format!(
+                "{}: range at {offset:#x} of {len} bytes is too large",
+                self.path.display()
+            )));
+        };
+        // SAFETY: fallocate on a descriptor we own, with a checked range; it
+        // changes file contents only, never memory.
+        let punched = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                start,
+                length,
+            )
+        };
+        if punched == 0 {
+            return Ok(());
+        }
+        // The filesystem cannot punch holes (or this is a block device): write
+        // zeros, but never past the current end.
+        let file_len = self.len()?;
+        let end = offset.saturating_add(len).min(file_len);
+        let zeros = vec![0u8; 1 << 20];
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(zeros.len() as u64) as usize;
+            self.write_all_at(zeros.get(..n).unwrap_or(&[]), at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.file
+            .set_len(len)
+            .map_err(|e| Error::io(&self.path, format!("set length to {len}"), e))
+    }
+
+    fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io(&self.path, "flush", e))
     }
 }

@@ -9,7 +9,7 @@ mod file;
 
 pub use file::FileStorage;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use std::path::Path;
 
 /// A byte store under an image: a file, a block device, later a socket.
@@ -37,5 +37,34 @@ pub trait Storage: Send + Sync {
     fn next_data(&self, offset: u64) -> Option<(u64, u64)> {
         let _ = offset;
         None
+    }
+
+    /// Whether writes are refused.
+    fn is_read_only(&self) -> bool {
+        true
+    }
+
+    /// Write all of `buf` at `offset`, growing the store if needed.
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let _ = (buf, offset);
+        Err(Error::ReadOnly(self.path().to_path_buf()))
+    }
+
+    /// Make `[offset, offset + len)` read as zeros, deallocating it where the
+    /// store can (a hole). Never changes the length.
+    fn punch_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Err(Error::ReadOnly(self.path().to_path_buf()))
+    }
+
+    /// Set the length (truncate or extend with zeros).
+    fn set_len(&self, len: u64) -> Result<()> {
+        let _ = len;
+        Err(Error::ReadOnly(self.path().to_path_buf()))
+    }
+
+    /// Make every completed write durable.
+    fn flush(&self) -> Result<()> {
+        Ok(())
     }
 }
