@@ -16,7 +16,6 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -68,6 +67,7 @@ def run_cli(*args) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         check=False,
+        timeout=120,
     )
 
 
@@ -211,6 +211,23 @@ def compressed_clusters(path) -> list:
     return out
 
 
+def l1_entry_offset(path, guest_offset: int) -> int:
+    """File offset of the L1 entry that maps ``guest_offset``."""
+    hdr = read_header(path)
+    _cs, n, _ext = l2_geometry(path)
+    return hdr["l1_table_offset"] + 8 * (guest_offset // (1 << hdr["cluster_bits"]) // n)
+
+
+def l2_entry_offset(path, guest_offset: int) -> int:
+    """File offset of the (first 64 bits of the) L2 entry that maps ``guest_offset``."""
+    cs, n, ext = l2_geometry(path)
+    with open(path, "rb") as f:
+        f.seek(l1_entry_offset(path, guest_offset))
+        l2_off = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+    assert l2_off, f"no L2 table for {guest_offset} in {path}"
+    return l2_off + (16 if ext else 8) * ((guest_offset // cs) % n)
+
+
 # --------------------------------------------------------------------------------------------
 # the image zoo
 # --------------------------------------------------------------------------------------------
@@ -232,7 +249,7 @@ class ZooImage:
         return self.path.parent
 
     def relocated(self, new_dir: Path) -> ZooImage:
-        """The same entry with every file that lives in ``self.dir`` moved to ``new_dir``."""
+        """The same entry with its image files (not the reference) moved to ``new_dir``."""
 
         def move(p):
             if p is None:
@@ -243,7 +260,7 @@ class ZooImage:
             name=self.name,
             path=move(self.path),
             fmt=self.fmt,
-            expected=move(self.expected),
+            expected=self.expected,  # the reference is never modified in place: share it
             size=self.size,
             snapshot=self.snapshot,
             data_file=move(self.data_file),
@@ -430,6 +447,96 @@ def build_zstd(d, res):
     return _build_compressed(d, res, "qcow2_zstd", "zstd")
 
 
+def build_zlib_c512(d, res):
+    # 512-byte clusters: the compressed descriptor has a 1-bit sector count
+    src = _mixed_source(d, res)
+    p = d / "qcow2_zlib_c512.qcow2"
+    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=512", src, p)
+    return {"qcow2_zlib_c512": _entry("qcow2_zlib_c512", p, "qcow2", 4 * MiB)}
+
+
+def build_zstd_c2m(d, res):
+    # 2 MiB clusters: widest compressed sector-count field
+    src = _mixed_source(d, res)
+    p = d / "qcow2_zstd_c2m.qcow2"
+    qemu_img(
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=2M,compression_type=zstd",
+        src,
+        p,
+    )
+    return {"qcow2_zstd_c2m": _entry("qcow2_zstd_c2m", p, "qcow2", 4 * MiB)}
+
+
+def build_zlib_extl2(d, res):
+    src = _mixed_source(d, res)
+    p = d / "qcow2_zlib_extl2.qcow2"
+    qemu_img(
+        "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "extended_l2=on,cluster_size=32k", src, p
+    )
+    # normal and zero subclusters next to the compressed clusters
+    qemu_io(p, f"write -P 0x6e {3 * MiB + 1 * KiB} 1k", f"write -z {1 * MiB + 2 * KiB} 1k")
+    return {"qcow2_zlib_extl2": _entry("qcow2_zlib_extl2", p, "qcow2", 4 * MiB)}
+
+
+def build_chain_compressed(d, res):
+    src = _mixed_source(d, res)
+    base = d / "compressed-base.qcow2"
+    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4k", src, base)
+    top = _new_qcow2(d, "over-compressed.qcow2", 4 * MiB, backing=base.name, backing_fmt="qcow2")
+    qemu_io(top, "write -P 0x7a 100000 5000", f"write -z {2 * MiB} 64k")
+    return {
+        "chain_over_compressed": _entry(
+            "chain_over_compressed", top, "qcow2", 4 * MiB, chain=[base]
+        )
+    }
+
+
+def build_extl2_c16k(d, res):
+    # the smallest extended-L2 cluster size: 512-byte subclusters
+    return _qcow2_with_writes(
+        d,
+        res,
+        "qcow2_extl2_c16k",
+        4 * MiB,
+        "extended_l2=on",
+        "cluster_size=16k",
+        extra=[f"write -z {256 * KiB + 1000} 3000", f"write -P 0x1d {3 * MiB + 1536} 512"],
+    )
+
+
+def build_chain_v2(d, res):
+    size = 4 * MiB
+    base = _new_qcow2(d, "v2-base.qcow2", size, "compat=0.10")
+    qemu_io(base, *standard_writes(size, res))
+    top = _new_qcow2(d, "v2-top.qcow2", size, "compat=0.10", backing=base.name, backing_fmt="qcow2")
+    qemu_io(top, "write -P 0x2b 300k 100k", f"write -P 0x2c {size - 1000} 1000")
+    return {"chain_v2": _entry("chain_v2", top, "qcow2", size, chain=[base])}
+
+
+def build_bitmap(d, res):
+    # a persistent dirty bitmap: bitmaps header extension + autoclear bit
+    size = 4 * MiB
+    p = _new_qcow2(d, "bitmap.qcow2", size)
+    qemu_img("bitmap", "--add", p, "bitmap0")
+    qemu_io(p, *standard_writes(size, res))
+    assert read_header(p)["autoclear_features"] & 1
+    return {"qcow2_bitmap": _entry("qcow2_bitmap", p, "qcow2", size)}
+
+
+def build_prealloc(d, res):
+    size = 4 * MiB
+    p = _new_qcow2(d, "prealloc.qcow2", size, "preallocation=metadata", "cluster_size=16k")
+    qemu_io(p, *standard_writes(size, res))
+    return {"qcow2_prealloc_metadata": _entry("qcow2_prealloc_metadata", p, "qcow2", size)}
+
+
 def build_write_c(d, res):
     return _qcow2_with_writes(
         d,
@@ -546,6 +653,24 @@ def build_chain_shorter(d, res):
     }
 
 
+def build_chain_unaligned_backing(d, res):
+    # a raw backing file whose end falls inside an overlay cluster
+    bsize = 1 * MiB + 1536
+    base = d / "odd-base.raw"
+    qemu_img("create", "-f", "raw", base, bsize)
+    assert base.stat().st_size == bsize
+    qemu_io(base, f"write -s {res.rnd[1]} {bsize - 70000} 70000", "write -P 0x0f 0 4k", fmt="raw")
+    out = {}
+    for name, cmds in [
+        ("chain_unaligned_backing_end", ["write -P 0x1e 4k 4k"]),
+        ("chain_unaligned_backing_cow", [f"write -P 0x2e {1 * MiB + 1000} 1000"]),
+    ]:
+        top = _new_qcow2(d, f"{name}.qcow2", 2 * MiB, backing=base.name, backing_fmt="raw")
+        qemu_io(top, *cmds)
+        out[name] = _entry(name, top, "qcow2", 2 * MiB, chain=[base])
+    return out
+
+
 def _build_data_file(d, res, name, raw_flag):
     size = 4 * MiB
     # QEMU 10.0 resolves a relative data_file name against its working directory, not the
@@ -614,6 +739,14 @@ BUILDERS: list = [
     build_zlib,
     build_zstd,
     build_write_c,
+    build_zlib_c512,
+    build_zstd_c2m,
+    build_zlib_extl2,
+    build_chain_compressed,
+    build_extl2_c16k,
+    build_chain_v2,
+    build_bitmap,
+    build_prealloc,
     build_extl2,
     build_extl2_backing,
     build_chain_raw,
@@ -621,6 +754,7 @@ BUILDERS: list = [
     build_chain_abs,
     build_chain_longer,
     build_chain_shorter,
+    build_chain_unaligned_backing,
     build_data_file,
     build_data_file_raw,
     build_snapshots,
@@ -642,6 +776,14 @@ ZOO_NAMES = [
     "qcow2_zlib",
     "qcow2_zstd",
     "qcow2_write_c",
+    "qcow2_zlib_c512",
+    "qcow2_zstd_c2m",
+    "qcow2_zlib_extl2",
+    "chain_over_compressed",
+    "qcow2_extl2_c16k",
+    "chain_v2",
+    "qcow2_bitmap",
+    "qcow2_prealloc_metadata",
     "qcow2_extl2",
     "qcow2_extl2_backing",
     "chain_over_raw",
@@ -649,6 +791,8 @@ ZOO_NAMES = [
     "chain_absolute",
     "chain_overlay_longer",
     "chain_overlay_shorter",
+    "chain_unaligned_backing_end",
+    "chain_unaligned_backing_cow",
     "qcow2_data_file",
     "qcow2_data_file_raw",
     "snapshot_current",
@@ -665,7 +809,6 @@ def build_zoo(root: Path) -> dict:
     res_dir.mkdir()
     res = Resources(res_dir)
     zoo: dict = {}
-    builder: Callable
     for builder in BUILDERS:
         d = root / builder.__name__.replace("build_", "")
         d.mkdir()
@@ -690,9 +833,9 @@ def resources(tmp_path_factory) -> Resources:
 
 
 def copy_entry(entry: ZooImage, dest: Path) -> ZooImage:
-    """Copy the directory of ``entry`` (image, backing files, data file) to ``dest``."""
+    """Copy the image files of ``entry`` (image, backing files, data file) to ``dest``."""
     target = dest / entry.dir.name
-    shutil.copytree(entry.dir, target)
+    shutil.copytree(entry.dir, target, ignore=shutil.ignore_patterns("*.expected.raw"))
     new = entry.relocated(target)
     if new.data_file is not None:
         qemu_img("amend", "-o", f"data_file={new.data_file.resolve()}", new.path)
@@ -710,3 +853,32 @@ def backing_file_name(path) -> str | None:
     with open(path, "rb") as f:
         f.seek(hdr["backing_file_offset"])
         return f.read(hdr["backing_file_size"]).decode()
+
+
+GiB = 1024 * MiB
+
+# guest writes of the big sparse image: (offset, length)
+BIG_WRITES = [(4 * GiB - 512, 1024), (5 * GiB - 5, 70000), (6 * GiB - 4096, 4096)]
+
+
+@pytest.fixture(scope="session")
+def big_sparse(tmp_path_factory, resources) -> ZooImage:
+    """A 6 GiB qcow2 (4k clusters) with a little data above 4 GiB, and its sparse raw."""
+    d = tmp_path_factory.mktemp("big")
+    p = _new_qcow2(d, "big.qcow2", 6 * GiB, "cluster_size=4k")
+    (o1, l1), (o2, l2), (o3, l3) = BIG_WRITES
+    qemu_io(
+        p,
+        f"write -P 0x11 {o1} {l1}",
+        f"write -s {resources.rnd[0]} {o2} {l2}",
+        f"write -P 0x22 {o3} {l3}",
+    )
+    entry = _entry("big_sparse", p, "qcow2", 6 * GiB)
+    assert entry.expected.stat().st_blocks * 512 < 16 * MiB  # the oracle output is sparse
+    return entry
+
+
+def read_range(path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import struct
+import time
 
 import blkverify_rs as bv
 import pytest
@@ -12,7 +14,10 @@ from conftest import (
     INCOMPAT_CORRUPT,
     KiB,
     MiB,
+    compressed_clusters,
     copy_entry,
+    l1_entry_offset,
+    l2_entry_offset,
     patch_header,
     qemu_img,
     qemu_io,
@@ -216,3 +221,92 @@ def test_raw_reference_must_be_raw(zoo):
     rep = bv.verify(e.path, e.path, raw_format="raw", test_format="raw")
     assert rep.identical
     assert rep.virtual_size == e.path.stat().st_size
+
+
+def _write_u64(path, offset, value):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(">Q", value))
+
+
+@pytest.mark.parametrize("loop", ["self", "cycle"])
+def test_backing_chain_loop(zoo, tmp_path, loop):
+    e = copy_entry(zoo["chain_3level"], tmp_path)
+    base = e.chain[1]
+    target = base.name if loop == "self" else e.path.name
+    qemu_img("rebase", "-u", "-b", target, "-F", "qcow2", base, cwd=base.parent)
+    t0 = time.monotonic()
+    with pytest.raises(bv.Error):
+        bv.open(e.path)
+    assert time.monotonic() - t0 < 10
+    assert_cli_error(run_cli("verify", e.expected, e.path), base.name)
+
+
+def test_broken_backing_file_is_named(zoo, tmp_path):
+    e = copy_entry(zoo["chain_3level"], tmp_path)
+    base = e.chain[1]
+    patch_header(base, "cluster_bits", 30)
+    with pytest.raises(bv.Error, match="cluster_bits"):
+        bv.open(e.path)
+    err = assert_cli_error(run_cli("verify", e.expected, e.path), base.name)
+    assert "cluster_bits" in err
+
+
+def test_l2_table_past_eof_is_a_test_side_read_error(zoo, tmp_path):
+    e = copy_entry(zoo["qcow2_c4k"], tmp_path)  # 4k clusters: one L2 table maps 2 MiB
+    guest = 2 * MiB + 7 + 100  # inside the random write at size/2 + 7
+    _write_u64(e.path, l1_entry_offset(e.path, guest), (1 << 63) | (1 << 30))
+    with bv.open(e.path) as img:
+        assert img.read(0, 4096) == e.expected.read_bytes()[:4096]  # other L2 table: fine
+        with pytest.raises(bv.CorruptImageError):
+            img.read(guest, 10)
+    rep = bv.verify(e.expected, e.path, all=True)
+    assert not rep.identical
+    assert rep.mismatches
+    m = rep.mismatches[0]
+    assert m.offset == 2 * MiB
+    assert isinstance(m.error, str) and m.error
+    assert all(x.offset >= 2 * MiB for x in rep.mismatches)
+    proc = run_cli("verify", e.expected, e.path)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+
+
+def test_compressed_cluster_past_eof(zoo, tmp_path):
+    e = copy_entry(zoo["qcow2_zlib"], tmp_path)
+    cs = 64 * KiB
+    guest = compressed_clusters(e.path)[2][0]
+    entry_off = l2_entry_offset(e.path, guest)
+    with open(e.path, "rb") as f:
+        f.seek(entry_off)
+        old = struct.unpack(">Q", f.read(8))[0]
+    x = 62 - (16 - 8)  # cluster_bits 16
+    host = (e.path.stat().st_size + 10 * MiB) & ~511
+    _write_u64(e.path, entry_off, (old & ~((1 << x) - 1)) | host)
+    assert compressed_clusters(e.path)[2][:2] == (guest, host)
+    with bv.open(e.path) as img:
+        with pytest.raises(bv.Error):
+            img.read(guest, cs)
+    rep = bv.verify(e.expected, e.path)
+    [m] = rep.mismatches
+    assert m.offset == guest
+    assert isinstance(m.error, str) and m.error
+    assert m.mapping is None or m.mapping["kind"] == "compressed"
+    proc = run_cli("verify", e.expected, e.path)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+
+
+def test_unaligned_l2_table_offset(zoo, tmp_path):
+    e = copy_entry(zoo["qcow2_c4k"], tmp_path)
+    entry = l1_entry_offset(e.path, 0)
+    with open(e.path, "rb") as f:
+        f.seek(entry)
+        old = struct.unpack(">Q", f.read(8))[0]
+    _write_u64(e.path, entry, old + 512)  # L2 tables must be cluster aligned
+    try:
+        img = bv.open(e.path)
+    except bv.CorruptImageError:
+        return  # refusing at open time is fine too
+    with img, pytest.raises(bv.CorruptImageError):
+        img.read(0, 512)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -10,7 +11,9 @@ import warnings
 import blkverify_rs as bv
 import pytest
 from conftest import (
+    BIG_WRITES,
     ZOO_NAMES,
+    GiB,
     KiB,
     MiB,
     compressed_clusters,
@@ -39,7 +42,10 @@ JSON_KEYS = {
 }
 
 # snapshot entries read a snapshot, so the current clusters from `qemu-img map` don't apply
-FLIPPABLE = [n for n in ZOO_NAMES if n not in ("snapshot_by_name", "snapshot_by_id")]
+# (and qcow2_zstd_c2m has nothing but compressed clusters)
+FLIPPABLE = [
+    n for n in ZOO_NAMES if n not in ("snapshot_by_name", "snapshot_by_id", "qcow2_zstd_c2m")
+]
 
 
 def verify_quiet(raw, test, **kw):
@@ -347,6 +353,20 @@ def test_consecutive_sectors_merge_into_runs(zoo, tmp_path, name):
         ("chain_3level", 1 * MiB + 10, "zero", 0),
         ("qcow2_data_file", 10, "data", 0),
         ("snapshot_by_name", 100, "data", 0),
+        ("qcow2_zlib_c512", 100, "compressed", 0),
+        ("qcow2_zstd_c2m", 5, "compressed", 0),
+        ("qcow2_zlib_extl2", 100, "compressed", 0),
+        ("qcow2_zlib_extl2", 1 * MiB + 2 * KiB + 10, "zero", 0),
+        ("qcow2_extl2_c16k", 256 * KiB + 1536 + 10, "zero", 0),
+        ("qcow2_extl2_c16k", 3 * MiB + 1536 + 10, "data", 0),
+        ("chain_over_compressed", 10, "backing", 1),
+        ("chain_over_compressed", 2 * MiB + 10, "zero", 0),
+        ("chain_v2", 10, "backing", 1),
+        ("qcow2_prealloc_metadata", 3 * MiB + 10, "data", 0),
+        ("qcow2_bitmap", 10, "data", 0),
+        ("chain_unaligned_backing_end", 1 * MiB + 1000, "backing", 1),
+        ("chain_unaligned_backing_cow", 1 * MiB + 1500, "data", 0),
+        ("chain_unaligned_backing_cow", 1 * MiB + 60000, "data", 0),
     ],
 )
 def test_flip_in_reference(zoo, tmp_path, name, guest, kind, depth):
@@ -559,11 +579,12 @@ def test_l1_table_past_eof(zoo, tmp_path):
     assert_cli_error(run_cli("verify", e.expected, e.path), e.path.name)
 
 
-@pytest.mark.parametrize("name", ["qcow2_zlib", "qcow2_zstd"])
+@pytest.mark.parametrize("name", ["qcow2_zlib", "qcow2_zstd", "qcow2_zlib_c512", "qcow2_zstd_c2m"])
 def test_corrupt_compressed_payload(zoo, tmp_path, name):
     e = copy_entry(zoo[name], tmp_path)
     cs = l2_geometry(e.path)[0]
-    guest, host, _ = compressed_clusters(e.path)[3]
+    clusters = compressed_clusters(e.path)
+    guest, host, _ = clusters[min(3, len(clusters) - 1)]
     with open(e.path, "r+b") as f:
         f.seek(host + 8)
         f.write(bytes(random.Random(1).randbytes(64)))
@@ -588,3 +609,58 @@ def test_header_untouched_by_verify(zoo):
     before = read_header(e.path)
     assert bv.verify(e.expected, e.path).identical
     assert read_header(e.path) == before
+
+
+# --------------------------------------------------------------------------------------------
+# a 6 GiB sparse image: offsets above 4 GiB, holes on either side
+# --------------------------------------------------------------------------------------------
+
+
+def test_big_sparse_identical(big_sparse):
+    e = big_sparse
+    rep = bv.verify(e.expected, e.path, all=True)
+    assert rep.identical
+    assert rep.virtual_size == 6 * GiB
+    assert rep.bytes_compared == 6 * GiB
+    proc = run_cli("verify", "--json", e.expected, e.path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["virtual_size"] == 6 * GiB
+
+
+def test_big_sparse_test_side_changes(big_sparse, tmp_path):
+    # copy only the qcow2 file: the 6 GiB reference must not be copied (it would not stay sparse)
+    test = tmp_path / big_sparse.path.name
+    shutil.copyfile(big_sparse.path, test)
+    e = dataclasses.replace(big_sparse, path=test)
+    off, length = BIG_WRITES[1]
+    g1 = off + length - 1  # last byte of the random write, above 5 GiB
+    start, _, host = next(x for x in data_extents(e) if x[0] <= g1 < x[0] + x[1])
+    flip_byte(e.path, host + g1 - start)
+    g2 = 3 * GiB + 12345  # a hole in the reference, data in the test
+    qemu_io(e.path, f"write -P 0x01 {g2} 1")
+    rep = bv.verify(e.expected, e.path, all=True)
+    assert [(m.sector, m.length, m.first_byte) for m in rep.mismatches] == [
+        (g2 // 512, 512, g2),
+        (g1 // 512, 512, g1),
+    ]
+    check_mapping(e, rep.mismatches[0], g2, "data")
+    check_mapping(e, rep.mismatches[1], g1, "data", host=host + g1 - start)
+    proc = run_cli("verify", e.expected, e.path)
+    assert proc.returncode == 1
+    assert f"contents mismatch in sector {g2 // 512}" in proc.stdout
+
+
+def test_big_sparse_reference_side_changes(big_sparse, tmp_path):
+    e = big_sparse
+    raw = tmp_path / "reference.raw"
+    qemu_img("convert", "-O", "raw", e.path, raw)  # sparse copy of the reference
+    g1 = 2 * GiB + 7  # data in the reference, unallocated in the test
+    g2 = 6 * GiB - 1  # the very last byte
+    qemu_io(raw, f"write -P 0x80 {g1} 1", f"write -P 0x00 {g2} 1", fmt="raw")
+    rep = bv.verify(raw, e.path, all=True)
+    assert [(m.sector, m.length, m.first_byte) for m in rep.mismatches] == [
+        (g1 // 512, 512, g1),
+        (g2 // 512, 512, g2),
+    ]
+    check_mapping(e, rep.mismatches[0], g1, "unallocated")
+    check_mapping(e, rep.mismatches[1], g2, "data")

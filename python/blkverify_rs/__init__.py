@@ -42,6 +42,7 @@ def open(
     *,
     backing: bool = True,
     max_backing_depth: int = 64,
+    timeout: float | None = None,
 ) -> Image:
     """Open an image. ``format`` is ``"raw"``, ``"qcow2"`` or ``None`` to probe.
 
@@ -50,7 +51,9 @@ def open(
 
     ``snapshot`` reads an internal qcow2 snapshot (by ID or name) instead of the
     active disk. ``backing=False`` reads unallocated ranges as zeros instead of
-    following the backing chain.
+    following the backing chain. ``path`` may also be an NBD URI
+    (``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``);
+    ``timeout`` (seconds, default 30) bounds its connect and every request.
     """
     return _native.open(
         os.fspath(path),
@@ -59,6 +62,7 @@ def open(
         snapshot=snapshot,
         backing=backing,
         max_backing_depth=max_backing_depth,
+        timeout=timeout,
     )
 
 

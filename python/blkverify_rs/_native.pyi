@@ -43,6 +43,7 @@ def open(
     snapshot: str | None = None,
     backing: bool = True,
     max_backing_depth: int = 64,
+    timeout: float | None = None,
 ) -> Image: ...
 def verify(
     raw: str,

@@ -5,6 +5,7 @@
 //! (`read_at`) and "what kind of storage backs it?" (`map`). The second lets the
 //! verifier skip ranges that read as zeros on both sides without reading them.
 
+pub mod nbd;
 pub mod qcow2;
 pub mod raw;
 
@@ -249,10 +250,31 @@ pub struct OpenOptions {
     pub snapshot: Option<String>,
     /// How backing files are followed.
     pub backing: BackingPolicy,
+    /// Connect and I/O timeout for network drivers (default 30 s).
+    pub io_timeout: Option<std::time::Duration>,
 }
 
-/// Open an image read-only.
+/// Open an image: a file, or an NBD export given as an `nbd://` or
+/// `nbd+unix://` URI.
 pub fn open(path: &Path, options: &OpenOptions) -> Result<Arc<dyn BlockDriver>> {
+    if let Some(uri) = path.to_str().filter(|s| nbd::is_uri(s)) {
+        if let Some(format) = options.format.filter(|f| *f != Format::Raw) {
+            return Err(Error::format(
+                path,
+                format!(
+                    "an NBD export is served as raw bytes; format {} cannot be layered on it",
+                    format.name()
+                ),
+            ));
+        }
+        if options.snapshot.is_some() {
+            return Err(Error::format(path, "NBD exports have no snapshots"));
+        }
+        let timeout = options
+            .io_timeout
+            .unwrap_or(std::time::Duration::from_secs(30));
+        return Ok(Arc::new(nbd::Nbd::connect(uri, options.writable, timeout)?));
+    }
     open_in_chain(
         path,
         options.format,

@@ -3,35 +3,43 @@
 
 use crate::driver::{BackingPolicy, Format, OpenOptions};
 use crate::error::Error;
-use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyKeyboardInterrupt, PyOSError, PyValueError};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-create_exception!(
-    _native,
-    BlkverifyError,
-    PyException,
-    "The root of blkverify_rs's errors."
-);
-create_exception!(
-    _native,
-    FormatError,
-    BlkverifyError,
-    "The image uses something blkverify does not support or must not trust."
-);
-create_exception!(
-    _native,
-    CorruptImageError,
-    BlkverifyError,
-    "The image's metadata contradicts itself or the file."
-);
-create_exception!(
-    _native,
-    MismatchError,
-    BlkverifyError,
-    "The test image returned different bytes than the reference."
-);
+/// The exception classes. A module of their own, so the root can be named
+/// `Error` in Python without clashing with the core's `Error`.
+pub(crate) mod exc {
+    use pyo3::create_exception;
+    use pyo3::exceptions::PyException;
+
+    create_exception!(
+        blkverify_rs,
+        Error,
+        PyException,
+        "The root of blkverify_rs's errors."
+    );
+    create_exception!(
+        blkverify_rs,
+        FormatError,
+        Error,
+        "The image uses something blkverify does not support or must not trust."
+    );
+    create_exception!(
+        blkverify_rs,
+        CorruptImageError,
+        Error,
+        "The image's metadata contradicts itself or the file."
+    );
+    create_exception!(
+        blkverify_rs,
+        MismatchError,
+        Error,
+        "The test image returned different bytes than the reference."
+    );
+}
+
+pub(crate) use exc::{CorruptImageError, FormatError, MismatchError};
 
 pub(crate) fn to_pyerr(e: Error) -> PyErr {
     match e {
@@ -76,7 +84,7 @@ pub(crate) fn panic_to_pyerr(panic: Box<dyn std::any::Any + Send>) -> PyErr {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown".to_string());
-    BlkverifyError::new_err(format!("internal error (please report it): {what}"))
+    exc::Error::new_err(format!("internal error (please report it): {what}"))
 }
 
 pub(crate) fn parse_format(name: Option<&str>) -> PyResult<Option<Format>> {
@@ -89,6 +97,7 @@ pub(crate) fn parse_format(name: Option<&str>) -> PyResult<Option<Format>> {
 }
 
 pub(crate) fn open_options(
+    timeout: Option<f64>,
     writable: bool,
     format: Option<&str>,
     snapshot: Option<String>,
@@ -103,5 +112,8 @@ pub(crate) fn open_options(
             follow: backing,
             max_depth: max_backing_depth,
         },
+        io_timeout: timeout
+            .filter(|t| t.is_finite() && *t > 0.0)
+            .map(std::time::Duration::from_secs_f64),
     })
 }

@@ -234,7 +234,8 @@ pub(crate) fn location_dict<'py>(
 
 /// Open an image read-only.
 #[pyfunction]
-#[pyo3(signature = (path, format=None, read_only=true, snapshot=None, backing=true, max_backing_depth=64))]
+#[pyo3(signature = (path, format=None, read_only=true, snapshot=None, backing=true, max_backing_depth=64, timeout=None))]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn open(
     py: Python<'_>,
     path: PathBuf,
@@ -243,8 +244,16 @@ pub(crate) fn open(
     snapshot: Option<String>,
     backing: bool,
     max_backing_depth: u32,
+    timeout: Option<f64>,
 ) -> PyResult<PyImage> {
-    let options = open_options(!read_only, format, snapshot, backing, max_backing_depth)?;
+    let options = open_options(
+        timeout,
+        !read_only,
+        format,
+        snapshot,
+        backing,
+        max_backing_depth,
+    )?;
     let p = path.clone();
     let driver = run_detached(py, move || driver::open(&p, &options))?;
     Ok(PyImage {

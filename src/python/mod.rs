@@ -8,7 +8,7 @@ mod errors;
 mod image;
 mod verify;
 
-use errors::{BlkverifyError, CorruptImageError, FormatError, MismatchError};
+use errors::{exc, CorruptImageError, FormatError, MismatchError};
 use pyo3::prelude::*;
 
 /// The native module.
@@ -16,7 +16,7 @@ use pyo3::prelude::*;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("Error", py.get_type::<BlkverifyError>())?;
+    m.add("Error", py.get_type::<exc::Error>())?;
     m.add("FormatError", py.get_type::<FormatError>())?;
     m.add("CorruptImageError", py.get_type::<CorruptImageError>())?;
     m.add("MismatchError", py.get_type::<MismatchError>())?;

@@ -34,8 +34,15 @@ pub(crate) fn verify<'py>(
     max_runs: usize,
     progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let raw_options = open_options(false, raw_format, None, backing, max_backing_depth)?;
-    let test_options = open_options(false, test_format, snapshot, backing, max_backing_depth)?;
+    let raw_options = open_options(None, false, raw_format, None, backing, max_backing_depth)?;
+    let test_options = open_options(
+        None,
+        false,
+        test_format,
+        snapshot,
+        backing,
+        max_backing_depth,
+    )?;
     let mut options = VerifyOptions {
         all,
         strict,

@@ -1,0 +1,290 @@
+"""The NBD client driver, against real servers (qemu-nbd) and a misbehaving one.
+
+qemu-nbd serves images with QEMU's own drivers; reading them through our client
+must give exactly what ``qemu-img convert -O raw`` gives, and verify must work
+with an NBD test side. A fake server checks that protocol faults give a clear
+error and never a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import blkverify_rs as bv
+import pytest
+from conftest import MiB, flip_byte, qemu_img, qemu_io, qemu_map, run_cli
+
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+
+
+class QemuNbd:
+    """``qemu-nbd --persistent`` on a unix socket, stopped on exit."""
+
+    def __init__(self, image: Path, fmt: str, sock: Path, *extra: str) -> None:
+        self.sock = sock
+        self.log = sock.with_suffix(".log")
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                ["qemu-nbd", "--persistent", "-k", str(sock), "-f", fmt, *extra, str(image)],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"qemu-nbd did not start: {self.log.read_text()!r}")
+            time.sleep(0.02)
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.sock}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Callable[..., QemuNbd]]:
+    servers: list[QemuNbd] = []
+
+    def start(image: Path, fmt: str = "qcow2", *extra: str) -> QemuNbd:
+        server = QemuNbd(image, fmt, tmp_path / f"nbd{len(servers)}.sock", *extra)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "name", ["qcow2_c64k", "qcow2_zstd", "qcow2_extl2_backing", "chain_3level", "raw_sparse"]
+)
+def test_reads_match_qemu_img_convert(zoo, served, name: str) -> None:
+    entry = zoo[name]
+    server = served(entry.path, entry.fmt)
+    expected = entry.expected.read_bytes()
+    with bv.open(server.uri) as img:
+        assert img.format == "nbd"
+        assert img.size == len(expected)
+        assert img.read(0, img.size) == expected
+        assert img.read(12345, 70000) == expected[12345 : 12345 + 70000]
+
+
+def test_verify_through_nbd_finds_the_flipped_byte(zoo, served, tmp_path: Path) -> None:
+    entry = zoo["qcow2_c64k"]
+    image = tmp_path / "flip.qcow2"
+    image.write_bytes(entry.path.read_bytes())
+    extent = next(e for e in qemu_map(image) if e["data"] and "offset" in e)
+    guest = extent["start"] + 700
+    flip_byte(image, extent["offset"] + 700)
+    server = served(image, "qcow2")
+    rep = bv.verify(entry.expected, server.uri)
+    assert not rep.identical
+    assert rep.test_format == "nbd"
+    assert rep.mismatches[0].first_byte == guest
+    assert rep.mismatches[0].sector == guest // 512
+    cli = run_cli("verify", "--json", entry.expected, server.uri)
+    assert cli.returncode == 1, cli.stderr
+
+
+def test_writes_through_nbd_land_in_the_image(served, tmp_path: Path) -> None:
+    image = tmp_path / "w.qcow2"
+    qemu_img("create", "-f", "qcow2", image, "4M")
+    server = served(image, "qcow2")
+    with bv.open(server.uri, read_only=False) as img:
+        img.write(4096 + 3, b"hello nbd")
+        img.write_zeroes(1 * MiB, 64 * 1024)
+        img.discard(2 * MiB, 64 * 1024)
+        img.flush()
+        assert img.read(4096, 16) == b"\0\0\0hello nbd\0\0\0\0"
+    server.stop()
+    out = qemu_io(image, "read -P 0x68 4099 1", "read -P 0 1M 64k").stdout
+    assert "Pattern verification failed" not in out
+    check = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_read_only_export_refuses_a_writable_open(zoo, served) -> None:
+    server = served(zoo["qcow2_c64k"].path, "qcow2", "--read-only")
+    with pytest.raises(OSError) as info:
+        bv.open(server.uri, read_only=False)
+    assert info.value.errno == 30  # EROFS
+    with bv.open(server.uri) as img:
+        with pytest.raises(OSError):
+            img.write(0, b"x")
+
+
+# ---------------------------------------------------------------------------------------------
+# A misbehaving server
+# ---------------------------------------------------------------------------------------------
+
+
+class FakeServer:
+    """A unix-socket server that runs ``behaviour(conn)`` for each client."""
+
+    def __init__(self, path: Path, behaviour: Callable[[socket.socket], None]) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(4)
+        self.path = path
+        self.behaviour = behaviour
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            try:
+                self.behaviour(conn)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+
+def recv_exact(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise OSError("client left")
+        data += chunk
+    return data
+
+
+def handshake(conn: socket.socket, size: int = 1 * MiB) -> None:
+    """A minimal fixed-newstyle server: refuses structured replies, answers GO."""
+    conn.sendall(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 1))
+    recv_exact(conn, 4)
+    while True:
+        _, opt, length = struct.unpack(">QII", recv_exact(conn, 16))
+        recv_exact(conn, length)
+        reply_magic = 0x3E889045565A9
+        if opt == 7:  # GO
+            info = struct.pack(">HQH", 0, size, 1 | 4)
+            conn.sendall(struct.pack(">QIII", reply_magic, opt, 3, len(info)) + info)
+            conn.sendall(struct.pack(">QIII", reply_magic, opt, 1, 0))
+            return
+        conn.sendall(struct.pack(">QIII", reply_magic, opt, (1 << 31) | 1, 0))
+
+
+def read_request(conn: socket.socket) -> tuple[int, int, int, int]:
+    _, _, cmd, cookie, offset, length = struct.unpack(">IHHQQI", recv_exact(conn, 28))
+    return cmd, cookie, offset, length
+
+
+def _bad_greeting(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    time.sleep(2)
+
+
+def _drop_after_handshake(conn: socket.socket) -> None:
+    handshake(conn)
+    read_request(conn)
+    conn.close()
+
+
+def _short_reply(conn: socket.socket) -> None:
+    handshake(conn)
+    _, cookie, _, length = read_request(conn)
+    conn.sendall(struct.pack(">IIQ", 0x67446698, 0, cookie) + b"\0" * (length // 2))
+    conn.close()
+
+
+def _bad_reply_magic(conn: socket.socket) -> None:
+    handshake(conn)
+    _, cookie, _, _ = read_request(conn)
+    conn.sendall(struct.pack(">IIQ", 0xDEADBEEF, 0, cookie))
+    time.sleep(2)
+
+
+def _wrong_cookie(conn: socket.socket) -> None:
+    handshake(conn)
+    _, cookie, _, length = read_request(conn)
+    conn.sendall(struct.pack(">IIQ", 0x67446698, 0, cookie + 99) + b"\0" * length)
+    time.sleep(2)
+
+
+def _silent(conn: socket.socket) -> None:
+    handshake(conn)
+    read_request(conn)
+    time.sleep(5)
+
+
+def _server_error(conn: socket.socket) -> None:
+    handshake(conn)
+    while True:
+        _, cookie, _, _ = read_request(conn)
+        conn.sendall(struct.pack(">IIQ", 0x67446698, 5, cookie))  # EIO
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "during_open", "words"),
+    [
+        (_bad_greeting, True, "bad magic"),
+        (_drop_after_handshake, False, "closed the connection"),
+        (_short_reply, False, "closed the connection"),
+        (_bad_reply_magic, False, "bad magic"),
+        (_wrong_cookie, False, "cookie"),
+        (_silent, False, "did not answer"),
+    ],
+)
+def test_misbehaving_server_gives_a_clear_error_quickly(
+    tmp_path: Path, behaviour, during_open: bool, words: str
+) -> None:
+    server = FakeServer(tmp_path / "fake.sock", behaviour)
+    uri = f"nbd+unix:///?socket={server.path}"
+    started = time.monotonic()
+    try:
+        with pytest.raises((bv.Error, OSError)) as info:
+            img = bv.open(uri, timeout=1.0)
+            assert not during_open, "open should have failed"
+            img.read(0, 4096)
+        assert words in str(info.value)
+    finally:
+        server.close()
+    assert time.monotonic() - started < 4
+
+
+def test_server_errors_are_os_errors_with_errno(tmp_path: Path) -> None:
+    server = FakeServer(tmp_path / "err.sock", _server_error)
+    try:
+        with bv.open(f"nbd+unix:///?socket={server.path}", timeout=2.0) as img:
+            for _ in range(2):  # the connection stays usable after a server error
+                with pytest.raises(OSError) as info:
+                    img.read(0, 512)
+                assert info.value.errno == 5
+    finally:
+        server.close()
+
+
+def test_cli_error_for_unreachable_server(tmp_path: Path) -> None:
+    raw = tmp_path / "r.raw"
+    raw.write_bytes(bytes(4096))
+    uri = f"nbd+unix:///?socket={tmp_path / 'nobody.sock'}"
+    result = run_cli("verify", raw, uri)
+    assert result.returncode == 2
+    assert result.stderr.startswith("blkverify: error:")
+    assert "nobody.sock" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert os.path.exists(raw)
