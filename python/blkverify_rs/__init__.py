@@ -41,7 +41,8 @@ def open(
     snapshot: str | None = None,
     *,
     backing: bool = True,
-    max_backing_depth: int = 64,
+    max_backing_depth: int = 16,
+    allow_backing_anywhere: bool = False,
     timeout: float | None = None,
 ) -> Image:
     """Open an image. ``format`` is ``"raw"``, ``"qcow2"`` or ``None`` to probe.
@@ -62,6 +63,7 @@ def open(
         snapshot=snapshot,
         backing=backing,
         max_backing_depth=max_backing_depth,
+        allow_backing_anywhere=allow_backing_anywhere,
         timeout=timeout,
     )
 
@@ -139,7 +141,8 @@ def verify(
     strict: bool = False,
     snapshot: str | None = None,
     backing: bool = True,
-    max_backing_depth: int = 64,
+    max_backing_depth: int = 16,
+    allow_backing_anywhere: bool = False,
     threads: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> Report:
@@ -160,6 +163,7 @@ def verify(
         snapshot=snapshot,
         backing=backing,
         max_backing_depth=max_backing_depth,
+        allow_backing_anywhere=allow_backing_anywhere,
         threads=threads,
         progress=progress,
     )

@@ -42,7 +42,8 @@ def open(
     read_only: bool = True,
     snapshot: str | None = None,
     backing: bool = True,
-    max_backing_depth: int = 64,
+    max_backing_depth: int = 16,
+    allow_backing_anywhere: bool = False,
     timeout: float | None = None,
 ) -> Image: ...
 def verify(
@@ -55,7 +56,8 @@ def verify(
     test_format: str | None = None,
     snapshot: str | None = None,
     backing: bool = True,
-    max_backing_depth: int = 64,
+    max_backing_depth: int = 16,
+    allow_backing_anywhere: bool = False,
     threads: int = 0,
     chunk_size: int = 0,
     max_runs: int = 100000,

@@ -82,6 +82,23 @@ for param in main.params:
 @click.option(
     "--threads", type=click.IntRange(0, 64), default=0, help="Worker threads (0: one per core)."
 )
+@click.option(
+    "--no-backing",
+    is_flag=True,
+    help="Do not open backing files: unallocated clusters compare as zeros (and say so).",
+)
+@click.option(
+    "--allow-backing-anywhere",
+    is_flag=True,
+    help="Follow backing files outside the directory of the image that names them.",
+)
+@click.option(
+    "--max-backing-depth",
+    type=click.IntRange(0, 1024),
+    default=16,
+    show_default=True,
+    help="The longest backing chain to follow.",
+)
 def verify(
     raw: str,
     test: str,
@@ -94,6 +111,9 @@ def verify(
     progress: bool | None,
     quiet: bool,
     threads: int,
+    no_backing: bool,
+    allow_backing_anywhere: bool,
+    max_backing_depth: int,
 ) -> None:
     """Compare every guest sector of TEST with the raw reference RAW.
 
@@ -115,6 +135,9 @@ def verify(
             strict=strict,
             snapshot=snapshot,
             threads=threads,
+            backing=not no_backing,
+            allow_backing_anywhere=allow_backing_anywhere,
+            max_backing_depth=max_backing_depth,
             progress=bar.update if bar else None,
         )
     except KeyboardInterrupt:

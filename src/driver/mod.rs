@@ -228,13 +228,18 @@ pub struct BackingPolicy {
     pub follow: bool,
     /// The longest chain below the top image.
     pub max_depth: u32,
+    /// Follow backing files outside the directory tree of the image that names
+    /// them. Off by default: an untrusted image must not make us read (and
+    /// report on) arbitrary files.
+    pub allow_anywhere: bool,
 }
 
 impl Default for BackingPolicy {
     fn default() -> Self {
         BackingPolicy {
             follow: true,
-            max_depth: 64,
+            max_depth: 16,
+            allow_anywhere: false,
         }
     }
 }

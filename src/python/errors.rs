@@ -103,6 +103,7 @@ pub(crate) fn open_options(
     snapshot: Option<String>,
     backing: bool,
     max_backing_depth: u32,
+    allow_backing_anywhere: bool,
 ) -> PyResult<OpenOptions> {
     Ok(OpenOptions {
         writable,
@@ -111,6 +112,7 @@ pub(crate) fn open_options(
         backing: BackingPolicy {
             follow: backing,
             max_depth: max_backing_depth,
+            allow_anywhere: allow_backing_anywhere,
         },
         io_timeout: timeout
             .filter(|t| t.is_finite() && *t > 0.0)

@@ -234,7 +234,7 @@ pub(crate) fn location_dict<'py>(
 
 /// Open an image read-only.
 #[pyfunction]
-#[pyo3(signature = (path, format=None, read_only=true, snapshot=None, backing=true, max_backing_depth=64, timeout=None))]
+#[pyo3(signature = (path, format=None, read_only=true, snapshot=None, backing=true, max_backing_depth=16, allow_backing_anywhere=false, timeout=None))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn open(
     py: Python<'_>,
@@ -244,6 +244,7 @@ pub(crate) fn open(
     snapshot: Option<String>,
     backing: bool,
     max_backing_depth: u32,
+    allow_backing_anywhere: bool,
     timeout: Option<f64>,
 ) -> PyResult<PyImage> {
     let options = open_options(
@@ -253,6 +254,7 @@ pub(crate) fn open(
         snapshot,
         backing,
         max_backing_depth,
+        allow_backing_anywhere,
     )?;
     let p = path.clone();
     let driver = run_detached(py, move || driver::open(&p, &options))?;

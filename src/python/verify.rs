@@ -15,7 +15,7 @@ use std::path::PathBuf;
 /// `Report`). `progress(done, total)` is called about ten times a second.
 #[pyfunction]
 #[pyo3(signature = (raw, test, *, all=false, strict=false, raw_format=None, test_format=None,
-    snapshot=None, backing=true, max_backing_depth=64, threads=0, chunk_size=0,
+    snapshot=None, backing=true, max_backing_depth=16, allow_backing_anywhere=false, threads=0, chunk_size=0,
     max_runs=100_000, progress=None))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn verify<'py>(
@@ -29,12 +29,21 @@ pub(crate) fn verify<'py>(
     snapshot: Option<String>,
     backing: bool,
     max_backing_depth: u32,
+    allow_backing_anywhere: bool,
     threads: usize,
     chunk_size: u64,
     max_runs: usize,
     progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let raw_options = open_options(None, false, raw_format, None, backing, max_backing_depth)?;
+    let raw_options = open_options(
+        None,
+        false,
+        raw_format,
+        None,
+        backing,
+        max_backing_depth,
+        allow_backing_anywhere,
+    )?;
     let test_options = open_options(
         None,
         false,
@@ -42,6 +51,7 @@ pub(crate) fn verify<'py>(
         snapshot,
         backing,
         max_backing_depth,
+        allow_backing_anywhere,
     )?;
     let mut options = VerifyOptions {
         all,
@@ -141,7 +151,20 @@ pub(crate) fn verify<'py>(
     d.set_item("bytes_read", report.bytes_read)?;
     d.set_item("elapsed_s", report.elapsed.as_secs_f64())?;
     d.set_item("truncated", report.truncated)?;
-    d.set_item("warnings", PyList::new(py, &report.warnings)?)?;
+    let mut warnings = report.warnings.clone();
+    if !backing {
+        if let Some((_, name)) = test_driver
+            .info()
+            .into_iter()
+            .find(|(k, _)| k == "backing_file")
+        {
+            warnings.push(format!(
+                "{}: backing file '{name}' was not opened (--no-backing): unallocated clusters were compared as zeros",
+                test.display()
+            ));
+        }
+    }
+    d.set_item("warnings", PyList::new(py, &warnings)?)?;
     let list = PyList::empty(py);
     for (i, m) in report.mismatches.iter().enumerate() {
         let md = PyDict::new(py);

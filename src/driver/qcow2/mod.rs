@@ -439,6 +439,21 @@ fn open_backing(
             e,
         )
     })?;
+    if !options.backing.allow_anywhere {
+        let tree = me.parent().unwrap_or(Path::new("/"));
+        if !target.starts_with(tree) {
+            return Err(Error::format(
+                path,
+                format!(
+                    "qcow2: backing file '{name}' resolves to {}, outside the image's directory {}; \
+                     an untrusted image must not read files elsewhere (allow it with --allow-backing-anywhere, \
+                     or read unallocated clusters as zeros with --no-backing)",
+                    target.display(),
+                    tree.display()
+                ),
+            ));
+        }
+    }
     let mut above: Vec<PathBuf> = chain.to_vec();
     above.push(me);
     if above.contains(&target) {
