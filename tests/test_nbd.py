@@ -288,3 +288,83 @@ def test_cli_error_for_unreachable_server(tmp_path: Path) -> None:
     assert "nobody.sock" in result.stderr
     assert "Traceback" not in result.stderr
     assert os.path.exists(raw)
+
+
+class Nbdkit:
+    """``nbdkit`` on a unix socket in the foreground, stopped on exit."""
+
+    def __init__(self, sock: Path, *plugin_args: str) -> None:
+        self.sock = sock
+        self.proc = subprocess.Popen(
+            ["nbdkit", "-f", "-U", str(sock), *plugin_args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"nbdkit did not start: {plugin_args}")
+            time.sleep(0.02)
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.sock}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def test_nbdkit_memory_is_a_second_independent_server(tmp_path: Path) -> None:
+    server = Nbdkit(tmp_path / "mem.sock", "memory", "4M")
+    reference = bytearray(4 * MiB)
+    try:
+        with bv.open(server.uri, read_only=False) as img:
+            assert img.size == 4 * MiB
+            for offset, data in [
+                (0, b"\x11" * 4096),
+                (5000, b"abc" * 1000),
+                (3 * MiB, b"z" * 65536),
+            ]:
+                img.write(offset, data)
+                reference[offset : offset + len(data)] = data
+            img.write_zeroes(5000, 100)
+            reference[5000:5100] = bytes(100)
+            img.flush()
+            assert img.read(0, img.size) == bytes(reference)
+        raw = tmp_path / "ref.raw"
+        raw.write_bytes(bytes(reference))
+        rep = bv.verify(raw, server.uri)
+        assert rep.identical
+        reference[3 * MiB + 10] ^= 1
+        raw.write_bytes(bytes(reference))
+        rep = bv.verify(raw, server.uri)
+        assert rep.mismatches[0].first_byte == 3 * MiB + 10
+    finally:
+        server.stop()
+
+
+def test_nbdkit_error_filter_fails_reads_with_eio(tmp_path: Path) -> None:
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"\x5a" * MiB)
+    server = Nbdkit(
+        tmp_path / "err.sock",
+        "--filter=error",
+        "file",
+        str(image),
+        "error-pread=EIO",
+        "error-pread-rate=100%",
+    )
+    try:
+        with bv.open(server.uri) as img:
+            with pytest.raises(OSError) as info:
+                img.read(0, 4096)
+            assert info.value.errno == 5
+        # A test side that fails to read is a finding (exit 1), not an error.
+        result = run_cli("verify", image, server.uri)
+        assert result.returncode == 1, result.stderr
+        assert "read error in sector 0" in result.stdout
+    finally:
+        server.stop()
