@@ -85,3 +85,16 @@ def test_chain_deeper_than_the_limit_is_refused(tmp_path: Path) -> None:
     result = run_cli("verify", "--max-backing-depth", "3", raw, previous)
     assert result.returncode == 2
     assert "deeper than 3" in result.stderr
+
+
+def test_external_data_file_outside_the_image_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "img").mkdir()
+    data = tmp_path / "data" / "disk.data"
+    image = tmp_path / "img" / "disk.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", f"data_file={data}", image, "1M")
+    qemu_io(image, "write -P 0x61 0 64k")
+    with pytest.raises(bv.FormatError, match="external data file"):
+        bv.open(image)
+    with bv.open(image, allow_backing_anywhere=True) as img:
+        assert img.read(0, 4) == b"aaaa"

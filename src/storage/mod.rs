@@ -6,8 +6,10 @@
 //! survive a file that is truncated or failing underneath it.
 
 mod file;
+mod mem;
 
 pub use file::FileStorage;
+pub use mem::MemStorage;
 
 use crate::error::{Error, Result};
 use std::path::Path;

@@ -124,6 +124,9 @@ impl Qcow2 {
         let data: Arc<dyn Storage> = match (&header.data_file, header.has_data_file()) {
             (Some(name), true) => {
                 let data_path = resolve_relative(dir, name);
+                if let Ok(target) = std::fs::canonicalize(&data_path) {
+                    check_inside(&path, &target, "external data file", name, options)?;
+                }
                 Arc::new(FileStorage::open_read_only(&data_path)?)
             }
             _ => file.clone(),
@@ -377,6 +380,40 @@ fn resolve_relative(dir: &Path, name: &str) -> PathBuf {
     }
 }
 
+/// Refuse a file an image names (backing or data file) that lies outside the
+/// naming image's directory tree, unless the policy allows it. `target` is
+/// canonical.
+fn check_inside(
+    image: &Path,
+    target: &Path,
+    what: &str,
+    name: &str,
+    options: &OpenOptions,
+) -> Result<()> {
+    if options.backing.allow_anywhere {
+        return Ok(());
+    }
+    let me = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
+    let tree = me.parent().unwrap_or(Path::new("/"));
+    if target.starts_with(tree) {
+        return Ok(());
+    }
+    Err(Error::format(
+        image,
+        format!(
+            "qcow2: {what} '{name}' resolves to {}, outside the image's directory {}; \
+             an untrusted image must not read files elsewhere (allow it with --allow-backing-anywhere{})",
+            target.display(),
+            tree.display(),
+            if what == "backing file" {
+                ", or read unallocated clusters as zeros with --no-backing"
+            } else {
+                ""
+            }
+        ),
+    ))
+}
+
 fn open_backing(
     path: &Path,
     dir: &Path,
@@ -439,21 +476,7 @@ fn open_backing(
             e,
         )
     })?;
-    if !options.backing.allow_anywhere {
-        let tree = me.parent().unwrap_or(Path::new("/"));
-        if !target.starts_with(tree) {
-            return Err(Error::format(
-                path,
-                format!(
-                    "qcow2: backing file '{name}' resolves to {}, outside the image's directory {}; \
-                     an untrusted image must not read files elsewhere (allow it with --allow-backing-anywhere, \
-                     or read unallocated clusters as zeros with --no-backing)",
-                    target.display(),
-                    tree.display()
-                ),
-            ));
-        }
-    }
+    check_inside(path, &target, "backing file", name, options)?;
     let mut above: Vec<PathBuf> = chain.to_vec();
     above.push(me);
     if above.contains(&target) {
