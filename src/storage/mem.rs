@@ -48,7 +48,11 @@ impl Storage for MemStorage {
     }
 
     fn len(&self) -> Result<u64> {
-        Ok(self.bytes.read().unwrap_or_else(PoisonError::into_inner).len() as u64)
+        Ok(self
+            .bytes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len() as u64)
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {

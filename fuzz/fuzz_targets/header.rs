@@ -1,0 +1,11 @@
+//! Header parsing: any bytes give a header or an error, never a panic.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = blkverify_rs::driver::qcow2::header::parse(
+        std::path::Path::new("fuzz.qcow2"),
+        data,
+        data.len() as u64,
+    );
+});

@@ -1,0 +1,30 @@
+#!/bin/sh
+# Fuzz the qcow2 parsers for a bounded time each (not run in CI).
+#   sh scripts/fuzz.sh [SECONDS_PER_TARGET]
+# Seeds are real images made by qemu-img; crashes land in fuzz/artifacts/<target>/.
+# Copy each crashing input into fuzz/regressions/<target>/ once fixed: `cargo
+# test` replays every file there (tests/fuzz_regressions.rs).
+set -eu
+cd "$(dirname "$0")/.."
+seconds=${1:-60}
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+seeds=fuzz/corpus/read_image
+mkdir -p "$seeds" fuzz/corpus/header fuzz/corpus/l2_entry
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+i=0
+for opts in "cluster_size=512" "cluster_size=4k" "compat=0.10" "extended_l2=on" \
+    "compression_type=zstd" "refcount_bits=1" "lazy_refcounts=on"; do
+    i=$((i + 1))
+    qemu-img create -q -f qcow2 -o "$opts" "$tmp/$i.qcow2" 1M
+    qemu-io -c 'write -P 0xab 0 4k' -c 'write -z 64k 4k' -c 'write -c 128k 64k' \
+        "$tmp/$i.qcow2" >/dev/null 2>&1 || qemu-io -c 'write -P 0xab 0 4k' "$tmp/$i.qcow2" >/dev/null
+    cp "$tmp/$i.qcow2" "$seeds/seed-$i"
+    head -c 4096 "$tmp/$i.qcow2" >"fuzz/corpus/header/seed-$i"
+done
+qemu-img snapshot -c s1 "$tmp/1.qcow2" && cp "$tmp/1.qcow2" "$seeds/seed-snapshot"
+for target in header l2_entry read_image; do
+    echo "== $target: ${seconds}s"
+    RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz "$target" "fuzz/corpus/$target" -- \
+        -max_total_time="$seconds" -rss_limit_mb=1024 -timeout=10 2>&1 | grep -E "^(#[0-9]+.*DONE|Done|==|SUMMARY|artifact)" || true
+done
