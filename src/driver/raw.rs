@@ -2,8 +2,9 @@
 //! zeros, so sparse references cost nothing to verify.
 
 use super::{check_range, BlockDriver, Extent, Mapping};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::storage::Storage;
+use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -47,6 +48,23 @@ impl BlockDriver for Raw {
         check_range(self.path(), self.size, offset, max_len.min(1))?;
         let len = max_len.min(self.size - offset).max(1);
         let (length, mapping) = match self.storage.next_data(offset) {
+            Some((start, _)) if start == u64::MAX => {
+                // No data from here to the end of the file. If the file is now
+                // shorter than the disk, it shrank under us: reading zeros
+                // would be a silent wrong answer.
+                let now = self.storage.len()?;
+                if now < self.size {
+                    return Err(Error::io(
+                        self.path(),
+                        format!("map offset {offset:#x}"),
+                        io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("the file shrank from {} to {now} bytes", self.size),
+                        ),
+                    ));
+                }
+                (len, Mapping::Zero { allocated: false })
+            }
             Some((start, _)) if start > offset => {
                 (len.min(start - offset), Mapping::Zero { allocated: false })
             }

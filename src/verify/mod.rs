@@ -454,7 +454,12 @@ pub fn verify(
         errors: Mutex::new(Vec::new()),
     };
 
-    let mut user_cancelled = false;
+    // One tick before any work, so a progress display starts at zero (and a
+    // caller can cancel before anything is read).
+    let mut user_cancelled = !tick(Progress { done: 0, total });
+    if user_cancelled {
+        return Err(Error::Cancelled);
+    }
     std::thread::scope(|scope| {
         let (done_tx, done_rx) = mpsc::channel::<()>();
         for _ in 0..threads {
@@ -609,5 +614,142 @@ mod tests {
                 error: None
             }]
         );
+    }
+}
+
+#[cfg(test)]
+mod engine_tests {
+    use super::*;
+    use crate::driver::raw::Raw;
+    use crate::driver::{Extent, Mapping};
+    use crate::storage::MemStorage;
+    use std::io;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    /// A driver that fails reads touching `[bad_start, bad_end)` with EIO, like a
+    /// disk with a bad spot.
+    struct Faulty {
+        inner: Raw,
+        bad_start: u64,
+        bad_end: u64,
+    }
+
+    impl BlockDriver for Faulty {
+        fn format_name(&self) -> &'static str {
+            "faulty"
+        }
+        fn path(&self) -> &Path {
+            Path::new("faulty.img")
+        }
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn granularity(&self) -> u64 {
+            4096
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            let end = offset + buf.len() as u64;
+            if offset < self.bad_end && end > self.bad_start {
+                return Err(Error::io(
+                    self.path(),
+                    format!("read at {offset:#x}"),
+                    io::Error::from_raw_os_error(libc::EIO),
+                ));
+            }
+            self.inner.read_at(buf, offset)
+        }
+        fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
+            Ok(Extent {
+                offset,
+                length: max_len.min(self.size() - offset),
+                mapping: Mapping::Data {
+                    host_offset: offset,
+                },
+            })
+        }
+    }
+
+    fn raw(bytes: Vec<u8>) -> Raw {
+        Raw::new(Arc::new(MemStorage::new("raw.img", bytes, false))).unwrap()
+    }
+
+    fn options(all: bool) -> VerifyOptions {
+        VerifyOptions {
+            all,
+            chunk_size: 64 << 10,
+            threads: 2,
+            ..VerifyOptions::default()
+        }
+    }
+
+    #[test]
+    fn test_side_read_errors_are_findings_narrowed_to_the_bad_unit() {
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        let reference = raw(data.clone());
+        let mut changed = data.clone();
+        changed[900_000] ^= 0xff;
+        let test = Faulty {
+            inner: raw(changed),
+            bad_start: 300_000,
+            bad_end: 300_001,
+        };
+        let report = verify(&reference, &test, &options(true), &mut |_| true).unwrap();
+        assert!(!report.identical);
+        assert_eq!(report.mismatches.len(), 2, "{:?}", report.mismatches);
+        let bad = &report.mismatches[0];
+        // The failing read is narrowed to its 4 KiB unit.
+        assert_eq!(bad.offset, 300_000 / 4096 * 4096);
+        assert_eq!(bad.length, 4096);
+        assert!(bad
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("Input/output error"));
+        // And the rest of the disk was still checked.
+        assert_eq!(report.mismatches[1].first_byte, 900_000);
+        // Without --all, the first finding is the read error.
+        let first = verify(&reference, &test, &options(false), &mut |_| true).unwrap();
+        assert_eq!(first.mismatches.len(), 1);
+        assert!(first.mismatches[0].error.is_some());
+    }
+
+    #[test]
+    fn reference_side_read_errors_are_errors() {
+        let data = vec![7u8; 1 << 20];
+        let reference = Faulty {
+            inner: raw(data.clone()),
+            bad_start: 500_000,
+            bad_end: 500_001,
+        };
+        let test = raw(data);
+        let err = verify(&reference, &test, &options(false), &mut |_| true).unwrap_err();
+        assert!(err.to_string().contains("faulty.img"), "{err}");
+    }
+
+    #[test]
+    fn first_mismatch_is_the_lowest_whatever_the_thread_order() {
+        let data = vec![1u8; 4 << 20];
+        let reference = raw(data.clone());
+        let mut changed = data;
+        for at in [3_000_000usize, 70_000, 2_000_000] {
+            changed[at] = 0;
+        }
+        let test = raw(changed);
+        for threads in [1, 2, 4, 8] {
+            let mut o = options(false);
+            o.threads = threads;
+            let r = verify(&reference, &test, &o, &mut |_| true).unwrap();
+            assert_eq!(r.mismatches.len(), 1);
+            assert_eq!(r.mismatches[0].first_byte, 70_000);
+        }
+    }
+
+    #[test]
+    fn cancelling_from_the_tick_stops_the_run() {
+        let reference = raw(vec![0u8; 1 << 20]);
+        let test = raw(vec![0u8; 1 << 20]);
+        let err = verify(&reference, &test, &options(true), &mut |_| false).unwrap_err();
+        assert!(matches!(err, Error::Cancelled));
     }
 }

@@ -633,9 +633,20 @@ impl BlockDriver for Qcow2 {
             }
             end += unit;
         }
+        let mut length = end.min(limit) - offset;
+        if let Mapping::Data { host_offset } = mapping {
+            if !self.header.has_data_file() {
+                // Clusters wholly past the end of the file are an error at the
+                // next lookup; only the last, partial one reads zeros past EOF
+                // (as QEMU does), so a truncated image is never read as zeros.
+                let data_len = self.data.len()?;
+                let host_end = data_len.div_ceil(unit) * unit;
+                length = length.min(host_end.saturating_sub(host_offset)).max(1);
+            }
+        }
         Ok(Extent {
             offset,
-            length: end.min(limit) - offset,
+            length,
             mapping,
         })
     }
