@@ -76,7 +76,7 @@ def open(
     """
     if raw is not None or test is not None:
         if path is not None or raw is None or test is None:
-            raise ValueError("give either a path (or blkverify:RAW:TEST spec) or both raw= and test=")
+            raise ValueError("give either a path (or a blkverify:RAW:TEST spec) or raw= and test=")
         return _native.open_device(
             raw=os.fspath(raw),
             test=os.fspath(test),
