@@ -458,7 +458,12 @@ class Session:
             self.p("Only one of -z, -P, and -s can be specified at the same time")
             raise CommandError
         offset = self.num(args[0])
-        count = self.length(args[1])
+        count = self.num(args[1])
+        if count > REQUEST_MAX_BYTES:
+            # qemu-io allows more only with -n (write -z without fallback), which
+            # blkverify io does not offer.
+            self.p(f"length cannot exceed {REQUEST_MAX_BYTES} without -n, given {args[1]}")
+            raise CommandError
         if zero:
             elapsed = self.write_call(
                 "write", offset, count, lambda: self.dev.write_zeroes(offset, count, unmap)
@@ -729,12 +734,14 @@ DISCARD = Command(
     "discard", "d", 2, -1, "[-Cq] off len", "discards " + ONELINE_RW, Session.cmd_discard,
     DISCARD_HELP, writes=True,
 )  # fmt: skip
-FLUSH = Command("flush", "f", 0, 0, "", "flush all in-core file state to disk", Session.cmd_flush)
+FLUSH = Command("flush", "f", 0, 0, None, "flush all in-core file state to disk", Session.cmd_flush)
 HELP = Command("help", "?", 0, 1, "[command]", "help for one or all commands", Session.cmd_help)
 INFO = Command(
     "info", "i", 0, 0, None, "prints information about the current file", Session.cmd_info
 )
-LENGTH = Command("length", "l", 0, 0, "", "gets the length of the current file", Session.cmd_length)
+LENGTH = Command(
+    "length", "l", 0, 0, None, "gets the length of the current file", Session.cmd_length
+)
 MAP = Command("map", None, 0, 0, "", "prints the allocated areas of a file", Session.cmd_map)
 QUIT = Command("quit", "q", 0, 0, None, "exit the program", Session.cmd_quit)
 READ = Command(
