@@ -48,6 +48,58 @@ pub enum Error {
     /// The operation was cancelled (Ctrl-C, or the caller's progress hook said stop).
     #[error("cancelled")]
     Cancelled,
+    /// The mirrored device read different bytes from the test image than from the
+    /// raw reference. The message is blkverify's, in 512-byte sectors: the request
+    /// (`sector_num`, `nb_sectors`) and the first differing sector.
+    #[error(
+        "blkverify: {op} sector_num={} nb_sectors={} contents mismatch in sector {sector}",
+        request_sectors(*.offset, *.length).0,
+        request_sectors(*.offset, *.length).1
+    )]
+    Mismatch {
+        /// The operation ("read").
+        op: &'static str,
+        /// Guest offset of the request, in bytes.
+        offset: u64,
+        /// Length of the request, in bytes.
+        length: u64,
+        /// The first differing 512-byte sector.
+        sector: u64,
+        /// Guest offset of the first differing byte.
+        first_byte: u64,
+    },
+    /// The two sides of the mirrored device returned different results for the same
+    /// request (one failed, or they failed with different errors). The values are
+    /// QEMU's: 0 for success, a negative errno for a failure; the test side first.
+    #[error(
+        "blkverify: {op} sector_num={} nb_sectors={} return value mismatch {test_ret} != {raw_ret}",
+        request_sectors(*.offset, *.length).0,
+        request_sectors(*.offset, *.length).1
+    )]
+    ReturnMismatch {
+        /// The operation ("read", "write", "write_zeroes", "discard", "flush").
+        op: &'static str,
+        /// Guest offset of the request, in bytes.
+        offset: u64,
+        /// Length of the request, in bytes.
+        length: u64,
+        /// The test side's result: 0 or a negative errno.
+        test_ret: i32,
+        /// The raw side's result: 0 or a negative errno.
+        raw_ret: i32,
+        /// The test side's error, if it failed (for the detail a message can't hold).
+        test_error: Option<String>,
+        /// The raw side's error, if it failed.
+        raw_error: Option<String>,
+    },
+}
+
+/// A byte range as blkverify reports it: the first 512-byte sector and the number of
+/// sectors the range touches.
+pub fn request_sectors(offset: u64, length: u64) -> (u64, u64) {
+    let first = offset / 512;
+    let end = offset.saturating_add(length).div_ceil(512);
+    (first, end.saturating_sub(first))
 }
 
 impl Error {
@@ -84,7 +136,10 @@ impl Error {
             Error::InvalidArgument(_) => libc::EINVAL,
             Error::ReadOnly(_) => libc::EROFS,
             Error::Format { .. } => libc::ENOTSUP,
-            Error::Corrupt { .. } | Error::Cancelled => libc::EIO,
+            Error::Corrupt { .. }
+            | Error::Cancelled
+            | Error::Mismatch { .. }
+            | Error::ReturnMismatch { .. } => libc::EIO,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! the bindings live in `python` behind the `python` feature.
 #![warn(missing_docs)]
 
+pub mod blkverify;
 pub mod driver;
 pub mod error;
 pub mod storage;
@@ -13,6 +14,7 @@ pub mod verify;
 #[cfg(feature = "python")]
 mod python;
 
+pub use blkverify::{open_spec, Blkverify};
 pub use driver::{open, BlockDriver, Extent, Format, Location, Mapping, OpenOptions};
 pub use error::{Error, Result};
 pub use verify::{verify, Mismatch, Report, VerifyOptions};

@@ -1,7 +1,9 @@
 """blkverify-rs: prove that a block driver returns the right bytes.
 
-Open qcow2 and raw images with :func:`open`, and compare a test image with a raw
-reference with :func:`verify`. The heavy work runs in Rust with the GIL released.
+Open qcow2 and raw images with :func:`open`, mirror I/O to a test image and a raw
+reference with ``open("blkverify:RAW:TEST")`` (a :class:`Device` that raises
+:class:`MismatchError` at the first corrupt sector), and compare whole images with
+:func:`verify`. The heavy work runs in Rust with the GIL released.
 """
 
 from __future__ import annotations
@@ -12,12 +14,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blkverify_rs import _native
-from blkverify_rs._native import CorruptImageError, Error, FormatError, Image, MismatchError
+from blkverify_rs._native import (
+    CorruptImageError,
+    Device,
+    Error,
+    FormatError,
+    Image,
+    MismatchError,
+)
 
 __version__: str = _native.__version__
 
 __all__ = [
     "CorruptImageError",
+    "Device",
     "Error",
     "FormatError",
     "Image",
@@ -34,30 +44,72 @@ PathLike = str | os.PathLike[str]
 SECTOR_SIZE = 512
 
 
+BLKVERIFY_PREFIX = "blkverify:"
+
+
 def open(
-    path: PathLike,
+    path: PathLike | None = None,
     format: str | None = None,
     read_only: bool = True,
     snapshot: str | None = None,
     *,
+    raw: PathLike | None = None,
+    test: PathLike | None = None,
     backing: bool = True,
     max_backing_depth: int = 16,
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
-) -> Image:
-    """Open an image. ``format`` is ``"raw"``, ``"qcow2"`` or ``None`` to probe.
+) -> Image | Device:
+    """Open an image, or a mirrored blkverify device.
 
-    ``read_only=False`` opens the image for ``write``, ``write_zeroes``,
-    ``discard`` and ``flush``; nothing is ever written otherwise.
+    ``path`` is an image file, or a ``blkverify:RAW:TEST`` spec (the raw path ends
+    at the first colon after the prefix); for paths that contain colons, give
+    ``raw=`` and ``test=`` instead. A spec returns a :class:`Device`: reads go to
+    both sides and are compared (:class:`MismatchError` on a difference), writes,
+    ``write_zeroes``, ``discard`` and ``flush`` go to both sides. ``format``,
+    ``snapshot`` and the backing options apply to the test image; the raw side is
+    always read as a raw image.
 
-    ``snapshot`` reads an internal qcow2 snapshot (by ID or name) instead of the
-    active disk. ``backing=False`` reads unallocated ranges as zeros instead of
-    following the backing chain. ``path`` may also be an NBD URI
+    ``format`` is ``"raw"``, ``"qcow2"`` or ``None`` to probe. ``read_only=False``
+    opens for ``write``, ``write_zeroes``, ``discard`` and ``flush``; nothing is
+    ever written otherwise. ``snapshot`` reads an internal qcow2 snapshot (by ID
+    or name) instead of the active disk. ``backing=False`` reads unallocated
+    ranges as zeros instead of following the backing chain, and
+    ``allow_backing_anywhere`` follows backing files outside the image's directory.
+    An image path (or the test side) may also be an NBD URI
     (``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``);
     ``timeout`` (seconds, default 30) bounds its connect and every request.
     """
+    if raw is not None or test is not None:
+        if path is not None or raw is None or test is None:
+            raise ValueError("give either a path (or a blkverify:RAW:TEST spec) or raw= and test=")
+        return _native.open_device(
+            raw=os.fspath(raw),
+            test=os.fspath(test),
+            format=format,
+            read_only=read_only,
+            snapshot=snapshot,
+            backing=backing,
+            max_backing_depth=max_backing_depth,
+            allow_backing_anywhere=allow_backing_anywhere,
+            timeout=timeout,
+        )
+    if path is None:
+        raise ValueError("open() needs a path, a blkverify:RAW:TEST spec, or raw= and test=")
+    spec = os.fspath(path)
+    if isinstance(spec, str) and spec.startswith(BLKVERIFY_PREFIX):
+        return _native.open_device(
+            spec,
+            format=format,
+            read_only=read_only,
+            snapshot=snapshot,
+            backing=backing,
+            max_backing_depth=max_backing_depth,
+            allow_backing_anywhere=allow_backing_anywhere,
+            timeout=timeout,
+        )
     return _native.open(
-        os.fspath(path),
+        spec,
         format=format,
         read_only=read_only,
         snapshot=snapshot,

@@ -161,5 +161,32 @@ def verify(
     sys.exit(EXIT_OK if rep.identical else EXIT_FINDING)
 
 
+@main.command("io", context_settings={"ignore_unknown_options": False})
+@click.option("-f", "--format", "fmt", type=FORMATS, help="Format of the image (or test image).")
+@click.option("-r", "--read-only", is_flag=True, help="Open read-only.")
+@click.option(
+    "-c",
+    "--cmd",
+    "commands",
+    multiple=True,
+    metavar="CMD",
+    help="Run this qemu-io command (repeatable); without -c, read commands from stdin.",
+)
+@click.argument("spec")
+def io(fmt: str | None, read_only: bool, commands: tuple[str, ...], spec: str) -> None:
+    """Run qemu-io commands on SPEC: an image, or blkverify:RAW:TEST.
+
+    Commands: read, readv, write, writev, discard, flush, length, info, alloc, map,
+    help, quit, with qemu-io's options and output. On a blkverify device every read
+    is compared; the first mismatch is printed to stderr and ends the run.
+    Exit status: 0, or 1 if the image could not be opened or any command failed.
+    """
+    from blkverify_rs.io_cmds import run_io
+
+    status = run_io(spec, list(commands), fmt, read_only)
+    sys.stdout.flush()
+    sys.exit(status)
+
+
 if __name__ == "__main__":
     main()

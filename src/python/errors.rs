@@ -63,7 +63,60 @@ pub(crate) fn to_pyerr(e: Error) -> PyErr {
         Error::InvalidArgument(m) => PyValueError::new_err(m),
         Error::ReadOnly(_) => PyOSError::new_err((libc::EROFS, e.to_string())),
         Error::Cancelled => PyKeyboardInterrupt::new_err("cancelled"),
+        Error::Mismatch {
+            op,
+            offset,
+            length,
+            sector,
+            first_byte,
+        } => mismatch_error(
+            &e,
+            op,
+            (offset, length),
+            (Some(sector), Some(first_byte)),
+            (None, None),
+        ),
+        Error::ReturnMismatch {
+            op,
+            offset,
+            length,
+            test_ret,
+            raw_ret,
+            ..
+        } => mismatch_error(
+            &e,
+            op,
+            (offset, length),
+            (None, None),
+            (Some(test_ret), Some(raw_ret)),
+        ),
     }
+}
+
+/// A `MismatchError` whose attributes describe the request (`op`, `offset`,
+/// `length`) and the finding: `sector`/`first_byte` for different bytes, or
+/// `test_ret`/`raw_ret` (0 or a negative errno) when the sides' results differ.
+fn mismatch_error(
+    e: &Error,
+    op: &str,
+    (offset, length): (u64, u64),
+    (sector, first_byte): (Option<u64>, Option<u64>),
+    (test_ret, raw_ret): (Option<i32>, Option<i32>),
+) -> PyErr {
+    let err = MismatchError::new_err(e.to_string());
+    Python::attach(|py| {
+        let value = err.value(py);
+        // Setting attributes on a fresh exception instance fails only when memory
+        // runs out; the exception and its message stand even then.
+        let _ = value.setattr("op", op);
+        let _ = value.setattr("offset", offset);
+        let _ = value.setattr("length", length);
+        let _ = value.setattr("sector", sector);
+        let _ = value.setattr("first_byte", first_byte);
+        let _ = value.setattr("test_ret", test_ret);
+        let _ = value.setattr("raw_ret", raw_ret);
+    });
+    err
 }
 
 /// Run core code with the GIL released, turning a panic into `blkverify_rs.Error`.

@@ -57,39 +57,13 @@ impl PyImage {
         offset: u64,
         length: usize,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let driver = self.driver()?;
-        driver::check_range(driver.path(), driver.size(), offset, length as u64)
-            .map_err(to_pyerr)?;
-        PyBytes::new_with(py, length, |buf| {
-            run_detached(py, || driver.read_at(buf, offset))
-        })
+        read_bytes(py, self.driver()?, offset, length)
     }
 
     /// Fill `buf` (a writable, contiguous buffer) with the guest bytes at
     /// `offset`; returns the number of bytes read.
     fn readinto(&self, py: Python<'_>, offset: u64, buf: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let driver = self.driver()?;
-        let view = PyBuffer::<u8>::get(buf)?;
-        if view.readonly() {
-            return Err(PyValueError::new_err("readinto needs a writable buffer"));
-        }
-        if !view.is_c_contiguous() {
-            return Err(PyValueError::new_err("readinto needs a contiguous buffer"));
-        }
-        let len = view.len_bytes();
-        driver::check_range(driver.path(), driver.size(), offset, len as u64).map_err(to_pyerr)?;
-        let ptr = view.buf_ptr() as usize;
-        run_detached(py, move || {
-            // SAFETY: `view` holds a buffer export for the whole call, so the
-            // object can neither be freed nor resized while the GIL is released;
-            // it is writable and C-contiguous (checked above), and `len` is its
-            // length in bytes. Concurrent Python writers would race on the bytes
-            // only, never on memory safety of this slice's bounds.
-            let slice = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
-            driver.read_at(slice, offset)
-        })?;
-        drop(view);
-        Ok(len)
+        read_into(py, self.driver()?, offset, buf)
     }
 
     /// The mapping of the guest range: a list of (offset, length, kind,
@@ -101,26 +75,7 @@ impl PyImage {
         offset: u64,
         length: Option<u64>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let driver = self.driver()?;
-        let end = length.map_or(driver.size(), |l| {
-            offset.saturating_add(l).min(driver.size())
-        });
-        let extents = run_detached(py, || {
-            let mut out = Vec::new();
-            let mut at = offset;
-            while at < end {
-                let e = driver.map(at, end - at)?;
-                let host = match e.mapping {
-                    driver::Mapping::Data { host_offset } => Some(host_offset),
-                    driver::Mapping::Compressed { host_offset, .. } => Some(host_offset),
-                    _ => None,
-                };
-                out.push((e.offset, e.length, e.mapping.kind(), host));
-                at += e.length.max(1);
-            }
-            Ok(out)
-        })?;
-        PyList::new(py, extents)
+        map_list(py, self.driver()?, offset, length)
     }
 
     /// Where the byte at `offset` lives (a dict), or None for raw images.
@@ -147,22 +102,7 @@ impl PyImage {
 
     /// Write `data` (any bytes-like object) at guest `offset`.
     fn write(&self, py: Python<'_>, offset: u64, data: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let driver = self.driver()?;
-        let view = PyBuffer::<u8>::get(data)?;
-        if !view.is_c_contiguous() {
-            return Err(PyValueError::new_err("write needs a contiguous buffer"));
-        }
-        let len = view.len_bytes();
-        let ptr = view.buf_ptr() as usize;
-        run_detached(py, move || {
-            // SAFETY: `view` holds a buffer export for the whole call, so the
-            // object can neither be freed nor resized while the GIL is released;
-            // it is C-contiguous and `len` bytes long. We only read from it.
-            let slice = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
-            driver.write_at(slice, offset)
-        })?;
-        drop(view);
-        Ok(len)
+        write_from(py, self.driver()?, offset, data)
     }
 
     /// Make `[offset, offset + length)` read as zeros; `unmap` lets the driver
@@ -215,6 +155,102 @@ impl PyImage {
             None => format!("<blkverify_rs.Image {} closed>", self.path.display()),
         }
     }
+}
+
+/// Read `length` guest bytes at `offset` of `driver` into a new `bytes`.
+pub(crate) fn read_bytes(
+    py: Python<'_>,
+    driver: Arc<dyn BlockDriver>,
+    offset: u64,
+    length: usize,
+) -> PyResult<Bound<'_, PyBytes>> {
+    driver::check_range(driver.path(), driver.size(), offset, length as u64).map_err(to_pyerr)?;
+    PyBytes::new_with(py, length, |buf| {
+        run_detached(py, || driver.read_at(buf, offset))
+    })
+}
+
+/// Fill the writable, contiguous buffer `buf` from `offset` of `driver`.
+pub(crate) fn read_into(
+    py: Python<'_>,
+    driver: Arc<dyn BlockDriver>,
+    offset: u64,
+    buf: &Bound<'_, PyAny>,
+) -> PyResult<usize> {
+    let view = PyBuffer::<u8>::get(buf)?;
+    if view.readonly() {
+        return Err(PyValueError::new_err("readinto needs a writable buffer"));
+    }
+    if !view.is_c_contiguous() {
+        return Err(PyValueError::new_err("readinto needs a contiguous buffer"));
+    }
+    let len = view.len_bytes();
+    driver::check_range(driver.path(), driver.size(), offset, len as u64).map_err(to_pyerr)?;
+    let ptr = view.buf_ptr() as usize;
+    run_detached(py, move || {
+        // SAFETY: `view` holds a buffer export for the whole call, so the
+        // object can neither be freed nor resized while the GIL is released;
+        // it is writable and C-contiguous (checked above), and `len` is its
+        // length in bytes. Concurrent Python writers would race on the bytes
+        // only, never on memory safety of this slice's bounds.
+        let slice = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
+        driver.read_at(slice, offset)
+    })?;
+    drop(view);
+    Ok(len)
+}
+
+/// Write the bytes-like `data` at `offset` of `driver`.
+pub(crate) fn write_from(
+    py: Python<'_>,
+    driver: Arc<dyn BlockDriver>,
+    offset: u64,
+    data: &Bound<'_, PyAny>,
+) -> PyResult<usize> {
+    let view = PyBuffer::<u8>::get(data)?;
+    if !view.is_c_contiguous() {
+        return Err(PyValueError::new_err("write needs a contiguous buffer"));
+    }
+    let len = view.len_bytes();
+    let ptr = view.buf_ptr() as usize;
+    run_detached(py, move || {
+        // SAFETY: `view` holds a buffer export for the whole call, so the
+        // object can neither be freed nor resized while the GIL is released;
+        // it is C-contiguous and `len` bytes long. We only read from it.
+        let slice = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
+        driver.write_at(slice, offset)
+    })?;
+    drop(view);
+    Ok(len)
+}
+
+/// The mapping of `[offset, offset + length)` as (offset, length, kind,
+/// host_offset or None) tuples.
+pub(crate) fn map_list(
+    py: Python<'_>,
+    driver: Arc<dyn BlockDriver>,
+    offset: u64,
+    length: Option<u64>,
+) -> PyResult<Bound<'_, PyList>> {
+    let end = length.map_or(driver.size(), |l| {
+        offset.saturating_add(l).min(driver.size())
+    });
+    let extents = run_detached(py, || {
+        let mut out = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let e = driver.map(at, end - at)?;
+            let host = match e.mapping {
+                driver::Mapping::Data { host_offset } => Some(host_offset),
+                driver::Mapping::Compressed { host_offset, .. } => Some(host_offset),
+                _ => None,
+            };
+            out.push((e.offset, e.length, e.mapping.kind(), host));
+            at += e.length.max(1);
+        }
+        Ok(out)
+    })?;
+    PyList::new(py, extents)
 }
 
 pub(crate) fn location_dict<'py>(

@@ -4,6 +4,7 @@
 //!
 //! One file per Python-facing concern; each registers itself in `_native` below.
 
+mod device;
 mod errors;
 mod image;
 mod verify;
@@ -21,6 +22,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CorruptImageError", py.get_type::<CorruptImageError>())?;
     m.add("MismatchError", py.get_type::<MismatchError>())?;
     m.add_class::<image::PyImage>()?;
+    m.add_class::<device::PyDevice>()?;
+    m.add_function(wrap_pyfunction!(device::open_device, m)?)?;
     m.add_function(wrap_pyfunction!(image::open, m)?)?;
     m.add_function(wrap_pyfunction!(verify::verify, m)?)?;
     m.add_function(wrap_pyfunction!(image::probe_format, m)?)?;

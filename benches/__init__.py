@@ -1,0 +1,1 @@
+"""Benchmarks (a package, so its conftest does not shadow tests/conftest.py)."""
