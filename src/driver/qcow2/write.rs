@@ -421,6 +421,11 @@ impl Qcow2 {
 
     pub(super) fn do_discard(&self, offset: u64, len: u64) -> Result<()> {
         let mut ws = self.check_write(offset, len)?;
+        if self.header.version < 3 && self.header.backing_file.is_some() {
+            // A v2 image has no zero flag, so a discard would expose the backing
+            // file's data: QEMU ignores it, and so do we.
+            return Ok(());
+        }
         // Like QEMU, only whole clusters are discarded, plus the partial
         // cluster at the end of the disk when the range reaches it.
         let cluster_size = self.header.cluster_size();
