@@ -22,9 +22,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 import blkverify_rs as bv
+import pytest
 
 KiB = 1024
 MiB = 1024 * KiB
