@@ -219,7 +219,6 @@ fn create_qcow2(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::driver::BlockDriver;
 
     #[test]
     fn created_images_open_and_read_zeros() {

@@ -762,3 +762,6 @@ impl BlockDriver for Qcow2 {
         facts
     }
 }
+
+#[cfg(test)]
+mod crash_tests;

@@ -124,20 +124,22 @@ impl Refcounts {
 
     fn block<'a>(&'a mut self, file: &dyn Storage, offset: u64) -> Result<&'a mut Vec<u8>> {
         let cluster_size = 1u64 << self.cluster_bits;
-        if !self.blocks.contains_key(&offset) {
-            if offset % cluster_size != 0 {
-                return Err(Error::corrupt(
-                    file.path(),
-                    format!("qcow2: refcount block offset {offset:#x} is not aligned to a cluster"),
-                ));
+        match self.blocks.entry(offset) {
+            std::collections::hash_map::Entry::Occupied(slot) => Ok(slot.into_mut()),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                if offset % cluster_size != 0 {
+                    return Err(Error::corrupt(
+                        file.path(),
+                        format!(
+                            "qcow2: refcount block offset {offset:#x} is not aligned to a cluster"
+                        ),
+                    ));
+                }
+                let mut raw = vec![0u8; usize::try_from(cluster_size).unwrap_or(0)];
+                file.read_exact_at(&mut raw, offset)?;
+                Ok(slot.insert(raw))
             }
-            let mut raw = vec![0u8; usize::try_from(cluster_size).unwrap_or(0)];
-            file.read_exact_at(&mut raw, offset)?;
-            self.blocks.insert(offset, raw);
         }
-        self.blocks
-            .get_mut(&offset)
-            .ok_or_else(|| Error::InvalidArgument("refcount block cache lost a block".into()))
     }
 
     /// The refcount of host cluster `cluster` (0 where no block covers it).
