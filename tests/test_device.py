@@ -198,15 +198,19 @@ def test_open_refuses_bad_specs_and_arguments(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_io_on_a_qcow2_test_side_runs_read_only_until_qcow2_writes_exist(tmp_path):
+def test_io_writes_reach_both_sides_of_a_qcow2_device(tmp_path):
     raw, test = make_seed_images(tmp_path, "qcow2")
-    before = test.read_bytes()
-    proc = run_cli("io", "-c", "read 4k 512", "-c", "write 0 512", f"blkverify:{raw}:{test}")
-    assert proc.stdout.startswith("read 512/512 bytes at offset 4096\n")
-    assert proc.stderr.startswith("blkverify: ")
-    assert "qcow2" in proc.stderr and "Traceback" not in proc.stderr
-    assert proc.returncode == 1
-    assert test.read_bytes() == before
+    proc = run_cli(
+        "io", "-c", "write -P 0x77 0 512", "-c", "read -P 0x77 0 512", f"blkverify:{raw}:{test}"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("wrote 512/512 bytes at offset 0\n")
+    assert "read 512/512 bytes at offset 0\n" in proc.stdout
+    assert proc.stderr == ""
+    compare = run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", raw, test], check=False)
+    assert compare.returncode == 0, compare.stdout
+    check = run(["qemu-img", "check", test], check=False)
+    assert check.returncode == 0, check.stdout
 
 
 def test_device_with_qcow2_test_side_reads_and_compares(zoo):
@@ -313,8 +317,7 @@ def test_failure_on_one_side_only_is_a_return_value_mismatch(tmp_path):
 # the guest-install scenario from the seed
 # ----------------------------------------------------------------------------------------
 
-# The qcow2 test side joins this list once the qcow2 writer is merged.
-INSTALL_TEST_FORMATS = ["raw"]
+INSTALL_TEST_FORMATS = ["raw", "qcow2"]
 
 
 @pytest.mark.parametrize("test_fmt", INSTALL_TEST_FORMATS)

@@ -25,6 +25,25 @@ NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
 
 
+def wait_listening(sock: Path, proc: subprocess.Popen, what: str) -> None:
+    """Wait until the server accepts connections (the socket file appears at bind(),
+    a moment before listen())."""
+    deadline = time.monotonic() + 10
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start")
+        if sock.exists():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(sock))
+                return
+            except OSError:
+                pass
+            finally:
+                probe.close()
+        time.sleep(0.02)
+
+
 class QemuNbd:
     """``qemu-nbd --persistent`` on a unix socket, stopped on exit."""
 
@@ -33,16 +52,25 @@ class QemuNbd:
         self.log = sock.with_suffix(".log")
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                ["qemu-nbd", "--persistent", "-k", str(sock), "-f", fmt, *extra, str(image)],
+                [
+                    "qemu-nbd",
+                    "--persistent",
+                    "--shared=4",
+                    "-k",
+                    str(sock),
+                    "-f",
+                    fmt,
+                    *extra,
+                    str(image),
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"qemu-nbd did not start: {self.log.read_text()!r}")
-            time.sleep(0.02)
+        try:
+            wait_listening(sock, self.proc, "qemu-nbd")
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError(f"qemu-nbd did not start: {self.log.read_text()!r}") from None
 
     @property
     def uri(self) -> str:
@@ -300,12 +328,11 @@ class Nbdkit:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"nbdkit did not start: {plugin_args}")
-            time.sleep(0.02)
+        try:
+            wait_listening(sock, self.proc, "nbdkit")
+        except RuntimeError:
+            self.stop()
+            raise RuntimeError(f"nbdkit did not start: {plugin_args}") from None
 
     @property
     def uri(self) -> str:

@@ -35,6 +35,7 @@ __all__ = [
     "MismatchError",
     "Report",
     "__version__",
+    "create",
     "open",
     "verify",
 ]
@@ -117,6 +118,41 @@ def open(
         max_backing_depth=max_backing_depth,
         allow_backing_anywhere=allow_backing_anywhere,
         timeout=timeout,
+    )
+
+
+def create(
+    path: PathLike,
+    size: int | None = None,
+    format: str = "qcow2",
+    cluster_size: int = 65536,
+    backing: PathLike | None = None,
+    backing_format: str | None = None,
+    *,
+    version: int = 3,
+    refcount_bits: int = 16,
+    extended_l2: bool = False,
+    lazy_refcounts: bool = False,
+) -> None:
+    """Create a new ``raw`` or ``qcow2`` image of ``size`` bytes (replacing ``path``).
+
+    qcow2 options mirror ``qemu-img create -o``: ``cluster_size``, ``version`` (2 for
+    compat=0.10, 3 for compat=1.1), ``refcount_bits``, ``extended_l2``,
+    ``lazy_refcounts``. With a ``backing`` file, ``size`` defaults to the backing
+    file's size and ``backing_format`` to its probed format; the name is stored as
+    given (relative names resolve against the new image's directory).
+    """
+    _native.create(
+        os.fspath(path),
+        size=size,
+        format=format,
+        cluster_size=cluster_size,
+        backing=None if backing is None else os.fspath(backing),
+        backing_format=backing_format,
+        version=version,
+        refcount_bits=refcount_bits,
+        extended_l2=extended_l2,
+        lazy_refcounts=lazy_refcounts,
     )
 
 

@@ -116,3 +116,15 @@ def verify(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]: ...
 def probe_format(path: str) -> str: ...
+def create(
+    path: str,
+    size: int | None = None,
+    format: str = "qcow2",
+    cluster_size: int = 65536,
+    backing: str | None = None,
+    backing_format: str | None = None,
+    version: int = 3,
+    refcount_bits: int = 16,
+    extended_l2: bool = False,
+    lazy_refcounts: bool = False,
+) -> None: ...

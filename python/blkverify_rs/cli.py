@@ -188,5 +188,97 @@ def io(fmt: str | None, read_only: bool, commands: tuple[str, ...], spec: str) -
     sys.exit(status)
 
 
+SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """A size as qemu-img takes it: bytes, or a number with a K/M/G/T suffix."""
+    t = text.strip().lower()
+    unit = t[-1] if t and t[-1].isalpha() else ""
+    number = t[: len(t) - len(unit)]
+    if unit not in SIZE_SUFFIXES or not number:
+        raise ValueError(f"invalid size '{text}' (use bytes or a K, M, G or T suffix)")
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"invalid size '{text}' (use bytes or a K, M, G or T suffix)") from None
+    size = int(value * SIZE_SUFFIXES[unit])
+    if size < 0 or size != value * SIZE_SUFFIXES[unit]:
+        raise ValueError(f"invalid size '{text}'")
+    return size
+
+
+def parse_create_options(text: str) -> dict[str, Any]:
+    """``-o key=value,...`` as qemu-img create takes it (the basics)."""
+    out: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if key in ("extended_l2", "lazy_refcounts"):
+            if sep and value not in ("on", "off"):
+                raise ValueError(f"option {key} must be 'on' or 'off', not '{value}'")
+            out[key] = not sep or value == "on"
+        elif key == "cluster_size":
+            out[key] = parse_size(value)
+        elif key == "refcount_bits":
+            out[key] = int(value) if value.isdigit() else parse_size(value)
+        elif key == "compat":
+            versions = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
+            if value not in versions:
+                raise ValueError(f"option compat must be 0.10 or 1.1, not '{value}'")
+            out["version"] = versions[value]
+        elif key in ("backing_file", "backing_fmt"):
+            out["backing" if key == "backing_file" else "backing_format"] = value
+        else:
+            raise ValueError(
+                f"unknown option '{key}' (known: cluster_size, compat, "
+                "refcount_bits, extended_l2, lazy_refcounts, backing_file, "
+                "backing_fmt)"
+            )
+    return out
+
+
+@main.command()
+@click.option("-f", "fmt", type=FORMATS, default="qcow2", show_default=True, help="Format.")
+@click.option(
+    "-o",
+    "options",
+    multiple=True,
+    metavar="OPTIONS",
+    help="qcow2 options: cluster_size=,compat=,refcount_bits=,extended_l2=,"
+    "lazy_refcounts=,backing_file=,backing_fmt=",
+)
+@click.option("-b", "backing", metavar="BACKING", help="Backing file.")
+@click.option("-F", "backing_format", type=FORMATS, help="Format of the backing file.")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("size", required=False)
+def create(
+    fmt: str,
+    options: tuple[str, ...],
+    backing: str | None,
+    backing_format: str | None,
+    path: str,
+    size: str | None,
+) -> None:
+    """Create a new image at PATH of SIZE bytes (K, M, G, T suffixes), like
+    ``qemu-img create``. SIZE may be left out when a backing file gives it."""
+    import blkverify_rs as bv
+
+    try:
+        kwargs: dict[str, Any] = {}
+        for text in options:
+            kwargs.update(parse_create_options(text))
+        if backing is not None:
+            kwargs["backing"] = backing
+        if backing_format is not None:
+            kwargs["backing_format"] = backing_format
+        nbytes = None if size is None else parse_size(size)
+        bv.create(path, nbytes, format=fmt, **kwargs)
+    except (bv.Error, OSError, ValueError) as exc:
+        fail(describe_error(exc))
+    shown = "" if size is None else f", size={nbytes}"
+    click.echo(f"Formatting '{path}', fmt={fmt}{shown}")
+
+
 if __name__ == "__main__":
     main()

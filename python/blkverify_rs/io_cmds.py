@@ -227,12 +227,9 @@ def getopt(argv: list[str], spec: str, err: IO[str]) -> tuple[list[tuple[str, st
 class Session:
     """One open image or device and the streams a command prints to."""
 
-    def __init__(
-        self, dev: Any, out: IO[str], err: IO[str], read_only: bool, refusal: str | None = None
-    ) -> None:
+    def __init__(self, dev: Any, out: IO[str], err: IO[str], read_only: bool) -> None:
         self.dev = dev
         # Why writes are refused when the image could not be opened for writing.
-        self.refusal = refusal
         self.out = out
         self.err = err
         self.read_only = read_only
@@ -623,7 +620,7 @@ class Session:
             )
             return False
         if cmd.writes and self.read_only:
-            self.err.write((self.refusal or "qemu-io: Block node is read-only") + "\n")
+            self.err.write("qemu-io: Block node is read-only\n")
             return False
         try:
             cmd.func(self, argv)
@@ -793,21 +790,12 @@ def run_io(
     """Open ``spec`` and run ``commands`` (or lines from ``stdin`` when there are
     none). Returns the exit status: 0, or 1 if the image could not be opened, a
     command failed, or the device found a mismatch."""
-    refusal = None
     try:
-        try:
-            dev = bv.open(spec, format=fmt, read_only=read_only)
-        except bv.FormatError as exc:
-            # A format we can read but not yet write (qcow2 before its writer lands):
-            # run read-only, and let write commands say why they are refused.
-            if read_only:
-                raise
-            dev = bv.open(spec, format=fmt, read_only=True)
-            refusal = f"blkverify: {exc}"
+        dev = bv.open(spec, format=fmt, read_only=read_only)
     except (bv.Error, OSError, ValueError) as exc:
         err.write(f"blkverify: error: {describe_open_error(spec, exc)}\n")
         return 1
-    session = Session(dev, out, err, read_only or refusal is not None, refusal)
+    session = Session(dev, out, err, read_only)
     failed = False
     try:
         if commands:

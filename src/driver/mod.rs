@@ -324,10 +324,6 @@ pub(crate) fn open_in_chain(
             }
             Ok(Arc::new(raw::Raw::new(storage)?))
         }
-        Format::Qcow2 if options.writable && chain.is_empty() => Err(Error::format(
-            path,
-            "qcow2: writing qcow2 images is not supported yet; open it read-only",
-        )),
         Format::Qcow2 => Ok(Arc::new(qcow2::Qcow2::open(
             storage, snapshot, options, chain,
         )?)),

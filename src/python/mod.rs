@@ -4,6 +4,7 @@
 //!
 //! One file per Python-facing concern; each registers itself in `_native` below.
 
+mod create;
 mod device;
 mod errors;
 mod image;
@@ -26,6 +27,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(device::open_device, m)?)?;
     m.add_function(wrap_pyfunction!(image::open, m)?)?;
     m.add_function(wrap_pyfunction!(verify::verify, m)?)?;
+    m.add_function(wrap_pyfunction!(create::create, m)?)?;
     m.add_function(wrap_pyfunction!(image::probe_format, m)?)?;
     Ok(())
 }

@@ -75,6 +75,22 @@ impl L2Cache {
     }
 }
 
+impl L2Cache {
+    /// Put a table a writer just wrote, replacing any older copy.
+    pub fn insert(&self, offset: u64, table: L2Table) {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.clock += 1;
+        let now = inner.clock;
+        inner.slots.insert(
+            offset,
+            Slot {
+                table,
+                last_use: now,
+            },
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

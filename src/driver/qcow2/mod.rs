@@ -4,9 +4,12 @@
 
 mod cache;
 mod compressed;
+pub mod create;
 pub mod header;
 pub mod l2;
+pub mod refcount;
 pub mod snapshot;
+mod write;
 
 use super::{
     check_range, open_in_chain, BlockDriver, Extent, Format, Location, Mapping, OpenOptions,
@@ -20,7 +23,7 @@ use snapshot::Snapshot;
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 /// Bytes of L2 tables cached per image.
 const L2_CACHE_BYTES: u64 = 16 << 20;
@@ -28,9 +31,10 @@ const L2_CACHE_BYTES: u64 = 16 << 20;
 static NEXT_DRIVER_ID: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
-    /// The last cluster this thread decompressed, keyed by (driver id, host
-    /// offset), so small reads inside one compressed cluster decompress it once.
-    static LAST_CLUSTER: RefCell<(u64, u64, Vec<u8>)> = const { RefCell::new((0, u64::MAX, Vec::new())) };
+    /// The last cluster this thread decompressed, keyed by (driver id, metadata
+    /// generation, host offset), so small reads inside one compressed cluster
+    /// decompress it once, and a write can never leave a stale copy behind.
+    static LAST_CLUSTER: RefCell<(u64, u64, u64, Vec<u8>)> = const { RefCell::new((0, 0, u64::MAX, Vec::new())) };
 }
 
 /// An open qcow2 image.
@@ -40,8 +44,15 @@ pub struct Qcow2 {
     data: Arc<dyn Storage>,
     header: Header,
     size: u64,
-    l1: Vec<u64>,
+    /// The active (or snapshot) L1 table; writers replace entries under the lock.
+    l1: RwLock<Vec<u64>>,
+    /// Where that L1 table lives in the file.
+    l1_offset: u64,
     cache: L2Cache,
+    /// Bumped on every metadata change, so per-thread caches notice.
+    generation: AtomicU64,
+    /// Present when the image is open for writing: the one writer's state.
+    writer: Option<Mutex<write::WriteState>>,
     backing: Option<Arc<dyn BlockDriver>>,
     snapshots: Vec<Snapshot>,
     snapshot: Option<Snapshot>,
@@ -127,7 +138,12 @@ impl Qcow2 {
                 if let Ok(target) = std::fs::canonicalize(&data_path) {
                     check_inside(&path, &target, "external data file", name, options)?;
                 }
-                Arc::new(FileStorage::open_read_only(&data_path)?)
+                // The data file is written exactly when the image is.
+                if file.is_read_only() {
+                    Arc::new(FileStorage::open_read_only(&data_path)?)
+                } else {
+                    Arc::new(FileStorage::open_read_write(&data_path)?)
+                }
             }
             _ => file.clone(),
         };
@@ -146,18 +162,26 @@ impl Qcow2 {
 
         let l2_bytes = header.cluster_size();
         let capacity = usize::try_from(L2_CACHE_BYTES / l2_bytes).unwrap_or(4);
-        Ok(Qcow2 {
+        let writable = !file.is_read_only() && chosen.is_none();
+        let mut image = Qcow2 {
             id: NEXT_DRIVER_ID.fetch_add(1, Ordering::Relaxed),
             file,
             data,
             header,
             size,
-            l1,
+            l1: RwLock::new(l1),
+            l1_offset,
             cache: L2Cache::new(capacity),
+            generation: AtomicU64::new(0),
+            writer: None,
             backing,
             snapshots,
             snapshot: chosen,
-        })
+        };
+        if writable {
+            image.enable_writes()?;
+        }
+        Ok(image)
     }
 
     /// The parsed header.
@@ -244,8 +268,12 @@ impl Qcow2 {
 
     /// The L2 table covering `l1_index`, or `None` if it is unallocated.
     fn l2_for(&self, l1_index: u64) -> Result<Option<(u64, L2Table)>> {
-        let Some(&l1_entry) = usize::try_from(l1_index).ok().and_then(|i| self.l1.get(i)) else {
-            return Ok(None);
+        let l1_entry = {
+            let l1 = self.l1.read().unwrap_or_else(PoisonError::into_inner);
+            match usize::try_from(l1_index).ok().and_then(|i| l1.get(i)) {
+                Some(&entry) => entry,
+                None => return Ok(None),
+            }
         };
         let l2_offset = l2::l1_offset(l1_entry)
             .map_err(|e| self.corrupt(format!("L1 index {l1_index}: {e}")))?;
@@ -266,17 +294,23 @@ impl Qcow2 {
         let in_cluster = usize::try_from(guest_offset & (cluster_size - 1)).unwrap_or(0);
         let cluster_len = usize::try_from(cluster_size).unwrap_or(0);
         let id = self.id;
+        let generation = self.generation.load(Ordering::Acquire);
         LAST_CLUSTER.with(|cell| {
             let mut last = cell.borrow_mut();
-            if last.0 != id || last.1 != host_offset || last.2.len() != cluster_len {
-                last.1 = u64::MAX;
-                last.2.resize(cluster_len, 0);
-                self.decompress_cluster(host_offset, compressed_size, &mut last.2)?;
+            if last.0 != id
+                || last.1 != generation
+                || last.2 != host_offset
+                || last.3.len() != cluster_len
+            {
+                last.2 = u64::MAX;
+                last.3.resize(cluster_len, 0);
+                self.decompress_cluster(host_offset, compressed_size, &mut last.3)?;
                 last.0 = id;
-                last.1 = host_offset;
+                last.1 = generation;
+                last.2 = host_offset;
             }
             let src = last
-                .2
+                .3
                 .get(in_cluster..in_cluster + buf.len())
                 .ok_or_else(|| {
                     Error::InvalidArgument("compressed read crosses a cluster".into())
@@ -500,6 +534,17 @@ fn open_backing(
     open_in_chain(&backing_path, format, None, options, &above)
 }
 
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        // A clean close: flush, and clear the dirty bit of lazy refcounts.
+        // Errors cannot be reported from here; the next writable open of a
+        // dirty image rebuilds its refcounts.
+        if self.writer.is_some() {
+            let _ = self.close_writes();
+        }
+    }
+}
+
 impl BlockDriver for Qcow2 {
     fn format_name(&self) -> &'static str {
         "qcow2"
@@ -694,6 +739,30 @@ impl BlockDriver for Qcow2 {
         Ok(Some(location))
     }
 
+    fn is_read_only(&self) -> bool {
+        self.writer.is_none()
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.do_write(buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.do_write_zeroes(offset, len, unmap)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.do_discard(offset, len)
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.writer.is_some() {
+            self.do_flush()
+        } else {
+            Ok(())
+        }
+    }
+
     fn info(&self) -> Vec<(String, String)> {
         let h = &self.header;
         let mut facts = vec![
@@ -741,3 +810,6 @@ impl BlockDriver for Qcow2 {
         facts
     }
 }
+
+#[cfg(test)]
+mod crash_tests;

@@ -68,6 +68,25 @@ pub fn parse_table(path: &Path, table: &[u8], count: u32) -> Result<Vec<Snapshot
     Ok(snapshots)
 }
 
+/// Bytes that `count` entries occupy at the start of `table`.
+pub fn table_len(path: &Path, table: &[u8], count: u32) -> Result<u64> {
+    let b = BeBytes(table);
+    let mut at = 0usize;
+    for index in 0..count {
+        let short = || {
+            Error::corrupt(
+                path,
+                format!("qcow2: snapshot table entry {index} runs past the end of the table"),
+            )
+        };
+        let id_size = usize::from(b.u16(at + 12).ok_or_else(short)?);
+        let name_size = usize::from(b.u16(at + 14).ok_or_else(short)?);
+        let extra_size = b.u32(at + 36).ok_or_else(short)? as usize;
+        at = (at + 40 + extra_size.min(1024) + id_size + name_size).div_ceil(8) * 8;
+    }
+    Ok(at as u64)
+}
+
 /// Find a snapshot by ID first, then by name, as QEMU does.
 pub fn find<'a>(snapshots: &'a [Snapshot], wanted: &str) -> Option<&'a Snapshot> {
     snapshots
