@@ -5,12 +5,12 @@
 ``--scale`` is the size of the data sets in MiB: the issue's table uses 1024 (the
 fully allocated pair is twice that). The images, by case:
 
-- ``full.raw`` / ``full.qcow2``: 2×scale of random data, fully allocated qcow2
+- ``full.raw`` / ``full.qcow2``: 2 x scale of random data, fully allocated qcow2
   with 64 KiB clusters.
 - ``mixed.raw`` / ``mixed-zlib.qcow2`` / ``mixed-zstd.qcow2``: scale of OS-like
   data (the files under /usr, in sorted order: binaries, libraries, text,
   already-compressed docs), compressed by ``qemu-img convert -c``.
-- ``sparse.raw`` / ``sparse.qcow2``: 1 TiB virtual (scale×1024 when small), with
+- ``sparse.raw`` / ``sparse.qcow2``: 1 TiB virtual (scale x 1024 when small), with
   scale of random data in 64 runs spread evenly over the disk; the raw file is
   sparse (holes found with SEEK_DATA), the qcow2 allocates only the runs.
 

@@ -60,4 +60,15 @@ def verify(
     max_runs: int = 100000,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]: ...
+def verify_many(
+    pairs: list[dict[str, Any]],
+    *,
+    all: bool = False,
+    strict: bool = False,
+    backing: bool = True,
+    max_backing_depth: int = 64,
+    threads: int = 0,
+    max_runs: int = 100000,
+    progress: Callable[[int, int, int, int], None] | None = None,
+) -> list[dict[str, Any] | Exception]: ...
 def probe_format(path: str) -> str: ...

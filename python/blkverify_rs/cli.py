@@ -138,5 +138,14 @@ def verify(
     sys.exit(EXIT_OK if rep.identical else EXIT_FINDING)
 
 
+def _register_commands() -> None:
+    from blkverify_rs.batch import batch
+
+    main.add_command(batch)
+
+
+_register_commands()
+
+
 if __name__ == "__main__":
     main()

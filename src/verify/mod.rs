@@ -6,8 +6,10 @@
 //! fixed halves, so reads stay near-sequential (good for readahead) and a worker
 //! can stop as soon as an earlier mismatch makes its chunk irrelevant.
 
+mod batch;
 mod compare;
 
+pub use batch::{open_pair, verify_many, verify_pair, BatchProgress, Job, Verified};
 pub use compare::{first_difference, first_nonzero};
 
 use crate::driver::{zero_status, BlockDriver, SECTOR_SIZE};
