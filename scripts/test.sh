@@ -6,4 +6,6 @@ set -eu
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check 'pytest>=8' 'pytest-benchmark>=4'
 cargo test --release --quiet
-python3 -m pytest -q tests benches
+# Two runs: tests/ and benches/ each have a conftest module named "conftest".
+python3 -m pytest -q tests
+python3 -m pytest -q benches
