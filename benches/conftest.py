@@ -1,62 +1,42 @@
-"""Benchmark images, built once per session with QEMU's tools.
+"""Benchmark images, built once per session with QEMU's tools (make_images.py).
 
 Sizes are tiny by default so CI can prove the benchmarks still run (they run
 once, untimed, under --benchmark-disable). Set BLKVERIFY_BENCH_MIB to measure
-for real, e.g. ``BLKVERIFY_BENCH_MIB=2048 pytest benches --benchmark-enable``.
+for real, e.g. ``BLKVERIFY_BENCH_MIB=1024 pytest benches --benchmark-enable``,
+and BLKVERIFY_BENCH_DIR to reuse images built by ``make_images.py``.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
+import make_images
 import pytest
 
-BENCH_MIB = int(os.environ.get("BLKVERIFY_BENCH_MIB", "8"))
-
-
-def sh(*args: str) -> None:
-    subprocess.run(list(args), check=True, stdout=subprocess.DEVNULL)
+BENCH_MIB = int(os.environ.get("BLKVERIFY_BENCH_MIB", "4"))
 
 
 @pytest.fixture(scope="session")
 def bench_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("bench")
+    given = os.environ.get("BLKVERIFY_BENCH_DIR")
+    return Path(given) if given else tmp_path_factory.mktemp("bench")
 
 
 @pytest.fixture(scope="session")
 def allocated_pair(bench_dir: Path) -> tuple[Path, Path]:
     """A fully allocated qcow2 (64 KiB clusters) and its raw copy."""
-    raw = bench_dir / "full.raw"
-    with open(raw, "wb") as f:
-        block = os.urandom(1 << 20)
-        for _ in range(BENCH_MIB):
-            f.write(block)
-    qcow2 = bench_dir / "full.qcow2"
-    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2))
-    return raw, qcow2
+    return make_images.full_pair(bench_dir, 2 * BENCH_MIB)
 
 
 @pytest.fixture(scope="session", params=["zlib", "zstd"])
 def compressed_pair(request: pytest.FixtureRequest, bench_dir: Path) -> tuple[Path, Path, str]:
-    """OS-like data (text, code, zeros, random), compressed into qcow2."""
-    raw = bench_dir / "mixed.raw"
-    if not raw.exists():
-        text = b"".join(b"line %d of a config file: key=value\n" % i for i in range(30000))
-        with open(raw, "wb") as f:
-            for i in range(BENCH_MIB):
-                kind = i % 4
-                if kind == 0:
-                    f.write(os.urandom(1 << 20))
-                elif kind == 3:
-                    f.write(bytes(1 << 20))
-                else:
-                    f.write((text * 2)[: 1 << 20])
-    ctype = request.param
-    qcow2 = bench_dir / f"mixed-{ctype}.qcow2"
-    sh(
-        "qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2",
-        "-o", f"compression_type={ctype}", str(raw), str(qcow2),
-    )  # fmt: skip
-    return raw, qcow2, ctype
+    """OS-like data (the files under /usr), compressed into qcow2."""
+    raw, qcow2 = make_images.mixed_pair(bench_dir, BENCH_MIB, request.param)
+    return raw, qcow2, request.param
+
+
+@pytest.fixture(scope="session")
+def sparse_pair(bench_dir: Path) -> tuple[Path, Path]:
+    """BENCH_MIB of data in 64 runs over a disk 1024 times larger (1 TiB at 1024)."""
+    return make_images.sparse_pair(bench_dir, BENCH_MIB)

@@ -9,9 +9,8 @@ reference with ``open("blkverify:RAW:TEST")`` (a :class:`Device` that raises
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
 
 from blkverify_rs import _native
 from blkverify_rs._native import (
@@ -38,6 +37,7 @@ __all__ = [
     "create",
     "open",
     "verify",
+    "verify_many",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -156,16 +156,53 @@ def create(
     )
 
 
-@dataclass(frozen=True)
-class Mismatch:
+class _Record:
+    """A small immutable record (a frozen dataclass without importing
+    ``dataclasses``, which costs more start-up time than the rest of the package)."""
+
+    __slots__ = ()
+    _defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **values: Any) -> None:
+        for name in self.__slots__:
+            if name in values:
+                value = values.pop(name)
+            elif name in self._defaults:
+                value = self._defaults[name]
+                value = list(value) if isinstance(value, list) else value
+            else:
+                raise TypeError(f"{type(self).__name__}() missing argument: {name!r}")
+            object.__setattr__(self, name, value)
+        if values:
+            raise TypeError(f"{type(self).__name__}() got unexpected arguments: {sorted(values)}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    def __hash__(self) -> int:
+        return hash(tuple(repr(getattr(self, n)) for n in self.__slots__))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class Mismatch(_Record):
     """A run of consecutive mismatching 512-byte sectors."""
 
+    __slots__ = ("error", "first_byte", "length", "mapping", "offset", "sector")
+    _defaults: ClassVar[dict[str, Any]] = {"error": None, "mapping": None}
     sector: int
     offset: int
     length: int
     first_byte: int
-    error: str | None = None
-    mapping: dict[str, Any] | None = None
+    error: str | None
+    mapping: dict[str, Any] | None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -181,10 +218,26 @@ class Mismatch:
         return out
 
 
-@dataclass(frozen=True)
-class Report:
+class Report(_Record):
     """What :func:`verify` found."""
 
+    __slots__ = (
+        "bytes_compared",
+        "bytes_read",
+        "elapsed_s",
+        "identical",
+        "mismatches",
+        "raw",
+        "raw_format",
+        "raw_size",
+        "test",
+        "test_format",
+        "test_size",
+        "truncated",
+        "virtual_size",
+        "warnings",
+    )  # fmt: skip
+    _defaults: ClassVar[dict[str, Any]] = {"warnings": [], "mismatches": []}
     raw: str
     test: str
     raw_format: str
@@ -197,8 +250,8 @@ class Report:
     bytes_read: int
     elapsed_s: float
     truncated: bool
-    warnings: list[str] = field(default_factory=list)
-    mismatches: list[Mismatch] = field(default_factory=list)
+    warnings: list[str]
+    mismatches: list[Mismatch]
 
     def to_dict(self) -> dict[str, Any]:
         """The report as the CLI's ``--json`` prints it."""
@@ -255,5 +308,65 @@ def verify(
         threads=threads,
         progress=progress,
     )
+    return _report(d)
+
+
+def _report(d: dict[str, Any]) -> Report:
     mismatches = [Mismatch(**m) for m in d.pop("mismatches")]
     return Report(mismatches=mismatches, **d)
+
+
+PAIR_KEYS = frozenset({"raw", "test", "raw_format", "test_format", "snapshot", "all", "strict"})
+
+
+def verify_many(
+    pairs: Iterable[tuple[PathLike, PathLike] | Mapping[str, Any]],
+    all: bool = False,
+    *,
+    strict: bool = False,
+    backing: bool = True,
+    max_backing_depth: int = 16,
+    allow_backing_anywhere: bool = False,
+    threads: int = 0,
+    progress: Callable[[int, int, int, int], None] | None = None,
+) -> list[Report | Exception]:
+    """Verify many pairs at once, within one core budget (``threads`` in all,
+    0: one per core): pairs run side by side and share the worker threads.
+
+    ``pairs`` holds ``(raw, test)`` tuples or dicts with ``raw``, ``test`` and
+    optionally ``raw_format``, ``test_format``, ``snapshot``, ``all`` and
+    ``strict`` (``all`` and ``strict`` default to the arguments of the same name).
+
+    Returns one item per pair, in order: its :class:`Report`, or, when the pair
+    could not be verified (an image that cannot be opened, a reference read
+    error), the exception :func:`verify` would have raised, as a value
+    (``bv.Error`` or ``OSError``): one bad pair never hides the others' results.
+    ``progress(done, total, pairs_done, pairs_total)`` is called about ten times
+    a second. Ctrl-C raises ``KeyboardInterrupt``.
+    """
+    jobs: list[dict[str, Any]] = []
+    for pair in pairs:
+        if isinstance(pair, Mapping):
+            unknown = set(pair) - PAIR_KEYS
+            if unknown:
+                raise ValueError(f"unknown pair keys: {', '.join(sorted(unknown))}")
+            if "raw" not in pair or "test" not in pair:
+                raise ValueError("each pair needs 'raw' and 'test'")
+            job = dict(pair)
+        else:
+            raw, test = pair
+            job = {"raw": raw, "test": test}
+        job["raw"] = os.fspath(job["raw"])
+        job["test"] = os.fspath(job["test"])
+        jobs.append(job)
+    results = _native.verify_many(
+        jobs,
+        all=all,
+        strict=strict,
+        backing=backing,
+        max_backing_depth=max_backing_depth,
+        allow_backing_anywhere=allow_backing_anywhere,
+        threads=threads,
+        progress=progress,
+    )
+    return [r if isinstance(r, BaseException) else _report(r) for r in results]

@@ -280,5 +280,14 @@ def create(
     click.echo(f"Formatting '{path}', fmt={fmt}{shown}")
 
 
+def _register_commands() -> None:
+    from blkverify_rs.batch import batch
+
+    main.add_command(batch)
+
+
+_register_commands()
+
+
 if __name__ == "__main__":
     main()

@@ -100,6 +100,7 @@ class ProgressBar:
         self.last_draw = 0.0
         self.min_interval = min_interval
         self.drawn = False
+        self.prefix = ""
 
     def update(self, done: int, total: int) -> None:
         now = time.monotonic()
@@ -111,7 +112,7 @@ class ProgressBar:
         pct = 100.0 * done / total if total else 100.0
         eta = (total - done) / rate if rate > 0 else 0.0
         line = (
-            f"\r{_size(done)} / {_size(total)} {pct:5.1f}%  "
+            f"\r{self.prefix}{_size(done)} / {_size(total)} {pct:5.1f}%  "
             f"{rate / (1 << 20):8.1f} MiB/s  ETA {eta:5.1f}s"
         )
         self.stream.write(line)

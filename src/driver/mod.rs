@@ -10,7 +10,7 @@ pub mod qcow2;
 pub mod raw;
 
 use crate::error::{Error, Result};
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, Storage, View};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -104,6 +104,16 @@ pub trait BlockDriver: Send + Sync {
     /// disk; otherwise `InvalidArgument`. A short read of the underlying file is an
     /// error, never silently zeros, except where the format defines it as zeros.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// A zero-copy view of the guest range `[offset, offset + len)`, when the
+    /// driver stores all of it contiguously in a file that can be mapped (raw
+    /// data, a host-contiguous qcow2 data extent). `Ok(None)` means "use
+    /// `read_at`". Check [`View::faulted`] after using the bytes: a page that
+    /// could not be read reads as zeros, and `read_at` then reports the error.
+    fn read_view(&self, offset: u64, len: usize) -> Result<Option<View>> {
+        let _ = (offset, len);
+        Ok(None)
+    }
 
     /// The mapping of the guest range starting at `offset`, at most `max_len` long
     /// (and never past the end of the disk). The returned extent starts at

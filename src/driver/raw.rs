@@ -3,7 +3,7 @@
 
 use super::{check_range, BlockDriver, Extent, Mapping};
 use crate::error::{Error, Result};
-use crate::storage::Storage;
+use crate::storage::{Storage, View};
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
@@ -42,6 +42,11 @@ impl BlockDriver for Raw {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.path(), self.size, offset, buf.len() as u64)?;
         self.storage.read_exact_at(buf, offset)
+    }
+
+    fn read_view(&self, offset: u64, len: usize) -> Result<Option<View>> {
+        check_range(self.path(), self.size, offset, len as u64)?;
+        Ok(self.storage.view(offset, len))
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {

@@ -1,6 +1,6 @@
 //! A file or block device read with `pread`.
 
-use super::Storage;
+use super::{Storage, View};
 use crate::error::{Error, Result};
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
@@ -138,6 +138,18 @@ impl Storage for FileStorage {
         };
         let end = self.seek(start, libc::SEEK_HOLE)?;
         Some((start, end))
+    }
+
+    fn view(&self, offset: u64, len: usize) -> Option<View> {
+        // Only read-only stores are mapped: the view must not race with our own writes.
+        if self.writable {
+            return None;
+        }
+        let end = offset.checked_add(len as u64)?;
+        if end > self.len().ok()? {
+            return None;
+        }
+        View::map(self.file.as_raw_fd(), offset, len)
     }
 
     fn is_read_only(&self) -> bool {

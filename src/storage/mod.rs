@@ -7,9 +7,11 @@
 
 mod file;
 mod mem;
+mod view;
 
 pub use file::FileStorage;
 pub use mem::MemStorage;
+pub use view::View;
 
 use crate::error::{Error, Result};
 use std::path::Path;
@@ -38,6 +40,14 @@ pub trait Storage: Send + Sync {
     /// more data.
     fn next_data(&self, offset: u64) -> Option<(u64, u64)> {
         let _ = offset;
+        None
+    }
+
+    /// A zero-copy view of `len` bytes at `offset`, if the store can map them
+    /// (see [`View`]). `None` means "read with `read_exact_at`" (not mappable,
+    /// or the range is not inside the store). Check [`View::faulted`] after use.
+    fn view(&self, offset: u64, len: usize) -> Option<View> {
+        let _ = (offset, len);
         None
     }
 

@@ -6,12 +6,15 @@
 //! fixed halves, so reads stay near-sequential (good for readahead) and a worker
 //! can stop as soon as an earlier mismatch makes its chunk irrelevant.
 
+mod batch;
 mod compare;
 
+pub use batch::{open_pair, verify_many, verify_pair, BatchProgress, Job, Verified};
 pub use compare::{first_difference, first_nonzero};
 
 use crate::driver::{zero_status, BlockDriver, SECTOR_SIZE};
 use crate::error::{Error, Result};
+use crate::storage::View;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -128,6 +131,51 @@ impl Side<'_> {
     }
 }
 
+/// Ranges at least this long that are not mapped as part of their chunk get a
+/// view of their own (a qcow2 chunk whose clusters are not host-contiguous).
+const MIN_RANGE_VIEW: usize = 256 << 10;
+
+/// How far one look for a run of zeros on both sides goes; bounds the time a
+/// worker spends before it checks for cancellation again.
+const ZERO_LOOKAHEAD: u64 = 64 << 30;
+
+/// One side's bytes over a whole chunk, mapped on first use.
+struct ChunkView {
+    start: u64,
+    view: Option<View>,
+    tried: bool,
+}
+
+impl ChunkView {
+    fn new(start: u64) -> Self {
+        ChunkView {
+            start,
+            view: None,
+            tried: false,
+        }
+    }
+
+    /// The bytes of `[pos, pos + n)`, if the chunk (up to `chunk_end`) is mapped.
+    fn get(&mut self, side: &Side<'_>, chunk_end: u64, pos: u64, n: usize) -> Option<&[u8]> {
+        if !self.tried {
+            self.tried = true;
+            let end = chunk_end.min(side.size());
+            if end > self.start {
+                let len = usize::try_from(end - self.start).ok()?;
+                // An error here is reported by the read that follows instead.
+                self.view = side.driver.read_view(self.start, len).ok().flatten();
+            }
+        }
+        let view = self.view.as_ref()?;
+        let from = usize::try_from(pos.checked_sub(self.start)?).ok()?;
+        view.get(from..from.checked_add(n)?)
+    }
+
+    fn faulted(&self) -> bool {
+        self.view.as_ref().is_some_and(View::faulted)
+    }
+}
+
 /// Runs found in one chunk.
 struct ChunkResult {
     runs: Vec<Mismatch>,
@@ -231,6 +279,12 @@ impl Shared<'_> {
                 return;
             }
             let end = (start + self.chunk_size).min(self.total);
+            let zero_end = self.both_zero_until(start);
+            if zero_end >= end {
+                self.skip_zero_chunks(index, zero_end);
+                self.done_bytes.fetch_add(end - start, Ordering::Relaxed);
+                continue;
+            }
             match self.check_chunk(start, end, &mut raw_buf, &mut test_buf) {
                 Ok(result) => {
                     if !result.runs.is_empty() {
@@ -263,6 +317,42 @@ impl Shared<'_> {
         }
     }
 
+    /// How far from `start` both sides read as zeros without reading them
+    /// (looking at most `ZERO_LOOKAHEAD` ahead). Errors end the run: the chunk
+    /// is then checked, and reports them, the ordinary way.
+    fn both_zero_until(&self, start: u64) -> u64 {
+        let limit = start.saturating_add(ZERO_LOOKAHEAD).min(self.total);
+        let mut pos = start;
+        while pos < limit {
+            let Ok((raw_len, true)) = self.raw.zero_status(pos, limit - pos) else {
+                break;
+            };
+            let Ok((test_len, true)) = self.test.zero_status(pos, raw_len) else {
+                break;
+            };
+            pos += test_len;
+        }
+        pos
+    }
+
+    /// Chunk `index` reads as zeros on both sides up to `zero_end`: move the
+    /// shared counter past the chunks that lie wholly inside, so sparse disks
+    /// cost time for their data, not for their virtual size. Counts the bytes of
+    /// the chunks this call skipped (chunks already taken count themselves).
+    fn skip_zero_chunks(&self, index: u64, zero_end: u64) {
+        let first_after = zero_end / self.chunk_size;
+        if first_after <= index + 1 {
+            return;
+        }
+        let previous = self.next_chunk.fetch_max(first_after, Ordering::Relaxed);
+        if previous < first_after {
+            let skipped_start = previous.saturating_mul(self.chunk_size).min(self.total);
+            let skipped_end = first_after.saturating_mul(self.chunk_size).min(self.total);
+            self.done_bytes
+                .fetch_add(skipped_end - skipped_start, Ordering::Relaxed);
+        }
+    }
+
     /// Verify `[start, end)`. Errors on the reference side are returned; errors
     /// on the test side become findings.
     fn check_chunk(
@@ -277,6 +367,8 @@ impl Shared<'_> {
             runs: Vec::new(),
             bytes_read: 0,
         };
+        let mut raw_view = ChunkView::new(start);
+        let mut test_view = ChunkView::new(start);
         let mut pos = start;
         while pos < end {
             if stop_early && !result.runs.is_empty() {
@@ -294,62 +386,145 @@ impl Shared<'_> {
                 }
             };
             let len = raw_len.min(test_len).min(end - pos);
-            let n = len as usize;
-            match (raw_zero, test_zero) {
-                (true, true) => {}
-                (false, true) => {
-                    let buf = raw_buf.get_mut(..n).unwrap_or(&mut []);
-                    self.raw.read(buf, pos)?;
-                    result.bytes_read += len;
-                    collect_runs(&mut result.runs, pos, buf, None, stop_early, self.total);
-                }
-                (true, false) => {
-                    let buf = test_buf.get_mut(..n).unwrap_or(&mut []);
-                    if let Err(e) = self.test.read(buf, pos) {
-                        self.test_read_failed(
-                            &mut result.runs,
-                            pos,
-                            len,
-                            e,
-                            raw_buf,
-                            test_buf,
-                            true,
-                        )?;
-                    } else {
-                        result.bytes_read += len;
-                        collect_runs(&mut result.runs, pos, buf, None, stop_early, self.total);
-                    }
-                }
-                (false, false) => {
-                    let rbuf = raw_buf.get_mut(..n).unwrap_or(&mut []);
-                    let tbuf = test_buf.get_mut(..n).unwrap_or(&mut []);
-                    self.raw.read(rbuf, pos)?;
-                    if let Err(e) = self.test.read(tbuf, pos) {
-                        self.test_read_failed(
-                            &mut result.runs,
-                            pos,
-                            len,
-                            e,
-                            raw_buf,
-                            test_buf,
-                            false,
-                        )?;
-                    } else {
-                        result.bytes_read += len;
-                        collect_runs(
-                            &mut result.runs,
-                            pos,
-                            rbuf,
-                            Some(tbuf),
-                            stop_early,
-                            self.total,
-                        );
-                    }
-                }
+            let both_zero = raw_zero && test_zero;
+            let mapped = both_zero
+                || self.compare_mapped(
+                    &mut result,
+                    (pos, len, end),
+                    (raw_zero, test_zero),
+                    (&mut raw_view, &mut test_view),
+                    test_buf,
+                );
+            if !mapped {
+                self.compare_read(
+                    &mut result,
+                    pos,
+                    len,
+                    raw_zero,
+                    test_zero,
+                    raw_buf,
+                    test_buf,
+                )?;
             }
             pos += len;
         }
         Ok(result)
+    }
+
+    /// Compare `[pos, pos + len)` from mapped views where the drivers offer them
+    /// (the test side may still be read into `test_buf`, e.g. compressed
+    /// clusters). Returns false, with nothing recorded, when it could not vouch
+    /// for the answer: a side is not mapped, a read failed, or a mapped page
+    /// could not be read. The caller then reads with `compare_read`.
+    fn compare_mapped(
+        &self,
+        result: &mut ChunkResult,
+        (pos, len, chunk_end): (u64, u64, u64),
+        (raw_zero, test_zero): (bool, bool),
+        (raw_view, test_view): (&mut ChunkView, &mut ChunkView),
+        test_buf: &mut [u8],
+    ) -> bool {
+        let n = len as usize;
+        let stop_early = !self.options.all;
+        let mark = result.runs.len();
+        let raw_bytes = if raw_zero {
+            None
+        } else {
+            match raw_view.get(&self.raw, chunk_end, pos, n) {
+                Some(bytes) => Some(bytes),
+                None => return false,
+            }
+        };
+        let mut range_view = None;
+        let test_bytes = if test_zero {
+            None
+        } else {
+            let chunk_bytes = test_view.get(&self.test, chunk_end, pos, n);
+            if chunk_bytes.is_none() && n >= MIN_RANGE_VIEW && pos + len <= self.test.size() {
+                range_view = self.test.driver.read_view(pos, n).ok().flatten();
+            }
+            match chunk_bytes.or(range_view.as_deref()) {
+                Some(bytes) => Some(bytes),
+                None => {
+                    let buf = test_buf.get_mut(..n).unwrap_or(&mut []);
+                    if self.test.read(buf, pos).is_err() {
+                        return false;
+                    }
+                    Some(&*buf)
+                }
+            }
+        };
+        match (raw_bytes, test_bytes) {
+            (Some(r), Some(t)) => {
+                collect_runs(&mut result.runs, pos, r, Some(t), stop_early, self.total)
+            }
+            (Some(only), None) | (None, Some(only)) => {
+                collect_runs(&mut result.runs, pos, only, None, stop_early, self.total)
+            }
+            (None, None) => false,
+        };
+        let faulted = raw_view.faulted()
+            || test_view.faulted()
+            || range_view.as_ref().is_some_and(View::faulted);
+        if faulted {
+            result.runs.truncate(mark);
+            return false;
+        }
+        result.bytes_read += len;
+        true
+    }
+
+    /// Compare `[pos, pos + len)` by reading both sides into the buffers.
+    #[allow(clippy::too_many_arguments)]
+    fn compare_read(
+        &self,
+        result: &mut ChunkResult,
+        pos: u64,
+        len: u64,
+        raw_zero: bool,
+        test_zero: bool,
+        raw_buf: &mut [u8],
+        test_buf: &mut [u8],
+    ) -> Result<()> {
+        let stop_early = !self.options.all;
+        let n = len as usize;
+        match (raw_zero, test_zero) {
+            (true, true) => {}
+            (false, true) => {
+                let buf = raw_buf.get_mut(..n).unwrap_or(&mut []);
+                self.raw.read(buf, pos)?;
+                result.bytes_read += len;
+                collect_runs(&mut result.runs, pos, buf, None, stop_early, self.total);
+            }
+            (true, false) => {
+                let buf = test_buf.get_mut(..n).unwrap_or(&mut []);
+                if let Err(e) = self.test.read(buf, pos) {
+                    self.test_read_failed(&mut result.runs, pos, len, e, raw_buf, test_buf, true)?;
+                } else {
+                    result.bytes_read += len;
+                    collect_runs(&mut result.runs, pos, buf, None, stop_early, self.total);
+                }
+            }
+            (false, false) => {
+                let rbuf = raw_buf.get_mut(..n).unwrap_or(&mut []);
+                let tbuf = test_buf.get_mut(..n).unwrap_or(&mut []);
+                self.raw.read(rbuf, pos)?;
+                if let Err(e) = self.test.read(tbuf, pos) {
+                    self.test_read_failed(&mut result.runs, pos, len, e, raw_buf, test_buf, false)?;
+                } else {
+                    result.bytes_read += len;
+                    collect_runs(
+                        &mut result.runs,
+                        pos,
+                        rbuf,
+                        Some(tbuf),
+                        stop_early,
+                        self.total,
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     fn test_error(&self, runs: &mut Vec<Mismatch>, start: u64, end: u64, e: Error) {

@@ -15,7 +15,7 @@ use super::{
     check_range, open_in_chain, BlockDriver, Extent, Format, Location, Mapping, OpenOptions,
 };
 use crate::error::{Error, Result};
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, Storage, View};
 use cache::{L2Cache, L2Table};
 use header::{CompressionType, Header};
 use l2::Cluster;
@@ -35,6 +35,9 @@ thread_local! {
     /// generation, host offset), so small reads inside one compressed cluster
     /// decompress it once, and a write can never leave a stale copy behind.
     static LAST_CLUSTER: RefCell<(u64, u64, u64, Vec<u8>)> = const { RefCell::new((0, 0, u64::MAX, Vec::new())) };
+    /// The compressed stream being decoded (grows to the largest one seen, at
+    /// most two clusters and a sector).
+    static COMPRESSED_INPUT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// An open qcow2 image.
@@ -56,6 +59,11 @@ pub struct Qcow2 {
     backing: Option<Arc<dyn BlockDriver>>,
     snapshots: Vec<Snapshot>,
     snapshot: Option<Snapshot>,
+    /// The image and data file lengths at open. Both are opened read-only, so
+    /// these spare an lseek per extent; a file that shrinks later still fails
+    /// its reads with an error.
+    file_len: u64,
+    data_len: u64,
 }
 
 impl Qcow2 {
@@ -160,13 +168,17 @@ impl Qcow2 {
             _ => None,
         };
 
+        let data_len = if Arc::ptr_eq(&data, &file) {
+            file_len
+        } else {
+            data.len()?
+        };
         let l2_bytes = header.cluster_size();
         let capacity = usize::try_from(L2_CACHE_BYTES / l2_bytes).unwrap_or(4);
         let writable = !file.is_read_only() && chosen.is_none();
         let mut image = Qcow2 {
             id: NEXT_DRIVER_ID.fetch_add(1, Ordering::Relaxed),
             file,
-            data,
             header,
             size,
             l1: RwLock::new(l1),
@@ -177,6 +189,9 @@ impl Qcow2 {
             backing,
             snapshots,
             snapshot: chosen,
+            file_len,
+            data_len,
+            data,
         };
         if writable {
             image.enable_writes()?;
@@ -187,6 +202,24 @@ impl Qcow2 {
     /// The parsed header.
     pub fn header(&self) -> &Header {
         &self.header
+    }
+
+    /// The image file's length (cached while nothing can write it).
+    fn file_len(&self) -> Result<u64> {
+        if self.file.is_read_only() {
+            Ok(self.file_len)
+        } else {
+            self.file.len()
+        }
+    }
+
+    /// The data file's length (cached while nothing can write it).
+    fn data_len(&self) -> Result<u64> {
+        if self.data.is_read_only() {
+            Ok(self.data_len)
+        } else {
+            self.data.len()
+        }
     }
 
     /// The internal snapshots.
@@ -210,7 +243,7 @@ impl Qcow2 {
     fn load_l2(&self, l2_offset: u64) -> Result<L2Table> {
         self.cache.get_or_load(l2_offset, || {
             let cluster_size = self.header.cluster_size();
-            let file_len = self.file.len()?;
+            let file_len = self.file_len()?;
             if l2_offset % cluster_size != 0 {
                 return Err(self.corrupt(format!(
                     "L2 table offset {l2_offset:#x} is not aligned to a cluster ({cluster_size} bytes)"
@@ -294,6 +327,11 @@ impl Qcow2 {
         let in_cluster = usize::try_from(guest_offset & (cluster_size - 1)).unwrap_or(0);
         let cluster_len = usize::try_from(cluster_size).unwrap_or(0);
         let id = self.id;
+        if in_cluster == 0 && buf.len() == cluster_len {
+            // The whole cluster is wanted (the verifier's case): decompress it in
+            // place, and leave the one-cluster cache to small reads.
+            return self.decompress_cluster(host_offset, compressed_size, buf);
+        }
         let generation = self.generation.load(Ordering::Acquire);
         LAST_CLUSTER.with(|cell| {
             let mut last = cell.borrow_mut();
@@ -326,7 +364,7 @@ impl Qcow2 {
         compressed_size: u64,
         out: &mut [u8],
     ) -> Result<()> {
-        let file_len = self.file.len()?;
+        let file_len = self.file_len()?;
         if host_offset >= file_len {
             return Err(self.corrupt(format!(
                 "compressed cluster at host offset {host_offset:#x} lies past the end of the file (size {file_len:#x})"
@@ -341,19 +379,26 @@ impl Qcow2 {
                 "compressed cluster at host offset {host_offset:#x} claims {compressed_size} bytes, more than a cluster can need"
             )));
         }
-        let mut input = vec![0u8; usize::try_from(available).unwrap_or(0)];
-        self.file.read_exact_at(&mut input, host_offset)?;
-        compressed::decompress(self.header.compression_type, &input, out).map_err(|e| {
-            self.corrupt(format!(
-                "compressed cluster at host offset {host_offset:#x} ({compressed_size} bytes): {e}"
-            ))
+        COMPRESSED_INPUT.with(|cell| {
+            let mut input = cell.borrow_mut();
+            let n = usize::try_from(available).unwrap_or(0);
+            if input.len() < n {
+                input.resize(n, 0);
+            }
+            let input = input.get_mut(..n).unwrap_or(&mut []);
+            self.file.read_exact_at(input, host_offset)?;
+            compressed::decompress(self.header.compression_type, input, out).map_err(|e| {
+                self.corrupt(format!(
+                    "compressed cluster at host offset {host_offset:#x} ({compressed_size} bytes): {e}"
+                ))
+            })
         })
     }
 
     fn read_data(&self, buf: &mut [u8], host_offset: u64) -> Result<()> {
         // A data cluster may end past the end of the data file (QEMU does not
         // always extend it): those bytes read as zeros, as they do in QEMU.
-        let file_len = self.data.len()?;
+        let file_len = self.data_len()?;
         let len = buf.len() as u64;
         let stored = file_len.saturating_sub(host_offset).min(len);
         let (head, tail) = buf.split_at_mut(usize::try_from(stored).unwrap_or(0));
@@ -588,6 +633,26 @@ impl BlockDriver for Qcow2 {
         Ok(())
     }
 
+    fn read_view(&self, offset: u64, len: usize) -> Result<Option<View>> {
+        check_range(self.path(), self.size, offset, len as u64)?;
+        let extent = self.map(offset, len as u64)?;
+        if extent.length < len as u64 {
+            return Ok(None);
+        }
+        match extent.mapping {
+            // Past the end of the data file the range reads as zeros: the
+            // store refuses to map it, and read_at handles it.
+            Mapping::Data { host_offset } => Ok(self.data.view(host_offset, len)),
+            Mapping::Unallocated => match &self.backing {
+                Some(backing) if offset + len as u64 <= backing.size() => {
+                    backing.read_view(offset, len)
+                }
+                _ => Ok(None),
+            },
+            Mapping::Zero { .. } | Mapping::Compressed { .. } => Ok(None),
+        }
+    }
+
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
         check_range(self.path(), self.size, offset, max_len.min(1))?;
         let max_len = max_len.min(self.size - offset).max(1);
@@ -635,6 +700,8 @@ impl BlockDriver for Qcow2 {
         };
         let mapping = mapping_of(first, within);
         if let Mapping::Data { host_offset } = mapping {
+            // Asked of the file each time (one lseek per extent): a file that
+            // shrank under us must be an error, never zeros.
             let data_len = self.data.len()?;
             if host_offset - within >= data_len && !self.header.has_data_file() {
                 return Err(describe(

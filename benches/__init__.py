@@ -1,1 +1,0 @@
-"""Benchmarks (a package, so its conftest does not shadow tests/conftest.py)."""

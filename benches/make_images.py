@@ -1,0 +1,144 @@
+"""Build the benchmark images with QEMU's tools (they are large: never commit them).
+
+    python benches/make_images.py DIR [--scale MIB]
+
+``--scale`` is the size of the data sets in MiB: the issue's table uses 1024 (the
+fully allocated pair is twice that). The images, by case:
+
+- ``full.raw`` / ``full.qcow2``: 2 x scale of random data, fully allocated qcow2
+  with 64 KiB clusters.
+- ``mixed.raw`` / ``mixed-zlib.qcow2`` / ``mixed-zstd.qcow2``: scale of OS-like
+  data (the files under /usr, in sorted order: binaries, libraries, text,
+  already-compressed docs), compressed by ``qemu-img convert -c``.
+- ``sparse.raw`` / ``sparse.qcow2``: 1 TiB virtual (scale x 1024 when small), with
+  scale of random data in 64 runs spread evenly over the disk; the raw file is
+  sparse (holes found with SEEK_DATA), the qcow2 allocates only the runs.
+
+Each image is built once; an existing image of the right size is kept.
+The conftest of benches/ builds tiny ones the same way for the CI smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+MiB = 1 << 20
+SPARSE_RUNS = 64
+
+
+def sh(*args: str) -> None:
+    subprocess.run(list(args), check=True, stdout=subprocess.DEVNULL)
+
+
+def _random_file(path: Path, mib: int, seed: int) -> None:
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            f.write(rng.randbytes(MiB))
+
+
+def _os_like_bytes(total: int):
+    """Yield the files under /usr in a fixed order, up to ``total`` bytes."""
+    left = total
+    while left > 0:
+        produced = 0
+        for root, dirs, files in os.walk("/usr"):
+            dirs.sort()
+            for name in sorted(files):
+                path = os.path.join(root, name)
+                if os.path.islink(path) or not os.path.isfile(path):
+                    continue
+                try:
+                    with open(path, "rb") as f:
+                        data = f.read(min(left, 64 * MiB))
+                except OSError:
+                    continue
+                if not data:
+                    continue
+                yield data
+                produced += len(data)
+                left -= len(data)
+                if left <= 0:
+                    return
+        if produced == 0:  # no readable /usr: fall back to text
+            yield (b"line of a config file: key=value\n" * (left // 33 + 1))[:left]
+            return
+
+
+def _done(path: Path, size: int) -> bool:
+    return path.exists() and path.stat().st_size >= size
+
+
+def full_pair(directory: Path, mib: int) -> tuple[Path, Path]:
+    raw, qcow2 = directory / "full.raw", directory / "full.qcow2"
+    if not _done(raw, mib * MiB) or not qcow2.exists():
+        _random_file(raw, mib, seed=1)
+        sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2))
+    return raw, qcow2
+
+
+def mixed_pair(directory: Path, mib: int, ctype: str) -> tuple[Path, Path]:
+    raw, qcow2 = directory / "mixed.raw", directory / f"mixed-{ctype}.qcow2"
+    if not _done(raw, mib * MiB):
+        with open(raw, "wb") as f:
+            for data in _os_like_bytes(mib * MiB):
+                f.write(data)
+    if not qcow2.exists() or qcow2.stat().st_mtime < raw.stat().st_mtime:
+        sh(
+            "qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2",
+            "-o", f"compression_type={ctype}", str(raw), str(qcow2),
+        )  # fmt: skip
+    return raw, qcow2
+
+
+def sparse_pair(directory: Path, mib: int) -> tuple[Path, Path]:
+    """``mib`` MiB of data in 64 runs over a disk 1024 times larger (at most 1 TiB)."""
+    raw, qcow2 = directory / "sparse.raw", directory / "sparse.qcow2"
+    virtual = min(mib * 1024, 1 << 20) * MiB
+    if raw.exists() and raw.stat().st_size == virtual and qcow2.exists():
+        return raw, qcow2
+    run_len = max(mib * MiB // SPARSE_RUNS, 64 * 1024)
+    stride = virtual // SPARSE_RUNS
+    rng = random.Random(3)
+    raw.unlink(missing_ok=True)
+    with open(raw, "wb") as f:
+        f.truncate(virtual)
+        for i in range(SPARSE_RUNS):
+            f.seek(i * stride + stride // 3)
+            left = run_len
+            while left:
+                n = min(left, 8 * MiB)
+                f.write(rng.randbytes(n))
+                left -= n
+    # qemu-img convert finds the holes with SEEK_DATA and allocates only the runs.
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2))
+    return raw, qcow2
+
+
+def build_all(directory: Path, mib: int) -> dict[str, tuple[Path, Path]]:
+    directory.mkdir(parents=True, exist_ok=True)
+    return {
+        "allocated": full_pair(directory, 2 * mib),
+        "zlib": mixed_pair(directory, mib, "zlib"),
+        "zstd": mixed_pair(directory, mib, "zstd"),
+        "sparse": sparse_pair(directory, mib),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--scale", type=int, default=1024, help="data size in MiB")
+    args = parser.parse_args(argv)
+    for case, (raw, test) in build_all(args.directory, args.scale).items():
+        print(f"{case}: {raw} {test}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""``blkverify batch MANIFEST``: verify many pairs at once, within one core budget.
+
+A manifest line is ``RAW TEST`` (two whitespace-separated paths) or a JSON
+object ``{"raw", "test", "raw_format"?, "test_format"?, "snapshot"?, "all"?,
+"strict"?}``. Blank lines and lines starting with ``#`` are ignored. Relative
+paths resolve against the manifest's directory. The verification itself runs in
+Rust through :func:`blkverify_rs.verify_many`; this module parses, shows
+progress and reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from blkverify_rs import Report
+
+# The CLI's conventions (cli.py registers this command, so it is imported from
+# there lazily, to keep either import order working).
+EXIT_OK, EXIT_FINDING, EXIT_ERROR = 0, 1, 2
+
+FORMATS = ("raw", "qcow2")
+STRING_KEYS = ("raw", "test", "raw_format", "test_format", "snapshot")
+BOOL_KEYS = ("all", "strict")
+
+
+class ManifestError(Exception):
+    """A line of the manifest that cannot be used: ``file:line: fact``."""
+
+
+def _resolve(base: str, path: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(base, path)
+
+
+def parse_manifest_line(text: str, where: str, base: str) -> dict[str, Any] | None:
+    """One pair from one line, or None for a blank line or a comment."""
+    line = text.strip()
+    if not line or line.startswith("#"):
+        return None
+    if line.startswith("{"):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(
+                f"{where}: invalid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
+        if not isinstance(obj, dict):
+            raise ManifestError(f"{where}: a JSON line must be an object")
+        unknown = sorted(set(obj) - set(STRING_KEYS) - set(BOOL_KEYS))
+        if unknown:
+            raise ManifestError(f"{where}: unknown key {unknown[0]!r}")
+        for key in ("raw", "test"):
+            if key not in obj:
+                raise ManifestError(f"{where}: missing key {key!r}")
+        for key in STRING_KEYS:
+            if key in obj and not (isinstance(obj[key], str) and obj[key]):
+                if obj[key] is None and key not in ("raw", "test"):
+                    continue
+                raise ManifestError(f"{where}: {key!r} must be a non-empty string")
+        for key in BOOL_KEYS:
+            if key in obj and not isinstance(obj[key], bool):
+                raise ManifestError(f"{where}: {key!r} must be true or false")
+        for key in ("raw_format", "test_format"):
+            if obj.get(key) is not None and obj[key] not in FORMATS:
+                raise ManifestError(
+                    f"{where}: {key!r} is {obj[key]!r}; supported formats: raw, qcow2"
+                )
+        pair = {k: v for k, v in obj.items() if v is not None}
+    else:
+        fields = line.split()
+        if len(fields) != 2:
+            raise ManifestError(
+                f"{where}: expected 'RAW TEST' or a JSON object, got {len(fields)} field(s)"
+            )
+        pair = {"raw": fields[0], "test": fields[1]}
+    pair["raw"] = _resolve(base, pair["raw"])
+    pair["test"] = _resolve(base, pair["test"])
+    return pair
+
+
+def read_manifest(path: str) -> list[dict[str, Any]]:
+    """Every pair of the manifest at ``path``; ``ManifestError`` names the bad line."""
+    base = os.path.dirname(os.path.abspath(path))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path}: not a text file (UTF-8)") from None
+    pairs = []
+    for number, text in enumerate(lines, start=1):
+        pair = parse_manifest_line(text, f"{path}:{number}", base)
+        if pair is not None:
+            pairs.append(pair)
+    if not pairs:
+        raise ManifestError(f"{path}: no pairs to verify")
+    return pairs
+
+
+def describe_error(exc: BaseException) -> str:
+    from blkverify_rs.cli import describe_error as describe
+
+    return describe(exc)
+
+
+def error_record(pair: dict[str, Any], exc: BaseException) -> dict[str, Any]:
+    """The JSON line for a pair that could not be verified."""
+    return {"raw": pair["raw"], "test": pair["test"], "error": describe_error(exc)}
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} PiB"
+
+
+def summary_table(pairs: list[dict[str, Any]], results: list[Report | Exception]) -> str:
+    """The human summary: one row per pair."""
+    header = ("pair", "size", "result", "first corrupt sector", "MiB/s")
+    rows = []
+    for pair, res in zip(pairs, results, strict=False):
+        name = f"{pair['raw']} {pair['test']}"
+        if isinstance(res, BaseException):
+            rows.append((name, "-", "error", "-", "-"))
+            continue
+        if res.identical:
+            result = "identical"
+        elif res.mismatches:
+            result = "differ"
+        else:
+            result = "size differs"
+        first = str(res.mismatches[0].sector) if res.mismatches else "-"
+        rate = res.bytes_compared / (1 << 20) / res.elapsed_s if res.elapsed_s > 0 else 0.0
+        rows.append((name, _size(res.virtual_size), result, first, f"{rate:.0f}"))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for i, row in enumerate([header, *rows]):
+        cells = [
+            cell.ljust(w) if col == 0 or col == 2 else cell.rjust(w)
+            for col, (cell, w) in enumerate(zip(row, widths, strict=False))
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n"
+
+
+def exit_status(results: list[Report | Exception]) -> int:
+    """The worst result: 0 all identical < 1 a pair differs < 2 a pair failed."""
+    worst = EXIT_OK
+    for res in results:
+        if isinstance(res, BaseException):
+            return EXIT_ERROR
+        if not res.identical:
+            worst = EXIT_FINDING
+    return worst
+
+
+class BatchProgress:
+    """One progress line for the whole batch: pairs and bytes."""
+
+    def __init__(self, stream: Any) -> None:
+        from blkverify_rs import report
+
+        self.bar = report.ProgressBar(stream)
+
+    def update(self, done: int, total: int, pairs_done: int, pairs_total: int) -> None:
+        self.bar.prefix = f"pairs {pairs_done}/{pairs_total}  "
+        self.bar.update(done, total)
+
+    def finish(self) -> None:
+        self.bar.finish()
+
+
+@click.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--all", "all_", is_flag=True, help="Find every mismatch (default per pair).")
+@click.option("--strict", is_flag=True, help="A size difference is a mismatch (default per pair).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per pair.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Show a progress line on stderr (default: when stderr is a terminal).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option(
+    "--threads",
+    type=click.IntRange(0, 64),
+    default=0,
+    help="Worker threads in all, shared by the pairs (0: one per core).",
+)
+def batch(
+    manifest: str,
+    all_: bool,
+    strict: bool,
+    as_json: bool,
+    progress: bool | None,
+    quiet: bool,
+    threads: int,
+) -> None:
+    """Verify every pair listed in MANIFEST, in parallel.
+
+    A line is 'RAW TEST', or a JSON object {"raw", "test", "raw_format",
+    "test_format", "snapshot", "all", "strict"}; '#' starts a comment line.
+    Prints a summary table (or, with --json, one JSON object per pair: the
+    verify --json object, or {"raw", "test", "error"}). Exit status: the worst
+    result (0 identical, 1 a pair differs, 2 a pair could not be verified).
+    """
+    import blkverify_rs as bv
+    from blkverify_rs.cli import fail
+
+    try:
+        pairs = read_manifest(manifest)
+    except ManifestError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(describe_error(exc))
+
+    show = progress if progress is not None else (sys.stderr.isatty() and not quiet)
+    bar = BatchProgress(sys.stderr) if show and not quiet else None
+    try:
+        results = bv.verify_many(
+            pairs,
+            all=all_,
+            strict=strict,
+            threads=threads,
+            progress=bar.update if bar else None,
+        )
+    except KeyboardInterrupt:
+        if bar:
+            bar.finish()
+        click.echo("blkverify: interrupted", err=True)
+        sys.exit(130)
+    if bar:
+        bar.finish()
+
+    if not quiet:
+        for pair, res in zip(pairs, results, strict=False):
+            if isinstance(res, BaseException):
+                click.echo(f"blkverify: error: {describe_error(res)}", err=True)
+            else:
+                for warning in res.warnings:
+                    click.echo(f"blkverify: warning: {pair['test']}: {warning}", err=True)
+        if as_json:
+            for pair, res in zip(pairs, results, strict=False):
+                record = (
+                    error_record(pair, res) if isinstance(res, BaseException) else res.to_dict()
+                )
+                click.echo(json.dumps(record))
+        else:
+            click.echo(summary_table(pairs, results), nl=False)
+    sys.exit(exit_status(results))

@@ -1,0 +1,60 @@
+"""_native.pyi must match the native module: every function's parameters, and
+every class's methods and properties, by name and order."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import blkverify_rs
+import blkverify_rs._native as native
+
+STUB = Path(blkverify_rs.__file__).with_name("_native.pyi")
+
+
+def stub_tree() -> ast.Module:
+    return ast.parse(STUB.read_text())
+
+
+def params(fn: ast.FunctionDef) -> list[str]:
+    a = fn.args
+    return [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+
+
+def test_py_typed_ships_beside_the_stub() -> None:
+    assert STUB.exists()
+    assert STUB.with_name("py.typed").exists()
+
+
+def test_every_function_matches() -> None:
+    functions = [n for n in stub_tree().body if isinstance(n, ast.FunctionDef)]
+    assert functions
+    for fn in functions:
+        obj = getattr(native, fn.name)
+        assert list(inspect.signature(obj).parameters) == params(fn), fn.name
+    public = {n for n in dir(native) if not n.startswith("_") and callable(getattr(native, n))}
+    classes = {n.name for n in stub_tree().body if isinstance(n, ast.ClassDef)}
+    assert public <= {fn.name for fn in functions} | classes
+
+
+def test_every_class_matches() -> None:
+    for cls in [n for n in stub_tree().body if isinstance(n, ast.ClassDef)]:
+        obj = getattr(native, cls.name)
+        if issubclass(obj, BaseException):
+            continue
+        stubbed = {f.name: f for f in cls.body if isinstance(f, ast.FunctionDef)}
+        actual = {n for n in vars(obj) if not n.startswith("__") or n in ("__enter__", "__exit__")}
+        assert set(stubbed) == actual, cls.name
+        for name, fn in stubbed.items():
+            attr = vars(obj)[name]
+            is_property = any(
+                isinstance(d, ast.Name) and d.id == "property" for d in fn.decorator_list
+            )
+            assert is_property == inspect.isgetsetdescriptor(attr), f"{cls.name}.{name}"
+            if not is_property:
+                try:
+                    sig = inspect.signature(getattr(obj, name))
+                except ValueError:
+                    continue
+                assert list(sig.parameters) == params(fn), f"{cls.name}.{name}"
