@@ -39,6 +39,15 @@ def reads_snippet(path: Path, count: int) -> str:
     )
 
 
+def device_reads_snippet(raw: Path, test: Path, count: int) -> str:
+    return (
+        "import blkverify_rs as bv\n"
+        f"dev = bv.open(raw={str(raw)!r}, test={str(test)!r})\n"
+        "r = dev.read; end = dev.size - 4096; o = 0\n"
+        f"for _ in range({count}):\n    r(o, 4096); o = o + 4096 if o < end else 0\n"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("directory", type=Path)
@@ -74,6 +83,24 @@ def main() -> int:
                 str(qcow2),
             ],
             [sys.executable, "-c", reads_snippet(qcow2, READS)],
+        )
+    )
+    raw_full = images["allocated"][0]
+    cases.append(
+        (
+            f"{READS} x 4 KiB mirrored reads (device vs QEMU blkverify)",
+            [
+                "qemu-img",
+                "bench",
+                "-c",
+                str(READS),
+                "-d",
+                "1",
+                "-s",
+                "4k",
+                f"blkverify:{raw_full}:{qcow2}",
+            ],
+            [sys.executable, "-c", device_reads_snippet(raw_full, qcow2, READS)],
         )
     )
     cases.append(("--version", None, [str(Path(sys.executable).parent / "blkverify"), "--version"]))
