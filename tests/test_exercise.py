@@ -18,7 +18,7 @@ from pathlib import Path
 
 import blkverify_rs as bv
 import pytest
-from conftest import MiB, convert_to_raw, qemu_img, qemu_io, run, run_cli
+from conftest import MiB, convert_to_raw, l2_entry_offset, qemu_img, qemu_io, run, run_cli
 from test_nbd import Nbdkit, QemuNbd
 
 SIZE = 8 * MiB
@@ -305,6 +305,69 @@ def test_a_silently_dropped_write_is_caught_at_the_exact_op_and_sector(tmp_path:
     assert command[:3] == ["blkverify", "exercise", human_spec]
     assert command[command.index("--seed") + 1] == "1"
     assert int(command[command.index("--ops") + 1]) == op + 1
+
+
+def shared_cluster_qcow2(d: Path) -> tuple[Path, Path]:
+    """A qcow2 whose L2 maps guest clusters 0 and 1 to the same host cluster (refcount 1):
+    reads agree with the reference until a write to one shows up in the other."""
+    img = d / "shared.qcow2"
+    qemu_img("create", "-f", "qcow2", img, SIZE)
+    qemu_io(img, "write -P 0x61 0 64k", "write -P 0x62 64k 64k")
+    with open(img, "r+b") as f:
+        f.seek(l2_entry_offset(img, 0))
+        entry = f.read(8)
+        f.seek(l2_entry_offset(img, 65536))
+        f.write(entry)
+    return reference(img), img
+
+
+def test_shrink_finds_the_one_write_that_corrupts(tmp_path: Path) -> None:
+    raw, img = shared_cluster_qcow2(tmp_path)
+    pristine = (raw.read_bytes(), img.read_bytes())
+    work_raw, work_img = tmp_path / "w.raw", tmp_path / "w.qcow2"
+    work_raw.write_bytes(pristine[0])
+    work_img.write_bytes(pristine[1])
+    log = tmp_path / "fail.log"
+    # small requests: the finding comes from one of the few writes into the shared clusters
+    res = bv.exercise(
+        f"blkverify:{work_raw}:{work_img}",
+        ops=300,
+        seed=2,
+        mix="read=50,write=40,flush=10",
+        size_mix="512=1,4k=2,16k=1",
+        log=log,
+    )
+    assert not res.clean
+    before = len(op_lines(log))
+    out = tmp_path / "min.log"
+    proc = run_cli("exercise", "--replay", log, "--shrink", out, f"blkverify:{raw}:{img}")
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout.startswith(f"shrunk {before} ops to 1 in ")
+    (kept,) = op_lines(out)
+    _, kind, offset, _ = kept.split()
+    assert kind == "write" and int(offset) < 128 * 1024  # a write into the shared clusters
+    # the originals were only read, and no copies are left behind
+    assert (raw.read_bytes(), img.read_bytes()) == pristine
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    # the minimal log fails on its own; without its one op the images agree
+    work_raw.write_bytes(pristine[0])
+    work_img.write_bytes(pristine[1])
+    again = bv.exercise(f"blkverify:{work_raw}:{work_img}", replay=out)
+    assert again.mismatches and again.mismatches[0].kind == "contents"
+    assert bv.verify(raw, img).identical
+
+
+def test_shrink_refuses_nbd_and_logs_that_do_not_fail(tmp_path: Path) -> None:
+    raw, test = raw_pair(tmp_path, "s")
+    log = tmp_path / "ok.log"
+    assert bv.exercise(f"blkverify:{raw}:{test}", ops=50, seed=1, log=log).clean
+    proc = run_cli("exercise", "--replay", log, "--shrink", tmp_path / "o.log")
+    assert proc.returncode == 2 and "finds nothing, so there is nothing to shrink" in proc.stderr
+    nbd = f"blkverify:{raw}:nbd+unix:///?socket={tmp_path / 'x.sock'}"
+    proc = run_cli("exercise", "--replay", log, "--shrink", tmp_path / "o.log", nbd)
+    assert proc.returncode == 2 and "an NBD export" in proc.stderr
+    proc = run_cli("exercise", "--shrink", tmp_path / "o.log", f"blkverify:{raw}:{test}")
+    assert proc.returncode == 2 and "--shrink needs --replay" in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from blkverify_rs._native import (
     Image,
     MismatchError,
 )
+from blkverify_rs.shrink import ShrinkResult, shrink
 
 __version__: str = _native.__version__
 
@@ -37,10 +38,12 @@ __all__ = [
     "Mismatch",
     "MismatchError",
     "Report",
+    "ShrinkResult",
     "__version__",
     "create",
     "exercise",
     "open",
+    "shrink",
     "verify",
 ]
 

@@ -213,6 +213,13 @@ def io(fmt: str | None, read_only: bool, commands: tuple[str, ...], spec: str) -
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--log", "log_path", metavar="FILE", help="Write the ops to FILE as they run.")
 @click.option("--replay", metavar="FILE", help="Replay the ops of a log written by --log.")
+@click.option(
+    "--shrink",
+    "shrink_out",
+    metavar="OUT",
+    help="With --replay: shrink the failing log to a minimal failing one in OUT, "
+    "replaying on fresh copies of SPEC's image files (never written).",
+)
 @click.option("-f", "--format", "fmt", type=FORMATS, help="Format of the test side.")
 @click.option("--timeout", type=float, metavar="S", help="NBD connect and I/O timeout.")
 @click.option("--no-verify", is_flag=True, help="Skip the whole-device verify at the end.")
@@ -228,6 +235,7 @@ def exercise(
     as_json: bool,
     log_path: str | None,
     replay: str | None,
+    shrink_out: str | None,
     fmt: str | None,
     timeout: float | None,
     no_verify: bool,
@@ -245,6 +253,21 @@ def exercise(
 
     if replay is None and spec is None:
         fail("exercise needs a SPEC (blkverify:RAW:TEST) or --replay FILE")
+    if shrink_out is not None:
+        if replay is None:
+            fail("--shrink needs --replay FILE: the failing log to shrink")
+        try:
+            shrunk = bv.shrink(replay, shrink_out, spec, format=fmt)
+        except KeyboardInterrupt:
+            click.echo("blkverify: interrupted", err=True)
+            sys.exit(130)
+        except (bv.Error, OSError, ValueError) as exc:
+            fail(describe_error(exc))
+        if as_json:
+            click.echo(report.json.dumps(shrunk.to_dict()))
+        else:
+            click.echo(report.shrink_human(shrunk), nl=False)
+        sys.exit(EXIT_FINDING)
     try:
         result = bv.exercise(
             spec,

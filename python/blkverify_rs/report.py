@@ -8,7 +8,7 @@ import time
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from blkverify_rs import ExerciseFinding, ExerciseResult, Mismatch, Report
+    from blkverify_rs import ExerciseFinding, ExerciseResult, Mismatch, Report, ShrinkResult
 
 SECTOR = 512
 
@@ -177,4 +177,16 @@ def exercise_human(result: ExerciseResult) -> str:
         lines.append(f"  {result.reproduce}")
     else:
         lines.append("No mismatch.")
+    return "\n".join(lines) + "\n"
+
+
+def shrink_human(result: ShrinkResult) -> str:
+    """What shrinking kept, the finding it still gives, and how to replay it."""
+    lines = [
+        f"shrunk {result.ops_before} ops to {result.ops_after} in {result.trials} trials: "
+        f"{result.log}",
+        *_finding_lines(result.finding),
+        "Reproduce (on the images as they were before the failing run):",
+        f"  {result.reproduce}",
+    ]
     return "\n".join(lines) + "\n"
