@@ -17,7 +17,8 @@
 pub mod workload;
 
 pub use workload::{
-    fill_pattern, log_header, parse_log, Log, Mix, Op, OpKind, SizeMix, Workload, LOG_MAGIC,
+    fill_pattern, log_header, parse_log, pattern_key, pattern_word, Log, Mix, Op, OpKind, SizeMix,
+    Workload, LOG_MAGIC,
 };
 
 use crate::blkverify::Blkverify;
@@ -723,10 +724,53 @@ fn explain(plan: &Plan, issued: u64, f: &mut Finding) {
             }
         }
     }
+    if diagnosis.is_none() {
+        diagnosis = misplaced(plan, before, f);
+    }
     f.last_change = last_change;
     if f.diagnosis.is_none() {
         f.diagnosis = diagnosis;
     }
+}
+
+/// Write ops `misplaced` searches, newest first.
+const MISPLACED_LOOK_BACK: usize = 2000;
+
+/// Whether the test side's bytes at the first difference are data an earlier
+/// write meant for another offset: a misplaced write. Every aligned 8-byte word
+/// of every write is unique, so one word names the op and the offset it was
+/// meant for.
+fn misplaced(plan: &Plan, before: u64, f: &Finding) -> Option<String> {
+    let first_byte = f.first_byte?;
+    let sector_offset = first_byte / SECTOR_SIZE * SECTOR_SIZE;
+    let at = usize::try_from(first_byte.div_ceil(8) * 8 - sector_offset).ok()?;
+    let word: [u8; 8] = f.test_bytes.get(at..at + 8)?.try_into().ok()?;
+    let found_at = sector_offset + at as u64;
+    let writes = (0..before)
+        .rev()
+        .filter_map(|p| plan.op(p))
+        .filter(|op| op.kind == OpKind::Write)
+        .take(MISPLACED_LOOK_BACK);
+    for op in writes {
+        let key = pattern_key(plan.seed(), op.number);
+        let first_word = op.offset.div_ceil(8);
+        let end_word = (op.offset + op.length) / 8;
+        if let Some(w) = (first_word..end_word).find(|&w| pattern_word(key, w) == word) {
+            let meant = w * 8;
+            if meant == found_at {
+                return None; // in place: the stale-data check above covers it
+            }
+            let delta = found_at as i128 - meant as i128;
+            let sign = if delta < 0 { "-" } else { "+" };
+            return Some(format!(
+                "the test side holds data op {} ({op}) wrote for offset {meant:#x}: \
+                 misplaced by {sign}{:#x} bytes",
+                op.number,
+                delta.unsigned_abs()
+            ));
+        }
+    }
+    None
 }
 
 /// A short hexdump diff of one sector: the 16-byte rows that differ (at most

@@ -235,6 +235,18 @@ fn a_misplaced_write_is_caught() {
     let f = &outcome.findings[0];
     assert_eq!(f.kind, "contents");
     assert_eq!(key(&replay(&log, fault, 1).findings[0]), key(f));
+    let moved = parse_log("ops.log", &log)
+        .unwrap()
+        .ops
+        .into_iter()
+        .filter(|op| op.kind == OpKind::Write)
+        .nth(24)
+        .unwrap();
+    let said = f.diagnosis.clone().unwrap_or_default();
+    assert!(
+        said.contains(&format!("op {}", moved.number)) && said.contains("misplaced by +0x200"),
+        "{said}"
+    );
 }
 
 #[test]

@@ -490,8 +490,8 @@ impl Workload {
 /// number, word index), so no two writes (nor two places of one write) share
 /// bytes: a stale, lost or misplaced write reads back as the wrong bytes.
 pub fn fill_pattern(buf: &mut [u8], seed: u64, number: u64, offset: u64) {
-    let key = mix64(seed ^ mix64(number.wrapping_add(0x5eed)));
-    let word_of = |guest: u64| mix64(key ^ (guest / 8)).to_le_bytes();
+    let key = pattern_key(seed, number);
+    let word_of = |guest: u64| pattern_word(key, guest / 8);
     let head = usize::try_from((8 - offset % 8) % 8)
         .unwrap_or(0)
         .min(buf.len());
@@ -517,6 +517,16 @@ pub fn fill_pattern(buf: &mut [u8], seed: u64, number: u64, offset: u64) {
             *b = w;
         }
     }
+}
+
+/// The per-op key of [`fill_pattern`].
+pub fn pattern_key(seed: u64, number: u64) -> u64 {
+    mix64(seed ^ mix64(number.wrapping_add(0x5eed)))
+}
+
+/// The 8 bytes [`fill_pattern`] puts in aligned word `word` (guest offset / 8).
+pub fn pattern_word(key: u64, word: u64) -> [u8; 8] {
+    mix64(key ^ word).to_le_bytes()
 }
 
 /// The first line of an op log.
