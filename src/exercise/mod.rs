@@ -773,15 +773,22 @@ fn misplaced(plan: &Plan, before: u64, f: &Finding) -> Option<String> {
     None
 }
 
-/// A short hexdump diff of one sector: the 16-byte rows that differ (at most
-/// `max_rows`), each as a `test` line and a `raw` line with `^^` under the
-/// differing bytes.
-pub fn hexdump_diff(sector_offset: u64, test: &[u8], raw: &[u8], max_rows: usize) -> Vec<String> {
+/// A short hexdump diff of one sector from the row holding `first_byte` on:
+/// the 16-byte rows that differ (at most `max_rows`), each as a `test` line and
+/// a `raw` line with `^^` under the differing bytes.
+pub fn hexdump_diff(
+    sector_offset: u64,
+    first_byte: u64,
+    test: &[u8],
+    raw: &[u8],
+    max_rows: usize,
+) -> Vec<String> {
     let mut lines = Vec::new();
     let rows = test.len().max(raw.len()).div_ceil(16);
+    let first_row = usize::try_from(first_byte.saturating_sub(sector_offset) / 16).unwrap_or(0);
     let mut shown = 0;
     let mut differing = 0;
-    for row in 0..rows {
+    for row in first_row..rows {
         let at = row * 16;
         let t = test.get(at..(at + 16).min(test.len())).unwrap_or(&[]);
         let r = raw.get(at..(at + 16).min(raw.len())).unwrap_or(&[]);

@@ -198,7 +198,11 @@ fn a_corrupt_read_is_named_by_op_and_sector_and_replays() {
         assert_eq!(f.kind, "contents");
         let i = (at % 512) as usize;
         assert_eq!(f.test_bytes[i] ^ f.raw_bytes[i], 0x40);
-        let lines = hexdump_diff(at / 512 * 512, &f.test_bytes, &f.raw_bytes, 4);
+        let lines = hexdump_diff(at / 512 * 512, at, &f.test_bytes, &f.raw_bytes, 4);
+        assert!(
+            lines[0].starts_with(&format!("{:#010x}", at / 16 * 16)),
+            "{lines:?}"
+        );
         assert_eq!(lines.len(), 3);
         assert!(lines[2].contains("^^"));
         assert!(log.contains(&format!("# finding: {}", f.message)));

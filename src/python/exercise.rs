@@ -46,9 +46,11 @@ fn finding_dict<'py>(py: Python<'py>, f: &Finding) -> PyResult<Bound<'py, PyDict
     d.set_item("raw_error", &f.raw_error)?;
     d.set_item("test_bytes", hex(&f.test_bytes))?;
     d.set_item("raw_bytes", hex(&f.raw_bytes))?;
-    let lines = match f.sector {
-        Some(sector) if !(f.test_bytes.is_empty() && f.raw_bytes.is_empty()) => {
-            hexdump_diff(sector * 512, &f.test_bytes, &f.raw_bytes, 4)
+    let lines = match (f.sector, f.first_byte) {
+        (Some(sector), Some(first_byte))
+            if !(f.test_bytes.is_empty() && f.raw_bytes.is_empty()) =>
+        {
+            hexdump_diff(sector * 512, first_byte, &f.test_bytes, &f.raw_bytes, 4)
         }
         _ => Vec::new(),
     };
