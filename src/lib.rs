@@ -8,6 +8,7 @@
 pub mod blkverify;
 pub mod driver;
 pub mod error;
+pub mod exercise;
 pub mod storage;
 pub mod verify;
 

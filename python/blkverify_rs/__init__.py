@@ -28,14 +28,19 @@ __all__ = [
     "CorruptImageError",
     "Device",
     "Error",
+    "ExerciseFinding",
+    "ExerciseResult",
     "FormatError",
     "Image",
     "Mismatch",
     "MismatchError",
     "Report",
+    "ShrinkResult",
     "__version__",
     "create",
+    "exercise",
     "open",
+    "shrink",
     "verify",
     "verify_many",
 ]
@@ -370,3 +375,25 @@ def verify_many(
         progress=progress,
     )
     return [r if isinstance(r, BaseException) else _report(r) for r in results]
+
+
+# The exercise workload's API is imported on first use: it needs dataclasses,
+# and `import blkverify_rs` stays light for the CLI's start-up.
+_LAZY = {
+    "exercise": "blkverify_rs.exercise_api",
+    "ExerciseFinding": "blkverify_rs.exercise_api",
+    "ExerciseResult": "blkverify_rs.exercise_api",
+    "shrink": "blkverify_rs.shrink",
+    "ShrinkResult": "blkverify_rs.shrink",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'blkverify_rs' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -140,3 +140,22 @@ def create(
     extended_l2: bool = False,
     lazy_refcounts: bool = False,
 ) -> None: ...
+def exercise(
+    spec: str | None = None,
+    *,
+    ops: int | None = None,
+    duration: float | None = None,
+    seed: int | None = None,
+    mix: str | None = None,
+    size_mix: str | None = None,
+    queue_depth: int | None = None,
+    log: str | None = None,
+    replay: str | None = None,
+    format: str | None = None,
+    timeout: float | None = None,
+    verify: bool = True,
+    backing: bool = True,
+    max_backing_depth: int = 16,
+    allow_backing_anywhere: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]: ...

@@ -1,4 +1,5 @@
-"""Reporting: the human text and JSON for a verify report, and a progress bar."""
+"""Reporting: the human text and JSON for verify and exercise reports, and a
+progress bar."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from blkverify_rs import Mismatch, Report
+    from blkverify_rs import ExerciseFinding, ExerciseResult, Mismatch, Report, ShrinkResult
 
 SECTOR = 512
 
@@ -124,3 +125,69 @@ class ProgressBar:
             self.stream.write("\n")
             self.stream.flush()
             self.drawn = False
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def exercise_json(result: ExerciseResult) -> str:
+    """``exercise --json``: one object on one line."""
+    return json.dumps(result.to_dict())
+
+
+def _finding_lines(f: ExerciseFinding) -> list[str]:
+    lines = [f.message]
+    if f.op_number is not None:
+        lines.append(f"  at op {f.op_number}: {f.op}")
+    else:
+        lines.append(f"  found by the {f.phase}, after the last op")
+    if f.kind == "return_value":
+        if f.test_error:
+            lines.append(f"  test side: {f.test_error}")
+        if f.raw_error:
+            lines.append(f"  raw side: {f.raw_error}")
+    if f.sector is not None:
+        lines.append(
+            f"  sector {f.sector} (offset {f.sector * SECTOR:#x}), "
+            f"first differing byte at offset {f.first_byte:#x}:"
+        )
+        lines += [f"    {line}" for line in f.hexdump]
+    if f.last_change is not None:
+        lines.append(f"  last changed by op {f.last_change}")
+    if f.diagnosis is not None:
+        lines.append(f"  {f.diagnosis}")
+    return lines
+
+
+def exercise_human(result: ExerciseResult) -> str:
+    """The summary line, then each finding and the command that reproduces it."""
+    rate = f"{result.ops_per_s:,.0f} ops/s"
+    verify = (
+        f"; whole device verified in {result.verify_elapsed_s:.2f} s" if result.verified else ""
+    )
+    lines = [
+        f"exercise: {result.ops} ops in {result.elapsed_s:.2f} s ({rate}, queue depth "
+        f"{result.queue_depth}), seed {result.seed}; read {_mib(result.bytes_read)}, "
+        f"wrote {_mib(result.bytes_written)}{verify}"
+    ]
+    for f in result.mismatches:
+        lines += _finding_lines(f)
+    if result.mismatches:
+        lines.append("Reproduce (on the images as they were before this run):")
+        lines.append(f"  {result.reproduce}")
+    else:
+        lines.append("No mismatch.")
+    return "\n".join(lines) + "\n"
+
+
+def shrink_human(result: ShrinkResult) -> str:
+    """What shrinking kept, the finding it still gives, and how to replay it."""
+    lines = [
+        f"shrunk {result.ops_before} ops to {result.ops_after} in {result.trials} trials: "
+        f"{result.log}",
+        *_finding_lines(result.finding),
+        "Reproduce (on the images as they were before the failing run):",
+        f"  {result.reproduce}",
+    ]
+    return "\n".join(lines) + "\n"

@@ -7,6 +7,7 @@
 mod create;
 mod device;
 mod errors;
+mod exercise;
 mod image;
 mod verify;
 
@@ -29,6 +30,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify::verify, m)?)?;
     m.add_function(wrap_pyfunction!(create::create, m)?)?;
     m.add_function(wrap_pyfunction!(verify::verify_many, m)?)?;
+    m.add_function(wrap_pyfunction!(exercise::exercise, m)?)?;
     m.add_function(wrap_pyfunction!(image::probe_format, m)?)?;
     Ok(())
 }
