@@ -9,7 +9,7 @@ mod file;
 mod mem;
 
 pub use file::FileStorage;
-pub use mem::MemStorage;
+pub use mem::{LimitedStorage, MemStorage};
 
 use crate::error::{Error, Result};
 use std::path::Path;

@@ -46,8 +46,9 @@ pub struct Qcow2 {
     size: u64,
     /// The active (or snapshot) L1 table; writers replace entries under the lock.
     l1: RwLock<Vec<u64>>,
-    /// Where that L1 table lives in the file.
+    /// Where that L1 table lives in the file, and its length in bytes.
     l1_offset: u64,
+    l1_bytes: u64,
     cache: L2Cache,
     /// Bumped on every metadata change, so per-thread caches notice.
     generation: AtomicU64,
@@ -171,6 +172,7 @@ impl Qcow2 {
             size,
             l1: RwLock::new(l1),
             l1_offset,
+            l1_bytes: u64::from(l1_size) * 8,
             cache: L2Cache::new(capacity),
             generation: AtomicU64::new(0),
             writer: None,
@@ -221,6 +223,26 @@ impl Qcow2 {
                     "L2 table at {l2_offset:#x} lies past the end of the file (size {file_len:#x})"
                 )));
             }
+            let h = &self.header;
+            // A writer moves the refcount table when it grows it, so the
+            // header's copy of its place holds only until writes begin.
+            let reftable_bytes = if self.writer.is_none() {
+                u64::from(h.refcount_table_clusters) * cluster_size
+            } else {
+                0
+            };
+            let tables = [
+                ("the header", 0, cluster_size),
+                ("the L1 table", self.l1_offset, self.l1_bytes),
+                ("the refcount table", h.refcount_table_offset, reftable_bytes),
+            ];
+            for (what, offset, bytes) in tables {
+                if header::overlaps(l2_offset, cluster_size, offset, bytes, cluster_size) {
+                    return Err(self.corrupt(format!(
+                        "L2 table at {l2_offset:#x} overlaps {what} (at {offset:#x})"
+                    )));
+                }
+            }
             let mut raw = vec![0u8; usize::try_from(cluster_size).unwrap_or(0)];
             self.file.read_exact_at(&mut raw, l2_offset)?;
             let entries: Vec<u64> = raw
@@ -250,7 +272,14 @@ impl Qcow2 {
                 .get(usize::try_from(l2_index).unwrap_or(usize::MAX))
                 .copied()
                 .unwrap_or(0);
-            l2::decode(entry, bits, has_data_file)
+            let cluster = l2::decode(entry, bits, has_data_file)?;
+            if self.header.version < 3 && matches!(cluster, Cluster::Zero { .. }) {
+                // QEMU fails such reads too ("Zero cluster entry found in pre-v3 image").
+                return Err(format!(
+                    "L2 entry {entry:#018x} has the zero flag set, which version 2 images do not have"
+                ));
+            }
+            Ok(cluster)
         }
     }
 
