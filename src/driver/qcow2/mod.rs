@@ -106,11 +106,9 @@ impl Qcow2 {
         let (l1_offset, l1_size, size) = match &chosen {
             None => (header.l1_table_offset, header.l1_size, header.size),
             Some(s) => {
+                // Its L1 table's place and limit were checked with the table.
                 let size = s.disk_size.unwrap_or(header.size);
-                let l1_bytes = u64::from(s.l1_size) * 8;
-                if l1_bytes > header::MAX_L1_BYTES
-                    || u64::from(s.l1_size) < header.l1_entries_needed(size)
-                {
+                if u64::from(s.l1_size) < header.l1_entries_needed(size) {
                     return Err(Error::corrupt(
                         &path,
                         format!(
@@ -119,14 +117,6 @@ impl Qcow2 {
                         ),
                     ));
                 }
-                header::check_table(
-                    &path,
-                    &format!("snapshot '{}' L1 table", s.name),
-                    s.l1_table_offset,
-                    l1_bytes,
-                    header.cluster_size(),
-                    file_len,
-                )?;
                 (s.l1_table_offset, s.l1_size, size)
             }
         };
@@ -429,7 +419,33 @@ fn read_snapshots(file: &dyn Storage, header: &Header, file_len: u64) -> Result<
         .min(u64::from(header.nb_snapshots) * (40 + 1024 + 2 * 65535 + 8));
     let mut table = vec![0u8; usize::try_from(len).unwrap_or(0)];
     file.read_exact_at(&mut table, header.snapshots_offset)?;
-    snapshot::parse_table(file.path(), &table, header.nb_snapshots)
+    let snapshots =
+        snapshot::parse_table(file.path(), &table, header.nb_snapshots, header.version)?;
+    // Every snapshot's L1 table, as `qemu-img check` does: a writer reads them
+    // all, and a bad one means the table itself is garbage.
+    for s in &snapshots {
+        let bytes = u64::from(s.l1_size) * 8;
+        if bytes > header::MAX_L1_BYTES {
+            return Err(Error::corrupt(
+                file.path(),
+                format!(
+                    "qcow2: snapshot '{}' has l1_size {}, an L1 table of {bytes} bytes (the limit is {})",
+                    s.name,
+                    s.l1_size,
+                    header::MAX_L1_BYTES
+                ),
+            ));
+        }
+        header::check_table(
+            file.path(),
+            &format!("snapshot '{}' L1 table", s.name),
+            s.l1_table_offset,
+            bytes,
+            header.cluster_size(),
+            file_len,
+        )?;
+    }
+    Ok(snapshots)
 }
 
 /// Resolve a name from an image header against the image's directory.

@@ -425,25 +425,7 @@ impl Qcow2 {
         add(0, cluster_size)?;
         let mut l1_tables = vec![(h.l1_table_offset, h.l1_size)];
         for s in &self.snapshots {
-            // Snapshot tables are checked only when a snapshot is opened; this
-            // reads them all, so check them all.
-            let bytes = u64::from(s.l1_size) * 8;
-            if bytes > header::MAX_L1_BYTES {
-                return Err(self.corrupt(format!(
-                    "snapshot '{}' has l1_size {}, an L1 table of {bytes} bytes (the limit is {})",
-                    s.name,
-                    s.l1_size,
-                    header::MAX_L1_BYTES
-                )));
-            }
-            header::check_table(
-                self.file.path(),
-                &format!("snapshot '{}' L1 table", s.name),
-                s.l1_table_offset,
-                bytes,
-                cluster_size,
-                file_len,
-            )?;
+            // Checked at open (read_snapshots).
             l1_tables.push((s.l1_table_offset, s.l1_size));
         }
         if h.nb_snapshots > 0 {
