@@ -1068,16 +1068,22 @@ class QemuView:
 
 
 def qemu_view(img: Path, snapshot: str | None, tmp: Path) -> QemuView:
+    hung = False
+
     def q(*args) -> subprocess.CompletedProcess | None:
+        nonlocal hung
+        if hung:
+            return None  # after one hang (a backing loop), the rest would hang too
         try:
             return subprocess.run(
                 ["qemu-img", *map(str, args)],
                 capture_output=True,
                 encoding="utf-8",
                 errors="replace",
-                timeout=20,
+                timeout=8,
             )
         except subprocess.TimeoutExpired:
+            hung = True
             return None  # a hang counts as a refusal
 
     info = q("info", "--output=json", "-f", "qcow2", img)
