@@ -1205,3 +1205,16 @@ def _check_case(case: Case, base: Base, img: Path, tmp_path: Path) -> None:
             bv.open(img, read_only=False)
         assert str(img) in str(info.value)
         assert img.read_bytes() == damaged, "a refused writable open changed the image"
+
+
+def test_the_memory_limit_is_enforced() -> None:
+    """The corpus's bound is real: a child that allocates 2 GiB under it fails."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "bytearray(2 << 30)"],
+        capture_output=True,
+        text=True,
+        check=False,
+        preexec_fn=_limits,
+    )
+    assert proc.returncode != 0
+    assert "MemoryError" in proc.stderr
