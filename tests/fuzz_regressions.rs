@@ -4,7 +4,7 @@
 
 use blkverify_rs::driver::qcow2::{header, Qcow2};
 use blkverify_rs::driver::{BlockDriver, OpenOptions};
-use blkverify_rs::storage::MemStorage;
+use blkverify_rs::storage::{LimitedStorage, MemStorage};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -75,5 +75,75 @@ fn read_image_regressions_give_errors_not_panics() {
                 }
             }
         }
+    }
+}
+
+/// The write_image target's input: a count byte, that many 8-byte operations,
+/// then the image. The same decoding as fuzz/fuzz_targets/write_image.rs.
+#[test]
+fn write_image_regressions_give_errors_not_panics() {
+    let files = inputs("write_image");
+    assert!(
+        !files.is_empty(),
+        "fuzz/regressions/write_image has no inputs"
+    );
+    for path in files {
+        let data = std::fs::read(&path).unwrap();
+        let Some((&count, rest)) = data.split_first() else {
+            continue;
+        };
+        let ops_len = usize::from(count % 8) * 8;
+        let Some((ops, image)) = (rest.len() >= ops_len).then(|| rest.split_at(ops_len)) else {
+            continue;
+        };
+        let storage = Arc::new(LimitedStorage::new(
+            MemStorage::new("/nonexistent/regression.qcow2", image.to_vec(), true),
+            64 << 20,
+        ));
+        let mut options = OpenOptions::default();
+        options.backing.follow = false;
+        options.writable = true;
+        let started = std::time::Instant::now();
+        let qcow2 = match Qcow2::open(storage.clone(), None, &options, &[]) {
+            Ok(image) => image,
+            Err(e) => {
+                assert!(
+                    e.to_string().contains("regression.qcow2"),
+                    "{}: {e}",
+                    path.display()
+                );
+                continue;
+            }
+        };
+        let size = qcow2.size();
+        let payload = vec![0x5au8; 1 << 19];
+        for op in ops.chunks_exact(8) {
+            if size == 0 {
+                break;
+            }
+            let offset = u64::from(u32::from_be_bytes([op[1], op[2], op[3], op[4]])) * 512 % size;
+            let len = (u64::from(u16::from_be_bytes([op[5], op[6]])) * 8 + 1).min(size - offset);
+            let result = match op[0] % 6 {
+                0 => qcow2.write_at(&payload[..len as usize], offset),
+                1 => qcow2.write_zeroes(offset, len, false),
+                2 => qcow2.write_zeroes(offset, len, true),
+                3 => qcow2.discard(offset, len),
+                4 => qcow2.flush(),
+                _ => {
+                    let mut buf = vec![0u8; len as usize];
+                    qcow2.read_at(&mut buf, offset)
+                }
+            };
+            if let Err(e) = result {
+                assert!(!e.to_string().is_empty());
+            }
+        }
+        drop(qcow2);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{}: took {:?}",
+            path.display(),
+            started.elapsed()
+        );
     }
 }

@@ -116,6 +116,67 @@ impl Storage for MemStorage {
     }
 }
 
+/// A store that fills up: a write that would take `inner` past `limit` bytes
+/// fails with `ENOSPC`, as on a full filesystem, after writing nothing. Used
+/// to check that a writer leaves a consistent image when the disk is full,
+/// and to keep fuzzed images from growing without bound.
+pub struct LimitedStorage<S> {
+    inner: S,
+    limit: u64,
+}
+
+impl<S: Storage> LimitedStorage<S> {
+    /// Wrap `inner`, refusing to let it grow past `limit` bytes.
+    pub fn new(inner: S, limit: u64) -> Self {
+        LimitedStorage { inner, limit }
+    }
+
+    /// The wrapped store.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    fn check_room(&self, end: Option<u64>) -> Result<()> {
+        match end {
+            Some(end) if end <= self.limit.max(self.inner.len()?) => Ok(()),
+            _ => Err(Error::io(
+                self.inner.path(),
+                format!("write (the store is full at {} bytes)", self.limit),
+                io::Error::from_raw_os_error(libc::ENOSPC),
+            )),
+        }
+    }
+}
+
+impl<S: Storage> Storage for LimitedStorage<S> {
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+    fn len(&self) -> Result<u64> {
+        self.inner.len()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.inner.read_exact_at(buf, offset)
+    }
+    fn is_read_only(&self) -> bool {
+        self.inner.is_read_only()
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_room(offset.checked_add(buf.len() as u64))?;
+        self.inner.write_all_at(buf, offset)
+    }
+    fn punch_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.punch_zeroes(offset, len)
+    }
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.check_room(Some(len))?;
+        self.inner.set_len(len)
+    }
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,5 +193,15 @@ mod tests {
         assert_eq!(m.snapshot(), vec![1, 2, 3, 0, 0, 9]);
         let ro = MemStorage::new("r", vec![0], false);
         assert!(ro.write_all_at(&[1], 0).is_err());
+    }
+
+    #[test]
+    fn a_limited_store_fails_with_enospc_and_writes_nothing() {
+        let m = LimitedStorage::new(MemStorage::new("m", vec![0; 4], true), 8);
+        m.write_all_at(&[1; 4], 4).unwrap();
+        let err = m.write_all_at(&[2; 2], 7).unwrap_err();
+        assert_eq!(err.errno(), libc::ENOSPC);
+        assert_eq!(m.inner().snapshot(), vec![0, 0, 0, 0, 1, 1, 1, 1]);
+        assert!(m.write_all_at(&[3], u64::MAX).is_err());
     }
 }

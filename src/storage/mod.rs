@@ -10,7 +10,7 @@ mod mem;
 mod view;
 
 pub use file::FileStorage;
-pub use mem::MemStorage;
+pub use mem::{LimitedStorage, MemStorage};
 pub use view::View;
 
 use crate::error::{Error, Result};

@@ -288,7 +288,13 @@ pub fn parse(path: &Path, first_cluster: &[u8], file_len: u64) -> Result<Header>
     let mut backing_format = None;
     let mut data_file = None;
     let mut feature_table: Vec<(u8, u8, String)> = Vec::new();
-    while at.saturating_add(8) <= ext_end {
+    while at < ext_end {
+        if at.saturating_add(8) > ext_end {
+            // QEMU refuses this too ("Header extension too large").
+            return Err(corrupt(format!(
+                "header extension at offset {at:#x} is truncated: its 8-byte type and length run past the end of the header area ({ext_end:#x})"
+            )));
+        }
         let ext_type = b.u32(at).ok_or_else(too_short)?;
         let ext_len = b.u32(at + 4).ok_or_else(too_short)?;
         if ext_type == EXT_END {
@@ -310,7 +316,15 @@ pub fn parse(path: &Path, first_cluster: &[u8], file_len: u64) -> Result<Header>
             Ok(s.trim_end_matches('\0').to_string())
         };
         match ext_type {
-            EXT_BACKING_FORMAT => backing_format = Some(text("backing format")?),
+            EXT_BACKING_FORMAT => {
+                // QEMU keeps the name in a 16-byte buffer and refuses longer ones.
+                if ext_len >= 16 {
+                    return Err(corrupt(format!(
+                        "header extension backing format is {ext_len} bytes long; the longest allowed is 15"
+                    )));
+                }
+                backing_format = Some(text("backing format")?)
+            }
             EXT_DATA_FILE => data_file = Some(text("external data file name")?),
             EXT_FEATURE_TABLE => {
                 for entry in data.chunks_exact(48) {
@@ -379,6 +393,11 @@ pub fn parse(path: &Path, first_cluster: &[u8], file_len: u64) -> Result<Header>
                 "header field backing_file_size is {backing_file_size}; the longest allowed is {MAX_BACKING_NAME}"
             )));
         }
+        if backing_file_offset < u64::from(header_length) {
+            return Err(corrupt(format!(
+                "header field backing_file_offset is {backing_file_offset:#x}, inside the header (header_length {header_length})"
+            )));
+        }
         let start = usize::try_from(backing_file_offset).unwrap_or(usize::MAX);
         let end = start.saturating_add(backing_file_size as usize);
         if end as u64 > cluster_size {
@@ -393,6 +412,12 @@ pub fn parse(path: &Path, first_cluster: &[u8], file_len: u64) -> Result<Header>
         })?;
         let name = std::str::from_utf8(name)
             .map_err(|_| corrupt("backing file name is not valid UTF-8".to_string()))?;
+        if name.contains('\0') {
+            return Err(corrupt(format!(
+                "backing file name {:?} contains a NUL byte",
+                name.trim_end_matches('\0')
+            )));
+        }
         if name.is_empty() {
             None
         } else {
@@ -491,6 +516,13 @@ fn check_tables(path: &Path, h: &Header, file_len: u64) -> Result<()> {
         cluster_size,
         file_len,
     )?;
+    if h.refcount_table_clusters == 0 {
+        // QEMU refuses this too ("Image does not contain a reference count table").
+        return Err(Error::corrupt(
+            path,
+            "qcow2: header field refcount_table_clusters is 0; every image has a refcount table",
+        ));
+    }
     let reftable_bytes = u64::from(h.refcount_table_clusters) * cluster_size;
     if reftable_bytes > MAX_REFTABLE_BYTES {
         return Err(Error::corrupt(
@@ -518,18 +550,49 @@ fn check_tables(path: &Path, h: &Header, file_len: u64) -> Result<()> {
             ),
         ));
     }
+    let mut tables = vec![
+        ("L1 table", h.l1_table_offset, l1_bytes),
+        ("refcount table", h.refcount_table_offset, reftable_bytes),
+    ];
     if h.nb_snapshots > 0 {
         // Each entry is at least 40 bytes; the rest is checked when it is read.
+        let snapshot_bytes = u64::from(h.nb_snapshots) * 40;
         check_table(
             path,
             "snapshot table",
             h.snapshots_offset,
-            u64::from(h.nb_snapshots) * 40,
+            snapshot_bytes,
             cluster_size,
             file_len,
         )?;
+        tables.push(("snapshot table", h.snapshots_offset, snapshot_bytes));
+    }
+    // No two of these tables may share a cluster: a reader would take one for
+    // the other, and a writer would overwrite one with the other.
+    for (i, (what, offset, bytes)) in tables.iter().enumerate() {
+        for (other, other_offset, other_bytes) in tables.iter().skip(i + 1) {
+            if overlaps(*offset, *bytes, *other_offset, *other_bytes, cluster_size) {
+                return Err(Error::corrupt(
+                    path,
+                    format!(
+                        "qcow2: {what} at offset {offset:#x} ({bytes} bytes) overlaps the {other} at offset {other_offset:#x} ({other_bytes} bytes)"
+                    ),
+                ));
+            }
+        }
     }
     Ok(())
+}
+
+/// Whether two byte ranges share a cluster. Both lie inside the file, so the
+/// sums cannot overflow.
+pub fn overlaps(a: u64, a_len: u64, b: u64, b_len: u64, cluster_size: u64) -> bool {
+    if a_len == 0 || b_len == 0 {
+        return false;
+    }
+    let a_end = a.saturating_add(a_len).div_ceil(cluster_size) * cluster_size;
+    let b_end = b.saturating_add(b_len).div_ceil(cluster_size) * cluster_size;
+    a / cluster_size * cluster_size < b_end && b / cluster_size * cluster_size < a_end
 }
 
 #[cfg(test)]

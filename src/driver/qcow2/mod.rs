@@ -49,8 +49,9 @@ pub struct Qcow2 {
     size: u64,
     /// The active (or snapshot) L1 table; writers replace entries under the lock.
     l1: RwLock<Vec<u64>>,
-    /// Where that L1 table lives in the file.
+    /// Where that L1 table lives in the file, and its length in bytes.
     l1_offset: u64,
+    l1_bytes: u64,
     cache: L2Cache,
     /// Bumped on every metadata change, so per-thread caches notice.
     generation: AtomicU64,
@@ -113,11 +114,9 @@ impl Qcow2 {
         let (l1_offset, l1_size, size) = match &chosen {
             None => (header.l1_table_offset, header.l1_size, header.size),
             Some(s) => {
+                // Its L1 table's place and limit were checked with the table.
                 let size = s.disk_size.unwrap_or(header.size);
-                let l1_bytes = u64::from(s.l1_size) * 8;
-                if l1_bytes > header::MAX_L1_BYTES
-                    || u64::from(s.l1_size) < header.l1_entries_needed(size)
-                {
+                if u64::from(s.l1_size) < header.l1_entries_needed(size) {
                     return Err(Error::corrupt(
                         &path,
                         format!(
@@ -126,14 +125,6 @@ impl Qcow2 {
                         ),
                     ));
                 }
-                header::check_table(
-                    &path,
-                    &format!("snapshot '{}' L1 table", s.name),
-                    s.l1_table_offset,
-                    l1_bytes,
-                    header.cluster_size(),
-                    file_len,
-                )?;
                 (s.l1_table_offset, s.l1_size, size)
             }
         };
@@ -183,6 +174,7 @@ impl Qcow2 {
             size,
             l1: RwLock::new(l1),
             l1_offset,
+            l1_bytes: u64::from(l1_size) * 8,
             cache: L2Cache::new(capacity),
             generation: AtomicU64::new(0),
             writer: None,
@@ -254,6 +246,26 @@ impl Qcow2 {
                     "L2 table at {l2_offset:#x} lies past the end of the file (size {file_len:#x})"
                 )));
             }
+            let h = &self.header;
+            // A writer moves the refcount table when it grows it, so the
+            // header's copy of its place holds only until writes begin.
+            let reftable_bytes = if self.writer.is_none() {
+                u64::from(h.refcount_table_clusters) * cluster_size
+            } else {
+                0
+            };
+            let tables = [
+                ("the header", 0, cluster_size),
+                ("the L1 table", self.l1_offset, self.l1_bytes),
+                ("the refcount table", h.refcount_table_offset, reftable_bytes),
+            ];
+            for (what, offset, bytes) in tables {
+                if header::overlaps(l2_offset, cluster_size, offset, bytes, cluster_size) {
+                    return Err(self.corrupt(format!(
+                        "L2 table at {l2_offset:#x} overlaps {what} (at {offset:#x})"
+                    )));
+                }
+            }
             let mut raw = vec![0u8; usize::try_from(cluster_size).unwrap_or(0)];
             self.file.read_exact_at(&mut raw, l2_offset)?;
             let entries: Vec<u64> = raw
@@ -283,7 +295,14 @@ impl Qcow2 {
                 .get(usize::try_from(l2_index).unwrap_or(usize::MAX))
                 .copied()
                 .unwrap_or(0);
-            l2::decode(entry, bits, has_data_file)
+            let cluster = l2::decode(entry, bits, has_data_file)?;
+            if self.header.version < 3 && matches!(cluster, Cluster::Zero { .. }) {
+                // QEMU fails such reads too ("Zero cluster entry found in pre-v3 image").
+                return Err(format!(
+                    "L2 entry {entry:#018x} has the zero flag set, which version 2 images do not have"
+                ));
+            }
+            Ok(cluster)
         }
     }
 
@@ -445,7 +464,33 @@ fn read_snapshots(file: &dyn Storage, header: &Header, file_len: u64) -> Result<
         .min(u64::from(header.nb_snapshots) * (40 + 1024 + 2 * 65535 + 8));
     let mut table = vec![0u8; usize::try_from(len).unwrap_or(0)];
     file.read_exact_at(&mut table, header.snapshots_offset)?;
-    snapshot::parse_table(file.path(), &table, header.nb_snapshots)
+    let snapshots =
+        snapshot::parse_table(file.path(), &table, header.nb_snapshots, header.version)?;
+    // Every snapshot's L1 table, as `qemu-img check` does: a writer reads them
+    // all, and a bad one means the table itself is garbage.
+    for s in &snapshots {
+        let bytes = u64::from(s.l1_size) * 8;
+        if bytes > header::MAX_L1_BYTES {
+            return Err(Error::corrupt(
+                file.path(),
+                format!(
+                    "qcow2: snapshot '{}' has l1_size {}, an L1 table of {bytes} bytes (the limit is {})",
+                    s.name,
+                    s.l1_size,
+                    header::MAX_L1_BYTES
+                ),
+            ));
+        }
+        header::check_table(
+            file.path(),
+            &format!("snapshot '{}' L1 table", s.name),
+            s.l1_table_offset,
+            bytes,
+            header.cluster_size(),
+            file_len,
+        )?;
+    }
+    Ok(snapshots)
 }
 
 /// Resolve a name from an image header against the image's directory.

@@ -89,10 +89,32 @@ impl Refcounts {
         let bytes = u64::from(table_clusters) << cluster_bits;
         let mut raw = vec![0u8; usize::try_from(bytes).unwrap_or(0)];
         file.read_exact_at(&mut raw, table_offset)?;
-        let table = raw
+        let table: Vec<u64> = raw
             .chunks_exact(8)
             .map(|c| c.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
             .collect();
+        let cluster_size = 1u64 << cluster_bits;
+        let file_len = file.len()?;
+        for (index, entry) in table.iter().enumerate() {
+            let block = entry & super::l2::OFFSET_MASK;
+            let fact = if entry & !super::l2::OFFSET_MASK != 0 {
+                "has reserved bits set"
+            } else if block % cluster_size != 0 {
+                "is not aligned to a cluster"
+            } else if *entry != 0 && block.saturating_add(cluster_size) > file_len {
+                "lies past the end of the file"
+            } else if *entry != 0 && block < cluster_size {
+                "overlaps the header"
+            } else {
+                continue;
+            };
+            return Err(Error::corrupt(
+                file.path(),
+                format!(
+                    "qcow2: refcount table entry {index} ({entry:#018x}): the refcount block {fact} (file size {file_len:#x})"
+                ),
+            ));
+        }
         Ok(Refcounts {
             cluster_bits,
             order,

@@ -23,7 +23,7 @@ pub struct Snapshot {
 pub const MAX_TABLE_BYTES: u64 = 64 << 20;
 
 /// Parse `count` entries from `table`, the bytes at the snapshot table offset.
-pub fn parse_table(path: &Path, table: &[u8], count: u32) -> Result<Vec<Snapshot>> {
+pub fn parse_table(path: &Path, table: &[u8], count: u32, version: u32) -> Result<Vec<Snapshot>> {
     let b = BeBytes(table);
     let mut at = 0usize;
     let mut snapshots = Vec::with_capacity(count.min(1024) as usize);
@@ -43,6 +43,13 @@ pub fn parse_table(path: &Path, table: &[u8], count: u32) -> Result<Vec<Snapshot
         if extra_size > 1024 {
             return Err(corrupt(&format!(
                 "extra_data_size is {extra_size}; the limit is 1024"
+            )));
+        }
+        if version >= 3 && extra_size < 16 {
+            // The specification requires the disk size in version 3 entries;
+            // `qemu-img check` calls an entry without it incomplete.
+            return Err(corrupt(&format!(
+                "extra_data_size is {extra_size}; version 3 entries need at least 16 (the entry is incomplete)"
             )));
         }
         let extra_start = at + 40;

@@ -19,6 +19,9 @@ use crate::error::{Error, Result};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard, PoisonError};
 
+/// The largest file (in clusters) whose refcounts a writable open of a dirty
+/// image rebuilds: 8 bytes of memory each, so at most 256 MiB.
+const MAX_REBUILD_CLUSTERS: u64 = 32 << 20;
 /// An extended L2 bitmap with every subcluster reading as zeros.
 const ALL_ZEROES: u64 = 0xffff_ffff << 32;
 /// An extended L2 bitmap with every subcluster allocated.
@@ -100,6 +103,8 @@ impl Qcow2 {
             state.incompatible &= !header::INCOMPAT_DIRTY;
             self.write_incompatible(&mut state)?;
             self.barrier(&mut state)?;
+        } else {
+            self.check_metadata_refcounts(&mut state)?;
         }
         let keep = h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW;
         if h.version >= 3 && h.autoclear_features != keep {
@@ -107,6 +112,56 @@ impl Qcow2 {
             self.barrier(&mut state)?;
         }
         self.writer = Some(std::sync::Mutex::new(state));
+        Ok(())
+    }
+
+    /// Refuse to write an image whose refcounts call its own metadata free:
+    /// the allocator would hand those clusters out again and overwrite the
+    /// header or a table (QEMU's overlap checks stop the same writes).
+    fn check_metadata_refcounts(&self, ws: &mut WriteState) -> Result<()> {
+        let h = &self.header;
+        let cluster_size = h.cluster_size();
+        let mut tables = vec![
+            ("the header".to_string(), 0, cluster_size),
+            (
+                "the L1 table".to_string(),
+                h.l1_table_offset,
+                u64::from(h.l1_size) * 8,
+            ),
+            (
+                "the refcount table".to_string(),
+                h.refcount_table_offset,
+                u64::from(h.refcount_table_clusters) * cluster_size,
+            ),
+        ];
+        for block in ws.rc.table.iter().map(|e| e & OFFSET_MASK) {
+            if block != 0 {
+                tables.push((
+                    format!("the refcount block at {block:#x}"),
+                    block,
+                    cluster_size,
+                ));
+            }
+        }
+        if h.nb_snapshots > 0 {
+            let len = snapshot_table_len(self.file.as_ref(), h)?;
+            tables.push(("the snapshot table".to_string(), h.snapshots_offset, len));
+        }
+        for (what, offset, bytes) in tables {
+            if bytes == 0 {
+                continue;
+            }
+            let first = offset >> h.cluster_bits;
+            let last = (offset + bytes - 1) >> h.cluster_bits;
+            for cluster in first..=last {
+                if ws.rc.get(self.file.as_ref(), cluster)? == 0 {
+                    return Err(self.corrupt(format!(
+                        "the refcount of {what} (cluster at {:#x}) is 0, so writing could overwrite it; repair the image with 'qemu-img check -r all' first",
+                        cluster << h.cluster_bits
+                    )));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -195,6 +250,13 @@ impl Qcow2 {
         let mut block = vec![0u8; usize::try_from(cluster_size).unwrap_or(0)];
         refcount::set_entry(&mut block, 0, ws.rc.order(), 1);
         let block_offset = block_cluster * cluster_size;
+        if block_offset == 0 {
+            // Cluster 0 is the header: a table without a block for it lies.
+            return Err(self.corrupt(
+                "refcount table entry 0 is empty, but the header cluster it covers is in use"
+                    .to_string(),
+            ));
+        }
         self.meta_write(ws, &block, block_offset)?;
         ws.rc.insert_block(block_offset, block);
         self.barrier(ws)?;
@@ -327,47 +389,66 @@ impl Qcow2 {
         let h = &self.header;
         let cluster_size = h.cluster_size();
         let bits = h.cluster_bits;
-        let mut counts: Vec<u64> = vec![0; usize::try_from(ws.end_cluster).unwrap_or(0)];
-        let mut add = |start: u64, len: u64| {
+        // One count per cluster of the file: a reference more than a cluster
+        // past its end is corrupt (as `qemu-img check` says too), so the array
+        // never grows past the file, and a file too big to count is refused.
+        let file_len = self.file.len()?;
+        let file_clusters = file_len.div_ceil(cluster_size) + 1;
+        if file_clusters > MAX_REBUILD_CLUSTERS {
+            return Err(self.corrupt(format!(
+                "the image is dirty (lazy refcounts) and its file has {file_clusters} clusters, more than the {MAX_REBUILD_CLUSTERS} whose refcounts we rebuild; repair it with 'qemu-img check -r all'"
+            )));
+        }
+        let mut counts: Vec<u64> = vec![0; usize::try_from(file_clusters).unwrap_or(0)];
+        let path = self.file.path();
+        let mut add = |start: u64, len: u64| -> Result<()> {
             if len == 0 {
-                return;
+                return Ok(());
             }
-            for cluster in (start >> bits)..=((start + len - 1) >> bits) {
-                let i = usize::try_from(cluster).unwrap_or(usize::MAX);
-                if i >= counts.len() {
-                    counts.resize(i + 1, 0);
-                }
-                if let Some(c) = counts.get_mut(i) {
-                    *c += 1;
-                }
+            let end = start.saturating_add(len);
+            for cluster in (start >> bits)..=((end - 1) >> bits) {
+                let slot = usize::try_from(cluster)
+                    .ok()
+                    .and_then(|i| counts.get_mut(i))
+                    .ok_or_else(|| {
+                        Error::corrupt(
+                            path,
+                            format!(
+                                "qcow2: rebuilding refcounts: a reference to {start:#x} ({len} bytes) lies past the end of the file ({file_len:#x})"
+                            ),
+                        )
+                    })?;
+                *slot += 1;
             }
+            Ok(())
         };
-        add(0, cluster_size);
+        add(0, cluster_size)?;
         let mut l1_tables = vec![(h.l1_table_offset, h.l1_size)];
         for s in &self.snapshots {
+            // Checked at open (read_snapshots).
             l1_tables.push((s.l1_table_offset, s.l1_size));
         }
         if h.nb_snapshots > 0 {
             let table_len = snapshot_table_len(self.file.as_ref(), h)?;
-            add(h.snapshots_offset, table_len);
+            add(h.snapshots_offset, table_len)?;
         }
         let width = h.l2_entry_size() / 8;
         for (l1_offset, l1_size) in l1_tables {
-            add(l1_offset, u64::from(l1_size) * 8);
+            add(l1_offset, u64::from(l1_size) * 8)?;
             let l1 = super::read_l1(self.file.as_ref(), l1_offset, l1_size)?;
             for l1_entry in l1 {
                 let l2_offset = l1_entry & OFFSET_MASK;
                 if l2_offset == 0 {
                     continue;
                 }
-                add(l2_offset, cluster_size);
+                add(l2_offset, cluster_size)?;
                 let table = self.load_l2(l2_offset)?;
                 for e in table.iter().step_by(usize::try_from(width).unwrap_or(1)) {
                     if e & COMPRESSED != 0 {
                         let (host, size) = super::l2::compressed_descriptor(*e, bits);
-                        add(host & !511, host + size - (host & !511));
+                        add(host & !511, host + size - (host & !511))?;
                     } else if e & OFFSET_MASK != 0 && !h.has_data_file() {
-                        add(e & OFFSET_MASK, cluster_size);
+                        add(e & OFFSET_MASK, cluster_size)?;
                     }
                 }
             }
