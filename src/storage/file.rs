@@ -19,32 +19,21 @@ pub struct FileStorage {
 impl FileStorage {
     /// Open `path` read-only.
     pub fn open_read_only(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
-        if file
-            .metadata()
-            .map_err(|e| Error::io(path, "stat", e))?
-            .is_dir()
-        {
-            return Err(Error::io(
-                path,
-                "open",
-                io::Error::from_raw_os_error(libc::EISDIR),
-            ));
-        }
-        Ok(FileStorage {
-            file,
-            path: path.to_path_buf(),
-            writable: false,
-        })
+        Self::open_existing(path, false)
     }
 
     /// Open `path` for reading and writing. The file must exist.
     pub fn open_read_write(path: &Path) -> Result<Self> {
+        Self::open_existing(path, true)
+    }
+
+    fn open_existing(path: &Path, writable: bool) -> Result<Self> {
+        let context = if writable { "open for writing" } else { "open" };
         let file = std::fs::OpenOptions::new()
             .read(true)
-            .write(true)
+            .write(writable)
             .open(path)
-            .map_err(|e| Error::io(path, "open for writing", e))?;
+            .map_err(|e| Error::io(path, context, e))?;
         if file
             .metadata()
             .map_err(|e| Error::io(path, "stat", e))?
@@ -52,14 +41,14 @@ impl FileStorage {
         {
             return Err(Error::io(
                 path,
-                "open",
+                context,
                 io::Error::from_raw_os_error(libc::EISDIR),
             ));
         }
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
-            writable: true,
+            writable,
         })
     }
 
