@@ -1,7 +1,8 @@
 //! `exercise`: run a seeded (or replayed) workload on a mirrored device with the
 //! GIL released; Ctrl-C is checked about ten times a second.
 
-use super::errors::{open_options, panic_to_pyerr, run_detached, to_pyerr};
+use super::errors::{open_options, run_detached, to_pyerr};
+use super::verify::run_with_progress;
 use crate::blkverify::{parse_spec, Blkverify, Spec};
 use crate::driver::BlockDriver;
 use crate::error::Error;
@@ -13,7 +14,6 @@ use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use std::hash::{BuildHasher, Hasher};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -196,41 +196,21 @@ pub(crate) fn exercise<'py>(
         ..ExerciseOptions::default()
     };
 
-    let progress = progress.map(|p| p.unbind());
-    let mut pending: Option<PyErr> = None;
     let outcome = {
-        let pending = &mut pending;
         let (device, plan) = (&device, &plan);
         let op_log = op_log.as_mut();
-        let result = py.detach(|| {
-            catch_unwind(AssertUnwindSafe(|| {
-                let mut tick = |done: u64| -> bool {
-                    Python::attach(|py| {
-                        if let Err(e) = py.check_signals() {
-                            *pending = Some(e);
-                            return false;
-                        }
-                        if let Some(cb) = &progress {
-                            if let Err(e) = cb.call1(py, (done,)) {
-                                *pending = Some(e);
-                                return false;
-                            }
-                        }
-                        true
-                    })
-                };
-                engine::run(device, plan, &run_options, op_log, &mut tick)
-            }))
-        });
-        match result {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(Error::Cancelled)) => {
-                return Err(pending
-                    .take()
-                    .unwrap_or_else(|| PyKeyboardInterrupt::new_err("cancelled")))
-            }
-            Ok(Err(e)) => return Err(to_pyerr(e)),
-            Err(panic) => return Err(panic_to_pyerr(panic)),
+        run_with_progress(
+            py,
+            progress.map(Bound::unbind),
+            |done: u64| vec![done],
+            |tick| engine::run(device, plan, &run_options, op_log, tick),
+        )?
+    };
+    let outcome = match outcome {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(e)) => return Err(to_pyerr(e)),
+        Err(pending) => {
+            return Err(pending.unwrap_or_else(|| PyKeyboardInterrupt::new_err("cancelled")))
         }
     };
     drop(op_log);

@@ -80,17 +80,21 @@ fn report_dict<'py>(
             .take(MAX_LOCATED)
             .map(|m| m.first_byte)
             .collect();
+        // Locating is best effort: an error or a panic just leaves no mapping.
         py.detach(move || {
-            offsets
-                .iter()
-                .map(|&o| {
-                    if o < td.size() {
-                        td.locate(o).ok().flatten()
-                    } else {
-                        None
-                    }
-                })
-                .collect::<Vec<_>>()
+            catch_unwind(AssertUnwindSafe(|| {
+                offsets
+                    .iter()
+                    .map(|&o| {
+                        if o < td.size() {
+                            td.locate(o).ok().flatten()
+                        } else {
+                            None
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            }))
+            .unwrap_or_default()
         })
     };
 
@@ -144,7 +148,7 @@ fn report_dict<'py>(
 /// Run `work` with the GIL released while `tick` (called back with the GIL)
 /// checks for Ctrl-C and calls the user's progress callback. A callback error
 /// or a signal cancels the work and is returned as `Err`.
-fn run_with_progress<T: Send, P: Send>(
+pub(crate) fn run_with_progress<T: Send, P: Send>(
     py: Python<'_>,
     progress: Option<Py<PyAny>>,
     args: fn(P) -> Vec<u64>,
@@ -164,6 +168,7 @@ fn run_with_progress<T: Send, P: Send>(
                         if let Some(cb) = &progress {
                             let values = args(p);
                             let call = match values.as_slice() {
+                                [a] => cb.call1(py, (*a,)),
                                 [a, b] => cb.call1(py, (*a, *b)),
                                 [a, b, c, d] => cb.call1(py, (*a, *b, *c, *d)),
                                 _ => Ok(py.None()),
