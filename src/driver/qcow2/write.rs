@@ -491,13 +491,45 @@ impl Qcow2 {
 
     pub(super) fn do_write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         let mut ws = self.check_write(offset, len)?;
+        if self.header.version < 3 && self.header.backing_file.is_none() {
+            // No zero flag in v2, but with no backing file an unallocated cluster
+            // reads as zeros: like QEMU, whole clusters are deallocated and only
+            // the partial clusters at the edges get zero data.
+            let (start, end) = self.whole_clusters(offset, len);
+            if start >= end {
+                return self.apply(&mut ws, offset, len, Op::ZeroData);
+            }
+            if offset < start {
+                self.apply(&mut ws, offset, start - offset, Op::ZeroData)?;
+            }
+            self.apply(&mut ws, start, end - start, Op::Discard)?;
+            if end < offset + len {
+                self.apply(&mut ws, end, offset + len - end, Op::ZeroData)?;
+            }
+            return Ok(());
+        }
         let op = if self.header.version < 3 || self.header.data_file_raw() {
-            // No zero flag (v2), or a raw data file that must itself read as zeros.
+            // No zero flag (v2 over a backing file), or a raw data file that must
+            // itself read as zeros.
             Op::ZeroData
         } else {
             Op::Zero { unmap }
         };
         self.apply(&mut ws, offset, len, op)
+    }
+
+    /// The whole clusters inside `[offset, offset + len)`, plus the partial
+    /// cluster at the end of the disk when the range reaches it; `start >= end`
+    /// when there are none.
+    fn whole_clusters(&self, offset: u64, len: u64) -> (u64, u64) {
+        let cluster_size = self.header.cluster_size();
+        let start = offset.div_ceil(cluster_size) * cluster_size;
+        let end = if offset + len == self.size {
+            self.size
+        } else {
+            (offset + len) / cluster_size * cluster_size
+        };
+        (start, end)
     }
 
     pub(super) fn do_discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -509,13 +541,7 @@ impl Qcow2 {
         }
         // Like QEMU, only whole clusters are discarded, plus the partial
         // cluster at the end of the disk when the range reaches it.
-        let cluster_size = self.header.cluster_size();
-        let start = offset.div_ceil(cluster_size) * cluster_size;
-        let end = if offset + len == self.size {
-            self.size
-        } else {
-            (offset + len) / cluster_size * cluster_size
-        };
+        let (start, end) = self.whole_clusters(offset, len);
         if start >= end {
             return Ok(());
         }
