@@ -927,7 +927,23 @@ impl Qcow2 {
         frees: &mut Vec<(u64, u64)>,
     ) -> Result<Entry> {
         let ext = self.header.extended_l2();
-        let whole = a == 0 && b == cluster_len;
+        let mut whole = a == 0 && b == cluster_len;
+        if let Op::Zero { .. } = op {
+            // Like QEMU: zeroing part of a cluster that holds no data (unallocated
+            // or already zero) while the rest of it reads as zeros zeroes the whole
+            // cluster with the zero flag. The contents are the same either way; the
+            // allocation map then matches QEMU's.
+            let holds_no_data = old.entry & COMPRESSED == 0
+                && (old.entry & ZERO != 0 || self.host_of(old).is_none());
+            if !whole
+                && !ext
+                && holds_no_data
+                && self.reads_as_zero(cluster_start, cluster_start + a)?
+                && self.reads_as_zero(cluster_start + b, cluster_start + cluster_len)?
+            {
+                whole = true;
+            }
+        }
         match op {
             Op::Data(d) => {
                 self.write_cluster(ws, cluster_start, cluster_len, a, b, old, Some(d), frees)
@@ -986,14 +1002,32 @@ impl Qcow2 {
                         },
                     });
                 }
-                if self.reads_as_zero(cluster_start + a, cluster_start + b)? {
-                    return Ok(old);
-                }
                 let sub = self.header.cluster_size() / 32;
-                let (sa, sb) = (a.div_ceil(sub), b / sub);
+                let (mut sa, mut sb) = (a.div_ceil(sub), b / sub);
+                if ext && old.entry & COMPRESSED == 0 {
+                    // As for whole clusters above, QEMU flags a partial subcluster
+                    // zero when it holds no data and the rest of it reads as zeros.
+                    let no_data = |k: u64| old.bitmap & (1u64 << k) == 0;
+                    let edge = |k: u64| -> Result<bool> {
+                        let s0 = k * sub;
+                        let s1 = (s0 + sub).min(cluster_len);
+                        Ok(no_data(k)
+                            && self.reads_as_zero(cluster_start + s0, cluster_start + a.max(s0))?
+                            && self.reads_as_zero(cluster_start + b.min(s1), cluster_start + s1)?)
+                    };
+                    if a % sub != 0 && edge(a / sub)? {
+                        sa = a / sub;
+                    }
+                    if b % sub != 0 && edge(b / sub)? {
+                        sb = b / sub + 1;
+                    }
+                }
                 let plain =
                     old.entry & COMPRESSED == 0 && (self.host_of(old).is_none() || self.owned(old));
                 if !ext || sa >= sb || !plain {
+                    if self.reads_as_zero(cluster_start + a, cluster_start + b)? {
+                        return Ok(old);
+                    }
                     return self.write_cluster(
                         ws,
                         cluster_start,
