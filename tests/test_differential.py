@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import blkverify_rs as bv
@@ -128,7 +129,9 @@ def test_writes_agree_with_qemu_io(tmp_path: Path, case: int) -> None:
     t = qemu_io(theirs, cmds)
     args = [a for c in cmds for a in ("-c", c)]
     o = subprocess.run(
-        ["blkverify", "io", "-f", "qcow2", *args, str(ours)], capture_output=True, text=True
+        [sys.executable, "-m", "blkverify_rs", "io", "-f", "qcow2", *args, str(ours)],
+        capture_output=True,
+        text=True,
     )
 
     def norm(s: str) -> str:
