@@ -9,6 +9,8 @@ pub mod blkverify;
 pub mod driver;
 pub mod error;
 pub mod exercise;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod storage;
 pub mod verify;
 

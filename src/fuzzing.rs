@@ -1,0 +1,139 @@
+//! The fuzz targets' harnesses. They live in the library so that the targets
+//! (fuzz/fuzz_targets/) and the regression replay (tests/fuzz_regressions.rs)
+//! run exactly the same code on an input: a crash the fuzzer found is replayed
+//! as it was found, not by a copy that may have drifted.
+
+use crate::driver::qcow2::Qcow2;
+use crate::driver::{BlockDriver, OpenOptions};
+use crate::error::Error;
+use crate::storage::{LimitedStorage, MemStorage};
+use std::sync::Arc;
+
+/// What one harness run produced.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Why the image did not open, if it did not.
+    pub open_error: Option<Error>,
+    /// The errors of the operations run on the opened image.
+    pub op_errors: Vec<Error>,
+}
+
+/// Bytes per operation in a [`write_image`] input.
+pub const OP_BYTES: usize = 8;
+
+/// The most a [`write_image`] store may grow to (ENOSPC past it), so a hostile
+/// offset cannot make the image itself grow without bound.
+const STORE_LIMIT: u64 = 64 << 20;
+
+fn options(writable: bool) -> OpenOptions {
+    let mut options = OpenOptions::default();
+    options.backing.follow = false;
+    options.writable = writable;
+    options
+}
+
+/// Open `data` as a read-only qcow2 image named `name`, map its first 8 MiB and
+/// read and locate a few scattered ranges.
+pub fn read_image(data: &[u8], name: &str) -> Outcome {
+    let storage = Arc::new(MemStorage::new(name, data.to_vec(), false));
+    let image = match Qcow2::open(storage, None, &options(false), &[]) {
+        Ok(image) => image,
+        Err(e) => {
+            return Outcome {
+                open_error: Some(e),
+                ..Outcome::default()
+            }
+        }
+    };
+    let mut outcome = Outcome::default();
+    let size = image.size();
+    let mut offset = 0u64;
+    let mut extents = 0;
+    while offset < size.min(8 << 20) && extents < 512 {
+        match image.map(offset, size - offset) {
+            Ok(e) => offset += e.length.max(1),
+            Err(e) => {
+                outcome.op_errors.push(e);
+                offset += 512;
+            }
+        }
+        extents += 1;
+    }
+    let mut buf = vec![0u8; 1 << 16];
+    for probe in [0u64, 512, 65536, size / 2, size.saturating_sub(4096)] {
+        if probe < size {
+            let n = (size - probe).min(buf.len() as u64) as usize;
+            if let Err(e) = image.read_at(buf.get_mut(..n).unwrap_or(&mut []), probe) {
+                outcome.op_errors.push(e);
+            }
+            if let Err(e) = image.locate(probe) {
+                outcome.op_errors.push(e);
+            }
+        }
+    }
+    outcome
+}
+
+/// `data` is a count byte, `count % 8` operations of [`OP_BYTES`] bytes, then
+/// a qcow2 image. Open the image writable (named `name`, in a store capped at
+/// 64 MiB), apply the writes, zero writes, discards, flushes and reads the
+/// operations choose, close it, and open and read what is left.
+pub fn write_image(data: &[u8], name: &str) -> Outcome {
+    let mut outcome = Outcome::default();
+    let Some((&count, rest)) = data.split_first() else {
+        return outcome;
+    };
+    let ops_len = usize::from(count % 8) * OP_BYTES;
+    if rest.len() < ops_len {
+        return outcome;
+    }
+    let (ops, image) = rest.split_at(ops_len);
+    let storage = Arc::new(LimitedStorage::new(
+        MemStorage::new(name, image.to_vec(), true),
+        STORE_LIMIT,
+    ));
+    let qcow2 = match Qcow2::open(storage.clone(), None, &options(true), &[]) {
+        Ok(image) => image,
+        Err(e) => {
+            outcome.open_error = Some(e);
+            return outcome;
+        }
+    };
+    let size = qcow2.size();
+    if size == 0 {
+        return outcome;
+    }
+    let payload = vec![0x5au8; 1 << 19];
+    for op in ops.chunks_exact(OP_BYTES) {
+        let Ok([kind, o1, o2, o3, o4, l1, l2, _]) = <[u8; OP_BYTES]>::try_from(op) else {
+            continue;
+        };
+        let offset = u64::from(u32::from_be_bytes([o1, o2, o3, o4])) * 512 % size;
+        let len = (u64::from(u16::from_be_bytes([l1, l2])) * 8 + 1).min(size - offset);
+        let result = match kind % 6 {
+            0 => qcow2.write_at(payload.get(..len as usize).unwrap_or(&[]), offset),
+            1 => qcow2.write_zeroes(offset, len, false),
+            2 => qcow2.write_zeroes(offset, len, true),
+            3 => qcow2.discard(offset, len),
+            4 => qcow2.flush(),
+            _ => {
+                let mut buf = vec![0u8; len as usize];
+                qcow2.read_at(&mut buf, offset)
+            }
+        };
+        if let Err(e) = result {
+            outcome.op_errors.push(e);
+        }
+    }
+    drop(qcow2);
+    let after = storage.inner().snapshot();
+    let reread = Arc::new(MemStorage::new(name, after, false));
+    if let Ok(image) = Qcow2::open(reread, None, &options(false), &[]) {
+        let mut buf = vec![0u8; 4096];
+        let n = image.size().min(4096) as usize;
+        if let Err(e) = image.read_at(buf.get_mut(..n).unwrap_or(&mut []), 0) {
+            outcome.op_errors.push(e);
+        }
+    }
+    outcome
+}
