@@ -86,44 +86,26 @@ def open(
     (``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``);
     ``timeout`` (seconds, default 30) bounds its connect and every request.
     """
+    # The same options, whichever of the three ways the image is opened.
+    options: dict[str, Any] = {
+        "format": format,
+        "read_only": read_only,
+        "snapshot": snapshot,
+        "backing": backing,
+        "max_backing_depth": max_backing_depth,
+        "allow_backing_anywhere": allow_backing_anywhere,
+        "timeout": timeout,
+    }
     if raw is not None or test is not None:
         if path is not None or raw is None or test is None:
             raise ValueError("give either a path (or a blkverify:RAW:TEST spec) or raw= and test=")
-        return _native.open_device(
-            raw=os.fspath(raw),
-            test=os.fspath(test),
-            format=format,
-            read_only=read_only,
-            snapshot=snapshot,
-            backing=backing,
-            max_backing_depth=max_backing_depth,
-            allow_backing_anywhere=allow_backing_anywhere,
-            timeout=timeout,
-        )
+        return _native.open_device(raw=os.fspath(raw), test=os.fspath(test), **options)
     if path is None:
         raise ValueError("open() needs a path, a blkverify:RAW:TEST spec, or raw= and test=")
     spec = os.fspath(path)
     if isinstance(spec, str) and spec.startswith(BLKVERIFY_PREFIX):
-        return _native.open_device(
-            spec,
-            format=format,
-            read_only=read_only,
-            snapshot=snapshot,
-            backing=backing,
-            max_backing_depth=max_backing_depth,
-            allow_backing_anywhere=allow_backing_anywhere,
-            timeout=timeout,
-        )
-    return _native.open(
-        spec,
-        format=format,
-        read_only=read_only,
-        snapshot=snapshot,
-        backing=backing,
-        max_backing_depth=max_backing_depth,
-        allow_backing_anywhere=allow_backing_anywhere,
-        timeout=timeout,
-    )
+        return _native.open_device(spec, **options)
+    return _native.open(spec, **options)
 
 
 def create(
