@@ -744,11 +744,15 @@ impl BlockDriver for Qcow2 {
             },
         };
         let mapping = mapping_of(first, within);
-        if let Mapping::Data { host_offset } = mapping {
-            // Asked of the file each time (one lseek per extent): a file that
-            // shrank under us must be an error, never zeros.
-            let data_len = self.data.len()?;
-            if host_offset - within >= data_len && !self.header.has_data_file() {
+        // The image file's length, for data stored in it: asked of the file once
+        // per extent (one lseek), because a file that shrank under us must be an
+        // error, never zeros. External data files may be shorter than their data.
+        let data_len = match mapping {
+            Mapping::Data { .. } if !self.header.has_data_file() => Some(self.data.len()?),
+            _ => None,
+        };
+        if let (Mapping::Data { host_offset }, Some(data_len)) = (mapping, data_len) {
+            if host_offset - within >= data_len {
                 return Err(describe(
                     format!(
                         "data cluster at host offset {:#x} lies past the end of the file (size {data_len:#x})",
@@ -791,15 +795,12 @@ impl BlockDriver for Qcow2 {
             end += unit;
         }
         let mut length = end.min(limit) - offset;
-        if let Mapping::Data { host_offset } = mapping {
-            if !self.header.has_data_file() {
-                // Clusters wholly past the end of the file are an error at the
-                // next lookup; only the last, partial one reads zeros past EOF
-                // (as QEMU does), so a truncated image is never read as zeros.
-                let data_len = self.data.len()?;
-                let host_end = data_len.div_ceil(unit) * unit;
-                length = length.min(host_end.saturating_sub(host_offset)).max(1);
-            }
+        if let (Mapping::Data { host_offset }, Some(data_len)) = (mapping, data_len) {
+            // Clusters wholly past the end of the file are an error at the next
+            // lookup; only the last, partial one reads zeros past EOF (as QEMU
+            // does), so a truncated image is never read as zeros.
+            let host_end = data_len.div_ceil(unit) * unit;
+            length = length.min(host_end.saturating_sub(host_offset)).max(1);
         }
         Ok(Extent {
             offset,
