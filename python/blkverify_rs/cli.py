@@ -25,10 +25,11 @@ def fail(message: str) -> NoReturn:
     sys.exit(EXIT_ERROR)
 
 
-def describe_error(exc: BaseException) -> str:
-    """One line for an exception, naming the file where it has one."""
+def describe_error(exc: BaseException, name: str | None = None) -> str:
+    """One line for an exception, naming the file where it has one (or, for an
+    OS error that names none, ``name``)."""
     if isinstance(exc, OSError):
-        filename = getattr(exc, "filename", None)
+        filename = getattr(exc, "filename", None) or name
         text = exc.strerror or str(exc)
         return f"{filename}: {text}" if filename else text
     return str(exc) or exc.__class__.__name__

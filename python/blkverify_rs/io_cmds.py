@@ -793,7 +793,9 @@ def run_io(
     try:
         dev = bv.open(spec, format=fmt, read_only=read_only)
     except (bv.Error, OSError, ValueError) as exc:
-        err.write(f"blkverify: error: {describe_open_error(spec, exc)}\n")
+        from blkverify_rs.cli import describe_error
+
+        err.write(f"blkverify: error: {describe_error(exc, spec)}\n")
         return 1
     session = Session(dev, out, err, read_only)
     failed = False
@@ -826,10 +828,3 @@ def _prompted(source: IO[str], out: IO[str]) -> Any:
             out.write("\n")
             return
         yield line
-
-
-def describe_open_error(spec: str, exc: BaseException) -> str:
-    if isinstance(exc, OSError):
-        name = exc.filename or spec
-        return f"{name}: {exc.strerror or exc}"
-    return str(exc) or exc.__class__.__name__
