@@ -19,21 +19,25 @@ def to_json(rep: Report) -> str:
 
 
 def describe_mapping(mapping: dict[str, Any] | None) -> str | None:
-    """Where the metadata puts a byte, in the words a driver developer debugs with."""
+    """Where the metadata puts a byte, in the words a driver developer debugs with:
+    the lookup path through the format's own tables, then what it found."""
     if not mapping:
         return None
-    where = f"L1 index {mapping['l1_index']}, L2 index {mapping['l2_index']}"
+    where = ", ".join(f"{t['table']} index {t['index']}" for t in mapping["tables"])
     if mapping.get("subcluster") is not None:
         where += f", subcluster {mapping['subcluster']}"
     kind = mapping["kind"]
     host = mapping.get("host_offset")
     file = mapping["file"]
+    unit = mapping["unit"]
     if kind == "data":
-        what = f"data cluster at host offset {host:#x} in {file}"
+        # qcow2 has always said "data cluster"; other formats name the unit alone.
+        noun = "data cluster" if unit == "cluster" else unit
+        what = f"{noun} at host offset {host:#x} in {file}"
     elif kind == "compressed":
-        what = f"compressed cluster at host offset {host:#x} in {file}"
+        what = f"compressed {unit} at host offset {host:#x} in {file}"
     elif kind == "zero":
-        what = "zero cluster (reads as zeros)"
+        what = f"zero {unit} (reads as zeros)"
     elif kind == "backing":
         depth = mapping.get("backing_depth", 1)
         what = f"unallocated, read from backing file {file} (depth {depth})"
@@ -41,7 +45,7 @@ def describe_mapping(mapping: dict[str, Any] | None) -> str | None:
             what += f" at host offset {host:#x}"
     else:
         what = "unallocated (reads as zeros)"
-    return f"{where}: {what}"
+    return f"{where}: {what}" if where else what
 
 
 def describe_mismatch(m: Mismatch) -> str:

@@ -5,6 +5,7 @@
 //! (`read_at`) and "what kind of storage backs it?" (`map`). The second lets the
 //! verifier skip ranges that read as zeros on both sides without reading them.
 
+pub mod gate;
 pub mod nbd;
 pub mod qcow2;
 pub mod raw;
@@ -65,24 +66,48 @@ pub struct Extent {
     pub mapping: Mapping,
 }
 
+/// One step of a format's lookup path: the table consulted and the entry used
+/// (qcow2 `L1 0` then `L2 80`; vmdk `GD 3` then `GT 17`; vhdx `BAT 12`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableIndex {
+    /// The table's name, as the format's specification calls it.
+    pub table: &'static str,
+    /// The entry's index in that table.
+    pub index: u64,
+}
+
 /// Where a guest byte lives, in the terms a driver developer debugs with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Location {
     /// The mapping kind at the top image: data, compressed, zero, unallocated, or
     /// backing (unallocated here, served by a backing file).
     pub kind: &'static str,
-    /// Index into the top image's L1 table.
-    pub l1_index: u64,
-    /// Index into the L2 table.
-    pub l2_index: u64,
-    /// Subcluster index, for images with extended L2 entries.
+    /// The format whose tables `tables` names (the top image's).
+    pub format: &'static str,
+    /// What one table entry maps, in the format's words: "cluster", "grain",
+    /// "block".
+    pub unit: &'static str,
+    /// The lookup path through the top image's tables, outermost first.
+    pub tables: Vec<TableIndex>,
+    /// Subcluster index, for qcow2 images with extended L2 entries.
     pub subcluster: Option<u32>,
     /// Offset of the byte in `file`, where the data is stored.
     pub host_offset: Option<u64>,
-    /// The file the bytes come from (the image, its data file, or a backing file).
+    /// The file the bytes come from (the image, its data file, an extent, or a
+    /// backing file).
     pub file: PathBuf,
     /// 0 for the image itself, 1 for its backing file, and so on.
     pub backing_depth: u32,
+}
+
+impl Location {
+    /// The index used in table `name`, if the lookup went through it.
+    pub fn index_in(&self, name: &str) -> Option<u64> {
+        self.tables
+            .iter()
+            .find(|t| t.table == name)
+            .map(|t| t.index)
+    }
 }
 
 /// A disk-image format driver. Guest offsets are bytes from the start of the
@@ -203,30 +228,95 @@ pub fn zero_status(driver: &dyn BlockDriver, offset: u64, max_len: u64) -> Resul
     }
 }
 
-/// The formats we have drivers for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Every image format blkverify knows, whether or not it can read it yet: the
+/// one registry that the probe, the command line's format choices and the error
+/// messages are drawn from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Format {
     /// A flat file or block device.
     Raw,
     /// QEMU copy-on-write v2/v3.
     Qcow2,
+    /// VMware's virtual disk (sparse, flat and stream-optimized extents).
+    Vmdk,
+    /// Microsoft's Virtual PC / Hyper-V VHD (QEMU calls it `vpc`).
+    Vpc,
+    /// Microsoft's Hyper-V VHDX.
+    Vhdx,
+    /// VirtualBox's disk image.
+    Vdi,
 }
 
 impl Format {
-    /// Parse a format name as given on the command line or in a header extension.
+    /// Every format, in the order help texts list them.
+    pub const ALL: [Format; 6] = [
+        Format::Raw,
+        Format::Qcow2,
+        Format::Vmdk,
+        Format::Vpc,
+        Format::Vhdx,
+        Format::Vdi,
+    ];
+
+    /// Parse a format name as given on the command line or in a header extension
+    /// (QEMU's names: `vpc` is VHD).
     pub fn parse(name: &str) -> Option<Format> {
-        match name {
-            "raw" => Some(Format::Raw),
-            "qcow2" => Some(Format::Qcow2),
-            _ => None,
-        }
+        Format::ALL.into_iter().find(|f| f.name() == name)
     }
 
-    /// The name.
+    /// The name, as QEMU spells it.
     pub fn name(&self) -> &'static str {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
+            Format::Vmdk => "vmdk",
+            Format::Vpc => "vpc",
+            Format::Vhdx => "vhdx",
+            Format::Vdi => "vdi",
+        }
+    }
+
+    /// What a file of this format is, for messages ("a VMDK image").
+    pub fn description(&self) -> &'static str {
+        match self {
+            Format::Raw => "a raw image",
+            Format::Qcow2 => "a qcow2 image",
+            Format::Vmdk => "a VMDK image",
+            Format::Vpc => "a VHD (vpc) image",
+            Format::Vhdx => "a VHDX image",
+            Format::Vdi => "a VDI image",
+        }
+    }
+
+    /// Whether blkverify has a driver that reads this format.
+    pub fn can_read(&self) -> bool {
+        matches!(self, Format::Raw | Format::Qcow2)
+    }
+
+    /// Whether images of this format can be opened for writing (and created).
+    pub fn can_write(&self) -> bool {
+        matches!(self, Format::Raw | Format::Qcow2)
+    }
+
+    /// The names of the formats `pick` selects, comma-separated, for messages.
+    pub fn names(pick: impl Fn(&Format) -> bool) -> String {
+        Format::ALL
+            .iter()
+            .filter(|f| pick(f))
+            .map(Format::name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Parse a user-given format name that must be readable, with the one
+    /// message every caller gives for a name that is not.
+    pub fn parse_readable(name: &str) -> Result<Format> {
+        match Format::parse(name) {
+            Some(format) if format.can_read() => Ok(format),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown format '{name}' (supported: {})",
+                Format::names(Format::can_read)
+            ))),
         }
     }
 }
@@ -337,13 +427,36 @@ pub(crate) fn open_in_chain(
         Format::Qcow2 => Ok(Arc::new(qcow2::Qcow2::open(
             storage, snapshot, options, chain,
         )?)),
+        other => Err(cannot_read(path, other)),
     }
 }
 
-/// Pick a driver by the file's first bytes. Formats we know but do not support
-/// are refused rather than compared as raw bytes, which would be a silent wrong
+/// Pick a driver by the file's first bytes. Formats we know but cannot read are
+/// refused rather than compared as raw bytes, which would be a silent wrong
 /// answer.
 pub fn probe(storage: &dyn Storage) -> Result<Format> {
+    let format = detect(storage)?;
+    if format.can_read() {
+        Ok(format)
+    } else {
+        Err(cannot_read(storage.path(), format))
+    }
+}
+
+/// The refusal for a format blkverify recognises but has no reader for.
+fn cannot_read(path: &Path, format: Format) -> Error {
+    Error::format(
+        path,
+        format!(
+            "file is {}, which blkverify cannot read; give -f raw to compare its bytes as they are",
+            format.description()
+        ),
+    )
+}
+
+/// Which format the file's magic says it is (raw when none matches). qcow
+/// version 1 and LUKS volumes, which no driver here will read, are refused.
+pub fn detect(storage: &dyn Storage) -> Result<Format> {
     let len = storage.len()?;
     let mut head = [0u8; 512];
     let n = usize::try_from(len.min(head.len() as u64)).unwrap_or(0);
@@ -365,10 +478,6 @@ pub fn probe(storage: &dyn Storage) -> Result<Format> {
     }
     let refused: &[(&[u8], &str)] = &[
         (b"LUKS\xba\xbe", "a LUKS encrypted volume"),
-        (b"KDMV", "a VMDK image"),
-        (b"# Disk DescriptorFile", "a VMDK descriptor"),
-        (b"conectix", "a VHD (vpc) image"),
-        (b"vhdxfile", "a VHDX image"),
         (b"QED\0", "a QED image"),
     ];
     for (magic, what) in refused {
@@ -379,11 +488,19 @@ pub fn probe(storage: &dyn Storage) -> Result<Format> {
             ));
         }
     }
+    let magics: &[(&[u8], Format)] = &[
+        (b"KDMV", Format::Vmdk),
+        (b"# Disk DescriptorFile", Format::Vmdk),
+        (b"conectix", Format::Vpc),
+        (b"vhdxfile", Format::Vhdx),
+    ];
+    for (magic, format) in magics {
+        if head.starts_with(magic) {
+            return Ok(*format);
+        }
+    }
     if head.get(64..68) == Some(b"\x7f\x10\xda\xbe".as_slice()) {
-        return Err(Error::format(
-            path,
-            "file is a VDI image, which blkverify cannot read; give -f raw to compare its bytes as they are",
-        ));
+        return Ok(Format::Vdi);
     }
     Ok(Format::Raw)
 }

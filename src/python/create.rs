@@ -8,11 +8,14 @@ use pyo3::prelude::*;
 use std::path::PathBuf;
 
 fn parse_format(name: &str, what: &str) -> PyResult<Format> {
-    Format::parse(name).ok_or_else(|| {
-        PyValueError::new_err(format!(
-            "{what} '{name}' is not supported (use raw or qcow2)"
-        ))
-    })
+    Format::parse(name)
+        .filter(Format::can_write)
+        .ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "{what} '{name}' is not supported (use {})",
+                Format::names(Format::can_write).replace(", ", " or ")
+            ))
+        })
 }
 
 /// Create an image at `path` (replacing any file there).

@@ -143,9 +143,7 @@ pub(crate) fn panic_to_pyerr(panic: Box<dyn std::any::Any + Send>) -> PyErr {
 pub(crate) fn parse_format(name: Option<&str>) -> PyResult<Option<Format>> {
     match name {
         None => Ok(None),
-        Some(n) => Format::parse(n).map(Some).ok_or_else(|| {
-            PyValueError::new_err(format!("unknown format '{n}' (supported: raw, qcow2)"))
-        }),
+        Some(n) => Format::parse_readable(n).map(Some).map_err(to_pyerr),
     }
 }
 

@@ -260,8 +260,20 @@ pub(crate) fn location_dict<'py>(
     let d = PyDict::new(py);
     d.set_item("file", l.file.display().to_string())?;
     d.set_item("kind", l.kind)?;
-    d.set_item("l1_index", l.l1_index)?;
-    d.set_item("l2_index", l.l2_index)?;
+    d.set_item("unit", l.unit)?;
+    let tables = PyList::empty(py);
+    for t in &l.tables {
+        let entry = PyDict::new(py);
+        entry.set_item("table", t.table)?;
+        entry.set_item("index", t.index)?;
+        tables.append(entry)?;
+    }
+    d.set_item("tables", tables)?;
+    // qcow2's own fields, kept for the reports that predate `tables`.
+    if l.format == "qcow2" {
+        d.set_item("l1_index", l.index_in("L1"))?;
+        d.set_item("l2_index", l.index_in("L2"))?;
+    }
     d.set_item("subcluster", l.subcluster)?;
     d.set_item("host_offset", l.host_offset)?;
     d.set_item("backing_depth", l.backing_depth)?;

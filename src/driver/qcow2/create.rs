@@ -80,12 +80,20 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
             storage.flush()
         }
         Format::Qcow2 => create_qcow2(path, size, options),
+        other => Err(bad(
+            path,
+            format!(
+                "blkverify cannot create {} images (it creates {})",
+                other.name(),
+                Format::names(Format::can_write)
+            ),
+        )),
     }
 }
 
 fn backing_size(path: &Path, name: &str, format: Option<Format>) -> Result<u64> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let backing_path = super::resolve_relative(dir, name);
+    let backing_path = crate::driver::gate::resolve_relative(dir, name);
     let opts = OpenOptions {
         format,
         ..OpenOptions::default()
@@ -139,7 +147,8 @@ fn create_qcow2(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
     let backing_format = match (&o.backing, o.backing_format) {
         (Some(name), None) => {
             let dir = path.parent().unwrap_or(Path::new("."));
-            let storage = FileStorage::open_read_only(&super::resolve_relative(dir, name))?;
+            let storage =
+                FileStorage::open_read_only(&crate::driver::gate::resolve_relative(dir, name))?;
             Some(driver::probe(&storage)?)
         }
         (_, f) => f,

@@ -11,9 +11,7 @@ pub mod refcount;
 pub mod snapshot;
 mod write;
 
-use super::{
-    check_range, open_in_chain, BlockDriver, Extent, Format, Location, Mapping, OpenOptions,
-};
+use super::{check_range, gate, BlockDriver, Extent, Location, Mapping, OpenOptions, TableIndex};
 use crate::error::{Error, Result};
 use crate::storage::{FileStorage, Storage, View};
 use cache::{L2Cache, L2Table};
@@ -130,13 +128,10 @@ impl Qcow2 {
         };
         let l1 = read_l1(file.as_ref(), l1_offset, l1_size)?;
 
-        let dir = path.parent().unwrap_or(Path::new("."));
         let data: Arc<dyn Storage> = match (&header.data_file, header.has_data_file()) {
             (Some(name), true) => {
-                let data_path = resolve_relative(dir, name);
-                if let Ok(target) = std::fs::canonicalize(&data_path) {
-                    check_inside(&path, &target, "external data file", name, options)?;
-                }
+                let data_path =
+                    gate::resolve_part(&path, "qcow2", "external data file", name, options)?;
                 // The data file is written exactly when the image is.
                 if file.is_read_only() {
                     Arc::new(FileStorage::open_read_only(&data_path)?)
@@ -148,9 +143,9 @@ impl Qcow2 {
         };
 
         let backing = match &header.backing_file {
-            Some(name) if options.backing.follow => Some(open_backing(
+            Some(name) if options.backing.follow => Some(gate::open_backing(
                 &path,
-                dir,
+                "qcow2",
                 name,
                 header.backing_format.as_deref(),
                 options,
@@ -493,137 +488,6 @@ fn read_snapshots(file: &dyn Storage, header: &Header, file_len: u64) -> Result<
     Ok(snapshots)
 }
 
-/// Resolve a name from an image header against the image's directory.
-fn resolve_relative(dir: &Path, name: &str) -> PathBuf {
-    let name = name.strip_prefix("file:").unwrap_or(name);
-    let p = Path::new(name);
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        dir.join(p)
-    }
-}
-
-/// Refuse a file an image names (backing or data file) that lies outside the
-/// naming image's directory tree, unless the policy allows it. `target` is
-/// canonical.
-fn check_inside(
-    image: &Path,
-    target: &Path,
-    what: &str,
-    name: &str,
-    options: &OpenOptions,
-) -> Result<()> {
-    if options.backing.allow_anywhere {
-        return Ok(());
-    }
-    let me = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf());
-    let tree = me.parent().unwrap_or(Path::new("/"));
-    if target.starts_with(tree) {
-        return Ok(());
-    }
-    Err(Error::format(
-        image,
-        format!(
-            "qcow2: {what} '{name}' resolves to {}, outside the image's directory {}; \
-             an untrusted image must not read files elsewhere (allow it with --allow-backing-anywhere{})",
-            target.display(),
-            tree.display(),
-            if what == "backing file" {
-                ", or read unallocated clusters as zeros with --no-backing"
-            } else {
-                ""
-            }
-        ),
-    ))
-}
-
-fn open_backing(
-    path: &Path,
-    dir: &Path,
-    name: &str,
-    format_name: Option<&str>,
-    options: &OpenOptions,
-    chain: &[PathBuf],
-) -> Result<Arc<dyn BlockDriver>> {
-    let is_protocol = name.starts_with("json:")
-        || name.split_once(':').is_some_and(|(proto, _)| {
-            !proto.is_empty()
-                && !proto.contains('/')
-                && proto != "file"
-                && proto
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
-                && [
-                    "nbd",
-                    "nbd+unix",
-                    "nbd+tcp",
-                    "http",
-                    "https",
-                    "ftp",
-                    "ftps",
-                    "ssh",
-                    "iscsi",
-                    "rbd",
-                    "gluster",
-                    "nfs",
-                    "vvfat",
-                    "blkdebug",
-                    "blkverify",
-                    "null-co",
-                    "null-aio",
-                ]
-                .contains(&proto)
-        });
-    if is_protocol {
-        return Err(Error::format(
-            path,
-            format!("qcow2: backing file '{name}' is not a plain file name; only files can be backing images"),
-        ));
-    }
-    let backing_path = resolve_relative(dir, name);
-    let depth = chain.len() as u32 + 1;
-    if depth > options.backing.max_depth {
-        return Err(Error::format(
-            path,
-            format!(
-                "qcow2: backing chain is deeper than {} images (set a larger limit to follow it)",
-                options.backing.max_depth
-            ),
-        ));
-    }
-    let me = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let target = std::fs::canonicalize(&backing_path).map_err(|e| {
-        Error::io(
-            &backing_path,
-            format!("open backing file of {}", path.display()),
-            e,
-        )
-    })?;
-    check_inside(path, &target, "backing file", name, options)?;
-    let mut above: Vec<PathBuf> = chain.to_vec();
-    above.push(me);
-    if above.contains(&target) {
-        return Err(Error::corrupt(
-            path,
-            format!(
-                "qcow2: backing chain loops: backing file '{name}' is {}, already in the chain",
-                target.display()
-            ),
-        ));
-    }
-    let format = match format_name {
-        None => None,
-        Some(f) => Some(Format::parse(f).ok_or_else(|| {
-            Error::format(
-                path,
-                format!("qcow2: backing format '{f}' (of backing file '{name}') is not supported"),
-            )
-        })?),
-    };
-    open_in_chain(&backing_path, format, None, options, &above)
-}
-
 impl Drop for Qcow2 {
     fn drop(&mut self) {
         // A clean close: flush, and clear the dirty bit of lazy refcounts.
@@ -819,8 +683,18 @@ impl BlockDriver for Qcow2 {
         let subcluster = self.header.extended_l2().then_some(sub);
         let mut location = Location {
             kind: extent.mapping.kind(),
-            l1_index,
-            l2_index,
+            format: "qcow2",
+            unit: "cluster",
+            tables: vec![
+                TableIndex {
+                    table: "L1",
+                    index: l1_index,
+                },
+                TableIndex {
+                    table: "L2",
+                    index: l2_index,
+                },
+            ],
             subcluster,
             host_offset: None,
             file: self.path().to_path_buf(),
