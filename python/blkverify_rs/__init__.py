@@ -25,6 +25,8 @@ from blkverify_rs._native import (
 __version__: str = _native.__version__
 
 __all__ = [
+    "MAX_QUEUE_DEPTH",
+    "SECTOR_SIZE",
     "CorruptImageError",
     "Device",
     "Error",
@@ -37,9 +39,12 @@ __all__ = [
     "Report",
     "ShrinkResult",
     "__version__",
+    "check_pair",
     "create",
     "exercise",
+    "formats",
     "open",
+    "parse_size",
     "shrink",
     "verify",
     "verify_many",
@@ -47,10 +52,30 @@ __all__ = [
 
 PathLike = str | os.PathLike[str]
 
-SECTOR_SIZE = 512
+#: Bytes per sector, as blkverify's messages and qemu-io count them.
+SECTOR_SIZE: int = _native.SECTOR_SIZE
+#: The most ops :func:`exercise` keeps in flight.
+MAX_QUEUE_DEPTH: int = _native.MAX_QUEUE_DEPTH
 
 
-BLKVERIFY_PREFIX = "blkverify:"
+def parse_size(text: str) -> int:
+    """A size as QEMU's tools read it: bytes, an optional fraction and a binary
+    suffix (``4k``, ``1.5M``, ``2G``; b, k, M, G, T, P, E in any case), or hex
+    (``0x1000``). ``ValueError`` if it is not a size, ``OverflowError`` if it is
+    negative or above 2**63 - 1."""
+    return _native.parse_size(text)
+
+
+def formats(*, readable: bool = False, writable: bool = False) -> list[str]:
+    """The names of the formats blkverify reads (``readable``), creates and
+    writes (``writable``), or, with neither, every format it recognises."""
+    return _native.formats(readable=readable, writable=writable)
+
+
+def check_pair(pair: tuple[PathLike, PathLike] | Mapping[str, Any]) -> None:
+    """Raise the ``ValueError`` :func:`verify_many` would raise for ``pair``
+    (naming the key at fault), or return if the pair is well formed."""
+    _native.check_pair(pair)
 
 
 def open(
@@ -99,13 +124,10 @@ def open(
     if raw is not None or test is not None:
         if path is not None or raw is None or test is None:
             raise ValueError("give either a path (or a blkverify:RAW:TEST spec) or raw= and test=")
-        return _native.open_device(raw=os.fspath(raw), test=os.fspath(test), **options)
+        return _native.open_device(os.fspath(raw), os.fspath(test), **options)
     if path is None:
         raise ValueError("open() needs a path, a blkverify:RAW:TEST spec, or raw= and test=")
-    spec = os.fspath(path)
-    if isinstance(spec, str) and spec.startswith(BLKVERIFY_PREFIX):
-        return _native.open_device(spec, **options)
-    return _native.open(spec, **options)
+    return _native.open(os.fspath(path), **options)
 
 
 def create(
@@ -281,19 +303,22 @@ def verify(
     reference side raises. ``progress(done, total)`` is called about ten times a
     second from the calling thread.
     """
+    pair = {
+        "raw": raw,
+        "test": test,
+        "raw_format": raw_format,
+        "test_format": test_format,
+        "snapshot": snapshot,
+        "all": all,
+        "strict": strict,
+    }
     d = _native.verify(
-        os.fspath(raw),
-        os.fspath(test),
-        all=all,
-        strict=strict,
-        raw_format=raw_format,
-        test_format=test_format,
-        snapshot=snapshot,
+        pair,
+        progress=progress,
         backing=backing,
         max_backing_depth=max_backing_depth,
         allow_backing_anywhere=allow_backing_anywhere,
         threads=threads,
-        progress=progress,
     )
     return _report(d)
 
@@ -301,9 +326,6 @@ def verify(
 def _report(d: dict[str, Any]) -> Report:
     mismatches = [Mismatch(**m) for m in d.pop("mismatches")]
     return Report(mismatches=mismatches, **d)
-
-
-PAIR_KEYS = frozenset({"raw", "test", "raw_format", "test_format", "snapshot", "all", "strict"})
 
 
 def verify_many(
@@ -323,6 +345,8 @@ def verify_many(
     ``pairs`` holds ``(raw, test)`` tuples or dicts with ``raw``, ``test`` and
     optionally ``raw_format``, ``test_format``, ``snapshot``, ``all`` and
     ``strict`` (``all`` and ``strict`` default to the arguments of the same name).
+    A malformed pair raises ``ValueError`` (see :func:`check_pair`) before
+    anything runs.
 
     Returns one item per pair, in order: its :class:`Report`, or, when the pair
     could not be verified (an image that cannot be opened, a reference read
@@ -331,30 +355,15 @@ def verify_many(
     ``progress(done, total, pairs_done, pairs_total)`` is called about ten times
     a second. Ctrl-C raises ``KeyboardInterrupt``.
     """
-    jobs: list[dict[str, Any]] = []
-    for pair in pairs:
-        if isinstance(pair, Mapping):
-            unknown = set(pair) - PAIR_KEYS
-            if unknown:
-                raise ValueError(f"unknown pair keys: {', '.join(sorted(unknown))}")
-            if "raw" not in pair or "test" not in pair:
-                raise ValueError("each pair needs 'raw' and 'test'")
-            job = dict(pair)
-        else:
-            raw, test = pair
-            job = {"raw": raw, "test": test}
-        job["raw"] = os.fspath(job["raw"])
-        job["test"] = os.fspath(job["test"])
-        jobs.append(job)
     results = _native.verify_many(
-        jobs,
+        list(pairs),
+        progress=progress,
         all=all,
         strict=strict,
         backing=backing,
         max_backing_depth=max_backing_depth,
         allow_backing_anywhere=allow_backing_anywhere,
         threads=threads,
-        progress=progress,
     )
     return [r if isinstance(r, BaseException) else _report(r) for r in results]
 
