@@ -43,12 +43,6 @@ impl fmt::Display for SizeError {
 
 impl std::error::Error for SizeError {}
 
-impl From<SizeError> for crate::Error {
-    fn from(e: SizeError) -> Self {
-        crate::Error::InvalidArgument(e.to_string())
-    }
-}
-
 /// The shift a suffix letter stands for (`k` is 2^10, ..., `E` is 2^60).
 fn suffix_shift(c: u8) -> Option<u32> {
     match c.to_ascii_lowercase() {
@@ -99,18 +93,13 @@ fn starts_with_exponent(s: &[u8]) -> bool {
 /// A fraction `.DIGITS` at the start of `s`: its value and length. `None` when
 /// an exponent follows.
 fn fraction(s: &[u8]) -> Option<(f64, usize)> {
-    let (_, _, n) = digits(s.get(1..).unwrap_or(&[]), 10);
+    let (_, _, n) = digits(s.get(1..)?, 10);
     let len = n + 1;
-    if starts_with_exponent(s.get(len..).unwrap_or(&[])) {
+    if starts_with_exponent(s.get(len..)?) {
         return None;
     }
     let text = std::str::from_utf8(s.get(..len)?).ok()?;
-    let value = if len > 1 {
-        format!("0{text}").parse::<f64>().ok()?
-    } else {
-        0.0
-    };
-    Some((value, len))
+    Some((format!("0{text}").parse::<f64>().ok()?, len))
 }
 
 /// Parse a size in QEMU's grammar (see the module doc).
@@ -130,30 +119,20 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     }
     let s = s.strip_prefix(b"+").unwrap_or(s);
     let (integral, overflow, n) = digits(s, 10);
-    let mut rest = s.get(n..).unwrap_or(&[]);
-    let mut frac = None;
-    if n == 0 {
-        // Only a fraction: `.5k`.
-        if rest.first() != Some(&b'.') {
-            return Err(invalid());
-        }
-        let (value, len) = fraction(rest)
-            .filter(|(_, len)| *len > 1)
-            .ok_or_else(invalid)?;
-        frac = Some(value);
-        rest = rest.get(len..).unwrap_or(&[]);
-    } else if integral == 0 && n == 1 && matches!(rest.first(), Some(b'x' | b'X')) {
+    let rest = s.get(n..).unwrap_or(&[]);
+    if integral == 0 && n == 1 && matches!(rest.first(), Some(b'x' | b'X')) {
         let hex = rest.get(1..).unwrap_or(&[]);
         let (value, overflow, n) = digits(hex, 16);
         if n == 0 || n < hex.len() {
             return Err(invalid());
         }
         return checked(value, overflow).ok_or_else(out_of_range);
-    } else if overflow {
+    }
+    if overflow {
         // Too many digits: out of range, unless junk follows.
-        let after = match rest.first() {
-            Some(b'.') => &[][..],
-            Some(&c) if suffix_shift(c).is_some() => rest.get(1..).unwrap_or(&[]),
+        let after = match rest.split_first() {
+            Some((b'.', _)) => &[][..],
+            Some((&c, tail)) if suffix_shift(c).is_some() => tail,
             _ => rest,
         };
         return Err(if after.is_empty() {
@@ -161,23 +140,24 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
         } else {
             invalid()
         });
-    } else if rest.first() == Some(&b'.') {
-        let (value, len) = fraction(rest).ok_or_else(invalid)?;
-        frac = Some(value);
-        rest = rest.get(len..).unwrap_or(&[]);
     }
-    let shift = match rest.first().and_then(|&c| suffix_shift(c)) {
-        Some(shift) => {
-            rest = rest.get(1..).unwrap_or(&[]);
-            shift
-        }
-        None => 0,
+    // A fraction needs a digit on one side of the point at least: `.5k`, `1.k`.
+    let (mut fraction, rest) = match rest.first() {
+        Some(b'.') => fraction(rest)
+            .filter(|(_, len)| n > 0 || *len > 1)
+            .map(|(value, len)| (value, rest.get(len..).unwrap_or(&[])))
+            .ok_or_else(invalid)?,
+        _ if n == 0 => return Err(invalid()),
+        _ => (0.0, rest),
     };
+    let (shift, rest) = rest
+        .split_first()
+        .and_then(|(&c, tail)| Some((suffix_shift(c)?, tail)))
+        .unwrap_or((0, rest));
     if !rest.is_empty() {
         return Err(invalid());
     }
     let mut integral = integral;
-    let mut fraction = frac.unwrap_or(0.0);
     if fraction >= 1.0 {
         // `0.99999999999999999999` rounds to one while being read.
         integral += 1;

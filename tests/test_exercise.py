@@ -377,6 +377,12 @@ def test_shrink_refuses_nbd_and_logs_that_do_not_fail(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+def test_size_mix_takes_qemus_size_syntax(tmp_path: Path) -> None:
+    raw, test = raw_pair(tmp_path, "s")
+    res = bv.exercise(f"blkverify:{raw}:{test}", ops=50, seed=2, size_mix="0x200=1,1.5k=2")
+    assert res.clean and res.size_mix == "512=1,1536=2"
+
+
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
     raw, test = raw_pair(tmp_path, "b")
     spec = f"blkverify:{raw}:{test}"

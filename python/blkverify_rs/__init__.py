@@ -14,12 +14,17 @@ from typing import Any, ClassVar
 
 from blkverify_rs import _native
 from blkverify_rs._native import (
+    MAX_QUEUE_DEPTH,
+    SECTOR_SIZE,
     CorruptImageError,
     Device,
     Error,
     FormatError,
     Image,
     MismatchError,
+    check_pair,
+    formats,
+    parse_size,
 )
 
 __version__: str = _native.__version__
@@ -51,31 +56,6 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike[str]
-
-#: Bytes per sector, as blkverify's messages and qemu-io count them.
-SECTOR_SIZE: int = _native.SECTOR_SIZE
-#: The most ops :func:`exercise` keeps in flight.
-MAX_QUEUE_DEPTH: int = _native.MAX_QUEUE_DEPTH
-
-
-def parse_size(text: str) -> int:
-    """A size as QEMU's tools read it: bytes, an optional fraction and a binary
-    suffix (``4k``, ``1.5M``, ``2G``; b, k, M, G, T, P, E in any case), or hex
-    (``0x1000``). ``ValueError`` if it is not a size, ``OverflowError`` if it is
-    negative or above 2**63 - 1."""
-    return _native.parse_size(text)
-
-
-def formats(*, readable: bool = False, writable: bool = False) -> list[str]:
-    """The names of the formats blkverify reads (``readable``), creates and
-    writes (``writable``), or, with neither, every format it recognises."""
-    return _native.formats(readable=readable, writable=writable)
-
-
-def check_pair(pair: tuple[PathLike, PathLike] | Mapping[str, Any]) -> None:
-    """Raise the ``ValueError`` :func:`verify_many` would raise for ``pair``
-    (naming the key at fault), or return if the pair is well formed."""
-    _native.check_pair(pair)
 
 
 def open(

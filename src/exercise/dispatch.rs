@@ -71,6 +71,7 @@ impl<'t> Pacer<'t> {
 }
 
 /// What issuing the ops came to.
+#[derive(Default)]
 pub(super) struct Dispatched {
     /// Ops issued.
     pub issued: u64,
@@ -94,11 +95,7 @@ impl Dispatcher<'_, '_> {
     /// finding or an error, or the pacer says stop.
     pub fn serial(&mut self) -> Result<Dispatched> {
         let mut buf = Vec::new();
-        let mut out = Dispatched {
-            issued: 0,
-            findings: Vec::new(),
-            error: None,
-        };
+        let mut out = Dispatched::default();
         while let Some(op) = self.plan.op(out.issued) {
             if !self.pacer.keep_going(self.stats) {
                 break;
@@ -126,7 +123,10 @@ impl Dispatcher<'_, '_> {
     /// number order, and one that overlaps an op in flight (ranges widened to
     /// `unit`) waits for it.
     pub fn queued(&mut self, queue_depth: usize, unit: u64) -> Result<Dispatched> {
-        let queue = Queue::new();
+        let queue = Queue {
+            state: Mutex::default(),
+            wake: Condvar::new(),
+        };
         let (device, seed, stats) = (self.device, self.plan.seed(), self.stats);
         let mut issued = 0u64;
         let dispatched: Result<()> = std::thread::scope(|scope| {
@@ -215,6 +215,7 @@ impl Dispatcher<'_, '_> {
 }
 
 /// The dispatcher and workers' shared state.
+#[derive(Default)]
 struct QueueState {
     pending: VecDeque<Op>,
     in_flight: Vec<InFlight>,
@@ -230,20 +231,6 @@ struct Queue {
 }
 
 impl Queue {
-    fn new() -> Self {
-        Queue {
-            state: Mutex::new(QueueState {
-                pending: VecDeque::new(),
-                in_flight: Vec::new(),
-                closed: false,
-                stop: false,
-                findings: Vec::new(),
-                error: None,
-            }),
-            wake: Condvar::new(),
-        }
-    }
-
     fn lock(&self) -> MutexGuard<'_, QueueState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -43,6 +43,26 @@ pub struct Finding {
 }
 
 impl Finding {
+    /// A finding with nothing known yet but where and what it is.
+    fn new(op: Option<Op>, phase: &'static str, kind: &'static str, message: String) -> Self {
+        Finding {
+            op,
+            phase,
+            kind,
+            message,
+            sector: None,
+            first_byte: None,
+            test_ret: None,
+            raw_ret: None,
+            test_error: None,
+            raw_error: None,
+            test_bytes: Vec::new(),
+            raw_bytes: Vec::new(),
+            last_change: None,
+            diagnosis: None,
+        }
+    }
+
     /// A short hexdump diff of the first differing sector (see [`hexdump_diff`]);
     /// empty when neither side's bytes are known.
     pub fn hexdump(&self) -> Vec<String> {
@@ -79,20 +99,11 @@ pub(super) fn of_error(
             let sector = first_byte / SECTOR_SIZE;
             let (test_bytes, raw_bytes) = sector_bytes(device, sector, op, seen);
             Ok(Finding {
-                op,
-                phase,
-                kind: "contents",
-                message,
                 sector: Some(sector),
                 first_byte: Some(first_byte),
-                test_ret: None,
-                raw_ret: None,
-                test_error: None,
-                raw_error: None,
                 test_bytes,
                 raw_bytes,
-                last_change: None,
-                diagnosis: None,
+                ..Finding::new(op, phase, "contents", message)
             })
         }
         Error::ReturnMismatch {
@@ -102,20 +113,11 @@ pub(super) fn of_error(
             raw_error,
             ..
         } => Ok(Finding {
-            op,
-            phase,
-            kind: "return_value",
-            message,
-            sector: None,
-            first_byte: None,
             test_ret: Some(test_ret),
             raw_ret: Some(raw_ret),
             test_error,
             raw_error,
-            test_bytes: Vec::new(),
-            raw_bytes: Vec::new(),
-            last_change: None,
-            diagnosis: None,
+            ..Finding::new(op, phase, "return_value", message)
         }),
         Error::Io {
             path,
@@ -182,25 +184,18 @@ pub(super) fn of_verify(device: &Blkverify, m: &verify::Mismatch) -> Finding {
         }
         None => format!("blkverify: final verify: contents mismatch in sector {sector}"),
     };
+    let kind = if m.error.is_some() {
+        "return_value"
+    } else {
+        "contents"
+    };
     Finding {
-        op: None,
-        phase: "final verify",
-        kind: if m.error.is_some() {
-            "return_value"
-        } else {
-            "contents"
-        },
-        message,
         sector: Some(sector),
         first_byte: Some(m.first_byte),
-        test_ret: None,
-        raw_ret: None,
         test_error: m.error.clone(),
-        raw_error: None,
         test_bytes,
         raw_bytes,
-        last_change: None,
-        diagnosis: None,
+        ..Finding::new(None, "final verify", kind, message)
     }
 }
 

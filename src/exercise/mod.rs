@@ -90,14 +90,6 @@ impl Plan {
         }
     }
 
-    /// Whether any op may change the device (then both sides must be writable).
-    pub fn writes(&self) -> bool {
-        match self {
-            Plan::Generated { workload, .. } => workload.mix.writes(),
-            Plan::Replay { ops, .. } => ops.iter().any(Op::writes),
-        }
-    }
-
     /// The `position`-th op issued, if the plan has one.
     fn op(&self, position: u64) -> Option<Op> {
         match self {
@@ -157,7 +149,7 @@ pub struct Outcome {
 
 /// An exercise as a caller asks for it, unchecked. [`Exercise::prepare`]
 /// checks it, reads the replayed log and opens the device.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Request {
     /// The mirrored device, `blkverify:RAW:TEST` (default: the replayed log's).
     pub spec: Option<String>,
@@ -177,25 +169,8 @@ pub struct Request {
     pub replay: Option<PathBuf>,
     /// Write the op log here.
     pub log: Option<PathBuf>,
-    /// Verify the whole device after the last op.
-    pub verify: bool,
-}
-
-impl Default for Request {
-    fn default() -> Self {
-        Request {
-            spec: None,
-            ops: None,
-            duration: None,
-            seed: None,
-            mix: None,
-            size_mix: None,
-            queue_depth: None,
-            replay: None,
-            log: None,
-            verify: true,
-        }
-    }
+    /// Skip the whole-device verify after the last op.
+    pub no_verify: bool,
 }
 
 /// An exercise ready to run: checked, its device open, its plan made, its
@@ -310,7 +285,7 @@ impl Exercise {
             plan,
             options: ExerciseOptions {
                 queue_depth,
-                verify_at_end: request.verify,
+                verify_at_end: !request.no_verify,
                 ..ExerciseOptions::default()
             },
             log,
@@ -407,14 +382,9 @@ pub fn run(
     let mut verified = false;
     if findings.is_empty() && options.verify_at_end {
         let mut verify_tick = |_: verify::Progress| tick(stats.done.load(Ordering::Relaxed));
-        match final_check(device, options, &mut verify_tick)? {
-            FinalCheck::Found(f) => findings.push(*f),
-            FinalCheck::Verified(None) => verified = true,
-            FinalCheck::Verified(Some(f)) => {
-                verified = true;
-                findings.push(*f);
-            }
-        }
+        let (finding, whole) = final_check(device, options, &mut verify_tick)?;
+        findings.extend(finding);
+        verified = whole;
     }
     for f in &mut findings {
         finding::explain(plan, dispatched.issued, f);
@@ -433,40 +403,28 @@ pub fn run(
     })
 }
 
-/// What the final flush and verify came to.
-enum FinalCheck {
-    /// The flush found a difference; nothing was verified.
-    Found(Box<Finding>),
-    /// The whole device was verified: its first mismatch, if any.
-    Verified(Option<Box<Finding>>),
-}
-
-/// Flush both sides, then verify the whole device.
+/// Flush both sides, then verify the whole device. Returns the first finding,
+/// if any, and whether the whole device was verified (not when the flush
+/// already found a difference).
 fn final_check(
     device: &Blkverify,
     options: &ExerciseOptions,
     tick: &mut dyn FnMut(verify::Progress) -> bool,
-) -> Result<FinalCheck> {
+) -> Result<(Option<Finding>, bool)> {
     if let Err(e) = device.flush() {
-        return Ok(FinalCheck::Found(Box::new(finding::of_error(
-            device,
-            None,
-            "final flush",
-            e,
-            None,
-        )?)));
+        let finding = finding::of_error(device, None, "final flush", e, None)?;
+        return Ok((Some(finding), false));
     }
     let verify_options = VerifyOptions {
         threads: options.verify_threads,
         ..VerifyOptions::default()
     };
     let report = verify::verify(device.raw(), device.test(), &verify_options, tick)?;
-    Ok(FinalCheck::Verified(
-        report
-            .mismatches
-            .first()
-            .map(|m| Box::new(finding::of_verify(device, m))),
-    ))
+    let finding = report
+        .mismatches
+        .first()
+        .map(|m| finding::of_verify(device, m));
+    Ok((finding, true))
 }
 
 /// End the op log: the findings as comments, then a flush.

@@ -60,7 +60,7 @@ pub(crate) fn exercise<'py>(
         queue_depth: kw.take("queue_depth")?,
         replay: kw.take("replay")?,
         log: kw.take("log")?,
-        verify: kw.take("verify")?.unwrap_or(true),
+        no_verify: !kw.take("verify")?.unwrap_or(true),
     };
     let mut open = open_options(&kw)?;
     open.format = format;

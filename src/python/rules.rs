@@ -8,9 +8,10 @@ use pyo3::exceptions::{PyOverflowError, PyValueError};
 use pyo3::prelude::*;
 use std::path::PathBuf;
 
-/// A size in QEMU's grammar (`4k`, `1.5M`, `0x1000`). A malformed size is a
-/// `ValueError`; a negative or too large one an `OverflowError`, as Python
-/// says of numbers out of range.
+/// A size as QEMU's tools read it: bytes, an optional fraction and a binary
+/// suffix (`4k`, `1.5M`, `2G`; b, k, M, G, T, P, E in any case), or hex
+/// (`0x1000`). A malformed size is a `ValueError`; a negative one, or one above
+/// 2**63 - 1, an `OverflowError`, as Python says of numbers out of range.
 #[pyfunction]
 pub(crate) fn parse_size(text: &str) -> PyResult<u64> {
     size::parse_size(text).map_err(|e| match e {

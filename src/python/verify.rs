@@ -10,7 +10,7 @@ use crate::error::Error;
 use crate::verify::{self as engine, BatchProgress, Progress, Verified, VerifyJob, VerifyOptions};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyMapping, PyString};
+use pyo3::types::{PyDict, PyList, PyMapping};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 
@@ -40,30 +40,22 @@ fn pair_job(
 ) -> PyResult<VerifyJob> {
     let bad = |m: String| PyValueError::new_err(m);
     let py = pair.py();
-    let dict = if let Ok(mapping) = pair.cast::<PyMapping>() {
-        let dict = PyDict::new(py);
-        for item in mapping.items()?.iter() {
-            let (key, value): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item.extract()?;
-            dict.set_item(key, value)?;
-        }
-        dict
+    let dict = PyDict::new(py);
+    if let Ok(mapping) = pair.cast::<PyMapping>() {
+        dict.update(mapping)?;
     } else {
         let (raw, test): (Bound<'_, PyAny>, Bound<'_, PyAny>) = pair.extract().map_err(|_| {
             bad("a pair is (raw, test) or a mapping with 'raw' and 'test'".to_string())
         })?;
-        let dict = PyDict::new(py);
         dict.set_item("raw", raw)?;
         dict.set_item("test", test)?;
-        dict
-    };
-    let mut unknown: Vec<String> = Vec::new();
-    for key in dict.keys().iter() {
-        match key.cast::<PyString>().map(|k| k.to_string()) {
-            Ok(k) if PAIR_KEYS.contains(&k.as_str()) => {}
-            Ok(k) => unknown.push(k),
-            Err(_) => unknown.push(key.repr()?.to_string()),
-        }
     }
+    let mut unknown: Vec<String> = dict
+        .keys()
+        .iter()
+        .map(|key| key.str().map(|k| k.to_string()))
+        .filter(|key| !key.as_ref().is_ok_and(|k| PAIR_KEYS.contains(&k.as_str())))
+        .collect::<PyResult<_>>()?;
     unknown.sort();
     if let Some(key) = unknown.first() {
         return Err(bad(format!("unknown key '{key}'")));
