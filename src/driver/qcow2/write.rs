@@ -108,7 +108,7 @@ impl Qcow2 {
         }
         let keep = h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW;
         if h.version >= 3 && h.autoclear_features != keep {
-            self.meta_write(&mut state, &keep.to_be_bytes(), 88)?;
+            self.write_field(&mut state, header::field::AUTOCLEAR_FEATURES, keep)?;
             self.barrier(&mut state)?;
         }
         self.writer = Some(std::sync::Mutex::new(state));
@@ -194,13 +194,30 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Write one 64-bit header field.
+    fn write_field(&self, ws: &mut WriteState, field: header::Be64, value: u64) -> Result<()> {
+        self.meta_write(ws, &value.to_be_bytes(), field.offset())
+    }
+
+    /// Point the header at a new refcount table, in one write.
+    fn write_reftable_fields(
+        &self,
+        ws: &mut WriteState,
+        table_offset: u64,
+        table_clusters: u32,
+    ) -> Result<()> {
+        let (at, bytes) = header::refcount_table_fields(table_offset, table_clusters);
+        self.meta_write(ws, &bytes, at)
+    }
+
     fn write_incompatible(&self, ws: &mut WriteState) -> Result<()> {
         let bits = ws.incompatible;
-        self.meta_write(ws, &bits.to_be_bytes(), 72)
+        self.write_field(ws, header::field::INCOMPATIBLE_FEATURES, bits)
     }
 
     fn lazy_refcounts(&self) -> bool {
-        self.header.version >= 3 && self.header.compatible_features & 1 != 0
+        self.header.version >= 3
+            && self.header.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0
     }
 
     /// Before the first metadata change of an image with lazy refcounts, mark
@@ -329,10 +346,7 @@ impl Qcow2 {
         let bytes: Vec<u8> = ws.rc.table.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.meta_write(ws, &bytes, start * cluster_size)?;
         self.barrier(ws)?;
-        let mut fields = [0u8; 12];
-        fields[..8].copy_from_slice(&(start * cluster_size).to_be_bytes());
-        fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-        self.meta_write(ws, &fields, 48)?;
+        self.write_reftable_fields(ws, start * cluster_size, table_clusters as u32)?;
         self.barrier(ws)?;
         let old_offset = ws.rc.table_offset;
         let old_clusters = u64::from(ws.rc.table_clusters);
@@ -459,10 +473,7 @@ impl Qcow2 {
         }
         self.meta_write(ws, &layout.table, layout.table_offset)?;
         self.barrier(ws)?;
-        let mut fields = [0u8; 12];
-        fields[..8].copy_from_slice(&layout.table_offset.to_be_bytes());
-        fields[8..].copy_from_slice(&layout.table_clusters.to_be_bytes());
-        self.meta_write(ws, &fields, 48)?;
+        self.write_reftable_fields(ws, layout.table_offset, layout.table_clusters)?;
         self.barrier(ws)?;
         ws.rc = Refcounts::load(
             self.file.as_ref(),
