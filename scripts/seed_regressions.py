@@ -30,7 +30,8 @@ def qemu_image(tmp: Path, options: str, extra: list[str] | None = None) -> bytea
     path = tmp / "t.qcow2"
     path.unlink(missing_ok=True)
     cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", options, str(path)]
-    subprocess.run([*cmd, *(extra or ["1M"])], check=True)
+    # Run in tmp: relative names in options (data_file=t.data) land there, not in the cwd.
+    subprocess.run([*cmd, *(extra or ["1M"])], check=True, cwd=tmp)
     return bytearray(path.read_bytes())
 
 
