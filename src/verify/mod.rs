@@ -7,15 +7,18 @@
 //! can stop as soon as an earlier mismatch makes its chunk irrelevant.
 
 mod batch;
+mod merge;
 mod report;
 
 pub use batch::{open_pair, verify_many, verify_pair, BatchProgress, Verified, VerifyJob};
+pub use merge::merge_ranges;
 pub use report::{Mismatch, Progress, Report, VerifyOptions};
 
 use crate::compare::{first_difference, first_nonzero};
 use crate::driver::{zero_status, BlockDriver, SECTOR_SIZE};
 use crate::error::{Error, Result};
 use crate::storage::View;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -58,6 +61,39 @@ const MIN_RANGE_VIEW: usize = 256 << 10;
 /// How far one look for a run of zeros on both sides goes; bounds the time a
 /// worker spends before it checks for cancellation again.
 const ZERO_LOOKAHEAD: u64 = 64 << 30;
+
+/// The guest range `options` asks for on a disk of `total` bytes. It starts on
+/// a sector and ends on one, or where the disk does (whose size need not be a
+/// multiple of 512), so every run a range finds is one a whole-disk verify
+/// finds too.
+pub fn requested_range(options: &VerifyOptions, total: u64) -> Result<Range<u64>> {
+    let start = options.start;
+    let end = match options.length {
+        Some(length) => start.checked_add(length).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "the range at {start:#x} of {length} bytes ends past 2^64"
+            ))
+        })?,
+        None => total.max(start),
+    };
+    if start % SECTOR_SIZE != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "the range's start ({start:#x}) is not a multiple of {SECTOR_SIZE} bytes"
+        )));
+    }
+    if end > total {
+        return Err(Error::InvalidArgument(format!(
+            "the range {start:#x}..{end:#x} ends past the end of the disk ({total} bytes)"
+        )));
+    }
+    if end % SECTOR_SIZE != 0 && end != total {
+        return Err(Error::InvalidArgument(format!(
+            "the range's length ({}) is not a multiple of {SECTOR_SIZE} bytes, and the range does not end where the disk does",
+            end - start
+        )));
+    }
+    Ok(start..end)
+}
 
 /// One side's bytes over a whole chunk, mapped on first use.
 struct ChunkView {
@@ -102,6 +138,16 @@ struct Buffers {
     test: Vec<u8>,
 }
 
+impl Buffers {
+    fn new(chunk_size: u64) -> Self {
+        let len = usize::try_from(chunk_size).unwrap_or(1 << 20);
+        Buffers {
+            raw: vec![0u8; len],
+            test: vec![0u8; len],
+        }
+    }
+}
+
 /// Runs found in one chunk.
 struct ChunkResult {
     runs: Vec<Mismatch>,
@@ -112,7 +158,13 @@ struct Shared<'a> {
     raw: Side<'a>,
     test: Side<'a>,
     options: &'a VerifyOptions,
+    /// The disk's size: the larger of the two sides.
     total: u64,
+    /// The guest bytes to verify, within `0..total`.
+    range: Range<u64>,
+    /// Chunk `i` is `i * chunk_size..(i + 1) * chunk_size` within `range`: the
+    /// grid does not move with the range, so a range reads what a whole-disk
+    /// verify reads there.
     chunk_size: u64,
     next_chunk: AtomicU64,
     /// The lowest chunk index with a finding (or error), for early stop.
@@ -139,6 +191,16 @@ fn add_run(runs: &mut Vec<Mismatch>, start: u64, end: u64, first_byte: u64, erro
         first_byte,
         error,
     });
+}
+
+/// Whether the first of `runs` has ended before `pos`: a run that reaches `pos`
+/// may go on there, so a search that stops at the first run must look on.
+fn first_run_closed(runs: &[Mismatch], pos: u64) -> bool {
+    match runs {
+        [] => false,
+        [first] => first.offset + first.length < pos,
+        _ => true,
+    }
 }
 
 /// Compare `a` with `b` (buffers of the guest range at `base`) sector by
@@ -188,25 +250,28 @@ fn collect_runs(
 }
 
 impl Shared<'_> {
+    /// The part of chunk `index` inside the range (empty past its end).
+    fn chunk_bounds(&self, index: u64) -> Range<u64> {
+        let grid_start = index.saturating_mul(self.chunk_size);
+        let grid_end = grid_start.saturating_add(self.chunk_size);
+        let clamp = |at: u64| at.clamp(self.range.start, self.range.end);
+        clamp(grid_start)..clamp(grid_end)
+    }
+
     fn worker(&self) {
-        let buf_len = usize::try_from(self.chunk_size).unwrap_or(1 << 20);
-        let mut bufs = Buffers {
-            raw: vec![0u8; buf_len],
-            test: vec![0u8; buf_len],
-        };
+        let mut bufs = Buffers::new(self.chunk_size);
         loop {
             if self.cancelled.load(Ordering::Relaxed) {
                 return;
             }
             let index = self.next_chunk.fetch_add(1, Ordering::Relaxed);
-            let start = index.saturating_mul(self.chunk_size);
-            if start >= self.total {
+            let Range { start, end } = self.chunk_bounds(index);
+            if start >= end {
                 return;
             }
             if !self.options.all && index > self.first_hit.load(Ordering::Relaxed) {
                 return;
             }
-            let end = (start + self.chunk_size).min(self.total);
             let zero_end = self.both_zero_until(start);
             if zero_end >= end {
                 self.skip_zero_chunks(index, zero_end);
@@ -249,7 +314,7 @@ impl Shared<'_> {
     /// (looking at most `ZERO_LOOKAHEAD` ahead). Errors end the run: the chunk
     /// is then checked, and reports them, the ordinary way.
     fn both_zero_until(&self, start: u64) -> u64 {
-        let limit = start.saturating_add(ZERO_LOOKAHEAD).min(self.total);
+        let limit = start.saturating_add(ZERO_LOOKAHEAD).min(self.range.end);
         let mut pos = start;
         while pos < limit {
             let Ok((raw_len, true)) = self.raw.zero_status(pos, limit - pos) else {
@@ -274,8 +339,8 @@ impl Shared<'_> {
         }
         let previous = self.next_chunk.fetch_max(first_after, Ordering::Relaxed);
         if previous < first_after {
-            let skipped_start = previous.saturating_mul(self.chunk_size).min(self.total);
-            let skipped_end = first_after.saturating_mul(self.chunk_size).min(self.total);
+            let skipped_start = self.chunk_bounds(previous).start;
+            let skipped_end = self.chunk_bounds(first_after).start;
             self.done_bytes
                 .fetch_add(skipped_end - skipped_start, Ordering::Relaxed);
         }
@@ -293,7 +358,7 @@ impl Shared<'_> {
         let mut test_view = ChunkView::new(start);
         let mut pos = start;
         while pos < end {
-            if stop_early && !result.runs.is_empty() {
+            if stop_early && first_run_closed(&result.runs, pos) {
                 break;
             }
             let (raw_len, raw_zero) = self.raw.zero_status(pos, end - pos)?;
@@ -488,9 +553,10 @@ impl Shared<'_> {
     }
 }
 
-/// Verify `test` against the reference `raw`. `tick` is called from the calling
-/// thread about ten times a second with the progress so far; returning `false`
-/// cancels the run (`Error::Cancelled`).
+/// Verify `test` against the reference `raw`, over the whole disk or the range
+/// `options.start`/`options.length` asks for (see [`requested_range`]). `tick`
+/// is called from the calling thread about ten times a second with the
+/// progress so far; returning `false` cancels the run (`Error::Cancelled`).
 pub fn verify(
     raw: &dyn BlockDriver,
     test: &dyn BlockDriver,
@@ -501,9 +567,12 @@ pub fn verify(
     let raw_size = raw.size();
     let test_size = test.size();
     let total = raw_size.max(test_size);
+    let range = requested_range(options, total)?;
+    let range_len = range.end - range.start;
     let chunk_size = (options.chunk_size.max(SECTOR_SIZE) / SECTOR_SIZE) * SECTOR_SIZE;
     let chunk_size = chunk_size.min(256 << 20);
-    let chunks = total.div_ceil(chunk_size);
+    let first_chunk = range.start / chunk_size;
+    let chunks = range.end.div_ceil(chunk_size).saturating_sub(first_chunk);
     let threads = if options.threads == 0 {
         std::thread::available_parallelism().map_or(2, |n| n.get())
     } else {
@@ -526,8 +595,9 @@ pub fn verify(
         test: Side { driver: test },
         options,
         total,
+        range: range.clone(),
         chunk_size,
-        next_chunk: AtomicU64::new(0),
+        next_chunk: AtomicU64::new(first_chunk),
         first_hit: AtomicU64::new(u64::MAX),
         cancelled: AtomicBool::new(false),
         done_bytes: AtomicU64::new(0),
@@ -538,7 +608,10 @@ pub fn verify(
 
     // One tick before any work, so a progress display starts at zero (and a
     // caller can cancel before anything is read).
-    let mut user_cancelled = !tick(Progress { done: 0, total });
+    let mut user_cancelled = !tick(Progress {
+        done: 0,
+        total: range_len,
+    });
     if user_cancelled {
         return Err(Error::Cancelled);
     }
@@ -562,7 +635,7 @@ pub fn verify(
             }
             let progress = Progress {
                 done: shared.done_bytes.load(Ordering::Relaxed),
-                total,
+                total: range_len,
             };
             if !user_cancelled && !tick(progress) {
                 user_cancelled = true;
@@ -574,14 +647,14 @@ pub fn verify(
         return Err(Error::Cancelled);
     }
 
-    let mut results = shared
-        .results
-        .into_inner()
-        .unwrap_or_else(PoisonError::into_inner);
-    let mut errors = shared
-        .errors
-        .into_inner()
-        .unwrap_or_else(PoisonError::into_inner);
+    let mut results = std::mem::take(
+        &mut *shared
+            .results
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner),
+    );
+    let mut errors =
+        std::mem::take(&mut *shared.errors.lock().unwrap_or_else(PoisonError::into_inner));
     results.sort_by_key(|(index, _)| *index);
     errors.sort_by_key(|(index, _)| *index);
     let first_result_hit = results
@@ -614,16 +687,21 @@ pub fn verify(
     let mut truncated = false;
     if !options.all {
         mismatches.truncate(1);
+        let mut looked_at: Vec<u64> = results
+            .iter()
+            .map(|(index, _)| *index)
+            .chain(errors.iter().map(|(index, _)| *index))
+            .collect();
+        bytes_read += shared.finish_first_run(&mut mismatches, &mut looked_at);
     } else if mismatches.len() > options.max_runs {
         mismatches.truncate(options.max_runs);
         truncated = true;
     } else if shared.runs_found.load(Ordering::Relaxed) >= options.max_runs as u64 {
         truncated = true;
     }
-    let bytes_compared = if mismatches.is_empty() || options.all {
-        total
-    } else {
-        mismatches.first().map_or(total, |m| m.first_byte)
+    let bytes_compared = match mismatches.first() {
+        Some(first) if !options.all => first.first_byte - range.start,
+        _ => range_len,
     };
     let identical = mismatches.is_empty() && !(options.strict && raw_size != test_size);
     Ok(Report {
@@ -631,6 +709,7 @@ pub fn verify(
         raw_size,
         test_size,
         virtual_size: total,
+        range,
         bytes_compared,
         bytes_read,
         mismatches,
@@ -638,6 +717,50 @@ pub fn verify(
         warnings,
         elapsed: started.elapsed(),
     })
+}
+
+impl Shared<'_> {
+    /// Without `--all` the workers stop at the chunk of the first finding, so
+    /// the first run may be cut where that chunk ends. Follow it into the
+    /// chunks no worker looked at (`looked_at`), one at a time, until it ends:
+    /// the run reported is then the whole run whatever the thread timing, and
+    /// the same run a verify split into ranges finds. Returns the bytes read.
+    fn finish_first_run(&self, mismatches: &mut Vec<Mismatch>, looked_at: &mut Vec<u64>) -> u64 {
+        let mut bufs: Option<Buffers> = None;
+        let mut bytes_read = 0;
+        loop {
+            let Some(first) = mismatches.first() else {
+                return bytes_read;
+            };
+            let run_end = first.offset + first.length;
+            if run_end >= self.range.end || run_end % self.chunk_size != 0 {
+                return bytes_read;
+            }
+            let index = run_end / self.chunk_size;
+            if looked_at.contains(&index) {
+                return bytes_read;
+            }
+            looked_at.push(index);
+            let bufs = bufs.get_or_insert_with(|| Buffers::new(self.chunk_size));
+            let chunk = self.chunk_bounds(index);
+            // A reference-side error here lies after the first finding, which
+            // stands (as it does when a worker meets one there).
+            let Ok(result) = self.check_chunk(chunk.start, chunk.end, bufs) else {
+                return bytes_read;
+            };
+            bytes_read += result.bytes_read;
+            for run in result.runs {
+                add_run(
+                    mismatches,
+                    run.offset,
+                    run.offset + run.length,
+                    run.first_byte,
+                    run.error,
+                );
+            }
+            mismatches.truncate(1);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -824,6 +947,29 @@ mod engine_tests {
             let r = verify(&reference, &test, &o, &mut |_| true).unwrap();
             assert_eq!(r.mismatches.len(), 1);
             assert_eq!(r.mismatches[0].first_byte, 70_000);
+        }
+    }
+
+    #[test]
+    fn the_first_run_is_whole_though_it_crosses_chunks_no_worker_took() {
+        let data = vec![1u8; 1 << 20];
+        let reference = raw(data.clone());
+        let mut changed = data;
+        // Sectors from the last of chunk 2 (64 KiB chunks) into chunk 4.
+        changed[(3 << 16) - 512..(4 << 16) + 1024].fill(0);
+        changed[900_000] = 0;
+        let test = raw(changed);
+        for threads in [1, 2, 4] {
+            let mut o = options(false);
+            o.threads = threads;
+            let r = verify(&reference, &test, &o, &mut |_| true).unwrap();
+            assert_eq!(r.mismatches.len(), 1);
+            assert_eq!(r.mismatches[0].offset, (3 << 16) - 512);
+            assert_eq!(
+                r.mismatches[0].length,
+                (1 << 16) + 1536,
+                "threads={threads}"
+            );
         }
     }
 

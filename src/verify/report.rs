@@ -2,6 +2,7 @@
 //! mismatching runs it finds, its report, and its progress.
 
 use crate::driver::SECTOR_SIZE;
+use std::ops::Range;
 use std::time::Duration;
 
 /// How to verify.
@@ -17,6 +18,11 @@ pub struct VerifyOptions {
     pub threads: usize,
     /// The most runs `all` collects before it stops (bounds memory).
     pub max_runs: usize,
+    /// The first guest byte to verify (a multiple of 512).
+    pub start: u64,
+    /// How many bytes from `start` to verify; `None`: to the end of the disk.
+    /// A multiple of 512, unless the range ends where the disk does.
+    pub length: Option<u64>,
 }
 
 impl Default for VerifyOptions {
@@ -27,6 +33,8 @@ impl Default for VerifyOptions {
             chunk_size: 8 << 20,
             threads: 0,
             max_runs: 100_000,
+            start: 0,
+            length: None,
         }
     }
 }
@@ -49,6 +57,11 @@ impl Mismatch {
     pub fn sector(&self) -> u64 {
         self.offset / SECTOR_SIZE
     }
+
+    /// The guest offset just past the run.
+    pub fn end(&self) -> u64 {
+        self.offset + self.length
+    }
 }
 
 /// What a verification found.
@@ -60,8 +73,11 @@ pub struct Report {
     pub raw_size: u64,
     /// The test image's size.
     pub test_size: u64,
-    /// The compared range: the larger of the two sizes.
+    /// The compared disk: the larger of the two sizes.
     pub virtual_size: u64,
+    /// The guest bytes this report covers: `0..virtual_size` unless a range
+    /// was asked for.
+    pub range: Range<u64>,
     /// Guest bytes verified (read and compared, or proven zero on both sides).
     pub bytes_compared: u64,
     /// Guest bytes that were read from at least one side.
