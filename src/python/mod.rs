@@ -39,6 +39,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify::verify, m)?)?;
     m.add_function(wrap_pyfunction!(verify::verify_many, m)?)?;
     m.add_function(wrap_pyfunction!(verify::check_pair, m)?)?;
+    m.add_function(wrap_pyfunction!(verify::merge_reports, m)?)?;
     m.add_function(wrap_pyfunction!(exercise::exercise, m)?)?;
     m.add_function(wrap_pyfunction!(exercise::read_log, m)?)?;
     m.add_function(wrap_pyfunction!(exercise::write_log, m)?)?;
@@ -46,5 +47,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rules::formats, m)?)?;
     m.add_function(wrap_pyfunction!(rules::parse_spec, m)?)?;
     m.add_function(wrap_pyfunction!(rules::make_spec, m)?)?;
+    m.add_function(wrap_pyfunction!(rules::is_nbd_uri, m)?)?;
     Ok(())
 }

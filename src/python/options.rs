@@ -4,12 +4,13 @@
 //! once, here; a key left out keeps the core's default.
 
 use super::errors::to_pyerr;
+use super::rules::parse_size;
 use crate::driver::{Access, Format, OpenOptions};
 use crate::verify::VerifyOptions;
 use pyo3::conversion::FromPyObjectOwned;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyString};
 use std::time::Duration;
 
 /// The `**options` of one call, taken key by key.
@@ -38,6 +39,17 @@ impl<'py> Kwargs<'py> {
             return Ok(None);
         }
         value.extract().map(Some).map_err(Into::into)
+    }
+
+    /// A size taken out: an int, or a string in QEMU's size grammar (`"1.5G"`).
+    pub fn take_size(&self, key: &str) -> PyResult<Option<u64>> {
+        match self.take::<Bound<'py, PyAny>>(key)? {
+            None => Ok(None),
+            Some(value) => match value.cast::<PyString>() {
+                Ok(text) => parse_size(&text.to_cow()?).map(Some),
+                Err(_) => value.extract().map(Some),
+            },
+        }
     }
 
     /// A `TypeError` naming any key no option took, as Python says it.
@@ -81,7 +93,8 @@ pub(crate) fn open_options(kw: &Kwargs<'_>) -> PyResult<OpenOptions> {
     Ok(options)
 }
 
-/// `VerifyOptions` from `all`, `strict`, `threads`, `chunk_size` and `max_runs`.
+/// `VerifyOptions` from `all`, `strict`, `threads`, `chunk_size`, `max_runs`,
+/// and the range `start` and `length` (ints or size strings).
 pub(crate) fn verify_options(kw: &Kwargs<'_>) -> PyResult<VerifyOptions> {
     let defaults = VerifyOptions::default();
     Ok(VerifyOptions {
@@ -93,5 +106,7 @@ pub(crate) fn verify_options(kw: &Kwargs<'_>) -> PyResult<VerifyOptions> {
             .take::<usize>("max_runs")?
             .unwrap_or(defaults.max_runs)
             .max(1),
+        start: kw.take_size("start")?.unwrap_or(defaults.start),
+        length: kw.take_size("length")?,
     })
 }

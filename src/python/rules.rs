@@ -42,6 +42,13 @@ pub(crate) fn parse_spec(spec: &str) -> PyResult<Option<(PathBuf, PathBuf)>> {
         .map_err(super::errors::to_pyerr)
 }
 
+/// Whether `text` is an NBD URI (`nbd://…`, `nbd+unix://…`), which names an
+/// export, not a file: it never resolves against a directory.
+#[pyfunction]
+pub(crate) fn is_nbd_uri(text: &str) -> bool {
+    crate::driver::nbd::is_uri(text)
+}
+
 /// The spec of the mirrored device over `raw` and `test`.
 #[pyfunction]
 pub(crate) fn make_spec(raw: PathBuf, test: PathBuf) -> String {

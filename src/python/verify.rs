@@ -7,18 +7,22 @@ use super::image::location_dict;
 use super::options::{format_for, open_options, verify_options, Kwargs};
 use crate::driver::{Access, OpenOptions};
 use crate::error::Error;
-use crate::verify::{self as engine, BatchProgress, Progress, Verified, VerifyJob, VerifyOptions};
+use crate::verify::{
+    self as engine, BatchProgress, Mismatch, Progress, Report, Verified, VerifyJob, VerifyOptions,
+};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyMapping};
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Where the first mismatches live in the test image's metadata (for reports).
 const MAX_LOCATED: usize = 1000;
 
 /// The keys a pair may have.
-const PAIR_KEYS: [&str; 7] = [
+const PAIR_KEYS: [&str; 8] = [
     "raw",
     "test",
     "raw_format",
@@ -26,13 +30,17 @@ const PAIR_KEYS: [&str; 7] = [
     "snapshot",
     "all",
     "strict",
+    "workers",
 ];
 
 /// A pair, `(raw, test)` or a mapping with `raw`, `test` and optionally
-/// `raw_format`, `test_format`, `snapshot`, `all`, `strict` (`None` is the
-/// same as left out), checked and turned into a job: both sides open with
-/// `open`'s backing policy, and `all`/`strict` default to `options`'. Every
-/// mistake is a `ValueError` that names the key.
+/// `raw_format`, `test_format`, `snapshot`, `all`, `strict` and `workers`
+/// (`None` is the same as left out), checked and turned into a job: both
+/// sides open with `open`'s backing policy, and `all`/`strict` default to
+/// `options`'. `workers` (the cluster workers that can see the pair's files:
+/// a list of names or addresses) is for the cluster's scheduling only; here
+/// it is checked and left out. Every mistake is a `ValueError` that names the
+/// key.
 fn pair_job(
     pair: &Bound<'_, PyAny>,
     open: &OpenOptions,
@@ -99,6 +107,25 @@ fn pair_job(
             ))
         })
     };
+    let names = |key: &str| -> PyResult<()> {
+        let Some(value) = get(key)? else {
+            return Ok(());
+        };
+        let wrong = || {
+            bad(format!(
+                "'{key}' must be a list of worker names or addresses"
+            ))
+        };
+        if value.is_instance_of::<pyo3::types::PyString>() {
+            return Err(wrong());
+        }
+        let names: Vec<String> = value.extract().map_err(|_| wrong())?;
+        if names.is_empty() || names.iter().any(String::is_empty) {
+            return Err(wrong());
+        }
+        Ok(())
+    };
+    names("workers")?;
     let (raw, test) = (path("raw")?, path("test")?);
     Ok(VerifyJob {
         raw_options: OpenOptions {
@@ -143,7 +170,63 @@ fn job_options(
     Ok((open, verify))
 }
 
-/// The report as a dict (see the Python `Report`). Locating mismatches reads
+/// What a report dict says about the pair beyond the engine's `Report`.
+struct Names {
+    raw: String,
+    test: String,
+    raw_format: String,
+    test_format: String,
+}
+
+/// The report as a dict (see the Python `Report`): `mapping(i, run)` gives the
+/// `mapping` of the `i`th run, if known. A report of part of the disk says
+/// which part (`range`).
+fn report_to_dict<'py>(
+    py: Python<'py>,
+    names: &Names,
+    report: &Report,
+    mapping: impl Fn(usize, &Mismatch) -> Option<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("raw", &names.raw)?;
+    d.set_item("test", &names.test)?;
+    d.set_item("raw_format", &names.raw_format)?;
+    d.set_item("test_format", &names.test_format)?;
+    d.set_item("virtual_size", report.virtual_size)?;
+    d.set_item("raw_size", report.raw_size)?;
+    d.set_item("test_size", report.test_size)?;
+    d.set_item("identical", report.identical)?;
+    d.set_item("bytes_compared", report.bytes_compared)?;
+    d.set_item("bytes_read", report.bytes_read)?;
+    d.set_item("elapsed_s", report.elapsed.as_secs_f64())?;
+    d.set_item("truncated", report.truncated)?;
+    d.set_item("warnings", PyList::new(py, &report.warnings)?)?;
+    if report.range != (0..report.virtual_size) {
+        d.set_item(
+            "range",
+            (report.range.start, report.range.end - report.range.start),
+        )?;
+    }
+    let list = PyList::empty(py);
+    for (i, m) in report.mismatches.iter().enumerate() {
+        let md = PyDict::new(py);
+        md.set_item("sector", m.sector())?;
+        md.set_item("offset", m.offset)?;
+        md.set_item("length", m.length)?;
+        md.set_item("first_byte", m.first_byte)?;
+        if let Some(e) = &m.error {
+            md.set_item("error", e)?;
+        }
+        if let Some(found) = mapping(i, m) {
+            md.set_item("mapping", found)?;
+        }
+        list.append(md)?;
+    }
+    d.set_item("mismatches", list)?;
+    Ok(d)
+}
+
+/// The report of a verified pair as a dict. Locating mismatches reads
 /// metadata, so it runs with the GIL released.
 fn report_dict<'py>(
     py: Python<'py>,
@@ -176,21 +259,7 @@ fn report_dict<'py>(
             .unwrap_or_default()
         })
     };
-
-    let d = PyDict::new(py);
-    d.set_item("raw", job.raw.display().to_string())?;
-    d.set_item("test", job.test.display().to_string())?;
-    d.set_item("raw_format", verified.raw.format_name())?;
-    d.set_item("test_format", verified.test.format_name())?;
-    d.set_item("virtual_size", report.virtual_size)?;
-    d.set_item("raw_size", report.raw_size)?;
-    d.set_item("test_size", report.test_size)?;
-    d.set_item("identical", report.identical)?;
-    d.set_item("bytes_compared", report.bytes_compared)?;
-    d.set_item("bytes_read", report.bytes_read)?;
-    d.set_item("elapsed_s", report.elapsed.as_secs_f64())?;
-    d.set_item("truncated", report.truncated)?;
-    let mut warnings = report.warnings.clone();
+    let mut report = report.clone();
     if !job.test_options.backing.follow {
         if let Some((_, name)) = verified
             .test
@@ -198,30 +267,132 @@ fn report_dict<'py>(
             .into_iter()
             .find(|(k, _)| k == "backing_file")
         {
-            warnings.push(format!(
+            report.warnings.push(format!(
                 "{}: backing file '{name}' was not opened (--no-backing): unallocated clusters were compared as zeros",
                 job.test.display()
             ));
         }
     }
-    d.set_item("warnings", PyList::new(py, &warnings)?)?;
-    let list = PyList::empty(py);
-    for (i, m) in report.mismatches.iter().enumerate() {
-        let md = PyDict::new(py);
-        md.set_item("sector", m.sector())?;
-        md.set_item("offset", m.offset)?;
-        md.set_item("length", m.length)?;
-        md.set_item("first_byte", m.first_byte)?;
-        if let Some(e) = &m.error {
-            md.set_item("error", e)?;
+    let names = Names {
+        raw: job.raw.display().to_string(),
+        test: job.test.display().to_string(),
+        raw_format: verified.raw.format_name().to_string(),
+        test_format: verified.test.format_name().to_string(),
+    };
+    report_to_dict(py, &names, &report, |i, _| {
+        locations
+            .get(i)
+            .and_then(Option::as_ref)
+            .and_then(|loc| location_dict(py, loc).ok())
+            .map(Bound::into_any)
+    })
+}
+
+/// A report dict (as `report_to_dict` makes it) back into the engine's report.
+fn report_from_dict(d: &Bound<'_, PyDict>) -> PyResult<Report> {
+    let item = |key: &str| -> PyResult<Bound<'_, PyAny>> {
+        d.get_item(key)?
+            .ok_or_else(|| PyValueError::new_err(format!("a report without '{key}'")))
+    };
+    let virtual_size: u64 = item("virtual_size")?.extract()?;
+    let range = match d.get_item("range")? {
+        Some(r) if !r.is_none() => {
+            let (start, length): (u64, u64) = r.extract()?;
+            start..start.saturating_add(length)
         }
-        if let Some(Some(loc)) = locations.get(i) {
-            md.set_item("mapping", location_dict(py, loc)?)?;
-        }
-        list.append(md)?;
+        _ => 0..virtual_size,
+    };
+    let mut mismatches = Vec::new();
+    for m in item("mismatches")?.try_iter()? {
+        let m = m?;
+        let error = m.get_item("error").ok().filter(|e| !e.is_none());
+        mismatches.push(Mismatch {
+            offset: m.get_item("offset")?.extract()?,
+            length: m.get_item("length")?.extract()?,
+            first_byte: m.get_item("first_byte")?.extract()?,
+            error: error.map(|e| e.extract()).transpose()?,
+        });
     }
-    d.set_item("mismatches", list)?;
-    Ok(d)
+    Ok(Report {
+        identical: item("identical")?.extract()?,
+        raw_size: item("raw_size")?.extract()?,
+        test_size: item("test_size")?.extract()?,
+        virtual_size,
+        range,
+        bytes_compared: item("bytes_compared")?.extract()?,
+        bytes_read: item("bytes_read")?.extract()?,
+        mismatches,
+        truncated: item("truncated")?.extract()?,
+        warnings: item("warnings")?.extract()?,
+        elapsed: Duration::try_from_secs_f64(item("elapsed_s")?.extract()?).unwrap_or_default(),
+    })
+}
+
+/// A range's outcome on its way through the merge: a report, or the
+/// exception its verify raised.
+struct PartError(PyErr);
+
+impl From<Error> for PartError {
+    fn from(e: Error) -> Self {
+        PartError(to_pyerr(e))
+    }
+}
+
+/// One report from the reports of consecutive ranges of one pair, in guest
+/// order, each a report dict or the exception that range's verify raised:
+/// the report one verify of their union gives (see `engine::merge_ranges`).
+/// `options`: the pair's `all`, `strict`, `max_runs`. Raises the exception
+/// that decides the outcome, if one does.
+#[pyfunction]
+#[pyo3(signature = (parts, **options))]
+pub(crate) fn merge_reports<'py>(
+    py: Python<'py>,
+    parts: Vec<Bound<'py, PyAny>>,
+    options: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let kw = Kwargs::new(py, options)?;
+    let options = verify_options(&kw)?;
+    kw.finish("merge_reports")?;
+    let mut names = None;
+    let mut mappings: HashMap<u64, Bound<'py, PyAny>> = HashMap::new();
+    let mut outcomes = Vec::with_capacity(parts.len());
+    for part in &parts {
+        let Ok(d) = part.cast::<PyDict>() else {
+            outcomes.push(Err(PartError(PyErr::from_value(part.clone()))));
+            continue;
+        };
+        let text = |key: &str| -> PyResult<String> {
+            d.get_item(key)?
+                .ok_or_else(|| PyValueError::new_err(format!("a report without '{key}'")))?
+                .extract()
+        };
+        if names.is_none() {
+            names = Some(Names {
+                raw: text("raw")?,
+                test: text("test")?,
+                raw_format: text("raw_format")?,
+                test_format: text("test_format")?,
+            });
+        }
+        if let Some(runs) = d.get_item("mismatches")? {
+            for m in runs.try_iter()? {
+                let m = m?;
+                if let Ok(found) = m.get_item("mapping") {
+                    mappings.insert(m.get_item("first_byte")?.extract()?, found);
+                }
+            }
+        }
+        outcomes.push(Ok(report_from_dict(d)?));
+    }
+    let report = engine::merge_ranges(outcomes, &options).map_err(|PartError(e)| e)?;
+    let names = names.ok_or_else(|| PyValueError::new_err("no range reports to merge"))?;
+    // A run keeps the mapping of the run it begins with; as in one verify,
+    // only the first MAX_LOCATED runs are located.
+    report_to_dict(py, &names, &report, |i, m| {
+        (i < MAX_LOCATED)
+            .then(|| mappings.get(&m.first_byte).cloned())
+            .flatten()
+    })
 }
 
 /// Verify a pair (see `pair_job`); returns a dict (see the Python `Report`).
