@@ -24,6 +24,7 @@ from blkverify_rs._native import (
     MismatchError,
     check_pair,
     formats,
+    is_nbd_uri,
     parse_size,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "create",
     "exercise",
     "formats",
+    "is_nbd_uri",
     "open",
     "parse_size",
     "shrink",
@@ -176,9 +178,18 @@ class _Record:
     def __hash__(self) -> int:
         return hash(tuple(repr(getattr(self, n)) for n in self.__slots__))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickle through __init__ (the default sets slots one by one, which
+        # __setattr__ refuses): reports travel back from cluster workers.
+        return (_rebuild, (type(self), {n: getattr(self, n) for n in self.__slots__}))
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
         return f"{type(self).__name__}({fields})"
+
+
+def _rebuild(cls: type[_Record], values: dict[str, Any]) -> _Record:
+    return cls(**values)
 
 
 class Mismatch(_Record):
@@ -216,6 +227,7 @@ class Report(_Record):
         "elapsed_s",
         "identical",
         "mismatches",
+        "range",
         "raw",
         "raw_format",
         "raw_size",
@@ -226,7 +238,7 @@ class Report(_Record):
         "virtual_size",
         "warnings",
     )  # fmt: skip
-    _defaults: ClassVar[dict[str, Any]] = {"warnings": [], "mismatches": []}
+    _defaults: ClassVar[dict[str, Any]] = {"warnings": [], "mismatches": [], "range": None}
     raw: str
     test: str
     raw_format: str
@@ -241,10 +253,12 @@ class Report(_Record):
     truncated: bool
     warnings: list[str]
     mismatches: list[Mismatch]
+    range: tuple[int, int] | None
+    """``(start, length)`` when the report covers part of the disk only."""
 
     def to_dict(self) -> dict[str, Any]:
         """The report as the CLI's ``--json`` prints it."""
-        return {
+        out = {
             "raw": self.raw,
             "test": self.test,
             "raw_format": self.raw_format,
@@ -259,6 +273,9 @@ class Report(_Record):
             "warnings": list(self.warnings),
             "mismatches": [m.to_dict() for m in self.mismatches],
         }
+        if self.range is not None:
+            out["range"] = {"start": self.range[0], "length": self.range[1]}
+        return out
 
 
 def verify(
@@ -275,6 +292,8 @@ def verify(
     allow_backing_anywhere: bool = False,
     threads: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    start: int | str = 0,
+    length: int | str | None = None,
 ) -> Report:
     """Compare every guest sector of ``test`` with the raw reference ``raw``.
 
@@ -282,6 +301,12 @@ def verify(
     on the test side is a finding (a mismatch with ``error`` set); one on the
     reference side raises. ``progress(done, total)`` is called about ten times a
     second from the calling thread.
+
+    ``start`` and ``length`` (bytes, or sizes such as ``"1G"``) verify that
+    range only (``length=None``: to the end). Both are multiples of 512, but a
+    range may end where the disk does; the report's ``range`` says which bytes
+    it covers. Reports of consecutive ranges merge into the whole-disk report
+    (a cluster does that with large pairs, see :func:`verify_many`).
     """
     pair = {
         "raw": raw,
@@ -299,11 +324,14 @@ def verify(
         max_backing_depth=max_backing_depth,
         allow_backing_anywhere=allow_backing_anywhere,
         threads=threads,
+        start=start,
+        length=length,
     )
     return _report(d)
 
 
 def _report(d: dict[str, Any]) -> Report:
+    d = dict(d)
     mismatches = [Mismatch(**m) for m in d.pop("mismatches")]
     return Report(mismatches=mismatches, **d)
 
@@ -318,15 +346,27 @@ def verify_many(
     allow_backing_anywhere: bool = False,
     threads: int = 0,
     progress: Callable[[int, int, int, int], None] | None = None,
+    client: Any = None,
+    split: int | str = 64 << 30,
 ) -> list[Report | Exception]:
     """Verify many pairs at once, within one core budget (``threads`` in all,
     0: one per core): pairs run side by side and share the worker threads.
 
     ``pairs`` holds ``(raw, test)`` tuples or dicts with ``raw``, ``test`` and
-    optionally ``raw_format``, ``test_format``, ``snapshot``, ``all`` and
-    ``strict`` (``all`` and ``strict`` default to the arguments of the same name).
-    A malformed pair raises ``ValueError`` (see :func:`check_pair`) before
-    anything runs.
+    optionally ``raw_format``, ``test_format``, ``snapshot``, ``all``,
+    ``strict`` (``all`` and ``strict`` default to the arguments of the same
+    name) and ``workers``. A malformed pair raises ``ValueError`` (see
+    :func:`check_pair`) before anything runs.
+
+    With ``client`` (a ``distributed.Client``; ``pip install
+    "blkverify-rs[dask]"``) each pair runs as tasks on the Dask cluster's
+    workers, which must see its paths (give them absolute). A pair's
+    ``workers`` (names, addresses or hosts) pin it to the workers that can; if
+    all of them are gone, that pair ends with an error. A pair larger than
+    ``split`` bytes (a multiple of 64 KiB; default 64 GiB) is verified as
+    ranges of that size on as many workers and merged into the report one
+    verify gives. ``threads`` is then per task (0: the host's cores split
+    between the worker's task slots).
 
     Returns one item per pair, in order: its :class:`Report`, or, when the pair
     could not be verified (an image that cannot be opened, a reference read
@@ -335,17 +375,36 @@ def verify_many(
     ``progress(done, total, pairs_done, pairs_total)`` is called about ten times
     a second. Ctrl-C raises ``KeyboardInterrupt``.
     """
-    results = _native.verify_many(
-        list(pairs),
-        progress=progress,
-        all=all,
-        strict=strict,
-        backing=backing,
-        max_backing_depth=max_backing_depth,
-        allow_backing_anywhere=allow_backing_anywhere,
-        threads=threads,
-    )
+    options = {
+        "all": all,
+        "strict": strict,
+        "backing": backing,
+        "max_backing_depth": max_backing_depth,
+        "allow_backing_anywhere": allow_backing_anywhere,
+        "threads": threads,
+    }
+    pairs = list(pairs)
+    if client is None:
+        results = _native.verify_many(pairs, progress=progress, **options)
+    else:
+        from blkverify_rs import cluster
+
+        results = cluster.verify_many(
+            client, [_pair_dict(p) for p in pairs], options, split=split, progress=progress
+        )
     return [r if isinstance(r, BaseException) else _report(r) for r in results]
+
+
+def _pair_dict(pair: tuple[PathLike, PathLike] | Mapping[str, Any]) -> dict[str, Any]:
+    """A pair checked (``ValueError`` as :func:`check_pair` says) and made a
+    dict of plain values, to travel to another process."""
+    check_pair(pair)
+    d = dict(pair) if isinstance(pair, Mapping) else {"raw": pair[0], "test": pair[1]}
+    d = {k: v for k, v in d.items() if v is not None}
+    d["raw"], d["test"] = os.fspath(d["raw"]), os.fspath(d["test"])
+    if "workers" in d:
+        d["workers"] = [str(w) for w in d["workers"]]
+    return d
 
 
 # The exercise workload's API is imported on first use: it needs dataclasses,

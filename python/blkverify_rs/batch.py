@@ -1,11 +1,13 @@
-"""``blkverify batch MANIFEST``: verify many pairs at once, within one core budget.
+"""``blkverify batch MANIFEST``: verify many pairs at once, within one core
+budget, or as tasks on a Dask cluster (``--scheduler``).
 
 A manifest line is ``RAW TEST`` (two whitespace-separated paths) or a JSON
 object ``{"raw", "test", "raw_format"?, "test_format"?, "snapshot"?, "all"?,
-"strict"?}``. Blank lines and lines starting with ``#`` are ignored. Relative
-paths resolve against the manifest's directory. The verification itself runs in
-Rust through :func:`blkverify_rs.verify_many`; this module parses, shows
-progress and reports.
+"strict"?, "workers"?}``. Blank lines and lines starting with ``#`` are
+ignored. Relative paths resolve against the manifest's directory. The
+verification itself runs in Rust through :func:`blkverify_rs.verify_many`;
+this module parses, shows progress and reports, the same way wherever the
+pairs ran.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from blkverify_rs.cli_common import (
     describe_error,
     fail,
     reported,
+    size_option,
 )
 from blkverify_rs.report import ProgressBar, human_size
 
@@ -37,7 +40,9 @@ class ManifestError(Exception):
 
 
 def _resolve(base: str, path: str) -> str:
-    return path if os.path.isabs(path) else os.path.join(base, path)
+    if os.path.isabs(path) or bv.is_nbd_uri(path):
+        return path
+    return os.path.join(base, path)
 
 
 def parse_manifest_line(text: str, where: str, base: str) -> dict[str, Any] | None:
@@ -136,6 +141,21 @@ def exit_status(results: list[Report | Exception]) -> int:
     return worst
 
 
+def connect(address: str, timeout: float) -> Any:
+    """A client of the Dask scheduler at ``address``, or exit with status 2 and
+    one line: Dask is not installed, or the scheduler cannot be reached (or
+    has no worker) within ``timeout`` seconds."""
+    from blkverify_rs import cluster
+
+    try:
+        cluster.quiet_logs()
+        return cluster.connect(address, timeout)
+    except ImportError:
+        fail('--scheduler needs Dask: pip install "blkverify-rs[dask]"')
+    except (OSError, ValueError) as exc:
+        fail(describe_error(exc))
+
+
 class BatchProgress:
     """One progress line for the whole batch: pairs and bytes."""
 
@@ -165,7 +185,28 @@ class BatchProgress:
     "--threads",
     type=click.IntRange(0, 64),
     default=0,
-    help="Worker threads in all, shared by the pairs (0: one per core).",
+    help="Worker threads in all, shared by the pairs (0: one per core); with "
+    "--scheduler, per task (0: a worker's cores split between its task slots).",
+)
+@click.option(
+    "--scheduler",
+    metavar="ADDRESS",
+    help="Run the pairs as tasks on the Dask cluster whose scheduler is at ADDRESS "
+    '(tcp://HOST:8786); needs pip install "blkverify-rs[dask]".',
+)
+@click.option(
+    "--scheduler-timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to try to reach the scheduler, and to wait for a worker.",
+)
+@click.option(
+    "--split",
+    metavar="SIZE",
+    help="With --scheduler: verify a pair larger than SIZE as ranges of SIZE bytes, "
+    "each a task (default 64G; a multiple of 64k).",
 )
 def batch(
     manifest: str,
@@ -175,14 +216,20 @@ def batch(
     progress: bool | None,
     quiet: bool,
     threads: int,
+    scheduler: str | None,
+    scheduler_timeout: float,
+    split: str | None,
 ) -> None:
-    """Verify every pair listed in MANIFEST, in parallel.
+    """Verify every pair listed in MANIFEST, in parallel, here or on a Dask
+    cluster (--scheduler).
 
     A line is 'RAW TEST', or a JSON object {"raw", "test", "raw_format",
-    "test_format", "snapshot", "all", "strict"}; '#' starts a comment line.
-    Prints a summary table (or, with --json, one JSON object per pair: the
-    verify --json object, or {"raw", "test", "error"}). Exit status: the worst
-    result (0 identical, 1 a pair differs, 2 a pair could not be verified).
+    "test_format", "snapshot", "all", "strict", "workers"}; '#' starts a
+    comment line. "workers" pins a pair to the cluster workers (names,
+    addresses or hosts) that can see its files. Prints a summary table (or,
+    with --json, one JSON object per pair: the verify --json object, or
+    {"raw", "test", "error"}). Exit status: the worst result (0 identical,
+    1 a pair differs, 2 a pair could not be verified).
     """
     try:
         pairs = read_manifest(manifest)
@@ -190,17 +237,31 @@ def batch(
         fail(str(exc))
     except OSError as exc:
         fail(describe_error(exc))
+    if split is not None and scheduler is None:
+        fail("--split needs --scheduler: a local batch verifies each pair whole")
+    split_bytes = size_option("--split", split)
 
     show = progress if progress is not None else (sys.stderr.isatty() and not quiet)
     bar = BatchProgress(sys.stderr) if show and not quiet else None
-    with reported(bar):
-        results = bv.verify_many(
-            pairs,
-            all=all_,
-            strict=strict,
-            threads=threads,
-            progress=bar.update if bar else None,
-        )
+    client = None
+    try:
+        with reported(bar):
+            cluster: dict[str, Any] = {}
+            if scheduler is not None:
+                client = cluster["client"] = connect(scheduler, scheduler_timeout)
+            if split_bytes is not None:
+                cluster["split"] = split_bytes
+            results = bv.verify_many(
+                pairs,
+                all=all_,
+                strict=strict,
+                threads=threads,
+                progress=bar.update if bar else None,
+                **cluster,
+            )
+    finally:
+        if client is not None:
+            client.close()
 
     if not quiet:
         for pair, res in zip(pairs, results, strict=False):

@@ -19,6 +19,7 @@ from blkverify_rs.cli_common import (
     WRITABLE_FORMATS,
     fail,
     reported,
+    size_option,
 )
 
 
@@ -87,6 +88,17 @@ for param in main.params:
     show_default=True,
     help="The longest backing chain to follow.",
 )
+@click.option(
+    "--start",
+    metavar="OFFSET",
+    help="Verify from this guest offset (a multiple of 512; sizes as qemu-img reads them: "
+    "1G, 0x1000).",
+)
+@click.option(
+    "--length",
+    metavar="BYTES",
+    help="Verify this many bytes from --start (a multiple of 512; default: to the end).",
+)
 def verify(
     raw: str,
     test: str,
@@ -102,14 +114,19 @@ def verify(
     no_backing: bool,
     allow_backing_anywhere: bool,
     max_backing_depth: int,
+    start: str | None,
+    length: str | None,
 ) -> None:
-    """Compare every guest sector of TEST with the raw reference RAW.
+    """Compare every guest sector of TEST with the raw reference RAW
+    (or those of one range, with --start and --length).
 
     Exit status: 0 identical, 1 they differ (or TEST could not be read somewhere),
     2 an error (bad usage, an image that cannot be opened, a reference read error).
     """
     from blkverify_rs import report
 
+    start_offset = size_option("--start", start) or 0
+    length_bytes = size_option("--length", length)
     show_progress = progress if progress is not None else (sys.stderr.isatty() and not quiet)
     bar = report.ProgressBar(sys.stderr) if show_progress and not quiet else None
     with reported(bar):
@@ -126,6 +143,8 @@ def verify(
             allow_backing_anywhere=allow_backing_anywhere,
             max_backing_depth=max_backing_depth,
             progress=bar.update if bar else None,
+            start=start_offset,
+            length=length_bytes,
         )
     if not quiet:
         for warning in rep.warnings:

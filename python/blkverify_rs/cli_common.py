@@ -37,6 +37,17 @@ def fail(message: str) -> NoReturn:
     sys.exit(EXIT_ERROR)
 
 
+def size_option(option: str, text: str | None) -> int | None:
+    """A size option's value in bytes (QEMU's size syntax, as ``bv.parse_size``
+    reads it), or exit with status 2 naming the option."""
+    if text is None:
+        return None
+    try:
+        return bv.parse_size(text)
+    except (ValueError, OverflowError) as exc:
+        fail(f"{option}: {exc}")
+
+
 def describe_error(exc: BaseException, name: str | None = None) -> str:
     """One line for an exception, naming the file where it has one (or, for an
     OS error that names none, ``name``)."""

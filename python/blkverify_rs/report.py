@@ -65,6 +65,12 @@ def describe_mismatch(m: Mismatch) -> str:
 def human(rep: Report, all_: bool = False) -> str:
     """The report as text."""
     if rep.identical:
+        if rep.range is not None:
+            start, length = rep.range
+            return (
+                f"Images are identical from offset {start:#x} for {length} bytes "
+                f"(of {rep.virtual_size}).\n"
+            )
         return "Images are identical.\n"
     lines: list[str] = []
     for m in rep.mismatches:
