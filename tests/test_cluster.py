@@ -1,0 +1,475 @@
+"""Verifying on a Dask cluster (``batch --scheduler``, ``verify_many(client=)``)
+and by range (``verify --start/--length``, ``--split``), with real processes: a
+``dask scheduler`` and two named ``dask worker`` processes of one thread each
+on 127.0.0.1, started once for the module and stopped by PID. Every cluster
+result is compared with a local run of the same pairs; images are made with
+qemu-img/qemu-io."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import blkverify_rs as bv
+import distributed
+import pytest
+from conftest import convert_to_raw, qemu_img, qemu_io, run_cli
+
+MiB = 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """A scheduler and its workers, as processes of their own."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.start("scheduler", ["scheduler", "--host", "127.0.0.1", "--port"])
+        self.client = distributed.Client(self.address, timeout=60, set_as_default=False)
+
+    def start(self, name: str, args: list[str], cwd: Path | None = None) -> subprocess.Popen:
+        if name == "scheduler":
+            args = [*args, self.address.rsplit(":", 1)[1], "--no-dashboard"]
+        else:
+            args = ["worker", self.address, "--name", name, "--nthreads", "1", "--no-nanny"]
+            args += ["--host", "127.0.0.1", "--no-dashboard"]
+        log = open(self.root / f"{name}.log", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dask", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd or self.root,
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def add_worker(self, name: str, cwd: Path | None = None) -> subprocess.Popen:
+        proc = self.start(name, [], cwd)
+        deadline = time.monotonic() + 60
+        while name not in self.worker_names():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((self.root / f"{name}.log").read_text())
+            time.sleep(0.1)
+        return proc
+
+    def worker_names(self) -> dict[str, str]:
+        """name -> address of the live workers."""
+        workers = self.client.scheduler_info()["workers"]
+        return {str(info["name"]): address for address, info in workers.items()}
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def close(self) -> None:
+        self.client.close()
+        for name in [n for n in self.procs if n != "scheduler"]:
+            self.stop(name)
+        if "scheduler" in self.procs:
+            self.stop("scheduler")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Workers w1 and w2, each running in a directory of its own (w1/, w2/)
+    so that a relative path names a file only one of them can see."""
+    root = tmp_path_factory.mktemp("cluster")
+    c = Cluster(root)
+    try:
+        for name in ("w1", "w2"):
+            (root / name).mkdir()
+            c.add_worker(name, cwd=root / name)
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Small pairs: identical, one differing sector, several runs, a size
+    difference, and a raw image beside each qcow2."""
+    d = tmp_path_factory.mktemp("pairs")
+    good = d / "good.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", good, str(4 * MiB))
+    qemu_io(good, "write -P 0x5a 0 1M", "write -P 0x33 2M 64k")
+    convert_to_raw(good, d / "good.raw")
+    bad = d / "bad.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", bad, str(4 * MiB))
+    qemu_io(bad, "write -P 0x5a 0 1M", "write -P 0x34 1M 512", "write -P 0x33 2M 64k")
+    runs = d / "runs.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", runs, str(4 * MiB))
+    qemu_io(runs, "write -P 0x5a 0 1M", "write -P 1 4k 1k", "write -P 2 3M 4k")
+    longer = d / "longer.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", longer, str(5 * MiB))
+    qemu_io(longer, "write -P 0x5a 0 1M", "write -P 0x33 2M 64k")
+    return {
+        "dir": d,
+        "good": good,
+        "raw": d / "good.raw",
+        "bad": bad,
+        "runs": runs,
+        "longer": longer,
+    }
+
+
+def without_elapsed(out: str) -> list[dict]:
+    records = [json.loads(line) for line in out.splitlines()]
+    for r in records:
+        r.pop("elapsed_s", None)
+    return records
+
+
+def write_manifest(images: dict[str, Path], name: str, lines: list[str | dict]) -> Path:
+    path = images["dir"] / name
+    path.write_text("".join((json.dumps(x) if isinstance(x, dict) else x) + "\n" for x in lines))
+    return path
+
+
+def batch(*args) -> subprocess.CompletedProcess:
+    return run_cli("batch", "--no-progress", *args)
+
+
+def test_batch_on_the_cluster_reports_what_a_local_batch_does(images, cluster):
+    manifest = write_manifest(
+        images,
+        "mixed.txt",
+        [
+            "good.raw good.qcow2",
+            "good.raw bad.qcow2",
+            {"raw": "good.raw", "test": "runs.qcow2", "all": True},
+            "good.raw longer.qcow2",
+            {"raw": "good.raw", "test": "longer.qcow2", "strict": True},
+            {"raw": "good.raw", "test": "good.qcow2", "workers": ["w1"]},
+            {"raw": "good.raw", "test": "bad.qcow2", "workers": ["w2", "nosuch"]},
+            "good.raw missing.qcow2",  # no worker can open it: that pair's error
+            "good.qcow2 good.raw",  # the reference is not raw: that pair's error
+        ],
+    )
+    local = batch("--json", manifest)
+    remote = batch("--json", "--scheduler", cluster.address, manifest)
+    assert local.returncode == remote.returncode == 2, remote.stderr
+    assert without_elapsed(remote.stdout) == without_elapsed(local.stdout)
+    assert remote.stderr == local.stderr
+    records = without_elapsed(remote.stdout)
+    identical = [True, False, False, True, False, True, False, None, None]
+    assert [r.get("identical") for r in records] == identical
+    assert [len(r["mismatches"]) for r in records[1:3]] == [1, 3]
+    assert "No such file" in records[7]["error"] and "must be a raw image" in records[8]["error"]
+    # The summary table too, but for the MiB/s column.
+    local_table = batch(manifest).stdout
+    remote_table = batch("--scheduler", cluster.address, manifest).stdout
+    strip = lambda table: [line.rsplit(None, 1)[0] for line in table.splitlines()]  # noqa: E731
+    assert strip(remote_table) == strip(local_table)
+
+
+def test_the_progress_line_is_the_local_one(images, cluster):
+    manifest = write_manifest(images, "progress.txt", ["good.raw good.qcow2", "good.raw bad.qcow2"])
+    local = run_cli("batch", "--progress", manifest)
+    remote = run_cli("batch", "--progress", "--scheduler", cluster.address, manifest)
+    assert local.returncode == remote.returncode == 1
+    final = re.compile(r"pairs 2/2  8\.0 MiB / 8\.0 MiB 100\.0% +[0-9.]+ MiB/s  ETA +[0-9.]+s")
+    for proc in (local, remote):
+        assert proc.stderr.endswith("\n")
+        last = re.split(r"[\r\n]", proc.stderr.rstrip("\n"))[-1]
+        assert final.fullmatch(last), proc.stderr
+
+
+def test_a_pinned_pair_runs_only_where_its_files_are(cluster):
+    """Each worker runs in a directory of its own: a relative path names a
+    file that only the worker pinned to it can open."""
+    for name in ("w1", "w2"):
+        wd = cluster.root / name
+        qemu_img("create", "-q", "-f", "qcow2", wd / f"only-{name}.qcow2", str(MiB))
+        qemu_io(wd / f"only-{name}.qcow2", f"write -P {len(name)} 0 64k")
+        convert_to_raw(wd / f"only-{name}.qcow2", wd / f"only-{name}.raw")
+    address = cluster.worker_names()["w2"]
+    pairs = [
+        {"raw": f"only-{name}.raw", "test": f"only-{name}.qcow2", "workers": [pin]}
+        for name, pin in [("w1", "w1"), ("w2", address), ("w1", "w1"), ("w2", "w2")] * 4
+    ]
+    results = bv.verify_many(pairs, client=cluster.client)
+    assert all(isinstance(r, bv.Report) and r.identical for r in results), results
+    # Unpinned, half the pairs land on a worker that cannot see their files.
+    unpinned = [{k: v for k, v in p.items() if k != "workers"} for p in pairs]
+    failed = [
+        r for r in bv.verify_many(unpinned, client=cluster.client) if isinstance(r, Exception)
+    ]
+    assert failed and all(isinstance(r, FileNotFoundError) for r in failed)
+
+
+def test_pinned_to_workers_that_are_not_there(images, cluster):
+    results = bv.verify_many(
+        [
+            {
+                "raw": images["raw"],
+                "test": images["good"],
+                "workers": ["nosuch", "tcp://10.9.9.9:1"],
+            },
+            (images["raw"], images["bad"]),
+        ],
+        client=cluster.client,
+    )
+    assert isinstance(results[0], bv.Error)
+    assert "none of the workers this pair is pinned to (nosuch, tcp://10.9.9.9:1)" in str(
+        results[0]
+    )
+    assert isinstance(results[1], bv.Report) and not results[1].identical
+
+
+def test_api_reports_equal_local_reports(images, cluster):
+    pairs = [(images["raw"], images[k]) for k in ("good", "bad", "runs", "longer")]
+    local = bv.verify_many(pairs, all=True)
+    remote = bv.verify_many(pairs, all=True, client=cluster.client)
+    assert [r.to_dict() | {"elapsed_s": 0} for r in remote] == [
+        r.to_dict() | {"elapsed_s": 0} for r in local
+    ]
+    with pytest.raises(ValueError, match="'workers' must be a list"):
+        bv.verify_many([{"raw": "a", "test": "b", "workers": "w1"}], client=cluster.client)
+
+
+def test_a_worker_killed_mid_batch(images, cluster, tmp_path):
+    """A third worker is killed (SIGKILL) while it runs a task: the batch
+    still reports every pair exactly once, as a local run does. Each pair's
+    test side is served by nbdkit with a delay on every read, so the tasks
+    are still running when the worker dies."""
+    sock = tmp_path / "slow.sock"
+    nbdkit = subprocess.Popen(
+        ["nbdkit", "-f", "-U", sock, "--filter=delay", "file", images["raw"], "rdelay=300ms"]
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert nbdkit.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        uri = f"nbd+unix:///?socket={sock}"
+        manifest = write_manifest(
+            images,
+            "slow.txt",
+            [f"good.raw {uri}" if i % 2 else "good.raw bad.qcow2" for i in range(12)],
+        )
+        victim = cluster.add_worker("w3")
+        address = cluster.worker_names()["w3"]
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "blkverify_rs", "batch", "--json", "--no-progress"),
+                *("--threads", "1", "--scheduler", cluster.address, str(manifest)),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not any("range" in key for key in cluster.client.processing().get(address, ())):
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "w3 never got a task"
+                time.sleep(0.02)
+            victim.kill()
+            cluster.stop("w3")
+            out, err = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        local = batch("--json", "--threads", "1", manifest)
+        assert proc.returncode == local.returncode == 1, err
+        assert without_elapsed(out) == without_elapsed(local.stdout)
+        assert len(out.splitlines()) == 12
+    finally:
+        nbdkit.terminate()
+        nbdkit.wait()
+
+
+@pytest.fixture(scope="module")
+def split_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """160 MiB, mostly holes: at --split 64M three ranges, with mismatches
+    on both sides of both edges and a run across the first."""
+    d = tmp_path_factory.mktemp("split")
+    raw = d / "big.raw"
+    qemu_img("create", "-q", "-f", "raw", raw, str(160 * MiB))
+    writes = [
+        "write -P 0x11 0 1M",
+        "write -P 0x22 63M 2M",
+        "write -P 0x33 127M 2M",
+        "write -P 0x44 159M 1M",
+    ]
+    qemu_io(raw, *writes, fmt="raw")
+    test = d / "big.qcow2"
+    qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", raw, test)
+    edge1, edge2 = 64 * MiB, 128 * MiB
+    qemu_io(
+        test,
+        "write -P 0x99 4096 512",  # inside the first range
+        f"write -P 0x99 {edge1 - 1024} 2048",  # a run across the first edge
+        f"write -P 0x99 {edge2 - 512} 512",  # the last sector before the second edge
+        f"write -P 0x98 {edge2} 512",  # and the first after it
+        f"write -P 0x99 {edge2 + 4096} 512",
+        f"write -P 0x99 {160 * MiB - 512} 512",  # the last sector of the disk
+    )
+    return {"raw": raw, "test": test}
+
+
+@pytest.mark.parametrize("all_", [True, False])
+def test_split_ranges_merge_into_the_unsplit_report(split_pair, cluster, all_):
+    manifest = split_pair["raw"].parent / "split.txt"
+    manifest.write_text(f"{split_pair['raw']} {split_pair['test']}\n")
+    flags = ["--all"] if all_ else []
+    local = batch("--json", *flags, manifest)
+    whole = batch("--json", *flags, "--scheduler", cluster.address, manifest)
+    split = batch("--json", *flags, "--scheduler", cluster.address, "--split", "64M", manifest)
+    assert local.returncode == whole.returncode == split.returncode == 1, split.stderr
+    assert (
+        without_elapsed(split.stdout)
+        == without_elapsed(local.stdout)
+        == without_elapsed(whole.stdout)
+    )
+    (report,) = without_elapsed(split.stdout)
+    runs = [(m["offset"], m["length"]) for m in report["mismatches"]]
+    edge1, edge2 = 64 * MiB, 128 * MiB
+    if all_:
+        assert runs == [
+            (4096, 512),
+            (edge1 - 1024, 2048),
+            (edge2 - 512, 1024),
+            (edge2 + 4096, 512),
+            (160 * MiB - 512, 512),
+        ]
+        assert all("mapping" in m for m in report["mismatches"])
+    else:
+        assert runs == [(4096, 512)]
+
+
+def test_split_first_run_crossing_an_edge(split_pair, cluster, tmp_path):
+    """Without --all the first run is whole, though a range edge cuts it."""
+    test = tmp_path / "edge.qcow2"
+    qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", split_pair["raw"], test)
+    qemu_io(test, f"write -P 0x99 {64 * MiB - 1024} 2048")
+    pairs = [(split_pair["raw"], test)]
+    local = bv.verify_many(pairs)
+    split = bv.verify_many(pairs, client=cluster.client, split="64M")
+    assert split[0].mismatches == local[0].mismatches
+    assert [(m.offset, m.length) for m in split[0].mismatches] == [(64 * MiB - 1024, 2048)]
+
+
+def test_split_must_be_a_multiple_of_64k(images, cluster):
+    manifest = write_manifest(images, "one.txt", ["good.raw good.qcow2"])
+    proc = batch("--scheduler", cluster.address, "--split", "1000", manifest)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "blkverify: error: the split size (1000 bytes) must be a positive multiple of 64 KiB\n"
+    )
+    proc = batch("--split", "64M", manifest)
+    assert proc.returncode == 2 and "--split needs --scheduler" in proc.stderr
+    proc = batch("--scheduler", cluster.address, "--split", "lots", manifest)
+    assert proc.returncode == 2 and proc.stderr.startswith(
+        "blkverify: error: --split: invalid size"
+    )
+
+
+def test_an_unreachable_scheduler_is_one_error_within_the_timeout(images):
+    manifest = write_manifest(images, "one.txt", ["good.raw good.qcow2"])
+    address = f"tcp://127.0.0.1:{free_port()}"
+    proc = batch("--scheduler", address, "--scheduler-timeout", "2", manifest)
+    assert proc.returncode == 2
+    assert re.fullmatch(
+        rf"blkverify: error: {address}: cannot reach the Dask scheduler \(waited 2 s: .*\)\n",
+        proc.stderr,
+    ), proc.stderr
+    assert proc.stdout == ""
+    from blkverify_rs import cluster as dask_cluster
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="cannot reach the Dask scheduler"):
+        dask_cluster.connect(address, timeout=1.5)
+    assert time.monotonic() - started < 1.5 + 2
+
+
+def test_without_dask_scheduler_says_how_to_install_it(images, tmp_path):
+    """A `distributed` that cannot be imported, as on a machine without the extra."""
+    shadow = tmp_path / "shadow" / "distributed"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named distributed')\n")
+    manifest = write_manifest(images, "one.txt", ["good.raw good.qcow2"])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blkverify_rs",
+            "batch",
+            "--scheduler",
+            "tcp://127.0.0.1:1",
+            manifest,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(shadow.parent)},
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert (
+        proc.stderr
+        == 'blkverify: error: --scheduler needs Dask: pip install "blkverify-rs[dask]"\n'
+    )
+
+
+# -- verify --start/--length ------------------------------------------------------------------
+
+
+def test_verify_a_range(images):
+    raw, bad = images["raw"], images["bad"]
+    # bad.qcow2 differs at sector 2048 (1 MiB) only.
+    before = run_cli("verify", "--json", "--length", "1M", raw, bad)
+    assert before.returncode == 0, before.stderr
+    report = json.loads(before.stdout)
+    assert report["range"] == {"start": 0, "length": MiB}
+    assert report["bytes_compared"] == MiB and report["virtual_size"] == 4 * MiB
+    hit = run_cli("verify", "--json", "--start", "0x100000", "--length", "512", raw, bad)
+    assert hit.returncode == 1
+    assert [m["sector"] for m in json.loads(hit.stdout)["mismatches"]] == [2048]
+    after = run_cli("verify", "--start", "1.5M", raw, bad)
+    assert after.returncode == 0
+    assert (
+        after.stdout
+        == f"Images are identical from offset 0x180000 for {int(2.5 * MiB)} bytes (of {4 * MiB}).\n"
+    )
+    rep = bv.verify(raw, bad, start="1M", length=4096)
+    assert rep.range == (MiB, 4096) and [m.sector for m in rep.mismatches] == [2048]
+    assert bv.verify(raw, bad).range is None
+
+
+@pytest.mark.parametrize(
+    "args, fact",
+    [
+        (["--start", "100"], "the range's start (0x64) is not a multiple of 512 bytes"),
+        (["--length", "1000"], "the range's length (1000) is not a multiple of 512 bytes"),
+        (["--start", "4M", "--length", "512"], "ends past the end of the disk (4194304 bytes)"),
+        (["--start", "1x"], "--start: invalid size '1x'"),
+    ],
+)
+def test_verify_range_errors(images, args, fact):
+    proc = run_cli("verify", *args, images["raw"], images["good"])
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("blkverify: error: ") and fact in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1
