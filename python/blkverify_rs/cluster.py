@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from blkverify_rs import _native, tasks
@@ -39,8 +40,8 @@ INSTALL_HINT = 'pip install "blkverify-rs[dask]"'
 
 # How often the workers are looked at (pins, an empty cluster), in seconds.
 CHECK_INTERVAL = 1.0
-# How long fetching one task's result may take before it is tried again later.
-RESULT_TIMEOUT = 10.0
+# The most pairs one probe task opens.
+PROBE_GROUP = 64
 
 
 def _distributed() -> Any:
@@ -97,13 +98,13 @@ def split_size(split: int | str) -> int:
     return size
 
 
-def _run_task(fn: Callable[..., Any], pair: Mapping[str, Any], options: dict[str, Any], *args: Any):
+def _run_task(fn: Callable[..., Any], what: Any, options: dict[str, Any], *args: Any) -> Any:
     """Run a task function on a worker. Unless the caller chose ``threads``,
     each task takes its share of the host's cores: they are split between the
     worker's task slots, as a local batch splits them between pairs."""
     if not options.get("threads"):
         options = {**options, "threads": _threads_per_task()}
-    return fn(pair, options, *args)
+    return fn(what, options, *args)
 
 
 def _threads_per_task() -> int:
@@ -129,7 +130,9 @@ class _Progress:
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
-        if now - self.last < 0.5 and done < total:
+        if not self.last:
+            self.last = now  # a task that ends within half a second sends nothing
+        if now - self.last < 0.5:
             return
         self.last = now
         try:
@@ -139,18 +142,26 @@ class _Progress:
 
 
 class _Task:
-    """One submitted task: a pair's probe (``part`` None) or one of its ranges."""
+    """One submitted task: the probe of a group of pairs pinned alike (``part``
+    None), or one range of one pair."""
 
-    __slots__ = ("attempt", "future", "length", "pair", "part", "restriction", "start")
+    __slots__ = ("attempt", "fetching", "future", "length", "pairs", "part", "restriction", "start")
 
-    def __init__(self, pair: int, part: int | None, start: int = 0, length: int | None = None):
-        self.pair = pair
+    def __init__(
+        self, pairs: list[int], part: int | None = None, start: int = 0, length: int | None = None
+    ):
+        self.pairs = pairs
         self.part = part
         self.start = start
         self.length = length
         self.attempt = 0
+        self.fetching = False
         self.restriction: list[str] | None = None
         self.future: Future | None = None
+
+    @property
+    def pair(self) -> int:
+        return self.pairs[0]
 
 
 class _PairState:
@@ -162,7 +173,13 @@ class _PairState:
         self.started = 0.0
 
 
+# The value of an event that says a task is done (its value is still to fetch).
+_DONE = object()
+
+
 def _pinned_error(pair: Mapping[str, Any]) -> Exception:
+    """That a pair's pinned workers are all gone (for each pair of a group,
+    the pair's own words come from its test path)."""
     names = ", ".join(pair["workers"])
     return _native.Error(
         f"{pair['test']}: none of the workers this pair is pinned to ({names}) is in the cluster"
@@ -198,7 +215,10 @@ class _Batch:
         token = uuid.uuid4().hex[:12]
         self.prefix = f"blkverify-{token}"
         self.topic = f"blkverify-progress-{token}"
-        self.done: queue.SimpleQueue[Future] = queue.SimpleQueue()
+        # What the main loop hears of: a task done (from Dask's callback
+        # thread), or a finished task's value fetched (from the fetch thread).
+        self.events: queue.SimpleQueue[tuple[Future, Any]] = queue.SimpleQueue()
+        self.fetcher = ThreadPoolExecutor(1, thread_name_prefix="blkverify-fetch")
         self.tasks: dict[str, _Task] = {}
         self.running_bytes: dict[str, int] = {}
         self.lock = threading.Lock()
@@ -231,12 +251,14 @@ class _Batch:
         if pair.get("workers"):
             task.restriction = self._resolve(pair["workers"])
             if not task.restriction:
-                self._task_done(task, _pinned_error(pair))
+                errors = [_pinned_error(self.pairs[index]) for index in task.pairs]
+                self._task_done(task, errors if task.part is None else errors[0])
                 return
         kind = "probe" if task.part is None else f"range{task.part}"
         key = f"{self.prefix}-{task.pair}-{kind}-{task.attempt}"
         if task.part is None:
-            args: tuple[Any, ...] = (tasks.probe_pair, pair, self.options)
+            group = [self.pairs[index] for index in task.pairs]
+            args: tuple[Any, ...] = (tasks.probe_pairs, group, self.options)
             priority = 1  # sizes first, so the progress total is known early
         else:
             progress = _Progress(self.topic, key)
@@ -252,7 +274,7 @@ class _Batch:
             pure=False,
         )
         self.tasks[key] = task
-        task.future.add_done_callback(self.done.put)
+        self._when_done(task.future)
 
     def _submit_ranges(self, index: int, size: int) -> None:
         state = self.state[index]
@@ -266,7 +288,7 @@ class _Batch:
             ]
         state.parts = [None] * len(ranges)
         for part, (start, length) in enumerate(ranges):
-            self._submit(_Task(index, part, start, length))
+            self._submit(_Task([index], part, start, length))
 
     # -- following ------------------------------------------------------------
 
@@ -276,51 +298,72 @@ class _Batch:
             if key in self.tasks:
                 self.running_bytes[key] = done
 
-    def _collect(self, futures: list[Future]) -> None:
-        timeouts = (TimeoutError, getattr(_distributed(), "TimeoutError", TimeoutError))
-        for future in futures:
+    def _when_done(self, future: Future) -> None:
+        future.add_done_callback(lambda f: self.events.put((f, _DONE)))
+
+    def _fetch(self, finished: list[tuple[Future, _Task]]) -> None:
+        """Fetch finished tasks' values, in one gather, off the main loop: a
+        value whose worker died before it was fetched is computed again, and
+        the gather waits for that (a task pinned to workers that are all gone
+        is cancelled by the pin check meanwhile, which ends the wait)."""
+        futures = [f for f, _ in finished]
+        try:
+            values = self.client.gather(futures)
+        except Exception:
+            values = []
+            for future, task in finished:
+                try:
+                    values.append(future.result())
+                except Exception as exc:
+                    values.append(_task_error(self.pairs[task.pair], exc))
+        for future, value in zip(futures, values, strict=True):
+            self.events.put((future, value))
+
+    def _handle(self, events: list[tuple[Future, Any]]) -> None:
+        finished = []
+        for future, value in events:
             task = self.tasks.get(future.key)
             if task is None or task.future is not future:
                 continue  # cancelled by us: its pair ended, or it was re-pinned
-            status = future.status
-            if status == "finished":
-                try:
-                    value = future.result(timeout=RESULT_TIMEOUT)
-                except timeouts:
-                    # Its worker died before the result was fetched: Dask runs
-                    # it again (or, when pinned to dead workers, the pin check
-                    # ends it). It reports again when done.
-                    future.add_done_callback(self.done.put)
-                    continue
-                except Exception as exc:
-                    value = _task_error(self.pairs[task.pair], exc)
-            elif status in ("error", "cancelled"):
-                exc = future.exception() if status == "error" else None
-                value = _task_error(self.pairs[task.pair], exc)
-            else:
-                # Done when it reported, lost with its worker since: running again.
-                future.add_done_callback(self.done.put)
-                continue
-            if future.key in self.tasks:  # fetching may have taken a while
+            if value is not _DONE:
                 self._task_done(self._forget(future.key), value)
+            elif future.status == "finished":
+                if not task.fetching:
+                    task.fetching = True
+                    finished.append((future, task))
+            elif future.status in ("error", "cancelled"):
+                exc = future.exception() if future.status == "error" else None
+                self._task_done(self._forget(future.key), _task_error(self.pairs[task.pair], exc))
+            else:
+                # Done when it reported, lost with its worker since: Dask runs
+                # it again, and it reports again when done.
+                self._when_done(future)
+        if finished:
+            self.fetcher.submit(self._fetch, finished)
 
     def _forget(self, key: str) -> _Task:
         with self.lock:
             self.running_bytes.pop(key, None)
             return self.tasks.pop(key)
 
-    def _task_done(self, task: _Task, value: dict[str, Any] | BaseException) -> None:
+    def _task_done(self, task: _Task, value: Any) -> None:
+        if task.part is None:
+            # A probe's value: one outcome per pair, or the error that ended
+            # the task (for every pair of the group).
+            outcomes = value if isinstance(value, list) else [value] * len(task.pairs)
+            for index, outcome in zip(task.pairs, outcomes, strict=True):
+                if self.results[index] is not None:
+                    continue
+                if isinstance(outcome, BaseException):
+                    self._pair_done(index, outcome)
+                else:
+                    size = int(outcome["virtual_size"])
+                    self.total += size
+                    self._submit_ranges(index, size)
+            return
         index = task.pair
         if self.results[index] is not None:
             return  # the pair already ended (a part failed, say)
-        if task.part is None:
-            if isinstance(value, BaseException):
-                self._pair_done(index, value)
-            else:
-                size = int(value["virtual_size"])
-                self.total += size
-                self._submit_ranges(index, size)
-            return
         state = self.state[index]
         state.parts[task.part] = value
         self.finished_bytes += state.size if task.length is None else task.length
@@ -339,7 +382,7 @@ class _Batch:
         self.results[index] = result
         self.pairs_done += 1
         for key, task in list(self.tasks.items()):
-            if task.pair == index:
+            if task.part is not None and task.pair == index:
                 self._forget(key)
                 if task.future is not None:
                     task.future.cancel()
@@ -385,19 +428,25 @@ class _Batch:
         self.client.subscribe_topic(self.topic, self._on_event)
         try:
             self._look_at_workers()
-            for index in range(len(self.pairs)):
-                self._submit(_Task(index, None))
+            # Probes go in groups of pairs pinned alike: opening a pair costs
+            # far less than a task does.
+            groups: dict[tuple[str, ...], list[int]] = {}
+            for index, pair in enumerate(self.pairs):
+                groups.setdefault(tuple(pair.get("workers") or ()), []).append(index)
+            for members in groups.values():
+                for first in range(0, len(members), PROBE_GROUP):
+                    self._submit(_Task(members[first : first + PROBE_GROUP]))
             last_check = time.monotonic()
             while self.pairs_done < len(self.pairs):
-                batch: list[Future] = []
+                events: list[tuple[Future, Any]] = []
                 try:
-                    batch.append(self.done.get(timeout=0.1))
+                    events.append(self.events.get(timeout=0.1))
                     while True:
-                        batch.append(self.done.get_nowait())
+                        events.append(self.events.get_nowait())
                 except queue.Empty:
                     pass
-                if batch:
-                    self._collect(batch)
+                if events:
+                    self._handle(events)
                 if time.monotonic() - last_check >= CHECK_INTERVAL:
                     self._check_workers()
                     last_check = time.monotonic()
@@ -408,6 +457,7 @@ class _Batch:
                 self.client.cancel(futures)
             raise
         finally:
+            self.fetcher.shutdown(wait=False, cancel_futures=True)
             self.client.unsubscribe_topic(self.topic)
         self._tick()
         return [r for r in self.results if r is not None]

@@ -49,6 +49,13 @@ def probe_pair(
     return verify_range(pair, options, start=0, length=0)
 
 
+def probe_pairs(
+    pairs: list[Mapping[str, Any]], options: Mapping[str, Any]
+) -> list[dict[str, Any] | BaseException]:
+    """:func:`probe_pair` for each of ``pairs``, in one task."""
+    return [probe_pair(pair, options) for pair in pairs]
+
+
 def merge(
     pair: Mapping[str, Any], parts: list[dict[str, Any] | BaseException], options: Mapping[str, Any]
 ) -> dict[str, Any] | BaseException:

@@ -1,0 +1,113 @@
+"""A batch verified locally and through a Dask cluster of two workers on this
+machine, side by side; and what one task costs the cluster.
+
+- ``batch``: 16 pairs of BENCH_MIB MiB (fully allocated qcow2 against raw;
+  4 distinct pairs, each listed 4 times), ``bv.verify_many`` here and with
+  ``client=`` a client of a scheduler with two one-thread workers on this
+  machine. ``extra_info["overhead"]`` on the cluster's entry is its median
+  over the local one, minus 1.
+- ``task cost``: 256 pairs of 64 KiB through the cluster: a verify task per
+  pair and a probe task per 64 pairs, so ``extra_info["per_task_ms"]`` is the
+  median over 260 tasks (``per_pair_ms`` over 256 pairs); beside as many
+  plain Dask no-op tasks, submitted and gathered: the floor (``overhead`` is
+  ours over it).
+
+    BLKVERIFY_BENCH_MIB=256 pytest benches/test_bench_cluster.py --benchmark-enable
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import blkverify_rs as bv
+import make_images
+import pytest
+from conftest import BENCH_MIB
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from dask_cluster import Cluster  # shared with the tests
+
+PAIRS = 16
+TINY_PAIRS = 256 if "--benchmark-enable" in sys.argv else 16
+# A verify task per pair, and a probe per 64 pairs (cluster.PROBE_GROUP).
+TASKS = TINY_PAIRS + -(-TINY_PAIRS // 64)
+_medians: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        for name in ("w1", "w2"):
+            c.add_worker(name)
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def batch_pairs(bench_dir: Path) -> list[tuple[Path, Path]]:
+    distinct = []
+    for i in range(4):
+        d = bench_dir / f"batch{i}"
+        d.mkdir(exist_ok=True)
+        distinct.append(make_images.full_pair(d, BENCH_MIB))
+    return distinct * (PAIRS // len(distinct))
+
+
+@pytest.fixture(scope="module")
+def tiny_pairs(bench_dir: Path) -> list[tuple[Path, Path]]:
+    d = bench_dir / "tiny"
+    d.mkdir(exist_ok=True)
+    raw = d / "tiny.raw"
+    raw.write_bytes(bytes(range(256)) * 256)
+    return [(raw, raw)] * TINY_PAIRS
+
+
+def verify_all(pairs: list[tuple[Path, Path]], client=None) -> None:
+    results = bv.verify_many(pairs, client=client)
+    assert all(isinstance(r, bv.Report) and r.identical for r in results), results
+
+
+def measure(benchmark, group: str, where: str, target, *args) -> float | None:
+    benchmark.group = group
+    benchmark.extra_info["where"] = where
+    benchmark.pedantic(target, args=args, rounds=3, iterations=1, warmup_rounds=1)
+    stats = getattr(benchmark, "stats", None)
+    if stats is None:  # --benchmark-disable: a smoke run
+        return None
+    median = stats.stats.median
+    reference = _medians.setdefault(group, median)
+    if reference != median:
+        benchmark.extra_info["overhead"] = round(median / reference - 1, 3)
+    return median
+
+
+@pytest.mark.parametrize("where", ["local", "dask-2-workers"])
+def test_batch(benchmark, where: str, batch_pairs, cluster: Cluster) -> None:
+    client = cluster.client if where != "local" else None
+    group = f"batch: {PAIRS} pairs of {BENCH_MIB} MiB"
+    measure(benchmark, group, where, verify_all, batch_pairs, client)
+
+
+def test_task_cost_plain_dask(benchmark, cluster: Cluster) -> None:
+    """The floor: Dask's own cost for a no-op task, submitted and gathered."""
+
+    def noop_tasks() -> None:
+        futures = [cluster.client.submit(int, i, pure=False) for i in range(TASKS)]
+        assert cluster.client.gather(futures) == list(range(TASKS))
+
+    median = measure(benchmark, "task cost", "plain-dask-noop", noop_tasks)
+    if median is not None:
+        benchmark.extra_info["per_task_ms"] = round(median / TASKS * 1000, 3)
+
+
+def test_task_cost(benchmark, tiny_pairs, cluster: Cluster) -> None:
+    median = measure(
+        benchmark, "task cost", "dask-2-workers", verify_all, tiny_pairs, cluster.client
+    )
+    if median is not None:
+        benchmark.extra_info["per_task_ms"] = round(median / TASKS * 1000, 3)
+        benchmark.extra_info["per_pair_ms"] = round(median / TINY_PAIRS * 1000, 3)
