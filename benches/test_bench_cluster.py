@@ -10,7 +10,8 @@ machine, side by side; and what one task costs the cluster.
   pair and a probe task per 64 pairs, so ``extra_info["per_task_ms"]`` is the
   median over 260 tasks (``per_pair_ms`` over 256 pairs); beside as many
   plain Dask no-op tasks, submitted and gathered: the floor (``overhead`` is
-  ours over it).
+  ours over it). ``*_cpu_ms``: CPU time per task of the scheduler, the
+  workers and the client, from the processes' own counters.
 
     BLKVERIFY_BENCH_MIB=256 pytest benches/test_bench_cluster.py --benchmark-enable
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import blkverify_rs as bv
 import make_images
+import psutil
 import pytest
 from conftest import BENCH_MIB
 
@@ -66,6 +68,40 @@ def tiny_pairs(bench_dir: Path) -> list[tuple[Path, Path]]:
     return [(raw, raw)] * TINY_PAIRS
 
 
+class CpuMeter:
+    """CPU seconds (user + system) the scheduler, the workers and this
+    process (the client) spent over the calls of ``run``."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.procs = {n: psutil.Process(p.pid) for n, p in cluster.procs.items()}
+        self.calls = 0
+        self.spent = {"scheduler": 0.0, "workers": 0.0, "client": 0.0}
+
+    def _now(self) -> dict[str, float]:
+        def cpu(p: psutil.Process) -> float:
+            t = p.cpu_times()
+            return t.user + t.system
+
+        workers = sum(cpu(p) for n, p in self.procs.items() if n != "scheduler")
+        return {
+            "scheduler": cpu(self.procs["scheduler"]),
+            "workers": workers,
+            "client": cpu(psutil.Process()),
+        }
+
+    def run(self, target, *args) -> None:
+        before = self._now()
+        target(*args)
+        after = self._now()
+        self.calls += 1
+        for key in self.spent:
+            self.spent[key] += after[key] - before[key]
+
+    def per_task_ms(self, tasks: int) -> dict[str, float]:
+        n = max(self.calls, 1) * tasks
+        return {f"{key}_cpu_ms": round(v / n * 1000, 3) for key, v in self.spent.items()}
+
+
 def verify_all(pairs: list[tuple[Path, Path]], client=None) -> None:
     results = bv.verify_many(pairs, client=client)
     assert all(isinstance(r, bv.Report) and r.identical for r in results), results
@@ -99,15 +135,19 @@ def test_task_cost_plain_dask(benchmark, cluster: Cluster) -> None:
         futures = [cluster.client.submit(int, i, pure=False) for i in range(TASKS)]
         assert cluster.client.gather(futures) == list(range(TASKS))
 
-    median = measure(benchmark, "task cost", "plain-dask-noop", noop_tasks)
+    meter = CpuMeter(cluster)
+    median = measure(benchmark, "task cost", "plain-dask-noop", meter.run, noop_tasks)
     if median is not None:
         benchmark.extra_info["per_task_ms"] = round(median / TASKS * 1000, 3)
+        benchmark.extra_info.update(meter.per_task_ms(TASKS))
 
 
 def test_task_cost(benchmark, tiny_pairs, cluster: Cluster) -> None:
+    meter = CpuMeter(cluster)
     median = measure(
-        benchmark, "task cost", "dask-2-workers", verify_all, tiny_pairs, cluster.client
+        benchmark, "task cost", "dask-2-workers", meter.run, verify_all, tiny_pairs, cluster.client
     )
     if median is not None:
+        benchmark.extra_info.update(meter.per_task_ms(TASKS))
         benchmark.extra_info["per_task_ms"] = round(median / TASKS * 1000, 3)
         benchmark.extra_info["per_pair_ms"] = round(median / TINY_PAIRS * 1000, 3)
