@@ -12,9 +12,11 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import blkverify_rs as bv
 import pytest
@@ -182,12 +184,11 @@ def test_api_reports_equal_local_reports(images, cluster):
         bv.verify_many([{"raw": "a", "test": "b", "workers": "w1"}], client=cluster.client)
 
 
-def test_a_worker_killed_mid_batch(images, cluster, tmp_path):
-    """A third worker is killed (SIGKILL) while it runs a task: the batch
-    still reports every pair exactly once, as a local run does. Each pair's
-    test side is served by nbdkit with a delay on every read, so the tasks
-    are still running when the worker dies."""
-    sock = tmp_path / "slow.sock"
+@pytest.fixture(scope="module")
+def slow_uri(images: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """good.raw served by nbdkit with a delay on every read, so that a task
+    reading it is still running when its worker is killed."""
+    sock = tmp_path_factory.mktemp("slow") / "slow.sock"
     nbdkit = subprocess.Popen(
         ["nbdkit", "-f", "-U", sock, "--filter=delay", "file", images["raw"], "rdelay=300ms"]
     )
@@ -196,43 +197,95 @@ def test_a_worker_killed_mid_batch(images, cluster, tmp_path):
         while not sock.exists():
             assert nbdkit.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
-        uri = f"nbd+unix:///?socket={sock}"
-        manifest = write_manifest(
-            images,
-            "slow.txt",
-            [f"good.raw {uri}" if i % 2 else "good.raw bad.qcow2" for i in range(12)],
-        )
-        victim = cluster.add_worker("w3")
-        address = cluster.worker_names()["w3"]
-        proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "blkverify_rs", "batch", "--json", "--no-progress"),
-                *("--threads", "1", "--scheduler", cluster.address, str(manifest)),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while not any("range" in key for key in cluster.client.processing().get(address, ())):
-                assert proc.poll() is None, proc.communicate()
-                assert time.monotonic() < deadline, "w3 never got a task"
-                time.sleep(0.02)
-            victim.kill()
-            cluster.stop("w3")
-            out, err = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        local = batch("--json", "--threads", "1", manifest)
-        assert proc.returncode == local.returncode == 1, err
-        assert without_elapsed(out) == without_elapsed(local.stdout)
-        assert len(out.splitlines()) == 12
+        yield f"nbd+unix:///?socket={sock}"
     finally:
         nbdkit.terminate()
         nbdkit.wait()
+
+
+def kill_when_running(cluster: Cluster, name: str, running: Callable[[], bool]) -> None:
+    """SIGKILL worker ``name`` once it runs (or holds) a range task of ours."""
+    address = cluster.worker_names()[name]
+    deadline = time.monotonic() + 60
+    while not any("range" in key for key in cluster.client.processing().get(address, ())):
+        assert running(), "the batch ended before the worker got a task"
+        assert time.monotonic() < deadline, f"{name} never got a task"
+        time.sleep(0.02)
+    cluster.procs[name].kill()
+    cluster.stop(name)
+
+
+def test_a_worker_killed_mid_batch(images, cluster, slow_uri):
+    """A third worker is killed by PID while it runs a task: the batch still
+    reports every pair exactly once, as a local run does."""
+    manifest = write_manifest(
+        images,
+        "slow.txt",
+        [f"good.raw {slow_uri}" if i % 2 else "good.raw bad.qcow2" for i in range(12)],
+    )
+    cluster.add_worker("w3")
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "blkverify_rs", "batch", "--json", "--no-progress"),
+            *("--threads", "1", "--scheduler", cluster.address, str(manifest)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        kill_when_running(cluster, "w3", lambda: proc.poll() is None)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    local = batch("--json", "--threads", "1", manifest)
+    assert proc.returncode == local.returncode == 1, err
+    assert without_elapsed(out) == without_elapsed(local.stdout)
+    assert len(out.splitlines()) == 12
+    assert err == ""
+
+
+def run_in_thread(work: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: out.setdefault("value", work()))
+    thread.start()
+    return thread, out
+
+
+@pytest.mark.parametrize("comes_back", [False, True])
+def test_a_pinned_worker_that_dies_mid_run(images, cluster, slow_uri, comes_back):
+    """Pairs pinned to a worker that is killed while it runs them are errors
+    once it has been gone for the timeout; the other pairs are not. A worker
+    that comes back under the same name (at another address) runs them."""
+    name = "w5" if comes_back else "w4"
+    pinned = {"raw": images["raw"], "test": slow_uri, "workers": [name]}
+    pairs = [pinned, pinned, (images["raw"], images["good"]), (images["raw"], images["bad"])]
+    cluster.add_worker(name)
+    timeout = 60 if comes_back else 2
+    thread, out = run_in_thread(
+        lambda: bv.verify_many(pairs, client=cluster.client, scheduler_timeout=timeout)
+    )
+    try:
+        kill_when_running(cluster, name, thread.is_alive)
+        if comes_back:
+            cluster.add_worker(name)
+    finally:
+        thread.join(timeout=120)
+        if comes_back:
+            cluster.stop(name)
+    assert not thread.is_alive()
+    results = out["value"]
+    assert [type(r) for r in results[2:]] == [bv.Report, bv.Report]
+    assert results[2].identical and not results[3].identical
+    if comes_back:
+        assert all(isinstance(r, bv.Report) and r.identical for r in results[:2]), results
+    else:
+        for r in results[:2]:
+            assert isinstance(r, bv.Error)
+            fact = f"none of the workers this pair is pinned to ({name}) is in the cluster"
+            assert str(r) == f"{slow_uri}: {fact}"
 
 
 @pytest.fixture(scope="module")

@@ -348,6 +348,7 @@ def verify_many(
     progress: Callable[[int, int, int, int], None] | None = None,
     client: Any = None,
     split: int | str = 64 << 30,
+    scheduler_timeout: float = 30.0,
 ) -> list[Report | Exception]:
     """Verify many pairs at once, within one core budget (``threads`` in all,
     0: one per core): pairs run side by side and share the worker threads.
@@ -362,7 +363,10 @@ def verify_many(
     "blkverify-rs[dask]"``) each pair runs as tasks on the Dask cluster's
     workers, which must see its paths (give them absolute). A pair's
     ``workers`` (names, addresses or hosts) pin it to the workers that can; if
-    all of them are gone, that pair ends with an error. A pair larger than
+    none of them is in the cluster, or all have been gone for
+    ``scheduler_timeout`` seconds (a worker restarted under its name keeps its
+    pairs), that pair ends with an error, as do all pairs left if the cluster
+    has no worker for that long. A pair larger than
     ``split`` bytes (a multiple of 64 KiB; default 64 GiB) is verified as
     ranges of that size on as many workers and merged into the report one
     verify gives. ``threads`` is then per task (0: the host's cores split
@@ -390,7 +394,12 @@ def verify_many(
         from blkverify_rs import cluster
 
         results = cluster.verify_many(
-            client, [_pair_dict(p) for p in pairs], options, split=split, progress=progress
+            client,
+            [_pair_dict(p) for p in pairs],
+            options,
+            split=split,
+            timeout=scheduler_timeout,
+            progress=progress,
         )
     return [r if isinstance(r, BaseException) else _report(r) for r in results]
 

@@ -200,7 +200,8 @@ class BatchProgress:
     default=30.0,
     show_default=True,
     metavar="SECONDS",
-    help="How long to try to reach the scheduler, and to wait for a worker.",
+    help="How long to try to reach the scheduler, and to wait for a worker (or for "
+    "a pinned pair's workers to come back).",
 )
 @click.option(
     "--split",
@@ -249,6 +250,7 @@ def batch(
             cluster: dict[str, Any] = {}
             if scheduler is not None:
                 client = cluster["client"] = connect(scheduler, scheduler_timeout)
+                cluster["scheduler_timeout"] = scheduler_timeout
             if split_bytes is not None:
                 cluster["split"] = split_bytes
             results = bv.verify_many(

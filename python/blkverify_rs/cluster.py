@@ -145,7 +145,17 @@ class _Task:
     """One submitted task: the probe of a group of pairs pinned alike (``part``
     None), or one range of one pair."""
 
-    __slots__ = ("attempt", "fetching", "future", "length", "pairs", "part", "restriction", "start")
+    __slots__ = (
+        "attempt",
+        "fetching",
+        "future",
+        "length",
+        "orphaned_since",
+        "pairs",
+        "part",
+        "restriction",
+        "start",
+    )
 
     def __init__(
         self, pairs: list[int], part: int | None = None, start: int = 0, length: int | None = None
@@ -156,6 +166,7 @@ class _Task:
         self.length = length
         self.attempt = 0
         self.fetching = False
+        self.orphaned_since: float | None = None
         self.restriction: list[str] | None = None
         self.future: Future | None = None
 
@@ -389,9 +400,9 @@ class _Batch:
 
     def _check_workers(self) -> None:
         """Re-pin tasks whose workers are gone to the workers their names now
-        resolve to (a restarted worker keeps its name, not its address), or end
-        them with an error when none are left; and give up on an empty cluster
-        after the timeout."""
+        resolve to (a restarted worker keeps its name, not its address), or,
+        when none has come back within the timeout, end their pairs with an
+        error; and give up on an empty cluster after the timeout."""
         self._look_at_workers()
         now = time.monotonic()
         if not self.workers:
@@ -409,12 +420,19 @@ class _Batch:
             if key not in self.tasks:
                 continue  # its pair ended meanwhile
             if task.restriction is None or any(a in self.workers for a in task.restriction):
+                task.orphaned_since = None
                 continue
+            back = self._resolve(self.pairs[task.pair]["workers"])
+            if not back:
+                task.orphaned_since = task.orphaned_since or now
+                if now - task.orphaned_since <= self.timeout:
+                    continue
             self._forget(key)
             if task.future is not None:
                 task.future.cancel()
             task.attempt += 1
-            self._submit(task)
+            task.orphaned_since = None
+            self._submit(task)  # re-pinned, or (none back) the pinned error
 
     def _tick(self) -> None:
         if self.progress is None:
