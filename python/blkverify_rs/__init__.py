@@ -37,6 +37,7 @@ __all__ = [
     "Report",
     "ShrinkResult",
     "__version__",
+    "can_write",
     "create",
     "exercise",
     "open",
@@ -106,6 +107,15 @@ def open(
     if isinstance(spec, str) and spec.startswith(BLKVERIFY_PREFIX):
         return _native.open_device(spec, **options)
     return _native.open(spec, **options)
+
+
+def can_write(spec: PathLike, format: str | None = None) -> bool:
+    """Whether ``open(spec, format=format, read_only=False)`` can write: the image
+    (the test side, for a ``blkverify:RAW:TEST`` spec) is in a format blkverify
+    writes (raw, qcow2), probed when ``format`` is ``None``. vmdk images are read
+    only. An image that cannot be probed counts as writable, so that opening it
+    reports why."""
+    return _native.can_write(os.fspath(spec), format)
 
 
 def create(

@@ -532,6 +532,9 @@ class Session:
             self.p("cluster size: 0 bytes")
             self.p("vm state offset: 0 bytes")
             return
+        if fmt == "vmdk":
+            self.vmdk_info(facts)
+            return
         cluster = int(facts["cluster_size"])
         l2_entries = cluster // (16 if facts.get("extended_l2") == "true" else 8)
         per_l1 = cluster * l2_entries
@@ -551,6 +554,30 @@ class Session:
                 self.p(f"    data file raw: {facts.get('data_file_raw', 'false')}")
             self.p(f"    corrupt: {facts.get('corrupt', 'false')}")
             self.p(f"    extended l2: {facts.get('extended_l2', 'false')}")
+
+    def vmdk_info(self, facts: dict[str, str]) -> None:
+        """qemu-io's ``info`` for a vmdk disk: the descriptor's IDs and each extent."""
+        self.p(f"cluster size: {cvtstr(int(facts['cluster_size']))}")
+        self.p("vm state offset: 0 bytes")
+        self.p("Format specific information:")
+        self.p(f"    cid: {int(facts['cid'], 16)}")
+        self.p(f"    parent cid: {int(facts['parent_cid'], 16)}")
+        self.p(f"    create type: {facts['create_type']}")
+        self.p("    extents:")
+        for index in range(int(facts["extents"])):
+            extent = {
+                key.split(".", 2)[2]: value
+                for key, value in facts.items()
+                if key.startswith(f"extent.{index}.")
+            }
+            self.p(f"        [{index}]:")
+            if "compressed" in extent:
+                self.p(f"            compressed: {extent['compressed']}")
+            self.p(f"            virtual size: {extent['virtual_size']}")
+            self.p(f"            filename: {extent['filename']}")
+            if "cluster_size" in extent:
+                self.p(f"            cluster size: {extent['cluster_size']}")
+            self.p(f"            format: {extent['format']}")
 
     def cmd_alloc(self, argv: list[str]) -> None:
         offset = self.num(argv[1])
@@ -790,6 +817,9 @@ def run_io(
     """Open ``spec`` and run ``commands`` (or lines from ``stdin`` when there are
     none). Returns the exit status: 0, or 1 if the image could not be opened, a
     command failed, or the device found a mismatch."""
+    # A format we cannot write opens as if -r were given: reads work, and a
+    # write fails as it does under -r.
+    read_only = read_only or not bv.can_write(spec, fmt)
     try:
         dev = bv.open(spec, format=fmt, read_only=read_only)
     except (bv.Error, OSError, ValueError) as exc:

@@ -9,6 +9,7 @@ pub mod gate;
 pub mod nbd;
 pub mod qcow2;
 pub mod raw;
+pub mod vmdk;
 
 use crate::error::{Error, Result};
 use crate::storage::{FileStorage, Storage, View};
@@ -290,7 +291,7 @@ impl Format {
 
     /// Whether blkverify has a driver that reads this format.
     pub fn can_read(&self) -> bool {
-        matches!(self, Format::Raw | Format::Qcow2)
+        matches!(self, Format::Raw | Format::Qcow2 | Format::Vmdk)
     }
 
     /// Whether images of this format can be opened for writing (and created).
@@ -408,6 +409,15 @@ pub(crate) fn open_in_chain(
         Some(format) => format,
         None => probe(storage.as_ref())?,
     };
+    if options.writable && chain.is_empty() && format.can_read() && !format.can_write() {
+        return Err(Error::format(
+            path,
+            format!(
+                "blkverify reads {} but cannot write it; open it read-only",
+                format.description()
+            ),
+        ));
+    }
     if options.writable && chain.is_empty() && snapshot.is_some() {
         return Err(Error::InvalidArgument(format!(
             "{}: snapshots are read-only; open without a snapshot to write",
@@ -427,6 +437,15 @@ pub(crate) fn open_in_chain(
         Format::Qcow2 => Ok(Arc::new(qcow2::Qcow2::open(
             storage, snapshot, options, chain,
         )?)),
+        Format::Vmdk => {
+            if let Some(name) = snapshot {
+                return Err(Error::format(
+                    path,
+                    format!("vmdk images have no internal snapshots (asked for snapshot '{name}')"),
+                ));
+            }
+            Ok(Arc::new(vmdk::Vmdk::open(storage, options, chain)?))
+        }
         other => Err(cannot_read(path, other)),
     }
 }
