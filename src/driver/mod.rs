@@ -509,6 +509,9 @@ pub fn detect(storage: &dyn Storage) -> Result<Format> {
     }
     let magics: &[(&[u8], Format)] = &[
         (b"KDMV", Format::Vmdk),
+        // ESX's older sparse extent (vmfsSparse): probed as VMDK, as QEMU
+        // does, so that it is refused by name rather than compared as raw.
+        (b"COWD", Format::Vmdk),
         (b"# Disk DescriptorFile", Format::Vmdk),
         (b"conectix", Format::Vpc),
         (b"vhdxfile", Format::Vhdx),
