@@ -4,6 +4,7 @@
 //! as it was found, not by a copy that may have drifted.
 
 use crate::driver::qcow2::Qcow2;
+use crate::driver::vmdk::Vmdk;
 use crate::driver::{BlockDriver, OpenOptions};
 use crate::error::Error;
 use crate::storage::{LimitedStorage, MemStorage};
@@ -46,6 +47,32 @@ pub fn read_image(data: &[u8], name: &str) -> Outcome {
         }
     };
     let mut outcome = Outcome::default();
+    exercise_reads(&image, &mut outcome);
+    outcome
+}
+
+/// Open `data` as a VMDK disk named `name` (a sparse extent, stream-optimized
+/// or not, or a text descriptor; files it names resolve next to `name`, which
+/// should not exist), then map and read it as [`read_image`] does.
+pub fn read_vmdk(data: &[u8], name: &str) -> Outcome {
+    let storage = Arc::new(MemStorage::new(name, data.to_vec(), false));
+    let image = match Vmdk::open(storage, &options(false), &[]) {
+        Ok(image) => image,
+        Err(e) => {
+            return Outcome {
+                open_error: Some(e),
+                ..Outcome::default()
+            }
+        }
+    };
+    let mut outcome = Outcome::default();
+    exercise_reads(&image, &mut outcome);
+    outcome
+}
+
+/// Map an opened image's first 8 MiB, and read and locate a few scattered
+/// ranges, collecting the errors.
+fn exercise_reads(image: &dyn BlockDriver, outcome: &mut Outcome) {
     let size = image.size();
     let mut offset = 0u64;
     let mut extents = 0;
@@ -71,7 +98,6 @@ pub fn read_image(data: &[u8], name: &str) -> Outcome {
             }
         }
     }
-    outcome
 }
 
 /// `data` is a count byte, `count % 8` operations of [`OP_BYTES`] bytes, then

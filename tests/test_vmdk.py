@@ -291,3 +291,17 @@ def test_raw_reference_may_compare_vmdk_bytes(disks):
     disk = disks["sparse"]
     rep = bv.verify(disk.path, disk.path, raw_format="raw", test_format="raw")
     assert rep.identical and rep.test_format == "raw"
+
+
+def test_rdonly_extents_read_like_rw(disks):
+    # VMware marks extents of read-only disks RDONLY; QEMU skips such lines (and
+    # so reads a shorter disk); we read them as RW extents.
+    disk = disks["flat"]
+    desc = disk.path.parent / "flat-rdonly.vmdk"
+    shutil.copyfile(disk.path, desc)
+    try:
+        edit_descriptor(desc, "RW ", "RDONLY ")
+        with bv.open(desc) as img:
+            assert img.read(0, img.size) == disk.expected.read_bytes()
+    finally:
+        desc.unlink()

@@ -1,6 +1,6 @@
 """blkverify-rs: prove that a block driver returns the right bytes.
 
-Open qcow2 and raw images with :func:`open`, mirror I/O to a test image and a raw
+Open raw, qcow2 and vmdk images with :func:`open`, mirror I/O to a test image and a raw
 reference with ``open("blkverify:RAW:TEST")`` (a :class:`Device` that raises
 :class:`MismatchError` at the first corrupt sector), and compare whole images with
 :func:`verify`. The heavy work runs in Rust with the GIL released.
@@ -77,9 +77,10 @@ def open(
     ``snapshot`` and the backing options apply to the test image; the raw side is
     always read as a raw image.
 
-    ``format`` is ``"raw"``, ``"qcow2"`` or ``None`` to probe. ``read_only=False``
-    opens for ``write``, ``write_zeroes``, ``discard`` and ``flush``; nothing is
-    ever written otherwise. ``snapshot`` reads an internal qcow2 snapshot (by ID
+    ``format`` is ``"raw"``, ``"qcow2"``, ``"vmdk"`` or ``None`` to probe.
+    ``read_only=False`` opens for ``write``, ``write_zeroes``, ``discard`` and
+    ``flush`` (raw and qcow2 only; see :func:`can_write`); nothing is ever written
+    otherwise. ``snapshot`` reads an internal qcow2 snapshot (by ID
     or name) instead of the active disk. ``backing=False`` reads unallocated
     ranges as zeros instead of following the backing chain, and
     ``allow_backing_anywhere`` follows backing files outside the image's directory.

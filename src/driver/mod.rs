@@ -114,7 +114,7 @@ impl Location {
 /// A disk-image format driver. Guest offsets are bytes from the start of the
 /// virtual disk. Every method takes `&self`, so one driver serves many threads.
 pub trait BlockDriver: Send + Sync {
-    /// The format name: "raw" or "qcow2".
+    /// The format name, as QEMU spells it ("raw", "qcow2", "vmdk").
     fn format_name(&self) -> &'static str;
 
     /// The image file's path.
