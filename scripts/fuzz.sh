@@ -46,6 +46,10 @@ cp "$tmp/zg.vmdk" "$vm/seed-zeroed-grain"
 (cd "$tmp" && qemu-img create -q -f vmdk -b monolithicSparse.vmdk -F vmdk child.vmdk &&
     qemu-io -f vmdk -c 'write -P 0x33 0 4k' child.vmdk >/dev/null)
 cp "$tmp/child.vmdk" "$vm/seed-child"
+# The regression inputs are seeds too (README.md files aside).
+for target in header l2_entry read_image write_image read_vmdk; do
+    find "fuzz/regressions/$target" -type f ! -name '*.md' -exec cp {} "fuzz/corpus/$target/" \;
+done
 for target in ${TARGETS:-header l2_entry read_image write_image read_vmdk}; do
     echo "== $target: ${seconds}s"
     RUSTC_BOOTSTRAP=1 nice cargo fuzz run --fuzz-dir fuzz "$target" "fuzz/corpus/$target" -- \
