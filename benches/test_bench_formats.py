@@ -38,3 +38,11 @@ def test_vmdk_vs_raw(benchmark, impl: str, vmdk_pair: tuple[Path, Path, str]) ->
     benchmark.extra_info["size_mib"] = raw.stat().st_size >> 20
     group = f"verify: {subformat} vmdk vs raw"
     measure(benchmark, group, impl, compare, impl, raw, "raw", vmdk, "vmdk")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_qcow2_vs_qcow2(benchmark, impl: str, qcow2_pair: tuple[Path, Path]) -> None:
+    reference, test = qcow2_pair
+    benchmark.extra_info["size_mib"] = reference.stat().st_size >> 20
+    group = "verify: fully allocated qcow2 vs qcow2"
+    measure(benchmark, group, impl, compare, impl, reference, "qcow2", test, "qcow2")

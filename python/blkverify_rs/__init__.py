@@ -195,14 +195,17 @@ class _Record:
 class Mismatch(_Record):
     """A run of consecutive mismatching 512-byte sectors."""
 
-    __slots__ = ("error", "first_byte", "length", "mapping", "offset", "sector")
-    _defaults: ClassVar[dict[str, Any]] = {"error": None, "mapping": None}
+    __slots__ = ("error", "first_byte", "length", "mapping", "offset", "ref_mapping", "sector")
+    _defaults: ClassVar[dict[str, Any]] = {"error": None, "mapping": None, "ref_mapping": None}
     sector: int
     offset: int
     length: int
     first_byte: int
     error: str | None
+    # Where the first differing byte lives in the test image's metadata, and in
+    # the reference's when it has metadata (is not raw).
     mapping: dict[str, Any] | None
+    ref_mapping: dict[str, Any] | None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -215,6 +218,8 @@ class Mismatch(_Record):
             out["error"] = self.error
         if self.mapping is not None:
             out["mapping"] = self.mapping
+        if self.ref_mapping is not None:
+            out["ref_mapping"] = self.ref_mapping
         return out
 
 
@@ -287,7 +292,9 @@ def verify(
     threads: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> Report:
-    """Compare every guest sector of ``test`` with the raw reference ``raw``.
+    """Compare every guest sector of ``test`` with the reference ``raw``. Either
+    side may be in any format blkverify reads (raw, qcow2, vmdk; probed unless
+    ``raw_format``/``test_format`` say); the name ``raw`` is historical.
 
     Stops at the first mismatching sector unless ``all`` is true. A read error
     on the test side is a finding (a mismatch with ``error`` set); one on the
