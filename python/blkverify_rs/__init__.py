@@ -23,8 +23,14 @@ from blkverify_rs._native import (
 )
 
 __version__: str = _native.__version__
+#: Format names ``open``, ``verify`` and the CLI take (QEMU's names: VHD is ``vpc``).
+READABLE_FORMATS: tuple[str, ...] = _native.READABLE_FORMATS
+#: Format names ``create`` makes and a writable ``open`` writes.
+WRITABLE_FORMATS: tuple[str, ...] = _native.WRITABLE_FORMATS
 
 __all__ = [
+    "READABLE_FORMATS",
+    "WRITABLE_FORMATS",
     "CorruptImageError",
     "Device",
     "Error",

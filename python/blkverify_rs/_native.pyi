@@ -4,6 +4,8 @@ from collections.abc import Callable
 from typing import Any
 
 __version__: str
+READABLE_FORMATS: tuple[str, ...]
+WRITABLE_FORMATS: tuple[str, ...]
 
 class Error(Exception): ...
 class FormatError(Error): ...

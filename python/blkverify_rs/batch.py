@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from blkverify_rs import READABLE_FORMATS
+
 if TYPE_CHECKING:
     from blkverify_rs import Report
 
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
 # there lazily, to keep either import order working).
 EXIT_OK, EXIT_FINDING, EXIT_ERROR = 0, 1, 2
 
-FORMATS = ("raw", "qcow2")
+FORMATS = READABLE_FORMATS
 STRING_KEYS = ("raw", "test", "raw_format", "test_format", "snapshot")
 BOOL_KEYS = ("all", "strict")
 
@@ -68,7 +70,7 @@ def parse_manifest_line(text: str, where: str, base: str) -> dict[str, Any] | No
         for key in ("raw_format", "test_format"):
             if obj.get(key) is not None and obj[key] not in FORMATS:
                 raise ManifestError(
-                    f"{where}: {key!r} is {obj[key]!r}; supported formats: raw, qcow2"
+                    f"{where}: {key!r} is {obj[key]!r}; supported formats: {', '.join(FORMATS)}"
                 )
         pair = {k: v for k, v in obj.items() if v is not None}
     else:

@@ -10,13 +10,16 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from blkverify_rs import READABLE_FORMATS, WRITABLE_FORMATS
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_OK = 0
 EXIT_FINDING = 1
 EXIT_ERROR = 2
 
-FORMATS = click.Choice(["raw", "qcow2"])
+FORMATS = click.Choice(READABLE_FORMATS)
+CREATABLE = click.Choice(WRITABLE_FORMATS)
 
 
 def fail(message: str) -> NoReturn:
@@ -347,7 +350,7 @@ def parse_create_options(text: str) -> dict[str, Any]:
 
 
 @main.command()
-@click.option("-f", "fmt", type=FORMATS, default="qcow2", show_default=True, help="Format.")
+@click.option("-f", "fmt", type=CREATABLE, default="qcow2", show_default=True, help="Format.")
 @click.option(
     "-o",
     "options",

@@ -797,7 +797,8 @@ def run_io(
 
         err.write(f"blkverify: error: {describe_error(exc, spec)}\n")
         return 1
-    session = Session(dev, out, err, read_only)
+    # A format blkverify cannot write opens read-only: writes then fail as under -r.
+    session = Session(dev, out, err, read_only or dev.read_only)
     failed = False
     try:
         if commands:

@@ -9,6 +9,8 @@ pub mod gate;
 pub mod nbd;
 pub mod qcow2;
 pub mod raw;
+pub mod vdi;
+pub mod vpc;
 
 use crate::error::{Error, Result};
 use crate::storage::{FileStorage, Storage, View};
@@ -290,7 +292,10 @@ impl Format {
 
     /// Whether blkverify has a driver that reads this format.
     pub fn can_read(&self) -> bool {
-        matches!(self, Format::Raw | Format::Qcow2)
+        matches!(
+            self,
+            Format::Raw | Format::Qcow2 | Format::Vpc | Format::Vdi
+        )
     }
 
     /// Whether images of this format can be opened for writing (and created).
@@ -399,7 +404,9 @@ pub(crate) fn open_in_chain(
     chain: &[PathBuf],
 ) -> Result<Arc<dyn BlockDriver>> {
     // Only the top image is ever opened for writing; backing files never are.
-    let storage: Arc<dyn Storage> = if options.writable && chain.is_empty() {
+    // A format we cannot write opens read-only, as if -r were given.
+    let writable = options.writable && chain.is_empty() && format.is_none_or(|f| f.can_write());
+    let mut storage: Arc<dyn Storage> = if writable {
         Arc::new(FileStorage::open_read_write(path)?)
     } else {
         Arc::new(FileStorage::open_read_only(path)?)
@@ -408,6 +415,9 @@ pub(crate) fn open_in_chain(
         Some(format) => format,
         None => probe(storage.as_ref())?,
     };
+    if writable && !format.can_write() {
+        storage = Arc::new(FileStorage::open_read_only(path)?);
+    }
     if options.writable && chain.is_empty() && snapshot.is_some() {
         return Err(Error::InvalidArgument(format!(
             "{}: snapshots are read-only; open without a snapshot to write",
@@ -427,6 +437,12 @@ pub(crate) fn open_in_chain(
         Format::Qcow2 => Ok(Arc::new(qcow2::Qcow2::open(
             storage, snapshot, options, chain,
         )?)),
+        Format::Vpc | Format::Vdi if snapshot.is_some() => Err(Error::format(
+            path,
+            format!("{} images have no snapshots", format.name()),
+        )),
+        Format::Vpc => Ok(Arc::new(vpc::Vpc::open(storage, options, chain)?)),
+        Format::Vdi => Ok(Arc::new(vdi::Vdi::open(storage)?)),
         other => Err(cannot_read(path, other)),
     }
 }
@@ -501,6 +517,10 @@ pub fn detect(storage: &dyn Storage) -> Result<Format> {
     }
     if head.get(64..68) == Some(b"\x7f\x10\xda\xbe".as_slice()) {
         return Ok(Format::Vdi);
+    }
+    // A fixed VHD's only footer is its last 512 bytes (QEMU probes these as raw).
+    if vpc::has_fixed_footer(storage)? {
+        return Ok(Format::Vpc);
     }
     Ok(Format::Raw)
 }

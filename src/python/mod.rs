@@ -11,8 +11,10 @@ mod exercise;
 mod image;
 mod verify;
 
+use crate::driver::Format;
 use errors::{exc, CorruptImageError, FormatError, MismatchError};
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 
 /// The native module.
 #[pymodule]
@@ -23,6 +25,22 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FormatError", py.get_type::<FormatError>())?;
     m.add("CorruptImageError", py.get_type::<CorruptImageError>())?;
     m.add("MismatchError", py.get_type::<MismatchError>())?;
+    // The format registry's names, so that Python never keeps its own list.
+    let names = |pick: fn(&Format) -> bool| {
+        Format::ALL
+            .iter()
+            .filter(|f| pick(f))
+            .map(Format::name)
+            .collect::<Vec<_>>()
+    };
+    m.add(
+        "READABLE_FORMATS",
+        PyTuple::new(py, names(Format::can_read))?,
+    )?;
+    m.add(
+        "WRITABLE_FORMATS",
+        PyTuple::new(py, names(Format::can_write))?,
+    )?;
     m.add_class::<image::PyImage>()?;
     m.add_class::<device::PyDevice>()?;
     m.add_function(wrap_pyfunction!(device::open_device, m)?)?;
