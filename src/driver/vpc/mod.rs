@@ -224,7 +224,7 @@ impl Vpc {
                         tried.join(", ")
                     }
                 ),
-                std::io::Error::from(std::io::ErrorKind::NotFound),
+                std::io::Error::from_raw_os_error(libc::ENOENT),
             ));
         };
         let parent = gate::open_backing(&path, "vpc", name, Some("vpc"), options, chain)?;
@@ -506,21 +506,32 @@ impl Sparse {
                 }
             },
         };
-        // Unallocated ranges run on over following unallocated or empty blocks.
-        let mut length = length;
-        if mapping == Mapping::Unallocated && offset + length == block_end {
+        // Unallocated ranges run on over following unallocated or empty
+        // blocks, and into the clear sectors that start a mixed one.
+        let mut end = offset + length;
+        if mapping == Mapping::Unallocated && end == block_end {
             let mut next = block + 1;
-            while next * self.block_size < limit {
+            while end < limit {
                 let entry = self.entry(next);
-                let empty =
-                    entry == UNALLOCATED || self.bitmap_state(file, next, entry)? == BITMAP_EMPTY;
-                if !empty {
+                let state = match entry {
+                    UNALLOCATED => BITMAP_EMPTY,
+                    _ => self.bitmap_state(file, next, entry)?,
+                };
+                if state == BITMAP_MIXED {
+                    let bitmap = self.bitmap(file, next, entry)?;
+                    if !dynamic::bit(&bitmap, 0) {
+                        end += dynamic::run_length(&bitmap, 0, self.block_size / 512) * 512;
+                    }
                     break;
                 }
+                if state != BITMAP_EMPTY {
+                    break;
+                }
+                end += self.block_size;
                 next += 1;
             }
-            length = (next * self.block_size).min(limit) - offset;
         }
+        let length = end.min(limit) - offset;
         Ok(Extent {
             offset,
             length,
