@@ -1,5 +1,5 @@
 #!/bin/sh
-# Fuzz the qcow2 parsers for a bounded time each (not run in CI).
+# Fuzz the image parsers for a bounded time each (not run in CI).
 #   sh scripts/fuzz.sh [SECONDS_PER_TARGET]   (TARGETS="a b" to pick targets)
 # Seeds are real images made by qemu-img; crashes land in fuzz/artifacts/<target>/.
 # Copy each crashing input into fuzz/regressions/<target>/ once fixed: `cargo
@@ -29,7 +29,21 @@ qemu-img snapshot -c s1 "$tmp/1.qcow2" && cp "$tmp/1.qcow2" "$seeds/seed-snapsho
 # A dirty image (lazy refcounts, killed mid-run): a writable open rebuilds its refcounts.
 qemu-io -c 'write -P 0x5a 0 64k' -c abort "$tmp/7.qcow2" >/dev/null 2>&1 || true
 { printf '\001\000\000\000\000\020\000\200\000'; cat "$tmp/7.qcow2"; } >fuzz/corpus/write_image/seed-dirty
-for target in ${TARGETS:-header l2_entry read_image write_image}; do
+# VHD and VDI seeds: every subformat qemu-img makes, with data in a few blocks.
+mkdir -p fuzz/corpus/vpc_image fuzz/corpus/vdi_image
+for opts in "subformat=dynamic" "subformat=dynamic,force_size=on" "subformat=fixed"; do
+    i=$((i + 1))
+    qemu-img create -q -f vpc -o "$opts" "$tmp/$i.vhd" 5M
+    qemu-io -f vpc -c 'write -P 0xab 0 4k' -c 'write -P 0xcd 2M 8k' "$tmp/$i.vhd" >/dev/null
+    cp "$tmp/$i.vhd" "fuzz/corpus/vpc_image/seed-$i"
+done
+for opts in "static=off" "static=on"; do
+    i=$((i + 1))
+    qemu-img create -q -f vdi -o "$opts" "$tmp/$i.vdi" 3M
+    qemu-io -f vdi -c 'write -P 0xab 0 4k' -c 'write -P 0xcd 2M 8k' "$tmp/$i.vdi" >/dev/null
+    cp "$tmp/$i.vdi" "fuzz/corpus/vdi_image/seed-$i"
+done
+for target in ${TARGETS:-header l2_entry read_image write_image vpc_image vdi_image}; do
     echo "== $target: ${seconds}s"
     RUSTC_BOOTSTRAP=1 nice cargo fuzz run --fuzz-dir fuzz "$target" "fuzz/corpus/$target" -- \
         -max_total_time="$seconds" -rss_limit_mb=1024 -timeout=10 2>&1 | grep -E "^(#[0-9]+.*DONE|Done|==|SUMMARY|artifact)" || true

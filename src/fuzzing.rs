@@ -4,6 +4,8 @@
 //! as it was found, not by a copy that may have drifted.
 
 use crate::driver::qcow2::Qcow2;
+use crate::driver::vdi::Vdi;
+use crate::driver::vpc::Vpc;
 use crate::driver::{BlockDriver, OpenOptions};
 use crate::error::Error;
 use crate::storage::{LimitedStorage, MemStorage};
@@ -36,15 +38,44 @@ fn options(writable: bool) -> OpenOptions {
 /// read and locate a few scattered ranges.
 pub fn read_image(data: &[u8], name: &str) -> Outcome {
     let storage = Arc::new(MemStorage::new(name, data.to_vec(), false));
-    let image = match Qcow2::open(storage, None, &options(false), &[]) {
-        Ok(image) => image,
-        Err(e) => {
-            return Outcome {
-                open_error: Some(e),
-                ..Outcome::default()
-            }
-        }
-    };
+    match Qcow2::open(storage, None, &options(false), &[]) {
+        Ok(image) => read_back(&image),
+        Err(e) => Outcome {
+            open_error: Some(e),
+            ..Outcome::default()
+        },
+    }
+}
+
+/// Open `data` as a read-only VHD (`vpc`) named `name` and read it as
+/// [`read_image`] does (parents are never followed).
+pub fn read_vpc(data: &[u8], name: &str) -> Outcome {
+    let storage = Arc::new(MemStorage::new(name, data.to_vec(), false));
+    match Vpc::open(storage, &options(false), &[]) {
+        Ok(image) => read_back(&image),
+        Err(e) => Outcome {
+            open_error: Some(e),
+            ..Outcome::default()
+        },
+    }
+}
+
+/// Open `data` as a read-only VDI image named `name` and read it as
+/// [`read_image`] does.
+pub fn read_vdi(data: &[u8], name: &str) -> Outcome {
+    let storage = Arc::new(MemStorage::new(name, data.to_vec(), false));
+    match Vdi::open(storage) {
+        Ok(image) => read_back(&image),
+        Err(e) => Outcome {
+            open_error: Some(e),
+            ..Outcome::default()
+        },
+    }
+}
+
+/// Map the first 8 MiB of an opened image, and read and locate a few
+/// scattered ranges.
+fn read_back(image: &dyn BlockDriver) -> Outcome {
     let mut outcome = Outcome::default();
     let size = image.size();
     let mut offset = 0u64;

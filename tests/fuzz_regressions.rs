@@ -77,3 +77,13 @@ fn read_image_regressions_give_errors_not_panics() {
 fn write_image_regressions_give_errors_not_panics() {
     replay("write_image", fuzzing::write_image);
 }
+
+#[test]
+fn vpc_image_regressions_give_errors_not_panics() {
+    replay("vpc_image", fuzzing::read_vpc);
+}
+
+#[test]
+fn vdi_image_regressions_give_errors_not_panics() {
+    replay("vdi_image", fuzzing::read_vdi);
+}

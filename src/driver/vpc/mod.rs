@@ -190,10 +190,11 @@ impl Vpc {
         };
         let candidates = parent::candidates(&path, self.file.as_ref(), &sparse.header, file_len)?;
         let dir = gate::image_dir(&path);
+        // Without a parent to open, the name is only reported: no file is looked up.
         let usable = candidates
             .iter()
             .filter_map(|c| c.name.as_ref().ok().map(|n| (c, n)))
-            .find(|(_, name)| gate::resolve_relative(dir, name).exists());
+            .find(|(_, name)| options.backing.follow && gate::resolve_relative(dir, name).exists());
         self.parent_name = usable
             .map(|(_, n)| n.clone())
             .or_else(|| candidates.iter().find_map(|c| c.name.clone().ok()))
