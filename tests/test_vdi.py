@@ -201,3 +201,15 @@ def test_io_read_only_and_batch(vdis, tmp_path):
     results = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(results) == len(NAMES) + 1
     assert all(r["identical"] and r["test_format"] == "vdi" for r in results)
+
+
+@pytest.mark.parametrize("name", ["staticoff-5244416", "staticon-6291456", "discarded"])
+def test_io_matches_qemu_io(vdis, name):
+    """Reads, queries (info, map, alloc) and refused writes print what qemu-io -r prints."""
+    from test_io_parity import READ_SCRIPT, assert_same, run_ours, run_qemu_io
+
+    script = [*READ_SCRIPT, "info", "map", "alloc 0 4M", "alloc 1M 64k", "read -P 0 0 512"]
+    e = vdis[name]
+    theirs = run_qemu_io(e.path, "vdi", script, read_only=True)
+    ours = run_ours(e.path, "vdi", script, read_only=True)
+    assert_same(ours, theirs, name)

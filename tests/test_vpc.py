@@ -500,3 +500,15 @@ def test_unchanged_on_disk(vhds):
         img.read(0, img.size)
     assert e.path.read_bytes() == before
     assert os.stat(e.path).st_mtime_ns == st.st_mtime_ns
+
+
+@pytest.mark.parametrize("name", ["dynamic-forceoff", "fixed-forceon", "converted-dynamic"])
+def test_io_matches_qemu_io(vhds, name):
+    """Reads, queries (info, map, alloc) and refused writes print what qemu-io -r prints."""
+    from test_io_parity import READ_SCRIPT, assert_same, run_ours, run_qemu_io
+
+    script = [*READ_SCRIPT, "info", "map", "alloc 0 4M", "alloc 1M 64k", "read -P 0x5d 2046k 4k"]
+    e = vhds[name]
+    theirs = run_qemu_io(e.path, "vpc", script, read_only=True)
+    ours = run_ours(e.path, "vpc", script, read_only=True)
+    assert_same(ours, theirs, name)
