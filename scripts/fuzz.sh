@@ -66,6 +66,10 @@ vb.Vhd(
     locators=locators, blocks=blocks,
 ).write(f"{out}/seed-differencing")
 PY
+# The regression inputs are seeds too (README.md files aside).
+for target in header l2_entry read_image write_image vpc_image vdi_image; do
+    find "fuzz/regressions/$target" -type f ! -name '*.md' -exec cp {} "fuzz/corpus/$target/" \;
+done
 for target in ${TARGETS:-header l2_entry read_image write_image vpc_image vdi_image}; do
     echo "== $target: ${seconds}s"
     case $target in vpc_image | vdi_image) more="-max_len=4194304" ;; *) more="" ;; esac

@@ -315,13 +315,13 @@ def test_unaligned_l2_table_offset(zoo, tmp_path):
 @pytest.mark.parametrize("fmt", ["vmdk", "vpc", "vhdx", "vdi"])
 def test_other_formats_read_or_refused(tmp_path, fmt):
     """A format we recognise is read exactly as qemu-img reads it once its reader has
-    landed (``bv.READABLE_FORMATS``), and refused, never compared as raw bytes, before."""
+    landed (``bv.formats(readable=True)``), and refused, never compared as raw bytes, before."""
     img = tmp_path / f"image.{fmt}"
     qemu_img("create", "-q", "-f", fmt, img, 4 * MiB)
     qemu_io(img, "write -P 0x5a 1M 64k", fmt=fmt)
     raw = tmp_path / "image.raw"
     qemu_img("convert", "-f", fmt, "-O", "raw", img, raw)
-    if fmt in bv.READABLE_FORMATS:
+    if fmt in bv.formats(readable=True):
         with bv.open(img) as opened:
             assert opened.format == fmt
             assert opened.read(0, opened.size) == raw.read_bytes()
