@@ -512,3 +512,16 @@ def test_io_matches_qemu_io(vhds, name):
     theirs = run_qemu_io(e.path, "vpc", script, read_only=True)
     ours = run_ours(e.path, "vpc", script, read_only=True)
     assert_same(ours, theirs, name)
+
+
+def test_fixed_parent(tmp_path):
+    """A differencing disk over a fixed VHD (its only footer at the end holds the id)."""
+    parent = tmp_path / "fixed.vhd"
+    qemu_img("create", "-q", "-f", "vpc", "-o", "subformat=fixed,force_size=on", parent, "6M")
+    qemu_io(parent, "write -P 0x3c 0 6M", fmt="vpc")
+    c = child(parent, vb.Locator(b"W2ru", vb.w2("fixed.vhd")))
+    c.write(tmp_path / "child.vhd")
+    with bv.open(tmp_path / "child.vhd") as img:
+        assert img.read(0, img.size) == c.expected(b"\x3c" * (6 * MiB))
+        assert img.locate(512)["kind"] == "backing"
+        assert img.locate(512)["host_offset"] == 512
