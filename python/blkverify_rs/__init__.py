@@ -23,8 +23,11 @@ from blkverify_rs._native import (
 )
 
 __version__: str = _native.__version__
+#: The formats blkverify reads (QEMU's names), from the Rust format registry.
+READABLE_FORMATS: list[str] = list(_native.READABLE_FORMATS)
 
 __all__ = [
+    "READABLE_FORMATS",
     "CorruptImageError",
     "Device",
     "Error",

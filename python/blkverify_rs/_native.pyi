@@ -4,6 +4,7 @@ from collections.abc import Callable
 from typing import Any
 
 __version__: str
+READABLE_FORMATS: list[str]
 
 class Error(Exception): ...
 class FormatError(Error): ...

@@ -10,13 +10,17 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from blkverify_rs import READABLE_FORMATS
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_OK = 0
 EXIT_FINDING = 1
 EXIT_ERROR = 2
 
-FORMATS = click.Choice(["raw", "qcow2"])
+FORMATS = click.Choice(READABLE_FORMATS)
+# `create` writes images: only the formats blkverify can write.
+CREATE_FORMATS = click.Choice(["raw", "qcow2"])
 
 
 def fail(message: str) -> NoReturn:
@@ -347,7 +351,7 @@ def parse_create_options(text: str) -> dict[str, Any]:
 
 
 @main.command()
-@click.option("-f", "fmt", type=FORMATS, default="qcow2", show_default=True, help="Format.")
+@click.option("-f", "fmt", type=CREATE_FORMATS, default="qcow2", show_default=True, help="Format.")
 @click.option(
     "-o",
     "options",

@@ -19,6 +19,13 @@ use pyo3::prelude::*;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // The format registry's readable names, for the command line's choices.
+    let readable: Vec<&str> = crate::driver::Format::ALL
+        .iter()
+        .filter(|f| f.can_read())
+        .map(|f| f.name())
+        .collect();
+    m.add("READABLE_FORMATS", readable)?;
     m.add("Error", py.get_type::<exc::Error>())?;
     m.add("FormatError", py.get_type::<FormatError>())?;
     m.add("CorruptImageError", py.get_type::<CorruptImageError>())?;

@@ -135,12 +135,12 @@ impl Vhdx {
             parent_name: None,
             replayed,
         };
-        if image.meta.has_parent {
+        if image.meta.has_parent && options.backing.follow {
             let name = image.parent_name()?;
-            if options.backing.follow {
-                image.backing = Some(image.open_parent(&name, options, chain)?);
-            }
+            image.backing = Some(image.open_parent(&name, options, chain)?);
             image.parent_name = Some(name);
+        } else if image.meta.has_parent {
+            image.parent_name = image.parent_name().ok();
         }
         Ok(image)
     }
