@@ -4,6 +4,7 @@
 //! as it was found, not by a copy that may have drifted.
 
 use crate::driver::qcow2::Qcow2;
+use crate::driver::vhdx::Vhdx;
 use crate::driver::{BlockDriver, OpenOptions};
 use crate::error::Error;
 use crate::storage::{LimitedStorage, MemStorage};
@@ -36,15 +37,32 @@ fn options(writable: bool) -> OpenOptions {
 /// read and locate a few scattered ranges.
 pub fn read_image(data: &[u8], name: &str) -> Outcome {
     let storage = Arc::new(MemStorage::new(name, data.to_vec(), false));
-    let image = match Qcow2::open(storage, None, &options(false), &[]) {
-        Ok(image) => image,
-        Err(e) => {
-            return Outcome {
-                open_error: Some(e),
-                ..Outcome::default()
-            }
-        }
-    };
+    match Qcow2::open(storage, None, &options(false), &[]) {
+        Ok(image) => exercise_reads(&image),
+        Err(e) => Outcome {
+            open_error: Some(e),
+            ..Outcome::default()
+        },
+    }
+}
+
+/// Open `data` as a read-only VHDX image named `name` (a dirty log is
+/// replayed in memory; a parent is never followed), then map and read it as
+/// [`read_image`] does.
+pub fn read_vhdx(data: &[u8], name: &str) -> Outcome {
+    let storage = Arc::new(MemStorage::new(name, data.to_vec(), false));
+    match Vhdx::open(storage, &options(false), &[]) {
+        Ok(image) => exercise_reads(&image),
+        Err(e) => Outcome {
+            open_error: Some(e),
+            ..Outcome::default()
+        },
+    }
+}
+
+/// Map the first 8 MiB of an opened image, and read and locate a few
+/// scattered ranges, collecting the errors.
+fn exercise_reads(image: &dyn BlockDriver) -> Outcome {
     let mut outcome = Outcome::default();
     let size = image.size();
     let mut offset = 0u64;
