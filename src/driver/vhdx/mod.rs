@@ -242,7 +242,9 @@ impl Vhdx {
             // The part of the block the disk can reach must be in the file: a
             // truncated image is an error, never zeros.
             let start = block * self.block_size();
-            let reach = self.block_size().min(self.meta.disk_size - start);
+            let reach = self
+                .block_size()
+                .min(self.meta.disk_size.saturating_sub(start));
             if file_offset.saturating_add(reach) > self.file_len {
                 return Err(self.bat_error(
                     index,
