@@ -55,6 +55,10 @@ c = vb.Disk(size=3 * vb.MiB, parent={**link, "relative_path": "p.vhdx"})
 c.blocks = {1: vb.Block(vb.PARTIALLY_PRESENT, vb.pattern(2, vb.MiB), frozenset({0, 5, 6}))}
 c.build(f"{out}/seed-diff")
 EOF
+# The regression inputs are seeds too (README.md files aside).
+for target in header l2_entry read_image write_image read_vhdx; do
+    find "fuzz/regressions/$target" -type f ! -name '*.md' -exec cp {} "fuzz/corpus/$target/" \;
+done
 for target in ${TARGETS:-header l2_entry read_image write_image read_vhdx}; do
     echo "== $target: ${seconds}s"
     RUSTC_BOOTSTRAP=1 nice cargo fuzz run --fuzz-dir fuzz "$target" "fuzz/corpus/$target" -- \
