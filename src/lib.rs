@@ -6,18 +6,20 @@
 #![warn(missing_docs)]
 
 pub mod blkverify;
+pub mod compare;
 pub mod driver;
 pub mod error;
 pub mod exercise;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod size;
 pub mod storage;
 pub mod verify;
 
 #[cfg(feature = "python")]
 mod python;
 
-pub use blkverify::{open_spec, Blkverify};
+pub use blkverify::{open_spec, Blkverify, Opened};
 pub use driver::{open, BlockDriver, Extent, Format, Location, Mapping, OpenOptions};
 pub use error::{Error, Result};
 pub use verify::{verify, Mismatch, Report, VerifyOptions};

@@ -323,4 +323,4 @@ def test_vhdx_is_read_not_refused(tmp_path):
         assert opened.read(1 * MiB, 4) == b"\x5c" * 4
     with bv.open(img, format="raw") as opened:
         assert opened.size == img.stat().st_size
-    assert "vhdx" in bv.READABLE_FORMATS
+    assert "vhdx" in bv.formats(readable=True)
