@@ -146,3 +146,8 @@ fn vpc_image_regressions_give_errors_not_panics() {
 fn vdi_image_regressions_give_errors_not_panics() {
     replay("vdi_image", fuzzing::read_vdi);
 }
+
+#[test]
+fn read_vhdx_regressions_give_errors_not_panics() {
+    replay("read_vhdx", fuzzing::read_vhdx);
+}

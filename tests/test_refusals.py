@@ -331,3 +331,17 @@ def test_other_formats_read_or_refused(tmp_path, fmt):
             bv.open(img)
         err = assert_cli_error(run_cli("verify", raw, img), img.name)
         assert "-f raw" in err
+
+
+def test_vhdx_is_read_not_refused(tmp_path):
+    # vhdx used to be refused like the other formats without a reader; it now has one,
+    # and -f raw still compares its bytes as they are.
+    img = tmp_path / "disk.vhdx"
+    qemu_img("create", "-f", "vhdx", img, 4 * MiB)
+    qemu_io(img, "write -P 0x5c 1M 64k", fmt="vhdx")
+    with bv.open(img) as opened:
+        assert opened.format == "vhdx"
+        assert opened.read(1 * MiB, 4) == b"\x5c" * 4
+    with bv.open(img, format="raw") as opened:
+        assert opened.size == img.stat().st_size
+    assert "vhdx" in bv.formats(readable=True)

@@ -123,10 +123,10 @@ class Session:
 
     def __init__(self, dev: Any, out: IO[str], err: IO[str], read_only: bool) -> None:
         self.dev = dev
-        # Why writes are refused when the image could not be opened for writing.
         self.out = out
         self.err = err
-        self.read_only = read_only
+        # A format blkverify cannot write opens read-only whatever was asked.
+        self.read_only = read_only or dev.read_only
         self.quit = False
         self.is_device = isinstance(dev, bv.Device)
 
@@ -424,6 +424,11 @@ class Session:
         else:
             fmt = self.dev.format
             self.p(f"format name: {fmt}")
+        if fmt == "vhdx":
+            # qemu-io names the block size, and nothing format-specific.
+            self.p(f"cluster size: {cvtstr(int(facts['cluster_size']))}")
+            self.p("vm state offset: 0 bytes")
+            return
         if fmt != "qcow2":
             # qemu-io's cluster size is the block size (vpc, vdi; 0 for raw and fixed VHDs)
             self.p(f"cluster size: {cvtstr(int(facts.get('block_size', 0)))}")
@@ -692,8 +697,7 @@ def run_io(
     except (bv.Error, OSError, ValueError) as exc:
         err.write(f"blkverify: error: {describe_error(exc, spec)}\n")
         return 1
-    # A format blkverify cannot write opens read-only: writes then fail as under -r.
-    session = Session(dev, out, err, read_only or dev.read_only)
+    session = Session(dev, out, err, read_only)
     failed = False
     try:
         if commands:
