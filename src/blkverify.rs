@@ -72,29 +72,6 @@ pub fn parse_spec(spec: &str) -> Result<Option<Spec>> {
     }
 }
 
-/// Whether the image `spec` names (an image, an NBD URI, or the test side of a
-/// `blkverify:RAW:TEST` spec; its raw side is always writable) can be opened
-/// for writing: its format, `format` or the probed one, has a writer. An image
-/// that cannot be probed, or whose format cannot be read at all, counts as
-/// writable, so that opening it reports the real problem.
-pub fn can_write(spec: &str, format: Option<Format>) -> bool {
-    let test = match parse_spec(spec) {
-        Ok(Some(Spec { test, .. })) => test,
-        Ok(None) => PathBuf::from(spec),
-        Err(_) => return true,
-    };
-    if let Some(format) = format {
-        return format.can_write();
-    }
-    if test.to_str().is_some_and(driver::nbd::is_uri) {
-        return true;
-    }
-    match crate::storage::FileStorage::open_read_only(&test).and_then(|s| driver::detect(&s)) {
-        Ok(format) => format.can_write() || !format.can_read(),
-        Err(_) => true,
-    }
-}
-
 /// The mirrored device.
 pub struct Blkverify {
     raw: Arc<dyn BlockDriver>,

@@ -145,3 +145,18 @@ fn write_image_regressions_give_errors_not_panics() {
 fn read_vmdk_regressions_give_errors_not_panics() {
     replay("read_vmdk", fuzzing::read_vmdk, "regression.vmdk");
 }
+
+#[test]
+fn vpc_image_regressions_give_errors_not_panics() {
+    replay("vpc_image", fuzzing::read_vpc, "regression.vhd");
+}
+
+#[test]
+fn vdi_image_regressions_give_errors_not_panics() {
+    replay("vdi_image", fuzzing::read_vdi, "regression.vdi");
+}
+
+#[test]
+fn read_vhdx_regressions_give_errors_not_panics() {
+    replay("read_vhdx", fuzzing::read_vhdx, "regression.vhdx");
+}

@@ -44,7 +44,6 @@ __all__ = [
     "Report",
     "ShrinkResult",
     "__version__",
-    "can_write",
     "check_pair",
     "create",
     "exercise",
@@ -82,10 +81,10 @@ def open(
     ``snapshot`` and the backing options apply to the test image; the raw side is
     always read as a raw image.
 
-    ``format`` is ``"raw"``, ``"qcow2"``, ``"vmdk"`` or ``None`` to probe.
-    ``read_only=False`` opens for ``write``, ``write_zeroes``, ``discard`` and
-    ``flush`` (raw and qcow2 only; see :func:`can_write`); nothing is ever written
-    otherwise. ``snapshot`` reads an internal qcow2 snapshot (by ID
+    ``format`` is one of ``formats(readable=True)`` or ``None`` to probe. ``read_only=False``
+    opens for ``write``, ``write_zeroes``, ``discard`` and ``flush`` (formats blkverify
+    cannot write, such as vmdk or vhdx, open read-only whatever it says); nothing is
+    ever written otherwise. ``snapshot`` reads an internal qcow2 snapshot (by ID
     or name) instead of the active disk. ``backing=False`` reads unallocated
     ranges as zeros instead of following the backing chain, and
     ``allow_backing_anywhere`` follows backing files outside the image's directory.
@@ -110,15 +109,6 @@ def open(
     if path is None:
         raise ValueError("open() needs a path, a blkverify:RAW:TEST spec, or raw= and test=")
     return _native.open(os.fspath(path), **options)
-
-
-def can_write(spec: PathLike, format: str | None = None) -> bool:
-    """Whether ``open(spec, format=format, read_only=False)`` can write: the image
-    (the test side, for a ``blkverify:RAW:TEST`` spec) is in a format blkverify
-    writes (raw, qcow2), probed when ``format`` is ``None``. vmdk images are read
-    only. An image that cannot be probed counts as writable, so that opening it
-    reports why."""
-    return _native.can_write(os.fspath(spec), format)
 
 
 def create(

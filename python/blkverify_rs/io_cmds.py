@@ -123,10 +123,10 @@ class Session:
 
     def __init__(self, dev: Any, out: IO[str], err: IO[str], read_only: bool) -> None:
         self.dev = dev
-        # Why writes are refused when the image could not be opened for writing.
         self.out = out
         self.err = err
-        self.read_only = read_only
+        # A format blkverify cannot write opens read-only whatever was asked.
+        self.read_only = read_only or dev.read_only
         self.quit = False
         self.is_device = isinstance(dev, bv.Device)
 
@@ -220,12 +220,14 @@ class Session:
 
     def allocated(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """(offset, length, allocated) runs in the image's top layer, as qemu-io's
-        alloc and map see them: every byte of a raw image is allocated; in qcow2,
-        data, compressed and zero clusters are, unallocated ones are not."""
+        alloc and map see them: every byte of a raw image is allocated, and of vpc and
+        vdi images (QEMU's drivers for them have no backing files, so their unallocated
+        blocks read as zeros that QEMU counts as allocated); in qcow2, data, compressed
+        and zero clusters are, unallocated ones are not."""
         if length <= 0 or offset >= self.dev.size:
             return []
         fmt = self.dev.test_format if self.is_device else self.dev.format
-        if fmt == "raw":
+        if fmt in ("raw", "vpc", "vdi"):
             return [(offset, min(length, self.dev.size - offset), True)]
         runs: list[tuple[int, int, bool]] = []
         for off, ln, kind, _host in self.io("is_allocated", lambda: self.dev.map(offset, length)):
@@ -422,12 +424,18 @@ class Session:
         else:
             fmt = self.dev.format
             self.p(f"format name: {fmt}")
-        if fmt == "raw":
-            self.p("cluster size: 0 bytes")
-            self.p("vm state offset: 0 bytes")
-            return
         if fmt == "vmdk":
             self.vmdk_info(facts)
+            return
+        if fmt == "vhdx":
+            # qemu-io names the block size, and nothing format-specific.
+            self.p(f"cluster size: {cvtstr(int(facts['cluster_size']))}")
+            self.p("vm state offset: 0 bytes")
+            return
+        if fmt != "qcow2":
+            # qemu-io's cluster size is the block size (vpc, vdi; 0 for raw and fixed VHDs)
+            self.p(f"cluster size: {cvtstr(int(facts.get('block_size', 0)))}")
+            self.p("vm state offset: 0 bytes")
             return
         cluster = int(facts["cluster_size"])
         l2_entries = cluster // (16 if facts.get("extended_l2") == "true" else 8)
@@ -711,9 +719,6 @@ def run_io(
     """Open ``spec`` and run ``commands`` (or lines from ``stdin`` when there are
     none). Returns the exit status: 0, or 1 if the image could not be opened, a
     command failed, or the device found a mismatch."""
-    # A format we cannot write opens as if -r were given: reads work, and a
-    # write fails as it does under -r.
-    read_only = read_only or not bv.can_write(spec, fmt)
     try:
         dev = bv.open(spec, format=fmt, read_only=read_only)
     except (bv.Error, OSError, ValueError) as exc:

@@ -319,16 +319,3 @@ pub(crate) fn probe_format(py: Python<'_>, path: PathBuf) -> PyResult<&'static s
         Ok(driver::probe(&storage)?.name())
     })
 }
-
-/// Whether `spec` (an image, or the test side of `blkverify:RAW:TEST`) is in a
-/// format blkverify can write (see `blkverify::can_write`).
-#[pyfunction]
-#[pyo3(signature = (spec, format=None))]
-pub(crate) fn can_write(py: Python<'_>, spec: String, format: Option<String>) -> PyResult<bool> {
-    let format = match super::options::format_for(format, crate::driver::Access::Read) {
-        Ok(format) => format,
-        // An unknown name: the open that follows says so.
-        Err(_) => return Ok(true),
-    };
-    run_detached(py, move || Ok(crate::blkverify::can_write(&spec, format)))
-}
