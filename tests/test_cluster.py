@@ -44,7 +44,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Small pairs: identical, one differing sector, several runs, a size
-    difference, and a raw image beside each qcow2."""
+    difference, the raw image of good.qcow2, and a qcow2 that is not one."""
     d = tmp_path_factory.mktemp("pairs")
     good = d / "good.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", good, str(4 * MiB))
@@ -59,6 +59,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     longer = d / "longer.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", longer, str(5 * MiB))
     qemu_io(longer, "write -P 0x5a 0 1M", "write -P 0x33 2M 64k")
+    (d / "junk.qcow2").write_bytes(b"QFI\xfb" + bytes(508))
     return {
         "dir": d,
         "good": good,
@@ -99,7 +100,8 @@ def test_batch_on_the_cluster_reports_what_a_local_batch_does(images, cluster):
             {"raw": "good.raw", "test": "good.qcow2", "workers": ["w1"]},
             {"raw": "good.raw", "test": "bad.qcow2", "workers": ["w2", "nosuch"]},
             "good.raw missing.qcow2",  # no worker can open it: that pair's error
-            "good.qcow2 good.raw",  # the reference is not raw: that pair's error
+            "good.qcow2 good.raw",  # a reference in any format
+            "good.raw junk.qcow2",  # a qcow2 header that is not one: that pair's error
         ],
     )
     local = batch("--json", manifest)
@@ -108,10 +110,10 @@ def test_batch_on_the_cluster_reports_what_a_local_batch_does(images, cluster):
     assert without_elapsed(remote.stdout) == without_elapsed(local.stdout)
     assert remote.stderr == local.stderr
     records = without_elapsed(remote.stdout)
-    identical = [True, False, False, True, False, True, False, None, None]
+    identical = [True, False, False, True, False, True, False, None, True, None]
     assert [r.get("identical") for r in records] == identical
     assert [len(r["mismatches"]) for r in records[1:3]] == [1, 3]
-    assert "No such file" in records[7]["error"] and "must be a raw image" in records[8]["error"]
+    assert "No such file" in records[7]["error"] and "junk.qcow2" in records[9]["error"]
     # The summary table too, but for the MiB/s column.
     local_table = batch(manifest).stdout
     remote_table = batch("--scheduler", cluster.address, manifest).stdout

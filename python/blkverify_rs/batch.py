@@ -3,11 +3,11 @@ budget, or as tasks on a Dask cluster (``--scheduler``).
 
 A manifest line is ``RAW TEST`` (two whitespace-separated paths) or a JSON
 object ``{"raw", "test", "raw_format"?, "test_format"?, "snapshot"?, "all"?,
-"strict"?, "workers"?}``. Blank lines and lines starting with ``#`` are
-ignored. Relative paths resolve against the manifest's directory. The
-verification itself runs in Rust through :func:`blkverify_rs.verify_many`;
-this module parses, shows progress and reports, the same way wherever the
-pairs ran.
+"strict"?, "workers"?}``: RAW is the reference, in any format blkverify reads,
+as in ``verify``. Blank lines and lines starting with ``#`` are ignored.
+Relative paths resolve against the manifest's directory. The verification
+itself runs in Rust through :func:`blkverify_rs.verify_many`; this module
+parses, shows progress and reports, the same way wherever the pairs ran.
 """
 
 from __future__ import annotations
@@ -224,13 +224,13 @@ def batch(
     """Verify every pair listed in MANIFEST, in parallel, here or on a Dask
     cluster (--scheduler).
 
-    A line is 'RAW TEST', or a JSON object {"raw", "test", "raw_format",
-    "test_format", "snapshot", "all", "strict", "workers"}; '#' starts a
-    comment line. "workers" pins a pair to the cluster workers (names,
-    addresses or hosts) that can see its files. Prints a summary table (or,
-    with --json, one JSON object per pair: the verify --json object, or
-    {"raw", "test", "error"}). Exit status: the worst result (0 identical,
-    1 a pair differs, 2 a pair could not be verified).
+    A line is 'RAW TEST' (RAW: the reference, in any format), or a JSON object
+    {"raw", "test", "raw_format", "test_format", "snapshot", "all", "strict",
+    "workers"}; '#' starts a comment line. "workers" pins a pair to the
+    cluster workers (names, addresses or hosts) that can see its files.
+    Prints a summary table (or, with --json, one JSON object per pair: the
+    verify --json object, or {"raw", "test", "error"}). Exit status: the worst
+    result (0 identical, 1 a pair differs, 2 a pair could not be verified).
     """
     try:
         pairs = read_manifest(manifest)

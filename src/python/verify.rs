@@ -5,7 +5,7 @@ use super::detached::run_with_progress;
 use super::errors::to_pyerr;
 use super::image::location_dict;
 use super::options::{format_for, open_options, verify_options, Kwargs};
-use crate::driver::{Access, OpenOptions};
+use crate::driver::{Access, BlockDriver, Location, OpenOptions};
 use crate::error::Error;
 use crate::verify::{
     self as engine, BatchProgress, Mismatch, Progress, Report, Verified, VerifyJob, VerifyOptions,
@@ -16,9 +16,10 @@ use pyo3::types::{PyDict, PyList, PyMapping};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// Where the first mismatches live in the test image's metadata (for reports).
+/// Where the first mismatches live in each side's metadata (for reports).
 const MAX_LOCATED: usize = 1000;
 
 /// The keys a pair may have.
@@ -178,14 +179,18 @@ struct Names {
     test_format: String,
 }
 
-/// The report as a dict (see the Python `Report`): `mapping(i, run)` gives the
-/// `mapping` of the `i`th run, if known. A report of part of the disk says
-/// which part (`range`).
+/// Where a run's first differing byte lives: in the test image's metadata
+/// (`mapping`) and in the reference's (`ref_mapping`, when it has metadata).
+type Mappings<'py> = (Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>);
+
+/// The report as a dict (see the Python `Report`): `mappings(i, run)` gives
+/// the mappings of the `i`th run, where known. A report of part of the disk
+/// says which part (`range`).
 fn report_to_dict<'py>(
     py: Python<'py>,
     names: &Names,
     report: &Report,
-    mapping: impl Fn(usize, &Mismatch) -> Option<Bound<'py, PyAny>>,
+    mappings: impl Fn(usize, &Mismatch) -> Mappings<'py>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("raw", &names.raw)?;
@@ -217,8 +222,12 @@ fn report_to_dict<'py>(
         if let Some(e) = &m.error {
             md.set_item("error", e)?;
         }
-        if let Some(found) = mapping(i, m) {
+        let (mapping, ref_mapping) = mappings(i, m);
+        if let Some(found) = mapping {
             md.set_item("mapping", found)?;
+        }
+        if let Some(found) = ref_mapping {
+            md.set_item("ref_mapping", found)?;
         }
         list.append(md)?;
     }
@@ -226,51 +235,57 @@ fn report_to_dict<'py>(
     Ok(d)
 }
 
-/// The report of a verified pair as a dict. Locating mismatches reads
-/// metadata, so it runs with the GIL released.
+/// Where each of `offsets` lives in `image`'s metadata (`None` where it has
+/// none to name: a raw image, or past its end). Locating reads metadata, so it
+/// runs with the GIL released; it is best effort: an error or a panic just
+/// leaves no mapping.
+fn locate_all(
+    py: Python<'_>,
+    image: &Arc<dyn BlockDriver>,
+    offsets: &[u64],
+) -> Vec<Option<Location>> {
+    let image = image.clone();
+    py.detach(move || {
+        catch_unwind(AssertUnwindSafe(|| {
+            offsets
+                .iter()
+                .map(|&o| {
+                    if o < image.size() {
+                        image.locate(o).ok().flatten()
+                    } else {
+                        None
+                    }
+                })
+                .collect::<Vec<_>>()
+        }))
+        .unwrap_or_default()
+    })
+}
+
+/// The report of a verified pair as a dict.
 fn report_dict<'py>(
     py: Python<'py>,
     job: &VerifyJob,
     verified: &Verified,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let report = &verified.report;
-    let locations = {
-        let td = verified.test.clone();
-        let offsets: Vec<u64> = report
-            .mismatches
-            .iter()
-            .take(MAX_LOCATED)
-            .map(|m| m.first_byte)
-            .collect();
-        // Locating is best effort: an error or a panic just leaves no mapping.
-        py.detach(move || {
-            catch_unwind(AssertUnwindSafe(|| {
-                offsets
-                    .iter()
-                    .map(|&o| {
-                        if o < td.size() {
-                            td.locate(o).ok().flatten()
-                        } else {
-                            None
-                        }
-                    })
-                    .collect::<Vec<_>>()
-            }))
-            .unwrap_or_default()
-        })
-    };
-    let mut report = report.clone();
+    let mut report = verified.report.clone();
+    let offsets: Vec<u64> = report
+        .mismatches
+        .iter()
+        .take(MAX_LOCATED)
+        .map(|m| m.first_byte)
+        .collect();
+    // Both sides: a reference with metadata (not raw) is named too.
+    let locations = locate_all(py, &verified.test, &offsets);
+    let ref_locations = locate_all(py, &verified.raw, &offsets);
     if !job.test_options.backing.follow {
-        if let Some((_, name)) = verified
-            .test
-            .info()
-            .into_iter()
-            .find(|(k, _)| k == "backing_file")
-        {
-            report.warnings.push(format!(
-                "{}: backing file '{name}' was not opened (--no-backing): unallocated clusters were compared as zeros",
-                job.test.display()
-            ));
+        for (path, image) in [(&job.raw, &verified.raw), (&job.test, &verified.test)] {
+            if let Some((_, name)) = image.info().into_iter().find(|(k, _)| k == "backing_file") {
+                report.warnings.push(format!(
+                    "{}: backing file '{name}' was not opened (--no-backing): unallocated clusters were compared as zeros",
+                    path.display()
+                ));
+            }
         }
     }
     let names = Names {
@@ -279,12 +294,14 @@ fn report_dict<'py>(
         raw_format: verified.raw.format_name().to_string(),
         test_format: verified.test.format_name().to_string(),
     };
-    report_to_dict(py, &names, &report, |i, _| {
-        locations
-            .get(i)
+    let as_dict = |found: Option<&Option<Location>>| {
+        found
             .and_then(Option::as_ref)
             .and_then(|loc| location_dict(py, loc).ok())
             .map(Bound::into_any)
+    };
+    report_to_dict(py, &names, &report, |i, _| {
+        (as_dict(locations.get(i)), as_dict(ref_locations.get(i)))
     })
 }
 
@@ -354,7 +371,7 @@ pub(crate) fn merge_reports<'py>(
     let options = verify_options(&kw)?;
     kw.finish("merge_reports")?;
     let mut names = None;
-    let mut mappings: HashMap<u64, Bound<'py, PyAny>> = HashMap::new();
+    let mut mappings: HashMap<u64, Mappings<'py>> = HashMap::new();
     let mut outcomes = Vec::with_capacity(parts.len());
     for part in &parts {
         let Ok(d) = part.cast::<PyDict>() else {
@@ -377,21 +394,21 @@ pub(crate) fn merge_reports<'py>(
         if let Some(runs) = d.get_item("mismatches")? {
             for m in runs.try_iter()? {
                 let m = m?;
-                if let Ok(found) = m.get_item("mapping") {
-                    mappings.insert(m.get_item("first_byte")?.extract()?, found);
-                }
+                let found = (m.get_item("mapping").ok(), m.get_item("ref_mapping").ok());
+                mappings.insert(m.get_item("first_byte")?.extract()?, found);
             }
         }
         outcomes.push(Ok(report_from_dict(d)?));
     }
     let report = engine::merge_ranges(outcomes, &options).map_err(|PartError(e)| e)?;
     let names = names.ok_or_else(|| PyValueError::new_err("no range reports to merge"))?;
-    // A run keeps the mapping of the run it begins with; as in one verify,
+    // A run keeps the mappings of the run it begins with; as in one verify,
     // only the first MAX_LOCATED runs are located.
     report_to_dict(py, &names, &report, |i, m| {
-        (i < MAX_LOCATED)
-            .then(|| mappings.get(&m.first_byte).cloned())
-            .flatten()
+        match mappings.get(&m.first_byte) {
+            Some(found) if i < MAX_LOCATED => found.clone(),
+            _ => (None, None),
+        }
     })
 }
 
