@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -392,6 +393,52 @@ def test_an_unreachable_scheduler_is_one_error_within_the_timeout(images):
     with pytest.raises(TimeoutError, match="cannot reach the Dask scheduler"):
         dask_cluster.connect(address, timeout=1.5)
     assert time.monotonic() - started < 1.5 + 2
+
+
+def test_a_scheduler_without_workers_is_one_error_within_the_timeout(images, tmp_path):
+    empty = Cluster(tmp_path)
+    try:
+        manifest = write_manifest(images, "one.txt", ["good.raw good.qcow2"])
+        started = time.monotonic()
+        proc = batch("--scheduler", empty.address, "--scheduler-timeout", "2", manifest)
+        assert proc.returncode == 2
+        assert proc.stderr == (
+            f"blkverify: error: {empty.address}: the Dask scheduler has no workers (waited 2 s)\n"
+        )
+        assert time.monotonic() - started < 60
+    finally:
+        empty.close()
+
+
+def test_ctrl_c_cancels_the_batch_on_the_cluster(images, cluster, slow_uri):
+    manifest = write_manifest(images, "interrupted.txt", [f"good.raw {slow_uri}"] * 12)
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "blkverify_rs", "batch", "--no-progress"),
+            *("--scheduler", cluster.address, str(manifest)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not any("range" in k for keys in cluster.client.processing().values() for k in keys):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130
+    assert err == "blkverify: interrupted\n" and out == ""
+    # Its tasks were cancelled, not left to run.
+    deadline = time.monotonic() + 30
+    while any(cluster.client.processing().values()):
+        assert time.monotonic() < deadline, cluster.client.processing()
+        time.sleep(0.1)
 
 
 def test_without_dask_scheduler_says_how_to_install_it(images, tmp_path):
