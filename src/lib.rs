@@ -1,11 +1,12 @@
 //! blkverify-rs: prove that a block driver returns the right bytes.
 //!
 //! The core: image drivers ([`driver`]), the storage they read ([`storage`]),
-//! and the whole-image verify engine ([`verify`]). Nothing here knows Python;
+//! the whole-image verify engine ([`verify`]) and image digests ([`digest`]). Nothing here knows Python;
 //! the bindings live in `python` behind the `python` feature.
 #![warn(missing_docs)]
 
 pub mod blkverify;
+pub mod digest;
 pub mod driver;
 pub mod error;
 pub mod exercise;
