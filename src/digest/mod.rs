@@ -43,9 +43,11 @@ pub const BLOCK_SIZE: u64 = 64 << 10;
 /// checks for cancellation).
 const ZERO_LOOKAHEAD: u64 = 64 << 30;
 
-/// Chunks a worker may finish ahead of the one the outer hash waits for before
-/// it waits too: bounds the digests held in memory (4 KiB per 8 MiB chunk).
-const ORDER_WINDOW: u64 = 1024;
+/// Finished chunks that may wait for the outer hash before a worker with a
+/// later one waits too: bounds the digests held (4 KiB per 8 MiB chunk). It
+/// counts chunks held, not their distance from the one the outer hash waits
+/// for, so a long run of zeros delivered as one count never stalls the others.
+const ORDER_WINDOW: usize = 1024;
 
 /// How to compute a digest.
 #[derive(Debug, Clone)]
@@ -210,7 +212,7 @@ impl Ordered {
     /// over the chunk the sink waits for feeds it, and whatever follows it.
     fn deliver(&self, first: u64, count: u64, out: ChunkOut, cancelled: &AtomicBool) {
         let mut state = lock(&self.state);
-        while first >= state.next.saturating_add(ORDER_WINDOW) {
+        while state.pending.len() >= ORDER_WINDOW && first != state.next {
             if cancelled.load(Ordering::Relaxed) {
                 return;
             }
