@@ -381,7 +381,8 @@ impl<'a> Scanner<'a> {
             if t - s == self.grid.block_size && first_nonzero(data).is_none() {
                 out.push_zero(1);
             } else {
-                out.push_digest(self.algorithm.hash(data));
+                let following = bytes.get(to..).unwrap_or(&[]);
+                out.push_digest(self.algorithm.hash_block(data, following));
             }
         }
     }
