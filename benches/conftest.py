@@ -9,6 +9,7 @@ and BLKVERIFY_BENCH_DIR to reuse images built by ``make_images.py``.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import make_images
@@ -40,3 +41,13 @@ def compressed_pair(request: pytest.FixtureRequest, bench_dir: Path) -> tuple[Pa
 def sparse_pair(bench_dir: Path) -> tuple[Path, Path]:
     """BENCH_MIB of data in 64 runs over a disk 1024 times larger (1 TiB at 1024)."""
     return make_images.sparse_pair(bench_dir, BENCH_MIB)
+
+
+@pytest.fixture(scope="session")
+def blksum(request: pytest.FixtureRequest) -> Path:
+    """The real blksum (blkhash 0.11), built from source into pytest's cache once."""
+    cache = request.config.cache.mkdir("blksum")
+    build = Path(__file__).resolve().parent.parent / "scripts" / "build-blksum.sh"
+    proc = subprocess.run(["sh", str(build), str(cache)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return Path(proc.stdout.strip().splitlines()[-1])
