@@ -29,6 +29,10 @@ qemu-img snapshot -c s1 "$tmp/1.qcow2" && cp "$tmp/1.qcow2" "$seeds/seed-snapsho
 # A dirty image (lazy refcounts, killed mid-run): a writable open rebuilds its refcounts.
 qemu-io -c 'write -P 0x5a 0 64k' -c abort "$tmp/7.qcow2" >/dev/null 2>&1 || true
 { printf '\001\000\000\000\000\020\000\200\000'; cat "$tmp/7.qcow2"; } >fuzz/corpus/write_image/seed-dirty
+# The regression inputs are seeds too (README.md files aside).
+for target in header l2_entry read_image write_image; do
+    find "fuzz/regressions/$target" -type f ! -name '*.md' -exec cp {} "fuzz/corpus/$target/" \;
+done
 for target in ${TARGETS:-header l2_entry read_image write_image}; do
     echo "== $target: ${seconds}s"
     RUSTC_BOOTSTRAP=1 nice cargo fuzz run --fuzz-dir fuzz "$target" "fuzz/corpus/$target" -- \

@@ -3,7 +3,7 @@
 //! run exactly the same code on an input: a crash the fuzzer found is replayed
 //! as it was found, not by a copy that may have drifted.
 
-use crate::driver::qcow2::Qcow2;
+use crate::driver::qcow2::{header, l2, Qcow2};
 use crate::driver::{BlockDriver, OpenOptions};
 use crate::error::Error;
 use crate::storage::{LimitedStorage, MemStorage};
@@ -30,6 +30,43 @@ fn options(writable: bool) -> OpenOptions {
     options.backing.follow = false;
     options.writable = writable;
     options
+}
+
+/// Parse `data` as the first cluster of a qcow2 image named `name` (the file
+/// being exactly `data`): a header, or an error in `open_error`.
+pub fn header(data: &[u8], name: &str) -> Outcome {
+    Outcome {
+        open_error: header::parse(std::path::Path::new(name), data, data.len() as u64).err(),
+        ..Outcome::default()
+    }
+}
+
+/// Bytes of an [`l2_entry`] input: the entry and the subcluster bitmap (both
+/// big-endian), the cluster size (`cluster_bits - 9`, taken modulo 13), the
+/// subcluster index (modulo 32) and a flags byte (bit 0: the image has an
+/// external data file). Shorter inputs are padded with zeros.
+pub const L2_ENTRY_INPUT_BYTES: usize = 19;
+
+/// Decode the input's entry as an L1 entry, a standard L2 entry and (for
+/// clusters of 16 KiB or more) an extended L2 entry; returns the errors.
+pub fn l2_entry(data: &[u8]) -> Vec<String> {
+    let mut input = [0u8; L2_ENTRY_INPUT_BYTES];
+    for (dst, src) in input.iter_mut().zip(data) {
+        *dst = *src;
+    }
+    let [e0, e1, e2, e3, e4, e5, e6, e7, b0, b1, b2, b3, b4, b5, b6, b7, bits, sub, flags] = input;
+    let entry = u64::from_be_bytes([e0, e1, e2, e3, e4, e5, e6, e7]);
+    let bitmap = u64::from_be_bytes([b0, b1, b2, b3, b4, b5, b6, b7]);
+    let cluster_bits = 9 + u32::from(bits) % 13;
+    let data_file = flags & 1 != 0;
+    let mut errors = Vec::new();
+    errors.extend(l2::l1_offset(entry).err());
+    errors.extend(l2::decode(entry, cluster_bits, data_file).err());
+    if cluster_bits >= 14 {
+        let index = u32::from(sub) % 32;
+        errors.extend(l2::decode_subcluster(entry, bitmap, index, cluster_bits, data_file).err());
+    }
+    errors
 }
 
 /// Open `data` as a read-only qcow2 image named `name`, map its first 8 MiB and

@@ -5,6 +5,7 @@ expected contents of each qcow2 is its ``qemu-img convert -O raw``."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import blkverify_rs as bv
@@ -153,8 +154,20 @@ def test_verify_many_reports_and_errors_as_values(pairs):
         assert len(call) == 4 and call[3] == 4
 
 
-def test_verify_many_rejects_bad_pairs(pairs):
-    with pytest.raises(ValueError, match="unknown pair keys: colour"):
-        bv.verify_many([{"raw": "a", "test": "b", "colour": 1}])
-    with pytest.raises(ValueError, match="needs 'raw' and 'test'"):
-        bv.verify_many([{"raw": "a"}])
+@pytest.mark.parametrize(
+    ("pair", "fact"),
+    [
+        ({"raw": "a", "test": "b", "colour": 1}, "unknown key 'colour'"),
+        ({"raw": "a"}, "missing key 'test'"),
+        ({"raw": "a", "test": 7}, "'test' must be a non-empty string"),
+        ({"raw": "a", "test": "b", "all": "yes"}, "'all' must be true or false"),
+        ({"raw": "a", "test": "b", "test_format": "vmdk"}, "'test_format' is 'vmdk'"),
+        (("a",), "a pair is (raw, test)"),
+    ],
+)
+def test_verify_many_rejects_bad_pairs(pair, fact):
+    """One owner of the pair rules: the same mistake is the same ValueError from
+    verify_many, from check_pair, and (as MANIFEST:LINE: fact) from batch."""
+    for check in (bv.check_pair, lambda p: bv.verify_many([p])):
+        with pytest.raises(ValueError, match=re.escape(fact)):
+            check(pair)

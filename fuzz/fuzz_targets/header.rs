@@ -3,9 +3,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = blkverify_rs::driver::qcow2::header::parse(
-        std::path::Path::new("fuzz.qcow2"),
-        data,
-        data.len() as u64,
-    );
+    let _ = blkverify_rs::fuzzing::header(data, "fuzz.qcow2");
 });

@@ -14,17 +14,24 @@ from typing import Any, ClassVar
 
 from blkverify_rs import _native
 from blkverify_rs._native import (
+    MAX_QUEUE_DEPTH,
+    SECTOR_SIZE,
     CorruptImageError,
     Device,
     Error,
     FormatError,
     Image,
     MismatchError,
+    check_pair,
+    formats,
+    parse_size,
 )
 
 __version__: str = _native.__version__
 
 __all__ = [
+    "MAX_QUEUE_DEPTH",
+    "SECTOR_SIZE",
     "CorruptImageError",
     "Device",
     "Error",
@@ -37,20 +44,18 @@ __all__ = [
     "Report",
     "ShrinkResult",
     "__version__",
+    "check_pair",
     "create",
     "exercise",
+    "formats",
     "open",
+    "parse_size",
     "shrink",
     "verify",
     "verify_many",
 ]
 
 PathLike = str | os.PathLike[str]
-
-SECTOR_SIZE = 512
-
-
-BLKVERIFY_PREFIX = "blkverify:"
 
 
 def open(
@@ -99,13 +104,10 @@ def open(
     if raw is not None or test is not None:
         if path is not None or raw is None or test is None:
             raise ValueError("give either a path (or a blkverify:RAW:TEST spec) or raw= and test=")
-        return _native.open_device(raw=os.fspath(raw), test=os.fspath(test), **options)
+        return _native.open_device(os.fspath(raw), os.fspath(test), **options)
     if path is None:
         raise ValueError("open() needs a path, a blkverify:RAW:TEST spec, or raw= and test=")
-    spec = os.fspath(path)
-    if isinstance(spec, str) and spec.startswith(BLKVERIFY_PREFIX):
-        return _native.open_device(spec, **options)
-    return _native.open(spec, **options)
+    return _native.open(os.fspath(path), **options)
 
 
 def create(
@@ -281,19 +283,22 @@ def verify(
     reference side raises. ``progress(done, total)`` is called about ten times a
     second from the calling thread.
     """
+    pair = {
+        "raw": raw,
+        "test": test,
+        "raw_format": raw_format,
+        "test_format": test_format,
+        "snapshot": snapshot,
+        "all": all,
+        "strict": strict,
+    }
     d = _native.verify(
-        os.fspath(raw),
-        os.fspath(test),
-        all=all,
-        strict=strict,
-        raw_format=raw_format,
-        test_format=test_format,
-        snapshot=snapshot,
+        pair,
+        progress=progress,
         backing=backing,
         max_backing_depth=max_backing_depth,
         allow_backing_anywhere=allow_backing_anywhere,
         threads=threads,
-        progress=progress,
     )
     return _report(d)
 
@@ -301,9 +306,6 @@ def verify(
 def _report(d: dict[str, Any]) -> Report:
     mismatches = [Mismatch(**m) for m in d.pop("mismatches")]
     return Report(mismatches=mismatches, **d)
-
-
-PAIR_KEYS = frozenset({"raw", "test", "raw_format", "test_format", "snapshot", "all", "strict"})
 
 
 def verify_many(
@@ -323,6 +325,8 @@ def verify_many(
     ``pairs`` holds ``(raw, test)`` tuples or dicts with ``raw``, ``test`` and
     optionally ``raw_format``, ``test_format``, ``snapshot``, ``all`` and
     ``strict`` (``all`` and ``strict`` default to the arguments of the same name).
+    A malformed pair raises ``ValueError`` (see :func:`check_pair`) before
+    anything runs.
 
     Returns one item per pair, in order: its :class:`Report`, or, when the pair
     could not be verified (an image that cannot be opened, a reference read
@@ -331,30 +335,15 @@ def verify_many(
     ``progress(done, total, pairs_done, pairs_total)`` is called about ten times
     a second. Ctrl-C raises ``KeyboardInterrupt``.
     """
-    jobs: list[dict[str, Any]] = []
-    for pair in pairs:
-        if isinstance(pair, Mapping):
-            unknown = set(pair) - PAIR_KEYS
-            if unknown:
-                raise ValueError(f"unknown pair keys: {', '.join(sorted(unknown))}")
-            if "raw" not in pair or "test" not in pair:
-                raise ValueError("each pair needs 'raw' and 'test'")
-            job = dict(pair)
-        else:
-            raw, test = pair
-            job = {"raw": raw, "test": test}
-        job["raw"] = os.fspath(job["raw"])
-        job["test"] = os.fspath(job["test"])
-        jobs.append(job)
     results = _native.verify_many(
-        jobs,
+        list(pairs),
+        progress=progress,
         all=all,
         strict=strict,
         backing=backing,
         max_backing_depth=max_backing_depth,
         allow_backing_anywhere=allow_backing_anywhere,
         threads=threads,
-        progress=progress,
     )
     return [r if isinstance(r, BaseException) else _report(r) for r in results]
 

@@ -17,16 +17,19 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+import blkverify_rs as bv
+from blkverify_rs.cli_common import (
+    EXIT_ERROR,
+    EXIT_FINDING,
+    EXIT_OK,
+    describe_error,
+    fail,
+    reported,
+)
+from blkverify_rs.report import ProgressBar, human_size
+
 if TYPE_CHECKING:
     from blkverify_rs import Report
-
-# The CLI's conventions (cli.py registers this command, so it is imported from
-# there lazily, to keep either import order working).
-EXIT_OK, EXIT_FINDING, EXIT_ERROR = 0, 1, 2
-
-FORMATS = ("raw", "qcow2")
-STRING_KEYS = ("raw", "test", "raw_format", "test_format", "snapshot")
-BOOL_KEYS = ("all", "strict")
 
 
 class ManifestError(Exception):
@@ -51,25 +54,10 @@ def parse_manifest_line(text: str, where: str, base: str) -> dict[str, Any] | No
             ) from None
         if not isinstance(obj, dict):
             raise ManifestError(f"{where}: a JSON line must be an object")
-        unknown = sorted(set(obj) - set(STRING_KEYS) - set(BOOL_KEYS))
-        if unknown:
-            raise ManifestError(f"{where}: unknown key {unknown[0]!r}")
-        for key in ("raw", "test"):
-            if key not in obj:
-                raise ManifestError(f"{where}: missing key {key!r}")
-        for key in STRING_KEYS:
-            if key in obj and not (isinstance(obj[key], str) and obj[key]):
-                if obj[key] is None and key not in ("raw", "test"):
-                    continue
-                raise ManifestError(f"{where}: {key!r} must be a non-empty string")
-        for key in BOOL_KEYS:
-            if key in obj and not isinstance(obj[key], bool):
-                raise ManifestError(f"{where}: {key!r} must be true or false")
-        for key in ("raw_format", "test_format"):
-            if obj.get(key) is not None and obj[key] not in FORMATS:
-                raise ManifestError(
-                    f"{where}: {key!r} is {obj[key]!r}; supported formats: raw, qcow2"
-                )
+        try:
+            bv.check_pair(obj)
+        except ValueError as exc:
+            raise ManifestError(f"{where}: {exc}") from None
         pair = {k: v for k, v in obj.items() if v is not None}
     else:
         fields = line.split()
@@ -101,24 +89,9 @@ def read_manifest(path: str) -> list[dict[str, Any]]:
     return pairs
 
 
-def describe_error(exc: BaseException) -> str:
-    from blkverify_rs.cli import describe_error as describe
-
-    return describe(exc)
-
-
 def error_record(pair: dict[str, Any], exc: BaseException) -> dict[str, Any]:
     """The JSON line for a pair that could not be verified."""
     return {"raw": pair["raw"], "test": pair["test"], "error": describe_error(exc)}
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} PiB"
 
 
 def summary_table(pairs: list[dict[str, Any]], results: list[Report | Exception]) -> str:
@@ -138,7 +111,7 @@ def summary_table(pairs: list[dict[str, Any]], results: list[Report | Exception]
             result = "size differs"
         first = str(res.mismatches[0].sector) if res.mismatches else "-"
         rate = res.bytes_compared / (1 << 20) / res.elapsed_s if res.elapsed_s > 0 else 0.0
-        rows.append((name, _size(res.virtual_size), result, first, f"{rate:.0f}"))
+        rows.append((name, human_size(res.virtual_size), result, first, f"{rate:.0f}"))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = []
     for i, row in enumerate([header, *rows]):
@@ -167,9 +140,7 @@ class BatchProgress:
     """One progress line for the whole batch: pairs and bytes."""
 
     def __init__(self, stream: Any) -> None:
-        from blkverify_rs import report
-
-        self.bar = report.ProgressBar(stream)
+        self.bar = ProgressBar(stream)
 
     def update(self, done: int, total: int, pairs_done: int, pairs_total: int) -> None:
         self.bar.prefix = f"pairs {pairs_done}/{pairs_total}  "
@@ -213,9 +184,6 @@ def batch(
     verify --json object, or {"raw", "test", "error"}). Exit status: the worst
     result (0 identical, 1 a pair differs, 2 a pair could not be verified).
     """
-    import blkverify_rs as bv
-    from blkverify_rs.cli import fail
-
     try:
         pairs = read_manifest(manifest)
     except ManifestError as exc:
@@ -225,7 +193,7 @@ def batch(
 
     show = progress if progress is not None else (sys.stderr.isatty() and not quiet)
     bar = BatchProgress(sys.stderr) if show and not quiet else None
-    try:
+    with reported(bar):
         results = bv.verify_many(
             pairs,
             all=all_,
@@ -233,13 +201,6 @@ def batch(
             threads=threads,
             progress=bar.update if bar else None,
         )
-    except KeyboardInterrupt:
-        if bar:
-            bar.finish()
-        click.echo("blkverify: interrupted", err=True)
-        sys.exit(130)
-    if bar:
-        bar.finish()
 
     if not quiet:
         for pair, res in zip(pairs, results, strict=False):

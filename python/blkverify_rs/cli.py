@@ -1,38 +1,25 @@
 """The ``blkverify`` command: a click group whose subcommands talk only to the
 Python API (never to ``_native`` directly). Exit codes: 0 identical, 1 a finding,
-2 an error. Errors are one line on stderr, never a traceback."""
+2 an error. Errors are one line on stderr, never a traceback (see
+``cli_common``, which every command shares)."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import click
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-EXIT_OK = 0
-EXIT_FINDING = 1
-EXIT_ERROR = 2
-
-FORMATS = click.Choice(["raw", "qcow2"])
-
-
-def fail(message: str) -> NoReturn:
-    """Print one error line and exit with status 2."""
-    click.echo(f"blkverify: error: {message}", err=True)
-    sys.exit(EXIT_ERROR)
-
-
-def describe_error(exc: BaseException, name: str | None = None) -> str:
-    """One line for an exception, naming the file where it has one (or, for an
-    OS error that names none, ``name``)."""
-    if isinstance(exc, OSError):
-        filename = getattr(exc, "filename", None) or name
-        text = exc.strerror or str(exc)
-        return f"{filename}: {text}" if filename else text
-    return str(exc) or exc.__class__.__name__
+import blkverify_rs as bv
+from blkverify_rs.batch import batch
+from blkverify_rs.cli_common import (
+    EXIT_FINDING,
+    EXIT_OK,
+    READABLE_FORMATS,
+    WRITABLE_FORMATS,
+    fail,
+    reported,
+)
 
 
 def _version() -> str:
@@ -63,9 +50,9 @@ for param in main.params:
 @click.argument("raw", type=click.Path(dir_okay=False))
 @click.argument("test", type=click.Path(dir_okay=False))
 @click.option(
-    "-f", "--raw-format", type=FORMATS, help="Format of RAW (default: probe; must be raw)."
+    "-f", "--raw-format", type=READABLE_FORMATS, help="Format of RAW (default: probe; must be raw)."
 )
-@click.option("-F", "--test-format", type=FORMATS, help="Format of TEST (default: probe).")
+@click.option("-F", "--test-format", type=READABLE_FORMATS, help="Format of TEST (default: probe).")
 @click.option(
     "--snapshot", metavar="NAME", help="Verify this internal snapshot of TEST (ID or name)."
 )
@@ -121,12 +108,11 @@ def verify(
     Exit status: 0 identical, 1 they differ (or TEST could not be read somewhere),
     2 an error (bad usage, an image that cannot be opened, a reference read error).
     """
-    import blkverify_rs as bv
     from blkverify_rs import report
 
     show_progress = progress if progress is not None else (sys.stderr.isatty() and not quiet)
     bar = report.ProgressBar(sys.stderr) if show_progress and not quiet else None
-    try:
+    with reported(bar):
         rep = bv.verify(
             raw,
             test,
@@ -141,17 +127,6 @@ def verify(
             max_backing_depth=max_backing_depth,
             progress=bar.update if bar else None,
         )
-    except KeyboardInterrupt:
-        if bar:
-            bar.finish()
-        click.echo("blkverify: interrupted", err=True)
-        sys.exit(130)
-    except (bv.Error, OSError, ValueError) as exc:
-        if bar:
-            bar.finish()
-        fail(describe_error(exc))
-    if bar:
-        bar.finish()
     if not quiet:
         for warning in rep.warnings:
             click.echo(f"blkverify: warning: {warning}", err=True)
@@ -163,7 +138,9 @@ def verify(
 
 
 @main.command("io", context_settings={"ignore_unknown_options": False})
-@click.option("-f", "--format", "fmt", type=FORMATS, help="Format of the image (or test image).")
+@click.option(
+    "-f", "--format", "fmt", type=READABLE_FORMATS, help="Format of the image (or test image)."
+)
 @click.option("-r", "--read-only", is_flag=True, help="Open read-only.")
 @click.option(
     "-c",
@@ -208,7 +185,7 @@ def io(fmt: str | None, read_only: bool, commands: tuple[str, ...], spec: str) -
 )
 @click.option(
     "--queue-depth",
-    type=click.IntRange(1, 256),
+    type=click.IntRange(1, bv.MAX_QUEUE_DEPTH),
     help="Ops in flight at once (default 1; never two that overlap).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -221,7 +198,7 @@ def io(fmt: str | None, read_only: bool, commands: tuple[str, ...], spec: str) -
     help="With --replay: shrink the failing log to a minimal failing one in OUT, "
     "replaying on fresh copies of SPEC's image files (never written).",
 )
-@click.option("-f", "--format", "fmt", type=FORMATS, help="Format of the test side.")
+@click.option("-f", "--format", "fmt", type=WRITABLE_FORMATS, help="Format of the test side.")
 @click.option("--timeout", type=float, metavar="S", help="NBD connect and I/O timeout.")
 @click.option("--no-verify", is_flag=True, help="Skip the whole-device verify at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only findings and errors.")
@@ -249,7 +226,6 @@ def exercise(
     and prints the command that reproduces it (on the images as they were).
     Exit status: 0 clean, 1 a finding, 2 an error.
     """
-    import blkverify_rs as bv
     from blkverify_rs import report
 
     if replay is None and spec is None:
@@ -257,19 +233,14 @@ def exercise(
     if shrink_out is not None:
         if replay is None:
             fail("--shrink needs --replay FILE: the failing log to shrink")
-        try:
+        with reported():
             shrunk = bv.shrink(replay, shrink_out, spec, format=fmt)
-        except KeyboardInterrupt:
-            click.echo("blkverify: interrupted", err=True)
-            sys.exit(130)
-        except (bv.Error, OSError, ValueError) as exc:
-            fail(describe_error(exc))
         if as_json:
             click.echo(report.json.dumps(shrunk.to_dict()))
         else:
             click.echo(report.shrink_human(shrunk), nl=False)
         sys.exit(EXIT_FINDING)
-    try:
+    with reported():
         result = bv.exercise(
             spec,
             ops=ops,
@@ -284,36 +255,11 @@ def exercise(
             timeout=timeout,
             verify=not no_verify,
         )
-    except KeyboardInterrupt:
-        click.echo("blkverify: interrupted", err=True)
-        sys.exit(130)
-    except (bv.Error, OSError, ValueError) as exc:
-        fail(describe_error(exc))
     if as_json:
         click.echo(report.exercise_json(result))
     elif result.mismatches or not quiet:
         click.echo(report.exercise_human(result), nl=False)
     sys.exit(EXIT_FINDING if result.mismatches else EXIT_OK)
-
-
-SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """A size as qemu-img takes it: bytes, or a number with a K/M/G/T suffix."""
-    t = text.strip().lower()
-    unit = t[-1] if t and t[-1].isalpha() else ""
-    number = t[: len(t) - len(unit)]
-    if unit not in SIZE_SUFFIXES or not number:
-        raise ValueError(f"invalid size '{text}' (use bytes or a K, M, G or T suffix)")
-    try:
-        value = float(number)
-    except ValueError:
-        raise ValueError(f"invalid size '{text}' (use bytes or a K, M, G or T suffix)") from None
-    size = int(value * SIZE_SUFFIXES[unit])
-    if size < 0 or size != value * SIZE_SUFFIXES[unit]:
-        raise ValueError(f"invalid size '{text}'")
-    return size
 
 
 def parse_create_options(text: str) -> dict[str, Any]:
@@ -326,10 +272,8 @@ def parse_create_options(text: str) -> dict[str, Any]:
             if sep and value not in ("on", "off"):
                 raise ValueError(f"option {key} must be 'on' or 'off', not '{value}'")
             out[key] = not sep or value == "on"
-        elif key == "cluster_size":
-            out[key] = parse_size(value)
-        elif key == "refcount_bits":
-            out[key] = int(value) if value.isdigit() else parse_size(value)
+        elif key in ("cluster_size", "refcount_bits"):
+            out[key] = bv.parse_size(value)
         elif key == "compat":
             versions = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
             if value not in versions:
@@ -347,7 +291,9 @@ def parse_create_options(text: str) -> dict[str, Any]:
 
 
 @main.command()
-@click.option("-f", "fmt", type=FORMATS, default="qcow2", show_default=True, help="Format.")
+@click.option(
+    "-f", "fmt", type=WRITABLE_FORMATS, default="qcow2", show_default=True, help="Format."
+)
 @click.option(
     "-o",
     "options",
@@ -357,7 +303,7 @@ def parse_create_options(text: str) -> dict[str, Any]:
     "lazy_refcounts=,backing_file=,backing_fmt=",
 )
 @click.option("-b", "backing", metavar="BACKING", help="Backing file.")
-@click.option("-F", "backing_format", type=FORMATS, help="Format of the backing file.")
+@click.option("-F", "backing_format", type=READABLE_FORMATS, help="Format of the backing file.")
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.argument("size", required=False)
 def create(
@@ -368,11 +314,10 @@ def create(
     path: str,
     size: str | None,
 ) -> None:
-    """Create a new image at PATH of SIZE bytes (K, M, G, T suffixes), like
-    ``qemu-img create``. SIZE may be left out when a backing file gives it."""
-    import blkverify_rs as bv
-
-    try:
+    """Create a new image at PATH of SIZE bytes (qemu-img's sizes: 1.5M, 4G,
+    0x1000), like ``qemu-img create``. SIZE may be left out when a backing file
+    gives it."""
+    with reported():
         kwargs: dict[str, Any] = {}
         for text in options:
             kwargs.update(parse_create_options(text))
@@ -380,21 +325,13 @@ def create(
             kwargs["backing"] = backing
         if backing_format is not None:
             kwargs["backing_format"] = backing_format
-        nbytes = None if size is None else parse_size(size)
+        nbytes = None if size is None else bv.parse_size(size)
         bv.create(path, nbytes, format=fmt, **kwargs)
-    except (bv.Error, OSError, ValueError) as exc:
-        fail(describe_error(exc))
     shown = "" if size is None else f", size={nbytes}"
     click.echo(f"Formatting '{path}', fmt={fmt}{shown}")
 
 
-def _register_commands() -> None:
-    from blkverify_rs.batch import batch
-
-    main.add_command(batch)
-
-
-_register_commands()
+main.add_command(batch)
 
 
 if __name__ == "__main__":

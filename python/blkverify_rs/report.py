@@ -7,10 +7,10 @@ import json
 import time
 from typing import IO, TYPE_CHECKING, Any
 
+from blkverify_rs import SECTOR_SIZE
+
 if TYPE_CHECKING:
     from blkverify_rs import ExerciseFinding, ExerciseResult, Mismatch, Report, ShrinkResult
-
-SECTOR = 512
 
 
 def to_json(rep: Report) -> str:
@@ -50,7 +50,7 @@ def describe_mapping(mapping: dict[str, Any] | None) -> str | None:
 
 def describe_mismatch(m: Mismatch) -> str:
     """One line for one run, in the seed document's words."""
-    sectors = max(1, (m.length + SECTOR - 1) // SECTOR)
+    sectors = max(1, (m.length + SECTOR_SIZE - 1) // SECTOR_SIZE)
     span = f"{sectors} sector{'s' if sectors != 1 else ''}"
     if m.error:
         return (
@@ -88,16 +88,23 @@ def human(rep: Report, all_: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
+def human_size(n: float) -> str:
+    """Bytes in binary units, one decimal: ``512 B``, ``4.0 MiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
 
 
 class ProgressBar:
-    """A one-line progress display: bytes, MiB/s and ETA, redrawn in place."""
+    """A one-line progress display: bytes, MiB/s and ETA, redrawn in place.
+
+    Not ``click.progressbar``: on a stream that is not a terminal click's bar
+    prints its label once and nothing more, while ``--progress`` to a pipe
+    must keep printing these lines (scripts and CI logs read them); and its
+    line has no MiB/s figure.
+    """
 
     def __init__(self, stream: IO[str], min_interval: float = 0.2) -> None:
         self.stream = stream
@@ -117,7 +124,7 @@ class ProgressBar:
         pct = 100.0 * done / total if total else 100.0
         eta = (total - done) / rate if rate > 0 else 0.0
         line = (
-            f"\r{self.prefix}{_size(done)} / {_size(total)} {pct:5.1f}%  "
+            f"\r{self.prefix}{human_size(done)} / {human_size(total)} {pct:5.1f}%  "
             f"{rate / (1 << 20):8.1f} MiB/s  ETA {eta:5.1f}s"
         )
         self.stream.write(line)
@@ -153,7 +160,7 @@ def _finding_lines(f: ExerciseFinding) -> list[str]:
             lines.append(f"  raw side: {f.raw_error}")
     if f.sector is not None:
         lines.append(
-            f"  sector {f.sector} (offset {f.sector * SECTOR:#x}), "
+            f"  sector {f.sector} (offset {f.sector * SECTOR_SIZE:#x}), "
             f"first differing byte at offset {f.first_byte:#x}:"
         )
         lines += [f"    {line}" for line in f.hexdump]

@@ -10,9 +10,10 @@
 use super::file::BlockDigests;
 use super::scan::{ChunkOut, Grid, OnError, Padded, Run, Scanner};
 use super::{lock, run_workers, worker_count, BlockDigest, ZERO_LOOKAHEAD};
+use crate::compare::first_nonzero;
 use crate::driver::BlockDriver;
 use crate::error::{Error, Result};
-use crate::verify::{first_nonzero, Progress};
+use crate::verify::Progress;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

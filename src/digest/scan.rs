@@ -7,9 +7,9 @@
 //! count, so a sparse terabyte costs a few words, not 32 bytes per block.
 
 use super::hash::{Algorithm, BlockDigest};
+use crate::compare::first_nonzero;
 use crate::driver::{zero_status, BlockDriver};
 use crate::error::{Error, Result};
-use crate::verify::first_nonzero;
 
 /// One run of consecutive blocks in a chunk's result.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -308,17 +308,41 @@ impl Format {
             .join(", ")
     }
 
-    /// Parse a user-given format name that must be readable, with the one
-    /// message every caller gives for a name that is not.
-    pub fn parse_readable(name: &str) -> Result<Format> {
+    /// Whether blkverify can do `access` with images of this format.
+    pub fn supports(&self, access: Access) -> bool {
+        match access {
+            Access::Read => self.can_read(),
+            Access::Write => self.can_write(),
+        }
+    }
+
+    /// Parse a user-given format name that must support `access`, with the
+    /// one message every caller gives for a name that does not.
+    pub fn parse_for(name: &str, access: Access) -> Result<Format> {
+        let supported = Format::names(|f| f.supports(access));
         match Format::parse(name) {
-            Some(format) if format.can_read() => Ok(format),
-            _ => Err(Error::InvalidArgument(format!(
-                "unknown format '{name}' (supported: {})",
-                Format::names(Format::can_read)
+            Some(format) if format.supports(access) => Ok(format),
+            Some(_) => Err(Error::InvalidArgument(format!(
+                "format '{name}' cannot be {} (supported: {supported})",
+                match access {
+                    Access::Read => "read",
+                    Access::Write => "written",
+                }
+            ))),
+            None => Err(Error::InvalidArgument(format!(
+                "unknown format '{name}' (supported: {supported})"
             ))),
         }
     }
+}
+
+/// What a caller needs to do with a format's images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Read them (verify, io, a backing file).
+    Read,
+    /// Create and write them (create, exercise).
+    Write,
 }
 
 /// How backing files are followed.

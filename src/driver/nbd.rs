@@ -427,14 +427,17 @@ impl Nbd {
         conn.cookie = conn.cookie.wrapping_add(1);
         let cookie = conn.cookie;
         let context = format!("command {command} at offset {offset:#x} ({length} bytes)");
-        match exchange(
-            &mut conn.stream,
-            self.structured,
+        let request = Request {
             command,
             flags,
             cookie,
             offset,
             length,
+        };
+        match exchange(
+            &mut conn.stream,
+            self.structured,
+            &request,
             write_data,
             payload,
         ) {
@@ -830,21 +833,33 @@ fn read_option_reply(s: &mut Stream, option: u32) -> std::result::Result<(u32, V
     Ok((reply, data))
 }
 
-/// One request and its reply. The outer error is a transport or protocol
-/// failure (the connection is then unusable); the inner one is the server's
-/// error code and message.
-#[allow(clippy::too_many_arguments)]
-fn exchange(
-    s: &mut Stream,
-    structured: bool,
+/// The fields of a request header (the magic aside).
+#[derive(Debug, Clone, Copy)]
+struct Request {
     command: u16,
     flags: u16,
     cookie: u64,
     offset: u64,
     length: u32,
+}
+
+/// One request and its reply. The outer error is a transport or protocol
+/// failure (the connection is then unusable); the inner one is the server's
+/// error code and message.
+fn exchange(
+    s: &mut Stream,
+    structured: bool,
+    request: &Request,
     write_data: Option<&[u8]>,
     mut payload: Payload<'_>,
 ) -> std::result::Result<std::result::Result<(), (u32, String)>, Wire> {
+    let Request {
+        command,
+        flags,
+        cookie,
+        offset,
+        length,
+    } = *request;
     let mut header = [0u8; 28];
     header[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
     header[4..6].copy_from_slice(&flags.to_be_bytes());

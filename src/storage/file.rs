@@ -1,4 +1,5 @@
-//! A file or block device read with `pread`.
+//! A file or block device: `pread`/`pwrite`, `fallocate` to zero ranges,
+//! `fdatasync` to flush, and read-only mapped windows.
 
 use super::{Storage, View};
 use crate::error::{Error, Result};

@@ -1,9 +1,17 @@
-//! How bytes reach a file: positional reads (and, later, writes) that take `&self`,
-//! so many threads can read one image at once without a shared cursor.
+//! How bytes reach an image file: positional reads and writes that take
+//! `&self`, so many threads can read one image at once without a shared cursor.
 //!
-//! `pread` was chosen over a memory map for the first backend: it reports I/O
-//! errors as values instead of `SIGBUS`, which matters for a tool whose job is to
-//! survive a file that is truncated or failing underneath it.
+//! Every store reads with `pread` ([`Storage::read_exact_at`]): a read error
+//! is a value, which matters for a tool whose job is to survive a file that is
+//! truncated or failing underneath it. Read-only files also offer zero-copy
+//! memory-mapped windows ([`Storage::view`]) for the verifier's bulk compares,
+//! with a `SIGBUS` guard that turns a failed page back into an error (see
+//! `view.rs` for why, and what was measured). Writable stores write with
+//! `pwrite`, zero ranges, change length and flush with `fdatasync`; they are
+//! never mapped, so a view cannot race with our own writes.
+//!
+//! Backends: [`FileStorage`] (files and block devices) and [`MemStorage`]
+//! (tests and fuzzing), with [`LimitedStorage`] to simulate a full disk.
 
 mod file;
 mod mem;
@@ -16,7 +24,7 @@ pub use view::View;
 use crate::error::{Error, Result};
 use std::path::Path;
 
-/// A byte store under an image: a file, a block device, later a socket.
+/// A byte store under an image: a file or a block device (or memory, in tests).
 pub trait Storage: Send + Sync {
     /// The path it was opened from, for messages.
     fn path(&self) -> &Path;

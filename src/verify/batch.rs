@@ -12,7 +12,7 @@ use std::time::Duration;
 
 /// One pair to verify.
 #[derive(Debug, Clone)]
-pub struct Job {
+pub struct VerifyJob {
     /// The raw reference.
     pub raw: PathBuf,
     /// The image under test.
@@ -49,7 +49,7 @@ pub struct BatchProgress {
 }
 
 /// Open a pair; the reference must be a raw image.
-pub fn open_pair(job: &Job) -> Result<(Arc<dyn BlockDriver>, Arc<dyn BlockDriver>)> {
+pub fn open_pair(job: &VerifyJob) -> Result<(Arc<dyn BlockDriver>, Arc<dyn BlockDriver>)> {
     let raw = driver::open(&job.raw, &job.raw_options)?;
     let test = driver::open(&job.test, &job.test_options)?;
     if raw.format_name() != "raw" {
@@ -65,7 +65,7 @@ pub fn open_pair(job: &Job) -> Result<(Arc<dyn BlockDriver>, Arc<dyn BlockDriver
 }
 
 /// Open and verify one pair. `tick` as for [`verify`].
-pub fn verify_pair(job: &Job, tick: &mut dyn FnMut(Progress) -> bool) -> Result<Verified> {
+pub fn verify_pair(job: &VerifyJob, tick: &mut dyn FnMut(Progress) -> bool) -> Result<Verified> {
     let (raw, test) = open_pair(job)?;
     let report = verify(raw.as_ref(), test.as_ref(), &job.options, tick)?;
     Ok(Verified { report, raw, test })
@@ -76,7 +76,7 @@ pub fn verify_pair(job: &Job, tick: &mut dyn FnMut(Progress) -> bool) -> Result<
 /// about ten times a second; returning `false` cancels the batch: pairs not
 /// finished yet then end with `Error::Cancelled`.
 pub fn verify_many(
-    jobs: &[Job],
+    jobs: &[VerifyJob],
     threads: usize,
     tick: &mut dyn FnMut(BatchProgress) -> bool,
 ) -> Vec<Result<Verified>> {

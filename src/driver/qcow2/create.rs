@@ -5,14 +5,12 @@
 //! A new qcow2 image is the header cluster, then an empty L1 table, then the
 //! refcount table and blocks laid out to count all of it (and themselves).
 
-use super::header::{self, INCOMPAT_EXTL2, MAGIC};
+use super::header::{self, field, INCOMPAT_EXTL2, MAGIC};
 use super::refcount;
 use crate::driver::{self, Format, OpenOptions};
 use crate::error::{Error, Result};
 use crate::storage::{FileStorage, Storage};
 use std::path::Path;
-
-const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 
 /// What `create` makes.
 #[derive(Debug, Clone)]
@@ -166,34 +164,40 @@ fn create_qcow2(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
     let l1_clusters = (l1_size * 8).div_ceil(cluster_size).max(1);
 
     let mut head = vec![0u8; usize::try_from(cluster_size).unwrap_or(0)];
-    let header_length: u32 = if o.version == 3 { 112 } else { 72 };
-    let mut put = |at: usize, bytes: &[u8]| {
-        if let Some(dst) = head.get_mut(at..at + bytes.len()) {
-            dst.copy_from_slice(bytes);
-        }
+    let header_length = if o.version == 3 {
+        header::V3_HEADER_LENGTH
+    } else {
+        header::V2_HEADER_LENGTH
     };
-    put(0, &MAGIC.to_be_bytes());
-    put(4, &o.version.to_be_bytes());
-    put(20, &cluster_bits.to_be_bytes());
-    put(24, &size.to_be_bytes());
-    put(36, &(l1_size as u32).to_be_bytes());
-    put(40, &cluster_size.to_be_bytes());
+    field::MAGIC.put(&mut head, MAGIC);
+    field::VERSION.put(&mut head, o.version);
+    field::CLUSTER_BITS.put(&mut head, cluster_bits);
+    field::SIZE.put(&mut head, size);
+    field::L1_SIZE.put(&mut head, l1_size as u32);
+    // The L1 table fills the clusters right after the header.
+    field::L1_TABLE_OFFSET.put(&mut head, cluster_size);
     if o.version == 3 {
         let incompatible = if o.extended_l2 { INCOMPAT_EXTL2 } else { 0 };
-        put(72, &incompatible.to_be_bytes());
-        put(80, &u64::from(o.lazy_refcounts).to_be_bytes());
-        put(96, &refcount_order.to_be_bytes());
-        put(100, &header_length.to_be_bytes());
+        let compatible = if o.lazy_refcounts {
+            header::COMPAT_LAZY_REFCOUNTS
+        } else {
+            0
+        };
+        field::INCOMPATIBLE_FEATURES.put(&mut head, incompatible);
+        field::COMPATIBLE_FEATURES.put(&mut head, compatible);
+        field::REFCOUNT_ORDER.put(&mut head, refcount_order);
+        field::HEADER_LENGTH.put(&mut head, header_length);
     }
     let mut at = header_length as usize;
     if let (Some(_), Some(fmt)) = (&o.backing, backing_format) {
-        let name = fmt.name().as_bytes();
-        put(at, &EXT_BACKING_FORMAT.to_be_bytes());
-        put(at + 4, &(name.len() as u32).to_be_bytes());
-        put(at + 8, name);
-        at += 8 + name.len().div_ceil(8) * 8;
+        at = header::put_extension(
+            &mut head,
+            at,
+            header::EXT_BACKING_FORMAT,
+            fmt.name().as_bytes(),
+        );
     }
-    at += 8; // the end-of-extensions marker, all zeros
+    at += header::EXT_HEADER_BYTES; // the end-of-extensions marker, all zeros
     if let Some(name) = &o.backing {
         let bytes = name.as_bytes();
         if bytes.len() > header::MAX_BACKING_NAME as usize
@@ -204,16 +208,18 @@ fn create_qcow2(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
                 format!("backing file name '{name}' does not fit in the header cluster"),
             ));
         }
-        put(8, &(at as u64).to_be_bytes());
-        put(16, &(bytes.len() as u32).to_be_bytes());
-        put(at, bytes);
+        field::BACKING_FILE_OFFSET.put(&mut head, at as u64);
+        field::BACKING_FILE_SIZE.put(&mut head, bytes.len() as u32);
+        if let Some(dst) = head.get_mut(at..at + bytes.len()) {
+            dst.copy_from_slice(bytes);
+        }
     }
 
     let mut counts = vec![1u64; usize::try_from(1 + l1_clusters).unwrap_or(0)];
     let layout = refcount::fresh_layout(&mut counts, cluster_bits, refcount_order)
         .map_err(|e| bad(path, e.to_string()))?;
-    put(48, &layout.table_offset.to_be_bytes());
-    put(56, &layout.table_clusters.to_be_bytes());
+    field::REFCOUNT_TABLE_OFFSET.put(&mut head, layout.table_offset);
+    field::REFCOUNT_TABLE_CLUSTERS.put(&mut head, layout.table_clusters);
 
     let storage = FileStorage::create(path)?;
     storage.write_all_at(&head, 0)?;

@@ -76,11 +76,15 @@ impl Qcow2 {
     ) -> Result<Self> {
         let path = file.path().to_path_buf();
         let file_len = file.len()?;
-        // The header's first 104 bytes give the cluster size; the extensions and
-        // backing name lie within the first cluster.
-        let mut probe = vec![0u8; usize::try_from(file_len.min(112)).unwrap_or(0)];
+        // The fixed header gives the cluster size; the extensions and backing
+        // name lie within the first cluster.
+        let probe_len = file_len.min(u64::from(header::V3_HEADER_LENGTH));
+        let mut probe = vec![0u8; usize::try_from(probe_len).unwrap_or(0)];
         file.read_exact_at(&mut probe, 0)?;
-        let cluster_bits = header::BeBytes(&probe).u32(20).unwrap_or(16).clamp(9, 21);
+        let cluster_bits = header::field::CLUSTER_BITS
+            .get(&probe)
+            .unwrap_or(16)
+            .clamp(9, 21);
         let first_len = file_len.min(1u64 << cluster_bits);
         let mut first = vec![0u8; usize::try_from(first_len).unwrap_or(0)];
         file.read_exact_at(&mut first, 0)?;
@@ -770,7 +774,7 @@ impl BlockDriver for Qcow2 {
             ("extended_l2".to_string(), h.extended_l2().to_string()),
             (
                 "lazy_refcounts".to_string(),
-                (h.compatible_features & 1 != 0).to_string(),
+                (h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0).to_string(),
             ),
             (
                 "dirty".to_string(),

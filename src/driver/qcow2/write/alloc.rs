@@ -1,0 +1,172 @@
+//! Allocation: host clusters for data and tables, the refcount blocks and
+//! refcount table that count them (growing both as the file grows), and the
+//! decrements that free clusters again.
+
+use super::WriteState;
+use crate::driver::qcow2::l2::OFFSET_MASK;
+use crate::driver::qcow2::refcount;
+use crate::driver::qcow2::{header, Qcow2};
+use crate::error::{Error, Result};
+
+impl Qcow2 {
+    /// Make sure a refcount block covers `cluster`. Returns true if it had to
+    /// create metadata (the caller must then look for free clusters again).
+    fn ensure_refblock(&self, ws: &mut WriteState, cluster: u64) -> Result<bool> {
+        let per_block = ws.rc.entries_per_block();
+        let ti = cluster / per_block;
+        let index = usize::try_from(ti).unwrap_or(usize::MAX);
+        match ws.rc.table.get(index) {
+            None => {
+                self.grow_reftable(ws, ti + 1)?;
+                return Ok(true);
+            }
+            Some(e) if e & OFFSET_MASK != 0 => return Ok(false),
+            Some(_) => {}
+        }
+        // No block covers [ti * per_block, (ti + 1) * per_block), so every
+        // cluster there is free: put the block at the first and let it count
+        // itself.
+        let cluster_size = self.header.cluster_size();
+        let block_cluster = ti * per_block;
+        let mut block = vec![0u8; usize::try_from(cluster_size).unwrap_or(0)];
+        refcount::set_entry(&mut block, 0, ws.rc.order(), 1);
+        let block_offset = block_cluster * cluster_size;
+        if block_offset == 0 {
+            // Cluster 0 is the header: a table without a block for it lies.
+            return Err(self.corrupt(
+                "refcount table entry 0 is empty, but the header cluster it covers is in use"
+                    .to_string(),
+            ));
+        }
+        self.meta_write(ws, &block, block_offset)?;
+        ws.rc.insert_block(block_offset, block);
+        self.barrier(ws)?;
+        let at = ws.rc.table_offset + ti * 8;
+        self.meta_write(ws, &block_offset.to_be_bytes(), at)?;
+        if let Some(slot) = ws.rc.table.get_mut(index) {
+            *slot = block_offset;
+        }
+        ws.end_cluster = ws.end_cluster.max(block_cluster + 1);
+        Ok(true)
+    }
+
+    /// Replace the refcount table with one of at least `min_entries` entries,
+    /// placed past the end of everything, with the blocks it needs to count
+    /// itself. The header switches to it in one write, after a flush.
+    fn grow_reftable(&self, ws: &mut WriteState, min_entries: u64) -> Result<()> {
+        let cluster_size = self.header.cluster_size();
+        let per_block = ws.rc.entries_per_block();
+        let per_cluster = cluster_size / 8;
+        let old_len = ws.rc.table.len() as u64;
+        let mut entries = min_entries.max(old_len * 2).div_ceil(per_cluster) * per_cluster;
+        let start = ws.end_cluster;
+        let has_block = |table: &[u64], ti: u64| {
+            table
+                .get(usize::try_from(ti).unwrap_or(usize::MAX))
+                .is_some_and(|e| e & OFFSET_MASK != 0)
+        };
+        let (table_clusters, missing) = loop {
+            let table_clusters = entries / per_cluster;
+            let mut blocks = 0u64;
+            let missing = loop {
+                let end = start + table_clusters + blocks;
+                let missing: Vec<u64> = (start / per_block..=(end - 1) / per_block)
+                    .filter(|ti| !has_block(&ws.rc.table, *ti))
+                    .collect();
+                if missing.len() as u64 == blocks {
+                    break missing;
+                }
+                blocks = missing.len() as u64;
+            };
+            let end = start + table_clusters + blocks;
+            if (end - 1) / per_block < entries {
+                break (table_clusters, missing);
+            }
+            entries = ((end - 1) / per_block + 1).div_ceil(per_cluster) * per_cluster;
+        };
+        if table_clusters * cluster_size > header::MAX_REFTABLE_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the image would need a refcount table larger than QEMU allows",
+                self.file.path().display()
+            )));
+        }
+        let mut table = ws.rc.table.clone();
+        table.resize(usize::try_from(entries).unwrap_or(0), 0);
+        let blocks_start = start + table_clusters;
+        for (i, ti) in missing.iter().enumerate() {
+            let offset = (blocks_start + i as u64) * cluster_size;
+            let block = vec![0u8; usize::try_from(cluster_size).unwrap_or(0)];
+            self.meta_write(ws, &block, offset)?;
+            ws.rc.insert_block(offset, block);
+            if let Some(slot) = table.get_mut(usize::try_from(*ti).unwrap_or(usize::MAX)) {
+                *slot = offset;
+            }
+        }
+        let old_table = std::mem::replace(&mut ws.rc.table, table);
+        let end = blocks_start + missing.len() as u64;
+        for cluster in start..end {
+            ws.rc.set(self.file.as_ref(), cluster, 1)?;
+        }
+        let bytes: Vec<u8> = ws.rc.table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.meta_write(ws, &bytes, start * cluster_size)?;
+        self.barrier(ws)?;
+        self.write_reftable_fields(ws, start * cluster_size, table_clusters as u32)?;
+        self.barrier(ws)?;
+        let old_offset = ws.rc.table_offset;
+        let old_clusters = u64::from(ws.rc.table_clusters);
+        ws.rc.table_offset = start * cluster_size;
+        ws.rc.table_clusters = table_clusters as u32;
+        ws.end_cluster = end;
+        drop(old_table);
+        self.free_range(ws, old_offset, old_clusters * cluster_size)?;
+        Ok(())
+    }
+
+    /// Allocate one host cluster (refcount 1, written) and return its offset.
+    pub(super) fn alloc_cluster(&self, ws: &mut WriteState) -> Result<u64> {
+        'search: loop {
+            let mut cluster = ws.free_hint.max(1);
+            while cluster < ws.end_cluster && ws.rc.get(self.file.as_ref(), cluster)? != 0 {
+                cluster += 1;
+            }
+            if self.ensure_refblock(ws, cluster)? {
+                continue 'search;
+            }
+            ws.rc.set(self.file.as_ref(), cluster, 1)?;
+            ws.free_hint = cluster + 1;
+            ws.end_cluster = ws.end_cluster.max(cluster + 1);
+            return Ok(cluster << self.header.cluster_bits);
+        }
+    }
+
+    /// Drop one reference from every host cluster overlapping the range.
+    pub(super) fn free_range(&self, ws: &mut WriteState, start: u64, len: u64) -> Result<()> {
+        let bits = self.header.cluster_bits;
+        let first = start >> bits;
+        let last = (start + len.max(1) - 1) >> bits;
+        for cluster in first..=last {
+            let count = ws.rc.get(self.file.as_ref(), cluster)?;
+            if count == 0 {
+                return Err(self.corrupt(format!(
+                    "cluster at host offset {:#x} is referenced but its refcount is 0",
+                    cluster << bits
+                )));
+            }
+            ws.rc.set(self.file.as_ref(), cluster, count - 1)?;
+            if count == 1 {
+                ws.free_hint = ws.free_hint.min(cluster);
+            }
+        }
+        Ok(())
+    }
+
+    /// A host cluster for new data at guest `cluster_start`.
+    pub(super) fn new_data_cluster(&self, ws: &mut WriteState, cluster_start: u64) -> Result<u64> {
+        if self.header.has_data_file() {
+            // QEMU keeps guest and host offsets equal in an external data file.
+            Ok(cluster_start)
+        } else {
+            self.alloc_cluster(ws)
+        }
+    }
+}
