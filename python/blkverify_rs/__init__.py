@@ -14,8 +14,11 @@ from typing import Any, ClassVar
 
 from blkverify_rs import _native
 from blkverify_rs._native import (
+    DIGEST_ALGORITHMS,
+    DIGESTS_FORMAT,
     MAX_QUEUE_DEPTH,
     SECTOR_SIZE,
+    BlockDigests,
     CorruptImageError,
     Device,
     Error,
@@ -30,10 +33,15 @@ from blkverify_rs._native import (
 __version__: str = _native.__version__
 
 __all__ = [
+    "DIGESTS_FORMAT",
+    "DIGEST_ALGORITHMS",
     "MAX_QUEUE_DEPTH",
     "SECTOR_SIZE",
+    "BlockDigests",
+    "BlockMismatch",
     "CorruptImageError",
     "Device",
+    "Digest",
     "Error",
     "ExerciseFinding",
     "ExerciseResult",
@@ -46,6 +54,7 @@ __all__ = [
     "__version__",
     "check_pair",
     "create",
+    "digest",
     "exercise",
     "formats",
     "open",
@@ -207,10 +216,40 @@ class Mismatch(_Record):
         return out
 
 
+class BlockMismatch(_Record):
+    """A run of consecutive blocks whose digests differ from a block digests
+    file's (a digest does not say which byte differs, so there is no
+    ``first_byte``)."""
+
+    __slots__ = ("block", "blocks", "error", "length", "mapping", "offset")
+    _defaults: ClassVar[dict[str, Any]] = {"error": None, "mapping": None}
+    block: int
+    blocks: int
+    offset: int
+    length: int
+    error: str | None
+    mapping: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "block": self.block,
+            "blocks": self.blocks,
+            "offset": self.offset,
+            "length": self.length,
+        }
+        if self.error is not None:
+            out["error"] = self.error
+        if self.mapping is not None:
+            out["mapping"] = self.mapping
+        return out
+
+
 class Report(_Record):
-    """What :func:`verify` found."""
+    """What :func:`verify` found. Against a block digests file, ``block_size``
+    is set and the mismatches are :class:`BlockMismatch` runs."""
 
     __slots__ = (
+        "block_size",
         "bytes_compared",
         "bytes_read",
         "elapsed_s",
@@ -226,7 +265,7 @@ class Report(_Record):
         "virtual_size",
         "warnings",
     )  # fmt: skip
-    _defaults: ClassVar[dict[str, Any]] = {"warnings": [], "mismatches": []}
+    _defaults: ClassVar[dict[str, Any]] = {"warnings": [], "mismatches": [], "block_size": None}
     raw: str
     test: str
     raw_format: str
@@ -240,11 +279,12 @@ class Report(_Record):
     elapsed_s: float
     truncated: bool
     warnings: list[str]
-    mismatches: list[Mismatch]
+    mismatches: list[Mismatch] | list[BlockMismatch]
+    block_size: int | None
 
     def to_dict(self) -> dict[str, Any]:
         """The report as the CLI's ``--json`` prints it."""
-        return {
+        out = {
             "raw": self.raw,
             "test": self.test,
             "raw_format": self.raw_format,
@@ -259,6 +299,9 @@ class Report(_Record):
             "warnings": list(self.warnings),
             "mismatches": [m.to_dict() for m in self.mismatches],
         }
+        if self.block_size is not None:
+            out["block_size"] = self.block_size
+        return out
 
 
 def verify(
@@ -282,6 +325,11 @@ def verify(
     on the test side is a finding (a mismatch with ``error`` set); one on the
     reference side raises. ``progress(done, total)`` is called about ten times a
     second from the calling thread.
+
+    ``raw`` may instead be a block digests file (written by :func:`digest` with
+    ``blocks=``): recognised by its magic, or named with ``raw_format="digests"``.
+    ``test`` is then hashed block by block, and the mismatches are the
+    :class:`BlockMismatch` runs of blocks whose digests differ.
     """
     pair = {
         "raw": raw,
@@ -304,8 +352,80 @@ def verify(
 
 
 def _report(d: dict[str, Any]) -> Report:
-    mismatches = [Mismatch(**m) for m in d.pop("mismatches")]
+    kind = Mismatch if d.get("block_size") is None else BlockMismatch
+    mismatches = [kind(**m) for m in d.pop("mismatches")]
     return Report(mismatches=mismatches, **d)
+
+
+class Digest(_Record):
+    """An image's digest, as :func:`digest` computes it."""
+
+    __slots__ = (
+        "algorithm", "block_size", "bytes_read", "elapsed_s", "hexdigest", "image", "size",
+        "warnings",
+    )  # fmt: skip
+    _defaults: ClassVar[dict[str, Any]] = {"warnings": []}
+    image: str
+    hexdigest: str
+    algorithm: str
+    block_size: int
+    size: int
+    bytes_read: int
+    elapsed_s: float
+    warnings: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The digest as ``blkverify digest --json`` prints it."""
+        return {
+            "image": self.image,
+            "digest": self.hexdigest,
+            "algorithm": self.algorithm,
+            "block_size": self.block_size,
+            "size": self.size,
+            "elapsed_s": self.elapsed_s,
+        }
+
+
+def digest(
+    path: PathLike,
+    format: str | None = None,
+    *,
+    algorithm: str = "sha256",
+    threads: int = 0,
+    blocks: PathLike | None = None,
+    snapshot: str | None = None,
+    backing: bool = True,
+    max_backing_depth: int = 16,
+    allow_backing_anywhere: bool = False,
+    timeout: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Digest:
+    """The digest of the guest data of the image at ``path``: blkhash 0.11's
+    construction, ``H(H(b1) || ... || H(bN) || le64(size))`` over 64 KiB blocks,
+    what ``blksum`` prints. ``algorithm`` is ``"sha256"`` or ``"blake3"``.
+
+    The image opens as :func:`open` opens it (``format``, ``snapshot``, the
+    backing options, NBD URIs). Ranges it maps as zeros are not read. With
+    ``blocks``, the block digests file is written there too (see
+    :class:`BlockDigests`). ``progress(done, total)`` is called about ten times
+    a second; the work runs on ``threads`` threads (0: one per core) with the
+    GIL released.
+    """
+    d = _native.digest(
+        os.fspath(path),
+        progress=progress,
+        format=format,
+        snapshot=snapshot,
+        backing=backing,
+        max_backing_depth=max_backing_depth,
+        allow_backing_anywhere=allow_backing_anywhere,
+        timeout=timeout,
+        algorithm=algorithm,
+        threads=threads,
+        blocks=None if blocks is None else os.fspath(blocks),
+    )
+    d["hexdigest"] = d.pop("digest")
+    return Digest(**d)
 
 
 def verify_many(

@@ -109,7 +109,10 @@ def summary_table(pairs: list[dict[str, Any]], results: list[Report | Exception]
             result = "differ"
         else:
             result = "size differs"
-        first = str(res.mismatches[0].sector) if res.mismatches else "-"
+        first = "-"
+        if res.mismatches:
+            m = res.mismatches[0]
+            first = f"block {m.block}" if isinstance(m, bv.BlockMismatch) else str(m.sector)
         rate = res.bytes_compared / (1 << 20) / res.elapsed_s if res.elapsed_s > 0 else 0.0
         rows.append((name, human_size(res.virtual_size), result, first, f"{rate:.0f}"))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -180,6 +183,7 @@ def batch(
 
     A line is 'RAW TEST', or a JSON object {"raw", "test", "raw_format",
     "test_format", "snapshot", "all", "strict"}; '#' starts a comment line.
+    RAW may be a block digests file (see 'blkverify digest --blocks').
     Prints a summary table (or, with --json, one JSON object per pair: the
     verify --json object, or {"raw", "test", "error"}). Exit status: the worst
     result (0 identical, 1 a pair differs, 2 a pair could not be verified).

@@ -23,6 +23,8 @@ EXIT_INTERRUPTED = 130
 # create and exercise write them.
 READABLE_FORMATS = click.Choice(bv.formats(readable=True))
 WRITABLE_FORMATS = click.Choice(bv.formats(writable=True))
+# verify's reference may also be a block digests file.
+REFERENCE_FORMATS = click.Choice([*bv.formats(readable=True), bv.DIGESTS_FORMAT])
 
 
 class Bar(Protocol):

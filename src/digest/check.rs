@@ -9,83 +9,15 @@
 
 use super::file::BlockDigests;
 use super::scan::{ChunkOut, Grid, OnError, Padded, Run, Scanner};
-use super::{lock, run_workers, worker_count, BlockDigest, ZERO_LOOKAHEAD};
+use super::{lock, BlockDigest, ZERO_LOOKAHEAD};
 use crate::compare::first_nonzero;
 use crate::driver::BlockDriver;
 use crate::error::{Error, Result};
-use crate::verify::Progress;
+use crate::verify::pool::{run_workers, worker_count};
+use crate::verify::{Mismatch, Progress, Report, VerifyOptions};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
-/// How to check.
-#[derive(Debug, Clone)]
-pub struct CheckOptions {
-    /// Report every mismatching run instead of stopping at the first.
-    pub all: bool,
-    /// A size difference is itself a mismatch.
-    pub strict: bool,
-    /// Worker threads; 0 means one per core.
-    pub threads: usize,
-    /// Bytes per unit of work (rounded to whole blocks).
-    pub chunk_size: u64,
-    /// The most runs `all` collects before it stops (bounds memory).
-    pub max_runs: usize,
-}
-
-impl Default for CheckOptions {
-    fn default() -> Self {
-        CheckOptions {
-            all: false,
-            strict: false,
-            threads: 0,
-            chunk_size: 8 << 20,
-            max_runs: 100_000,
-        }
-    }
-}
-
-/// A run of consecutive blocks that differ from the reference.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlockMismatch {
-    /// The first block of the run.
-    pub block: u64,
-    /// Blocks in the run.
-    pub blocks: u64,
-    /// Guest offset of the first block.
-    pub offset: u64,
-    /// Bytes in the run (the last block may be short).
-    pub length: u64,
-    /// Set when the image could not be read here: the error.
-    pub error: Option<String>,
-}
-
-/// What a check found.
-#[derive(Debug, Clone)]
-pub struct CheckReport {
-    /// No mismatch (and, with `strict`, equal sizes).
-    pub identical: bool,
-    /// The reference's size (from the file).
-    pub reference_size: u64,
-    /// The image's size.
-    pub test_size: u64,
-    /// The compared range: the larger of the two sizes.
-    pub virtual_size: u64,
-    /// Bytes per block.
-    pub block_size: u64,
-    /// Guest bytes checked (all of them, or up to the first finding).
-    pub bytes_compared: u64,
-    /// Guest bytes read from the image.
-    pub bytes_read: u64,
-    /// Mismatching runs, in disk order.
-    pub mismatches: Vec<BlockMismatch>,
-    /// `max_runs` was reached; more mismatches may exist.
-    pub truncated: bool,
-    /// Things the user should know (size differences).
-    pub warnings: Vec<String>,
-    /// Wall-clock time.
-    pub elapsed: Duration,
-}
+use std::time::Instant;
 
 /// A finding before it is turned into offsets: blocks `[block, block + count)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,15 +170,17 @@ fn check_tail(
     }
 }
 
-/// Check `image` against the block digests `reference`. `tick` as for
+/// Check `image` against the block digests `reference`, as `verify` checks
+/// an image against a raw one: the same options, and a [`Report`] whose
+/// mismatches are runs of whole blocks (`block_size` is set). `tick` as for
 /// [`super::digest`]. Read errors in the image are findings (with the error);
 /// there is no reference side to fail.
 pub fn check(
     reference: &BlockDigests,
     image: &dyn BlockDriver,
-    options: &CheckOptions,
+    options: &VerifyOptions,
     tick: &mut dyn FnMut(Progress) -> bool,
-) -> Result<CheckReport> {
+) -> Result<Report> {
     let started = Instant::now();
     let block_size = reference.block_size();
     let reference_size = reference.size();
@@ -388,16 +322,15 @@ pub fn check(
         merged.truncate(options.max_runs);
         truncated = true;
     }
-    let mismatches: Vec<BlockMismatch> = merged
+    let mismatches: Vec<Mismatch> = merged
         .into_iter()
         .map(|f| {
             let offset = f.block.saturating_mul(block_size).min(total);
             let end = (f.block + f.count).saturating_mul(block_size).min(total);
-            BlockMismatch {
-                block: f.block,
-                blocks: f.count,
+            Mismatch {
                 offset,
                 length: end - offset,
+                first_byte: offset,
                 error: f.error,
             }
         })
@@ -408,17 +341,17 @@ pub fn check(
         mismatches.first().map_or(total, |m| m.offset)
     };
     let identical = mismatches.is_empty() && !(options.strict && reference_size != test_size);
-    Ok(CheckReport {
+    Ok(Report {
         identical,
-        reference_size,
+        raw_size: reference_size,
         test_size,
         virtual_size: total,
-        block_size,
         bytes_compared,
         bytes_read,
         mismatches,
         truncated,
         warnings,
         elapsed: started.elapsed(),
+        block_size: Some(block_size),
     })
 }

@@ -67,6 +67,17 @@ pub fn has_magic(head: &[u8]) -> bool {
     head.starts_with(&MAGIC)
 }
 
+/// Whether the file at `path` starts with the magic of a block digests file
+/// (false for anything that cannot be read, such as an NBD URI: opening it as
+/// an image then names the problem).
+pub fn is_block_digests_file(path: &Path) -> bool {
+    let mut head = [0u8; MAGIC.len()];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && has_magic(&head)
+}
+
 /// One run of the file, with where its digests sit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct RunIndex {

@@ -22,18 +22,19 @@ mod file;
 mod hash;
 mod scan;
 
-pub use check::{check, BlockMismatch, CheckOptions, CheckReport};
-pub use file::{has_magic, BlockDigests, BlockDigestsWriter, Blocks, MAGIC};
+pub use check::check;
+pub use file::{has_magic, is_block_digests_file, BlockDigests, BlockDigestsWriter, Blocks, MAGIC};
 pub use hash::{to_hex, Algorithm, BlockDigest, Hasher, Outer, DIGEST_LEN};
 
 use crate::driver::BlockDriver;
 use crate::error::{Error, Result};
+use crate::verify::pool::{run_workers, worker_count};
 use crate::verify::Progress;
 use scan::{ChunkOut, Grid, OnError, Padded, Run, Scanner};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Bytes per block: blkhash's default, and what blksum uses.
@@ -92,66 +93,6 @@ impl ImageDigest {
     pub fn hexdigest(&self) -> String {
         to_hex(&self.digest)
     }
-}
-
-/// The number of worker threads for `threads` (0: one per core) and `chunks`
-/// units of work.
-fn worker_count(threads: usize, chunks: u64) -> usize {
-    let wanted = if threads == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    } else {
-        threads
-    };
-    wanted
-        .clamp(1, 64)
-        .min(usize::try_from(chunks).unwrap_or(usize::MAX).max(1))
-}
-
-/// Run `work` on `threads` threads, calling `tick` from this thread about ten
-/// times a second with the bytes done. Returns false if `tick` cancelled the
-/// run (then `cancelled` was set, and the workers were expected to stop).
-fn run_workers(
-    threads: usize,
-    total: u64,
-    done: &AtomicU64,
-    cancelled: &AtomicBool,
-    tick: &mut dyn FnMut(Progress) -> bool,
-    work: &(dyn Fn() + Sync),
-) -> bool {
-    // One tick before any work, so a display starts at zero and a caller can
-    // cancel before anything is read.
-    if !tick(Progress { done: 0, total }) {
-        return false;
-    }
-    let mut user_cancelled = false;
-    std::thread::scope(|scope| {
-        let (done_tx, done_rx) = mpsc::channel::<()>();
-        for _ in 0..threads {
-            let tx = done_tx.clone();
-            scope.spawn(move || {
-                work();
-                let _ = tx.send(());
-            });
-        }
-        drop(done_tx);
-        let mut finished = 0;
-        while finished < threads {
-            match done_rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(()) => finished += 1,
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-            let progress = Progress {
-                done: done.load(Ordering::Relaxed).min(total),
-                total,
-            };
-            if !user_cancelled && !tick(progress) {
-                user_cancelled = true;
-                cancelled.store(true, Ordering::Relaxed);
-            }
-        }
-    });
-    !user_cancelled
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

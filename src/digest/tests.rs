@@ -4,6 +4,7 @@ use super::*;
 use crate::driver::raw::Raw;
 use crate::driver::{Extent, Mapping};
 use crate::storage::{FileStorage, MemStorage};
+use crate::verify::{Report, VerifyOptions};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -280,14 +281,24 @@ fn write_reference(dir: &std::path::Path, bytes: &[u8]) -> BlockDigests {
     BlockDigests::load(&path).unwrap()
 }
 
-fn check_all(reference: &BlockDigests, bytes: Vec<u8>, all: bool) -> CheckReport {
-    let options = CheckOptions {
+fn check_all(reference: &BlockDigests, bytes: Vec<u8>, all: bool) -> Report {
+    let options = VerifyOptions {
         all,
         threads: 2,
         chunk_size: 3 * BLOCK_SIZE,
-        ..CheckOptions::default()
+        ..VerifyOptions::default()
     };
     check(reference, &raw(bytes), &options, &mut |_| true).unwrap()
+}
+
+/// The findings as (first block, blocks).
+fn blocks(report: &Report) -> Vec<(u64, u64)> {
+    let bs = report.block_size.unwrap();
+    report
+        .mismatches
+        .iter()
+        .map(|m| (m.offset / bs, m.length.div_ceil(bs)))
+        .collect()
 }
 
 #[test]
@@ -312,17 +323,15 @@ fn check_finds_exactly_the_changed_blocks() {
     changed[65536 * 10 + 5] = 1;
     let report = check_all(&reference, changed.clone(), true);
     assert!(!report.identical);
-    let got: Vec<(u64, u64)> = report
-        .mismatches
-        .iter()
-        .map(|m| (m.block, m.blocks))
-        .collect();
-    assert_eq!(got, vec![(1, 1), (4, 2), (8, 1), (10, 1), (13, 1), (20, 1)]);
+    assert_eq!(
+        blocks(&report),
+        vec![(1, 1), (4, 2), (8, 1), (10, 1), (13, 1), (20, 1)]
+    );
     let last = report.mismatches.last().unwrap();
     assert_eq!((last.offset, last.length), (20 * 65536, 777));
     let first = check_all(&reference, changed, false);
     assert_eq!(first.mismatches.len(), 1);
-    assert_eq!(first.mismatches[0].block, 1);
+    assert_eq!(blocks(&first), vec![(1, 1)]);
     assert_eq!(first.bytes_compared, 65536);
 }
 
@@ -342,24 +351,18 @@ fn check_compares_the_common_part_when_sizes_differ() {
     longer[6 * 65536 + 400] = 1;
     longer[8 * 65536] = 1;
     let report = check_all(&reference, longer, true);
-    let got: Vec<u64> = report.mismatches.iter().map(|m| m.block).collect();
-    assert_eq!(got, vec![6, 8]);
+    assert_eq!(blocks(&report), vec![(6, 1), (8, 1)]);
     // Shorter: the reference's tail must be zeros; block 5 and the short
     // block 6 hold data, so both differ.
     let shorter = bytes[..5 * 65536].to_vec();
     let report = check_all(&reference, shorter, true);
-    let got: Vec<(u64, u64)> = report
-        .mismatches
-        .iter()
-        .map(|m| (m.block, m.blocks))
-        .collect();
-    assert_eq!(got, vec![(5, 2)]);
+    assert_eq!(blocks(&report), vec![(5, 2)]);
     let strict = check(
         &reference,
         &raw(bytes[..6 * 65536 + 300].to_vec()),
-        &CheckOptions {
+        &VerifyOptions {
             strict: true,
-            ..CheckOptions::default()
+            ..VerifyOptions::default()
         },
         &mut |_| true,
     )
@@ -401,15 +404,15 @@ fn check_reports_unreadable_blocks_as_findings() {
             self.0.map(offset, max_len)
         }
     }
-    let options = CheckOptions {
+    let options = VerifyOptions {
         all: true,
         threads: 2,
         chunk_size: 8 * BLOCK_SIZE,
-        ..CheckOptions::default()
+        ..VerifyOptions::default()
     };
     let report = check(&reference, &Broken(image), &options, &mut |_| true).unwrap();
     assert_eq!(report.mismatches.len(), 1, "{:?}", report.mismatches);
     let m = &report.mismatches[0];
-    assert_eq!((m.block, m.blocks), (2, 2));
+    assert_eq!(blocks(&report), vec![(2, 2)]);
     assert!(m.error.as_deref().unwrap().contains("does not decompress"));
 }

@@ -5,17 +5,22 @@ use super::detached::run_with_progress;
 use super::errors::to_pyerr;
 use super::image::location_dict;
 use super::options::{format_for, open_options, verify_options, Kwargs};
-use crate::driver::{Access, OpenOptions};
+use crate::driver::{Access, BlockDriver, OpenOptions};
 use crate::error::Error;
-use crate::verify::{self as engine, BatchProgress, Progress, Verified, VerifyJob, VerifyOptions};
+use crate::verify::{
+    self as engine, BatchProgress, Progress, ReferenceKind, Verified, VerifyJob, VerifyOptions,
+};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyMapping};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Where the first mismatches live in the test image's metadata (for reports).
 const MAX_LOCATED: usize = 1000;
+
+/// The `raw_format` that names a block digests file as the reference.
+pub(crate) const DIGESTS: &str = "digests";
 
 /// The keys a pair may have.
 const PAIR_KEYS: [&str; 7] = [
@@ -100,10 +105,17 @@ fn pair_job(
         })
     };
     let (raw, test) = (path("raw")?, path("test")?);
+    // The reference may be a block digests file: named so, or found by its magic.
+    let (reference, raw_format) = match text("raw_format")?.as_deref() {
+        Some(DIGESTS) => (ReferenceKind::Digests, None),
+        Some(_) => (ReferenceKind::Image, format("raw_format")?),
+        None => (ReferenceKind::Detect, None),
+    };
     Ok(VerifyJob {
+        reference,
         raw_options: OpenOptions {
             writable: false,
-            format: format("raw_format")?,
+            format: raw_format,
             snapshot: None,
             ..open.clone()
         },
@@ -141,6 +153,27 @@ fn job_options(
     let verify = verify_options(&kw)?;
     kw.finish(function)?;
     Ok((open, verify))
+}
+
+/// The warning that `image`'s backing file was not opened (`--no-backing`), so
+/// its unallocated clusters were `done` (compared, hashed) as zeros.
+pub(crate) fn unopened_backing(
+    path: &Path,
+    image: &dyn BlockDriver,
+    options: &OpenOptions,
+    done: &str,
+) -> Option<String> {
+    if options.backing.follow {
+        return None;
+    }
+    let (_, name) = image
+        .info()
+        .into_iter()
+        .find(|(k, _)| k == "backing_file")?;
+    Some(format!(
+        "{}: backing file '{name}' was not opened (--no-backing): unallocated clusters were {done} as zeros",
+        path.display()
+    ))
 }
 
 /// The report as a dict (see the Python `Report`). Locating mismatches reads
@@ -190,28 +223,33 @@ fn report_dict<'py>(
     d.set_item("bytes_read", report.bytes_read)?;
     d.set_item("elapsed_s", report.elapsed.as_secs_f64())?;
     d.set_item("truncated", report.truncated)?;
+    d.set_item("block_size", report.block_size)?;
     let mut warnings = report.warnings.clone();
-    if !job.test_options.backing.follow {
-        if let Some((_, name)) = verified
-            .test
-            .info()
-            .into_iter()
-            .find(|(k, _)| k == "backing_file")
-        {
-            warnings.push(format!(
-                "{}: backing file '{name}' was not opened (--no-backing): unallocated clusters were compared as zeros",
-                job.test.display()
-            ));
-        }
-    }
+    warnings.extend(unopened_backing(
+        &job.test,
+        verified.test.as_ref(),
+        &job.test_options,
+        "compared",
+    ));
     d.set_item("warnings", PyList::new(py, &warnings)?)?;
     let list = PyList::empty(py);
     for (i, m) in report.mismatches.iter().enumerate() {
         let md = PyDict::new(py);
-        md.set_item("sector", m.sector())?;
-        md.set_item("offset", m.offset)?;
-        md.set_item("length", m.length)?;
-        md.set_item("first_byte", m.first_byte)?;
+        match report.block_size {
+            // Against block digests: whole blocks, and no first byte to name.
+            Some(block_size) => {
+                md.set_item("block", m.offset / block_size)?;
+                md.set_item("blocks", m.length.div_ceil(block_size))?;
+                md.set_item("offset", m.offset)?;
+                md.set_item("length", m.length)?;
+            }
+            None => {
+                md.set_item("sector", m.sector())?;
+                md.set_item("offset", m.offset)?;
+                md.set_item("length", m.length)?;
+                md.set_item("first_byte", m.first_byte)?;
+            }
+        }
         if let Some(e) = &m.error {
             md.set_item("error", e)?;
         }
