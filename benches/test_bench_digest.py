@@ -3,7 +3,8 @@ cache as we do), side by side on the same images, and both against the machine's
 SHA-256 rate on every core, measured in the same run with `openssl speed`.
 
 Each case is one benchmark group with one entry per implementation;
-``extra_info["ratio"]`` on our entry is blksum's median over ours. On the fully
+``extra_info["ratio"]`` on our entry is blksum's median over ours, and
+``extra_info["cpu_s"]`` each one's median CPU time (user + system). On the fully
 allocated raw image, ``extra_info["sha256_share"]`` is our hashing rate (image
 bytes over our median) as a share of the machine's. CI runs each once as a smoke
 test; measure with ``BLKVERIFY_BENCH_MIB=1024 pytest benches/test_bench_digest.py
@@ -13,6 +14,8 @@ test; measure with ``BLKVERIFY_BENCH_MIB=1024 pytest benches/test_bench_digest.p
 from __future__ import annotations
 
 import os
+import resource
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -38,12 +41,22 @@ def sha256_rate() -> float:
     return float(total.rsplit(":", 1)[1])
 
 
-def digest_once(impl: str, blksum: Path, image: Path, expected: list[str]) -> None:
+def cpu_seconds() -> float:
+    """CPU time of this process's waited-for children (and theirs: blksum's qemu-nbd)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def digest_once(
+    impl: str, blksum: Path, image: Path, expected: list[str], cpu: list[float]
+) -> None:
     if impl == "blksum":
         argv = [str(blksum), "-c", str(image)]
     else:
         argv = [sys.executable, "-m", "blkverify_rs", "digest", str(image)]
+    before = cpu_seconds()
     result = subprocess.run(argv, capture_output=True, text=True, cwd=image.parent)
+    cpu.append(cpu_seconds() - before)
     assert result.returncode == 0, result.stderr
     digest = result.stdout.split()[0]
     # Both must print the same digest, whichever ran first.
@@ -56,10 +69,16 @@ def measure(benchmark, group: str, impl: str, blksum: Path, image: Path) -> floa
     benchmark.group = group
     benchmark.extra_info["implementation"] = impl
     expected = _digests.setdefault(group, [])
-    benchmark.pedantic(digest_once, args=(impl, blksum, image, expected), rounds=3, iterations=1)
+    cpu: list[float] = []
+    benchmark.pedantic(
+        digest_once, args=(impl, blksum, image, expected, cpu), rounds=3, iterations=1
+    )
     stats = getattr(benchmark, "stats", None)
     if stats is None:  # --benchmark-disable: a smoke run
         return None
+    # CPU time (user + system) tells the two apart on a busy machine, where wall
+    # time mostly measures the scheduler: blksum runs more threads than cores.
+    benchmark.extra_info["cpu_s"] = round(statistics.median(cpu), 3)
     median = stats.stats.median
     reference = _medians.get(group)
     if reference is None:
