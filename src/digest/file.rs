@@ -132,22 +132,27 @@ fn digest_at(bytes: &[u8], at: usize) -> BlockDigest {
         .unwrap_or([0; DIGEST_LEN])
 }
 
-impl BlockDigests {
-    /// Load and check the file at `path`. A file that is not one, is truncated,
-    /// damaged, or of a version or algorithm this build does not know is a
-    /// `Format` error naming the file and the fact.
-    pub fn load(path: &Path) -> Result<BlockDigests> {
+/// The header's fields, checked against each other and the file's length.
+struct Header {
+    algorithm: Algorithm,
+    block_size: u64,
+    size: u64,
+    block_count: u64,
+    run_count: u64,
+    data_count: u64,
+}
+
+fn too_large(path: &Path, len: u64) -> Error {
+    Error::format(
+        path,
+        format!("block digests file: {len} bytes is too large to load"),
+    )
+}
+
+impl Header {
+    /// Check the header at the start of `head` of a file `len` bytes long.
+    fn parse(path: &Path, head: &[u8], len: u64) -> Result<Header> {
         let refuse = |m: String| Error::format(path, format!("block digests file: {m}"));
-        let mut file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| Error::io(path, "stat", e))?
-            .len();
-        let mut header = vec![0u8; HEADER_LEN];
-        let head_len = usize::try_from(len.min(HEADER_LEN as u64)).unwrap_or(0);
-        let head = header.get_mut(..head_len).unwrap_or(&mut []);
-        file.read_exact(head)
-            .map_err(|e| Error::io(path, "read the header", e))?;
         if !has_magic(head) {
             return Err(Error::format(
                 path,
@@ -155,24 +160,24 @@ impl BlockDigests {
             ));
         }
         let min_len = (HEADER_LEN + CHECKSUM_LEN) as u64;
-        if len < min_len {
+        if len < min_len || head.len() < HEADER_LEN {
             return Err(refuse(format!(
                 "truncated: {len} bytes, less than a header and a checksum ({min_len} bytes)"
             )));
         }
-        let version = le32(&header, 8);
+        let version = le32(head, 8);
         if version != VERSION {
             return Err(refuse(format!(
                 "version {version} is not supported (this blkverify reads version {VERSION})"
             )));
         }
-        let header_len = le32(&header, 12);
+        let header_len = le32(head, 12);
         if header_len as usize != HEADER_LEN {
             return Err(refuse(format!(
                 "header length {header_len} is not {HEADER_LEN}"
             )));
         }
-        let name_field = header.get(16..32).unwrap_or(&[]);
+        let name_field = head.get(16..32).unwrap_or(&[]);
         let name_len = name_field
             .iter()
             .position(|&b| b == 0)
@@ -180,80 +185,111 @@ impl BlockDigests {
         let name = String::from_utf8_lossy(name_field.get(..name_len).unwrap_or(&[]));
         let algorithm = Algorithm::parse(&name)
             .ok_or_else(|| refuse(format!("unknown algorithm '{}'", name.escape_debug())))?;
-        let block_size = u64::from(le32(&header, 32));
+        let block_size = u64::from(le32(head, 32));
         if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
         {
             return Err(refuse(format!(
                 "block size {block_size} is not a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"
             )));
         }
-        let digest_len = le32(&header, 36);
+        let digest_len = le32(head, 36);
         if digest_len as usize != DIGEST_LEN {
             return Err(refuse(format!(
                 "digest length {digest_len} is not {DIGEST_LEN}"
             )));
         }
-        let size = le64(&header, 40);
-        let block_count = le64(&header, 48);
+        let size = le64(head, 40);
+        let block_count = le64(head, 48);
         if block_count != size.div_ceil(block_size) {
             return Err(refuse(format!(
                 "block count {block_count} does not match the size {size} in blocks of {block_size}"
             )));
         }
-        let run_count = le64(&header, 56);
-        let data_count = le64(&header, 64);
+        let run_count = le64(head, 56);
+        let data_count = le64(head, 64);
         let expected_len = run_count
             .checked_mul(8)
             .and_then(|r| data_count.checked_mul(DIGEST_LEN as u64)?.checked_add(r))
             .and_then(|body| body.checked_add(min_len));
         match expected_len {
-            Some(expected) if expected == len => {}
-            Some(expected) if expected > len => {
-                return Err(refuse(format!(
-                    "truncated: {len} bytes, but its header describes {expected}"
-                )));
-            }
-            Some(expected) => {
-                return Err(refuse(format!(
-                    "{len} bytes, but its header describes {expected}: data after the end"
-                )));
-            }
-            None => {
-                return Err(refuse(format!(
-                    "run count {run_count} and digest count {data_count} are impossibly large"
-                )));
-            }
+            Some(expected) if expected == len => Ok(Header {
+                algorithm,
+                block_size,
+                size,
+                block_count,
+                run_count,
+                data_count,
+            }),
+            Some(expected) if expected > len => Err(refuse(format!(
+                "truncated: {len} bytes, but its header describes {expected}"
+            ))),
+            Some(expected) => Err(refuse(format!(
+                "{len} bytes, but its header describes {expected}: data after the end"
+            ))),
+            None => Err(refuse(format!(
+                "run count {run_count} and digest count {data_count} are impossibly large"
+            ))),
         }
-        // The length is now the file's own, so reading it all is bounded by it.
-        let body_len = usize::try_from(len - HEADER_LEN as u64)
-            .map_err(|_| refuse(format!("{len} bytes is too large to load")))?;
-        let mut body = Vec::new();
-        body.try_reserve_exact(body_len)
-            .map_err(|_| refuse(format!("{len} bytes is too large to load")))?;
+    }
+}
+
+impl BlockDigests {
+    /// Load and check the file at `path`. A file that is not one, is truncated,
+    /// damaged, or of a version or algorithm this build does not know is a
+    /// `Format` error naming the file and the fact. The header is checked
+    /// before the rest is read, so a foreign file costs one small read.
+    pub fn load(path: &Path) -> Result<BlockDigests> {
+        let mut file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(path, "stat", e))?
+            .len();
+        let mut head = vec![0u8; HEADER_LEN];
+        let head_len = usize::try_from(len.min(HEADER_LEN as u64)).unwrap_or(0);
+        head.truncate(head_len);
+        file.read_exact(&mut head)
+            .map_err(|e| Error::io(path, "read the header", e))?;
+        Header::parse(path, &head, len)?;
+        // The header now vouches for the length, so reading it all is bounded
+        // by the file's own size.
+        let mut bytes = Vec::new();
+        let total = usize::try_from(len).map_err(|_| too_large(path, len))?;
+        bytes
+            .try_reserve_exact(total)
+            .map_err(|_| too_large(path, len))?;
+        bytes.extend_from_slice(&head);
         Read::by_ref(&mut file)
-            .take(body_len as u64)
-            .read_to_end(&mut body)
+            .take(len - head_len as u64)
+            .read_to_end(&mut bytes)
             .map_err(|e| Error::io(path, "read", e))?;
-        if body.len() != body_len {
-            return Err(refuse(format!(
-                "truncated while reading: {} bytes",
-                HEADER_LEN + body.len()
-            )));
-        }
-        let (content, stored_sum) = body.split_at(body_len - CHECKSUM_LEN);
-        let mut checksum = sha2::Sha256::new();
-        checksum.update(&header);
-        checksum.update(content);
-        if checksum.finalize().as_slice() != stored_sum {
+        BlockDigests::parse(path, &bytes)
+    }
+
+    /// Check and decode `bytes`, the whole of the file at `path` (named in
+    /// errors). Every field is checked before it is used.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<BlockDigests> {
+        let refuse = |m: String| Error::format(path, format!("block digests file: {m}"));
+        let header = Header::parse(path, bytes, bytes.len() as u64)?;
+        let content_end = bytes.len() - CHECKSUM_LEN;
+        let (content, stored_sum) = bytes.split_at(content_end);
+        if sha2::Sha256::digest(content).as_slice() != stored_sum {
             return Err(refuse("checksum mismatch: the file is damaged".to_string()));
         }
-        if header
+        if content
             .get(136..HEADER_LEN)
             .is_some_and(|r| r.iter().any(|&b| b != 0))
         {
             return Err(refuse("reserved header bytes are not zero".to_string()));
         }
-        let zero_digest = digest_at(&header, 104);
+        let Header {
+            algorithm,
+            block_size,
+            size,
+            block_count,
+            run_count,
+            data_count,
+        } = header;
+        let zero_digest = digest_at(content, 104);
         let zero_block = vec![0u8; usize::try_from(block_size).unwrap_or(0)];
         if algorithm.hash(&zero_block) != zero_digest {
             return Err(refuse(format!(
@@ -262,7 +298,9 @@ impl BlockDigests {
             )));
         }
 
-        // Runs.
+        // Runs. Their counts were checked against the length, so these
+        // allocations are bounded by the file's size.
+        let body = content.get(HEADER_LEN..).unwrap_or(&[]);
         let mut runs = Vec::new();
         runs.try_reserve_exact(usize::try_from(run_count).unwrap_or(usize::MAX))
             .map_err(|_| refuse(format!("run count {run_count} is too large")))?;
@@ -273,7 +311,7 @@ impl BlockDigests {
         let mut at = 0usize;
         let mut next_block = 0u64;
         for run in 0..run_count {
-            let word = le64(content, at);
+            let word = le64(body, at);
             at += 8;
             let count = word & !ZERO_RUN;
             let zero = word & ZERO_RUN != 0;
@@ -294,15 +332,14 @@ impl BlockDigests {
             let data = if zero {
                 None
             } else {
-                let n = usize::try_from(count).unwrap_or(usize::MAX);
                 if (digests.len() as u64).saturating_add(count) > data_count {
                     return Err(refuse(format!(
                         "run {run} holds more digests than the header's {data_count}"
                     )));
                 }
                 let first = digests.len();
-                for _ in 0..n {
-                    digests.push(digest_at(content, at));
+                for _ in 0..count {
+                    digests.push(digest_at(body, at));
                     at += DIGEST_LEN;
                 }
                 Some(first)
@@ -320,13 +357,12 @@ impl BlockDigests {
                 digests.len()
             )));
         }
-        let image_digest = digest_at(&header, 72);
         Ok(BlockDigests {
             path: path.to_path_buf(),
             algorithm,
             block_size,
             size,
-            image_digest,
+            image_digest: digest_at(content, 72),
             zero_digest,
             runs,
             digests,
