@@ -215,13 +215,7 @@ pub fn check(
     let results: Mutex<Vec<(u64, Vec<Finding>, u64)>> = Mutex::new(Vec::new());
 
     let work = || {
-        let mut scanner = Scanner::new(
-            padded,
-            grid,
-            reference.algorithm(),
-            OnError::Record,
-            chunk_blocks,
-        );
+        let mut scanner = Scanner::new(padded, grid, reference.algorithm(), OnError::Record);
         let mut tail_buf = Vec::new();
         loop {
             if cancelled.load(Ordering::Relaxed) {

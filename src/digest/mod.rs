@@ -248,7 +248,7 @@ pub fn digest(
     let padded = Padded { driver: image };
 
     let work = || {
-        let mut scanner = Scanner::new(padded, grid, algorithm, OnError::Fail, chunk_blocks);
+        let mut scanner = Scanner::new(padded, grid, algorithm, OnError::Fail);
         loop {
             if cancelled.load(Ordering::Relaxed) {
                 return;

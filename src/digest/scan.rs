@@ -11,6 +11,9 @@ use crate::compare::first_nonzero;
 use crate::driver::{zero_status, BlockDriver};
 use crate::error::{Error, Result};
 
+/// Blocks read at a time where the driver has no mapped view to offer.
+const READ_PIECE_BLOCKS: u64 = 4;
+
 /// One run of consecutive blocks in a chunk's result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Run {
@@ -188,15 +191,10 @@ pub struct Scanner<'a> {
 }
 
 impl<'a> Scanner<'a> {
-    /// A scanner of `image` over `grid`, reading up to `max_blocks` blocks at a time.
-    pub fn new(
-        image: Padded<'a>,
-        grid: Grid,
-        algorithm: Algorithm,
-        on_error: OnError,
-        max_blocks: u64,
-    ) -> Self {
-        let buf_len = usize::try_from(grid.block_size.saturating_mul(max_blocks)).unwrap_or(0);
+    /// A scanner of `image` over `grid`.
+    pub fn new(image: Padded<'a>, grid: Grid, algorithm: Algorithm, on_error: OnError) -> Self {
+        let buf_len =
+            usize::try_from(grid.block_size.saturating_mul(READ_PIECE_BLOCKS)).unwrap_or(0);
         Scanner {
             image,
             grid,
@@ -224,7 +222,7 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// Hash blocks `[first, end)` (at most `max_blocks` of them).
+    /// Hash blocks `[first, end)`.
     pub fn scan(&mut self, first: u64, end: u64) -> Result<ChunkOut> {
         let mut out = ChunkOut::default();
         let end = end.min(self.grid.blocks());
@@ -328,8 +326,22 @@ impl<'a> Scanner<'a> {
                 }
             }
         }
+        // Read in pieces small enough to stay in the cache until they are
+        // hashed: a compressed image decompresses into the buffer, and hashing
+        // 8 MiB after writing it costs a trip to memory (measured on a 1 GiB
+        // zstd qcow2, one thread: 1.84-2.24 s of CPU reading whole spans,
+        // 1.52-1.65 s in 256 KiB pieces).
         let mut buf = std::mem::take(&mut self.buf);
-        let result = self.read_and_hash(first, end, start, len, &mut buf, out);
+        let mut result = Ok(());
+        let mut piece = first;
+        while piece < end && result.is_ok() {
+            let piece_end = (piece + READ_PIECE_BLOCKS).min(end);
+            let (from, _) = self.grid.range(piece);
+            let (_, to) = self.grid.range(piece_end - 1);
+            let n = usize::try_from(to - from).unwrap_or(0);
+            result = self.read_and_hash(piece, piece_end, from, n, &mut buf, out);
+            piece = piece_end;
+        }
         self.buf = buf;
         result
     }
@@ -410,7 +422,7 @@ mod tests {
             grid_end: data.len() as u64,
         };
         let alg = Algorithm::Sha256;
-        let mut scanner = Scanner::new(Padded { driver: &image }, grid, alg, OnError::Fail, 16);
+        let mut scanner = Scanner::new(Padded { driver: &image }, grid, alg, OnError::Fail);
         let out = scanner.scan(0, 6).unwrap();
         assert_eq!(out.blocks(), 6);
         assert_eq!(
