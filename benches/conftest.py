@@ -9,9 +9,9 @@ and BLKVERIFY_BENCH_DIR to reuse images built by ``make_images.py``.
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
+import bench_table
 import make_images
 import pytest
 
@@ -52,8 +52,4 @@ def sparse_pair(bench_dir: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def blksum(request: pytest.FixtureRequest) -> Path:
     """The real blksum (blkhash 0.11), built from source into pytest's cache once."""
-    cache = request.config.cache.mkdir("blksum")
-    build = Path(__file__).resolve().parent.parent / "scripts" / "build-blksum.sh"
-    proc = subprocess.run(["sh", str(build), str(cache)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return Path(proc.stdout.strip().splitlines()[-1])
+    return Path(bench_table.build_blksum(request.config.cache.mkdir("blksum")))

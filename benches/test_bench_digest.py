@@ -13,13 +13,13 @@ test; measure with ``BLKVERIFY_BENCH_MIB=1024 pytest benches/test_bench_digest.p
 
 from __future__ import annotations
 
-import os
 import resource
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import bench_table
 import pytest
 
 IMPLEMENTATIONS = ["blksum", "blkverify"]
@@ -30,15 +30,7 @@ _digests: dict[str, list[str]] = {}
 @pytest.fixture(scope="session")
 def sha256_rate() -> float:
     """Bytes per second that SHA-256 hashes 64 KiB buffers on every core at once."""
-    cores = os.cpu_count() or 1
-    seconds = "3" if "--benchmark-enable" in sys.argv else "1"
-    proc = subprocess.run(
-        ["openssl", "speed", "-elapsed", "-mr", "-multi", str(cores), "-seconds", seconds,
-         "-bytes", "65536", "-evp", "sha256"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    total = [line for line in proc.stdout.splitlines() if line.startswith("+F:")][-1]
-    return float(total.rsplit(":", 1)[1])
+    return bench_table.sha256_rate(3 if "--benchmark-enable" in sys.argv else 1)
 
 
 def cpu_seconds() -> float:
