@@ -57,7 +57,7 @@ for param in main.params:
     "-f",
     "--raw-format",
     type=REFERENCE_FORMATS,
-    help="Format of RAW (default: probe; raw, or digests for a block digests file).",
+    help="Format of RAW, the reference (default: probe; digests for a block digests file).",
 )
 @click.option("-F", "--test-format", type=READABLE_FORMATS, help="Format of TEST (default: probe).")
 @click.option(
@@ -110,7 +110,10 @@ def verify(
     allow_backing_anywhere: bool,
     max_backing_depth: int,
 ) -> None:
-    """Compare every guest sector of TEST with the raw reference RAW.
+    """Compare every guest sector of TEST with RAW, the reference, in any format.
+
+    RAW and TEST may each be in any format blkverify reads (see -f/-F): a qcow2
+    against its compressed copy, a vmdk against the qcow2 it came from.
 
     RAW may be a block digests file ('blkverify digest --blocks'): TEST is then
     hashed block by block, and blocks whose digests differ are the findings.
@@ -279,6 +282,9 @@ def digest(
 @click.argument("spec")
 def io(fmt: str | None, read_only: bool, commands: tuple[str, ...], spec: str) -> None:
     """Run qemu-io commands on SPEC: an image, or blkverify:RAW:TEST.
+
+    On the mirrored device RAW is always read as a raw image, as in QEMU's
+    blkverify: its writes must be trivially right. vmdk images open read-only.
 
     Commands: read, readv, write, writev, discard, flush, length, info, alloc, map,
     help, quit, with qemu-io's options and output. On a blkverify device every read

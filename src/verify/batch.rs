@@ -53,7 +53,8 @@ impl Reference {
 /// One pair to verify.
 #[derive(Debug, Clone)]
 pub struct VerifyJob {
-    /// The reference: a raw image or a block digests file.
+    /// The reference ("raw" for history): an image in any format we read, or a
+    /// block digests file.
     pub raw: PathBuf,
     /// Whether `raw` is an image or a block digests file.
     pub reference: ReferenceKind,
@@ -90,7 +91,10 @@ pub struct BatchProgress {
     pub pairs_total: usize,
 }
 
-/// Open a pair; the reference must be a raw image or a block digests file.
+/// Open a pair: the reference (an image in any format blkverify reads, or a
+/// block digests file) and the test image (a qcow2 against its `qemu-img
+/// convert -c` copy, a vmdk against the qcow2 it was converted from, a copy
+/// against the block digests of its source).
 pub fn open_pair(job: &VerifyJob) -> Result<(Reference, Arc<dyn BlockDriver>)> {
     let digests = match job.reference {
         ReferenceKind::Digests => true,
@@ -103,17 +107,6 @@ pub fn open_pair(job: &VerifyJob) -> Result<(Reference, Arc<dyn BlockDriver>)> {
         Reference::Image(driver::open(&job.raw, &job.raw_options)?)
     };
     let test = driver::open(&job.test, &job.test_options)?;
-    if let Reference::Image(image) = &raw {
-        if image.format_name() != "raw" {
-            return Err(Error::format(
-                &job.raw,
-                format!(
-                    "the reference must be a raw image or a block digests file, but it is {}",
-                    image.format_name()
-                ),
-            ));
-        }
-    }
     Ok((raw, test))
 }
 
