@@ -97,8 +97,8 @@ def human(rep: Report, all_: bool = False) -> str:
         if where:
             lines.append(f"  {rep.test_format} metadata: {where}")
         # A reference with metadata of its own (not raw) is named too: either
-        # side may be the one that is wrong.
-        ref_where = describe_mapping(m.ref_mapping)
+        # side may be the one that is wrong. (A block digests file has none.)
+        ref_where = describe_mapping(getattr(m, "ref_mapping", None))
         if ref_where:
             lines.append(f"  reference {rep.raw_format} metadata: {ref_where}")
     if not rep.mismatches:
