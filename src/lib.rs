@@ -1,8 +1,9 @@
 //! blkverify-rs: prove that a block driver returns the right bytes.
 //!
 //! The core: image drivers ([`driver`]), the storage they read ([`storage`]),
-//! and the whole-image verify engine ([`verify`]). Nothing here knows Python;
-//! the bindings live in `python` behind the `python` feature.
+//! the whole-image verify engine ([`verify`]) and the allocation map ([`map`]).
+//! Nothing here knows Python; the bindings live in `python` behind the `python`
+//! feature.
 #![warn(missing_docs)]
 
 pub mod blkverify;
@@ -12,6 +13,7 @@ pub mod error;
 pub mod exercise;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod map;
 pub mod size;
 pub mod storage;
 pub mod verify;
