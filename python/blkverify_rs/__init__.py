@@ -2,8 +2,9 @@
 
 Open qcow2 and raw images with :func:`open`, mirror I/O to a test image and a raw
 reference with ``open("blkverify:RAW:TEST")`` (a :class:`Device` that raises
-:class:`MismatchError` at the first corrupt sector), and compare whole images with
-:func:`verify`. The heavy work runs in Rust with the GIL released.
+:class:`MismatchError` at the first corrupt sector), compare whole images with
+:func:`verify`, and list or draw an image's allocation with :func:`map` and
+:func:`map_html`. The heavy work runs in Rust with the GIL released.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "ExerciseResult",
     "FormatError",
     "Image",
+    "MapExtent",
     "Mismatch",
     "MismatchError",
     "Report",
@@ -48,6 +50,8 @@ __all__ = [
     "create",
     "exercise",
     "formats",
+    "map",
+    "map_html",
     "open",
     "parse_size",
     "shrink",
@@ -158,7 +162,7 @@ class _Record:
                 value = values.pop(name)
             elif name in self._defaults:
                 value = self._defaults[name]
-                value = list(value) if isinstance(value, list) else value
+                value = type(value)(value) if isinstance(value, (list, dict)) else value
             else:
                 raise TypeError(f"{type(self).__name__}() missing argument: {name!r}")
             object.__setattr__(self, name, value)
@@ -221,12 +225,13 @@ class Report(_Record):
         "raw_size",
         "test",
         "test_format",
+        "test_options",
         "test_size",
         "truncated",
         "virtual_size",
         "warnings",
     )  # fmt: skip
-    _defaults: ClassVar[dict[str, Any]] = {"warnings": [], "mismatches": []}
+    _defaults: ClassVar[dict[str, Any]] = {"warnings": [], "mismatches": [], "test_options": {}}
     raw: str
     test: str
     raw_format: str
@@ -241,6 +246,18 @@ class Report(_Record):
     truncated: bool
     warnings: list[str]
     mismatches: list[Mismatch]
+    # How verify opened TEST (format, snapshot, backing policy), so that
+    # to_html draws the image verify read; not part of to_dict.
+    test_options: dict[str, Any]
+
+    def to_html(self, path: PathLike, progress: Callable[[int, int], None] | None = None) -> None:
+        """Write the HTML map of the test image with every finding marked on it
+        (see :func:`map_html`). The test image is opened again, as verify
+        opened it, and its metadata walked once; unreadable metadata is drawn
+        as such rather than raised."""
+        from blkverify_rs import html_map
+
+        html_map.write_report(self, os.fspath(path), progress=progress)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as the CLI's ``--json`` prints it."""
@@ -346,6 +363,104 @@ def verify_many(
         threads=threads,
     )
     return [r if isinstance(r, BaseException) else _report(r) for r in results]
+
+
+class MapExtent(_Record):
+    """A guest range with one mapping, as :func:`map` lists it.
+
+    ``kind`` is ``data``, ``compressed``, ``zero`` or ``unallocated``: what the
+    metadata of the layer that answers says. ``depth`` is that layer: 0 the
+    image, 1 its backing file, and so on (for ``unallocated``, the deepest
+    layer asked). ``host_offset`` is where a data range's first byte is stored
+    in ``file``; ``file`` is the file holding a data range's bytes (the image,
+    its external data file), else the image at ``depth``.
+    """
+
+    __slots__ = ("depth", "file", "host_offset", "kind", "length", "offset")
+    offset: int
+    length: int
+    kind: str
+    depth: int
+    host_offset: int | None
+    file: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The object ``blkverify map --json`` prints."""
+        return {
+            "offset": self.offset,
+            "length": self.length,
+            "kind": self.kind,
+            "depth": self.depth,
+            "host_offset": self.host_offset,
+            "file": self.file,
+        }
+
+
+def map(
+    path: PathLike,
+    format: str | None = None,
+    *,
+    snapshot: str | None = None,
+    backing: bool = True,
+    max_backing_depth: int = 16,
+    allow_backing_anywhere: bool = False,
+    timeout: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[MapExtent]:
+    """The allocation map of the whole image at ``path``, as ``qemu-img map``
+    gives it: a list of :class:`MapExtent` in guest order, neighbours that
+    agree (kind, depth, file and, for data, a contiguous host range) merged.
+
+    The image is opened read-only as :func:`open` opens it (the backing
+    policy applies) and only its metadata is read, once. Unreadable metadata
+    raises :class:`CorruptImageError`. ``progress(done, total)`` is called now
+    and then; Ctrl-C raises ``KeyboardInterrupt``.
+    """
+    rows = _native.map(
+        os.fspath(path),
+        progress=progress,
+        format=format,
+        snapshot=snapshot,
+        backing=backing,
+        max_backing_depth=max_backing_depth,
+        allow_backing_anywhere=allow_backing_anywhere,
+        timeout=timeout,
+    )
+    return [
+        MapExtent(offset=o, length=n, kind=k, depth=d, host_offset=h, file=f)
+        for o, n, k, d, h, f in rows
+    ]
+
+
+def map_html(
+    path: PathLike,
+    out: PathLike,
+    format: str | None = None,
+    *,
+    snapshot: str | None = None,
+    backing: bool = True,
+    max_backing_depth: int = 16,
+    allow_backing_anywhere: bool = False,
+    timeout: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Write ``out``: one self-contained HTML page drawing the guest address
+    space of the image at ``path``, coloured by mapping kind, with a legend
+    (bytes and share per kind), the image's facts and a scale. The image is
+    opened as :func:`map` opens it. See the README for the page's layout."""
+    from blkverify_rs import html_map
+
+    html_map.write_image(
+        os.fspath(path),
+        os.fspath(out),
+        progress=progress,
+        format=format,
+        snapshot=snapshot,
+        backing=backing,
+        max_backing_depth=max_backing_depth,
+        allow_backing_anywhere=allow_backing_anywhere,
+        timeout=timeout,
+    )
 
 
 # The exercise workload's API is imported on first use: it needs dataclasses,

@@ -90,6 +90,9 @@ class Device:
 #     allow_backing_anywhere
 #   create options: size, format, cluster_size, version, refcount_bits,
 #     extended_l2, lazy_refcounts, backing, backing_format
+#   map options: the open options (read_only is ignored: maps open read-only);
+#     map_picture also findings ((offset, length, first_byte) runs), cover,
+#     max_cells, mark_errors
 # A pair is (raw, test) or a mapping with raw, test and optionally raw_format,
 # test_format, snapshot, all, strict.
 
@@ -108,6 +111,12 @@ def verify_many(
     **options: Any,
 ) -> list[dict[str, Any] | Exception]: ...
 def check_pair(pair: Pair) -> None: ...
+def map(
+    path: str, progress: Callable[[int, int], None] | None = None, **options: Any
+) -> list[tuple[int, int, str, int, int | None, str]]: ...
+def map_picture(
+    path: str, progress: Callable[[int, int], None] | None = None, **options: Any
+) -> dict[str, Any]: ...
 def exercise(
     spec: str | None = None, progress: Callable[[int], None] | None = None, **options: Any
 ) -> dict[str, Any]: ...

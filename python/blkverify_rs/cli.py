@@ -17,9 +17,11 @@ from blkverify_rs.cli_common import (
     EXIT_OK,
     READABLE_FORMATS,
     WRITABLE_FORMATS,
+    backing_options,
     fail,
     reported,
 )
+from blkverify_rs.map_cmd import map_command
 
 
 def _version() -> str:
@@ -70,22 +72,14 @@ for param in main.params:
 @click.option(
     "--threads", type=click.IntRange(0, 64), default=0, help="Worker threads (0: one per core)."
 )
+@backing_options
 @click.option(
-    "--no-backing",
-    is_flag=True,
-    help="Do not open backing files: unallocated clusters compare as zeros (and say so).",
-)
-@click.option(
-    "--allow-backing-anywhere",
-    is_flag=True,
-    help="Follow backing files outside the directory of the image that names them.",
-)
-@click.option(
-    "--max-backing-depth",
-    type=click.IntRange(0, 1024),
-    default=16,
-    show_default=True,
-    help="The longest backing chain to follow.",
+    "--html",
+    "html_out",
+    metavar="OUT.html",
+    type=click.Path(dir_okay=False),
+    help="Also write the test image's HTML map with every finding marked on it "
+    "(implies --all, up to the run cap).",
 )
 def verify(
     raw: str,
@@ -102,8 +96,12 @@ def verify(
     no_backing: bool,
     allow_backing_anywhere: bool,
     max_backing_depth: int,
+    html_out: str | None,
 ) -> None:
     """Compare every guest sector of TEST with the raw reference RAW.
+
+    With --html OUT.html, also draw TEST's allocation map with every finding
+    marked on it: one self-contained page (see 'blkverify map').
 
     Exit status: 0 identical, 1 they differ (or TEST could not be read somewhere),
     2 an error (bad usage, an image that cannot be opened, a reference read error).
@@ -116,7 +114,7 @@ def verify(
         rep = bv.verify(
             raw,
             test,
-            all=all_,
+            all=all_ or html_out is not None,
             raw_format=raw_format,
             test_format=test_format,
             strict=strict,
@@ -133,7 +131,10 @@ def verify(
         if as_json:
             click.echo(report.to_json(rep))
         else:
-            click.echo(report.human(rep, all_=all_), nl=False)
+            click.echo(report.human(rep, all_=all_ or html_out is not None), nl=False)
+    if html_out is not None:
+        with reported():
+            rep.to_html(html_out)
     sys.exit(EXIT_OK if rep.identical else EXIT_FINDING)
 
 
@@ -332,6 +333,7 @@ def create(
 
 
 main.add_command(batch)
+main.add_command(map_command)
 
 
 if __name__ == "__main__":

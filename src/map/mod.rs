@@ -15,7 +15,9 @@ use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use picture::{picture, CellClass, FindingPlace, Picture, PictureRequest, Segment};
+pub use picture::{
+    picture, CellClass, FindingPlace, FindingRange, Picture, PictureRequest, Segment,
+};
 
 /// What the answering layer's metadata says about a guest range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

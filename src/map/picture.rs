@@ -362,6 +362,10 @@ impl Builder<'_> {
 
     fn finish(mut self, image_size: u64, size: u64, cells: u64) -> Picture {
         self.finish_cell();
+        // A finding past everything drawn still needs its class in the legend.
+        if self.places.iter().any(Option::is_none) {
+            self.class_index(CellClass::PastEnd);
+        }
         // Renumber classes into legend order.
         let mut legend: Vec<(CellClass, u64, u8)> = self
             .seen

@@ -12,6 +12,7 @@ mod device;
 mod errors;
 mod exercise;
 mod image;
+mod map;
 mod options;
 mod rules;
 mod verify;
@@ -39,6 +40,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify::verify, m)?)?;
     m.add_function(wrap_pyfunction!(verify::verify_many, m)?)?;
     m.add_function(wrap_pyfunction!(verify::check_pair, m)?)?;
+    m.add_function(wrap_pyfunction!(map::map, m)?)?;
+    m.add_function(wrap_pyfunction!(map::map_picture, m)?)?;
     m.add_function(wrap_pyfunction!(exercise::exercise, m)?)?;
     m.add_function(wrap_pyfunction!(exercise::read_log, m)?)?;
     m.add_function(wrap_pyfunction!(exercise::write_log, m)?)?;
