@@ -15,6 +15,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import struct
 import subprocess
 import tempfile
@@ -37,7 +38,9 @@ class Browser:
     """One headless Chromium with one page."""
 
     def __init__(self, width: int = 1400, height: int = 1000) -> None:
-        self.profile = tempfile.TemporaryDirectory(prefix="bv-chromium-")
+        self.profile = tempfile.TemporaryDirectory(
+            prefix="bv-chromium-", ignore_cleanup_errors=True
+        )
         to_chrome_r, self._to_chrome = os.pipe()
         self._from_chrome, from_chrome_w = os.pipe()
 
@@ -63,6 +66,7 @@ class Browser:
             ],
             preexec_fn=child,
             close_fds=False,
+            start_new_session=True,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -87,7 +91,20 @@ class Browser:
         )
 
     def close(self) -> None:
-        self.proc.kill()
+        # Ask politely, then end the whole process group: Chromium's helpers
+        # (zygote, renderer, crash handler) are its children, in its group.
+        try:
+            self._call("Browser.close")
+        except (OSError, EOFError, TimeoutError, RuntimeError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc.wait()
         os.close(self._to_chrome)
         os.close(self._from_chrome)

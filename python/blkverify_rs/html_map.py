@@ -73,11 +73,11 @@ def class_label(name: str) -> str:
 def layout(cells: int) -> tuple[int, int]:
     """Columns and pixels per cell: rows of a power-of-two number of cells
     (so each row starts at a round offset), about as many rows as columns,
-    at most 1024 pixels wide."""
+    at most 768 pixels wide (a 65536-cell picture fits a laptop's screen)."""
     cols = 16
     while cols * cols < cells and cols < 256:
         cols *= 2
-    px = max(2, min(16, 1024 // cols))
+    px = max(2, min(16, 768 // cols))
     return cols, px
 
 
@@ -172,8 +172,8 @@ def render(
         legend.append(
             f'<tr data-class="finding" data-bytes="{found}" data-count="{len(findings)}">'
             f'<td><span class="swatch" style="background:{FINDING_COLOUR}"></span></td>'
-            f"<td>finding ({_grouped(len(findings))} run{'s' if len(findings) != 1 else ''}; "
-            "wins its cell)</td>"
+            f"<td>findings ({_grouped(len(findings))} run{'s' if len(findings) != 1 else ''})"
+            "</td>"
             f'<td class="num">{_grouped(found)}</td>'
             f'<td class="num">{human_size(found)}</td>'
             f'<td class="num">{_percent(found, size)}</td></tr>'

@@ -140,6 +140,19 @@
     axis.appendChild(label);
   }
 
+  // A tick beside every row that holds a finding: a one-sector finding is
+  // one small cell, easy to miss in a big picture.
+  const ticked = new Set();
+  for (const cell of cellFindings.keys()) ticked.add(Math.floor(cell / cols));
+  for (const r of ticked) {
+    const tick = document.createElement("i");
+    tick.className = "tick";
+    tick.style.top = (r * px) + "px";
+    tick.style.height = Math.max(px, 2) + "px";
+    tick.style.background = D.finding_colour;
+    axis.appendChild(tick);
+  }
+
   // The tooltip.
   const tip = document.getElementById("tip");
   function showTip(text, ev) {
@@ -153,13 +166,19 @@
   function hideTip() { tip.hidden = true; }
 
   const mctx = mark.getContext("2d");
+  // Frame the given cells (in order): one box per run of them within a row,
+  // so the cells inside keep their colour.
   function outline(list) {
     mctx.clearRect(0, 0, width, height);
     mctx.strokeStyle = "#111";
-    mctx.lineWidth = 2;
-    for (const cell of list.slice(0, 4096)) {
-      const x = (cell % cols) * px, y = Math.floor(cell / cols) * px;
-      mctx.strokeRect(x - 1, y - 1, px + 2, px + 2);
+    mctx.lineWidth = 1.5;
+    let i = 0;
+    while (i < list.length) {
+      let j = i;
+      while (j + 1 < list.length && list[j + 1] === list[j] + 1 && list[j + 1] % cols !== 0) j++;
+      const x = (list[i] % cols) * px, y = Math.floor(list[i] / cols) * px;
+      mctx.strokeRect(x - 1, y - 1, (j - i + 1) * px + 2, px + 2);
+      i = j + 1;
     }
   }
 
@@ -271,5 +290,23 @@
     canvas.scrollIntoView({ block: "nearest" });
   });
   if (nf > 0) addRows();
+
+  // page.html#finding-N opens with finding N (counting from 1) marked and
+  // described, so a link can point at one finding.
+  const wanted = /^#finding-(\d+)$/.exec(window.location.hash);
+  if (wanted && Number(wanted[1]) >= 1 && Number(wanted[1]) <= nf) {
+    const i = Number(wanted[1]) - 1;
+    while (shownRows <= i) addRows();
+    const tr = tbody.querySelector('tr[data-i="' + i + '"]');
+    tr.classList.add("on");
+    const list = findingCells(i);
+    outline(list);
+    const rect = canvas.getBoundingClientRect();
+    const cell = list[0];
+    showTip(findingText(i), {
+      clientX: rect.left + (cell % cols) * px + px,
+      clientY: rect.top + Math.floor(cell / cols) * px + px,
+    });
+  }
   document.body.dataset.ready = "1";
 })();
