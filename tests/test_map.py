@@ -476,3 +476,46 @@ def test_a_terabyte_and_100000_findings_stay_small(tmp_path, browser):
     assert close(page.colour_at(step * 1000), page.legend["finding"]["colour"])
     assert close(page.colour_at(TiB // 2), page.legend["data"]["colour"])
     assert close(page.colour_at(TiB // 4 * 3), page.legend["unallocated"]["colour"])
+
+
+def test_a_longer_reference_draws_past_the_end(tmp_path, browser):
+    test = tmp_path / "short.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", test, 1 * MiB)
+    qemu_io(test, "write -P 0x5 0 64k")
+    raw = tmp_path / "long.raw"
+    convert_to_raw(test, raw)
+    with open(raw, "r+b") as f:
+        f.truncate(2 * MiB)
+        f.seek(1536 * KiB)
+        f.write(b"\x01" * 512)
+    out = tmp_path / "long.html"
+    proc = run_cli("verify", "--html", out, raw, test)
+    assert proc.returncode == 1, proc.stderr
+    page = Page(browser, out)
+    assert page.legend["past_end"]["bytes"] == 1 * MiB
+    assert close(page.colour_at(1792 * KiB), page.legend["past_end"]["colour"])
+    assert close(page.colour_at(1536 * KiB), page.legend["finding"]["colour"])
+    tip = page.tip_at(*page.point(1792 * KiB))
+    assert "past the end of the image" in tip
+    assert browser.console_problems() == []
+
+
+def test_an_empty_image_and_a_snapshot(tmp_path, zoo, browser):
+    empty = tmp_path / "empty.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", empty, 0)
+    assert bv.map(empty) == []
+    out = tmp_path / "empty.html"
+    bv.map_html(empty, out)
+    page = Page(browser, out)
+    assert page.data["cells"] == 0
+    assert browser.console_problems() == []
+    # A snapshot maps as the snapshot, not the active image.
+    snap = zoo["snapshot_by_name"]
+    with bv.open(snap.path, snapshot="snap1") as img:
+        own = [(o, n, k, 0, h) for o, n, k, h in img.map()]
+    rows = [
+        (e.offset, e.length, e.kind, e.depth, e.host_offset)
+        for e in bv.map(snap.path, snapshot="snap1")
+    ]
+    assert rows == canonical(own)
+    assert rows != [(e.offset, e.length, e.kind, e.depth, e.host_offset) for e in bv.map(snap.path)]
