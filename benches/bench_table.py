@@ -61,7 +61,17 @@ def main() -> int:
         cases.append(
             (
                 name,
-                ["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", str(raw), str(test)],
+                [
+                    "qemu-img",
+                    "compare",
+                    "-q",
+                    "-f",
+                    "raw",
+                    "-F",
+                    test.suffix[1:],
+                    str(raw),
+                    str(test),
+                ],
                 [*ours, "verify", "-q", str(raw), str(test)],
             )
         )

@@ -29,6 +29,12 @@ def allocated_pair(bench_dir: Path) -> tuple[Path, Path]:
     return make_images.full_pair(bench_dir, 2 * BENCH_MIB)
 
 
+@pytest.fixture(scope="session")
+def vhdx_pair(bench_dir: Path) -> tuple[Path, Path]:
+    """The same fully allocated data as a dynamic vhdx (qemu-img convert)."""
+    return make_images.vhdx_pair(bench_dir, 2 * BENCH_MIB)
+
+
 @pytest.fixture(scope="session", params=["zlib", "zstd"])
 def compressed_pair(request: pytest.FixtureRequest, bench_dir: Path) -> tuple[Path, Path, str]:
     """OS-like data (the files under /usr), compressed into qcow2."""

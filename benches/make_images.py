@@ -82,6 +82,16 @@ def full_pair(directory: Path, mib: int) -> tuple[Path, Path]:
     return raw, qcow2
 
 
+def vhdx_pair(directory: Path, mib: int) -> tuple[Path, Path]:
+    """The fully allocated data of :func:`full_pair` as a dynamic vhdx (every block
+    fully present, stored back to back)."""
+    raw, _ = full_pair(directory, mib)
+    vhdx = directory / "full.vhdx"
+    if not vhdx.exists() or vhdx.stat().st_mtime < raw.stat().st_mtime:
+        sh("qemu-img", "convert", "-f", "raw", "-O", "vhdx", str(raw), str(vhdx))
+    return raw, vhdx
+
+
 def mixed_pair(directory: Path, mib: int, ctype: str) -> tuple[Path, Path]:
     raw, qcow2 = directory / "mixed.raw", directory / f"mixed-{ctype}.qcow2"
     if not _done(raw, mib * MiB):
@@ -124,6 +134,7 @@ def build_all(directory: Path, mib: int) -> dict[str, tuple[Path, Path]]:
     directory.mkdir(parents=True, exist_ok=True)
     return {
         "allocated": full_pair(directory, 2 * mib),
+        "vhdx": vhdx_pair(directory, 2 * mib),
         "zlib": mixed_pair(directory, mib, "zlib"),
         "zstd": mixed_pair(directory, mib, "zstd"),
         "sparse": sparse_pair(directory, mib),

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Fuzz the qcow2 parsers for a bounded time each (not run in CI).
+# Fuzz the qcow2 and vhdx parsers for a bounded time each (not run in CI).
 #   sh scripts/fuzz.sh [SECONDS_PER_TARGET]   (TARGETS="a b" to pick targets)
 # Seeds are real images made by qemu-img; crashes land in fuzz/artifacts/<target>/.
 # Copy each crashing input into fuzz/regressions/<target>/ once fixed: `cargo
@@ -29,11 +29,37 @@ qemu-img snapshot -c s1 "$tmp/1.qcow2" && cp "$tmp/1.qcow2" "$seeds/seed-snapsho
 # A dirty image (lazy refcounts, killed mid-run): a writable open rebuilds its refcounts.
 qemu-io -c 'write -P 0x5a 0 64k' -c abort "$tmp/7.qcow2" >/dev/null 2>&1 || true
 { printf '\001\000\000\000\000\020\000\200\000'; cat "$tmp/7.qcow2"; } >fuzz/corpus/write_image/seed-dirty
+# vhdx: small qemu-img images of each kind, and spec-built ones qemu-img cannot make
+# (a dirty log, a differencing disk, 4096-byte sectors) from the tests' builder.
+mkdir -p fuzz/corpus/read_vhdx
+for opts in "subformat=dynamic" "subformat=fixed" "block_size=2M,log_size=2M"; do
+    i=$((i + 1))
+    qemu-img create -q -f vhdx -o "$opts" "$tmp/$i.vhdx" 3M
+    qemu-io -f vhdx -c 'write -P 0xab 0 4k' -c 'write -P 0x11 2M 1M' "$tmp/$i.vhdx" >/dev/null
+    cp "$tmp/$i.vhdx" "fuzz/corpus/read_vhdx/seed-$i"
+done
+PYTHONPATH=tests python3 - fuzz/corpus/read_vhdx <<'EOF'
+import sys
+
+import vhdx_builder as vb
+
+out = sys.argv[1]
+d = vb.Disk(size=3 * vb.MiB, sector_size=4096, log_guid=bytes(range(1, 17)))
+d.blocks = {0: vb.Block(vb.FULLY_PRESENT, vb.pattern(1, vb.MiB)), 1: vb.Block(vb.ZERO)}
+lay = d.build(f"{out}/seed-dirty")
+page = lay["true_bytes"][lay["bat_offset"] : lay["bat_offset"] + 4096]
+e = vb.LogEntry(0, 3, 0, writes={lay["bat_offset"]: page}, zeros=[(5 << 20, 4096)])
+d.build(f"{out}/seed-dirty", [e], stale_pages={lay["bat_offset"]: bytes(4096)})
+link = {"parent_linkage": "{" + "0" * 8 + "-0000-0000-0000-" + "0" * 12 + "}"}
+c = vb.Disk(size=3 * vb.MiB, parent={**link, "relative_path": "p.vhdx"})
+c.blocks = {1: vb.Block(vb.PARTIALLY_PRESENT, vb.pattern(2, vb.MiB), frozenset({0, 5, 6}))}
+c.build(f"{out}/seed-diff")
+EOF
 # The regression inputs are seeds too (README.md files aside).
-for target in header l2_entry read_image write_image; do
+for target in header l2_entry read_image write_image read_vhdx; do
     find "fuzz/regressions/$target" -type f ! -name '*.md' -exec cp {} "fuzz/corpus/$target/" \;
 done
-for target in ${TARGETS:-header l2_entry read_image write_image}; do
+for target in ${TARGETS:-header l2_entry read_image write_image read_vhdx}; do
     echo "== $target: ${seconds}s"
     RUSTC_BOOTSTRAP=1 nice cargo fuzz run --fuzz-dir fuzz "$target" "fuzz/corpus/$target" -- \
         -max_total_time="$seconds" -rss_limit_mb=1024 -timeout=10 2>&1 | grep -E "^(#[0-9]+.*DONE|Done|==|SUMMARY|artifact)" || true

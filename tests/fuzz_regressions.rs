@@ -136,3 +136,8 @@ fn read_image_regressions_give_errors_not_panics() {
 fn write_image_regressions_give_errors_not_panics() {
     replay("write_image", fuzzing::write_image);
 }
+
+#[test]
+fn read_vhdx_regressions_give_errors_not_panics() {
+    replay("read_vhdx", fuzzing::read_vhdx);
+}

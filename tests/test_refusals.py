@@ -310,3 +310,17 @@ def test_unaligned_l2_table_offset(zoo, tmp_path):
         return  # refusing at open time is fine too
     with img, pytest.raises(bv.CorruptImageError):
         img.read(0, 512)
+
+
+def test_vhdx_is_read_not_refused(tmp_path):
+    # vhdx used to be refused like the other formats without a reader; it now has one,
+    # and -f raw still compares its bytes as they are.
+    img = tmp_path / "disk.vhdx"
+    qemu_img("create", "-f", "vhdx", img, 4 * MiB)
+    qemu_io(img, "write -P 0x5c 1M 64k", fmt="vhdx")
+    with bv.open(img) as opened:
+        assert opened.format == "vhdx"
+        assert opened.read(1 * MiB, 4) == b"\x5c" * 4
+    with bv.open(img, format="raw") as opened:
+        assert opened.size == img.stat().st_size
+    assert "vhdx" in bv.formats(readable=True)

@@ -85,8 +85,9 @@ def open(
     ``snapshot`` and the backing options apply to the test image; the raw side is
     always read as a raw image.
 
-    ``format`` is ``"raw"``, ``"qcow2"`` or ``None`` to probe. ``read_only=False``
-    opens for ``write``, ``write_zeroes``, ``discard`` and ``flush``; nothing is
+    ``format`` is one of ``formats(readable=True)`` or ``None`` to probe. ``read_only=False``
+    opens for ``write``, ``write_zeroes``, ``discard`` and ``flush`` (formats blkverify
+    cannot write, such as vhdx, open read-only whatever it says); nothing is
     ever written otherwise. ``snapshot`` reads an internal qcow2 snapshot (by ID
     or name) instead of the active disk. ``backing=False`` reads unallocated
     ranges as zeros instead of following the backing chain, and

@@ -123,10 +123,10 @@ class Session:
 
     def __init__(self, dev: Any, out: IO[str], err: IO[str], read_only: bool) -> None:
         self.dev = dev
-        # Why writes are refused when the image could not be opened for writing.
         self.out = out
         self.err = err
-        self.read_only = read_only
+        # A format blkverify cannot write opens read-only whatever was asked.
+        self.read_only = read_only or dev.read_only
         self.quit = False
         self.is_device = isinstance(dev, bv.Device)
 
@@ -424,6 +424,11 @@ class Session:
             self.p(f"format name: {fmt}")
         if fmt == "raw":
             self.p("cluster size: 0 bytes")
+            self.p("vm state offset: 0 bytes")
+            return
+        if fmt == "vhdx":
+            # qemu-io names the block size, and nothing format-specific.
+            self.p(f"cluster size: {cvtstr(int(facts['cluster_size']))}")
             self.p("vm state offset: 0 bytes")
             return
         cluster = int(facts["cluster_size"])

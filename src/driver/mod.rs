@@ -9,6 +9,7 @@ pub mod gate;
 pub mod nbd;
 pub mod qcow2;
 pub mod raw;
+pub mod vhdx;
 
 use crate::error::{Error, Result};
 use crate::storage::{FileStorage, Storage, View};
@@ -108,6 +109,31 @@ impl Location {
             .find(|t| t.table == name)
             .map(|t| t.index)
     }
+}
+
+/// Fill in where an unallocated byte at `offset` is read from: the backing
+/// file's own location of it, when a backing file covers it (else the byte
+/// reads as zeros and `location` stays as it is).
+pub(crate) fn locate_in_backing(
+    location: &mut Location,
+    backing: Option<&dyn BlockDriver>,
+    offset: u64,
+) -> Result<()> {
+    let Some(backing) = backing.filter(|b| offset < b.size()) else {
+        return Ok(());
+    };
+    location.kind = "backing";
+    location.backing_depth = 1;
+    location.file = backing.path().to_path_buf();
+    match backing.locate(offset)? {
+        Some(inner) => {
+            location.host_offset = inner.host_offset;
+            location.file = inner.file;
+            location.backing_depth = inner.backing_depth + 1;
+        }
+        None => location.host_offset = Some(offset),
+    }
+    Ok(())
 }
 
 /// A disk-image format driver. Guest offsets are bytes from the start of the
@@ -290,7 +316,7 @@ impl Format {
 
     /// Whether blkverify has a driver that reads this format.
     pub fn can_read(&self) -> bool {
-        matches!(self, Format::Raw | Format::Qcow2)
+        matches!(self, Format::Raw | Format::Qcow2 | Format::Vhdx)
     }
 
     /// Whether images of this format can be opened for writing (and created).
@@ -422,8 +448,11 @@ pub(crate) fn open_in_chain(
     options: &OpenOptions,
     chain: &[PathBuf],
 ) -> Result<Arc<dyn BlockDriver>> {
-    // Only the top image is ever opened for writing; backing files never are.
-    let storage: Arc<dyn Storage> = if options.writable && chain.is_empty() {
+    // Only the top image is ever opened for writing; backing files never are,
+    // nor images of a format we cannot write: those open as if read-only was
+    // asked, so a write fails as it would under `-r`.
+    let writable = options.writable && chain.is_empty() && format.is_none_or(|f| f.can_write());
+    let mut storage: Arc<dyn Storage> = if writable {
         Arc::new(FileStorage::open_read_write(path)?)
     } else {
         Arc::new(FileStorage::open_read_only(path)?)
@@ -432,6 +461,9 @@ pub(crate) fn open_in_chain(
         Some(format) => format,
         None => probe(storage.as_ref())?,
     };
+    if writable && !format.can_write() {
+        storage = Arc::new(FileStorage::open_read_only(path)?);
+    }
     if options.writable && chain.is_empty() && snapshot.is_some() {
         return Err(Error::InvalidArgument(format!(
             "{}: snapshots are read-only; open without a snapshot to write",
@@ -451,6 +483,15 @@ pub(crate) fn open_in_chain(
         Format::Qcow2 => Ok(Arc::new(qcow2::Qcow2::open(
             storage, snapshot, options, chain,
         )?)),
+        Format::Vhdx => {
+            if let Some(name) = snapshot {
+                return Err(Error::format(
+                    path,
+                    format!("vhdx images have no snapshots (asked for snapshot '{name}')"),
+                ));
+            }
+            Ok(Arc::new(vhdx::Vhdx::open(storage, options, chain)?))
+        }
         other => Err(cannot_read(path, other)),
     }
 }
