@@ -189,6 +189,14 @@ def test_map_extent_record():
     }
     with pytest.raises(AttributeError):
         e.kind = "zero"  # type: ignore[misc]
+    assert e == bv.MapExtent(**e.to_dict())
+    assert hash(e) == hash(bv.MapExtent(**e.to_dict()))
+    assert e != bv.MapExtent(**{**e.to_dict(), "depth": 0})
+    assert repr(e) == (
+        "MapExtent(offset=0, length=512, kind='data', depth=1, host_offset=4096, file=\"b\")"
+    )
+    with pytest.raises(ValueError, match="kind must be"):
+        bv.MapExtent(offset=0, length=1, kind="backing", depth=0, host_offset=None, file="b")
 
 
 def test_cli_lines_and_json_agree_with_the_api(zoo):

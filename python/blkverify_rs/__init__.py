@@ -22,6 +22,7 @@ from blkverify_rs._native import (
     Error,
     FormatError,
     Image,
+    MapExtent,
     MismatchError,
     check_pair,
     formats,
@@ -366,37 +367,6 @@ def verify_many(
     return [r if isinstance(r, BaseException) else _report(r) for r in results]
 
 
-class MapExtent(_Record):
-    """A guest range with one mapping, as :func:`map` lists it.
-
-    ``kind`` is ``data``, ``compressed``, ``zero`` or ``unallocated``: what the
-    metadata of the layer that answers says. ``depth`` is that layer: 0 the
-    image, 1 its backing file, and so on (for ``unallocated``, the deepest
-    layer asked). ``host_offset`` is where a data range's first byte is stored
-    in ``file``; ``file`` is the file holding a data range's bytes (the image,
-    its external data file), else the image at ``depth``.
-    """
-
-    __slots__ = ("depth", "file", "host_offset", "kind", "length", "offset")
-    offset: int
-    length: int
-    kind: str
-    depth: int
-    host_offset: int | None
-    file: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """The object ``blkverify map --json`` prints."""
-        return {
-            "offset": self.offset,
-            "length": self.length,
-            "kind": self.kind,
-            "depth": self.depth,
-            "host_offset": self.host_offset,
-            "file": self.file,
-        }
-
-
 def map(
     path: PathLike,
     format: str | None = None,
@@ -412,12 +382,21 @@ def map(
     gives it: a list of :class:`MapExtent` in guest order, neighbours that
     agree (kind, depth, file and, for data, a contiguous host range) merged.
 
+    A ``MapExtent`` is immutable, with ``offset``, ``length``, ``kind``
+    (``data``, ``compressed``, ``zero`` or ``unallocated``: what the metadata
+    of the layer that answers says), ``depth`` (that layer: 0 the image, 1 its
+    backing file...; for ``unallocated``, the deepest layer asked),
+    ``host_offset`` (where a data range's first byte is stored in ``file``,
+    else None) and ``file`` (the file holding a data range's bytes: the image,
+    its external data file; else the image at ``depth``); ``to_dict()`` gives
+    the ``--json`` object.
+
     The image is opened read-only as :func:`open` opens it (the backing
     policy applies) and only its metadata is read, once. Unreadable metadata
     raises :class:`CorruptImageError`. ``progress(done, total)`` is called now
     and then; Ctrl-C raises ``KeyboardInterrupt``.
     """
-    rows = _native.map(
+    return _native.map(
         os.fspath(path),
         progress=progress,
         format=format,
@@ -427,10 +406,6 @@ def map(
         allow_backing_anywhere=allow_backing_anywhere,
         timeout=timeout,
     )
-    return [
-        MapExtent(offset=o, length=n, kind=k, depth=d, host_offset=h, file=f)
-        for o, n, k, d, h, f in rows
-    ]
 
 
 def map_html(

@@ -5,15 +5,98 @@
 use super::detached::run_with_progress;
 use super::options::{open_options, picture_request, Kwargs};
 use crate::driver::{self, BlockDriver};
-use crate::map::{self as engine, CellClass};
+use crate::map::{self as engine, CellClass, MapKind};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// One extent as Python sees it: (offset, length, kind, depth, host_offset,
-/// file).
-type ExtentTuple = (u64, u64, &'static str, u32, Option<u64>, String);
+/// A guest range with one mapping, as `map` lists it: an immutable record
+/// (native, because a fragmented image has hundreds of thousands of them).
+#[pyclass(
+    module = "blkverify_rs._native",
+    name = "MapExtent",
+    frozen,
+    eq,
+    hash,
+    get_all,
+    skip_from_py_object
+)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PyMapExtent {
+    /// Guest offset of the first byte.
+    offset: u64,
+    /// Length in bytes.
+    length: u64,
+    /// `data`, `compressed`, `zero` or `unallocated`.
+    kind: &'static str,
+    /// The layer that answers: 0 the image, 1 its backing file...
+    depth: u32,
+    /// Where a data range's first byte is stored in `file`.
+    host_offset: Option<u64>,
+    /// The file holding a data range's bytes, else the image at `depth`.
+    file: String,
+}
+
+#[pymethods]
+impl PyMapExtent {
+    #[new]
+    #[pyo3(signature = (*, offset, length, kind, depth, host_offset, file))]
+    fn new(
+        offset: u64,
+        length: u64,
+        kind: &str,
+        depth: u32,
+        host_offset: Option<u64>,
+        file: String,
+    ) -> PyResult<Self> {
+        let kind = [
+            MapKind::Data,
+            MapKind::Compressed,
+            MapKind::Zero,
+            MapKind::Unallocated,
+        ]
+        .iter()
+        .map(MapKind::name)
+        .find(|k| *k == kind)
+        .ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "kind must be data, compressed, zero or unallocated, not '{kind}'"
+            ))
+        })?;
+        Ok(PyMapExtent {
+            offset,
+            length,
+            kind,
+            depth,
+            host_offset,
+            file,
+        })
+    }
+
+    /// The object `blkverify map --json` prints.
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("offset", self.offset)?;
+        d.set_item("length", self.length)?;
+        d.set_item("kind", self.kind)?;
+        d.set_item("depth", self.depth)?;
+        d.set_item("host_offset", self.host_offset)?;
+        d.set_item("file", &self.file)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        let host = self
+            .host_offset
+            .map_or_else(|| "None".to_string(), |h| h.to_string());
+        format!(
+            "MapExtent(offset={}, length={}, kind='{}', depth={}, host_offset={host}, file={:?})",
+            self.offset, self.length, self.kind, self.depth, self.file
+        )
+    }
+}
 
 /// Where a finding lies: (kind or None past the end, depth, host_offset, file
 /// index, class index).
@@ -33,8 +116,8 @@ fn open_read_only(
     super::detached::run_detached(py, move || driver::open(&path, &options))
 }
 
-/// Every merged extent of the image at `path`, in guest order. `options`: the
-/// open options. `progress(done, total)` is called now and then.
+/// Every merged extent of the image at `path`, in guest order, as `MapExtent`s.
+/// `options`: the open options. `progress(done, total)` is called now and then.
 #[pyfunction]
 #[pyo3(signature = (path, progress=None, **options))]
 pub(crate) fn map<'py>(
@@ -55,15 +138,13 @@ pub(crate) fn map<'py>(
             let rows = engine::extents(image.as_ref(), &mut |done| tick((done, total)))?;
             Ok(rows
                 .into_iter()
-                .map(|e| -> ExtentTuple {
-                    (
-                        e.offset,
-                        e.length,
-                        e.kind.name(),
-                        e.depth,
-                        e.host_offset,
-                        e.file.display().to_string(),
-                    )
+                .map(|e| PyMapExtent {
+                    offset: e.offset,
+                    length: e.length,
+                    kind: e.kind.name(),
+                    depth: e.depth,
+                    host_offset: e.host_offset,
+                    file: e.file.display().to_string(),
                 })
                 .collect::<Vec<_>>())
         },
