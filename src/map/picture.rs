@@ -12,6 +12,10 @@ use std::sync::Arc;
 /// Backing depths from here down share one colour class.
 pub const DEEPEST_CLASS: u32 = 64;
 
+/// The most cells a picture may ask for (a page draws 65536; this bounds the
+/// memory a caller's `max_cells` can make us allocate: two bytes a cell).
+pub const MAX_CELLS: u64 = 1 << 24;
+
 /// What a cell is coloured by. The order is the legend's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CellClass {
@@ -79,7 +83,7 @@ pub struct PictureRequest {
     /// Cover at least this many guest bytes (a verify's compared range may run
     /// past the image's end); the image's size when smaller.
     pub cover: u64,
-    /// The most cells (a power of two is not required).
+    /// The most cells (a power of two is not required; at most [`MAX_CELLS`]).
     pub max_cells: u64,
     /// Stop at unreadable metadata, or mark it and go on.
     pub on_error: OnError,
@@ -177,7 +181,7 @@ pub fn picture(
 ) -> Result<Picture> {
     let image_size = driver.size();
     let size = image_size.max(request.cover);
-    let cell_size = cell_size_for(size, request.max_cells);
+    let cell_size = cell_size_for(size, request.max_cells.clamp(1, MAX_CELLS));
     let cells = size.div_ceil(cell_size);
     let cell_count = usize::try_from(cells).unwrap_or(usize::MAX);
     let mut builder = Builder {
@@ -355,7 +359,8 @@ impl Builder<'_> {
                 *d = index;
             }
             if let Some(s) = self.share.get_mut(cell) {
-                *s = u8::try_from(bytes * 100 / total.max(1)).unwrap_or(100);
+                let percent = u128::from(bytes) * 100 / u128::from(total.max(1));
+                *s = u8::try_from(percent).unwrap_or(100);
             }
         }
     }

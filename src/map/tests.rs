@@ -262,6 +262,25 @@ fn cell_sizes_are_powers_of_two_within_the_cap() {
 }
 
 #[test]
+fn a_caller_cannot_ask_for_unbounded_cells() {
+    let image = Scripted::new("img", 1 << 40, 1 << 20, &[]);
+    let request = PictureRequest {
+        max_cells: u64::MAX,
+        ..PictureRequest::default()
+    };
+    let p = picture(&image, &request, &mut |_| true).unwrap();
+    assert_eq!(p.cells, super::picture::MAX_CELLS);
+    // One cell for a whole huge disk: the share still fits.
+    let one = PictureRequest {
+        max_cells: 1,
+        ..PictureRequest::default()
+    };
+    let huge = Scripted::new("img", 1 << 62, 1 << 58, &[]);
+    let p = picture(&huge, &one, &mut |_| true).unwrap();
+    assert_eq!(p.share, vec![100; usize::try_from(p.cells).unwrap()]);
+}
+
+#[test]
 fn cells_take_their_dominant_class_and_findings_their_place() {
     // 4 KiB in 512-byte cells: 8 cells.
     let base = Scripted::new("base", 0x1000, 0x200, &[(0, 0x1000, data(0x7000))]);
