@@ -1,5 +1,5 @@
 #!/bin/sh
-# Fuzz the qcow2 and vhdx parsers for a bounded time each (not run in CI).
+# Fuzz the image parsers (qcow2, vhdx, vpc, vdi) for a bounded time each (not run in CI).
 #   sh scripts/fuzz.sh [SECONDS_PER_TARGET]   (TARGETS="a b" to pick targets)
 # Seeds are real images made by qemu-img; crashes land in fuzz/artifacts/<target>/.
 # Copy each crashing input into fuzz/regressions/<target>/ once fixed: `cargo
@@ -55,12 +55,51 @@ c = vb.Disk(size=3 * vb.MiB, parent={**link, "relative_path": "p.vhdx"})
 c.blocks = {1: vb.Block(vb.PARTIALLY_PRESENT, vb.pattern(2, vb.MiB), frozenset({0, 5, 6}))}
 c.build(f"{out}/seed-diff")
 EOF
+# VHD and VDI seeds: every subformat qemu-img makes, with data in a block, and
+# (from tests/vhd_builder.py, as qemu-img cannot make them) VHDs with small blocks,
+# partly set sector bitmaps and parent locators. Their blocks are large, so these
+# two targets take inputs of up to 4 MiB.
+mkdir -p fuzz/corpus/vpc_image fuzz/corpus/vdi_image
+for opts in "subformat=dynamic" "subformat=dynamic,force_size=on" "subformat=fixed"; do
+    i=$((i + 1))
+    qemu-img create -q -f vpc -o "$opts" "$tmp/$i.vhd" 1M
+    qemu-io -f vpc -c 'write -P 0xab 4k 4k' "$tmp/$i.vhd" >/dev/null
+    cp "$tmp/$i.vhd" "fuzz/corpus/vpc_image/seed-$i"
+done
+for opts in "static=off" "static=on"; do
+    i=$((i + 1))
+    qemu-img create -q -f vdi -o "$opts" "$tmp/$i.vdi" 2M
+    qemu-io -f vdi -c 'write -P 0xab 1M 4k' "$tmp/$i.vdi" >/dev/null
+    cp "$tmp/$i.vdi" "fuzz/corpus/vdi_image/seed-$i"
+done
+PYTHONPATH=tests python3 - fuzz/corpus/vpc_image <<'PY'
+import sys
+import vhd_builder as vb
+
+out = sys.argv[1]
+bs = 4096
+data = bytes(range(256)) * (bs // 256)
+blocks = {0: vb.Block(set(range(8)), data), 2: vb.Block({0, 3, 7}, data)}
+vb.Vhd(size=64 * 1024, block_size=bs, blocks=blocks).write(f"{out}/seed-partial")
+locators = [
+    vb.Locator(b"W2ru", vb.w2(".\\parent.vhd")),
+    vb.Locator(b"W2ku", vb.w2("C:\\vms\\parent.vhd")),
+    vb.Locator(b"MacX", b"file://localhost/vms/parent%20disk.vhd"),
+    vb.Locator(b"Mac ", bytes(64)),
+]
+vb.Vhd(
+    size=64 * 1024, block_size=bs, disk_type=vb.DIFFERENCING, parent_name="parent.vhd",
+    locators=locators, blocks=blocks,
+).write(f"{out}/seed-differencing")
+PY
 # The regression inputs are seeds too (README.md files aside).
-for target in header l2_entry read_image write_image read_vhdx; do
+for target in header l2_entry read_image write_image read_vhdx vpc_image vdi_image; do
     find "fuzz/regressions/$target" -type f ! -name '*.md' -exec cp {} "fuzz/corpus/$target/" \;
 done
-for target in ${TARGETS:-header l2_entry read_image write_image read_vhdx}; do
+for target in ${TARGETS:-header l2_entry read_image write_image read_vhdx vpc_image vdi_image}; do
     echo "== $target: ${seconds}s"
+    case $target in vpc_image | vdi_image) more="-max_len=4194304" ;; *) more="" ;; esac
+    # shellcheck disable=SC2086
     RUSTC_BOOTSTRAP=1 nice cargo fuzz run --fuzz-dir fuzz "$target" "fuzz/corpus/$target" -- \
-        -max_total_time="$seconds" -rss_limit_mb=1024 -timeout=10 2>&1 | grep -E "^(#[0-9]+.*DONE|Done|==|SUMMARY|artifact)" || true
+        -max_total_time="$seconds" -rss_limit_mb=1024 -timeout=10 $more 2>&1 | grep -E "^(#[0-9]+.*DONE|Done|==|SUMMARY|artifact)" || true
 done

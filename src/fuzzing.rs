@@ -4,7 +4,9 @@
 //! as it was found, not by a copy that may have drifted.
 
 use crate::driver::qcow2::{header, l2, Qcow2};
+use crate::driver::vdi::Vdi;
 use crate::driver::vhdx::{self, Vhdx};
+use crate::driver::vpc::Vpc;
 use crate::driver::{BlockDriver, OpenOptions};
 use crate::error::Error;
 use crate::storage::{LimitedStorage, MemStorage};
@@ -75,6 +77,32 @@ pub fn l2_entry(data: &[u8]) -> Vec<String> {
 pub fn read_image(data: &[u8], name: &str) -> Outcome {
     let storage = Arc::new(MemStorage::new(name, data.to_vec(), false));
     match Qcow2::open(storage, None, &options(false), &[]) {
+        Ok(image) => exercise_reads(&image),
+        Err(e) => Outcome {
+            open_error: Some(e),
+            ..Outcome::default()
+        },
+    }
+}
+
+/// Open `data` as a read-only VHD (`vpc`) named `name` and read it as
+/// [`read_image`] does (parents are never followed).
+pub fn read_vpc(data: &[u8], name: &str) -> Outcome {
+    let storage = Arc::new(MemStorage::new(name, data.to_vec(), false));
+    match Vpc::open(storage, &options(false), &[]) {
+        Ok(image) => exercise_reads(&image),
+        Err(e) => Outcome {
+            open_error: Some(e),
+            ..Outcome::default()
+        },
+    }
+}
+
+/// Open `data` as a read-only VDI image named `name` and read it as
+/// [`read_image`] does.
+pub fn read_vdi(data: &[u8], name: &str) -> Outcome {
+    let storage = Arc::new(MemStorage::new(name, data.to_vec(), false));
+    match Vdi::open(storage) {
         Ok(image) => exercise_reads(&image),
         Err(e) => Outcome {
             open_error: Some(e),

@@ -138,6 +138,16 @@ fn write_image_regressions_give_errors_not_panics() {
 }
 
 #[test]
+fn vpc_image_regressions_give_errors_not_panics() {
+    replay("vpc_image", fuzzing::read_vpc);
+}
+
+#[test]
+fn vdi_image_regressions_give_errors_not_panics() {
+    replay("vdi_image", fuzzing::read_vdi);
+}
+
+#[test]
 fn read_vhdx_regressions_give_errors_not_panics() {
     replay("read_vhdx", fuzzing::read_vhdx);
 }

@@ -220,12 +220,14 @@ class Session:
 
     def allocated(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """(offset, length, allocated) runs in the image's top layer, as qemu-io's
-        alloc and map see them: every byte of a raw image is allocated; in qcow2,
-        data, compressed and zero clusters are, unallocated ones are not."""
+        alloc and map see them: every byte of a raw image is allocated, and of vpc and
+        vdi images (QEMU's drivers for them have no backing files, so their unallocated
+        blocks read as zeros that QEMU counts as allocated); in qcow2, data, compressed
+        and zero clusters are, unallocated ones are not."""
         if length <= 0 or offset >= self.dev.size:
             return []
         fmt = self.dev.test_format if self.is_device else self.dev.format
-        if fmt == "raw":
+        if fmt in ("raw", "vpc", "vdi"):
             return [(offset, min(length, self.dev.size - offset), True)]
         runs: list[tuple[int, int, bool]] = []
         for off, ln, kind, _host in self.io("is_allocated", lambda: self.dev.map(offset, length)):
@@ -422,13 +424,14 @@ class Session:
         else:
             fmt = self.dev.format
             self.p(f"format name: {fmt}")
-        if fmt == "raw":
-            self.p("cluster size: 0 bytes")
-            self.p("vm state offset: 0 bytes")
-            return
         if fmt == "vhdx":
             # qemu-io names the block size, and nothing format-specific.
             self.p(f"cluster size: {cvtstr(int(facts['cluster_size']))}")
+            self.p("vm state offset: 0 bytes")
+            return
+        if fmt != "qcow2":
+            # qemu-io's cluster size is the block size (vpc, vdi; 0 for raw and fixed VHDs)
+            self.p(f"cluster size: {cvtstr(int(facts.get('block_size', 0)))}")
             self.p("vm state offset: 0 bytes")
             return
         cluster = int(facts["cluster_size"])

@@ -9,7 +9,9 @@ pub mod gate;
 pub mod nbd;
 pub mod qcow2;
 pub mod raw;
+pub mod vdi;
 pub mod vhdx;
+pub mod vpc;
 
 use crate::error::{Error, Result};
 use crate::storage::{FileStorage, Storage, View};
@@ -316,7 +318,10 @@ impl Format {
 
     /// Whether blkverify has a driver that reads this format.
     pub fn can_read(&self) -> bool {
-        matches!(self, Format::Raw | Format::Qcow2 | Format::Vhdx)
+        matches!(
+            self,
+            Format::Raw | Format::Qcow2 | Format::Vpc | Format::Vhdx | Format::Vdi
+        )
     }
 
     /// Whether images of this format can be opened for writing (and created).
@@ -492,6 +497,12 @@ pub(crate) fn open_in_chain(
             }
             Ok(Arc::new(vhdx::Vhdx::open(storage, options, chain)?))
         }
+        Format::Vpc | Format::Vdi if snapshot.is_some() => Err(Error::format(
+            path,
+            format!("{} images have no snapshots", format.name()),
+        )),
+        Format::Vpc => Ok(Arc::new(vpc::Vpc::open(storage, options, chain)?)),
+        Format::Vdi => Ok(Arc::new(vdi::Vdi::open(storage)?)),
         other => Err(cannot_read(path, other)),
     }
 }
@@ -566,6 +577,10 @@ pub fn detect(storage: &dyn Storage) -> Result<Format> {
     }
     if head.get(64..68) == Some(b"\x7f\x10\xda\xbe".as_slice()) {
         return Ok(Format::Vdi);
+    }
+    // A fixed VHD's only footer is its last 512 bytes (QEMU probes these as raw).
+    if vpc::has_fixed_footer(storage)? {
+        return Ok(Format::Vpc);
     }
     Ok(Format::Raw)
 }
