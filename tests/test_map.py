@@ -384,6 +384,8 @@ class Page:
         return self.browser.pixel(*self.point(guest_offset))
 
     def tip_at(self, x: float, y: float) -> str:
+        """Hover the page point (x, y), scrolled into view; the tooltip's text."""
+        self.browser.eval(f"window.scrollTo(0, {max(0, y - 300)})")
         sx, sy = self.browser.eval("[window.scrollX, window.scrollY]")
         self.browser.hover(x - sx, y - sy)
         assert self.browser.eval("document.getElementById('tip').hidden") is False
@@ -566,3 +568,22 @@ def test_an_empty_image_and_a_snapshot(tmp_path, zoo, browser):
     ]
     assert rows == canonical(own)
     assert rows != [(e.offset, e.length, e.kind, e.depth, e.host_offset) for e in bv.map(snap.path)]
+
+
+def test_hostile_file_names_stay_text(tmp_path, browser):
+    """A file name is data, never markup or a placeholder: one spelling
+    ``</script>``, ``<!--`` and ``{{SCRIPT}}`` still gives a page that runs
+    cleanly and shows the name as it is."""
+    d = tmp_path / "<!--<"
+    d.mkdir()
+    img = d / "script>{{SCRIPT}}&amp;.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, 1 * MiB)
+    qemu_io(img, "write -P 7 0 64k")
+    out = tmp_path / "hostile.html"
+    bv.map_html(img, out)
+    page = Page(browser, out)
+    assert browser.console_problems() == []
+    assert page.data["files"] == [str(img)]
+    assert browser.eval("document.querySelector('#facts td').textContent") == str(img)
+    assert str(img) in page.tip_at(*page.point(0))
+    assert browser.eval("document.querySelectorAll('script').length") == 2

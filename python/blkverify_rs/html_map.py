@@ -16,6 +16,7 @@ import base64
 import html
 import json
 import os
+import re
 from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -154,8 +155,9 @@ def render(
         "findings": _findings(findings, pic["findings"]),
         "notes": _notes(findings),
     }
-    # "</" would end the script element early, whatever a file name says.
-    blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    # No "<" at all in the script element ("</script", "<!--"), whatever a
+    # file name says: JSON lets a string spell it \u003c.
+    blob = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
 
     legend = []
     for c in classes:
@@ -222,9 +224,8 @@ def render(
         "FINDINGS_COUNT": _grouped(len(findings)),
         "DATA": blob,
     }
-    for key, value in fill.items():
-        page = page.replace("{{" + key + "}}", value)
-    return page
+    # One pass, so a value that spells a placeholder (a file name) stays text.
+    return re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: fill[m.group(1)], page)
 
 
 def _segments(segments: list[tuple[int, str, int, int | None, int]]) -> list[int]:
