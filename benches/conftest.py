@@ -46,3 +46,19 @@ def compressed_pair(request: pytest.FixtureRequest, bench_dir: Path) -> tuple[Pa
 def sparse_pair(bench_dir: Path) -> tuple[Path, Path]:
     """BENCH_MIB of data in 64 runs over a disk 1024 times larger (1 TiB at 1024)."""
     return make_images.sparse_pair(bench_dir, BENCH_MIB)
+
+
+@pytest.fixture(scope="session", params=["monolithicSparse", "streamOptimized"])
+def vmdk_pair(request: pytest.FixtureRequest, bench_dir: Path) -> tuple[Path, Path, str]:
+    """2 x BENCH_MIB: random data as monolithicSparse, OS-like data as streamOptimized."""
+    if request.param == "monolithicSparse":
+        raw, vmdk = make_images.vmdk_sparse_pair(bench_dir, 2 * BENCH_MIB)
+    else:
+        raw, vmdk = make_images.vmdk_stream_pair(bench_dir, 2 * BENCH_MIB)
+    return raw, vmdk, request.param
+
+
+@pytest.fixture(scope="session")
+def qcow2_pair(bench_dir: Path) -> tuple[Path, Path]:
+    """Two fully allocated qcow2 images (2 x BENCH_MIB) of the same random disk."""
+    return make_images.qcow2_qcow2_pair(bench_dir, 2 * BENCH_MIB)

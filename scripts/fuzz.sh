@@ -1,5 +1,5 @@
 #!/bin/sh
-# Fuzz the image parsers (qcow2, vhdx, vpc, vdi) for a bounded time each (not run in CI).
+# Fuzz the image parsers (qcow2, vmdk, vhdx, vpc, vdi) for a bounded time each (not run in CI).
 #   sh scripts/fuzz.sh [SECONDS_PER_TARGET]   (TARGETS="a b" to pick targets)
 # Seeds are real images made by qemu-img; crashes land in fuzz/artifacts/<target>/.
 # Copy each crashing input into fuzz/regressions/<target>/ once fixed: `cargo
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-60}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 seeds=fuzz/corpus/read_image
-mkdir -p "$seeds" fuzz/corpus/header fuzz/corpus/l2_entry fuzz/corpus/write_image
+mkdir -p "$seeds" fuzz/corpus/header fuzz/corpus/l2_entry fuzz/corpus/write_image fuzz/corpus/read_vmdk
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 i=0
@@ -29,6 +29,23 @@ qemu-img snapshot -c s1 "$tmp/1.qcow2" && cp "$tmp/1.qcow2" "$seeds/seed-snapsho
 # A dirty image (lazy refcounts, killed mid-run): a writable open rebuilds its refcounts.
 qemu-io -c 'write -P 0x5a 0 64k' -c abort "$tmp/7.qcow2" >/dev/null 2>&1 || true
 { printf '\001\000\000\000\000\020\000\200\000'; cat "$tmp/7.qcow2"; } >fuzz/corpus/write_image/seed-dirty
+# read_vmdk: small disks of every kind qemu-img makes that fit in one file (a
+# sparse extent, stream-optimized, zeroed grains, a differencing child), and
+# the descriptor files of the others (their extents do not exist under the
+# fuzz name, so those seeds exercise the descriptor parser).
+vm=fuzz/corpus/read_vmdk
+qemu-img create -q -f raw "$tmp/src.raw" 1M
+qemu-io -f raw -c 'write -P 0xab 0 64k' -c 'write -P 0x11 512k 4k' "$tmp/src.raw" >/dev/null
+for sub in monolithicSparse streamOptimized monolithicFlat twoGbMaxExtentSparse twoGbMaxExtentFlat; do
+    qemu-img convert -f raw -O vmdk -o "subformat=$sub" "$tmp/src.raw" "$tmp/$sub.vmdk"
+    cp "$tmp/$sub.vmdk" "$vm/seed-$sub"
+done
+qemu-img create -q -f vmdk -o zeroed_grain=on "$tmp/zg.vmdk" 1M
+qemu-io -f vmdk -c 'write -z 0 128k' -c 'write -P 0x22 192k 64k' "$tmp/zg.vmdk" >/dev/null
+cp "$tmp/zg.vmdk" "$vm/seed-zeroed-grain"
+(cd "$tmp" && qemu-img create -q -f vmdk -b monolithicSparse.vmdk -F vmdk child.vmdk &&
+    qemu-io -f vmdk -c 'write -P 0x33 0 4k' child.vmdk >/dev/null)
+cp "$tmp/child.vmdk" "$vm/seed-child"
 # vhdx: small qemu-img images of each kind, and spec-built ones qemu-img cannot make
 # (a dirty log, a differencing disk, 4096-byte sectors) from the tests' builder.
 mkdir -p fuzz/corpus/read_vhdx
@@ -93,10 +110,10 @@ vb.Vhd(
 ).write(f"{out}/seed-differencing")
 PY
 # The regression inputs are seeds too (README.md files aside).
-for target in header l2_entry read_image write_image read_vhdx vpc_image vdi_image; do
+for target in header l2_entry read_image write_image read_vmdk read_vhdx vpc_image vdi_image; do
     find "fuzz/regressions/$target" -type f ! -name '*.md' -exec cp {} "fuzz/corpus/$target/" \;
 done
-for target in ${TARGETS:-header l2_entry read_image write_image read_vhdx vpc_image vdi_image}; do
+for target in ${TARGETS:-header l2_entry read_image write_image read_vmdk read_vhdx vpc_image vdi_image}; do
     echo "== $target: ${seconds}s"
     case $target in vpc_image | vdi_image) more="-max_len=4194304" ;; *) more="" ;; esac
     # shellcheck disable=SC2086

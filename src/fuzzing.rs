@@ -6,6 +6,7 @@
 use crate::driver::qcow2::{header, l2, Qcow2};
 use crate::driver::vdi::Vdi;
 use crate::driver::vhdx::{self, Vhdx};
+use crate::driver::vmdk::Vmdk;
 use crate::driver::vpc::Vpc;
 use crate::driver::{BlockDriver, OpenOptions};
 use crate::error::Error;
@@ -77,6 +78,21 @@ pub fn l2_entry(data: &[u8]) -> Vec<String> {
 pub fn read_image(data: &[u8], name: &str) -> Outcome {
     let storage = Arc::new(MemStorage::new(name, data.to_vec(), false));
     match Qcow2::open(storage, None, &options(false), &[]) {
+        Ok(image) => exercise_reads(&image),
+        Err(e) => Outcome {
+            open_error: Some(e),
+            ..Outcome::default()
+        },
+    }
+}
+
+/// Open `data` as a VMDK disk named `name` (a sparse extent, stream-optimized
+/// or not, or a text descriptor; files it names resolve next to `name`, which
+/// should not exist; parents are never followed), then map and read it as
+/// [`read_image`] does.
+pub fn read_vmdk(data: &[u8], name: &str) -> Outcome {
+    let storage = Arc::new(MemStorage::new(name, data.to_vec(), false));
+    match Vmdk::open(storage, &options(false), &[]) {
         Ok(image) => exercise_reads(&image),
         Err(e) => Outcome {
             open_error: Some(e),

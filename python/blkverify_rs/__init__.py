@@ -1,6 +1,6 @@
 """blkverify-rs: prove that a block driver returns the right bytes.
 
-Open qcow2 and raw images with :func:`open`, mirror I/O to a test image and a raw
+Open raw, qcow2 and vmdk images with :func:`open`, mirror I/O to a test image and a raw
 reference with ``open("blkverify:RAW:TEST")`` (a :class:`Device` that raises
 :class:`MismatchError` at the first corrupt sector), compare whole images with
 :func:`verify`, and list or draw an image's allocation with :func:`map` and
@@ -88,7 +88,7 @@ def open(
 
     ``format`` is one of ``formats(readable=True)`` or ``None`` to probe. ``read_only=False``
     opens for ``write``, ``write_zeroes``, ``discard`` and ``flush`` (formats blkverify
-    cannot write, such as vhdx, open read-only whatever it says); nothing is
+    cannot write, such as vmdk or vhdx, open read-only whatever it says); nothing is
     ever written otherwise. ``snapshot`` reads an internal qcow2 snapshot (by ID
     or name) instead of the active disk. ``backing=False`` reads unallocated
     ranges as zeros instead of following the backing chain, and
@@ -190,14 +190,17 @@ class _Record:
 class Mismatch(_Record):
     """A run of consecutive mismatching 512-byte sectors."""
 
-    __slots__ = ("error", "first_byte", "length", "mapping", "offset", "sector")
-    _defaults: ClassVar[dict[str, Any]] = {"error": None, "mapping": None}
+    __slots__ = ("error", "first_byte", "length", "mapping", "offset", "ref_mapping", "sector")
+    _defaults: ClassVar[dict[str, Any]] = {"error": None, "mapping": None, "ref_mapping": None}
     sector: int
     offset: int
     length: int
     first_byte: int
     error: str | None
+    # Where the first differing byte lives in the test image's metadata, and in
+    # the reference's when it has metadata (is not raw).
     mapping: dict[str, Any] | None
+    ref_mapping: dict[str, Any] | None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -210,6 +213,8 @@ class Mismatch(_Record):
             out["error"] = self.error
         if self.mapping is not None:
             out["mapping"] = self.mapping
+        if self.ref_mapping is not None:
+            out["ref_mapping"] = self.ref_mapping
         return out
 
 
@@ -295,7 +300,9 @@ def verify(
     threads: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> Report:
-    """Compare every guest sector of ``test`` with the raw reference ``raw``.
+    """Compare every guest sector of ``test`` with the reference ``raw``. Either
+    side may be in any format blkverify reads (raw, qcow2, vmdk; probed unless
+    ``raw_format``/``test_format`` say); the name ``raw`` is historical.
 
     Stops at the first mismatching sector unless ``all`` is true. A read error
     on the test side is a finding (a mismatch with ``error`` set); one on the

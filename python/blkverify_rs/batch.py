@@ -2,7 +2,8 @@
 
 A manifest line is ``RAW TEST`` (two whitespace-separated paths) or a JSON
 object ``{"raw", "test", "raw_format"?, "test_format"?, "snapshot"?, "all"?,
-"strict"?}``. Blank lines and lines starting with ``#`` are ignored. Relative
+"strict"?}``: RAW is the reference, in any format blkverify reads, as in
+``verify``. Blank lines and lines starting with ``#`` are ignored. Relative
 paths resolve against the manifest's directory. The verification itself runs in
 Rust through :func:`blkverify_rs.verify_many`; this module parses, shows
 progress and reports.
@@ -205,8 +206,9 @@ def batch(
 ) -> None:
     """Verify every pair listed in MANIFEST, in parallel.
 
-    A line is 'RAW TEST', or a JSON object {"raw", "test", "raw_format",
-    "test_format", "snapshot", "all", "strict"}; '#' starts a comment line.
+    A line is 'RAW TEST' (RAW: the reference, in any format), or a JSON object
+    {"raw", "test", "raw_format", "test_format", "snapshot", "all", "strict"};
+    '#' starts a comment line.
     Prints a summary table (or, with --json, one JSON object per pair: the
     verify --json object, or {"raw", "test", "error"}). With --html DIR, also
     draws each pair that differs: DIR/LINE-TESTNAME.html, the test image's map

@@ -52,7 +52,10 @@ for param in main.params:
 @click.argument("raw", type=click.Path(dir_okay=False))
 @click.argument("test", type=click.Path(dir_okay=False))
 @click.option(
-    "-f", "--raw-format", type=READABLE_FORMATS, help="Format of RAW (default: probe; must be raw)."
+    "-f",
+    "--raw-format",
+    type=READABLE_FORMATS,
+    help="Format of RAW, the reference (default: probe).",
 )
 @click.option("-F", "--test-format", type=READABLE_FORMATS, help="Format of TEST (default: probe).")
 @click.option(
@@ -98,7 +101,10 @@ def verify(
     max_backing_depth: int,
     html_out: str | None,
 ) -> None:
-    """Compare every guest sector of TEST with the raw reference RAW.
+    """Compare every guest sector of TEST with RAW, the reference, in any format.
+
+    RAW and TEST may each be in any format blkverify reads (see -f/-F): a qcow2
+    against its compressed copy, a vmdk against the qcow2 it came from.
 
     With --html OUT.html, also draw TEST's allocation map with every finding
     marked on it: one self-contained page (see 'blkverify map').
@@ -154,6 +160,9 @@ def verify(
 @click.argument("spec")
 def io(fmt: str | None, read_only: bool, commands: tuple[str, ...], spec: str) -> None:
     """Run qemu-io commands on SPEC: an image, or blkverify:RAW:TEST.
+
+    On the mirrored device RAW is always read as a raw image, as in QEMU's
+    blkverify: its writes must be trivially right. vmdk images open read-only.
 
     Commands: read, readv, write, writev, discard, flush, length, info, alloc, map,
     help, quit, with qemu-io's options and output. On a blkverify device every read

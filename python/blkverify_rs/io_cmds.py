@@ -424,6 +424,9 @@ class Session:
         else:
             fmt = self.dev.format
             self.p(f"format name: {fmt}")
+        if fmt == "vmdk":
+            self.vmdk_info(facts)
+            return
         if fmt == "vhdx":
             # qemu-io names the block size, and nothing format-specific.
             self.p(f"cluster size: {cvtstr(int(facts['cluster_size']))}")
@@ -453,6 +456,30 @@ class Session:
                 self.p(f"    data file raw: {facts.get('data_file_raw', 'false')}")
             self.p(f"    corrupt: {facts.get('corrupt', 'false')}")
             self.p(f"    extended l2: {facts.get('extended_l2', 'false')}")
+
+    def vmdk_info(self, facts: dict[str, str]) -> None:
+        """qemu-io's ``info`` for a vmdk disk: the descriptor's IDs and each extent."""
+        self.p(f"cluster size: {cvtstr(int(facts['cluster_size']))}")
+        self.p("vm state offset: 0 bytes")
+        self.p("Format specific information:")
+        self.p(f"    cid: {int(facts['cid'], 16)}")
+        self.p(f"    parent cid: {int(facts['parent_cid'], 16)}")
+        self.p(f"    create type: {facts['create_type']}")
+        self.p("    extents:")
+        for index in range(int(facts["extents"])):
+            extent = {
+                key.split(".", 2)[2]: value
+                for key, value in facts.items()
+                if key.startswith(f"extent.{index}.")
+            }
+            self.p(f"        [{index}]:")
+            if "compressed" in extent:
+                self.p(f"            compressed: {extent['compressed']}")
+            self.p(f"            virtual size: {extent['virtual_size']}")
+            self.p(f"            filename: {extent['filename']}")
+            if "cluster_size" in extent:
+                self.p(f"            cluster size: {extent['cluster_size']}")
+            self.p(f"            format: {extent['format']}")
 
     def cmd_alloc(self, argv: list[str]) -> None:
         offset = self.num(argv[1])

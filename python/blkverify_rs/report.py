@@ -72,6 +72,11 @@ def human(rep: Report, all_: bool = False) -> str:
         where = describe_mapping(m.mapping)
         if where:
             lines.append(f"  {rep.test_format} metadata: {where}")
+        # A reference with metadata of its own (not raw) is named too: either
+        # side may be the one that is wrong.
+        ref_where = describe_mapping(m.ref_mapping)
+        if ref_where:
+            lines.append(f"  reference {rep.raw_format} metadata: {ref_where}")
     if not rep.mismatches:
         lines.append(
             f"Images differ in size: {rep.raw} is {rep.raw_size} bytes, "

@@ -11,6 +11,7 @@ pub mod qcow2;
 pub mod raw;
 pub mod vdi;
 pub mod vhdx;
+pub mod vmdk;
 pub mod vpc;
 
 use crate::error::{Error, Result};
@@ -141,7 +142,7 @@ pub(crate) fn locate_in_backing(
 /// A disk-image format driver. Guest offsets are bytes from the start of the
 /// virtual disk. Every method takes `&self`, so one driver serves many threads.
 pub trait BlockDriver: Send + Sync {
-    /// The format name: "raw" or "qcow2".
+    /// The format name, as QEMU spells it ("raw", "qcow2", "vmdk").
     fn format_name(&self) -> &'static str;
 
     /// The image file's path.
@@ -320,7 +321,7 @@ impl Format {
     pub fn can_read(&self) -> bool {
         matches!(
             self,
-            Format::Raw | Format::Qcow2 | Format::Vpc | Format::Vhdx | Format::Vdi
+            Format::Raw | Format::Qcow2 | Format::Vmdk | Format::Vpc | Format::Vhdx | Format::Vdi
         )
     }
 
@@ -488,6 +489,15 @@ pub(crate) fn open_in_chain(
         Format::Qcow2 => Ok(Arc::new(qcow2::Qcow2::open(
             storage, snapshot, options, chain,
         )?)),
+        Format::Vmdk => {
+            if let Some(name) = snapshot {
+                return Err(Error::format(
+                    path,
+                    format!("vmdk images have no internal snapshots (asked for snapshot '{name}')"),
+                ));
+            }
+            Ok(Arc::new(vmdk::Vmdk::open(storage, options, chain)?))
+        }
         Format::Vhdx => {
             if let Some(name) = snapshot {
                 return Err(Error::format(
@@ -503,7 +513,6 @@ pub(crate) fn open_in_chain(
         )),
         Format::Vpc => Ok(Arc::new(vpc::Vpc::open(storage, options, chain)?)),
         Format::Vdi => Ok(Arc::new(vdi::Vdi::open(storage)?)),
-        other => Err(cannot_read(path, other)),
     }
 }
 
@@ -566,6 +575,9 @@ pub fn detect(storage: &dyn Storage) -> Result<Format> {
     }
     let magics: &[(&[u8], Format)] = &[
         (b"KDMV", Format::Vmdk),
+        // ESX's older sparse extent (vmfsSparse): probed as VMDK, as QEMU
+        // does, so that it is refused by name rather than compared as raw.
+        (b"COWD", Format::Vmdk),
         (b"# Disk DescriptorFile", Format::Vmdk),
         (b"conectix", Format::Vpc),
         (b"vhdxfile", Format::Vhdx),

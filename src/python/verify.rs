@@ -5,7 +5,7 @@ use super::detached::run_with_progress;
 use super::errors::to_pyerr;
 use super::image::location_dict;
 use super::options::{format_for, open_options, verify_options, Kwargs};
-use crate::driver::{Access, OpenOptions};
+use crate::driver::{Access, BlockDriver, Location, OpenOptions};
 use crate::error::Error;
 use crate::verify::{self as engine, BatchProgress, Progress, Verified, VerifyJob, VerifyOptions};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
@@ -13,8 +13,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyMapping};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::sync::Arc;
 
-/// Where the first mismatches live in the test image's metadata (for reports).
+/// Where the first mismatches live in each side's metadata (for reports).
 const MAX_LOCATED: usize = 1000;
 
 /// The keys a pair may have.
@@ -143,39 +144,49 @@ fn job_options(
     Ok((open, verify))
 }
 
-/// The report as a dict (see the Python `Report`). Locating mismatches reads
-/// metadata, so it runs with the GIL released.
+/// Where each of `offsets` lives in `image`'s metadata (`None` where it has
+/// none to name: a raw image, or past its end). Locating reads metadata, so it
+/// runs with the GIL released; it is best effort: an error or a panic just
+/// leaves no mapping.
+fn locate_all(
+    py: Python<'_>,
+    image: &Arc<dyn BlockDriver>,
+    offsets: &[u64],
+) -> Vec<Option<Location>> {
+    let image = image.clone();
+    py.detach(move || {
+        catch_unwind(AssertUnwindSafe(|| {
+            offsets
+                .iter()
+                .map(|&o| {
+                    if o < image.size() {
+                        image.locate(o).ok().flatten()
+                    } else {
+                        None
+                    }
+                })
+                .collect::<Vec<_>>()
+        }))
+        .unwrap_or_default()
+    })
+}
+
+/// The report as a dict (see the Python `Report`).
 fn report_dict<'py>(
     py: Python<'py>,
     job: &VerifyJob,
     verified: &Verified,
 ) -> PyResult<Bound<'py, PyDict>> {
     let report = &verified.report;
-    let locations = {
-        let td = verified.test.clone();
-        let offsets: Vec<u64> = report
-            .mismatches
-            .iter()
-            .take(MAX_LOCATED)
-            .map(|m| m.first_byte)
-            .collect();
-        // Locating is best effort: an error or a panic just leaves no mapping.
-        py.detach(move || {
-            catch_unwind(AssertUnwindSafe(|| {
-                offsets
-                    .iter()
-                    .map(|&o| {
-                        if o < td.size() {
-                            td.locate(o).ok().flatten()
-                        } else {
-                            None
-                        }
-                    })
-                    .collect::<Vec<_>>()
-            }))
-            .unwrap_or_default()
-        })
-    };
+    let offsets: Vec<u64> = report
+        .mismatches
+        .iter()
+        .take(MAX_LOCATED)
+        .map(|m| m.first_byte)
+        .collect();
+    // Both sides: a reference with metadata (not raw) is named too.
+    let locations = locate_all(py, &verified.test, &offsets);
+    let ref_locations = locate_all(py, &verified.raw, &offsets);
 
     let d = PyDict::new(py);
     d.set_item("raw", job.raw.display().to_string())?;
@@ -192,16 +203,13 @@ fn report_dict<'py>(
     d.set_item("truncated", report.truncated)?;
     let mut warnings = report.warnings.clone();
     if !job.test_options.backing.follow {
-        if let Some((_, name)) = verified
-            .test
-            .info()
-            .into_iter()
-            .find(|(k, _)| k == "backing_file")
-        {
-            warnings.push(format!(
-                "{}: backing file '{name}' was not opened (--no-backing): unallocated clusters were compared as zeros",
-                job.test.display()
-            ));
+        for (path, image) in [(&job.raw, &verified.raw), (&job.test, &verified.test)] {
+            if let Some((_, name)) = image.info().into_iter().find(|(k, _)| k == "backing_file") {
+                warnings.push(format!(
+                    "{}: backing file '{name}' was not opened (--no-backing): unallocated clusters were compared as zeros",
+                    path.display()
+                ));
+            }
         }
     }
     d.set_item("warnings", PyList::new(py, &warnings)?)?;
@@ -217,6 +225,9 @@ fn report_dict<'py>(
         }
         if let Some(Some(loc)) = locations.get(i) {
             md.set_item("mapping", location_dict(py, loc)?)?;
+        }
+        if let Some(Some(loc)) = ref_locations.get(i) {
+            md.set_item("ref_mapping", location_dict(py, loc)?)?;
         }
         list.append(md)?;
     }

@@ -2,7 +2,7 @@
 //! compressed clusters, zero clusters, backing chains, external data files and
 //! internal snapshots.
 
-mod cache;
+pub(crate) mod cache;
 mod compressed;
 pub mod create;
 pub mod header;
