@@ -24,8 +24,8 @@ pub use picture::{
 pub enum MapKind {
     /// Data stored uncompressed at `host_offset` in `file`.
     Data,
-    /// Compressed clusters in `file` (no single host offset: each cluster has
-    /// its own stream).
+    /// Compressed clusters or grains in `file` (no single host offset: each
+    /// has its own stream).
     Compressed,
     /// Reads as zeros because the metadata says so (a zero cluster, a hole in a
     /// raw file).
@@ -64,8 +64,9 @@ pub struct MapExtent {
     pub depth: u32,
     /// Where the range's first byte is stored in `file` (data only).
     pub host_offset: Option<u64>,
-    /// The file the bytes are stored in (data: the image, its external data
-    /// file or extent file), else the image at `depth` whose metadata answered.
+    /// The file the bytes are stored in (data and compressed: the image, its
+    /// external data file or extent file), else the image at `depth` whose
+    /// metadata answered.
     pub file: Arc<Path>,
 }
 
@@ -187,7 +188,7 @@ impl Walker<'_> {
                 }
             };
             let file = match kind {
-                MapKind::Data => self.data_file(layer, at),
+                MapKind::Data | MapKind::Compressed => self.stored_in(layer, at, kind),
                 _ => self.file(layer.path()),
             };
             self.emit(MapExtent {
@@ -232,11 +233,12 @@ impl Walker<'_> {
         Ok(())
     }
 
-    /// The file that holds `layer`'s data at `offset`: the format's `locate`
-    /// names it (an external data file, an extent); else the image itself.
-    fn data_file(&mut self, layer: &dyn BlockDriver, offset: u64) -> Arc<Path> {
+    /// The file that stores `layer`'s `kind` of bytes at `offset`: the
+    /// format's `locate` names it (an external data file, a VMDK extent file);
+    /// else the image itself.
+    fn stored_in(&mut self, layer: &dyn BlockDriver, offset: u64, kind: MapKind) -> Arc<Path> {
         match layer.locate(offset) {
-            Ok(Some(location)) if location.kind == "data" => self.file(&location.file),
+            Ok(Some(location)) if location.kind == kind.name() => self.file(&location.file),
             _ => self.file(layer.path()),
         }
     }
