@@ -2,8 +2,9 @@
 
 Open raw, qcow2 and vmdk images with :func:`open`, mirror I/O to a test image and a raw
 reference with ``open("blkverify:RAW:TEST")`` (a :class:`Device` that raises
-:class:`MismatchError` at the first corrupt sector), and compare whole images with
-:func:`verify`. The heavy work runs in Rust with the GIL released.
+:class:`MismatchError` at the first corrupt sector), compare whole images with
+:func:`verify`, and list or draw an image's allocation with :func:`map` and
+:func:`map_html`. The heavy work runs in Rust with the GIL released.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from blkverify_rs._native import (
     Error,
     FormatError,
     Image,
+    MapExtent,
     MismatchError,
     check_pair,
     formats,
@@ -47,6 +49,7 @@ __all__ = [
     "ExerciseResult",
     "FormatError",
     "Image",
+    "MapExtent",
     "Mismatch",
     "MismatchError",
     "Report",
@@ -57,6 +60,8 @@ __all__ = [
     "digest",
     "exercise",
     "formats",
+    "map",
+    "map_html",
     "open",
     "parse_size",
     "shrink",
@@ -168,7 +173,7 @@ class _Record:
                 value = values.pop(name)
             elif name in self._defaults:
                 value = self._defaults[name]
-                value = list(value) if isinstance(value, list) else value
+                value = type(value)(value) if isinstance(value, (list, dict)) else value
             else:
                 raise TypeError(f"{type(self).__name__}() missing argument: {name!r}")
             object.__setattr__(self, name, value)
@@ -266,12 +271,18 @@ class Report(_Record):
         "raw_size",
         "test",
         "test_format",
+        "test_options",
         "test_size",
         "truncated",
         "virtual_size",
         "warnings",
     )  # fmt: skip
-    _defaults: ClassVar[dict[str, Any]] = {"warnings": [], "mismatches": [], "block_size": None}
+    _defaults: ClassVar[dict[str, Any]] = {
+        "warnings": [],
+        "mismatches": [],
+        "block_size": None,
+        "test_options": {},
+    }
     raw: str
     test: str
     raw_format: str
@@ -287,6 +298,18 @@ class Report(_Record):
     warnings: list[str]
     mismatches: list[Mismatch] | list[BlockMismatch]
     block_size: int | None
+    # How verify opened TEST (format, snapshot, backing policy), so that
+    # to_html draws the image verify read; not part of to_dict.
+    test_options: dict[str, Any]
+
+    def to_html(self, path: PathLike, progress: Callable[[int, int], None] | None = None) -> None:
+        """Write the HTML map of the test image with every finding marked on it
+        (see :func:`map_html`). The test image is opened again, as verify
+        opened it, and its metadata walked once; unreadable metadata is drawn
+        as such rather than raised."""
+        from blkverify_rs import html_map
+
+        html_map.write_report(self, os.fspath(path), progress=progress)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as the CLI's ``--json`` prints it."""
@@ -474,6 +497,78 @@ def verify_many(
         threads=threads,
     )
     return [r if isinstance(r, BaseException) else _report(r) for r in results]
+
+
+def map(
+    path: PathLike,
+    format: str | None = None,
+    *,
+    snapshot: str | None = None,
+    backing: bool = True,
+    max_backing_depth: int = 16,
+    allow_backing_anywhere: bool = False,
+    timeout: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[MapExtent]:
+    """The allocation map of the whole image at ``path``, as ``qemu-img map``
+    gives it: a list of :class:`MapExtent` in guest order, neighbours that
+    agree (kind, depth, file and, for data, a contiguous host range) merged.
+
+    A ``MapExtent`` is immutable, with ``offset``, ``length``, ``kind``
+    (``data``, ``compressed``, ``zero`` or ``unallocated``: what the metadata
+    of the layer that answers says), ``depth`` (that layer: 0 the image, 1 its
+    backing file...; for ``unallocated``, the deepest layer asked),
+    ``host_offset`` (where a data range's first byte is stored in ``file``,
+    else None) and ``file`` (the file holding a data range's bytes: the image,
+    its external data file; else the image at ``depth``); ``to_dict()`` gives
+    the ``--json`` object.
+
+    The image is opened read-only as :func:`open` opens it (the backing
+    policy applies) and only its metadata is read, once. Unreadable metadata
+    raises :class:`CorruptImageError`. ``progress(done, total)`` is called now
+    and then; Ctrl-C raises ``KeyboardInterrupt``.
+    """
+    return _native.map(
+        os.fspath(path),
+        progress=progress,
+        format=format,
+        snapshot=snapshot,
+        backing=backing,
+        max_backing_depth=max_backing_depth,
+        allow_backing_anywhere=allow_backing_anywhere,
+        timeout=timeout,
+    )
+
+
+def map_html(
+    path: PathLike,
+    out: PathLike,
+    format: str | None = None,
+    *,
+    snapshot: str | None = None,
+    backing: bool = True,
+    max_backing_depth: int = 16,
+    allow_backing_anywhere: bool = False,
+    timeout: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Write ``out``: one self-contained HTML page drawing the guest address
+    space of the image at ``path``, coloured by mapping kind, with a legend
+    (bytes and share per kind), the image's facts and a scale. The image is
+    opened as :func:`map` opens it. See the README for the page's layout."""
+    from blkverify_rs import html_map
+
+    html_map.write_image(
+        os.fspath(path),
+        os.fspath(out),
+        progress=progress,
+        format=format,
+        snapshot=snapshot,
+        backing=backing,
+        max_backing_depth=max_backing_depth,
+        allow_backing_anywhere=allow_backing_anywhere,
+        timeout=timeout,
+    )
 
 
 # The exercise workload's API is imported on first use: it needs dataclasses,

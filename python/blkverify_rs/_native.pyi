@@ -50,6 +50,31 @@ class Image:
     def __enter__(self) -> Image: ...
     def __exit__(self, _exc_type: Any, _exc: Any, _tb: Any) -> bool: ...
 
+class MapExtent:
+    def __new__(
+        cls,
+        *,
+        offset: int,
+        length: int,
+        kind: str,
+        depth: int,
+        host_offset: int | None,
+        file: str,
+    ) -> MapExtent: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def depth(self) -> int: ...
+    @property
+    def host_offset(self) -> int | None: ...
+    @property
+    def file(self) -> str: ...
+    def to_dict(self) -> dict[str, Any]: ...
+
 class Device:
     @property
     def size(self) -> int: ...
@@ -110,6 +135,9 @@ class BlockDigests:
 #     allow_backing_anywhere
 #   create options: size, format, cluster_size, version, refcount_bits,
 #     extended_l2, lazy_refcounts, backing, backing_format
+#   map options: the open options (read_only is ignored: maps open read-only);
+#     map_picture also findings ((offset, length, first_byte) runs), cover,
+#     max_cells, mark_errors
 # A pair is (raw, test) or a mapping with raw, test and optionally raw_format,
 # test_format, snapshot, all, strict.
 
@@ -132,6 +160,12 @@ def digest(
     path: str | PathLike[str],
     progress: Callable[[int, int], None] | None = None,
     **options: Any,
+) -> dict[str, Any]: ...
+def map(
+    path: str, progress: Callable[[int, int], None] | None = None, **options: Any
+) -> list[MapExtent]: ...
+def map_picture(
+    path: str, progress: Callable[[int, int], None] | None = None, **options: Any
 ) -> dict[str, Any]: ...
 def exercise(
     spec: str | None = None, progress: Callable[[int], None] | None = None, **options: Any

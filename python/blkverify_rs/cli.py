@@ -20,10 +20,12 @@ from blkverify_rs.cli_common import (
     READABLE_FORMATS,
     REFERENCE_FORMATS,
     WRITABLE_FORMATS,
+    backing_options,
     describe_error,
     fail,
     reported,
 )
+from blkverify_rs.map_cmd import map_command
 
 
 def _version() -> str:
@@ -77,22 +79,14 @@ for param in main.params:
 @click.option(
     "--threads", type=click.IntRange(0, 64), default=0, help="Worker threads (0: one per core)."
 )
+@backing_options
 @click.option(
-    "--no-backing",
-    is_flag=True,
-    help="Do not open backing files: unallocated clusters compare as zeros (and say so).",
-)
-@click.option(
-    "--allow-backing-anywhere",
-    is_flag=True,
-    help="Follow backing files outside the directory of the image that names them.",
-)
-@click.option(
-    "--max-backing-depth",
-    type=click.IntRange(0, 1024),
-    default=16,
-    show_default=True,
-    help="The longest backing chain to follow.",
+    "--html",
+    "html_out",
+    metavar="OUT.html",
+    type=click.Path(dir_okay=False),
+    help="Also write the test image's HTML map with every finding marked on it "
+    "(implies --all, up to the run cap).",
 )
 def verify(
     raw: str,
@@ -109,6 +103,7 @@ def verify(
     no_backing: bool,
     allow_backing_anywhere: bool,
     max_backing_depth: int,
+    html_out: str | None,
 ) -> None:
     """Compare every guest sector of TEST with RAW, the reference, in any format.
 
@@ -117,6 +112,10 @@ def verify(
 
     RAW may be a block digests file ('blkverify digest --blocks'): TEST is then
     hashed block by block, and blocks whose digests differ are the findings.
+
+    With --html OUT.html, also draw TEST's allocation map with every finding
+    marked on it: one self-contained page (see 'blkverify map').
+
     Exit status: 0 identical, 1 they differ (or TEST could not be read somewhere),
     2 an error (bad usage, an image that cannot be opened, a reference read error).
     """
@@ -128,7 +127,7 @@ def verify(
         rep = bv.verify(
             raw,
             test,
-            all=all_,
+            all=all_ or html_out is not None,
             raw_format=raw_format,
             test_format=test_format,
             strict=strict,
@@ -145,7 +144,10 @@ def verify(
         if as_json:
             click.echo(report.to_json(rep))
         else:
-            click.echo(report.human(rep, all_=all_), nl=False)
+            click.echo(report.human(rep, all_=all_ or html_out is not None), nl=False)
+    if html_out is not None:
+        with reported():
+            rep.to_html(html_out)
     sys.exit(EXIT_OK if rep.identical else EXIT_FINDING)
 
 
@@ -180,23 +182,7 @@ def verify(
     help="Show a progress bar on stderr (default: when stderr is a terminal).",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Print only the digests and errors.")
-@click.option(
-    "--no-backing",
-    is_flag=True,
-    help="Do not open backing files: unallocated clusters hash as zeros (and say so).",
-)
-@click.option(
-    "--allow-backing-anywhere",
-    is_flag=True,
-    help="Follow backing files outside the directory of the image that names them.",
-)
-@click.option(
-    "--max-backing-depth",
-    type=click.IntRange(0, 1024),
-    default=16,
-    show_default=True,
-    help="The longest backing chain to follow.",
-)
+@backing_options
 def digest(
     images: tuple[str, ...],
     fmt: str | None,
@@ -464,6 +450,7 @@ def create(
 
 
 main.add_command(batch)
+main.add_command(map_command)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ mod digest;
 mod errors;
 mod exercise;
 mod image;
+mod map;
 mod options;
 mod rules;
 mod verify;
@@ -39,6 +40,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<image::PyImage>()?;
     m.add_class::<device::PyDevice>()?;
     m.add_class::<digest::PyBlockDigests>()?;
+    m.add_class::<map::PyMapExtent>()?;
     m.add_function(wrap_pyfunction!(image::open, m)?)?;
     m.add_function(wrap_pyfunction!(device::open_device, m)?)?;
     m.add_function(wrap_pyfunction!(image::probe_format, m)?)?;
@@ -47,6 +49,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify::verify_many, m)?)?;
     m.add_function(wrap_pyfunction!(verify::check_pair, m)?)?;
     m.add_function(wrap_pyfunction!(digest::digest, m)?)?;
+    m.add_function(wrap_pyfunction!(map::map, m)?)?;
+    m.add_function(wrap_pyfunction!(map::map_picture, m)?)?;
     m.add_function(wrap_pyfunction!(exercise::exercise, m)?)?;
     m.add_function(wrap_pyfunction!(exercise::read_log, m)?)?;
     m.add_function(wrap_pyfunction!(exercise::write_log, m)?)?;

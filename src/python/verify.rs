@@ -285,6 +285,21 @@ fn report_dict<'py>(
         list.append(md)?;
     }
     d.set_item("mismatches", list)?;
+    d.set_item("test_options", open_kwargs(py, &job.test_options)?)?;
+    Ok(d)
+}
+
+/// The keyword arguments that open an image as `options` say (`format` only
+/// when the caller named one), so a report can reopen its test image as
+/// verify did (to draw its map).
+fn open_kwargs<'py>(py: Python<'py>, options: &OpenOptions) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("format", options.format.map(|f| f.name()))?;
+    d.set_item("snapshot", options.snapshot.as_deref())?;
+    d.set_item("backing", options.backing.follow)?;
+    d.set_item("max_backing_depth", options.backing.max_depth)?;
+    d.set_item("allow_backing_anywhere", options.backing.allow_anywhere)?;
+    d.set_item("timeout", options.io_timeout.map(|t| t.as_secs_f64()))?;
     Ok(d)
 }
 
