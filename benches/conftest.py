@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import bench_table
 import make_images
 import pytest
 
@@ -62,3 +63,9 @@ def vmdk_pair(request: pytest.FixtureRequest, bench_dir: Path) -> tuple[Path, Pa
 def qcow2_pair(bench_dir: Path) -> tuple[Path, Path]:
     """Two fully allocated qcow2 images (2 x BENCH_MIB) of the same random disk."""
     return make_images.qcow2_qcow2_pair(bench_dir, 2 * BENCH_MIB)
+
+
+@pytest.fixture(scope="session")
+def blksum(request: pytest.FixtureRequest) -> Path:
+    """The real blksum (blkhash 0.11), built from source into pytest's cache once."""
+    return Path(bench_table.build_blksum(request.config.cache.mkdir("blksum")))

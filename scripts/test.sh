@@ -7,7 +7,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check 'pytest>=8' 'pytest-benchmark>=4' \
-    'distributed>=2024.1'
+    'blake3>=1' 'distributed>=2024.1'
 cargo test --release --quiet
 # Two runs: tests/ and benches/ each have a conftest.py that their modules
 # import helpers from, and one pytest process can hold only one "conftest".

@@ -3,6 +3,7 @@
 //! run exactly the same code on an input: a crash the fuzzer found is replayed
 //! as it was found, not by a copy that may have drifted.
 
+use crate::digest::BlockDigests;
 use crate::driver::qcow2::{header, l2, Qcow2};
 use crate::driver::vdi::Vdi;
 use crate::driver::vhdx::{self, Vhdx};
@@ -71,6 +72,29 @@ pub fn l2_entry(data: &[u8]) -> Vec<String> {
         errors.extend(l2::decode_subcluster(entry, bitmap, index, cluster_bits, data_file).err());
     }
     errors
+}
+
+/// Parse `data` as a block digests file named `name`; if it parses, look up
+/// the first, the last and a past-the-end block and walk all its runs.
+pub fn digests_file(data: &[u8], name: &str) -> Outcome {
+    match BlockDigests::parse(std::path::Path::new(name), data) {
+        Err(e) => Outcome {
+            open_error: Some(e),
+            ..Outcome::default()
+        },
+        Ok(file) => {
+            let count = file.block_count();
+            for index in [0, count.saturating_sub(1), count, u64::MAX] {
+                let _ = file.block(index);
+            }
+            let covered: u64 = file.runs_in(0, count).map(|r| r.count).sum();
+            assert_eq!(
+                covered, count,
+                "the runs of a parsed file cover every block"
+            );
+            Outcome::default()
+        }
+    }
 }
 
 /// Open `data` as a read-only qcow2 image named `name`, map its first 8 MiB and

@@ -67,6 +67,42 @@ fn header_regressions_give_errors_not_panics() {
     );
 }
 
+/// Block digests files named `valid-*` (written by `blkverify digest`) must
+/// parse; `bad-*` (one field damaged, most with the checksum redone so the
+/// damage is what is found) must be refused naming the file.
+#[test]
+fn digests_file_regressions_give_errors_not_panics() {
+    let (mut valid, mut bad) = (0, 0);
+    for path in inputs("digests_file") {
+        let data = std::fs::read(&path).unwrap();
+        let name = file_name(&path);
+        match fuzzing::digests_file(&data, "regression.digests").open_error {
+            Some(e) => {
+                assert!(
+                    !name.starts_with("valid-"),
+                    "{}: a valid file is refused: {e}",
+                    path.display()
+                );
+                assert!(
+                    e.to_string().contains("regression.digests"),
+                    "{}: {e}",
+                    path.display()
+                );
+                bad += 1;
+            }
+            None => {
+                assert!(
+                    !name.starts_with("bad-"),
+                    "{}: a damaged file is accepted",
+                    path.display()
+                );
+                valid += 1;
+            }
+        }
+    }
+    assert!(valid > 0 && bad > 0, "{valid} files parsed, {bad} refused");
+}
+
 /// Every entry decodes or is refused with a message that shows the entry (or
 /// its bitmap) it refuses.
 #[test]

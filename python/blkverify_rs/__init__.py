@@ -2,8 +2,9 @@
 
 Open raw, qcow2 and vmdk images with :func:`open`, mirror I/O to a test image and a raw
 reference with ``open("blkverify:RAW:TEST")`` (a :class:`Device` that raises
-:class:`MismatchError` at the first corrupt sector), and compare whole images with
-:func:`verify`. The heavy work runs in Rust with the GIL released.
+:class:`MismatchError` at the first corrupt sector), compare whole images with
+:func:`verify`, and list or draw an image's allocation with :func:`map` and
+:func:`map_html`. The heavy work runs in Rust with the GIL released.
 """
 
 from __future__ import annotations
@@ -14,13 +15,17 @@ from typing import Any, ClassVar
 
 from blkverify_rs import _native
 from blkverify_rs._native import (
+    DIGEST_ALGORITHMS,
+    DIGESTS_FORMAT,
     MAX_QUEUE_DEPTH,
     SECTOR_SIZE,
+    BlockDigests,
     CorruptImageError,
     Device,
     Error,
     FormatError,
     Image,
+    MapExtent,
     MismatchError,
     check_pair,
     formats,
@@ -31,15 +36,21 @@ from blkverify_rs._native import (
 __version__: str = _native.__version__
 
 __all__ = [
+    "DIGESTS_FORMAT",
+    "DIGEST_ALGORITHMS",
     "MAX_QUEUE_DEPTH",
     "SECTOR_SIZE",
+    "BlockDigests",
+    "BlockMismatch",
     "CorruptImageError",
     "Device",
+    "Digest",
     "Error",
     "ExerciseFinding",
     "ExerciseResult",
     "FormatError",
     "Image",
+    "MapExtent",
     "Mismatch",
     "MismatchError",
     "Report",
@@ -47,9 +58,12 @@ __all__ = [
     "__version__",
     "check_pair",
     "create",
+    "digest",
     "exercise",
     "formats",
     "is_nbd_uri",
+    "map",
+    "map_html",
     "open",
     "parse_size",
     "shrink",
@@ -161,7 +175,7 @@ class _Record:
                 value = values.pop(name)
             elif name in self._defaults:
                 value = self._defaults[name]
-                value = list(value) if isinstance(value, list) else value
+                value = type(value)(value) if isinstance(value, (list, dict)) else value
             else:
                 raise TypeError(f"{type(self).__name__}() missing argument: {name!r}")
             object.__setattr__(self, name, value)
@@ -224,10 +238,40 @@ class Mismatch(_Record):
         return out
 
 
+class BlockMismatch(_Record):
+    """A run of consecutive blocks whose digests differ from a block digests
+    file's (a digest does not say which byte differs, so there is no
+    ``first_byte``)."""
+
+    __slots__ = ("block", "blocks", "error", "length", "mapping", "offset")
+    _defaults: ClassVar[dict[str, Any]] = {"error": None, "mapping": None}
+    block: int
+    blocks: int
+    offset: int
+    length: int
+    error: str | None
+    mapping: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "block": self.block,
+            "blocks": self.blocks,
+            "offset": self.offset,
+            "length": self.length,
+        }
+        if self.error is not None:
+            out["error"] = self.error
+        if self.mapping is not None:
+            out["mapping"] = self.mapping
+        return out
+
+
 class Report(_Record):
-    """What :func:`verify` found."""
+    """What :func:`verify` found. Against a block digests file, ``block_size``
+    is set and the mismatches are :class:`BlockMismatch` runs."""
 
     __slots__ = (
+        "block_size",
         "bytes_compared",
         "bytes_read",
         "elapsed_s",
@@ -239,12 +283,19 @@ class Report(_Record):
         "raw_size",
         "test",
         "test_format",
+        "test_options",
         "test_size",
         "truncated",
         "virtual_size",
         "warnings",
     )  # fmt: skip
-    _defaults: ClassVar[dict[str, Any]] = {"warnings": [], "mismatches": [], "range": None}
+    _defaults: ClassVar[dict[str, Any]] = {
+        "warnings": [],
+        "mismatches": [],
+        "block_size": None,
+        "test_options": {},
+        "range": None,
+    }
     raw: str
     test: str
     raw_format: str
@@ -258,9 +309,22 @@ class Report(_Record):
     elapsed_s: float
     truncated: bool
     warnings: list[str]
-    mismatches: list[Mismatch]
+    mismatches: list[Mismatch] | list[BlockMismatch]
+    block_size: int | None
     range: tuple[int, int] | None
     """``(start, length)`` when the report covers part of the disk only."""
+    # How verify opened TEST (format, snapshot, backing policy), so that
+    # to_html draws the image verify read; not part of to_dict.
+    test_options: dict[str, Any]
+
+    def to_html(self, path: PathLike, progress: Callable[[int, int], None] | None = None) -> None:
+        """Write the HTML map of the test image with every finding marked on it
+        (see :func:`map_html`). The test image is opened again, as verify
+        opened it, and its metadata walked once; unreadable metadata is drawn
+        as such rather than raised."""
+        from blkverify_rs import html_map
+
+        html_map.write_report(self, os.fspath(path), progress=progress)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as the CLI's ``--json`` prints it."""
@@ -281,6 +345,8 @@ class Report(_Record):
         }
         if self.range is not None:
             out["range"] = {"start": self.range[0], "length": self.range[1]}
+        if self.block_size is not None:
+            out["block_size"] = self.block_size
         return out
 
 
@@ -315,6 +381,11 @@ def verify(
     range may end where the disk does; the report's ``range`` says which bytes
     it covers. Reports of consecutive ranges merge into the whole-disk report
     (a cluster does that with large pairs, see :func:`verify_many`).
+
+    ``raw`` may instead be a block digests file (written by :func:`digest` with
+    ``blocks=``): recognised by its magic, or named with ``raw_format="digests"``.
+    ``test`` is then hashed block by block, and the mismatches are the
+    :class:`BlockMismatch` runs of blocks whose digests differ.
     """
     pair = {
         "raw": raw,
@@ -340,8 +411,80 @@ def verify(
 
 def _report(d: dict[str, Any]) -> Report:
     d = dict(d)
-    mismatches = [Mismatch(**m) for m in d.pop("mismatches")]
+    kind = Mismatch if d.get("block_size") is None else BlockMismatch
+    mismatches = [kind(**m) for m in d.pop("mismatches")]
     return Report(mismatches=mismatches, **d)
+
+
+class Digest(_Record):
+    """An image's digest, as :func:`digest` computes it."""
+
+    __slots__ = (
+        "algorithm", "block_size", "bytes_read", "elapsed_s", "hexdigest", "image", "size",
+        "warnings",
+    )  # fmt: skip
+    _defaults: ClassVar[dict[str, Any]] = {"warnings": []}
+    image: str
+    hexdigest: str
+    algorithm: str
+    block_size: int
+    size: int
+    bytes_read: int
+    elapsed_s: float
+    warnings: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The digest as ``blkverify digest --json`` prints it."""
+        return {
+            "image": self.image,
+            "digest": self.hexdigest,
+            "algorithm": self.algorithm,
+            "block_size": self.block_size,
+            "size": self.size,
+            "elapsed_s": self.elapsed_s,
+        }
+
+
+def digest(
+    path: PathLike,
+    format: str | None = None,
+    *,
+    algorithm: str = "sha256",
+    threads: int = 0,
+    blocks: PathLike | None = None,
+    snapshot: str | None = None,
+    backing: bool = True,
+    max_backing_depth: int = 16,
+    allow_backing_anywhere: bool = False,
+    timeout: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Digest:
+    """The digest of the guest data of the image at ``path``: blkhash 0.11's
+    construction, ``H(H(b1) || ... || H(bN) || le64(size))`` over 64 KiB blocks,
+    what ``blksum`` prints. ``algorithm`` is ``"sha256"`` or ``"blake3"``.
+
+    The image opens as :func:`open` opens it (``format``, ``snapshot``, the
+    backing options, NBD URIs). Ranges it maps as zeros are not read. With
+    ``blocks``, the block digests file is written there too (see
+    :class:`BlockDigests`). ``progress(done, total)`` is called about ten times
+    a second; the work runs on ``threads`` threads (0: one per core) with the
+    GIL released.
+    """
+    d = _native.digest(
+        os.fspath(path),
+        progress=progress,
+        format=format,
+        snapshot=snapshot,
+        backing=backing,
+        max_backing_depth=max_backing_depth,
+        allow_backing_anywhere=allow_backing_anywhere,
+        timeout=timeout,
+        algorithm=algorithm,
+        threads=threads,
+        blocks=None if blocks is None else os.fspath(blocks),
+    )
+    d["hexdigest"] = d.pop("digest")
+    return Digest(**d)
 
 
 def verify_many(
@@ -422,6 +565,78 @@ def _pair_dict(pair: tuple[PathLike, PathLike] | Mapping[str, Any]) -> dict[str,
     if "workers" in d:
         d["workers"] = [str(w) for w in d["workers"]]
     return d
+
+
+def map(
+    path: PathLike,
+    format: str | None = None,
+    *,
+    snapshot: str | None = None,
+    backing: bool = True,
+    max_backing_depth: int = 16,
+    allow_backing_anywhere: bool = False,
+    timeout: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[MapExtent]:
+    """The allocation map of the whole image at ``path``, as ``qemu-img map``
+    gives it: a list of :class:`MapExtent` in guest order, neighbours that
+    agree (kind, depth, file and, for data, a contiguous host range) merged.
+
+    A ``MapExtent`` is immutable, with ``offset``, ``length``, ``kind``
+    (``data``, ``compressed``, ``zero`` or ``unallocated``: what the metadata
+    of the layer that answers says), ``depth`` (that layer: 0 the image, 1 its
+    backing file...; for ``unallocated``, the deepest layer asked),
+    ``host_offset`` (where a data range's first byte is stored in ``file``,
+    else None) and ``file`` (the file holding a data range's bytes: the image,
+    its external data file; else the image at ``depth``); ``to_dict()`` gives
+    the ``--json`` object.
+
+    The image is opened read-only as :func:`open` opens it (the backing
+    policy applies) and only its metadata is read, once. Unreadable metadata
+    raises :class:`CorruptImageError`. ``progress(done, total)`` is called now
+    and then; Ctrl-C raises ``KeyboardInterrupt``.
+    """
+    return _native.map(
+        os.fspath(path),
+        progress=progress,
+        format=format,
+        snapshot=snapshot,
+        backing=backing,
+        max_backing_depth=max_backing_depth,
+        allow_backing_anywhere=allow_backing_anywhere,
+        timeout=timeout,
+    )
+
+
+def map_html(
+    path: PathLike,
+    out: PathLike,
+    format: str | None = None,
+    *,
+    snapshot: str | None = None,
+    backing: bool = True,
+    max_backing_depth: int = 16,
+    allow_backing_anywhere: bool = False,
+    timeout: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Write ``out``: one self-contained HTML page drawing the guest address
+    space of the image at ``path``, coloured by mapping kind, with a legend
+    (bytes and share per kind), the image's facts and a scale. The image is
+    opened as :func:`map` opens it. See the README for the page's layout."""
+    from blkverify_rs import html_map
+
+    html_map.write_image(
+        os.fspath(path),
+        os.fspath(out),
+        progress=progress,
+        format=format,
+        snapshot=snapshot,
+        backing=backing,
+        max_backing_depth=max_backing_depth,
+        allow_backing_anywhere=allow_backing_anywhere,
+        timeout=timeout,
+    )
 
 
 # The exercise workload's API is imported on first use: it needs dataclasses,

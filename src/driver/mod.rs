@@ -540,7 +540,8 @@ fn cannot_read(path: &Path, format: Format) -> Error {
 }
 
 /// Which format the file's magic says it is (raw when none matches). qcow
-/// version 1 and LUKS volumes, which no driver here will read, are refused.
+/// version 1 and LUKS volumes, which no driver here will read, are refused, and
+/// so are block digests files, which are not images.
 pub fn detect(storage: &dyn Storage) -> Result<Format> {
     let len = storage.len()?;
     let mut head = [0u8; 512];
@@ -560,6 +561,12 @@ pub fn detect(storage: &dyn Storage) -> Result<Format> {
             )),
             _ => Ok(Format::Qcow2),
         };
+    }
+    if crate::digest::has_magic(head) {
+        return Err(Error::format(
+            path,
+            "file is a block digests file, not an image: it can only be the reference of verify (give -f raw to read its bytes as they are)",
+        ));
     }
     let refused: &[(&[u8], &str)] = &[
         (b"LUKS\xba\xbe", "a LUKS encrypted volume"),

@@ -8,19 +8,23 @@ use super::options::{format_for, open_options, verify_options, Kwargs};
 use crate::driver::{Access, BlockDriver, Location, OpenOptions};
 use crate::error::Error;
 use crate::verify::{
-    self as engine, BatchProgress, Mismatch, Progress, Report, Verified, VerifyJob, VerifyOptions,
+    self as engine, BatchProgress, Mismatch, Progress, Reference, ReferenceKind, Report, Verified,
+    VerifyJob, VerifyOptions,
 };
 use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyMapping};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Where the first mismatches live in each side's metadata (for reports).
 const MAX_LOCATED: usize = 1000;
+
+/// The `raw_format` that names a block digests file as the reference.
+pub(crate) const DIGESTS: &str = "digests";
 
 /// The keys a pair may have.
 const PAIR_KEYS: [&str; 8] = [
@@ -128,10 +132,17 @@ fn pair_job(
     };
     names("workers")?;
     let (raw, test) = (path("raw")?, path("test")?);
+    // The reference may be a block digests file: named so, or found by its magic.
+    let (reference, raw_format) = match text("raw_format")?.as_deref() {
+        Some(DIGESTS) => (ReferenceKind::Digests, None),
+        Some(_) => (ReferenceKind::Image, format("raw_format")?),
+        None => (ReferenceKind::Detect, None),
+    };
     Ok(VerifyJob {
+        reference,
         raw_options: OpenOptions {
             writable: false,
-            format: format("raw_format")?,
+            format: raw_format,
             snapshot: None,
             ..open.clone()
         },
@@ -205,6 +216,7 @@ fn report_to_dict<'py>(
     d.set_item("bytes_read", report.bytes_read)?;
     d.set_item("elapsed_s", report.elapsed.as_secs_f64())?;
     d.set_item("truncated", report.truncated)?;
+    d.set_item("block_size", report.block_size)?;
     d.set_item("warnings", PyList::new(py, &report.warnings)?)?;
     if report.range != (0..report.virtual_size) {
         d.set_item(
@@ -215,10 +227,21 @@ fn report_to_dict<'py>(
     let list = PyList::empty(py);
     for (i, m) in report.mismatches.iter().enumerate() {
         let md = PyDict::new(py);
-        md.set_item("sector", m.sector())?;
-        md.set_item("offset", m.offset)?;
-        md.set_item("length", m.length)?;
-        md.set_item("first_byte", m.first_byte)?;
+        match report.block_size {
+            // Against block digests: whole blocks, and no first byte to name.
+            Some(block_size) => {
+                md.set_item("block", m.offset / block_size)?;
+                md.set_item("blocks", m.length.div_ceil(block_size))?;
+                md.set_item("offset", m.offset)?;
+                md.set_item("length", m.length)?;
+            }
+            None => {
+                md.set_item("sector", m.sector())?;
+                md.set_item("offset", m.offset)?;
+                md.set_item("length", m.length)?;
+                md.set_item("first_byte", m.first_byte)?;
+            }
+        }
         if let Some(e) = &m.error {
             md.set_item("error", e)?;
         }
@@ -233,6 +256,27 @@ fn report_to_dict<'py>(
     }
     d.set_item("mismatches", list)?;
     Ok(d)
+}
+
+/// The warning that `image`'s backing file was not opened (`--no-backing`), so
+/// its unallocated clusters were `done` (compared, hashed) as zeros.
+pub(crate) fn unopened_backing(
+    path: &Path,
+    image: &dyn BlockDriver,
+    options: &OpenOptions,
+    done: &str,
+) -> Option<String> {
+    if options.backing.follow {
+        return None;
+    }
+    let (_, name) = image
+        .info()
+        .into_iter()
+        .find(|(k, _)| k == "backing_file")?;
+    Some(format!(
+        "{}: backing file '{name}' was not opened (--no-backing): unallocated clusters were {done} as zeros",
+        path.display()
+    ))
 }
 
 /// Where each of `offsets` lives in `image`'s metadata (`None` where it has
@@ -277,17 +321,24 @@ fn report_dict<'py>(
         .collect();
     // Both sides: a reference with metadata (not raw) is named too.
     let locations = locate_all(py, &verified.test, &offsets);
-    let ref_locations = locate_all(py, &verified.raw, &offsets);
-    if !job.test_options.backing.follow {
-        for (path, image) in [(&job.raw, &verified.raw), (&job.test, &verified.test)] {
-            if let Some((_, name)) = image.info().into_iter().find(|(k, _)| k == "backing_file") {
-                report.warnings.push(format!(
-                    "{}: backing file '{name}' was not opened (--no-backing): unallocated clusters were compared as zeros",
-                    path.display()
-                ));
-            }
-        }
+    let ref_locations = match &verified.raw {
+        Reference::Image(reference) => locate_all(py, reference, &offsets),
+        Reference::Digests(_) => Vec::new(),
+    };
+    if let Reference::Image(reference) = &verified.raw {
+        report.warnings.extend(unopened_backing(
+            &job.raw,
+            reference.as_ref(),
+            &job.test_options,
+            "compared",
+        ));
     }
+    report.warnings.extend(unopened_backing(
+        &job.test,
+        verified.test.as_ref(),
+        &job.test_options,
+        "compared",
+    ));
     let names = Names {
         raw: job.raw.display().to_string(),
         test: job.test.display().to_string(),
@@ -300,9 +351,11 @@ fn report_dict<'py>(
             .and_then(|loc| location_dict(py, loc).ok())
             .map(Bound::into_any)
     };
-    report_to_dict(py, &names, &report, |i, _| {
+    let d = report_to_dict(py, &names, &report, |i, _| {
         (as_dict(locations.get(i)), as_dict(ref_locations.get(i)))
-    })
+    })?;
+    d.set_item("test_options", open_kwargs(py, &job.test_options)?)?;
+    Ok(d)
 }
 
 /// A report dict (as `report_to_dict` makes it) back into the engine's report.
@@ -323,10 +376,16 @@ fn report_from_dict(d: &Bound<'_, PyDict>) -> PyResult<Report> {
     for m in item("mismatches")?.try_iter()? {
         let m = m?;
         let error = m.get_item("error").ok().filter(|e| !e.is_none());
+        let offset: u64 = m.get_item("offset")?.extract()?;
+        let first_byte = match m.get_item("first_byte") {
+            Ok(b) => b.extract()?,
+            // A run of blocks (against block digests) begins at its offset.
+            Err(_) => offset,
+        };
         mismatches.push(Mismatch {
-            offset: m.get_item("offset")?.extract()?,
+            offset,
             length: m.get_item("length")?.extract()?,
-            first_byte: m.get_item("first_byte")?.extract()?,
+            first_byte,
             error: error.map(|e| e.extract()).transpose()?,
         });
     }
@@ -342,6 +401,11 @@ fn report_from_dict(d: &Bound<'_, PyDict>) -> PyResult<Report> {
         truncated: item("truncated")?.extract()?,
         warnings: item("warnings")?.extract()?,
         elapsed: Duration::try_from_secs_f64(item("elapsed_s")?.extract()?).unwrap_or_default(),
+        block_size: d
+            .get_item("block_size")?
+            .filter(|b| !b.is_none())
+            .map(|b| b.extract())
+            .transpose()?,
     })
 }
 
@@ -371,6 +435,7 @@ pub(crate) fn merge_reports<'py>(
     let options = verify_options(&kw)?;
     kw.finish("merge_reports")?;
     let mut names = None;
+    let mut test_options = None;
     let mut mappings: HashMap<u64, Mappings<'py>> = HashMap::new();
     let mut outcomes = Vec::with_capacity(parts.len());
     for part in &parts {
@@ -383,6 +448,9 @@ pub(crate) fn merge_reports<'py>(
                 .ok_or_else(|| PyValueError::new_err(format!("a report without '{key}'")))?
                 .extract()
         };
+        if test_options.is_none() {
+            test_options = d.get_item("test_options")?;
+        }
         if names.is_none() {
             names = Some(Names {
                 raw: text("raw")?,
@@ -395,7 +463,12 @@ pub(crate) fn merge_reports<'py>(
             for m in runs.try_iter()? {
                 let m = m?;
                 let found = (m.get_item("mapping").ok(), m.get_item("ref_mapping").ok());
-                mappings.insert(m.get_item("first_byte")?.extract()?, found);
+                // Block findings have no first byte: they begin at their offset.
+                let first = m
+                    .get_item("first_byte")
+                    .or_else(|_| m.get_item("offset"))?
+                    .extract()?;
+                mappings.insert(first, found);
             }
         }
         outcomes.push(Ok(report_from_dict(d)?));
@@ -404,12 +477,30 @@ pub(crate) fn merge_reports<'py>(
     let names = names.ok_or_else(|| PyValueError::new_err("no range reports to merge"))?;
     // A run keeps the mappings of the run it begins with; as in one verify,
     // only the first MAX_LOCATED runs are located.
-    report_to_dict(py, &names, &report, |i, m| {
+    let d = report_to_dict(py, &names, &report, |i, m| {
         match mappings.get(&m.first_byte) {
             Some(found) if i < MAX_LOCATED => found.clone(),
             _ => (None, None),
         }
-    })
+    })?;
+    if let Some(test_options) = test_options {
+        d.set_item("test_options", test_options)?;
+    }
+    Ok(d)
+}
+
+/// The keyword arguments that open an image as `options` say (`format` only
+/// when the caller named one), so a report can reopen its test image as
+/// verify did (to draw its map).
+fn open_kwargs<'py>(py: Python<'py>, options: &OpenOptions) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("format", options.format.map(|f| f.name()))?;
+    d.set_item("snapshot", options.snapshot.as_deref())?;
+    d.set_item("backing", options.backing.follow)?;
+    d.set_item("max_backing_depth", options.backing.max_depth)?;
+    d.set_item("allow_backing_anywhere", options.backing.allow_anywhere)?;
+    d.set_item("timeout", options.io_timeout.map(|t| t.as_secs_f64()))?;
+    Ok(d)
 }
 
 /// Verify a pair (see `pair_job`); returns a dict (see the Python `Report`).

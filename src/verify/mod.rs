@@ -8,9 +8,13 @@
 
 mod batch;
 mod merge;
+pub(crate) mod pool;
 mod report;
 
-pub use batch::{open_pair, verify_many, verify_pair, BatchProgress, Verified, VerifyJob};
+pub use batch::{
+    open_pair, verify_many, verify_pair, BatchProgress, Reference, ReferenceKind, Verified,
+    VerifyJob,
+};
 pub use merge::merge_ranges;
 pub use report::{Mismatch, Progress, Report, VerifyOptions};
 
@@ -20,8 +24,8 @@ use crate::error::{Error, Result};
 use crate::storage::View;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
 
 /// One side of the comparison, padded with zeros past its own end.
 struct Side<'a> {
@@ -67,6 +71,13 @@ const ZERO_LOOKAHEAD: u64 = 64 << 30;
 /// multiple of 512), so every run a range finds is one a whole-disk verify
 /// finds too.
 pub fn requested_range(options: &VerifyOptions, total: u64) -> Result<Range<u64>> {
+    aligned_range(options, total, SECTOR_SIZE)
+}
+
+/// [`requested_range`] on a grid of `align` bytes (a block digests file's
+/// blocks: a range of whole blocks).
+pub(crate) fn aligned_range(options: &VerifyOptions, total: u64, align: u64) -> Result<Range<u64>> {
+    let align = align.max(1);
     let start = options.start;
     let end = match options.length {
         Some(length) => start.checked_add(length).ok_or_else(|| {
@@ -76,9 +87,9 @@ pub fn requested_range(options: &VerifyOptions, total: u64) -> Result<Range<u64>
         })?,
         None => total.max(start),
     };
-    if start % SECTOR_SIZE != 0 {
+    if start % align != 0 {
         return Err(Error::InvalidArgument(format!(
-            "the range's start ({start:#x}) is not a multiple of {SECTOR_SIZE} bytes"
+            "the range's start ({start:#x}) is not a multiple of {align} bytes"
         )));
     }
     if end > total {
@@ -86,9 +97,9 @@ pub fn requested_range(options: &VerifyOptions, total: u64) -> Result<Range<u64>
             "the range {start:#x}..{end:#x} ends past the end of the disk ({total} bytes)"
         )));
     }
-    if end % SECTOR_SIZE != 0 && end != total {
+    if end % align != 0 && end != total {
         return Err(Error::InvalidArgument(format!(
-            "the range's length ({}) is not a multiple of {SECTOR_SIZE} bytes, and the range does not end where the disk does",
+            "the range's length ({}) is not a multiple of {align} bytes, and the range does not end where the disk does",
             end - start
         )));
     }
@@ -573,13 +584,7 @@ pub fn verify(
     let chunk_size = chunk_size.min(256 << 20);
     let first_chunk = range.start / chunk_size;
     let chunks = range.end.div_ceil(chunk_size).saturating_sub(first_chunk);
-    let threads = if options.threads == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    } else {
-        options.threads
-    }
-    .clamp(1, 64)
-    .min(usize::try_from(chunks).unwrap_or(1).max(1));
+    let threads = pool::worker_count(options.threads, chunks);
 
     let mut warnings = Vec::new();
     if raw_size != test_size {
@@ -606,44 +611,15 @@ pub fn verify(
         errors: Mutex::new(Vec::new()),
     };
 
-    // One tick before any work, so a progress display starts at zero (and a
-    // caller can cancel before anything is read).
-    let mut user_cancelled = !tick(Progress {
-        done: 0,
-        total: range_len,
-    });
-    if user_cancelled {
-        return Err(Error::Cancelled);
-    }
-    std::thread::scope(|scope| {
-        let (done_tx, done_rx) = mpsc::channel::<()>();
-        for _ in 0..threads {
-            let tx = done_tx.clone();
-            let shared = &shared;
-            scope.spawn(move || {
-                shared.worker();
-                let _ = tx.send(());
-            });
-        }
-        drop(done_tx);
-        let mut finished = 0;
-        while finished < threads {
-            match done_rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(()) => finished += 1,
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-            let progress = Progress {
-                done: shared.done_bytes.load(Ordering::Relaxed),
-                total: range_len,
-            };
-            if !user_cancelled && !tick(progress) {
-                user_cancelled = true;
-                shared.cancelled.store(true, Ordering::Relaxed);
-            }
-        }
-    });
-    if user_cancelled {
+    let work = || shared.worker();
+    if !pool::run_workers(
+        threads,
+        range_len,
+        &shared.done_bytes,
+        &shared.cancelled,
+        tick,
+        &work,
+    ) {
         return Err(Error::Cancelled);
     }
 
@@ -716,6 +692,7 @@ pub fn verify(
         truncated,
         warnings,
         elapsed: started.elapsed(),
+        block_size: None,
     })
 }
 
