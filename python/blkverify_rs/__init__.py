@@ -458,6 +458,9 @@ def digest(
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    client: Any = None,
+    split: int | str | None = None,
+    scheduler_timeout: float = 30.0,
 ) -> Digest:
     """The digest of the guest data of the image at ``path``: blkhash 0.11's
     construction, ``H(H(b1) || ... || H(bN) || le64(size))`` over 64 KiB blocks,
@@ -469,20 +472,41 @@ def digest(
     :class:`BlockDigests`). ``progress(done, total)`` is called about ten times
     a second; the work runs on ``threads`` threads (0: one per core) with the
     GIL released.
+
+    With ``client`` (a ``distributed.Client``), the image (at a path every
+    worker sees, or an NBD URI) is hashed on the Dask cluster's workers, in
+    ranges of ``split`` bytes (a multiple of 64 KiB; default: the image split
+    between the cluster's worker threads, 64 MiB to 64 GiB a range); only
+    block digests come back, and the outer hash (and ``blocks``) is computed
+    here, in order: the digest is the one hashing it here gives. ``threads``
+    is then per task; a cluster without workers for ``scheduler_timeout``
+    seconds raises ``TimeoutError``.
     """
-    d = _native.digest(
-        os.fspath(path),
-        progress=progress,
-        format=format,
-        snapshot=snapshot,
-        backing=backing,
-        max_backing_depth=max_backing_depth,
-        allow_backing_anywhere=allow_backing_anywhere,
-        timeout=timeout,
-        algorithm=algorithm,
-        threads=threads,
-        blocks=None if blocks is None else os.fspath(blocks),
-    )
+    options = {
+        "format": format,
+        "snapshot": snapshot,
+        "backing": backing,
+        "max_backing_depth": max_backing_depth,
+        "allow_backing_anywhere": allow_backing_anywhere,
+        "timeout": timeout,
+        "algorithm": algorithm,
+        "threads": threads,
+    }
+    blocks = None if blocks is None else os.fspath(blocks)
+    if client is None:
+        d = _native.digest(os.fspath(path), progress=progress, blocks=blocks, **options)
+    else:
+        from blkverify_rs import cluster
+
+        d = cluster.digest(
+            client,
+            os.fspath(path),
+            options,
+            split=split,
+            timeout=scheduler_timeout,
+            blocks=blocks,
+            progress=progress,
+        )
     d["hexdigest"] = d.pop("digest")
     return Digest(**d)
 

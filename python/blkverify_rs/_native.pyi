@@ -164,6 +164,19 @@ def digest(
     progress: Callable[[int, int], None] | None = None,
     **options: Any,
 ) -> dict[str, Any]: ...
+def digest_span(
+    path: str | PathLike[str],
+    first: int,
+    end: int,
+    progress: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> dict[str, Any]: ...
+def join_spans(
+    spans: list[dict[str, Any]], *, size: int, algorithm: str, blocks: str | None = None
+) -> dict[str, Any]: ...
+def check_spans(
+    raw_spans: list[dict[str, Any]], test_spans: list[dict[str, Any]], **options: Any
+) -> dict[str, Any]: ...
 def map(
     path: str, progress: Callable[[int, int], None] | None = None, **options: Any
 ) -> list[MapExtent]: ...

@@ -10,6 +10,13 @@ bytes, whose reports are merged here into the report one verify of the whole
 pair gives. A pair's ``workers`` pin its tasks to the workers named (by name,
 address or host). Running tasks send their progress as Dask events.
 
+A pair whose sides live on different hosts (``raw_workers`` and
+``test_workers``) is never read across the network: each side is hashed where
+it lives, as 64 KiB block digests in ranges of ``split`` bytes, and the
+digests are compared here, as ``verify`` compares an image with a block
+digests file (the findings are blocks). :func:`digest` cuts one image's
+hashing into such ranges too, and joins their digests here, in order.
+
 Faults: a task whose worker dies runs again on another (Dask does that); a
 task pinned to workers that are all gone ends its pair with an error; a pair
 whose files a worker cannot open ends with that error; the others go on.
@@ -36,8 +43,14 @@ DEFAULT_SPLIT = 64 << 30
 DEFAULT_TIMEOUT = 30.0
 # Ranges start on 64 KiB: a sector for verify, a block for digests.
 SPLIT_UNIT = 64 << 10
+BLOCK_SIZE = 64 << 10
+# The smallest range `digest` cuts an image into by itself: a task costs
+# milliseconds, hashing 64 MiB a few tenths of a second.
+MIN_DIGEST_SPLIT = 64 << 20
 INSTALL_HINT = 'pip install "blkverify-rs[dask]"'
 
+# The findings of a report whose mappings are looked up (as the engine does).
+MAX_LOCATED = 1000
 # How often the workers are looked at (pins, an empty cluster), in seconds.
 CHECK_INTERVAL = 1.0
 # The most pairs one probe task opens.
@@ -150,20 +163,35 @@ class _Task:
         "fetching",
         "future",
         "length",
+        "nbytes",
+        "offsets",
         "orphaned_since",
         "pairs",
         "part",
         "restriction",
+        "side",
         "start",
     )
 
     def __init__(
-        self, pairs: list[int], part: int | None = None, start: int = 0, length: int | None = None
+        self,
+        pairs: list[int],
+        part: int | None = None,
+        start: int = 0,
+        length: int | None = None,
+        side: str | None = None,
     ):
         self.pairs = pairs
         self.part = part
+        # A range task: bytes [start, start + length) for verify; for a side
+        # (`side` is "raw" or "test") blocks [start, length) to hash.
         self.start = start
         self.length = length
+        self.side = side
+        self.nbytes = 0
+        # A locate task: the offsets of a finished report's findings, to be
+        # located in the test image where it lives.
+        self.offsets: list[int] | None = None
         self.attempt = 0
         self.fetching = False
         self.orphaned_since: float | None = None
@@ -176,24 +204,42 @@ class _Task:
 
 
 class _PairState:
-    __slots__ = ("parts", "size", "started")
+    __slots__ = ("parts", "raw_parts", "report", "sides", "size", "started")
 
     def __init__(self) -> None:
         self.size = 0
         self.parts: list[dict[str, Any] | BaseException | None] = []
         self.started = 0.0
+        # A pair hashed where its sides live: each side's probe, and how many
+        # of `parts` are the raw side's spans (the test side's follow).
+        self.sides: dict[str, dict[str, Any]] = {}
+        self.raw_parts = 0
+        self.report: dict[str, Any] | None = None  # waiting for its mappings
 
 
 # The value of an event that says a task is done (its value is still to fetch).
 _DONE = object()
 
 
-def _pinned_error(pair: Mapping[str, Any]) -> Exception:
+def is_cross(pair: Mapping[str, Any]) -> bool:
+    """Whether ``pair``'s sides live on different hosts: each is hashed where
+    it lives."""
+    return bool(pair.get("raw_workers") or pair.get("test_workers"))
+
+
+def _pins(pair: Mapping[str, Any], side: str | None) -> list[str] | None:
+    """The workers ``pair`` (or its ``side``) is pinned to, if any."""
+    return pair.get("workers" if side is None else f"{side}_workers") or None
+
+
+def _pinned_error(pair: Mapping[str, Any], side: str | None = None) -> Exception:
     """That a pair's pinned workers are all gone (for each pair of a group,
-    the pair's own words come from its test path)."""
-    names = ", ".join(pair["workers"])
+    the pair's own words come from its path: the test's, or the side's)."""
+    names = ", ".join(_pins(pair, side) or ())
+    what = "this pair is" if side is None else f"its {side} side is"
+    path = pair["test" if side is None else side]
     return _native.Error(
-        f"{pair['test']}: none of the workers this pair is pinned to ({names}) is in the cluster"
+        f"{path}: none of the workers {what} pinned to ({names}) is in the cluster"
     )
 
 
@@ -259,18 +305,47 @@ class _Batch:
 
     def _submit(self, task: _Task) -> None:
         pair = self.pairs[task.pair]
-        if pair.get("workers"):
-            task.restriction = self._resolve(pair["workers"])
+        pins = _pins(pair, task.side)
+        if pins:
+            task.restriction = self._resolve(pins)
             if not task.restriction:
-                errors = [_pinned_error(self.pairs[index]) for index in task.pairs]
+                errors = [_pinned_error(self.pairs[index], task.side) for index in task.pairs]
                 self._task_done(task, errors if task.part is None else errors[0])
                 return
         kind = "probe" if task.part is None else f"range{task.part}"
-        key = f"{self.prefix}-{task.pair}-{kind}-{task.attempt}"
-        if task.part is None:
+        key = f"{self.prefix}-{task.pair}-{task.side or 'pair'}-{kind}-{task.attempt}"
+        if task.part is None and task.side is not None:
+            side = task.side
+            items = [
+                (self.pairs[i][side], tasks.side_options(self.pairs[i], side, self.options))
+                for i in task.pairs
+            ]
+            args: tuple[Any, ...] = (tasks.probe_sides, items, self.options)
+            priority = 1
+        elif task.part is None:
             group = [self.pairs[index] for index in task.pairs]
-            args: tuple[Any, ...] = (tasks.probe_pairs, group, self.options)
+            args = (tasks.probe_pairs, group, self.options)
             priority = 1  # sizes first, so the progress total is known early
+        elif task.offsets is not None:
+            options = tasks.side_options(pair, "test", self.options)
+            args = (tasks.locate, pair["test"], options, task.offsets)
+            priority = 0
+        elif task.side is not None:
+            options = tasks.side_options(pair, task.side, self.options)
+            if task.side == "test":
+                # Hashed on the reference's grid; past its end, zeros expected.
+                options["grid_end"] = self.state[task.pair].sides["raw"]["size"]
+                options["record_errors"] = True
+            progress = _Progress(self.topic, key)
+            args = (
+                tasks.digest_span,
+                pair[task.side],
+                options,
+                task.start,
+                task.length,
+                progress,
+            )
+            priority = 0
         else:
             progress = _Progress(self.topic, key)
             args = (tasks.verify_range, pair, self.options, task.start, task.length, progress)
@@ -286,6 +361,32 @@ class _Batch:
         )
         self.tasks[key] = task
         self._when_done(task.future)
+
+    def _submit_spans(self, index: int) -> None:
+        """Both sides of a pair that lives on two hosts are probed: hash each
+        where it lives, in ranges of ``split`` bytes. The raw side's blocks are
+        its own; the test side's are on the raw side's grid, up to the end of
+        the longer image."""
+        state = self.state[index]
+        raw_size = int(state.sides["raw"]["size"])
+        total = max(raw_size, int(state.sides["test"]["size"]))
+        state.size = total
+        state.started = time.monotonic()
+        self.total += raw_size + total
+        step = self.split // BLOCK_SIZE
+        spans: list[tuple[str, int, int, int]] = []
+        for side, limit in (("raw", raw_size), ("test", total)):
+            blocks = -(-limit // BLOCK_SIZE)
+            for first in range(0, max(blocks, 1), step):
+                end = min(first + step, blocks)
+                nbytes = min(end * BLOCK_SIZE, limit) - min(first * BLOCK_SIZE, limit)
+                spans.append((side, first, end, nbytes))
+        state.raw_parts = sum(1 for span in spans if span[0] == "raw")
+        state.parts = [None] * len(spans)
+        for part, (side, first, end, nbytes) in enumerate(spans):
+            task = _Task([index], part, first, end, side=side)
+            task.nbytes = nbytes
+            self._submit(task)
 
     def _submit_ranges(self, index: int, size: int) -> None:
         state = self.state[index]
@@ -367,6 +468,11 @@ class _Batch:
                     continue
                 if isinstance(outcome, BaseException):
                     self._pair_done(index, outcome)
+                elif task.side is not None:
+                    sides = self.state[index].sides
+                    sides[task.side] = outcome
+                    if len(sides) == 2:
+                        self._submit_spans(index)
                 else:
                     size = int(outcome["virtual_size"])
                     self.total += size
@@ -376,11 +482,37 @@ class _Batch:
         if self.results[index] is not None:
             return  # the pair already ended (a part failed, say)
         state = self.state[index]
+        if task.offsets is not None:
+            self._located(index, value)
+            return
         state.parts[task.part] = value
-        self.finished_bytes += state.size if task.length is None else task.length
+        if task.side is not None:
+            self.finished_bytes += task.nbytes
+        else:
+            self.finished_bytes += state.size if task.length is None else task.length
         if any(part is None for part in state.parts):
             return
-        if len(state.parts) == 1:
+        if task.side is not None:
+            n = state.raw_parts
+            result = tasks.check_spans(
+                self.pairs[index],
+                state.sides["raw"],
+                state.sides["test"],
+                state.parts[:n],
+                state.parts[n:],
+                self.options,
+            )
+            if isinstance(result, dict) and result["mismatches"]:
+                # Name where the findings live in the test image, as a
+                # report does: one small task where it lives.
+                state.report = result
+                locate = _Task([index], len(state.parts), side="test")
+                locate.offsets = [m["offset"] for m in result["mismatches"][:MAX_LOCATED]]
+                self._submit(locate)
+                return
+            if isinstance(result, dict):
+                result["elapsed_s"] = time.monotonic() - state.started
+        elif len(state.parts) == 1:
             result = state.parts[0]
         else:
             result = tasks.merge(self.pairs[index], state.parts, self.options)
@@ -388,6 +520,18 @@ class _Batch:
                 result["elapsed_s"] = time.monotonic() - state.started
         assert result is not None
         self._pair_done(index, result)
+
+    def _located(self, index: int, mappings: Any) -> None:
+        """A cross-host pair's findings are located (``mappings``: one per
+        finding, or an error: then none): its report is done."""
+        report = self.state[index].report
+        assert report is not None
+        if isinstance(mappings, list):
+            for finding, mapping in zip(report["mismatches"], mappings, strict=False):
+                if mapping is not None:
+                    finding["mapping"] = mapping
+        report["elapsed_s"] = time.monotonic() - self.state[index].started
+        self._pair_done(index, report)
 
     def _pair_done(self, index: int, result: dict[str, Any] | BaseException) -> None:
         self.results[index] = result
@@ -422,7 +566,7 @@ class _Batch:
             if task.restriction is None or any(a in self.workers for a in task.restriction):
                 task.orphaned_since = None
                 continue
-            back = self._resolve(self.pairs[task.pair]["workers"])
+            back = self._resolve(_pins(self.pairs[task.pair], task.side) or ())
             if not back:
                 task.orphaned_since = task.orphaned_since or now
                 if now - task.orphaned_since <= self.timeout:
@@ -448,12 +592,15 @@ class _Batch:
             self._look_at_workers()
             # Probes go in groups of pairs pinned alike: opening a pair costs
             # far less than a task does.
-            groups: dict[tuple[str, ...], list[int]] = {}
+            # A pair on two hosts is probed side by side, each where it lives.
+            groups: dict[tuple[str | None, tuple[str, ...]], list[int]] = {}
             for index, pair in enumerate(self.pairs):
-                groups.setdefault(tuple(pair.get("workers") or ()), []).append(index)
-            for members in groups.values():
+                for side in ("raw", "test") if is_cross(pair) else (None,):
+                    pins = tuple(_pins(pair, side) or ())
+                    groups.setdefault((side, pins), []).append(index)
+            for (side, _), members in groups.items():
                 for first in range(0, len(members), PROBE_GROUP):
-                    self._submit(_Task(members[first : first + PROBE_GROUP]))
+                    self._submit(_Task(members[first : first + PROBE_GROUP], side=side))
             last_check = time.monotonic()
             while self.pairs_done < len(self.pairs):
                 events: list[tuple[Future, Any]] = []
@@ -497,3 +644,143 @@ def verify_many(
     ``timeout``: how long the cluster may be without workers before the
     pairs left end with an error."""
     return _Batch(client, pairs, options, split_size(split), progress, timeout).run()
+
+
+def digest_split(size: int, client: Client) -> int:
+    """The range ``digest`` cuts an image of ``size`` bytes into when not
+    told: one per worker thread in the cluster, of at least 64 MiB and at
+    most 64 GiB, in whole blocks."""
+    slots = sum(int(w.get("nthreads", 1)) for w in client.scheduler_info()["workers"].values())
+    share = -(-size // max(slots, 1))
+    share = min(max(share, MIN_DIGEST_SPLIT), DEFAULT_SPLIT)
+    return -(-share // BLOCK_SIZE) * BLOCK_SIZE
+
+
+def digest(
+    client: Client,
+    path: str,
+    options: dict[str, Any],
+    *,
+    split: int | str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    blocks: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """The digest of the image at ``path`` (which every worker must see),
+    hashed on the cluster ``client`` is connected to in ranges of ``split``
+    bytes (default: see :func:`digest_split`), one task each; their block
+    digests are joined here, in order, into the digest (and with ``blocks``,
+    the block digests file) the whole image's digest gives. ``options``: the
+    native ``digest_span``'s. Raises what hashing the image raises here; a
+    cluster without workers for ``timeout`` seconds is a ``TimeoutError``."""
+    _distributed()
+    started = time.monotonic()
+    token = uuid.uuid4().hex[:12]
+    topic = f"blkverify-progress-{token}"
+    running: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def on_event(event: tuple[float, Any]) -> None:
+        key, done = event[1]
+        with lock:
+            running[key] = done
+
+    def outcome(value: Any) -> Any:
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    probe = client.submit(
+        _run_task,
+        tasks.digest_span,
+        path,
+        options,
+        0,
+        0,
+        key=f"blkverify-{token}-probe",
+        pure=False,
+    )
+    futures: list[Future] = [probe]
+    client.subscribe_topic(topic, on_event)
+    try:
+        opened = outcome(_wait([probe], client, timeout)[0])
+        size = int(opened["size"])
+        step = split_size(split) if split is not None else digest_split(size, client)
+        step //= BLOCK_SIZE
+        blocks_n = -(-size // BLOCK_SIZE)
+        ranges = [(f, min(f + step, blocks_n)) for f in range(0, max(blocks_n, 1), step)]
+        futures = []
+        for i, (first, end) in enumerate(ranges):
+            key = f"blkverify-{token}-span{i}"
+            futures.append(
+                client.submit(
+                    _run_task,
+                    tasks.digest_span,
+                    path,
+                    options,
+                    first,
+                    end,
+                    _Progress(topic, key),
+                    key=key,
+                    pure=False,
+                )
+            )
+
+        def tick() -> None:
+            if progress is None:
+                return
+            done = 0
+            for (first, end), future in zip(ranges, futures, strict=True):
+                nbytes = min(end * BLOCK_SIZE, size) - min(first * BLOCK_SIZE, size)
+                if future.done():
+                    done += nbytes
+                else:
+                    with lock:
+                        done += min(running.get(future.key, 0), nbytes)
+            progress(done, size)
+
+        spans = [outcome(v) for v in _wait(futures, client, timeout, tick)]
+        tick()
+        joined = _native.join_spans(spans, size=size, algorithm=opened["algorithm"], blocks=blocks)
+    except BaseException:
+        client.cancel(futures)
+        raise
+    finally:
+        client.unsubscribe_topic(topic)
+    joined["image"] = path
+    joined["warnings"] = opened["warnings"]
+    joined["bytes_read"] = sum(int(s["bytes_read"]) for s in spans)
+    joined["elapsed_s"] = time.monotonic() - started
+    return joined
+
+
+def _wait(
+    futures: list[Future],
+    client: Client,
+    timeout: float,
+    tick: Callable[[], None] | None = None,
+) -> list[Any]:
+    """The values of ``futures``, waiting while the cluster has workers, or
+    until it has had none for ``timeout`` seconds (a ``TimeoutError``).
+    ``tick`` is called about twice a second meanwhile."""
+    empty_since: float | None = None
+    last_check = last_tick = time.monotonic()
+    while True:
+        if all(f.done() for f in futures):
+            return client.gather(futures)
+        time.sleep(0.05)
+        if tick is not None and time.monotonic() - last_tick >= 0.5:
+            tick()
+            last_tick = time.monotonic()
+        if time.monotonic() - last_check < CHECK_INTERVAL:
+            continue
+        last_check = time.monotonic()
+        if client.scheduler_info()["workers"]:
+            empty_since = None
+            continue
+        empty_since = empty_since or time.monotonic()
+        if time.monotonic() - empty_since > timeout:
+            raise TimeoutError(
+                errno.ETIMEDOUT,
+                f"the Dask cluster has had no workers for {timeout:g} s; giving up",
+            )

@@ -50,6 +50,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify::check_pair, m)?)?;
     m.add_function(wrap_pyfunction!(verify::merge_reports, m)?)?;
     m.add_function(wrap_pyfunction!(digest::digest, m)?)?;
+    m.add_function(wrap_pyfunction!(digest::digest_span, m)?)?;
+    m.add_function(wrap_pyfunction!(digest::join_spans, m)?)?;
+    m.add_function(wrap_pyfunction!(digest::check_spans, m)?)?;
     m.add_function(wrap_pyfunction!(map::map, m)?)?;
     m.add_function(wrap_pyfunction!(map::map_picture, m)?)?;
     m.add_function(wrap_pyfunction!(exercise::exercise, m)?)?;

@@ -27,7 +27,7 @@ const MAX_LOCATED: usize = 1000;
 pub(crate) const DIGESTS: &str = "digests";
 
 /// The keys a pair may have.
-const PAIR_KEYS: [&str; 8] = [
+const PAIR_KEYS: [&str; 10] = [
     "raw",
     "test",
     "raw_format",
@@ -36,15 +36,19 @@ const PAIR_KEYS: [&str; 8] = [
     "all",
     "strict",
     "workers",
+    "raw_workers",
+    "test_workers",
 ];
 
 /// A pair, `(raw, test)` or a mapping with `raw`, `test` and optionally
-/// `raw_format`, `test_format`, `snapshot`, `all`, `strict` and `workers`
-/// (`None` is the same as left out), checked and turned into a job: both
-/// sides open with `open`'s backing policy, and `all`/`strict` default to
-/// `options`'. `workers` (the cluster workers that can see the pair's files:
-/// a list of names or addresses) is for the cluster's scheduling only; here
-/// it is checked and left out. Every mistake is a `ValueError` that names the
+/// `raw_format`, `test_format`, `snapshot`, `all`, `strict`, and `workers` or
+/// `raw_workers`/`test_workers` (`None` is the same as left out), checked and
+/// turned into a job: both sides open with `open`'s backing policy, and
+/// `all`/`strict` default to `options`'. `workers` (the cluster workers that
+/// can see the pair's files: a list of names or addresses), or `raw_workers`
+/// and `test_workers` (those that see each side: the sides are then hashed
+/// where they live), are for the cluster's scheduling only; here they are
+/// checked and left out. Every mistake is a `ValueError` that names the
 /// key.
 fn pair_job(
     pair: &Bound<'_, PyAny>,
@@ -131,6 +135,16 @@ fn pair_job(
         Ok(())
     };
     names("workers")?;
+    names("raw_workers")?;
+    names("test_workers")?;
+    if get("workers")?.is_some()
+        && (get("raw_workers")?.is_some() || get("test_workers")?.is_some())
+    {
+        return Err(bad(
+            "'workers' pins the whole pair: give it, or 'raw_workers' and 'test_workers', not both"
+                .to_string(),
+        ));
+    }
     let (raw, test) = (path("raw")?, path("test")?);
     // The reference may be a block digests file: named so, or found by its magic.
     let (reference, raw_format) = match text("raw_format")?.as_deref() {
@@ -183,21 +197,21 @@ fn job_options(
 }
 
 /// What a report dict says about the pair beyond the engine's `Report`.
-struct Names {
-    raw: String,
-    test: String,
-    raw_format: String,
-    test_format: String,
+pub(crate) struct Names {
+    pub(crate) raw: String,
+    pub(crate) test: String,
+    pub(crate) raw_format: String,
+    pub(crate) test_format: String,
 }
 
 /// Where a run's first differing byte lives: in the test image's metadata
 /// (`mapping`) and in the reference's (`ref_mapping`, when it has metadata).
-type Mappings<'py> = (Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>);
+pub(crate) type Mappings<'py> = (Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>);
 
 /// The report as a dict (see the Python `Report`): `mappings(i, run)` gives
 /// the mappings of the `i`th run, where known. A report of part of the disk
 /// says which part (`range`).
-fn report_to_dict<'py>(
+pub(crate) fn report_to_dict<'py>(
     py: Python<'py>,
     names: &Names,
     report: &Report,
