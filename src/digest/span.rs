@@ -272,33 +272,40 @@ pub fn join(
     })
 }
 
-/// Check an image of `test_size` bytes, given as the spans of its blocks on
-/// the reference's grid (see [`digest_span`]), against the reference: an
-/// image of `reference_size` bytes given as its spans, named `reference`.
-/// The report is the one [`super::check`] gives against the reference's block
-/// digests file, with the same `options` (`start`/`length` included: the
-/// spans then cover that range's blocks, and the reference's spans all of
-/// its blocks). The reference's spans must be whole: a reference block that
-/// could not be read is that error.
+/// One image's spans, as [`check_spans`] takes them: the image's path (named
+/// in the report), its size, and the spans of its blocks, in order.
+#[derive(Debug, Clone, Copy)]
+pub struct Spans<'a> {
+    /// The image's path.
+    pub path: &'a Path,
+    /// Its virtual size.
+    pub size: u64,
+    /// The spans.
+    pub spans: &'a [BlockSpan],
+}
+
+/// Check `test`, given as the spans of its blocks on the reference's grid
+/// (see [`digest_span`]), against `reference`, given as the spans of all its
+/// blocks. The report is the one [`super::check`] gives against the
+/// reference's block digests file, with the same `options` (`start`/`length`
+/// included: the test spans then cover that range's blocks). The reference's
+/// spans must be whole: a reference block that could not be read is that
+/// error.
 pub fn check_spans(
-    reference: &Path,
+    reference: Spans<'_>,
     algorithm: Algorithm,
-    reference_size: u64,
-    reference_spans: &[BlockSpan],
-    test: &Path,
-    test_size: u64,
-    test_spans: &[BlockSpan],
+    test: Spans<'_>,
     options: &VerifyOptions,
 ) -> Result<Report> {
     let started = Instant::now();
-    let reference =
-        BlockDigests::from_spans(reference, algorithm, reference_size, reference_spans)?;
+    let digests =
+        BlockDigests::from_spans(reference.path, algorithm, reference.size, reference.spans)?;
     let mut found: Vec<(u64, Vec<Finding>)> = Vec::new();
     let mut bytes_read = 0;
     let mut runs_found = 0;
-    for span in test_spans {
+    for span in test.spans {
         let mut these = Vec::new();
-        super::check::compare(&reference, span.first, &span.out, &mut these);
+        super::check::compare(&digests, span.first, &span.out, &mut these);
         for (block, error) in &span.tail {
             these.push(Finding {
                 block: *block,
@@ -314,9 +321,9 @@ pub fn check_spans(
     found.sort_by_key(|(first, _)| *first);
     let findings = found.into_iter().flat_map(|(_, f)| f).collect();
     super::check::report(
-        &reference,
-        test,
-        test_size,
+        &digests,
+        test.path,
+        test.size,
         findings,
         (bytes_read, runs_found),
         options,

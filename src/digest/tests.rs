@@ -495,13 +495,17 @@ fn spans_checked_against_spans_report_as_a_check_against_the_file() {
         let expected = check(&reference, &test, &options, &mut |_| true).unwrap();
         let test_spans = spans_of(&test, size, test_size.div_ceil(BLOCK_SIZE), 4);
         let got = check_spans(
-            reference.path(),
+            Spans {
+                path: reference.path(),
+                size,
+                spans: &ref_spans,
+            },
             Algorithm::Sha256,
-            size,
-            &ref_spans,
-            test.path(),
-            test_size,
-            &test_spans,
+            Spans {
+                path: test.path(),
+                size: test_size,
+                spans: &test_spans,
+            },
             &options,
         )
         .unwrap();

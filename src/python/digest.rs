@@ -352,13 +352,17 @@ pub(crate) fn check_spans<'py>(
     let (raw_path, test_path) = (PathBuf::from(&names.raw), PathBuf::from(&names.test));
     let report = run_detached(py, || {
         engine::check_spans(
-            &raw_path,
+            engine::Spans {
+                path: &raw_path,
+                size: raw_size,
+                spans: &raw_spans,
+            },
             algorithm,
-            raw_size,
-            &raw_spans,
-            &test_path,
-            test_size,
-            &test_spans,
+            engine::Spans {
+                path: &test_path,
+                size: test_size,
+                spans: &test_spans,
+            },
             &verify,
         )
     })?;
