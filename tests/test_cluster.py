@@ -508,3 +508,138 @@ def test_verify_range_errors(images, args, fact):
     assert proc.returncode == 2
     assert proc.stderr.startswith("blkverify: error: ") and fact in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+# -- Part 3: hashing where the images live -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def odd_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A qcow2 whose size is not a multiple of 64 KiB: data, a zero cluster
+    range, holes, and data in its short last block."""
+    img = tmp_path_factory.mktemp("odd") / "odd.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, str(9 * MiB + 4608))
+    qemu_io(
+        img,
+        "write -P 0x61 0 1M",
+        "write -z 2M 1M",
+        "write -P 0x62 5M 64k",
+        f"write -P 0x63 {9 * MiB} 4608",
+    )
+    return img
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "blake3"])
+def test_digest_across_workers_equals_the_local_digest(odd_image, cluster, tmp_path, algorithm):
+    local_blocks, remote_blocks = tmp_path / "local.digests", tmp_path / "remote.digests"
+    flags = ["digest", "--no-progress", "-d", algorithm]
+    local = run_cli(*flags, "--json", "--blocks", local_blocks, odd_image)
+    remote = run_cli(
+        *flags, "--json", "--scheduler", cluster.address, "--split", "1M",
+        "--blocks", remote_blocks, odd_image,
+    )  # fmt: skip
+    assert local.returncode == remote.returncode == 0, remote.stderr
+    assert without_elapsed(remote.stdout) == without_elapsed(local.stdout)
+    assert remote_blocks.read_bytes() == local_blocks.read_bytes()
+    # The text line, with the split the cluster picks by itself, and the API.
+    text = run_cli(*flags, "--scheduler", cluster.address, odd_image)
+    assert text.stdout == run_cli(*flags, odd_image).stdout
+    api = bv.digest(odd_image, algorithm=algorithm, client=cluster.client, split="64k")
+    assert api.hexdigest == bv.digest(odd_image, algorithm=algorithm).hexdigest
+    assert api.hexdigest == json.loads(local.stdout)["digest"]
+
+
+def test_digest_on_the_cluster_errors_as_locally(images, cluster):
+    missing = images["dir"] / "missing.qcow2"
+    local = run_cli("digest", "--no-progress", images["good"], missing)
+    remote = run_cli(
+        "digest", "--no-progress", "--scheduler", cluster.address, images["good"], missing
+    )
+    assert local.returncode == remote.returncode == 2
+    assert (remote.stdout, remote.stderr) == (local.stdout, local.stderr)
+    assert "No such file" in remote.stderr
+    proc = run_cli("digest", "--split", "1M", images["good"])
+    assert proc.returncode == 2 and "--split needs --scheduler" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def cross_pair(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A raw image only w1 sees (w1/xh.raw, run from its directory) and its
+    qcow2 copies only w2 sees: xh-good.qcow2, and xh.qcow2 with a byte
+    flipped in block 30 and in the short last block (144). Also the raw
+    image's block digests file, for the local verify to compare with."""
+    w1, w2 = cluster.root / "w1", cluster.root / "w2"
+    raw = w1 / "xh.raw"
+    qemu_img("create", "-q", "-f", "raw", raw, str(9 * MiB + 4608))
+    qemu_io(raw, "write -P 0x61 0 3M", f"write -P 0x63 {9 * MiB} 4608", fmt="raw")
+    qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", raw, w2 / "xh-good.qcow2")
+    qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", raw, w2 / "xh.qcow2")
+    qemu_io(w2 / "xh.qcow2", "write -P 0x60 2000000 1", f"write -P 0 {9 * MiB + 4000} 1")
+    digests = tmp_path_factory.mktemp("xh") / "xh.digests"
+    bv.digest(raw, blocks=digests)
+    return {"raw": raw, "test": w2 / "xh.qcow2", "good": w2 / "xh-good.qcow2", "digests": digests}
+
+
+def test_a_cross_host_pair_with_a_flipped_byte_is_found_at_its_block(cross_pair, cluster):
+    """Relative paths: each side opens only on the worker it is pinned to,
+    so each was hashed where it lives."""
+    pins = {"raw_workers": ["w1"], "test_workers": ["w2"]}
+    pairs = [
+        {"raw": "xh.raw", "test": "xh.qcow2", "all": True, **pins},
+        {"raw": "xh.raw", "test": "xh.qcow2", **pins},
+        {"raw": "xh.raw", "test": "xh-good.qcow2", **pins},
+        {"raw": "xh.raw", "test": "xh.qcow2", "raw_workers": ["nosuch"], "test_workers": ["w2"]},
+    ]
+    every, first, good, unpinned = bv.verify_many(pairs, client=cluster.client, split="1M")
+    local = bv.verify(cross_pair["digests"], cross_pair["test"], all=True)
+    assert [(m.block, m.blocks) for m in every.mismatches] == [(30, 1), (144, 1)]
+    assert not every.identical and good.identical and not good.mismatches
+    assert [(m.block, m.blocks) for m in first.mismatches] == [(30, 1)]
+    assert every.mismatches[1].length == 4608
+    # As verify against the block digests file reports it, mappings and all
+    # (but for the paths it names).
+    as_local = every.to_dict() | {"raw": local.raw, "test": local.test, "raw_format": "digests"}
+    for m in as_local["mismatches"]:
+        m["mapping"]["file"] = local.test
+    assert as_local | {"elapsed_s": 0} == local.to_dict() | {"elapsed_s": 0}
+    assert isinstance(unpinned, bv.Error)
+    assert str(unpinned) == (
+        "xh.raw: none of the workers its raw side is pinned to (nosuch) is in the cluster"
+    )
+
+
+def test_a_cross_host_batch_prints_what_verify_against_digests_prints(cross_pair, cluster):
+    line = {
+        "raw": str(cross_pair["raw"]),
+        "test": str(cross_pair["test"]),
+        "raw_workers": ["w1"],
+        "test_workers": ["w2"],
+    }
+    manifest = cluster.root / "cross.txt"
+    manifest.write_text(json.dumps(line) + "\n")
+    remote = batch("--json", "--all", "--scheduler", cluster.address, "--split", "2M", manifest)
+    local = run_cli(
+        "verify", "--no-progress", "--json", "--all", cross_pair["digests"], line["test"]
+    )
+    assert remote.returncode == local.returncode == 1, remote.stderr
+    (got,) = without_elapsed(remote.stdout)
+    (want,) = without_elapsed(local.stdout)
+    assert got | {"raw": want["raw"], "raw_format": "digests"} == want
+    # The summary table: that of a local batch of the digests file and the
+    # image, but for the reference's name and the MiB/s column.
+    text = batch("--all", "--scheduler", cluster.address, manifest)
+    local_manifest = cluster.root / "cross-local.txt"
+    local_manifest.write_text(f"{cross_pair['digests']} {line['test']}\n")
+    local_text = batch("--all", local_manifest)
+    assert text.returncode == local_text.returncode == 1
+
+    def strip(table: str, raw: str) -> list[str]:
+        rows = [row.replace(raw, "RAW").split() for row in table.splitlines()]
+        return [" ".join(row[:-1]) for row in rows if not row[0].startswith("-")]
+
+    assert strip(text.stdout, line["raw"]) == strip(local_text.stdout, str(cross_pair["digests"]))
+    assert "block 30" in text.stdout
+    # Pins for the sides, and for the pair, are one or the other.
+    manifest.write_text(json.dumps(line | {"workers": ["w1"]}) + "\n")
+    proc = batch("--scheduler", cluster.address, manifest)
+    assert proc.returncode == 2 and "'workers' pins the whole pair" in proc.stderr
