@@ -258,7 +258,10 @@ def batch(
     {"raw", "test", "raw_format", "test_format", "snapshot", "all", "strict",
     "workers"}; '#' starts a comment line. RAW may be a block digests file (see
     'blkverify digest --blocks'). "workers" pins a pair to the cluster workers
-    (names, addresses or hosts) that can see its files.
+    (names, addresses or hosts) that can see its files; "raw_workers" and
+    "test_workers" pin each side instead, for a pair whose sides live on
+    different hosts: each side is then hashed where it lives and only block
+    digests cross the network (the findings are blocks).
     Prints a summary table (or, with --json, one JSON object per pair: the
     verify --json object, or {"raw", "test", "error"}). With --html DIR, also
     draws each pair that differs: DIR/LINE-TESTNAME.html, the test image's map
