@@ -643,3 +643,18 @@ def test_a_cross_host_batch_prints_what_verify_against_digests_prints(cross_pair
     manifest.write_text(json.dumps(line | {"workers": ["w1"]}) + "\n")
     proc = batch("--scheduler", cluster.address, manifest)
     assert proc.returncode == 2 and "'workers' pins the whole pair" in proc.stderr
+
+
+def test_verify_a_range_against_block_digests(cross_pair):
+    """Against a block digests file a range is whole blocks (or ends where
+    the disk does), and finds the blocks a whole run finds there."""
+    digests, test = cross_pair["digests"], cross_pair["test"]
+    whole = bv.verify(digests, test, all=True)
+    tail = bv.verify(digests, test, all=True, start="1M")
+    assert tail.mismatches == whole.mismatches
+    assert tail.range == (MiB, 8 * MiB + 4608)
+    head = bv.verify(digests, test, all=True, start=0, length="1M")
+    assert head.identical and head.range == (0, MiB)
+    proc = run_cli("verify", "--start", "512", digests, test)
+    assert proc.returncode == 2
+    assert proc.stderr.endswith("the range's start (0x200) is not a multiple of 65536 bytes\n")

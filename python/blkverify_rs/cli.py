@@ -92,13 +92,14 @@ for param in main.params:
 @click.option(
     "--start",
     metavar="OFFSET",
-    help="Verify from this guest offset (a multiple of 512; sizes as qemu-img reads them: "
-    "1G, 0x1000).",
+    help="Verify from this guest offset (a multiple of 512, or of 64k against a block "
+    "digests file; sizes as qemu-img reads them: 1G, 0x1000).",
 )
 @click.option(
     "--length",
     metavar="BYTES",
-    help="Verify this many bytes from --start (a multiple of 512; default: to the end).",
+    help="Verify this many bytes from --start (a multiple of 512, or of 64k against a "
+    "block digests file; default: to the end).",
 )
 def verify(
     raw: str,
