@@ -12,6 +12,11 @@ machine, side by side; and what one task costs the cluster.
   plain Dask no-op tasks, submitted and gathered: the floor (``overhead`` is
   ours over it). ``*_cpu_ms``: CPU time per task of the scheduler, the
   workers and the client, from the processes' own counters.
+- ``digest``: one BENCH_MIB MiB qcow2's digest, here and split between the two
+  workers (``bv.digest(client=)``, the default split: a range per worker).
+- ``cross-host``: one pair verified here (``verify_many``) and as a pair whose
+  sides live on different workers (``raw_workers``/``test_workers``: each side
+  hashed where it lives, block digests compared on the client).
 
     BLKVERIFY_BENCH_MIB=256 pytest benches/test_bench_cluster.py --benchmark-enable
 """
@@ -151,3 +156,28 @@ def test_task_cost(benchmark, tiny_pairs, cluster: Cluster) -> None:
         benchmark.extra_info.update(meter.per_task_ms(TASKS))
         benchmark.extra_info["per_task_ms"] = round(median / TASKS * 1000, 3)
         benchmark.extra_info["per_pair_ms"] = round(median / TINY_PAIRS * 1000, 3)
+
+
+@pytest.mark.parametrize("where", ["local", "dask-2-workers"])
+def test_digest(benchmark, where: str, batch_pairs, cluster: Cluster) -> None:
+    client = cluster.client if where != "local" else None
+    _, image = batch_pairs[0]
+    expected = bv.digest(image).hexdigest
+
+    def run() -> None:
+        assert bv.digest(image, client=client).hexdigest == expected
+
+    measure(benchmark, f"digest: {BENCH_MIB} MiB qcow2", where, run)
+
+
+@pytest.mark.parametrize("where", ["local-verify", "dask-cross-host"])
+def test_cross_host(benchmark, where: str, batch_pairs, cluster: Cluster) -> None:
+    raw, test = batch_pairs[0]
+    if where == "local-verify":
+        pairs = [(raw, test)]
+        client = None
+    else:
+        pins = {"raw_workers": ["w1"], "test_workers": ["w2"]}
+        pairs = [{"raw": str(raw), "test": str(test), **pins}]
+        client = cluster.client
+    measure(benchmark, f"cross-host pair: {BENCH_MIB} MiB", where, verify_all, pairs, client)
