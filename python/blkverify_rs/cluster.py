@@ -726,22 +726,33 @@ def digest(
                 )
             )
 
+        fed = [0]  # ranges fed to the outer hash (and released)
+
         def tick() -> None:
             if progress is None:
                 return
             done = 0
-            for (first, end), future in zip(ranges, futures, strict=True):
+            for i, ((first, end), future) in enumerate(zip(ranges, futures, strict=True)):
                 nbytes = min(end * BLOCK_SIZE, size) - min(first * BLOCK_SIZE, size)
-                if future.done():
+                if i < fed[0] or future.done():
                     done += nbytes
                 else:
                     with lock:
                         done += min(running.get(future.key, 0), nbytes)
             progress(done, size)
 
-        spans = [outcome(v) for v in _wait(futures, client, timeout, tick)]
+        # The outer hash takes the ranges in order, each as soon as it and
+        # those before it are in; a range fed is dropped, so the client holds
+        # only ranges that finished early, never the whole image's digests.
+        joiner = _native.SpanJoiner(size=size, algorithm=opened["algorithm"], blocks=blocks)
+        for future in futures:
+            (span,) = _wait([future], client, timeout, tick)
+            joiner.feed(outcome(span))
+            del span
+            fed[0] += 1
+            future.release()  # the worker may drop it too
         tick()
-        joined = _native.join_spans(spans, size=size, algorithm=opened["algorithm"], blocks=blocks)
+        joined = joiner.finish()
     except BaseException:
         client.cancel(futures)
         raise
@@ -749,7 +760,6 @@ def digest(
         client.unsubscribe_topic(topic)
     joined["image"] = path
     joined["warnings"] = opened["warnings"]
-    joined["bytes_read"] = sum(int(s["bytes_read"]) for s in spans)
     joined["elapsed_s"] = time.monotonic() - started
     return joined
 

@@ -27,7 +27,7 @@ pub use check::check;
 pub use file::{has_magic, is_block_digests_file, BlockDigests, BlockDigestsWriter, Blocks, MAGIC};
 pub use hash::{to_hex, Algorithm, BlockDigest, Hasher, Outer, DIGEST_LEN};
 pub use scan::{ChunkOut, Run};
-pub use span::{check_spans, digest_span, join, BlockSpan, Spans};
+pub use span::{check_spans, digest_span, join, BlockSpan, Joiner, Spans};
 
 use crate::driver::BlockDriver;
 use crate::error::{Error, Result};

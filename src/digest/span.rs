@@ -186,31 +186,64 @@ pub fn digest_span(
     Ok(span)
 }
 
-/// Feed `spans`, consecutive from block 0, to `outer` (and `writer`), checking
-/// that they cover `size` bytes' blocks once, in order. A span with blocks
-/// that could not be read gives that error.
-fn feed(
-    spans: &[BlockSpan],
+/// Joins the spans of an image's blocks, fed in order, into its digest (and
+/// block digests file): what [`join`] does, one span at a time, so a caller
+/// need not hold them all.
+pub struct Joiner {
+    algorithm: Algorithm,
     size: u64,
-    outer: &mut Outer,
-    mut writer: Option<&mut BlockDigestsWriter>,
-) -> Result<u64> {
-    let blocks = size.div_ceil(BLOCK_SIZE);
-    let mut next = 0u64;
-    let mut bytes_read = 0;
-    for span in spans {
-        if span.first != next {
+    outer: Outer,
+    writer: Option<BlockDigestsWriter>,
+    next: u64,
+    bytes_read: u64,
+    started: Instant,
+}
+
+impl Joiner {
+    /// A joiner for an image of `size` bytes; with `blocks`, its block
+    /// digests file is written there (it appears only when `finish` succeeds).
+    pub fn new(algorithm: Algorithm, size: u64, blocks: Option<&Path>) -> Result<Self> {
+        let zero_digest = algorithm.hash(&vec![0u8; BLOCK_SIZE as usize]);
+        let writer = match blocks {
+            Some(path) => Some(BlockDigestsWriter::create(
+                path, algorithm, BLOCK_SIZE, size,
+            )?),
+            None => None,
+        };
+        Ok(Joiner {
+            algorithm,
+            size,
+            outer: Outer::new(algorithm, &zero_digest),
+            writer,
+            next: 0,
+            bytes_read: 0,
+            started: Instant::now(),
+        })
+    }
+
+    /// The next span: it must start where the last one ended. A span with
+    /// blocks that could not be read gives that error.
+    pub fn feed(&mut self, span: &BlockSpan) -> Result<()> {
+        if span.first != self.next {
             return Err(Error::InvalidArgument(format!(
-                "block spans do not follow each other: one starts at block {}, where block {next} was expected",
-                span.first
+                "block spans do not follow each other: one starts at block {}, where block {} was expected",
+                span.first, self.next
+            )));
+        }
+        if span.end() > self.size.div_ceil(BLOCK_SIZE) {
+            return Err(Error::InvalidArgument(format!(
+                "a block span ends at block {}, past the {} blocks of a {}-byte image",
+                span.end(),
+                self.size.div_ceil(BLOCK_SIZE),
+                self.size
             )));
         }
         let mut digests = span.out.digests.as_slice();
         for run in &span.out.runs {
             match run {
                 Run::Zero(n) => {
-                    outer.zeros(*n);
-                    if let Some(w) = writer.as_deref_mut() {
+                    self.outer.zeros(*n);
+                    if let Some(w) = self.writer.as_mut() {
                         w.zeros(*n)?;
                     }
                 }
@@ -220,23 +253,41 @@ fn feed(
                         Error::InvalidArgument("a block span has too few digests".into())
                     })?;
                     digests = digests.get(n..).unwrap_or(&[]);
-                    outer.digests(these);
-                    if let Some(w) = writer.as_deref_mut() {
+                    self.outer.digests(these);
+                    if let Some(w) = self.writer.as_mut() {
                         w.digests(these)?;
                     }
                 }
                 Run::Failed(_, e) => return Err(Error::InvalidArgument(e.clone())),
             }
         }
-        next = span.end();
-        bytes_read += span.out.bytes_read;
+        self.next = span.end();
+        self.bytes_read += span.out.bytes_read;
+        Ok(())
     }
-    if next != blocks {
-        return Err(Error::InvalidArgument(format!(
-            "block spans cover {next} blocks of {blocks}"
-        )));
+
+    /// The digest, once every block was fed.
+    pub fn finish(self) -> Result<ImageDigest> {
+        let blocks = self.size.div_ceil(BLOCK_SIZE);
+        if self.next != blocks {
+            return Err(Error::InvalidArgument(format!(
+                "block spans cover {} blocks of {blocks}",
+                self.next
+            )));
+        }
+        let digest = self.outer.finish(self.size);
+        if let Some(writer) = self.writer {
+            writer.finish(&digest)?;
+        }
+        Ok(ImageDigest {
+            digest,
+            algorithm: self.algorithm,
+            block_size: BLOCK_SIZE,
+            size: self.size,
+            bytes_read: self.bytes_read,
+            elapsed: self.started.elapsed(),
+        })
     }
-    Ok(bytes_read)
 }
 
 /// The digest of an image of `size` bytes from the spans of all its blocks,
@@ -248,28 +299,11 @@ pub fn join(
     spans: &[BlockSpan],
     blocks: Option<&Path>,
 ) -> Result<ImageDigest> {
-    let started = Instant::now();
-    let zero_digest = algorithm.hash(&vec![0u8; BLOCK_SIZE as usize]);
-    let mut outer = Outer::new(algorithm, &zero_digest);
-    let mut writer = match blocks {
-        Some(path) => Some(BlockDigestsWriter::create(
-            path, algorithm, BLOCK_SIZE, size,
-        )?),
-        None => None,
-    };
-    let bytes_read = feed(spans, size, &mut outer, writer.as_mut())?;
-    let digest = outer.finish(size);
-    if let Some(writer) = writer {
-        writer.finish(&digest)?;
+    let mut joiner = Joiner::new(algorithm, size, blocks)?;
+    for span in spans {
+        joiner.feed(span)?;
     }
-    Ok(ImageDigest {
-        digest,
-        algorithm,
-        block_size: BLOCK_SIZE,
-        size,
-        bytes_read,
-        elapsed: started.elapsed(),
-    })
+    joiner.finish()
 }
 
 /// One image's spans, as [`check_spans`] takes them: the image's path (named

@@ -281,31 +281,53 @@ fn algorithm_named(name: &str) -> PyResult<Algorithm> {
         .ok_or_else(|| PyValueError::new_err(format!("unknown digest algorithm '{name}'")))
 }
 
-/// The digest of an image of `size` bytes from the spans (`digest_span`
-/// dicts) of all its blocks, in order: the dict `digest` returns, but for
-/// `image`, `warnings` and `elapsed_s`, which the caller knows. With
-/// `blocks`, also write the block digests file there.
-#[pyfunction]
-#[pyo3(signature = (spans, *, size, algorithm, blocks=None))]
-pub(crate) fn join_spans<'py>(
-    py: Python<'py>,
-    spans: Vec<Bound<'py, PyAny>>,
-    size: u64,
-    algorithm: &str,
-    blocks: Option<PathBuf>,
-) -> PyResult<Bound<'py, PyDict>> {
-    let algorithm = algorithm_named(algorithm)?;
-    let spans = spans.iter().map(span_from).collect::<PyResult<Vec<_>>>()?;
-    let result = run_detached(py, || {
-        engine::join(algorithm, size, &spans, blocks.as_deref())
-    })?;
-    let d = PyDict::new(py);
-    d.set_item("digest", result.hexdigest())?;
-    d.set_item("algorithm", result.algorithm.name())?;
-    d.set_item("block_size", result.block_size)?;
-    d.set_item("size", result.size)?;
-    d.set_item("bytes_read", result.bytes_read)?;
-    Ok(d)
+/// Joins the spans (`digest_span` dicts) of an image's blocks, fed in order,
+/// into its digest: a client keeps one span at a time, not all of them.
+#[pyclass(module = "blkverify_rs._native", name = "SpanJoiner")]
+pub struct PySpanJoiner {
+    joiner: Option<engine::Joiner>,
+}
+
+#[pymethods]
+impl PySpanJoiner {
+    /// A joiner for an image of `size` bytes hashed with `algorithm`; with
+    /// `blocks`, its block digests file is written there.
+    #[new]
+    #[pyo3(signature = (*, size, algorithm, blocks=None))]
+    fn new(size: u64, algorithm: &str, blocks: Option<PathBuf>) -> PyResult<Self> {
+        let algorithm = algorithm_named(algorithm)?;
+        let joiner = engine::Joiner::new(algorithm, size, blocks.as_deref()).map_err(to_pyerr)?;
+        Ok(PySpanJoiner {
+            joiner: Some(joiner),
+        })
+    }
+
+    /// Feed the next span (it must start where the last one ended).
+    fn feed(&mut self, py: Python<'_>, span: &Bound<'_, PyAny>) -> PyResult<()> {
+        let span = span_from(span)?;
+        let joiner = self
+            .joiner
+            .as_mut()
+            .ok_or_else(|| PyValueError::new_err("the joiner is finished"))?;
+        run_detached(py, || joiner.feed(&span))
+    }
+
+    /// The digest as a dict (`digest`, `algorithm`, `block_size`, `size`,
+    /// `bytes_read`), once every block was fed.
+    fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let joiner = self
+            .joiner
+            .take()
+            .ok_or_else(|| PyValueError::new_err("the joiner is finished"))?;
+        let result = run_detached(py, || joiner.finish())?;
+        let d = PyDict::new(py);
+        d.set_item("digest", result.hexdigest())?;
+        d.set_item("algorithm", result.algorithm.name())?;
+        d.set_item("block_size", result.block_size)?;
+        d.set_item("size", result.size)?;
+        d.set_item("bytes_read", result.bytes_read)?;
+        Ok(d)
+    }
 }
 
 /// The report of checking `test`, hashed as spans on the reference's grid,

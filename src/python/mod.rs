@@ -40,6 +40,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<image::PyImage>()?;
     m.add_class::<device::PyDevice>()?;
     m.add_class::<digest::PyBlockDigests>()?;
+    m.add_class::<digest::PySpanJoiner>()?;
     m.add_class::<map::PyMapExtent>()?;
     m.add_function(wrap_pyfunction!(image::open, m)?)?;
     m.add_function(wrap_pyfunction!(device::open_device, m)?)?;
@@ -51,7 +52,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify::merge_reports, m)?)?;
     m.add_function(wrap_pyfunction!(digest::digest, m)?)?;
     m.add_function(wrap_pyfunction!(digest::digest_span, m)?)?;
-    m.add_function(wrap_pyfunction!(digest::join_spans, m)?)?;
     m.add_function(wrap_pyfunction!(digest::check_spans, m)?)?;
     m.add_function(wrap_pyfunction!(map::map, m)?)?;
     m.add_function(wrap_pyfunction!(map::map_picture, m)?)?;
