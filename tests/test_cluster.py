@@ -560,6 +560,11 @@ def test_digest_on_the_cluster_errors_as_locally(images, cluster):
     assert "No such file" in remote.stderr
     proc = run_cli("digest", "--split", "1M", images["good"])
     assert proc.returncode == 2 and "--split needs --scheduler" in proc.stderr
+    start = time.monotonic()
+    address = f"tcp://127.0.0.1:{free_port()}"
+    proc = run_cli("digest", "--scheduler", address, "--scheduler-timeout", "1", images["good"])
+    assert proc.returncode == 2 and time.monotonic() - start < 20
+    assert proc.stderr.startswith(f"blkverify: error: {address}: cannot reach the Dask scheduler")
 
 
 @pytest.fixture(scope="module")
@@ -606,6 +611,12 @@ def test_a_cross_host_pair_with_a_flipped_byte_is_found_at_its_block(cross_pair,
     assert str(unpinned) == (
         "xh.raw: none of the workers its raw side is pinned to (nosuch) is in the cluster"
     )
+    # Without a cluster the pins mean nothing: the pair is verified byte by byte.
+    (here,) = bv.verify_many([pairs[0] | {"raw": cross_pair["raw"], "test": cross_pair["test"]}])
+    assert [(m.offset, m.length) for m in here.mismatches] == [
+        (2000000 - 2000000 % 512, 512),
+        (9 * MiB + 3584, 512),
+    ]
 
 
 def test_a_cross_host_batch_prints_what_verify_against_digests_prints(cross_pair, cluster):

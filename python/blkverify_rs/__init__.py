@@ -518,7 +518,8 @@ def verify_many(
     ``pairs`` holds ``(raw, test)`` tuples or dicts with ``raw``, ``test`` and
     optionally ``raw_format``, ``test_format``, ``snapshot``, ``all``,
     ``strict`` (``all`` and ``strict`` default to the arguments of the same
-    name) and ``workers``. A malformed pair raises ``ValueError`` (see
+    name) and ``workers`` (or ``raw_workers`` and ``test_workers``). A
+    malformed pair raises ``ValueError`` (see
     :func:`check_pair`) before anything runs.
 
     With ``client`` (a ``distributed.Client``; ``pip install
@@ -528,7 +529,11 @@ def verify_many(
     none of them is in the cluster, or all have been gone for
     ``scheduler_timeout`` seconds (a worker restarted under its name keeps its
     pairs), that pair ends with an error, as do all pairs left if the cluster
-    has no worker for that long. A pair larger than
+    has no worker for that long. A pair with ``raw_workers`` and
+    ``test_workers`` has its sides hashed where each lives (block digests in
+    ranges of ``split`` bytes, compared here: the report is that of
+    :func:`verify` against the raw side's block digests file); without
+    ``client`` those pins mean nothing. A pair larger than
     ``split`` bytes (a multiple of 64 KiB; default 64 GiB) is verified as
     ranges of that size on as many workers and merged into the report one
     verify gives. ``threads`` is then per task (0: the host's cores split
@@ -573,8 +578,9 @@ def _pair_dict(pair: tuple[PathLike, PathLike] | Mapping[str, Any]) -> dict[str,
     d = dict(pair) if isinstance(pair, Mapping) else {"raw": pair[0], "test": pair[1]}
     d = {k: v for k, v in d.items() if v is not None}
     d["raw"], d["test"] = os.fspath(d["raw"]), os.fspath(d["test"])
-    if "workers" in d:
-        d["workers"] = [str(w) for w in d["workers"]]
+    for key in ("workers", "raw_workers", "test_workers"):
+        if key in d:
+            d[key] = [str(w) for w in d[key]]
     return d
 
 
