@@ -669,3 +669,24 @@ def test_verify_a_range_against_block_digests(cross_pair):
     proc = run_cli("verify", "--start", "512", digests, test)
     assert proc.returncode == 2
     assert proc.stderr.endswith("the range's start (0x200) is not a multiple of 65536 bytes\n")
+
+
+def test_a_cross_host_side_runs_again_on_its_worker_come_back(images, cluster, slow_uri):
+    """The worker hashing a pair's test side is killed mid-range and comes
+    back under its name: the side is hashed again there, and the report is
+    whole (the pair is the raw image and its own bytes over NBD)."""
+    pair = {"raw": images["raw"], "test": slow_uri, "raw_workers": ["w1"], "test_workers": ["w6"]}
+    cluster.add_worker("w6")
+    thread, out = run_in_thread(
+        lambda: bv.verify_many([pair], client=cluster.client, scheduler_timeout=60)
+    )
+    try:
+        kill_when_running(cluster, "w6", thread.is_alive)
+        cluster.add_worker("w6")
+    finally:
+        thread.join(timeout=120)
+        cluster.stop("w6")
+    assert not thread.is_alive()
+    (report,) = out["value"]
+    assert isinstance(report, bv.Report), report
+    assert report.identical and report.block_size == 65536 and report.test == slow_uri
