@@ -111,25 +111,45 @@ def split_size(split: int | str) -> int:
     return size
 
 
-def _run_task(fn: Callable[..., Any], what: Any, options: dict[str, Any], *args: Any) -> Any:
+def _run_task(
+    fn: Callable[..., Any],
+    what: Any,
+    options: dict[str, Any],
+    *args: Any,
+    host_slots: Mapping[str, int] | None = None,
+) -> Any:
     """Run a task function on a worker. Unless the caller chose ``threads``,
     each task takes its share of the host's cores: they are split between the
-    worker's task slots, as a local batch splits them between pairs."""
+    task slots of all the workers on the host (``host_slots``: host -> slots,
+    as the client last saw the cluster), as a local batch splits them between
+    pairs; more threads than cores only makes the tasks fight over them."""
     if not options.get("threads"):
-        options = {**options, "threads": _threads_per_task()}
+        options = {**options, "threads": _threads_per_task(host_slots or {})}
     return fn(what, options, *args)
 
 
-def _threads_per_task() -> int:
+def _threads_per_task(host_slots: Mapping[str, int]) -> int:
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     try:
-        slots = _distributed().get_worker().state.nthreads
+        worker = _distributed().get_worker()
+        host = worker.address.split("://", 1)[-1].rsplit(":", 1)[0]
+        slots = max(host_slots.get(host, 0), worker.state.nthreads)
     except (ValueError, AttributeError):  # not on a worker
         slots = 1
     return max(1, cores // max(1, slots))
+
+
+def host_slots(workers: Mapping[str, Any]) -> dict[str, int]:
+    """The task slots of ``workers`` (as ``scheduler_info()`` lists them),
+    summed per host."""
+    slots: dict[str, int] = {}
+    for info in workers.values():
+        host = str(info.get("host"))
+        slots[host] = slots.get(host, 0) + int(info.get("nthreads", 1))
+    return slots
 
 
 class _Progress:
@@ -285,12 +305,14 @@ class _Batch:
         self.total = 0
         self.finished_bytes = 0
         self.workers: dict[str, Any] = {}
+        self.host_slots: dict[str, int] = {}
         self.no_workers_since: float | None = None
 
     # -- submitting -----------------------------------------------------------
 
     def _look_at_workers(self) -> None:
         self.workers = self.client.scheduler_info()["workers"]
+        self.host_slots = host_slots(self.workers)
 
     def _resolve(self, names: Iterable[str]) -> list[str]:
         """The addresses of the live workers ``names`` name: by name, address
@@ -353,6 +375,7 @@ class _Batch:
         task.future = self.client.submit(
             _run_task,
             *args,
+            host_slots=self.host_slots,
             key=key,
             workers=task.restriction,
             allow_other_workers=False,
@@ -697,6 +720,7 @@ def digest(
         options,
         0,
         0,
+        host_slots=host_slots(client.scheduler_info()["workers"]),
         key=f"blkverify-{token}-probe",
         pure=False,
     )
@@ -706,6 +730,7 @@ def digest(
         opened = outcome(_wait([probe], client, timeout)[0])
         size = int(opened["size"])
         step = split_size(split) if split is not None else digest_split(size, client)
+        slots = host_slots(client.scheduler_info()["workers"])
         step //= BLOCK_SIZE
         blocks_n = -(-size // BLOCK_SIZE)
         ranges = [(f, min(f + step, blocks_n)) for f in range(0, max(blocks_n, 1), step)]
@@ -721,6 +746,7 @@ def digest(
                     first,
                     end,
                     _Progress(topic, key),
+                    host_slots=slots,
                     key=key,
                     pure=False,
                 )
