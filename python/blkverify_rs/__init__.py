@@ -537,7 +537,7 @@ def verify_many(
     ``split`` bytes (a multiple of 64 KiB; default 64 GiB) is verified as
     ranges of that size on as many workers and merged into the report one
     verify gives. ``threads`` is then per task (0: the host's cores split
-    between the worker's task slots).
+    between the task slots of all the workers on the host).
 
     Returns one item per pair, in order: its :class:`Report`, or, when the pair
     could not be verified (an image that cannot be opened, a reference read

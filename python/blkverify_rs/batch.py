@@ -207,7 +207,7 @@ class BatchProgress:
     type=click.IntRange(0, 64),
     default=0,
     help="Worker threads in all, shared by the pairs (0: one per core); with "
-    "--scheduler, per task (0: a worker's cores split between its task slots).",
+    "--scheduler, per task (0: the host's cores split between its workers' task slots).",
 )
 @click.option(
     "--scheduler",
