@@ -234,14 +234,15 @@ fn flat_run(file: &dyn Storage, host: u64, max_len: u64, end: u64) -> Result<(u6
     }
 }
 
-/// Whether the first bytes of a file can start a text descriptor (which
-/// `qemu-img convert` pads with NULs to a sector).
+/// Whether the first bytes of a file can start a text descriptor. The text
+/// ends at the first NUL, as QEMU reads it: what follows is not looked at.
+/// `qemu-img convert` pads a descriptor with NULs, but when QEMU rewrites the
+/// CID with fewer hex digits it ends the text earlier and leaves the old
+/// text's last bytes behind the new NUL.
 fn looks_like_text(head: &[u8]) -> bool {
     let text = descriptor::text_of(head);
     let first = text.iter().find(|b| !b.is_ascii_whitespace());
-    let padding = head.get(text.len()..).unwrap_or(&[]);
     matches!(first, Some(b'#') | Some(b'a'..=b'z') | Some(b'A'..=b'Z'))
-        && padding.iter().all(|&b| b == 0)
 }
 
 fn parse_descriptor(path: &Path, text: &[u8]) -> Result<Descriptor> {
