@@ -70,6 +70,7 @@ def open(
     max_backing_depth: int = 16,
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
+    force_share: bool = False,
 ) -> Image | Device:
     """Open an image, or a mirrored blkverify device.
 
@@ -90,6 +91,14 @@ def open(
     An image path (or the test side) may also be an NBD URI
     (``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``);
     ``timeout`` (seconds, default 30) bounds its connect and every request.
+
+    Image files are locked as QEMU locks them, until :meth:`Image.close`: a
+    qcow2 image another process (a VM, ``qemu-nbd``) has open for writing is
+    refused, for writing and for reading, with QEMU's error (``OSError``,
+    ``EAGAIN``: ``Failed to get "write" lock``); while we have a qcow2 open
+    for writing, QEMU's tools are refused it. Raw images share writes, as in
+    QEMU. ``force_share=True`` (``-U`` in qemu-img) reads an image anyway;
+    it is refused with ``read_only=False``.
     """
     # The same options, whichever of the three ways the image is opened.
     options: dict[str, Any] = {
@@ -100,6 +109,7 @@ def open(
         "max_backing_depth": max_backing_depth,
         "allow_backing_anywhere": allow_backing_anywhere,
         "timeout": timeout,
+        "force_share": force_share,
     }
     if raw is not None or test is not None:
         if path is not None or raw is None or test is None:
@@ -275,13 +285,15 @@ def verify(
     allow_backing_anywhere: bool = False,
     threads: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    force_share: bool = False,
 ) -> Report:
     """Compare every guest sector of ``test`` with the raw reference ``raw``.
 
     Stops at the first mismatching sector unless ``all`` is true. A read error
     on the test side is a finding (a mismatch with ``error`` set); one on the
     reference side raises. ``progress(done, total)`` is called about ten times a
-    second from the calling thread.
+    second from the calling thread. ``force_share`` reads images that another
+    process has open for writing (see :func:`open`).
     """
     pair = {
         "raw": raw,
@@ -299,6 +311,7 @@ def verify(
         max_backing_depth=max_backing_depth,
         allow_backing_anywhere=allow_backing_anywhere,
         threads=threads,
+        force_share=force_share,
     )
     return _report(d)
 
@@ -318,6 +331,7 @@ def verify_many(
     allow_backing_anywhere: bool = False,
     threads: int = 0,
     progress: Callable[[int, int, int, int], None] | None = None,
+    force_share: bool = False,
 ) -> list[Report | Exception]:
     """Verify many pairs at once, within one core budget (``threads`` in all,
     0: one per core): pairs run side by side and share the worker threads.
@@ -333,7 +347,8 @@ def verify_many(
     error), the exception :func:`verify` would have raised, as a value
     (``bv.Error`` or ``OSError``): one bad pair never hides the others' results.
     ``progress(done, total, pairs_done, pairs_total)`` is called about ten times
-    a second. Ctrl-C raises ``KeyboardInterrupt``.
+    a second. Ctrl-C raises ``KeyboardInterrupt``. ``force_share`` applies to
+    every pair, as in :func:`verify`.
     """
     results = _native.verify_many(
         list(pairs),
@@ -344,6 +359,7 @@ def verify_many(
         max_backing_depth=max_backing_depth,
         allow_backing_anywhere=allow_backing_anywhere,
         threads=threads,
+        force_share=force_share,
     )
     return [r if isinstance(r, BaseException) else _report(r) for r in results]
 

@@ -18,6 +18,7 @@ from blkverify_rs.cli_common import (
     READABLE_FORMATS,
     WRITABLE_FORMATS,
     fail,
+    force_share_option,
     reported,
 )
 
@@ -87,6 +88,7 @@ for param in main.params:
     show_default=True,
     help="The longest backing chain to follow.",
 )
+@force_share_option
 def verify(
     raw: str,
     test: str,
@@ -102,6 +104,7 @@ def verify(
     no_backing: bool,
     allow_backing_anywhere: bool,
     max_backing_depth: int,
+    force_share: bool,
 ) -> None:
     """Compare every guest sector of TEST with the raw reference RAW.
 
@@ -126,6 +129,7 @@ def verify(
             allow_backing_anywhere=allow_backing_anywhere,
             max_backing_depth=max_backing_depth,
             progress=bar.update if bar else None,
+            force_share=force_share,
         )
     if not quiet:
         for warning in rep.warnings:
@@ -150,8 +154,11 @@ def verify(
     metavar="CMD",
     help="Run this qemu-io command (repeatable); without -c, read commands from stdin.",
 )
+@force_share_option
 @click.argument("spec")
-def io(fmt: str | None, read_only: bool, commands: tuple[str, ...], spec: str) -> None:
+def io(
+    fmt: str | None, read_only: bool, commands: tuple[str, ...], force_share: bool, spec: str
+) -> None:
     """Run qemu-io commands on SPEC: an image, or blkverify:RAW:TEST.
 
     Commands: read, readv, write, writev, discard, flush, length, info, alloc, map,
@@ -161,7 +168,7 @@ def io(fmt: str | None, read_only: bool, commands: tuple[str, ...], spec: str) -
     """
     from blkverify_rs.io_cmds import run_io
 
-    status = run_io(spec, list(commands), fmt, read_only)
+    status = run_io(spec, list(commands), fmt, read_only, force_share=force_share)
     sys.stdout.flush()
     sys.exit(status)
 

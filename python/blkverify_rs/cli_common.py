@@ -6,9 +6,9 @@ so every command module imports it and none imports another command module."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NoReturn, Protocol
+from typing import NoReturn, Protocol, TypeVar
 
 import click
 
@@ -23,6 +23,24 @@ EXIT_INTERRUPTED = 130
 # create and exercise write them.
 READABLE_FORMATS = click.Choice(bv.formats(readable=True))
 WRITABLE_FORMATS = click.Choice(bv.formats(writable=True))
+
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def force_share_option(command: F) -> F:
+    """``-U/--force-share``, as qemu-img and qemu-io have it, for every command
+    that only reads images (verify, batch, io -r, digest, map): the command
+    gets ``force_share`` and passes it to the API, which refuses it with a
+    write."""
+    return click.option(
+        "-U",
+        "--force-share",
+        "force_share",
+        is_flag=True,
+        help="Open images even if another process (a VM, qemu-nbd) has them open "
+        "for writing, as qemu-img -U does; read-only opens only.",
+    )(command)
 
 
 class Bar(Protocol):
