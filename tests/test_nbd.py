@@ -430,6 +430,9 @@ def _structured_handshake(conn: socket.socket, size: int) -> None:
         if opt == 8:  # STRUCTURED_REPLY: yes
             conn.sendall(struct.pack(">QIII", reply_magic, opt, 1, 0))
             continue
+        if opt != 7:  # anything but GO (block status contexts): unsupported
+            conn.sendall(struct.pack(">QIII", reply_magic, opt, (1 << 31) | 1, 0))
+            continue
         info = struct.pack(">HQH", 0, size, 1 | 4)
         conn.sendall(struct.pack(">QIII", reply_magic, opt, 3, len(info)) + info)
         conn.sendall(struct.pack(">QIII", reply_magic, opt, 1, 0))

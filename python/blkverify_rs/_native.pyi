@@ -8,6 +8,8 @@ from typing import Any
 __version__: str
 SECTOR_SIZE: int
 MAX_QUEUE_DEPTH: int
+DIGESTS_FORMAT: str
+DIGEST_ALGORITHMS: list[str]
 
 class Error(Exception): ...
 class FormatError(Error): ...
@@ -48,6 +50,31 @@ class Image:
     def __enter__(self) -> Image: ...
     def __exit__(self, _exc_type: Any, _exc: Any, _tb: Any) -> bool: ...
 
+class MapExtent:
+    def __new__(
+        cls,
+        *,
+        offset: int,
+        length: int,
+        kind: str,
+        depth: int,
+        host_offset: int | None,
+        file: str,
+    ) -> MapExtent: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def depth(self) -> int: ...
+    @property
+    def host_offset(self) -> int | None: ...
+    @property
+    def file(self) -> str: ...
+    def to_dict(self) -> dict[str, Any]: ...
+
 class Device:
     @property
     def size(self) -> int: ...
@@ -79,17 +106,38 @@ class Device:
     def __enter__(self) -> Device: ...
     def __exit__(self, _exc_type: Any, _exc: Any, _tb: Any) -> bool: ...
 
+class BlockDigests:
+    @staticmethod
+    def load(path: str | PathLike[str]) -> BlockDigests: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def block_count(self) -> int: ...
+    @property
+    def algorithm(self) -> str: ...
+    @property
+    def hexdigest(self) -> str: ...
+    def block(self, index: int) -> bytes: ...
+
 # Functions that take ``**options`` build the core's option structs from them
 # once (src/python/options.rs); a key left out keeps the core's default.
 #   open options: format, read_only, snapshot, backing, max_backing_depth,
 #     allow_backing_anywhere, timeout, force_share
 #   verify options: the open options' backing keys and force_share, and all,
 #     strict, threads, chunk_size, max_runs
+#   digest options: the open options, and algorithm, threads, chunk_size, blocks
 #   exercise options: ops, duration, seed, mix, size_mix, queue_depth, log,
 #     replay, verify, format, timeout, backing, max_backing_depth,
 #     allow_backing_anywhere
 #   create options: size, format, cluster_size, version, refcount_bits,
 #     extended_l2, lazy_refcounts, backing, backing_format
+#   map options: the open options (read_only is ignored: maps open read-only);
+#     map_picture also findings ((offset, length, first_byte) runs), cover,
+#     max_cells, mark_errors
 # A pair is (raw, test) or a mapping with raw, test and optionally raw_format,
 # test_format, snapshot, all, strict.
 
@@ -108,6 +156,17 @@ def verify_many(
     **options: Any,
 ) -> list[dict[str, Any] | Exception]: ...
 def check_pair(pair: Pair) -> None: ...
+def digest(
+    path: str | PathLike[str],
+    progress: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> dict[str, Any]: ...
+def map(
+    path: str, progress: Callable[[int, int], None] | None = None, **options: Any
+) -> list[MapExtent]: ...
+def map_picture(
+    path: str, progress: Callable[[int, int], None] | None = None, **options: Any
+) -> dict[str, Any]: ...
 def exercise(
     spec: str | None = None, progress: Callable[[int], None] | None = None, **options: Any
 ) -> dict[str, Any]: ...

@@ -2,7 +2,8 @@
 
 A manifest line is ``RAW TEST`` (two whitespace-separated paths) or a JSON
 object ``{"raw", "test", "raw_format"?, "test_format"?, "snapshot"?, "all"?,
-"strict"?}``. Blank lines and lines starting with ``#`` are ignored. Relative
+"strict"?}``: RAW is the reference, in any format blkverify reads, as in
+``verify``. Blank lines and lines starting with ``#`` are ignored. Relative
 paths resolve against the manifest's directory. The verification itself runs in
 Rust through :func:`blkverify_rs.verify_many`; this module parses, shows
 progress and reports.
@@ -72,22 +73,40 @@ def parse_manifest_line(text: str, where: str, base: str) -> dict[str, Any] | No
     return pair
 
 
-def read_manifest(path: str) -> list[dict[str, Any]]:
-    """Every pair of the manifest at ``path``; ``ManifestError`` names the bad line."""
+def read_manifest(path: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """Every pair of the manifest at ``path``, and the line each came from;
+    ``ManifestError`` names the bad line."""
     base = os.path.dirname(os.path.abspath(path))
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except UnicodeDecodeError:
         raise ManifestError(f"{path}: not a text file (UTF-8)") from None
-    pairs = []
+    pairs, numbers = [], []
     for number, text in enumerate(lines, start=1):
         pair = parse_manifest_line(text, f"{path}:{number}", base)
         if pair is not None:
             pairs.append(pair)
+            numbers.append(number)
     if not pairs:
         raise ManifestError(f"{path}: no pairs to verify")
-    return pairs
+    return pairs, numbers
+
+
+def page_name(line: int, test: str) -> str:
+    """The name of a pair's HTML map: its manifest line, then the test image's
+    file name (``12-disk.qcow2.html``)."""
+    return f"{line}-{os.path.basename(test)}.html"
+
+
+def write_pages(
+    out_dir: str, pairs: list[dict[str, Any]], lines: list[int], results: list[Report | Exception]
+) -> None:
+    """One HTML map per pair that differs (see ``Report.to_html``)."""
+    os.makedirs(out_dir, exist_ok=True)
+    for pair, line, res in zip(pairs, lines, results, strict=True):
+        if not isinstance(res, BaseException) and not res.identical:
+            res.to_html(os.path.join(out_dir, page_name(line, pair["test"])))
 
 
 def error_record(pair: dict[str, Any], exc: BaseException) -> dict[str, Any]:
@@ -110,7 +129,10 @@ def summary_table(pairs: list[dict[str, Any]], results: list[Report | Exception]
             result = "differ"
         else:
             result = "size differs"
-        first = str(res.mismatches[0].sector) if res.mismatches else "-"
+        first = "-"
+        if res.mismatches:
+            m = res.mismatches[0]
+            first = f"block {m.block}" if isinstance(m, bv.BlockMismatch) else str(m.sector)
         rate = res.bytes_compared / (1 << 20) / res.elapsed_s if res.elapsed_s > 0 else 0.0
         rows.append((name, human_size(res.virtual_size), result, first, f"{rate:.0f}"))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -169,6 +191,14 @@ class BatchProgress:
     help="Worker threads in all, shared by the pairs (0: one per core).",
 )
 @force_share_option
+@click.option(
+    "--html",
+    "html_dir",
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="Write an HTML map of each pair that differs to DIR, named LINE-TESTNAME.html "
+    "(implies --all for pairs that do not say).",
+)
 def batch(
     manifest: str,
     all_: bool,
@@ -178,17 +208,22 @@ def batch(
     quiet: bool,
     threads: int,
     force_share: bool,
+    html_dir: str | None,
 ) -> None:
     """Verify every pair listed in MANIFEST, in parallel.
 
-    A line is 'RAW TEST', or a JSON object {"raw", "test", "raw_format",
-    "test_format", "snapshot", "all", "strict"}; '#' starts a comment line.
+    A line is 'RAW TEST' (RAW: the reference, in any format), or a JSON object
+    {"raw", "test", "raw_format", "test_format", "snapshot", "all", "strict"};
+    '#' starts a comment line. RAW may be a block digests file (see 'blkverify
+    digest --blocks').
     Prints a summary table (or, with --json, one JSON object per pair: the
-    verify --json object, or {"raw", "test", "error"}). Exit status: the worst
-    result (0 identical, 1 a pair differs, 2 a pair could not be verified).
+    verify --json object, or {"raw", "test", "error"}). With --html DIR, also
+    draws each pair that differs: DIR/LINE-TESTNAME.html, the test image's map
+    with the pair's findings marked (see 'blkverify map'). Exit status: the
+    worst result (0 identical, 1 a pair differs, 2 a pair could not be verified).
     """
     try:
-        pairs = read_manifest(manifest)
+        pairs, lines = read_manifest(manifest)
     except ManifestError as exc:
         fail(str(exc))
     except OSError as exc:
@@ -199,7 +234,7 @@ def batch(
     with reported(bar):
         results = bv.verify_many(
             pairs,
-            all=all_,
+            all=all_ or html_dir is not None,
             strict=strict,
             threads=threads,
             progress=bar.update if bar else None,
@@ -221,4 +256,7 @@ def batch(
                 click.echo(json.dumps(record))
         else:
             click.echo(summary_table(pairs, results), nl=False)
+    if html_dir is not None:
+        with reported():
+            write_pages(html_dir, pairs, lines, results)
     sys.exit(exit_status(results))

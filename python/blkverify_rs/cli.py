@@ -13,14 +13,20 @@ import click
 import blkverify_rs as bv
 from blkverify_rs.batch import batch
 from blkverify_rs.cli_common import (
+    EXIT_ERROR,
     EXIT_FINDING,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     READABLE_FORMATS,
+    REFERENCE_FORMATS,
     WRITABLE_FORMATS,
+    backing_options,
+    describe_error,
     fail,
     force_share_option,
     reported,
 )
+from blkverify_rs.map_cmd import map_command
 
 
 def _version() -> str:
@@ -51,7 +57,10 @@ for param in main.params:
 @click.argument("raw", type=click.Path(dir_okay=False))
 @click.argument("test", type=click.Path(dir_okay=False))
 @click.option(
-    "-f", "--raw-format", type=READABLE_FORMATS, help="Format of RAW (default: probe; must be raw)."
+    "-f",
+    "--raw-format",
+    type=REFERENCE_FORMATS,
+    help="Format of RAW, the reference (default: probe; digests for a block digests file).",
 )
 @click.option("-F", "--test-format", type=READABLE_FORMATS, help="Format of TEST (default: probe).")
 @click.option(
@@ -71,22 +80,14 @@ for param in main.params:
 @click.option(
     "--threads", type=click.IntRange(0, 64), default=0, help="Worker threads (0: one per core)."
 )
+@backing_options
 @click.option(
-    "--no-backing",
-    is_flag=True,
-    help="Do not open backing files: unallocated clusters compare as zeros (and say so).",
-)
-@click.option(
-    "--allow-backing-anywhere",
-    is_flag=True,
-    help="Follow backing files outside the directory of the image that names them.",
-)
-@click.option(
-    "--max-backing-depth",
-    type=click.IntRange(0, 1024),
-    default=16,
-    show_default=True,
-    help="The longest backing chain to follow.",
+    "--html",
+    "html_out",
+    metavar="OUT.html",
+    type=click.Path(dir_okay=False),
+    help="Also write the test image's HTML map with every finding marked on it "
+    "(implies --all, up to the run cap).",
 )
 @force_share_option
 def verify(
@@ -105,8 +106,18 @@ def verify(
     allow_backing_anywhere: bool,
     max_backing_depth: int,
     force_share: bool,
+    html_out: str | None,
 ) -> None:
-    """Compare every guest sector of TEST with the raw reference RAW.
+    """Compare every guest sector of TEST with RAW, the reference, in any format.
+
+    RAW and TEST may each be in any format blkverify reads (see -f/-F): a qcow2
+    against its compressed copy, a vmdk against the qcow2 it came from.
+
+    RAW may be a block digests file ('blkverify digest --blocks'): TEST is then
+    hashed block by block, and blocks whose digests differ are the findings.
+
+    With --html OUT.html, also draw TEST's allocation map with every finding
+    marked on it: one self-contained page (see 'blkverify map').
 
     Exit status: 0 identical, 1 they differ (or TEST could not be read somewhere),
     2 an error (bad usage, an image that cannot be opened, a reference read error).
@@ -119,7 +130,7 @@ def verify(
         rep = bv.verify(
             raw,
             test,
-            all=all_,
+            all=all_ or html_out is not None,
             raw_format=raw_format,
             test_format=test_format,
             strict=strict,
@@ -137,8 +148,112 @@ def verify(
         if as_json:
             click.echo(report.to_json(rep))
         else:
-            click.echo(report.human(rep, all_=all_), nl=False)
+            click.echo(report.human(rep, all_=all_ or html_out is not None), nl=False)
+    if html_out is not None:
+        with reported():
+            rep.to_html(html_out)
     sys.exit(EXIT_OK if rep.identical else EXIT_FINDING)
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "-f", "--format", "fmt", type=READABLE_FORMATS, help="Format of the images (default: probe)."
+)
+@click.option("--snapshot", metavar="NAME", help="Hash this internal snapshot (ID or name).")
+@click.option(
+    "-d",
+    "--digest",
+    "algorithm",
+    type=click.Choice(bv.DIGEST_ALGORITHMS),
+    default=bv.DIGEST_ALGORITHMS[0],
+    show_default=True,
+    help="The hash function.",
+)
+@click.option(
+    "--threads", type=click.IntRange(0, 64), default=0, help="Worker threads (0: one per core)."
+)
+@click.option(
+    "--blocks",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Also write IMAGE's block digests file to FILE (one IMAGE only).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Show a progress bar on stderr (default: when stderr is a terminal).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Print only the digests and errors.")
+@backing_options
+def digest(
+    images: tuple[str, ...],
+    fmt: str | None,
+    snapshot: str | None,
+    algorithm: str,
+    threads: int,
+    blocks: str | None,
+    as_json: bool,
+    progress: bool | None,
+    quiet: bool,
+    no_backing: bool,
+    allow_backing_anywhere: bool,
+    max_backing_depth: int,
+) -> None:
+    """Print the digest of each IMAGE's guest data, as blksum does:
+    '<hex digest>  <IMAGE>'. A raw image and its qcow2 copy give the same one.
+
+    The construction is blkhash 0.11's, H(H(b1) || ... || H(bN) || le64(size))
+    over 64 KiB blocks. With --blocks, the digest of every block is written too,
+    for 'blkverify verify FILE COPY' where the image itself is not at hand.
+    Exit status: 0 if every image was hashed, 2 if any failed (the others go on).
+    """
+    import json
+
+    from blkverify_rs import report
+
+    if blocks is not None and len(images) != 1:
+        fail(f"--blocks takes exactly one IMAGE ({len(images)} given)")
+    show_progress = progress if progress is not None else (sys.stderr.isatty() and not quiet)
+    status = EXIT_OK
+    for image in images:
+        bar = report.ProgressBar(sys.stderr) if show_progress and not quiet else None
+        if bar is not None and len(images) > 1:
+            bar.prefix = f"{image}: "
+        try:
+            try:
+                d = bv.digest(
+                    image,
+                    fmt,
+                    algorithm=algorithm,
+                    threads=threads,
+                    blocks=blocks,
+                    snapshot=snapshot,
+                    backing=not no_backing,
+                    max_backing_depth=max_backing_depth,
+                    allow_backing_anywhere=allow_backing_anywhere,
+                    progress=bar.update if bar else None,
+                )
+            finally:
+                if bar is not None:
+                    bar.finish()
+        except KeyboardInterrupt:
+            click.echo("blkverify: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except (bv.Error, OSError, ValueError, OverflowError) as exc:
+            # One image's failure is reported and the others go on.
+            status = EXIT_ERROR
+            message = describe_error(exc, image)
+            click.echo(f"blkverify: error: {message}", err=True)
+            if as_json:
+                click.echo(json.dumps({"image": image, "error": message}))
+            continue
+        if not quiet:
+            for warning in d.warnings:
+                click.echo(f"blkverify: warning: {warning}", err=True)
+        click.echo(json.dumps(d.to_dict()) if as_json else report.digest_line(d))
+    sys.exit(status)
 
 
 @main.command("io", context_settings={"ignore_unknown_options": False})
@@ -160,6 +275,9 @@ def io(
     fmt: str | None, read_only: bool, commands: tuple[str, ...], force_share: bool, spec: str
 ) -> None:
     """Run qemu-io commands on SPEC: an image, or blkverify:RAW:TEST.
+
+    On the mirrored device RAW is always read as a raw image, as in QEMU's
+    blkverify: its writes must be trivially right. vmdk images open read-only.
 
     Commands: read, readv, write, writev, discard, flush, length, info, alloc, map,
     help, quit, with qemu-io's options and output. On a blkverify device every read
@@ -339,6 +457,7 @@ def create(
 
 
 main.add_command(batch)
+main.add_command(map_command)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
 """What every ``blkverify`` command shares: the exit codes, the one-line error,
-the handling of errors and Ctrl-C around a command's work, and the format
-choices, drawn from the one registry. A leaf: it imports only the Python API,
-so every command module imports it and none imports another command module."""
+the handling of errors and Ctrl-C around a command's work, the format choices,
+drawn from the one registry, and the backing-chain options. A leaf: it imports
+only the Python API, so every command module imports it and none imports
+another command module."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NoReturn, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import click
 
@@ -23,9 +24,40 @@ EXIT_INTERRUPTED = 130
 # create and exercise write them.
 READABLE_FORMATS = click.Choice(bv.formats(readable=True))
 WRITABLE_FORMATS = click.Choice(bv.formats(writable=True))
+# verify's reference may also be a block digests file.
+REFERENCE_FORMATS = click.Choice([*bv.formats(readable=True), bv.DIGESTS_FORMAT])
 
 
-F = TypeVar("F", bound=Callable[..., object])
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def backing_options(command: F) -> F:
+    """``--no-backing``, ``--allow-backing-anywhere`` and
+    ``--max-backing-depth``: how the commands that open images
+    follow a backing chain (verify, map, digest). The command takes ``no_backing``,
+    ``allow_backing_anywhere`` and ``max_backing_depth``."""
+    options = [
+        click.option(
+            "--no-backing",
+            is_flag=True,
+            help="Do not open backing files: unallocated clusters read as zeros.",
+        ),
+        click.option(
+            "--allow-backing-anywhere",
+            is_flag=True,
+            help="Follow backing files outside the directory of the image that names them.",
+        ),
+        click.option(
+            "--max-backing-depth",
+            type=click.IntRange(0, 1024),
+            default=16,
+            show_default=True,
+            help="The longest backing chain to follow.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 def force_share_option(command: F) -> F:

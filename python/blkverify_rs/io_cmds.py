@@ -123,10 +123,10 @@ class Session:
 
     def __init__(self, dev: Any, out: IO[str], err: IO[str], read_only: bool) -> None:
         self.dev = dev
-        # Why writes are refused when the image could not be opened for writing.
         self.out = out
         self.err = err
-        self.read_only = read_only
+        # A format blkverify cannot write opens read-only whatever was asked.
+        self.read_only = read_only or dev.read_only
         self.quit = False
         self.is_device = isinstance(dev, bv.Device)
 
@@ -220,12 +220,14 @@ class Session:
 
     def allocated(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """(offset, length, allocated) runs in the image's top layer, as qemu-io's
-        alloc and map see them: every byte of a raw image is allocated; in qcow2,
-        data, compressed and zero clusters are, unallocated ones are not."""
+        alloc and map see them: every byte of a raw image is allocated, and of vpc and
+        vdi images (QEMU's drivers for them have no backing files, so their unallocated
+        blocks read as zeros that QEMU counts as allocated); in qcow2, data, compressed
+        and zero clusters are, unallocated ones are not."""
         if length <= 0 or offset >= self.dev.size:
             return []
         fmt = self.dev.test_format if self.is_device else self.dev.format
-        if fmt == "raw":
+        if fmt in ("raw", "vpc", "vdi"):
             return [(offset, min(length, self.dev.size - offset), True)]
         runs: list[tuple[int, int, bool]] = []
         for off, ln, kind, _host in self.io("is_allocated", lambda: self.dev.map(offset, length)):
@@ -422,8 +424,17 @@ class Session:
         else:
             fmt = self.dev.format
             self.p(f"format name: {fmt}")
-        if fmt == "raw":
-            self.p("cluster size: 0 bytes")
+        if fmt == "vmdk":
+            self.vmdk_info(facts)
+            return
+        if fmt == "vhdx":
+            # qemu-io names the block size, and nothing format-specific.
+            self.p(f"cluster size: {cvtstr(int(facts['cluster_size']))}")
+            self.p("vm state offset: 0 bytes")
+            return
+        if fmt != "qcow2":
+            # qemu-io's cluster size is the block size (vpc, vdi; 0 for raw and fixed VHDs)
+            self.p(f"cluster size: {cvtstr(int(facts.get('block_size', 0)))}")
             self.p("vm state offset: 0 bytes")
             return
         cluster = int(facts["cluster_size"])
@@ -445,6 +456,30 @@ class Session:
                 self.p(f"    data file raw: {facts.get('data_file_raw', 'false')}")
             self.p(f"    corrupt: {facts.get('corrupt', 'false')}")
             self.p(f"    extended l2: {facts.get('extended_l2', 'false')}")
+
+    def vmdk_info(self, facts: dict[str, str]) -> None:
+        """qemu-io's ``info`` for a vmdk disk: the descriptor's IDs and each extent."""
+        self.p(f"cluster size: {cvtstr(int(facts['cluster_size']))}")
+        self.p("vm state offset: 0 bytes")
+        self.p("Format specific information:")
+        self.p(f"    cid: {int(facts['cid'], 16)}")
+        self.p(f"    parent cid: {int(facts['parent_cid'], 16)}")
+        self.p(f"    create type: {facts['create_type']}")
+        self.p("    extents:")
+        for index in range(int(facts["extents"])):
+            extent = {
+                key.split(".", 2)[2]: value
+                for key, value in facts.items()
+                if key.startswith(f"extent.{index}.")
+            }
+            self.p(f"        [{index}]:")
+            if "compressed" in extent:
+                self.p(f"            compressed: {extent['compressed']}")
+            self.p(f"            virtual size: {extent['virtual_size']}")
+            self.p(f"            filename: {extent['filename']}")
+            if "cluster_size" in extent:
+                self.p(f"            cluster size: {extent['cluster_size']}")
+            self.p(f"            format: {extent['format']}")
 
     def cmd_alloc(self, argv: list[str]) -> None:
         offset = self.num(argv[1])

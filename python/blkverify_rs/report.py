@@ -1,5 +1,5 @@
-"""Reporting: the human text and JSON for verify and exercise reports, and a
-progress bar."""
+"""Reporting: the human text and JSON for verify, digest and exercise reports,
+and a progress bar."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ from typing import IO, TYPE_CHECKING, Any
 from blkverify_rs import SECTOR_SIZE
 
 if TYPE_CHECKING:
-    from blkverify_rs import ExerciseFinding, ExerciseResult, Mismatch, Report, ShrinkResult
+    from blkverify_rs import (
+        BlockMismatch,
+        Digest,
+        ExerciseFinding,
+        ExerciseResult,
+        Mismatch,
+        Report,
+        ShrinkResult,
+    )
 
 
 def to_json(rep: Report) -> str:
@@ -48,8 +56,11 @@ def describe_mapping(mapping: dict[str, Any] | None) -> str | None:
     return f"{where}: {what}" if where else what
 
 
-def describe_mismatch(m: Mismatch) -> str:
-    """One line for one run, in the seed document's words."""
+def describe_mismatch(m: Mismatch | BlockMismatch) -> str:
+    """One line for one run, in the seed document's words (in blocks against a
+    block digests file, which cannot name the byte)."""
+    if hasattr(m, "block"):
+        return _describe_blocks(m)  # type: ignore[arg-type]
     sectors = max(1, (m.length + SECTOR_SIZE - 1) // SECTOR_SIZE)
     span = f"{sectors} sector{'s' if sectors != 1 else ''}"
     if m.error:
@@ -62,6 +73,19 @@ def describe_mismatch(m: Mismatch) -> str:
     )
 
 
+def _describe_blocks(m: BlockMismatch) -> str:
+    where = f"block {m.block}" if m.blocks == 1 else f"blocks {m.block}-{m.block + m.blocks - 1}"
+    span = f"offset {m.offset:#x}, {m.length} bytes"
+    if m.error:
+        return f"blkverify: read error in {where} ({span}): {m.error}"
+    return f"blkverify: contents mismatch in {where} ({span})"
+
+
+def digest_line(d: Digest) -> str:
+    """``<hex digest>  <IMAGE>``, as blksum and sha256sum print it."""
+    return f"{d.hexdigest}  {d.image}"
+
+
 def human(rep: Report, all_: bool = False) -> str:
     """The report as text."""
     if rep.identical:
@@ -72,6 +96,11 @@ def human(rep: Report, all_: bool = False) -> str:
         where = describe_mapping(m.mapping)
         if where:
             lines.append(f"  {rep.test_format} metadata: {where}")
+        # A reference with metadata of its own (not raw) is named too: either
+        # side may be the one that is wrong. (A block digests file has none.)
+        ref_where = describe_mapping(getattr(m, "ref_mapping", None))
+        if ref_where:
+            lines.append(f"  reference {rep.raw_format} metadata: {ref_where}")
     if not rep.mismatches:
         lines.append(
             f"Images differ in size: {rep.raw} is {rep.raw_size} bytes, "

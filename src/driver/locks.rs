@@ -10,17 +10,17 @@ use crate::error::Result;
 use crate::storage::{FileStorage, ImageLock, Perms, Role, Storage};
 use std::path::Path;
 
-/// Lock `storage` (an image of `format`; `top` is false for a backing file)
-/// as QEMU would, and for a qcow2 image its external data file too. The
+/// Lock `storage` (an image of `format`; `top` is false for a backing file;
+/// `writable` when it is open for writing) as QEMU would, and for a qcow2 image its external data file too. The
 /// locks are kept by `storage`, so they last as long as the image is open.
 pub(super) fn lock_image(
     storage: &mut FileStorage,
     format: Format,
     options: &OpenOptions,
     top: bool,
+    writable: bool,
 ) -> Result<()> {
     let metadata = format != Format::Raw;
-    let writable = top && options.writable;
     let role = if top {
         Role::Image { metadata }
     } else {

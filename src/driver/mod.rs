@@ -10,6 +10,10 @@ mod locks;
 pub mod nbd;
 pub mod qcow2;
 pub mod raw;
+pub mod vdi;
+pub mod vhdx;
+pub mod vmdk;
+pub mod vpc;
 
 use crate::error::{Error, Result};
 use crate::storage::{FileStorage, Storage, View};
@@ -111,10 +115,35 @@ impl Location {
     }
 }
 
+/// Fill in where an unallocated byte at `offset` is read from: the backing
+/// file's own location of it, when a backing file covers it (else the byte
+/// reads as zeros and `location` stays as it is).
+pub(crate) fn locate_in_backing(
+    location: &mut Location,
+    backing: Option<&dyn BlockDriver>,
+    offset: u64,
+) -> Result<()> {
+    let Some(backing) = backing.filter(|b| offset < b.size()) else {
+        return Ok(());
+    };
+    location.kind = "backing";
+    location.backing_depth = 1;
+    location.file = backing.path().to_path_buf();
+    match backing.locate(offset)? {
+        Some(inner) => {
+            location.host_offset = inner.host_offset;
+            location.file = inner.file;
+            location.backing_depth = inner.backing_depth + 1;
+        }
+        None => location.host_offset = Some(offset),
+    }
+    Ok(())
+}
+
 /// A disk-image format driver. Guest offsets are bytes from the start of the
 /// virtual disk. Every method takes `&self`, so one driver serves many threads.
 pub trait BlockDriver: Send + Sync {
-    /// The format name: "raw" or "qcow2".
+    /// The format name, as QEMU spells it ("raw", "qcow2", "vmdk").
     fn format_name(&self) -> &'static str;
 
     /// The image file's path.
@@ -291,7 +320,10 @@ impl Format {
 
     /// Whether blkverify has a driver that reads this format.
     pub fn can_read(&self) -> bool {
-        matches!(self, Format::Raw | Format::Qcow2)
+        matches!(
+            self,
+            Format::Raw | Format::Qcow2 | Format::Vmdk | Format::Vpc | Format::Vhdx | Format::Vdi
+        )
     }
 
     /// Whether images of this format can be opened for writing (and created).
@@ -428,9 +460,12 @@ pub(crate) fn open_in_chain(
     options: &OpenOptions,
     chain: &[PathBuf],
 ) -> Result<Arc<dyn BlockDriver>> {
-    // Only the top image is ever opened for writing; backing files never are.
+    // Only the top image is ever opened for writing; backing files never are,
+    // nor images of a format we cannot write: those open as if read-only was
+    // asked, so a write fails as it would under `-r`.
     let top = chain.is_empty();
-    let mut storage = if options.writable && top {
+    let writable = options.writable && top && format.is_none_or(|f| f.can_write());
+    let mut storage = if writable {
         FileStorage::open_read_write(path)?
     } else {
         FileStorage::open_read_only(path)?
@@ -439,8 +474,12 @@ pub(crate) fn open_in_chain(
         Some(format) => format,
         None => probe(&storage)?,
     };
+    if writable && !format.can_write() {
+        storage = FileStorage::open_read_only(path)?;
+    }
+    let writable = writable && format.can_write();
     if format.can_read() {
-        locks::lock_image(&mut storage, format, options, top)?;
+        locks::lock_image(&mut storage, format, options, top, writable)?;
     }
     let storage: Arc<dyn Storage> = Arc::new(storage);
     if options.writable && chain.is_empty() && snapshot.is_some() {
@@ -462,7 +501,30 @@ pub(crate) fn open_in_chain(
         Format::Qcow2 => Ok(Arc::new(qcow2::Qcow2::open(
             storage, snapshot, options, chain,
         )?)),
-        other => Err(cannot_read(path, other)),
+        Format::Vmdk => {
+            if let Some(name) = snapshot {
+                return Err(Error::format(
+                    path,
+                    format!("vmdk images have no internal snapshots (asked for snapshot '{name}')"),
+                ));
+            }
+            Ok(Arc::new(vmdk::Vmdk::open(storage, options, chain)?))
+        }
+        Format::Vhdx => {
+            if let Some(name) = snapshot {
+                return Err(Error::format(
+                    path,
+                    format!("vhdx images have no snapshots (asked for snapshot '{name}')"),
+                ));
+            }
+            Ok(Arc::new(vhdx::Vhdx::open(storage, options, chain)?))
+        }
+        Format::Vpc | Format::Vdi if snapshot.is_some() => Err(Error::format(
+            path,
+            format!("{} images have no snapshots", format.name()),
+        )),
+        Format::Vpc => Ok(Arc::new(vpc::Vpc::open(storage, options, chain)?)),
+        Format::Vdi => Ok(Arc::new(vdi::Vdi::open(storage)?)),
     }
 }
 
@@ -490,7 +552,8 @@ fn cannot_read(path: &Path, format: Format) -> Error {
 }
 
 /// Which format the file's magic says it is (raw when none matches). qcow
-/// version 1 and LUKS volumes, which no driver here will read, are refused.
+/// version 1 and LUKS volumes, which no driver here will read, are refused, and
+/// so are block digests files, which are not images.
 pub fn detect(storage: &dyn Storage) -> Result<Format> {
     let len = storage.len()?;
     let mut head = [0u8; 512];
@@ -511,6 +574,12 @@ pub fn detect(storage: &dyn Storage) -> Result<Format> {
             _ => Ok(Format::Qcow2),
         };
     }
+    if crate::digest::has_magic(head) {
+        return Err(Error::format(
+            path,
+            "file is a block digests file, not an image: it can only be the reference of verify (give -f raw to read its bytes as they are)",
+        ));
+    }
     let refused: &[(&[u8], &str)] = &[
         (b"LUKS\xba\xbe", "a LUKS encrypted volume"),
         (b"QED\0", "a QED image"),
@@ -525,6 +594,9 @@ pub fn detect(storage: &dyn Storage) -> Result<Format> {
     }
     let magics: &[(&[u8], Format)] = &[
         (b"KDMV", Format::Vmdk),
+        // ESX's older sparse extent (vmfsSparse): probed as VMDK, as QEMU
+        // does, so that it is refused by name rather than compared as raw.
+        (b"COWD", Format::Vmdk),
         (b"# Disk DescriptorFile", Format::Vmdk),
         (b"conectix", Format::Vpc),
         (b"vhdxfile", Format::Vhdx),
@@ -536,6 +608,10 @@ pub fn detect(storage: &dyn Storage) -> Result<Format> {
     }
     if head.get(64..68) == Some(b"\x7f\x10\xda\xbe".as_slice()) {
         return Ok(Format::Vdi);
+    }
+    // A fixed VHD's only footer is its last 512 bytes (QEMU probes these as raw).
+    if vpc::has_fixed_footer(storage)? {
+        return Ok(Format::Vpc);
     }
     Ok(Format::Raw)
 }

@@ -61,7 +61,7 @@ impl PyDevice {
         Ok(self.device()?.format_name())
     }
 
-    /// The test image's format ("raw" or "qcow2").
+    /// The test image's format ("raw", "qcow2", "vmdk").
     #[getter]
     fn test_format(&self) -> PyResult<&'static str> {
         Ok(self.device()?.test().format_name())

@@ -36,7 +36,7 @@ impl PyImage {
         Ok(self.driver()?.size())
     }
 
-    /// "raw" or "qcow2".
+    /// The format: "raw", "qcow2", "vmdk".
     #[getter]
     fn format(&self) -> PyResult<&'static str> {
         Ok(self.driver()?.format_name())

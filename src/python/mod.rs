@@ -9,9 +9,11 @@
 mod create;
 mod detached;
 mod device;
+mod digest;
 mod errors;
 mod exercise;
 mod image;
+mod map;
 mod options;
 mod rules;
 mod verify;
@@ -26,12 +28,19 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("SECTOR_SIZE", crate::driver::SECTOR_SIZE)?;
     m.add("MAX_QUEUE_DEPTH", crate::exercise::MAX_QUEUE_DEPTH)?;
+    m.add("DIGESTS_FORMAT", verify::DIGESTS)?;
+    m.add(
+        "DIGEST_ALGORITHMS",
+        crate::digest::Algorithm::ALL.map(|a| a.name()).to_vec(),
+    )?;
     m.add("Error", py.get_type::<exc::Error>())?;
     m.add("FormatError", py.get_type::<FormatError>())?;
     m.add("CorruptImageError", py.get_type::<CorruptImageError>())?;
     m.add("MismatchError", py.get_type::<MismatchError>())?;
     m.add_class::<image::PyImage>()?;
     m.add_class::<device::PyDevice>()?;
+    m.add_class::<digest::PyBlockDigests>()?;
+    m.add_class::<map::PyMapExtent>()?;
     m.add_function(wrap_pyfunction!(image::open, m)?)?;
     m.add_function(wrap_pyfunction!(device::open_device, m)?)?;
     m.add_function(wrap_pyfunction!(image::probe_format, m)?)?;
@@ -39,6 +48,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify::verify, m)?)?;
     m.add_function(wrap_pyfunction!(verify::verify_many, m)?)?;
     m.add_function(wrap_pyfunction!(verify::check_pair, m)?)?;
+    m.add_function(wrap_pyfunction!(digest::digest, m)?)?;
+    m.add_function(wrap_pyfunction!(map::map, m)?)?;
+    m.add_function(wrap_pyfunction!(map::map_picture, m)?)?;
     m.add_function(wrap_pyfunction!(exercise::exercise, m)?)?;
     m.add_function(wrap_pyfunction!(exercise::read_log, m)?)?;
     m.add_function(wrap_pyfunction!(exercise::write_log, m)?)?;

@@ -1,10 +1,11 @@
 //! Keyword arguments, taken by name into the structs the core owns. A native
 //! function receives its options as `**options` and builds each core struct
-//! (`OpenOptions`, `VerifyOptions`, an exercise `Request`, `CreateOptions`)
-//! once, here; a key left out keeps the core's default.
+//! (`OpenOptions`, `VerifyOptions`, an exercise `Request`, `CreateOptions`, a
+//! map `PictureRequest`) once, here; a key left out keeps the core's default.
 
 use super::errors::to_pyerr;
 use crate::driver::{Access, Format, OpenOptions};
+use crate::map::{FindingRange, OnError, PictureRequest};
 use crate::verify::VerifyOptions;
 use pyo3::conversion::FromPyObjectOwned;
 use pyo3::exceptions::PyTypeError;
@@ -95,5 +96,33 @@ pub(crate) fn verify_options(kw: &Kwargs<'_>) -> PyResult<VerifyOptions> {
             .take::<usize>("max_runs")?
             .unwrap_or(defaults.max_runs)
             .max(1),
+    })
+}
+
+/// `PictureRequest` from `findings` ((offset, length, first_byte) runs),
+/// `cover` (bytes the picture spans at least), `max_cells` and `mark_errors`
+/// (draw unreadable metadata instead of raising).
+pub(crate) fn picture_request(kw: &Kwargs<'_>) -> PyResult<PictureRequest> {
+    let defaults = PictureRequest::default();
+    let findings: Vec<(u64, u64, u64)> = kw.take("findings")?.unwrap_or_default();
+    Ok(PictureRequest {
+        findings: findings
+            .into_iter()
+            .map(|(offset, length, first_byte)| FindingRange {
+                offset,
+                length,
+                first_byte,
+            })
+            .collect(),
+        cover: kw.take("cover")?.unwrap_or(defaults.cover),
+        max_cells: kw
+            .take::<u64>("max_cells")?
+            .unwrap_or(defaults.max_cells)
+            .max(1),
+        on_error: if kw.take("mark_errors")?.unwrap_or(false) {
+            OnError::Mark
+        } else {
+            defaults.on_error
+        },
     })
 }

@@ -5,17 +5,24 @@ use super::detached::run_with_progress;
 use super::errors::to_pyerr;
 use super::image::location_dict;
 use super::options::{format_for, open_options, verify_options, Kwargs};
-use crate::driver::{Access, OpenOptions};
+use crate::driver::{Access, BlockDriver, Location, OpenOptions};
 use crate::error::Error;
-use crate::verify::{self as engine, BatchProgress, Progress, Verified, VerifyJob, VerifyOptions};
+use crate::verify::{
+    self as engine, BatchProgress, Progress, Reference, ReferenceKind, Verified, VerifyJob,
+    VerifyOptions,
+};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyMapping};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-/// Where the first mismatches live in the test image's metadata (for reports).
+/// Where the first mismatches live in each side's metadata (for reports).
 const MAX_LOCATED: usize = 1000;
+
+/// The `raw_format` that names a block digests file as the reference.
+pub(crate) const DIGESTS: &str = "digests";
 
 /// The keys a pair may have.
 const PAIR_KEYS: [&str; 7] = [
@@ -100,10 +107,17 @@ fn pair_job(
         })
     };
     let (raw, test) = (path("raw")?, path("test")?);
+    // The reference may be a block digests file: named so, or found by its magic.
+    let (reference, raw_format) = match text("raw_format")?.as_deref() {
+        Some(DIGESTS) => (ReferenceKind::Digests, None),
+        Some(_) => (ReferenceKind::Image, format("raw_format")?),
+        None => (ReferenceKind::Detect, None),
+    };
     Ok(VerifyJob {
+        reference,
         raw_options: OpenOptions {
             writable: false,
-            format: format("raw_format")?,
+            format: raw_format,
             snapshot: None,
             ..open.clone()
         },
@@ -143,38 +157,72 @@ fn job_options(
     Ok((open, verify))
 }
 
-/// The report as a dict (see the Python `Report`). Locating mismatches reads
-/// metadata, so it runs with the GIL released.
+/// The warning that `image`'s backing file was not opened (`--no-backing`), so
+/// its unallocated clusters were `done` (compared, hashed) as zeros.
+pub(crate) fn unopened_backing(
+    path: &Path,
+    image: &dyn BlockDriver,
+    options: &OpenOptions,
+    done: &str,
+) -> Option<String> {
+    if options.backing.follow {
+        return None;
+    }
+    let (_, name) = image
+        .info()
+        .into_iter()
+        .find(|(k, _)| k == "backing_file")?;
+    Some(format!(
+        "{}: backing file '{name}' was not opened (--no-backing): unallocated clusters were {done} as zeros",
+        path.display()
+    ))
+}
+
+/// Where each of `offsets` lives in `image`'s metadata (`None` where it has
+/// none to name: a raw image, or past its end). Locating reads metadata, so it
+/// runs with the GIL released; it is best effort: an error or a panic just
+/// leaves no mapping.
+fn locate_all(
+    py: Python<'_>,
+    image: &Arc<dyn BlockDriver>,
+    offsets: &[u64],
+) -> Vec<Option<Location>> {
+    let image = image.clone();
+    py.detach(move || {
+        catch_unwind(AssertUnwindSafe(|| {
+            offsets
+                .iter()
+                .map(|&o| {
+                    if o < image.size() {
+                        image.locate(o).ok().flatten()
+                    } else {
+                        None
+                    }
+                })
+                .collect::<Vec<_>>()
+        }))
+        .unwrap_or_default()
+    })
+}
+
+/// The report as a dict (see the Python `Report`).
 fn report_dict<'py>(
     py: Python<'py>,
     job: &VerifyJob,
     verified: &Verified,
 ) -> PyResult<Bound<'py, PyDict>> {
     let report = &verified.report;
-    let locations = {
-        let td = verified.test.clone();
-        let offsets: Vec<u64> = report
-            .mismatches
-            .iter()
-            .take(MAX_LOCATED)
-            .map(|m| m.first_byte)
-            .collect();
-        // Locating is best effort: an error or a panic just leaves no mapping.
-        py.detach(move || {
-            catch_unwind(AssertUnwindSafe(|| {
-                offsets
-                    .iter()
-                    .map(|&o| {
-                        if o < td.size() {
-                            td.locate(o).ok().flatten()
-                        } else {
-                            None
-                        }
-                    })
-                    .collect::<Vec<_>>()
-            }))
-            .unwrap_or_default()
-        })
+    let offsets: Vec<u64> = report
+        .mismatches
+        .iter()
+        .take(MAX_LOCATED)
+        .map(|m| m.first_byte)
+        .collect();
+    // Both sides: a reference with metadata (not raw) is named too.
+    let locations = locate_all(py, &verified.test, &offsets);
+    let ref_locations = match &verified.raw {
+        Reference::Image(reference) => locate_all(py, reference, &offsets),
+        Reference::Digests(_) => Vec::new(),
     };
 
     let d = PyDict::new(py);
@@ -190,37 +238,68 @@ fn report_dict<'py>(
     d.set_item("bytes_read", report.bytes_read)?;
     d.set_item("elapsed_s", report.elapsed.as_secs_f64())?;
     d.set_item("truncated", report.truncated)?;
+    d.set_item("block_size", report.block_size)?;
     let mut warnings = report.warnings.clone();
-    if !job.test_options.backing.follow {
-        if let Some((_, name)) = verified
-            .test
-            .info()
-            .into_iter()
-            .find(|(k, _)| k == "backing_file")
-        {
-            warnings.push(format!(
-                "{}: backing file '{name}' was not opened (--no-backing): unallocated clusters were compared as zeros",
-                job.test.display()
-            ));
-        }
+    if let Reference::Image(reference) = &verified.raw {
+        warnings.extend(unopened_backing(
+            &job.raw,
+            reference.as_ref(),
+            &job.test_options,
+            "compared",
+        ));
     }
+    warnings.extend(unopened_backing(
+        &job.test,
+        verified.test.as_ref(),
+        &job.test_options,
+        "compared",
+    ));
     d.set_item("warnings", PyList::new(py, &warnings)?)?;
     let list = PyList::empty(py);
     for (i, m) in report.mismatches.iter().enumerate() {
         let md = PyDict::new(py);
-        md.set_item("sector", m.sector())?;
-        md.set_item("offset", m.offset)?;
-        md.set_item("length", m.length)?;
-        md.set_item("first_byte", m.first_byte)?;
+        match report.block_size {
+            // Against block digests: whole blocks, and no first byte to name.
+            Some(block_size) => {
+                md.set_item("block", m.offset / block_size)?;
+                md.set_item("blocks", m.length.div_ceil(block_size))?;
+                md.set_item("offset", m.offset)?;
+                md.set_item("length", m.length)?;
+            }
+            None => {
+                md.set_item("sector", m.sector())?;
+                md.set_item("offset", m.offset)?;
+                md.set_item("length", m.length)?;
+                md.set_item("first_byte", m.first_byte)?;
+            }
+        }
         if let Some(e) = &m.error {
             md.set_item("error", e)?;
         }
         if let Some(Some(loc)) = locations.get(i) {
             md.set_item("mapping", location_dict(py, loc)?)?;
         }
+        if let Some(Some(loc)) = ref_locations.get(i) {
+            md.set_item("ref_mapping", location_dict(py, loc)?)?;
+        }
         list.append(md)?;
     }
     d.set_item("mismatches", list)?;
+    d.set_item("test_options", open_kwargs(py, &job.test_options)?)?;
+    Ok(d)
+}
+
+/// The keyword arguments that open an image as `options` say (`format` only
+/// when the caller named one), so a report can reopen its test image as
+/// verify did (to draw its map).
+fn open_kwargs<'py>(py: Python<'py>, options: &OpenOptions) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("format", options.format.map(|f| f.name()))?;
+    d.set_item("snapshot", options.snapshot.as_deref())?;
+    d.set_item("backing", options.backing.follow)?;
+    d.set_item("max_backing_depth", options.backing.max_depth)?;
+    d.set_item("allow_backing_anywhere", options.backing.allow_anywhere)?;
+    d.set_item("timeout", options.io_timeout.map(|t| t.as_secs_f64()))?;
     Ok(d)
 }
 

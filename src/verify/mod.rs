@@ -7,9 +7,13 @@
 //! can stop as soon as an earlier mismatch makes its chunk irrelevant.
 
 mod batch;
+pub(crate) mod pool;
 mod report;
 
-pub use batch::{open_pair, verify_many, verify_pair, BatchProgress, Verified, VerifyJob};
+pub use batch::{
+    open_pair, verify_many, verify_pair, BatchProgress, Reference, ReferenceKind, Verified,
+    VerifyJob,
+};
 pub use report::{Mismatch, Progress, Report, VerifyOptions};
 
 use crate::compare::{first_difference, first_nonzero};
@@ -17,8 +21,8 @@ use crate::driver::{zero_status, BlockDriver, SECTOR_SIZE};
 use crate::error::{Error, Result};
 use crate::storage::View;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
 
 /// One side of the comparison, padded with zeros past its own end.
 struct Side<'a> {
@@ -519,13 +523,7 @@ pub fn verify(
     let chunk_size = (options.chunk_size.max(SECTOR_SIZE) / SECTOR_SIZE) * SECTOR_SIZE;
     let chunk_size = chunk_size.min(256 << 20);
     let chunks = total.div_ceil(chunk_size);
-    let threads = if options.threads == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    } else {
-        options.threads
-    }
-    .clamp(1, 64)
-    .min(usize::try_from(chunks).unwrap_or(1).max(1));
+    let threads = pool::worker_count(options.threads, chunks);
 
     let mut warnings = Vec::new();
     if raw_size != test_size {
@@ -551,41 +549,15 @@ pub fn verify(
         errors: Mutex::new(Vec::new()),
     };
 
-    // One tick before any work, so a progress display starts at zero (and a
-    // caller can cancel before anything is read).
-    let mut user_cancelled = !tick(Progress { done: 0, total });
-    if user_cancelled {
-        return Err(Error::Cancelled);
-    }
-    std::thread::scope(|scope| {
-        let (done_tx, done_rx) = mpsc::channel::<()>();
-        for _ in 0..threads {
-            let tx = done_tx.clone();
-            let shared = &shared;
-            scope.spawn(move || {
-                shared.worker();
-                let _ = tx.send(());
-            });
-        }
-        drop(done_tx);
-        let mut finished = 0;
-        while finished < threads {
-            match done_rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(()) => finished += 1,
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-            let progress = Progress {
-                done: shared.done_bytes.load(Ordering::Relaxed),
-                total,
-            };
-            if !user_cancelled && !tick(progress) {
-                user_cancelled = true;
-                shared.cancelled.store(true, Ordering::Relaxed);
-            }
-        }
-    });
-    if user_cancelled {
+    let work = || shared.worker();
+    if !pool::run_workers(
+        threads,
+        total,
+        &shared.done_bytes,
+        &shared.cancelled,
+        tick,
+        &work,
+    ) {
         return Err(Error::Cancelled);
     }
 
@@ -652,6 +624,7 @@ pub fn verify(
         truncated,
         warnings,
         elapsed: started.elapsed(),
+        block_size: None,
     })
 }
 

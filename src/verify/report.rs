@@ -31,14 +31,16 @@ impl Default for VerifyOptions {
     }
 }
 
-/// A run of consecutive mismatching sectors.
+/// A run of consecutive mismatching sectors (or blocks, when the reference is
+/// a block digests file: see [`Report::block_size`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mismatch {
-    /// Guest offset of the run's first sector (a multiple of 512).
+    /// Guest offset of the run's first sector (a multiple of 512), or block.
     pub offset: u64,
-    /// Length in bytes (whole sectors, except at the end of the disk).
+    /// Length in bytes (whole sectors or blocks, except at the end of the disk).
     pub length: u64,
-    /// Guest offset of the first byte that differs.
+    /// Guest offset of the first byte that differs (a block digest does not
+    /// say which: then the run's first byte).
     pub first_byte: u64,
     /// Set when the test image could not be read here: the error.
     pub error: Option<String>,
@@ -76,6 +78,10 @@ pub struct Report {
     pub warnings: Vec<String>,
     /// Wall-clock time.
     pub elapsed: Duration,
+    /// `None` when bytes were compared (mismatches are sector runs); the block
+    /// size when the reference was a block digests file (mismatches are runs of
+    /// whole blocks, and block `i` starts at `i * block_size`).
+    pub block_size: Option<u64>,
 }
 
 /// Progress, as the engine reports it to its caller's hook.

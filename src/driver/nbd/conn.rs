@@ -19,9 +19,10 @@
 //! blocks on it, and the position in the stream is never guessed at.
 
 use super::wire::{
-    command_name, request_header, Stream, Wire, CMD_DISC, CMD_READ, MAX_OPTION_REPLY,
-    REPLY_FLAG_DONE, REPLY_TYPE_ERROR_BIT, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA,
-    REPLY_TYPE_OFFSET_HOLE, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
+    command_name, request_header, Stream, Wire, CMD_BLOCK_STATUS, CMD_DISC, CMD_READ,
+    MAX_OPTION_REPLY, MAX_STATUS_REPLY, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS,
+    REPLY_TYPE_ERROR_BIT, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE,
+    SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
 };
 use std::collections::HashMap;
 use std::io::{self, BufReader, Read, Write};
@@ -61,6 +62,19 @@ impl Request {
     }
 }
 
+/// Where a reply's payload goes.
+pub(super) enum Payload<'a> {
+    /// No payload expected.
+    None,
+    /// Read data, into this buffer.
+    Data(&'a mut [u8]),
+    /// Block status extents `(length, flags)` for the negotiated context.
+    Status(&'a mut Vec<(u32, u32)>),
+}
+
+/// A complete reply's payload: a read's data, a block status request's extents.
+type Reply = (Vec<u8>, Vec<(u32, u32)>);
+
 /// Why a request did not succeed.
 #[derive(Debug, Clone)]
 pub(super) enum Failure {
@@ -80,6 +94,8 @@ struct Slot {
     waiting: bool,
     /// A read's data, filled in by whichever thread reads the reply.
     data: Vec<u8>,
+    /// A block status request's extents `(length, flags)`, likewise.
+    extents: Vec<(u32, u32)>,
     /// The first error chunk of a structured reply still in progress.
     server_error: Option<(u32, String)>,
     /// Set when the reply is complete, or the connection failed.
@@ -102,6 +118,13 @@ struct Replies {
     last_received: Instant,
 }
 
+/// A structured reply chunk's type and payload length.
+#[derive(Clone, Copy)]
+struct Chunk {
+    kind: u16,
+    len: u32,
+}
+
 /// One connection to an NBD server, after the handshake.
 pub(super) struct Connection {
     writer: Mutex<Stream>,
@@ -110,6 +133,8 @@ pub(super) struct Connection {
     /// A handle to shut the socket down with, whoever holds the others.
     control: Stream,
     structured: bool,
+    /// The negotiated `base:allocation` context id, if any.
+    status_context: Option<u32>,
     timeout: Duration,
     /// How often a blocked reader looks at the clock, and a waiter at its slot.
     poll: Duration,
@@ -122,7 +147,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Connection {
     /// Take over `stream` after the handshake. `timeout` bounds how long the
     /// server may stay silent while requests wait, and every write.
-    pub fn new(stream: Stream, structured: bool, timeout: Duration) -> io::Result<Connection> {
+    pub fn new(
+        stream: Stream,
+        structured: bool,
+        status_context: Option<u32>,
+        timeout: Duration,
+    ) -> io::Result<Connection> {
         let poll = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_millis(250));
         stream.set_timeouts(poll, timeout)?;
         Ok(Connection {
@@ -134,6 +164,7 @@ impl Connection {
             table: Mutex::default(),
             control: stream,
             structured,
+            status_context,
             timeout,
             poll,
         })
@@ -141,25 +172,30 @@ impl Connection {
 
     /// Send `request` (with `write_data` for a write) and wait for its reply,
     /// while other threads' requests are in flight on the same connection. A
-    /// read's data lands in `read_into`, which is `request.length` long.
+    /// read's data lands in `payload`'s buffer, which is `request.length`
+    /// long; a block status request's extents in its vector.
     pub fn call(
         &self,
         request: Request,
         write_data: Option<&[u8]>,
-        read_into: Option<&mut [u8]>,
+        payload: Payload<'_>,
     ) -> Result<(), Failure> {
         let cookie = self.register(request)?;
         if let Err(e) = self.send(cookie, &request, write_data) {
             let e = super::wire::explain_timeout(e, self.timeout);
             self.break_connection(e.kind(), format!("sending the request failed: {e}"));
         }
-        let data = self.wait(cookie)?;
-        if let Some(buf) = read_into {
-            let src = data.get(..buf.len()).ok_or_else(|| Failure::Connection {
-                kind: io::ErrorKind::InvalidData,
-                reason: "the reply is shorter than the request".to_string(),
-            })?;
-            buf.copy_from_slice(src);
+        let (data, extents) = self.wait(cookie)?;
+        match payload {
+            Payload::None => {}
+            Payload::Status(out) => *out = extents,
+            Payload::Data(buf) => {
+                let src = data.get(..buf.len()).ok_or_else(|| Failure::Connection {
+                    kind: io::ErrorKind::InvalidData,
+                    reason: "the reply is shorter than the request".to_string(),
+                })?;
+                buf.copy_from_slice(src);
+            }
         }
         Ok(())
     }
@@ -176,6 +212,7 @@ impl Connection {
             waiter: thread::current(),
             waiting: false,
             data,
+            extents: Vec::new(),
             server_error: None,
             outcome: None,
             sent: Instant::now(),
@@ -218,7 +255,7 @@ impl Connection {
     }
 
     /// Wait for `cookie`'s reply, reading replies whenever nobody else does.
-    fn wait(&self, cookie: u64) -> Result<Vec<u8>, Failure> {
+    fn wait(&self, cookie: u64) -> Result<Reply, Failure> {
         loop {
             if let Some(replies) = self.try_reader() {
                 return self.read_as_reader(replies, cookie);
@@ -256,7 +293,7 @@ impl Connection {
         &self,
         mut replies: MutexGuard<'_, Replies>,
         cookie: u64,
-    ) -> Result<Vec<u8>, Failure> {
+    ) -> Result<Reply, Failure> {
         self.read_until(&mut replies, cookie);
         drop(replies);
         let mut table = lock(&self.table);
@@ -329,10 +366,18 @@ impl Connection {
                 // An error reply, or one to anything but a read, has no data:
                 // it is filed at once.
                 let error = (error != 0).then(|| (error, String::new()));
-                let finished = |r: &Request| error.is_some() || !r.is_read();
-                if let Some((_, mut data)) = self.claim(cookie, &error, finished)? {
+                let finished = |r: &Request| {
+                    if error.is_none() && r.command == CMD_BLOCK_STATUS {
+                        return Err(Wire::Protocol(format!(
+                            "simple reply to {}, which needs a structured one",
+                            r.describe()
+                        )));
+                    }
+                    Ok(error.is_some() || !r.is_read())
+                };
+                if let Some((_, (mut data, extents))) = self.claim(cookie, &error, finished)? {
                     self.fill(replies, &mut data)?;
-                    self.file(cookie, data, None, true);
+                    self.file(cookie, data, extents, None, true);
                 }
                 Ok(Some(cookie))
             }
@@ -343,10 +388,17 @@ impl Connection {
                 let (cookie, len) = split_u64_u32(&head[4..]);
                 let done = flags & REPLY_FLAG_DONE != 0;
                 // The chunk that ends most replies to writes: nothing follows.
-                let finished = |_: &Request| done && chunk_type == REPLY_TYPE_NONE && len == 0;
-                if let Some((request, mut data)) = self.claim(cookie, &None, finished)? {
-                    let error = self.read_chunk(replies, &request, &mut data, chunk_type, len)?;
-                    self.file(cookie, data, error, done);
+                let finished = |_: &Request| Ok(done && chunk_type == REPLY_TYPE_NONE && len == 0);
+                if let Some((request, (mut data, mut extents))) =
+                    self.claim(cookie, &None, finished)?
+                {
+                    let chunk = Chunk {
+                        kind: chunk_type,
+                        len,
+                    };
+                    let error =
+                        self.read_chunk(replies, &request, (&mut data, &mut extents), chunk)?;
+                    self.file(cookie, data, extents, error, done);
                 }
                 Ok(done.then_some(cookie))
             }
@@ -355,15 +407,20 @@ impl Connection {
     }
 
     /// The payload of one structured reply chunk for `request`, whose data
-    /// buffer is `data`. Returns the server's error, for an error chunk.
+    /// buffer and extents are `out`. Returns the server's error, for an error
+    /// chunk.
     fn read_chunk(
         &self,
         replies: &mut Replies,
         request: &Request,
-        data: &mut [u8],
-        chunk_type: u16,
-        len: u32,
+        out: (&mut [u8], &mut Vec<(u32, u32)>),
+        chunk: Chunk,
     ) -> Result<Option<(u32, String)>, Wire> {
+        let (data, extents) = out;
+        let Chunk {
+            kind: chunk_type,
+            len,
+        } = chunk;
         match chunk_type {
             REPLY_TYPE_NONE if len == 0 => Ok(None),
             REPLY_TYPE_NONE => Err(Wire::Protocol("NONE chunk with a payload".to_string())),
@@ -405,6 +462,42 @@ impl Connection {
                 }
                 Ok(None)
             }
+            REPLY_TYPE_BLOCK_STATUS => {
+                let Some(context) = self
+                    .status_context
+                    .filter(|_| request.command == CMD_BLOCK_STATUS)
+                else {
+                    return Err(Wire::Protocol(format!(
+                        "block status chunk in reply to {}",
+                        request.describe()
+                    )));
+                };
+                if len < 12 || (len - 4) % 8 != 0 || len > MAX_STATUS_REPLY {
+                    return Err(Wire::Protocol(format!(
+                        "block status chunk of {len} bytes is not a context id and whole extents"
+                    )));
+                }
+                let id = u32::from_be_bytes(self.fill_array(replies)?);
+                if id != context {
+                    return Err(Wire::Protocol(format!(
+                        "block status for context {id}, not the negotiated {context}"
+                    )));
+                }
+                let count = ((len - 4) / 8) as usize;
+                if extents.len().saturating_add(count) > (MAX_STATUS_REPLY / 8) as usize {
+                    return Err(Wire::Protocol(format!(
+                        "block status chunks in reply to {} hold more than {} extents",
+                        request.describe(),
+                        MAX_STATUS_REPLY / 8
+                    )));
+                }
+                for _ in 0..count {
+                    let length = u32::from_be_bytes(self.fill_array(replies)?);
+                    let flags = u32::from_be_bytes(self.fill_array(replies)?);
+                    extents.push((length, flags));
+                }
+                Ok(None)
+            }
             t if t & REPLY_TYPE_ERROR_BIT != 0 => {
                 if !(6..=MAX_OPTION_REPLY).contains(&len) {
                     return Err(Wire::Protocol(format!("error chunk of {len} bytes")));
@@ -440,8 +533,8 @@ impl Connection {
         &self,
         cookie: u64,
         error: &Option<(u32, String)>,
-        finished: impl FnOnce(&Request) -> bool,
-    ) -> Result<Option<(Request, Vec<u8>)>, Wire> {
+        finished: impl FnOnce(&Request) -> Result<bool, Wire>,
+    ) -> Result<Option<(Request, Reply)>, Wire> {
         let mut table = lock(&self.table);
         let slot = match table.slots.get_mut(&cookie) {
             Some(slot) if slot.outcome.is_none() => slot,
@@ -451,24 +544,36 @@ impl Connection {
                 )))
             }
         };
-        if finished(&slot.request) {
+        if finished(&slot.request)? {
             let waiter = complete(slot, error.clone());
             drop(table);
             waiter.unpark();
             return Ok(None);
         }
-        Ok(Some((slot.request, std::mem::take(&mut slot.data))))
+        let reply = (
+            std::mem::take(&mut slot.data),
+            std::mem::take(&mut slot.extents),
+        );
+        Ok(Some((slot.request, reply)))
     }
 
-    /// File a reply message for `cookie`: its data buffer back, the server's
-    /// error (the first counts), and, when the reply is `done`, its outcome,
-    /// waking its waiter.
-    fn file(&self, cookie: u64, data: Vec<u8>, error: Option<(u32, String)>, done: bool) {
+    /// File a reply message for `cookie`: its data buffer and extents back,
+    /// the server's error (the first counts), and, when the reply is `done`,
+    /// its outcome, waking its waiter.
+    fn file(
+        &self,
+        cookie: u64,
+        data: Vec<u8>,
+        extents: Vec<(u32, u32)>,
+        error: Option<(u32, String)>,
+        done: bool,
+    ) {
         let mut table = lock(&self.table);
         let Some(slot) = table.slots.get_mut(&cookie) else {
             return;
         };
         slot.data = data;
+        slot.extents = extents;
         if done {
             let waiter = complete(slot, error);
             drop(table);
@@ -576,13 +681,14 @@ fn complete(slot: &mut Slot, error: Option<(u32, String)>) -> Thread {
 }
 
 /// Remove `cookie`'s slot, whose reply is complete: its data, or its failure.
-fn take_outcome(table: &mut Table, cookie: u64) -> Result<Vec<u8>, Failure> {
+fn take_outcome(table: &mut Table, cookie: u64) -> Result<Reply, Failure> {
     match table.slots.remove(&cookie) {
         Some(Slot {
             outcome: Some(outcome),
             data,
+            extents,
             ..
-        }) => outcome.map(|()| data),
+        }) => outcome.map(|()| (data, extents)),
         _ => Err(Failure::Connection {
             kind: io::ErrorKind::Other,
             reason: format!("request with cookie {cookie:#x} has no reply"),

@@ -1,16 +1,30 @@
 //! The fixed-newstyle handshake: structured replies if the server has them,
-//! then `NBD_OPT_GO` with the export name, asking for block sizes.
+//! the `base:allocation` metadata context (block status) if it offers it, then
+//! `NBD_OPT_GO` with the export name, asking for block sizes.
 
 use super::wire::{
     read_u16, read_u32, read_u64, Stream, Wire, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT,
     INFO_BLOCK_SIZE, INFO_EXPORT, MAX_OPTION_REPLY, NBDMAGIC, OLDSTYLE_MAGIC, OPT_GO,
-    OPT_REPLY_MAGIC, OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_BIT, REP_INFO,
+    OPT_REPLY_MAGIC, OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_BIT, REP_INFO,
+    REP_META_CONTEXT,
 };
 use std::io::{Read, Write};
 
-/// The fixed-newstyle handshake. Returns (size, transmission flags, whether
-/// structured replies are on, minimum block size).
-pub(super) fn negotiate(s: &mut Stream, export: &str) -> Result<(u64, u16, bool, u64), Wire> {
+/// The metadata context that says which ranges are holes and which read as zeros.
+const BASE_ALLOCATION: &str = "base:allocation";
+
+/// What the handshake settled.
+pub(super) struct Negotiated {
+    pub size: u64,
+    pub transmission_flags: u16,
+    pub structured: bool,
+    pub min_block: u64,
+    /// The id the server gave `base:allocation`, if it offers block status.
+    pub allocation_context: Option<u32>,
+}
+
+/// The fixed-newstyle handshake.
+pub(super) fn negotiate(s: &mut Stream, export: &str) -> Result<Negotiated, Wire> {
     let magic = read_u64(s)?;
     if magic != NBDMAGIC {
         return Err(Wire::Protocol(format!(
@@ -47,6 +61,14 @@ pub(super) fn negotiate(s: &mut Stream, export: &str) -> Result<(u64, u16, bool,
             data.len()
         )));
     }
+
+    // Block status needs structured replies; a server that refuses the
+    // context is read in full.
+    let allocation_context = if structured {
+        set_meta_context(s, export)?
+    } else {
+        None
+    };
 
     // NBD_OPT_GO with the export name, asking for block sizes.
     let mut go = Vec::with_capacity(export.len() + 8);
@@ -116,7 +138,46 @@ pub(super) fn negotiate(s: &mut Stream, export: &str) -> Result<(u64, u16, bool,
             "server's export size {size} is too large"
         )));
     }
-    Ok((size, flags, structured, min_block))
+    Ok(Negotiated {
+        size,
+        transmission_flags: flags,
+        structured,
+        min_block,
+        allocation_context,
+    })
+}
+
+/// Ask for the `base:allocation` context; its id if the server gives it.
+fn set_meta_context(s: &mut Stream, export: &str) -> Result<Option<u32>, Wire> {
+    let mut data = Vec::with_capacity(export.len() + BASE_ALLOCATION.len() + 12);
+    data.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    data.extend_from_slice(export.as_bytes());
+    data.extend_from_slice(&1u32.to_be_bytes());
+    data.extend_from_slice(&(BASE_ALLOCATION.len() as u32).to_be_bytes());
+    data.extend_from_slice(BASE_ALLOCATION.as_bytes());
+    send_option(s, OPT_SET_META_CONTEXT, &data)?;
+    let mut context = None;
+    loop {
+        let (reply, data) = read_option_reply(s, OPT_SET_META_CONTEXT)?;
+        match reply {
+            REP_ACK => return Ok(context),
+            REP_META_CONTEXT => {
+                let info = crate::driver::qcow2::header::BeBytes(&data);
+                let id = info.u32(0).ok_or_else(|| {
+                    Wire::Protocol("short NBD_REP_META_CONTEXT reply".to_string())
+                })?;
+                if data.get(4..) == Some(BASE_ALLOCATION.as_bytes()) {
+                    context = Some(id);
+                }
+            }
+            r if r & REP_ERR_BIT != 0 => return Ok(None),
+            other => {
+                return Err(Wire::Protocol(format!(
+                    "unexpected reply type {other} to NBD_OPT_SET_META_CONTEXT"
+                )));
+            }
+        }
+    }
 }
 
 fn send_option(s: &mut Stream, option: u32, data: &[u8]) -> Result<(), Wire> {

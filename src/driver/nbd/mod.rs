@@ -1,6 +1,8 @@
 //! An NBD client driver: the fixed-newstyle handshake with `NBD_OPT_GO`, simple
-//! and structured replies, and read, write, flush, trim and write-zeroes (each
-//! only when the server advertises it). It lets blkverify test block drivers that
+//! and structured replies, read, write, flush, trim and write-zeroes (each only
+//! when the server advertises it), and block status (`base:allocation`), which
+//! `map` reports so that ranges the server flags `NBD_STATE_ZERO` are not read.
+//! It lets blkverify test block drivers that
 //! are not ours: `qemu-nbd` serving an image with QEMU's drivers, nbdkit
 //! plugins, storage appliances.
 //!
@@ -24,17 +26,18 @@ pub use uri::{is_uri, parse_uri, Address};
 
 use super::{check_range, BlockDriver, Extent, Mapping};
 use crate::error::{Error, Result};
-use conn::{Connection, Failure, Request};
-use handshake::negotiate;
+use conn::{Connection, Failure, Payload, Request};
+use handshake::{negotiate, Negotiated};
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 use wire::{
-    explain_timeout, nbd_errno, Stream, Wire, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_TRIM,
-    CMD_WRITE, CMD_WRITE_ZEROES, MAX_REQUEST, TFLAG_READ_ONLY, TFLAG_SEND_FLUSH, TFLAG_SEND_TRIM,
-    TFLAG_SEND_WRITE_ZEROES,
+    explain_timeout, nbd_errno, Stream, Wire, CMD_BLOCK_STATUS, CMD_FLAG_NO_HOLE, CMD_FLUSH,
+    CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, MAX_REQUEST, MAX_STATUS_REQUEST, STATE_HOLE,
+    STATE_ZERO, TFLAG_READ_ONLY, TFLAG_SEND_FLUSH, TFLAG_SEND_TRIM, TFLAG_SEND_WRITE_ZEROES,
 };
 
 /// An NBD export opened as a block device.
@@ -45,6 +48,10 @@ pub struct Nbd {
     structured: bool,
     min_block: u64,
     writable: bool,
+    /// The id the server gave `base:allocation`, if it offers block status.
+    allocation_context: Option<u32>,
+    /// The extents of the last block status reply: `(start, end, flags)`.
+    status_cache: Mutex<Vec<(u64, u64, u32)>>,
     conn: Connection,
 }
 
@@ -94,7 +101,13 @@ impl Nbd {
             }
         };
         let negotiated = negotiate(&mut stream, &export);
-        let (size, transmission_flags, structured, min_block) = match negotiated {
+        let Negotiated {
+            size,
+            transmission_flags,
+            structured,
+            min_block,
+            allocation_context,
+        } = match negotiated {
             Ok(v) => v,
             Err(Wire::Io(e)) => return Err(io_err("handshake", explain_timeout(e, timeout))),
             Err(Wire::Protocol(m)) => return Err(fail(m)),
@@ -106,7 +119,7 @@ impl Nbd {
                 io::Error::from_raw_os_error(libc::EROFS),
             ));
         }
-        let conn = Connection::new(stream, structured, timeout)
+        let conn = Connection::new(stream, structured, allocation_context, timeout)
             .map_err(|e| io_err("set up the connection", e))?;
         Ok(Nbd {
             uri: uri_path,
@@ -115,12 +128,14 @@ impl Nbd {
             structured,
             min_block,
             writable,
+            allocation_context,
+            status_cache: Mutex::new(Vec::new()),
             conn,
         })
     }
 
     /// Send one request and wait for its reply, with other threads' requests
-    /// in flight. For reads, `read_into` receives the data. The server's error
+    /// in flight. Reads and block status fill `payload`. The server's error
     /// becomes an `Io` error with its errno; a failed connection, one naming
     /// this request and why.
     fn request(
@@ -130,7 +145,7 @@ impl Nbd {
         offset: u64,
         length: u32,
         write_data: Option<&[u8]>,
-        read_into: Option<&mut [u8]>,
+        payload: Payload<'_>,
     ) -> Result<()> {
         let request = Request {
             command,
@@ -139,7 +154,7 @@ impl Nbd {
             length,
         };
         self.conn
-            .call(request, write_data, read_into)
+            .call(request, write_data, payload)
             .map_err(|failure| match failure {
                 Failure::Server { code, message } => {
                     let context = if message.is_empty() {
@@ -159,6 +174,96 @@ impl Nbd {
                     io::Error::new(kind, reason),
                 ),
             })
+    }
+
+    /// The extent at `offset` (at most `len` long) from the last block status
+    /// reply, if it covers `offset`. Only `NBD_STATE_ZERO` makes a range zero: a
+    /// hole without it need not read as zeros.
+    fn cached_status(&self, offset: u64, len: u64) -> Option<Extent> {
+        let cache = self
+            .status_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let at = cache.partition_point(|&(_, end, _)| end <= offset);
+        let &(start, end, flags) = cache.get(at)?;
+        if start > offset {
+            return None;
+        }
+        let mapping = if flags & STATE_ZERO != 0 {
+            Mapping::Zero {
+                allocated: flags & STATE_HOLE == 0,
+            }
+        } else {
+            Mapping::Data {
+                host_offset: offset,
+            }
+        };
+        Some(Extent {
+            offset,
+            length: (end - offset).min(len),
+            mapping,
+        })
+    }
+
+    /// Ask the server for the block status of the range at `offset` and keep
+    /// the answer.
+    fn fetch_status(&self, offset: u64, len: u64) -> Result<()> {
+        let ask = len.clamp(self.min_block, MAX_STATUS_REQUEST);
+        let (start, wide) = self.widen(offset, ask);
+        let wide = wide.min(MAX_STATUS_REQUEST - MAX_STATUS_REQUEST % self.min_block);
+        let mut extents = Vec::new();
+        self.request(
+            CMD_BLOCK_STATUS,
+            0,
+            start,
+            wide as u32,
+            None,
+            Payload::Status(&mut extents),
+        )?;
+        let limit = (start + wide).min(self.size);
+        let mut cache = Vec::with_capacity(extents.len());
+        let mut pos = start;
+        for (length, flags) in extents {
+            if pos >= limit {
+                break;
+            }
+            if length == 0 {
+                return Err(Error::io(
+                    &self.uri,
+                    format!("nbd: block status at offset {start:#x}"),
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the server sent an empty extent",
+                    ),
+                ));
+            }
+            let end = (pos + u64::from(length)).min(limit);
+            cache.push((pos, end, flags));
+            pos = end;
+        }
+        if pos <= offset {
+            return Err(Error::io(
+                &self.uri,
+                format!("nbd: block status at offset {start:#x}"),
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the server's extents end at {pos:#x}, before the offset asked about"),
+                ),
+            ));
+        }
+        *self
+            .status_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = cache;
+        Ok(())
+    }
+
+    /// Forget block status: a write may have changed it.
+    fn forget_status(&self) {
+        self.status_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     fn aligned(&self, offset: u64, len: u64) -> bool {
@@ -184,7 +289,7 @@ impl Nbd {
                 offset + done as u64,
                 n as u32,
                 None,
-                Some(piece),
+                Payload::Data(piece),
             )?;
             done += n;
         }
@@ -214,6 +319,7 @@ impl Nbd {
     }
 
     fn write_aligned(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.forget_status();
         let mut done = 0usize;
         while done < buf.len() {
             let n = (buf.len() - done).min(MAX_REQUEST as usize);
@@ -224,7 +330,7 @@ impl Nbd {
                 offset + done as u64,
                 n as u32,
                 Some(piece),
-                None,
+                Payload::None,
             )?;
             done += n;
         }
@@ -232,10 +338,11 @@ impl Nbd {
     }
 
     fn zero_or_trim(&self, command: u16, flags: u16, offset: u64, len: u64) -> Result<()> {
+        self.forget_status();
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(MAX_REQUEST);
-            self.request(command, flags, offset + done, n as u32, None, None)?;
+            self.request(command, flags, offset + done, n as u32, None, Payload::None)?;
             done += n;
         }
         Ok(())
@@ -280,13 +387,22 @@ impl BlockDriver for Nbd {
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
         check_range(self.path(), self.size, offset, max_len.min(1))?;
-        Ok(Extent {
+        let len = max_len.min(self.size - offset).max(1);
+        let data = Extent {
             offset,
-            length: max_len.min(self.size - offset).max(1),
+            length: len,
             mapping: Mapping::Data {
                 host_offset: offset,
             },
-        })
+        };
+        if self.allocation_context.is_none() {
+            return Ok(data);
+        }
+        if let Some(extent) = self.cached_status(offset, len) {
+            return Ok(extent);
+        }
+        self.fetch_status(offset, len)?;
+        Ok(self.cached_status(offset, len).unwrap_or(data))
     }
 
     fn info(&self) -> Vec<(String, String)> {
@@ -300,6 +416,10 @@ impl BlockDriver for Nbd {
                 self.structured.to_string(),
             ),
             ("min_block_size".to_string(), self.min_block.to_string()),
+            (
+                "block_status".to_string(),
+                self.allocation_context.is_some().to_string(),
+            ),
         ]
     }
 
@@ -356,6 +476,6 @@ impl BlockDriver for Nbd {
         if self.transmission_flags & TFLAG_SEND_FLUSH == 0 {
             return Ok(());
         }
-        self.request(CMD_FLUSH, 0, 0, 0, None, None)
+        self.request(CMD_FLUSH, 0, 0, 0, None, Payload::None)
     }
 }

@@ -19,8 +19,10 @@ pub(super) const FLAG_NO_ZEROES: u16 = 2;
 
 pub(super) const OPT_GO: u32 = 7;
 pub(super) const OPT_STRUCTURED_REPLY: u32 = 8;
+pub(super) const OPT_SET_META_CONTEXT: u32 = 10;
 pub(super) const REP_ACK: u32 = 1;
 pub(super) const REP_INFO: u32 = 3;
+pub(super) const REP_META_CONTEXT: u32 = 4;
 pub(super) const REP_ERR_BIT: u32 = 1 << 31;
 pub(super) const INFO_EXPORT: u16 = 0;
 pub(super) const INFO_BLOCK_SIZE: u16 = 3;
@@ -36,16 +38,25 @@ pub(super) const CMD_DISC: u16 = 2;
 pub(super) const CMD_FLUSH: u16 = 3;
 pub(super) const CMD_TRIM: u16 = 4;
 pub(super) const CMD_WRITE_ZEROES: u16 = 6;
+pub(super) const CMD_BLOCK_STATUS: u16 = 7;
 pub(super) const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 
 pub(super) const REPLY_FLAG_DONE: u16 = 1;
 pub(super) const REPLY_TYPE_NONE: u16 = 0;
 pub(super) const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub(super) const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub(super) const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 pub(super) const REPLY_TYPE_ERROR_BIT: u16 = 1 << 15;
 
 /// The largest request we send (QEMU's limit is 32 MiB).
 pub(super) const MAX_REQUEST: u64 = 32 << 20;
+/// The longest range one block status request asks about.
+pub(super) const MAX_STATUS_REQUEST: u64 = 1 << 30;
+/// The largest block status reply we accept (8 bytes per extent).
+pub(super) const MAX_STATUS_REPLY: u32 = 1 << 20;
+/// `base:allocation` flags: no storage is allocated; the range reads as zeros.
+pub(super) const STATE_HOLE: u32 = 1;
+pub(super) const STATE_ZERO: u32 = 2;
 /// The largest option reply or structured chunk we accept beyond data.
 pub(super) const MAX_OPTION_REPLY: u32 = 64 << 10;
 
@@ -58,6 +69,7 @@ pub(super) fn command_name(command: u16) -> &'static str {
         CMD_FLUSH => "flush",
         CMD_TRIM => "trim",
         CMD_WRITE_ZEROES => "write_zeroes",
+        CMD_BLOCK_STATUS => "block status",
         _ => "command",
     }
 }
