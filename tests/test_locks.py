@@ -121,6 +121,52 @@ def test_we_lock_the_bytes_qemu_io_locks(images, name, fmt, files, mode) -> None
     assert all(not locked_bytes(images[f]) for f in files), "close() releases every lock"
 
 
+@pytest.fixture(scope="module")
+def read_only_formats(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Images of the formats we only read, made by qemu-img: VMDKs with a flat
+    extent, with sparse extents, and over a VMDK parent; VHD, VHDX, VDI."""
+    d = tmp_path_factory.mktemp("rolocks")
+    qemu_img("create", "-f", "vmdk", "-o", "subformat=monolithicFlat", d / "flat.vmdk", "4M")
+    qemu_img("create", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", d / "sp.vmdk", "4M")
+    qemu_img("create", "-f", "vmdk", d / "vbase.vmdk", "4M")
+    qemu_img("create", "-f", "vmdk", "-b", "vbase.vmdk", "-F", "vmdk", d / "vtop.vmdk")
+    qemu_img("create", "-f", "vpc", d / "v.vhd", "4M")
+    qemu_img("create", "-f", "vhdx", d / "x.vhdx", "4M")
+    qemu_img("create", "-f", "vdi", d / "d.vdi", "4M")
+    return {p.name: p for p in d.iterdir()}
+
+
+READ_ONLY_CASES = [
+    ("flat.vmdk", "vmdk", ["flat.vmdk", "flat-flat.vmdk"]),
+    ("sp.vmdk", "vmdk", ["sp.vmdk", "sp-s001.vmdk"]),
+    ("vtop.vmdk", "vmdk", ["vtop.vmdk", "vbase.vmdk"]),
+    ("v.vhd", "vpc", ["v.vhd"]),
+    ("x.vhdx", "vhdx", ["x.vhdx"]),
+    ("d.vdi", "vdi", ["d.vdi"]),
+]
+
+
+@pytest.mark.parametrize("mode", ["ro", "U"])
+@pytest.mark.parametrize(
+    ("name", "fmt", "files"), READ_ONLY_CASES, ids=[c[0] for c in READ_ONLY_CASES]
+)
+def test_formats_we_only_read_lock_as_qemu_io_r_does(
+    read_only_formats, name, fmt, files, mode
+) -> None:
+    # Every file the image names is locked: its extents (a flat one as a data
+    # file, a sparse one as an image) and its parent.
+    paths = [read_only_formats[f] for f in files]
+    holder = QemuIoHolder(read_only_formats[name], fmt, mode, *paths)
+    try:
+        qemu = {f: locked_bytes(p) for f, p in zip(files, paths, strict=True)}
+    finally:
+        holder.stop()
+    with bv.open(read_only_formats[name], format=fmt, **OPEN_KWARGS[mode]):
+        ours = {f: locked_bytes(p) for f, p in zip(files, paths, strict=True)}
+    assert ours == qemu
+    assert all(not locked_bytes(p) for p in paths), "close() releases every lock"
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -187,6 +233,35 @@ def test_a_running_qemu_nbd_blocks_our_reads_unless_force_share(
         assert image.read(0, 4) == b"\x5a" * 4
     assert bv.verify(raw, img, force_share=True).identical
     assert bv.verify_many([(raw, img)], force_share=True)[0].identical
+
+
+def test_digest_and_map_refuse_an_image_being_written_unless_force_share(
+    served_qcow2,
+) -> None:
+    img, raw, _ = served_qcow2
+    for command in (["digest"], ["map"], ["map", "--json"]):
+        refused = run_cli(*command, img)
+        assert refused.returncode == 2, command
+        assert refused.stderr.startswith(f"blkverify: error: {img}: {SHARED_WRITE_LOCK}: ")
+        assert "Traceback" not in refused.stderr
+        shared = run_cli(*command, "-U", img)
+        assert shared.returncode == 0, shared.stderr
+    # -U digests what the server holds: the same digest as its raw copy's.
+    assert (
+        run_cli("digest", "-U", img).stdout.split()[0] == run_cli("digest", raw).stdout.split()[0]
+    )
+    with pytest.raises(OSError, match=SHARED_WRITE_LOCK):
+        bv.digest(img)
+    with pytest.raises(OSError, match=SHARED_WRITE_LOCK):
+        bv.map(img)
+    assert bv.digest(img, force_share=True).hexdigest == bv.digest(raw).hexdigest
+    extents = bv.map(img, force_share=True)
+    assert extents[0].kind == "data" and extents[0].length == 1024 * 1024
+    # verify --html reopens TEST to draw it: with -U too.
+    page = img.with_suffix(".html")
+    drawn = run_cli("verify", "-U", "--html", page, raw, img)
+    assert drawn.returncode == 0, drawn.stderr
+    assert page.stat().st_size > 0
 
 
 def test_force_share_is_refused_with_a_write_as_qemu_refuses_it(tmp_path: Path) -> None:

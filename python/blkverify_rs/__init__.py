@@ -443,6 +443,7 @@ def digest(
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    force_share: bool = False,
 ) -> Digest:
     """The digest of the guest data of the image at ``path``: blkhash 0.11's
     construction, ``H(H(b1) || ... || H(bN) || le64(size))`` over 64 KiB blocks,
@@ -453,7 +454,8 @@ def digest(
     ``blocks``, the block digests file is written there too (see
     :class:`BlockDigests`). ``progress(done, total)`` is called about ten times
     a second; the work runs on ``threads`` threads (0: one per core) with the
-    GIL released.
+    GIL released. ``force_share=True`` (``-U``) reads an image another process
+    has open for writing (see :func:`open`).
     """
     d = _native.digest(
         os.fspath(path),
@@ -467,6 +469,7 @@ def digest(
         algorithm=algorithm,
         threads=threads,
         blocks=None if blocks is None else os.fspath(blocks),
+        force_share=force_share,
     )
     d["hexdigest"] = d.pop("digest")
     return Digest(**d)
@@ -525,6 +528,7 @@ def map(
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    force_share: bool = False,
 ) -> list[MapExtent]:
     """The allocation map of the whole image at ``path``, as ``qemu-img map``
     gives it: a list of :class:`MapExtent` in guest order, neighbours that
@@ -542,7 +546,9 @@ def map(
     The image is opened read-only as :func:`open` opens it (the backing
     policy applies) and only its metadata is read, once. Unreadable metadata
     raises :class:`CorruptImageError`. ``progress(done, total)`` is called now
-    and then; Ctrl-C raises ``KeyboardInterrupt``.
+    and then; Ctrl-C raises ``KeyboardInterrupt``. ``force_share=True``
+    (``-U``) reads an image another process has open for writing (see
+    :func:`open`).
     """
     return _native.map(
         os.fspath(path),
@@ -553,6 +559,7 @@ def map(
         max_backing_depth=max_backing_depth,
         allow_backing_anywhere=allow_backing_anywhere,
         timeout=timeout,
+        force_share=force_share,
     )
 
 
@@ -567,6 +574,7 @@ def map_html(
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    force_share: bool = False,
 ) -> None:
     """Write ``out``: one self-contained HTML page drawing the guest address
     space of the image at ``path``, coloured by mapping kind, with a legend
@@ -584,6 +592,7 @@ def map_html(
         max_backing_depth=max_backing_depth,
         allow_backing_anywhere=allow_backing_anywhere,
         timeout=timeout,
+        force_share=force_share,
     )
 
 

@@ -187,6 +187,7 @@ def verify(
 )
 @click.option("-q", "--quiet", is_flag=True, help="Print only the digests and errors.")
 @backing_options
+@force_share_option
 def digest(
     images: tuple[str, ...],
     fmt: str | None,
@@ -200,6 +201,7 @@ def digest(
     no_backing: bool,
     allow_backing_anywhere: bool,
     max_backing_depth: int,
+    force_share: bool,
 ) -> None:
     """Print the digest of each IMAGE's guest data, as blksum does:
     '<hex digest>  <IMAGE>'. A raw image and its qcow2 copy give the same one.
@@ -234,6 +236,7 @@ def digest(
                     max_backing_depth=max_backing_depth,
                     allow_backing_anywhere=allow_backing_anywhere,
                     progress=bar.update if bar else None,
+                    force_share=force_share,
                 )
             finally:
                 if bar is not None:

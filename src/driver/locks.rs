@@ -60,6 +60,25 @@ fn qcow2_data_file(storage: &FileStorage, options: &OpenOptions) -> Option<std::
     gate::resolve_part(path, "qcow2", "external data file", name, options).ok()
 }
 
+/// Open `path`, an extent a VMDK descriptor names, read-only and locked as
+/// QEMU locks it (checked against `/proc/locks` under `qemu-io -r`): a sparse
+/// extent, with metadata of its own, as a read-only image (no writer, no
+/// resize shared); a flat extent as a data file (no resize shared).
+pub(super) fn open_extent(
+    path: &Path,
+    metadata: bool,
+    options: &OpenOptions,
+) -> Result<FileStorage> {
+    let mut storage = FileStorage::open_read_only(path)?;
+    let role = if metadata {
+        Role::Image { metadata: true }
+    } else {
+        Role::DataFile
+    };
+    storage.lock(Perms::for_role(role, false, options.force_share))?;
+    Ok(storage)
+}
+
 /// Whether `path`'s image is refused for writing under `options`: `-U` is for
 /// read-only opens only, as QEMU says.
 pub(super) fn check_force_share(path: &Path, options: &OpenOptions) -> Result<()> {
