@@ -244,9 +244,13 @@ FAULTS = {
 def faulty_server(sock: Path, image: Path, rate: str | None) -> Nbdkit:
     """A 32 MiB nbdkit export whose requests of one kind fail with EIO at random, about
     one in fifty: memory behind the error filter; for flushes, which nbdkit 1.32's error
-    filter cannot fail, the eval plugin over ``image`` with a failing flush script."""
+    filter cannot fail, the eval plugin over ``image`` with a failing flush script.
+    Neither offers block status (the noextents filter): every check reads, where a
+    range the server calls zero would not be read at all."""
     if rate is not None:
-        return Nbdkit(sock, "--filter=error", "memory", "32M", rate, "error=EIO")
+        return Nbdkit(
+            sock, "--filter=noextents", "--filter=error", "memory", "32M", rate, "error=EIO"
+        )
     return Nbdkit(
         sock,
         "eval",

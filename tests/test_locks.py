@@ -19,7 +19,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,15 +59,18 @@ class QemuIoHolder:
         self.proc = subprocess.Popen(
             ["qemu-io", *QEMU_IO_FLAGS[mode], "-f", fmt, str(path)],
             stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        deadline = time.monotonic() + 10
-        while not all(locked_bytes(p) for p in (path, *others)):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"qemu-io did not open {path}: {self.error}")
-            time.sleep(0.01)
+        # qemu-io answers its first command once the open is complete, with every
+        # lock in place (while it opens, it changes them in steps).
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(b"length\n")
+        self.proc.stdin.flush()
+        answered = self.proc.stdout.readline()
+        if not answered or not all(locked_bytes(p) for p in (path, *others)):
+            self.stop()
+            raise RuntimeError(f"qemu-io did not open {path}: {self.error}")
 
     def stop(self) -> None:
         """End qemu-io (its stdin closes) and keep what it said on stderr."""
