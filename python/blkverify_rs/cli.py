@@ -315,7 +315,8 @@ def io(
 @click.option(
     "--queue-depth",
     type=click.IntRange(1, bv.MAX_QUEUE_DEPTH),
-    help="Ops in flight at once (default 1; never two that overlap).",
+    help="Ops in flight at once (default 1; an op waits for any overlapping op unless "
+    "both only read). Against NBD: requests outstanding on one connection.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--log", "log_path", metavar="FILE", help="Write the ops to FILE as they run.")
