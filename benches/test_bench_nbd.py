@@ -133,8 +133,13 @@ def test_randrw_4k_against_qemu_nbd(benchmark, tmp_path: Path, impl: str, depth:
 
     def run(export: Export) -> None:
         try:
+            # In the round's directory: fio leaves its verify state file in its cwd.
             result = subprocess.run(
-                command(impl, export, depth), capture_output=True, text=True, check=False
+                command(impl, export, depth),
+                capture_output=True,
+                text=True,
+                check=False,
+                cwd=tmp_path,
             )
         finally:
             export.stop()
