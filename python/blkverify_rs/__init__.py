@@ -84,6 +84,7 @@ def open(
     max_backing_depth: int = 16,
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
+    force_share: bool = False,
 ) -> Image | Device:
     """Open an image, or a mirrored blkverify device.
 
@@ -105,6 +106,14 @@ def open(
     An image path (or the test side) may also be an NBD URI
     (``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``);
     ``timeout`` (seconds, default 30) bounds its connect and every request.
+
+    Image files are locked as QEMU locks them, until :meth:`Image.close`: a
+    qcow2 image another process (a VM, ``qemu-nbd``) has open for writing is
+    refused, for writing and for reading, with QEMU's error (``OSError``,
+    ``EAGAIN``: ``Failed to get "write" lock``); while we have a qcow2 open
+    for writing, QEMU's tools are refused it. Raw images share writes, as in
+    QEMU. ``force_share=True`` (``-U`` in qemu-img) reads an image anyway;
+    it is refused with ``read_only=False``.
     """
     # The same options, whichever of the three ways the image is opened.
     options: dict[str, Any] = {
@@ -115,6 +124,7 @@ def open(
         "max_backing_depth": max_backing_depth,
         "allow_backing_anywhere": allow_backing_anywhere,
         "timeout": timeout,
+        "force_share": force_share,
     }
     if raw is not None or test is not None:
         if path is not None or raw is None or test is None:
@@ -334,6 +344,7 @@ def verify(
     allow_backing_anywhere: bool = False,
     threads: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    force_share: bool = False,
 ) -> Report:
     """Compare every guest sector of ``test`` with the reference ``raw``. Either
     side may be in any format blkverify reads (raw, qcow2, vmdk; probed unless
@@ -342,7 +353,8 @@ def verify(
     Stops at the first mismatching sector unless ``all`` is true. A read error
     on the test side is a finding (a mismatch with ``error`` set); one on the
     reference side raises. ``progress(done, total)`` is called about ten times a
-    second from the calling thread.
+    second from the calling thread. ``force_share`` reads images that another
+    process has open for writing (see :func:`open`).
 
     ``raw`` may instead be a block digests file (written by :func:`digest` with
     ``blocks=``): recognised by its magic, or named with ``raw_format="digests"``.
@@ -365,6 +377,7 @@ def verify(
         max_backing_depth=max_backing_depth,
         allow_backing_anywhere=allow_backing_anywhere,
         threads=threads,
+        force_share=force_share,
     )
     return _report(d)
 
@@ -417,6 +430,7 @@ def digest(
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    force_share: bool = False,
 ) -> Digest:
     """The digest of the guest data of the image at ``path``: blkhash 0.11's
     construction, ``H(H(b1) || ... || H(bN) || le64(size))`` over 64 KiB blocks,
@@ -427,7 +441,8 @@ def digest(
     ``blocks``, the block digests file is written there too (see
     :class:`BlockDigests`). ``progress(done, total)`` is called about ten times
     a second; the work runs on ``threads`` threads (0: one per core) with the
-    GIL released.
+    GIL released. ``force_share=True`` (``-U``) reads an image another process
+    has open for writing (see :func:`open`).
     """
     d = _native.digest(
         os.fspath(path),
@@ -441,6 +456,7 @@ def digest(
         algorithm=algorithm,
         threads=threads,
         blocks=None if blocks is None else os.fspath(blocks),
+        force_share=force_share,
     )
     d["hexdigest"] = d.pop("digest")
     return Digest(**d)
@@ -456,6 +472,7 @@ def verify_many(
     allow_backing_anywhere: bool = False,
     threads: int = 0,
     progress: Callable[[int, int, int, int], None] | None = None,
+    force_share: bool = False,
 ) -> list[Report | Exception]:
     """Verify many pairs at once, within one core budget (``threads`` in all,
     0: one per core): pairs run side by side and share the worker threads.
@@ -471,7 +488,8 @@ def verify_many(
     error), the exception :func:`verify` would have raised, as a value
     (``bv.Error`` or ``OSError``): one bad pair never hides the others' results.
     ``progress(done, total, pairs_done, pairs_total)`` is called about ten times
-    a second. Ctrl-C raises ``KeyboardInterrupt``.
+    a second. Ctrl-C raises ``KeyboardInterrupt``. ``force_share`` applies to
+    every pair, as in :func:`verify`.
     """
     results = _native.verify_many(
         list(pairs),
@@ -482,6 +500,7 @@ def verify_many(
         max_backing_depth=max_backing_depth,
         allow_backing_anywhere=allow_backing_anywhere,
         threads=threads,
+        force_share=force_share,
     )
     return [r if isinstance(r, BaseException) else _report(r) for r in results]
 
@@ -496,6 +515,7 @@ def map(
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    force_share: bool = False,
 ) -> list[MapExtent]:
     """The allocation map of the whole image at ``path``, as ``qemu-img map``
     gives it: a list of :class:`MapExtent` in guest order, neighbours that
@@ -513,7 +533,9 @@ def map(
     The image is opened read-only as :func:`open` opens it (the backing
     policy applies) and only its metadata is read, once. Unreadable metadata
     raises :class:`CorruptImageError`. ``progress(done, total)`` is called now
-    and then; Ctrl-C raises ``KeyboardInterrupt``.
+    and then; Ctrl-C raises ``KeyboardInterrupt``. ``force_share=True``
+    (``-U``) reads an image another process has open for writing (see
+    :func:`open`).
     """
     return _native.map(
         os.fspath(path),
@@ -524,6 +546,7 @@ def map(
         max_backing_depth=max_backing_depth,
         allow_backing_anywhere=allow_backing_anywhere,
         timeout=timeout,
+        force_share=force_share,
     )
 
 
@@ -538,6 +561,7 @@ def map_html(
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    force_share: bool = False,
 ) -> None:
     """Write ``out``: one self-contained HTML page drawing the guest address
     space of the image at ``path``, coloured by mapping kind, with a legend
@@ -555,6 +579,7 @@ def map_html(
         max_backing_depth=max_backing_depth,
         allow_backing_anywhere=allow_backing_anywhere,
         timeout=timeout,
+        force_share=force_share,
     )
 
 

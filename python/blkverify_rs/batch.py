@@ -25,6 +25,7 @@ from blkverify_rs.cli_common import (
     EXIT_OK,
     describe_error,
     fail,
+    force_share_option,
     reported,
 )
 from blkverify_rs.report import ProgressBar, human_size
@@ -189,6 +190,7 @@ class BatchProgress:
     default=0,
     help="Worker threads in all, shared by the pairs (0: one per core).",
 )
+@force_share_option
 @click.option(
     "--html",
     "html_dir",
@@ -205,6 +207,7 @@ def batch(
     progress: bool | None,
     quiet: bool,
     threads: int,
+    force_share: bool,
     html_dir: str | None,
 ) -> None:
     """Verify every pair listed in MANIFEST, in parallel.
@@ -235,6 +238,7 @@ def batch(
             strict=strict,
             threads=threads,
             progress=bar.update if bar else None,
+            force_share=force_share,
         )
 
     if not quiet:

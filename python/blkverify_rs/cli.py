@@ -24,6 +24,7 @@ from blkverify_rs.cli_common import (
     backing_options,
     describe_error,
     fail,
+    force_share_option,
     reported,
 )
 from blkverify_rs.map_cmd import map_command
@@ -89,6 +90,7 @@ for param in main.params:
     help="Also write the test image's HTML map with every finding marked on it "
     "(implies --all, up to the run cap).",
 )
+@force_share_option
 def verify(
     raw: str,
     test: str,
@@ -104,6 +106,7 @@ def verify(
     no_backing: bool,
     allow_backing_anywhere: bool,
     max_backing_depth: int,
+    force_share: bool,
     html_out: str | None,
 ) -> None:
     """Compare every guest sector of TEST with RAW, the reference, in any format.
@@ -138,6 +141,7 @@ def verify(
             allow_backing_anywhere=allow_backing_anywhere,
             max_backing_depth=max_backing_depth,
             progress=bar.update if bar else None,
+            force_share=force_share,
         )
     if not quiet:
         for warning in rep.warnings:
@@ -184,6 +188,7 @@ def verify(
 )
 @click.option("-q", "--quiet", is_flag=True, help="Print only the digests and errors.")
 @backing_options
+@force_share_option
 def digest(
     images: tuple[str, ...],
     fmt: str | None,
@@ -197,6 +202,7 @@ def digest(
     no_backing: bool,
     allow_backing_anywhere: bool,
     max_backing_depth: int,
+    force_share: bool,
 ) -> None:
     """Print the digest of each IMAGE's guest data, as blksum does:
     '<hex digest>  <IMAGE>'. A raw image and its qcow2 copy give the same one.
@@ -231,6 +237,7 @@ def digest(
                     max_backing_depth=max_backing_depth,
                     allow_backing_anywhere=allow_backing_anywhere,
                     progress=bar.update if bar else None,
+                    force_share=force_share,
                 )
             finally:
                 if bar is not None:
@@ -266,8 +273,11 @@ def digest(
     metavar="CMD",
     help="Run this qemu-io command (repeatable); without -c, read commands from stdin.",
 )
+@force_share_option
 @click.argument("spec")
-def io(fmt: str | None, read_only: bool, commands: tuple[str, ...], spec: str) -> None:
+def io(
+    fmt: str | None, read_only: bool, commands: tuple[str, ...], force_share: bool, spec: str
+) -> None:
     """Run qemu-io commands on SPEC: an image, or blkverify:RAW:TEST.
 
     On the mirrored device RAW is always read as a raw image, as in QEMU's
@@ -280,7 +290,7 @@ def io(fmt: str | None, read_only: bool, commands: tuple[str, ...], spec: str) -
     """
     from blkverify_rs.io_cmds import run_io
 
-    status = run_io(spec, list(commands), fmt, read_only)
+    status = run_io(spec, list(commands), fmt, read_only, force_share=force_share)
     sys.stdout.flush()
     sys.exit(status)
 
@@ -305,7 +315,8 @@ def io(fmt: str | None, read_only: bool, commands: tuple[str, ...], spec: str) -
 @click.option(
     "--queue-depth",
     type=click.IntRange(1, bv.MAX_QUEUE_DEPTH),
-    help="Ops in flight at once (default 1; never two that overlap).",
+    help="Ops in flight at once (default 1; an op waits for any overlapping op unless "
+    "both only read). Against NBD: requests outstanding on one connection.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--log", "log_path", metavar="FILE", help="Write the ops to FILE as they run.")

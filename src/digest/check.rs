@@ -326,6 +326,8 @@ pub fn check(
                 length: end - offset,
                 first_byte: offset,
                 error: f.error,
+                // A block digest run says what failed, not with which errno.
+                errno: None,
             }
         })
         .collect();

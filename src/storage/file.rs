@@ -1,6 +1,8 @@
 //! A file or block device: `pread`/`pwrite`, `fallocate` to zero ranges,
-//! `fdatasync` to flush, and read-only mapped windows.
+//! `fdatasync` to flush, and read-only mapped windows. A store also keeps
+//! QEMU's image locks (see `lock.rs`) for as long as it is open.
 
+use super::lock::{ImageLock, Perms};
 use super::{Storage, View};
 use crate::error::{Error, Result};
 use std::fs::File;
@@ -15,6 +17,9 @@ pub struct FileStorage {
     file: File,
     path: PathBuf,
     writable: bool,
+    /// QEMU's image locks on this file, and on files the image names (a data
+    /// file), held until the store is dropped.
+    locks: Vec<ImageLock>,
 }
 
 impl FileStorage {
@@ -50,6 +55,7 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             writable,
+            locks: Vec::new(),
         })
     }
 
@@ -66,7 +72,26 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             writable: true,
+            locks: Vec::new(),
         })
+    }
+
+    /// Take QEMU's image locks `perms` on this file (on its open file
+    /// description, so they go away with the store); an error if another
+    /// process's locks forbid them.
+    pub fn lock(&mut self, perms: Perms) -> Result<()> {
+        let descriptor = self
+            .file
+            .try_clone()
+            .map_err(|e| Error::io(&self.path, "duplicate the descriptor to lock", e))?;
+        let lock = ImageLock::acquire(descriptor, &self.path, perms)?;
+        self.locks.push(lock);
+        Ok(())
+    }
+
+    /// Keep `lock` (on a file this image names) for as long as this store.
+    pub fn hold(&mut self, lock: ImageLock) {
+        self.locks.push(lock);
     }
 
     fn check_writable(&self) -> Result<()> {

@@ -12,12 +12,15 @@
 //!
 //! Backends: [`FileStorage`] (files and block devices) and [`MemStorage`]
 //! (tests and fuzzing), with [`LimitedStorage`] to simulate a full disk.
+//! [`lock`] speaks QEMU's image-lock protocol on files.
 
 mod file;
+pub mod lock;
 mod mem;
 mod view;
 
 pub use file::FileStorage;
+pub use lock::{ImageLock, Perm, Perms, Role};
 pub use mem::{LimitedStorage, MemStorage};
 pub use view::View;
 
