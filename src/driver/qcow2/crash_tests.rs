@@ -535,6 +535,29 @@ fn crash_between_write_backs_lazy_refcounts() {
     });
 }
 
+#[test]
+fn crash_between_write_backs_of_a_discard() {
+    // The discard frees 128 clusters counted in three refcount blocks, but
+    // only one block may stay dirty: the others are written back at once,
+    // and must wait for the L2 tables that stopped naming the clusters (or a
+    // crash leaves entries naming clusters with refcount 0).
+    run_crash_test(&CrashCase {
+        name: "evict-discard-c512",
+        create_opts: "cluster_size=512,refcount_bits=64",
+        size: 1 << 20,
+        steps: Steps::Script(&[
+            Step::Write(0, 64 << 10),
+            Step::Flush,
+            Step::Discard(0, 64 << 10),
+            Step::Write(512 << 10, 512),
+            Step::Flush,
+        ]),
+        seed: 11,
+        cache: Some((8, 2)),
+        backing: false,
+    });
+}
+
 // Cases where only the data-before-L2-entry ordering keeps the old bytes:
 // no cluster is allocated, or the refcounts are lazy.
 
@@ -562,7 +585,9 @@ fn crash_writing_into_a_zero_allocated_cluster() {
 
 #[test]
 fn crash_copying_from_a_backing_file_with_lazy_refcounts() {
-    // The copied backing data must be on disk before the L2 entry.
+    // The copied backing data must be on disk before the L2 entry. The
+    // second write is a copy on write alone between two flushes (no other
+    // request asks for a sync first), the third a whole fresh cluster.
     run_crash_test(&CrashCase {
         name: "backing-cow-lazy",
         create_opts: "cluster_size=4096,lazy_refcounts=on",
@@ -571,6 +596,7 @@ fn crash_copying_from_a_backing_file_with_lazy_refcounts() {
             Step::Write(1000, 100),
             Step::Flush,
             Step::Write(5000, 3000),
+            Step::Flush,
             Step::Write(12288, 4096),
             Step::Flush,
         ]),
@@ -597,6 +623,30 @@ fn crash_reusing_a_discarded_cluster_with_lazy_refcounts() {
             Step::Flush,
         ]),
         seed: 9,
+        cache: None,
+        backing: false,
+    });
+}
+
+#[test]
+fn crash_reusing_a_cluster_freed_since_the_last_flush_with_lazy_refcounts() {
+    // The discard's L2 change is only cached when the write allocates: the
+    // freed clusters must not be reused yet, or the old entries on disk would
+    // show the new data after a crash.
+    run_crash_test(&CrashCase {
+        name: "discard-reuse-unflushed-lazy",
+        create_opts: "cluster_size=4096,lazy_refcounts=on",
+        size: 64 << 10,
+        steps: Steps::Script(&[
+            Step::Write(0, 8192),
+            Step::Flush,
+            Step::Discard(0, 8192),
+            Step::Write(16384 + 100, 1000),
+            Step::Zero(4096, 4096, true),
+            Step::Write(32768, 4096),
+            Step::Flush,
+        ]),
+        seed: 10,
         cache: None,
         backing: false,
     });
