@@ -25,6 +25,9 @@ mod rebuild;
 mod writeback;
 mod zero;
 
+#[cfg(test)]
+mod tests;
+
 use super::cache::L2Table;
 use super::l2::{self, COMPRESSED, COPIED, OFFSET_MASK};
 use super::refcount::Refcounts;
