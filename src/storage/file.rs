@@ -250,3 +250,24 @@ impl Storage for FileStorage {
             .map_err(|e| Error::io(&self.path, "flush", e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_range_zeroes_inside_and_extends_past_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0x11u8; 8192]).unwrap();
+        let store = FileStorage::open_read_write(&path).unwrap();
+        store.zero_range(1000, 2000).unwrap();
+        store.zero_range(7000, 3000).unwrap();
+        assert_eq!(store.len().unwrap(), 10000);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes[..1000].iter().all(|b| *b == 0x11));
+        assert!(bytes[1000..3000].iter().all(|b| *b == 0));
+        assert!(bytes[3000..7000].iter().all(|b| *b == 0x11));
+        assert!(bytes[7000..].iter().all(|b| *b == 0));
+    }
+}
