@@ -1,4 +1,5 @@
-"""Measure the issue's table: ours against QEMU, interleaved, medians of N.
+"""Measure the issues' tables: ours against QEMU (and blksum for digests),
+interleaved, medians of N.
 
     python benches/bench_table.py DIR [--scale 1024] [--rounds 3]
 
@@ -61,7 +62,17 @@ def main() -> int:
         cases.append(
             (
                 name,
-                ["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", str(raw), str(test)],
+                [
+                    "qemu-img",
+                    "compare",
+                    "-q",
+                    "-f",
+                    "raw",
+                    "-F",
+                    test.suffix[1:],
+                    str(raw),
+                    str(test),
+                ],
                 [*ours, "verify", "-q", str(raw), str(test)],
             )
         )
@@ -103,6 +114,16 @@ def main() -> int:
             [sys.executable, "-c", device_reads_snippet(raw_full, qcow2, READS)],
         )
     )
+    # Digests: ours against blksum -c (blkhash 0.11, through the page cache too).
+    blksum = build_blksum(args.directory / "blksum")
+    full_raw, full_qcow2 = images["allocated"]
+    for name, image in (
+        ("digest: fully allocated raw", full_raw),
+        ("digest: the same data as qcow2", full_qcow2),
+        ("digest: zstd-compressed qcow2, OS-like data", images["zstd"][1]),
+        ("digest: sparse qcow2", images["sparse"][1]),
+    ):
+        cases.append((name, [blksum, "-c", str(image)], [*ours, "digest", str(image)]))
     cases.append(("--version", None, [str(Path(sys.executable).parent / "blkverify"), "--version"]))
     for _, _, command in cases:  # warm the page cache (our reader skips sparse holes)
         timed(command)
@@ -119,7 +140,8 @@ def main() -> int:
                     print(f"{name}: {argv[0]} exited {code}", file=sys.stderr)
                 samples[name][key].append((seconds, rss))
     print(
-        f"| case | QEMU (s) | ours (s) | ratio | ours peak RSS (MiB) |  (median of {args.rounds})"
+        f"| case | QEMU or blksum (s) | ours (s) | ratio | ours peak RSS (MiB) |"
+        f"  (median of {args.rounds}, load average {os.getloadavg()[0]:.2f})"
     )
     print("|---|---|---|---|---|")
     for name, _, _ in cases:
@@ -132,7 +154,34 @@ def main() -> int:
             print(f"| {name} | {q_med:.3f} | {o_med:.3f} | {q_med / o_med:.2f}x | {rss:.0f} |")
         else:
             print(f"| {name} | - | {o_med * 1000:.0f} ms | - | {rss:.0f} |")
+    # Digest speed against the machine's: SHA-256 of 64 KiB buffers on every core.
+    rate = sha256_rate()
+    ours_raw = statistics.median(s for s, _ in samples["digest: fully allocated raw"]["o"])
+    share = full_raw.stat().st_size / ours_raw / rate
+    print(f"\nSHA-256 on every core (openssl speed): {rate / 1e6:.0f} MB/s; the raw digest")
+    print(f"hashes at {full_raw.stat().st_size / ours_raw / 1e6:.0f} MB/s, {share:.0%} of it.")
     return 0
+
+
+def build_blksum(cache: Path) -> str:
+    """The real blksum, built once into ``cache`` (scripts/build-blksum.sh)."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "build-blksum.sh"
+    out = subprocess.run(["sh", str(script), str(cache)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"bench_table: cannot build blksum: {out.stderr.strip()}")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def sha256_rate(seconds: int = 3) -> float:
+    """Bytes per second SHA-256 hashes 64 KiB buffers on every core at once."""
+    cores = os.cpu_count() or 1
+    proc = subprocess.run(
+        ["openssl", "speed", "-elapsed", "-mr", "-multi", str(cores), "-seconds", str(seconds),
+         "-bytes", "65536", "-evp", "sha256"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    total = [line for line in proc.stdout.splitlines() if line.startswith("+F:")][-1]
+    return float(total.rsplit(":", 1)[1])
 
 
 if __name__ == "__main__":

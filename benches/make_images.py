@@ -13,6 +13,11 @@ fully allocated pair is twice that). The images, by case:
 - ``sparse.raw`` / ``sparse.qcow2``: 1 TiB virtual (scale x 1024 when small), with
   scale of random data in 64 runs spread evenly over the disk; the raw file is
   sparse (holes found with SEEK_DATA), the qcow2 allocates only the runs.
+- ``full.vmdk``: ``full.raw`` as a monolithicSparse vmdk (every grain allocated).
+- ``mixed2.raw`` / ``mixed2-stream.vmdk``: 2 x scale of OS-like data as a
+  streamOptimized vmdk (an OVA's disk: every grain zlib-compressed).
+- ``full-copy.qcow2``: a second fully allocated qcow2 of ``full.raw`` (qcow2 against
+  qcow2).
 
 Each image is built once; an existing image of the right size is kept.
 The conftest of benches/ builds tiny ones the same way for the CI smoke run.
@@ -82,6 +87,16 @@ def full_pair(directory: Path, mib: int) -> tuple[Path, Path]:
     return raw, qcow2
 
 
+def vhdx_pair(directory: Path, mib: int) -> tuple[Path, Path]:
+    """The fully allocated data of :func:`full_pair` as a dynamic vhdx (every block
+    fully present, stored back to back)."""
+    raw, _ = full_pair(directory, mib)
+    vhdx = directory / "full.vhdx"
+    if not vhdx.exists() or vhdx.stat().st_mtime < raw.stat().st_mtime:
+        sh("qemu-img", "convert", "-f", "raw", "-O", "vhdx", str(raw), str(vhdx))
+    return raw, vhdx
+
+
 def mixed_pair(directory: Path, mib: int, ctype: str) -> tuple[Path, Path]:
     raw, qcow2 = directory / "mixed.raw", directory / f"mixed-{ctype}.qcow2"
     if not _done(raw, mib * MiB):
@@ -120,13 +135,54 @@ def sparse_pair(directory: Path, mib: int) -> tuple[Path, Path]:
     return raw, qcow2
 
 
+def vmdk_sparse_pair(directory: Path, mib: int) -> tuple[Path, Path]:
+    """The fully allocated raw disk and a monolithicSparse vmdk of it."""
+    raw, _ = full_pair(directory, mib)
+    vmdk = directory / "full.vmdk"
+    if not vmdk.exists() or vmdk.stat().st_mtime < raw.stat().st_mtime:
+        sh("qemu-img", "convert", "-f", "raw", "-O", "vmdk", str(raw), str(vmdk))
+    return raw, vmdk
+
+
+def vmdk_stream_pair(directory: Path, mib: int) -> tuple[Path, Path]:
+    """``mib`` MiB of OS-like data and a streamOptimized vmdk of it."""
+    raw, vmdk = directory / "mixed2.raw", directory / "mixed2-stream.vmdk"
+    if not _done(raw, mib * MiB):
+        with open(raw, "wb") as f:
+            for data in _os_like_bytes(mib * MiB):
+                f.write(data)
+    if not vmdk.exists() or vmdk.stat().st_mtime < raw.stat().st_mtime:
+        sh(
+            "qemu-img", "convert", "-f", "raw", "-O", "vmdk",
+            "-o", "subformat=streamOptimized", str(raw), str(vmdk),
+        )  # fmt: skip
+    return raw, vmdk
+
+
+def qcow2_qcow2_pair(directory: Path, mib: int) -> tuple[Path, Path]:
+    """Two fully allocated qcow2 images of the same disk, laid out differently
+    (the copy is written by a second ``convert``, with 128 KiB clusters)."""
+    raw, qcow2 = full_pair(directory, mib)
+    copy = directory / "full-copy.qcow2"
+    if not copy.exists() or copy.stat().st_mtime < raw.stat().st_mtime:
+        sh(
+            "qemu-img", "convert", "-f", "raw", "-O", "qcow2",
+            "-o", "cluster_size=128k", str(raw), str(copy),
+        )  # fmt: skip
+    return qcow2, copy
+
+
 def build_all(directory: Path, mib: int) -> dict[str, tuple[Path, Path]]:
     directory.mkdir(parents=True, exist_ok=True)
     return {
         "allocated": full_pair(directory, 2 * mib),
+        "vhdx": vhdx_pair(directory, 2 * mib),
         "zlib": mixed_pair(directory, mib, "zlib"),
         "zstd": mixed_pair(directory, mib, "zstd"),
         "sparse": sparse_pair(directory, mib),
+        "vmdk-sparse": vmdk_sparse_pair(directory, 2 * mib),
+        "vmdk-stream": vmdk_stream_pair(directory, 2 * mib),
+        "qcow2-qcow2": qcow2_qcow2_pair(directory, 2 * mib),
     }
 
 

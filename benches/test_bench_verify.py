@@ -23,7 +23,8 @@ _medians: dict[str, float] = {}
 def command(impl: str, raw: Path, test: Path) -> list[str]:
     if impl == "blkverify":
         return [sys.executable, "-m", "blkverify_rs", "verify", "-q", str(raw), str(test)]
-    return ["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", str(raw), str(test)]
+    fmt = test.suffix[1:]  # qcow2, vhdx
+    return ["qemu-img", "compare", "-q", "-f", "raw", "-F", fmt, str(raw), str(test)]
 
 
 def run_identical(impl: str, raw: Path, test: Path) -> None:
@@ -52,6 +53,12 @@ def test_allocated(benchmark, impl: str, allocated_pair: tuple[Path, Path]) -> N
     measure(
         benchmark, "verify: fully allocated qcow2 vs raw", impl, run_identical, impl, raw, qcow2
     )
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_allocated_vhdx(benchmark, impl: str, vhdx_pair: tuple[Path, Path]) -> None:
+    raw, vhdx = vhdx_pair
+    measure(benchmark, "verify: fully allocated vhdx vs raw", impl, run_identical, impl, raw, vhdx)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

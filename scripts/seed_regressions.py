@@ -1,6 +1,8 @@
-"""Write the header and l2_entry regression inputs (fuzz/regressions/{header,l2_entry}/).
+"""Write the header, l2_entry and digests_file regression inputs
+(fuzz/regressions/{header,l2_entry,digests_file}/).
 
-    python scripts/seed_regressions.py      (from the repository root; needs qemu-img)
+    python scripts/seed_regressions.py      (from the repository root; needs qemu-img,
+                                             and blkverify installed for the digests files)
 
 `cargo test` replays every file there (tests/fuzz_regressions.rs). The header inputs are
 small qcow2 images made by qemu-img, whole (named `valid-*`: they must parse), and copies
@@ -12,14 +14,17 @@ one. The files are committed; rerun this only to change the set, and commit the 
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER_DIR = ROOT / "fuzz/regressions/header"
 L2_DIR = ROOT / "fuzz/regressions/l2_entry"
+DIGESTS_DIR = ROOT / "fuzz/regressions/digests_file"
 
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_FEATURE_TABLE = 0x6803F857
@@ -30,7 +35,8 @@ def qemu_image(tmp: Path, options: str, extra: list[str] | None = None) -> bytea
     path = tmp / "t.qcow2"
     path.unlink(missing_ok=True)
     cmd = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", options, str(path)]
-    subprocess.run([*cmd, *(extra or ["1M"])], check=True)
+    # Run in tmp: relative names in options (data_file=t.data) land there, not in the cwd.
+    subprocess.run([*cmd, *(extra or ["1M"])], check=True, cwd=tmp)
     return bytearray(path.read_bytes())
 
 
@@ -174,6 +180,82 @@ def l2_inputs() -> dict[str, bytes]:
     }
 
 
+def digests_inputs(tmp: Path) -> dict[str, bytes]:
+    """Block digests files written by `blkverify digest --blocks` (valid-*), and copies
+    with one field damaged (bad-*). Most damaged copies get their checksum redone, so
+    that the damage itself is what the parser must find."""
+
+    def written(name: str, size: int, writes: list[str], *args: str) -> bytes:
+        image = tmp / f"{name}.raw"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(image), str(size)], check=True)
+        if writes:
+            cmds = [x for w in writes for x in ("-c", w)]
+            subprocess.run(
+                ["qemu-io", "-f", "raw", *cmds, str(image)], check=True, stdout=subprocess.DEVNULL
+            )
+        out = tmp / f"{name}.digests"
+        subprocess.run(
+            [sys.executable, "-m", "blkverify_rs", "digest", "--blocks", str(out), *args,
+             str(image)],
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        return out.read_bytes()
+
+    def resum(data: bytes) -> bytes:
+        return data[:-32] + hashlib.sha256(data[:-32]).digest()
+
+    def put(data: bytes, at: int, fmt: str, value: int | bytes) -> bytes:
+        out = bytearray(data)
+        struct.pack_into(fmt, out, at, value)
+        return resum(bytes(out))
+
+    sparse = written(
+        "sparse",
+        8 * 1024 * 1024 + 1000,
+        ["write -P 0x11 0 100k", "write -P 0x22 3M 64k", "write -P 0x33 8388600 1000"],
+    )
+    flipped = bytearray(sparse)
+    flipped[170] ^= 1
+    first_run = struct.unpack_from("<Q", sparse, 160)[0]
+    return {
+        "valid-sparse": sparse,
+        "valid-blake3": written("b3", 1024 * 1024, ["write -P 0x44 5000 70000"], "-d", "blake3"),
+        "valid-empty": written("empty", 0, []),
+        "valid-short": written("short", 1000, ["write -P 0x55 0 10"]),
+        "bad-foreign": qemu_image(tmp, "cluster_size=65536")[:4096],
+        "bad-empty": b"",
+        "bad-truncated-header": sparse[:100],
+        "bad-truncated": sparse[:-1],
+        "bad-data-after-end": sparse + b"\0",
+        "bad-checksum": bytes(flipped),
+        "bad-version": put(sparse, 8, "<I", 2),
+        "bad-header-length": put(sparse, 12, "<I", 168),
+        "bad-algorithm": put(sparse, 16, "16s", b"md5"),
+        "bad-block-size": put(sparse, 32, "<I", 65535),
+        "bad-digest-length": put(sparse, 36, "<I", 20),
+        "bad-block-count": put(sparse, 48, "<Q", 999),
+        "bad-run-count-huge": put(sparse, 56, "<Q", 1 << 61),
+        "bad-digest-count": put(sparse, 64, "<Q", 1),
+        "bad-zero-digest": put(sparse, 104, "32s", b"\1" * 32),
+        "bad-reserved": put(sparse, 150, "<B", 1),
+        "bad-run-of-zero-blocks": put(sparse, 160, "<Q", first_run & ~((1 << 63) - 1)),
+        "bad-run-past-the-end": put(sparse, 160, "<Q", (first_run & (1 << 63)) | 100000),
+        "bad-zero-run-over-short-tail": zero_run_over_tail(
+            written("tail", 65536 + 1000, ["write -P 0x66 0 4k"]), resum
+        ),
+    }
+
+
+def zero_run_over_tail(data: bytes, resum) -> bytes:
+    """``data`` (two blocks, the second short, one data run of both) rewritten as a data
+    run of one block and a zero run over the short block, with a valid checksum."""
+    header = bytearray(data[:160])
+    struct.pack_into("<QQ", header, 56, 2, 1)  # two runs, one stored digest
+    first_digest = data[168:200]
+    body = struct.pack("<Q", 1) + first_digest + struct.pack("<Q", (1 << 63) | 1)
+    return resum(bytes(header) + body + bytes(32))
+
+
 def write_dir(directory: Path, files: dict[str, bytes]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for old in directory.iterdir():
@@ -187,6 +269,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_dir(HEADER_DIR, header_inputs(Path(tmp)))
     write_dir(L2_DIR, l2_inputs())
+    with tempfile.TemporaryDirectory() as tmp:
+        write_dir(DIGESTS_DIR, digests_inputs(Path(tmp)))
 
 
 if __name__ == "__main__":

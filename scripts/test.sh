@@ -4,7 +4,7 @@
 # `pip install .`; it installs the test-only Python packages it needs.
 set -eu
 cd "$(dirname "$0")/.."
-python3 -m pip install --quiet --disable-pip-version-check 'pytest>=8' 'pytest-benchmark>=4'
+python3 -m pip install --quiet --disable-pip-version-check 'pytest>=8' 'pytest-benchmark>=4' 'blake3>=1'
 cargo test --release --quiet
 # Two runs: tests/ and benches/ each have a conftest.py that their modules
 # import helpers from, and one pytest process can hold only one "conftest".

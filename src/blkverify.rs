@@ -12,10 +12,11 @@
 //! cost more than the I/O. Requests of at least [`PARALLEL_MIN`] bytes run the raw
 //! side on a scoped thread while the caller's thread serves the test side.
 
+use crate::compare::first_difference;
 use crate::driver::{self, check_range, BlockDriver, Extent, Format, Location, OpenOptions};
 use crate::error::{Error, Result};
-use crate::verify::first_difference;
 use std::cell::RefCell;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -41,7 +42,18 @@ pub struct Spec {
     pub test: PathBuf,
 }
 
-/// Split a `blkverify:RAW:TEST` spec. `None` if `spec` does not start with the
+impl fmt::Display for Spec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{SPEC_PREFIX}{}:{}",
+            self.raw.display(),
+            self.test.display()
+        )
+    }
+}
+
+/// Split a `blkverify:RAW:TEST` spec: the one parser of the prefix and its parts. `None` if `spec` does not start with the
 /// prefix (it is a plain image); an error if the prefix is there but a part is
 /// missing. The raw path ends at the first colon after the prefix, as in QEMU, so
 /// a raw path containing a colon needs [`Blkverify::open`] with explicit paths.
@@ -86,12 +98,15 @@ impl Blkverify {
     /// if the reference is shorter, requests past its end fail there only, which
     /// is reported as a return-value mismatch.
     pub fn new(raw: Arc<dyn BlockDriver>, test: Arc<dyn BlockDriver>) -> Blkverify {
-        let name = PathBuf::from(format!(
-            "{SPEC_PREFIX}{}:{}",
-            raw.path().display(),
-            test.path().display()
-        ));
-        Blkverify { raw, test, name }
+        let spec = Spec {
+            raw: raw.path().to_path_buf(),
+            test: test.path().to_path_buf(),
+        };
+        Blkverify {
+            raw,
+            test,
+            name: PathBuf::from(spec.to_string()),
+        }
     }
 
     /// The raw reference.
@@ -358,11 +373,20 @@ impl BlockDriver for Blkverify {
     }
 }
 
+/// What [`open_spec`] opened.
+pub enum Opened {
+    /// A plain image (or NBD export).
+    Image(Arc<dyn BlockDriver>),
+    /// A mirrored device.
+    Device(Blkverify),
+}
+
 /// Open `spec`: a `blkverify:RAW:TEST` mirrored device, or a plain image.
-pub fn open_spec(spec: &str, options: &OpenOptions) -> Result<Arc<dyn BlockDriver>> {
-    match parse_spec(spec)? {
-        Some(Spec { raw, test }) => Ok(Arc::new(Blkverify::open(&raw, &test, options)?)),
-        None => driver::open(Path::new(spec), options),
+/// `options` apply to the image, or to the device's test side.
+pub fn open_spec(spec: &Path, options: &OpenOptions) -> Result<Opened> {
+    match spec.to_str().map(parse_spec).transpose()?.flatten() {
+        Some(Spec { raw, test }) => Ok(Opened::Device(Blkverify::open(&raw, &test, options)?)),
+        None => Ok(Opened::Image(driver::open(spec, options)?)),
     }
 }
 
@@ -395,6 +419,7 @@ mod tests {
             .unwrap();
         assert_eq!(s.raw, PathBuf::from("a.raw"));
         assert_eq!(s.test, PathBuf::from("dir/b:c.qcow2"));
+        assert_eq!(s.to_string(), "blkverify:a.raw:dir/b:c.qcow2");
         for bad in [
             "blkverify:",
             "blkverify:a.raw",

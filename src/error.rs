@@ -1,6 +1,7 @@
 //! One error type for the whole core. Every message names the file, the field and
 //! the fact, so a user can act on it without a debugger.
 
+use crate::driver::SECTOR_SIZE;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -97,8 +98,8 @@ pub enum Error {
 /// A byte range as blkverify reports it: the first 512-byte sector and the number of
 /// sectors the range touches.
 pub fn request_sectors(offset: u64, length: u64) -> (u64, u64) {
-    let first = offset / 512;
-    let end = offset.saturating_add(length).div_ceil(512);
+    let first = offset / SECTOR_SIZE;
+    let end = offset.saturating_add(length).div_ceil(SECTOR_SIZE);
     (first, end.saturating_sub(first))
 }
 

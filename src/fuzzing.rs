@@ -3,7 +3,12 @@
 //! run exactly the same code on an input: a crash the fuzzer found is replayed
 //! as it was found, not by a copy that may have drifted.
 
+use crate::digest::BlockDigests;
 use crate::driver::qcow2::{header, l2, Qcow2};
+use crate::driver::vdi::Vdi;
+use crate::driver::vhdx::{self, Vhdx};
+use crate::driver::vmdk::Vmdk;
+use crate::driver::vpc::Vpc;
 use crate::driver::{BlockDriver, OpenOptions};
 use crate::error::Error;
 use crate::storage::{LimitedStorage, MemStorage};
@@ -69,19 +74,121 @@ pub fn l2_entry(data: &[u8]) -> Vec<String> {
     errors
 }
 
+/// Parse `data` as a block digests file named `name`; if it parses, look up
+/// the first, the last and a past-the-end block and walk all its runs.
+pub fn digests_file(data: &[u8], name: &str) -> Outcome {
+    match BlockDigests::parse(std::path::Path::new(name), data) {
+        Err(e) => Outcome {
+            open_error: Some(e),
+            ..Outcome::default()
+        },
+        Ok(file) => {
+            let count = file.block_count();
+            for index in [0, count.saturating_sub(1), count, u64::MAX] {
+                let _ = file.block(index);
+            }
+            let covered: u64 = file.runs_in(0, count).map(|r| r.count).sum();
+            assert_eq!(
+                covered, count,
+                "the runs of a parsed file cover every block"
+            );
+            Outcome::default()
+        }
+    }
+}
+
 /// Open `data` as a read-only qcow2 image named `name`, map its first 8 MiB and
 /// read and locate a few scattered ranges.
 pub fn read_image(data: &[u8], name: &str) -> Outcome {
     let storage = Arc::new(MemStorage::new(name, data.to_vec(), false));
-    let image = match Qcow2::open(storage, None, &options(false), &[]) {
-        Ok(image) => image,
-        Err(e) => {
-            return Outcome {
-                open_error: Some(e),
-                ..Outcome::default()
+    match Qcow2::open(storage, None, &options(false), &[]) {
+        Ok(image) => exercise_reads(&image),
+        Err(e) => Outcome {
+            open_error: Some(e),
+            ..Outcome::default()
+        },
+    }
+}
+
+/// Open `data` as a VMDK disk named `name` (a sparse extent, stream-optimized
+/// or not, or a text descriptor; files it names resolve next to `name`, which
+/// should not exist; parents are never followed), then map and read it as
+/// [`read_image`] does.
+pub fn read_vmdk(data: &[u8], name: &str) -> Outcome {
+    let storage = Arc::new(MemStorage::new(name, data.to_vec(), false));
+    match Vmdk::open(storage, &options(false), &[]) {
+        Ok(image) => exercise_reads(&image),
+        Err(e) => Outcome {
+            open_error: Some(e),
+            ..Outcome::default()
+        },
+    }
+}
+
+/// Open `data` as a read-only VHD (`vpc`) named `name` and read it as
+/// [`read_image`] does (parents are never followed).
+pub fn read_vpc(data: &[u8], name: &str) -> Outcome {
+    let storage = Arc::new(MemStorage::new(name, data.to_vec(), false));
+    match Vpc::open(storage, &options(false), &[]) {
+        Ok(image) => exercise_reads(&image),
+        Err(e) => Outcome {
+            open_error: Some(e),
+            ..Outcome::default()
+        },
+    }
+}
+
+/// Open `data` as a read-only VDI image named `name` and read it as
+/// [`read_image`] does.
+pub fn read_vdi(data: &[u8], name: &str) -> Outcome {
+    let storage = Arc::new(MemStorage::new(name, data.to_vec(), false));
+    match Vdi::open(storage) {
+        Ok(image) => exercise_reads(&image),
+        Err(e) => Outcome {
+            open_error: Some(e),
+            ..Outcome::default()
+        },
+    }
+}
+
+/// Open `data` as a read-only VHDX image named `name` (a dirty log is
+/// replayed in memory; a parent is never followed), then map and read it as
+/// [`read_image`] does.
+///
+/// When byte 8 (in the creator field, which nothing reads) is odd, the headers'
+/// and region tables' checksums are recomputed first, so that mutations reach
+/// the metadata, the BAT and the log instead of stopping at a checksum.
+pub fn read_vhdx(data: &[u8], name: &str) -> Outcome {
+    let mut image = data.to_vec();
+    if data.get(8).is_some_and(|b| b & 1 == 1) {
+        let structures = [
+            (64 << 10, 4 << 10),
+            (128 << 10, 4 << 10),
+            (192 << 10, 64 << 10),
+            (256 << 10, 64 << 10),
+        ];
+        for (offset, len) in structures {
+            if let Some(bytes) = image.get_mut(offset..offset + len) {
+                let crc = vhdx::header::checksum(bytes, 4);
+                if let Some(field) = bytes.get_mut(4..8) {
+                    field.copy_from_slice(&crc.to_le_bytes());
+                }
             }
         }
-    };
+    }
+    let storage = Arc::new(MemStorage::new(name, image, false));
+    match Vhdx::open(storage, &options(false), &[]) {
+        Ok(image) => exercise_reads(&image),
+        Err(e) => Outcome {
+            open_error: Some(e),
+            ..Outcome::default()
+        },
+    }
+}
+
+/// Map the first 8 MiB of an opened image, and read and locate a few
+/// scattered ranges, collecting the errors.
+fn exercise_reads(image: &dyn BlockDriver) -> Outcome {
     let mut outcome = Outcome::default();
     let size = image.size();
     let mut offset = 0u64;

@@ -67,6 +67,42 @@ fn header_regressions_give_errors_not_panics() {
     );
 }
 
+/// Block digests files named `valid-*` (written by `blkverify digest`) must
+/// parse; `bad-*` (one field damaged, most with the checksum redone so the
+/// damage is what is found) must be refused naming the file.
+#[test]
+fn digests_file_regressions_give_errors_not_panics() {
+    let (mut valid, mut bad) = (0, 0);
+    for path in inputs("digests_file") {
+        let data = std::fs::read(&path).unwrap();
+        let name = file_name(&path);
+        match fuzzing::digests_file(&data, "regression.digests").open_error {
+            Some(e) => {
+                assert!(
+                    !name.starts_with("valid-"),
+                    "{}: a valid file is refused: {e}",
+                    path.display()
+                );
+                assert!(
+                    e.to_string().contains("regression.digests"),
+                    "{}: {e}",
+                    path.display()
+                );
+                bad += 1;
+            }
+            None => {
+                assert!(
+                    !name.starts_with("bad-"),
+                    "{}: a damaged file is accepted",
+                    path.display()
+                );
+                valid += 1;
+            }
+        }
+    }
+    assert!(valid > 0 && bad > 0, "{valid} files parsed, {bad} refused");
+}
+
 /// Every entry decodes or is refused with a message that shows the entry (or
 /// its bitmap) it refuses.
 #[test]
@@ -99,13 +135,13 @@ fn l2_entry_regressions_give_errors_not_panics() {
 }
 
 /// Run a harness on every input of `target` and check what it produced: an
-/// open error names the image, every other error says something, and no input
-/// takes long.
-fn replay(target: &str, harness: fn(&[u8], &str) -> Outcome) {
+/// open error names the image (`name`, or for a vmdk descriptor a file it
+/// names beside it), every other error says something, and no input takes long.
+fn replay(target: &str, harness: fn(&[u8], &str) -> Outcome, name: &str) {
     for path in inputs(target) {
         let data = std::fs::read(&path).unwrap();
         let started = Instant::now();
-        let outcome = harness(&data, "/nonexistent/regression.qcow2");
+        let outcome = harness(&data, &format!("/nonexistent/{name}"));
         let elapsed = started.elapsed();
         assert!(
             elapsed < Duration::from_secs(10),
@@ -114,7 +150,11 @@ fn replay(target: &str, harness: fn(&[u8], &str) -> Outcome) {
         );
         if let Some(e) = outcome.open_error {
             assert!(
-                e.to_string().contains("regression.qcow2"),
+                e.to_string().contains(if name.ends_with(".vmdk") {
+                    "/nonexistent/"
+                } else {
+                    name
+                }),
                 "{}: {e}",
                 path.display()
             );
@@ -127,12 +167,32 @@ fn replay(target: &str, harness: fn(&[u8], &str) -> Outcome) {
 
 #[test]
 fn read_image_regressions_give_errors_not_panics() {
-    replay("read_image", fuzzing::read_image);
+    replay("read_image", fuzzing::read_image, "regression.qcow2");
 }
 
 /// The write_image target's input: a count byte, that many 8-byte operations,
 /// then the image (see blkverify_rs::fuzzing::write_image).
 #[test]
 fn write_image_regressions_give_errors_not_panics() {
-    replay("write_image", fuzzing::write_image);
+    replay("write_image", fuzzing::write_image, "regression.qcow2");
+}
+
+#[test]
+fn read_vmdk_regressions_give_errors_not_panics() {
+    replay("read_vmdk", fuzzing::read_vmdk, "regression.vmdk");
+}
+
+#[test]
+fn vpc_image_regressions_give_errors_not_panics() {
+    replay("vpc_image", fuzzing::read_vpc, "regression.vhd");
+}
+
+#[test]
+fn vdi_image_regressions_give_errors_not_panics() {
+    replay("vdi_image", fuzzing::read_vdi, "regression.vdi");
+}
+
+#[test]
+fn read_vhdx_regressions_give_errors_not_panics() {
+    replay("read_vhdx", fuzzing::read_vhdx, "regression.vhdx");
 }

@@ -5,6 +5,7 @@ expected contents of each qcow2 is its ``qemu-img convert -O raw``."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import blkverify_rs as bv
@@ -110,7 +111,7 @@ def test_summary_table(pairs):
         ('{"raw": "good.raw"}\n', 1, "missing key 'test'"),
         ('{"raw": "a", "test": "b", "colour": 1}\n', 1, "unknown key 'colour'"),
         ('{"raw": "a", "test": "b", "all": "yes"}\n', 1, "'all' must be true or false"),
-        ('{"raw": "a", "test": "b", "test_format": "vmdk"}\n', 1, "'test_format' is 'vmdk'"),
+        ('{"raw": "a", "test": "b", "test_format": "qed"}\n', 1, "'test_format' is 'qed'"),
         ('\n\n{"raw": "a", "test": \n', 3, "invalid JSON"),
         ("# only comments\n\n", None, "no pairs to verify"),
     ],
@@ -137,24 +138,41 @@ def test_verify_many_reports_and_errors_as_values(pairs):
             (pairs["raw"], pairs["good"]),
             {"raw": str(pairs["raw"]), "test": str(pairs["bad"]), "all": True},
             (pairs["raw"], pairs["dir"] / "missing.qcow2"),
-            {"raw": str(pairs["good"]), "test": str(pairs["good"])},
+            {"raw": str(pairs["good"]), "test": str(pairs["bad"]), "all": True},
         ],
         threads=2,
         progress=lambda *a: calls.append(a),
     )
-    good, bad, missing, not_raw = results
+    good, bad, missing, qcow2_reference = results
     assert isinstance(good, bv.Report) and good.identical
     assert isinstance(bad, bv.Report) and not bad.identical
     assert bad.mismatches[0].sector == 2048
     assert bad.mismatches == bv.verify(pairs["raw"], pairs["bad"], all=True).mismatches
     assert isinstance(missing, FileNotFoundError)
-    assert isinstance(not_raw, bv.FormatError) and "must be a raw image" in str(not_raw)
+    # A qcow2 reference finds what its raw copy finds, and names its own mapping.
+    assert isinstance(qcow2_reference, bv.Report) and qcow2_reference.raw_format == "qcow2"
+    assert [(m.offset, m.length, m.first_byte) for m in qcow2_reference.mismatches] == [
+        (m.offset, m.length, m.first_byte) for m in bad.mismatches
+    ]
+    assert qcow2_reference.mismatches[0].ref_mapping["tables"][0]["table"] == "L1"
     for call in calls:
         assert len(call) == 4 and call[3] == 4
 
 
-def test_verify_many_rejects_bad_pairs(pairs):
-    with pytest.raises(ValueError, match="unknown pair keys: colour"):
-        bv.verify_many([{"raw": "a", "test": "b", "colour": 1}])
-    with pytest.raises(ValueError, match="needs 'raw' and 'test'"):
-        bv.verify_many([{"raw": "a"}])
+@pytest.mark.parametrize(
+    ("pair", "fact"),
+    [
+        ({"raw": "a", "test": "b", "colour": 1}, "unknown key 'colour'"),
+        ({"raw": "a"}, "missing key 'test'"),
+        ({"raw": "a", "test": 7}, "'test' must be a non-empty string"),
+        ({"raw": "a", "test": "b", "all": "yes"}, "'all' must be true or false"),
+        ({"raw": "a", "test": "b", "test_format": "qed"}, "'test_format' is 'qed'"),
+        (("a",), "a pair is (raw, test)"),
+    ],
+)
+def test_verify_many_rejects_bad_pairs(pair, fact):
+    """One owner of the pair rules: the same mistake is the same ValueError from
+    verify_many, from check_pair, and (as MANIFEST:LINE: fact) from batch."""
+    for check in (bv.check_pair, lambda p: bv.verify_many([p])):
+        with pytest.raises(ValueError, match=re.escape(fact)):
+            check(pair)

@@ -6,8 +6,8 @@ through QEMU and through us, must agree.
   reads exactly as ``qemu-img convert -O raw`` says, and verify finds it identical.
 - Writes: the same write/zero/discard script through ``qemu-io`` and through
   ``blkverify io`` on copies of one image gives the same output, the same
-  contents (``qemu-img compare``), a clean ``qemu-img check`` and (v3 images)
-  the same allocation map.
+  contents (``qemu-img compare``), a clean ``qemu-img check`` and the same
+  allocation map (a few v2 cases are a known, tracked gap: ``V2_MAP_GAPS``).
 
 Seeded, so a failure names the case that reproduces it. CI runs a few cases;
 ``BLKVERIFY_DIFF_CASES=200`` runs many.
@@ -27,6 +27,13 @@ import blkverify_rs as bv
 import pytest
 
 CASES = int(os.environ.get("BLKVERIFY_DIFF_CASES", "6"))
+
+# The qcow2 writer's known gap (issue 3's closing note): on v2 (compat=0.10)
+# images some sequences of partial zero-writes leave a different, equally valid
+# allocation map than QEMU's; output, contents and qemu-img check still agree.
+# These are the write cases, of the first 200, that show it (QEMU 10.0).
+V2_MAP_GAPS = {19, 136}
+V2_MAP_GAP = "known gap: qcow2 v2 partial zero-writes leave another valid allocation map"
 CLUSTERS = {"512": 512, "4k": 4096, "16k": 16384, "64k": 65536, "256k": 262144, "2M": 2 << 20}
 
 
@@ -144,13 +151,12 @@ def test_writes_agree_with_qemu_io(tmp_path: Path, case: int) -> None:
     assert compare.returncode == 0, what + compare.stdout
     check = subprocess.run(["qemu-img", "check", str(ours)], capture_output=True, text=True)
     assert check.returncode == 0, what + check.stdout
-    if "compat=0.10" in opts:
-        # Known gap: on v2 images some sequences of partial zero-writes leave a
-        # different (equally valid) allocation map than QEMU's; contents, check and
-        # output above still agree. BLKVERIFY_DIFF_CASES=30 shows one (case 19).
-        return
     maps = [
         subprocess.run(["qemu-io", "-c", "map", str(p)], capture_output=True, text=True).stdout
         for p in (theirs, ours)
     ]
+    if case in V2_MAP_GAPS:
+        # Strict: once the writer matches QEMU here, the case must leave the list.
+        assert maps[0] != maps[1], f"case {case} now maps as QEMU does: drop it from V2_MAP_GAPS"
+        pytest.xfail(V2_MAP_GAP)
     assert maps[0] == maps[1], what

@@ -377,6 +377,12 @@ def test_shrink_refuses_nbd_and_logs_that_do_not_fail(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+def test_size_mix_takes_qemus_size_syntax(tmp_path: Path) -> None:
+    raw, test = raw_pair(tmp_path, "s")
+    res = bv.exercise(f"blkverify:{raw}:{test}", ops=50, seed=2, size_mix="0x200=1,1.5k=2")
+    assert res.clean and res.size_mix == "512=1,1536=2"
+
+
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
     raw, test = raw_pair(tmp_path, "b")
     spec = f"blkverify:{raw}:{test}"
@@ -409,6 +415,12 @@ def test_json_has_the_issue_fields(tmp_path: Path) -> None:
     assert out["mismatches"] == [] and out["ops"] == 200 and out["seed"] == 4
 
 
+def _sigint_at_default() -> None:
+    # A shell that starts jobs in the background (nohup, a job runner) hands
+    # them SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_a_long_run(tmp_path: Path) -> None:
     raw, test = raw_pair(tmp_path, "c")
     spec = f"blkverify:{raw}:{test}"
@@ -417,14 +429,20 @@ def test_ctrl_c_stops_a_long_run(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_sigint_at_default,
     )
-    time.sleep(1.5)
-    started = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=20)
-    assert proc.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err
-    assert time.monotonic() - started < 5
+    try:
+        time.sleep(1.5)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 130, err
+        assert "interrupted" in err and "Traceback" not in err
+        assert time.monotonic() - started < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def test_io_on_a_blkverify_spec_with_an_nbd_test_side(tmp_path: Path) -> None:

@@ -649,9 +649,9 @@ CASES = [
     Case(
         "ext-backing-format-unknown",
         "top",
-        ext_patch(EXT_BACKING_FORMAT, lambda p, at, n: write_at(p, at + 8, b"vmdk\0")),
+        ext_patch(EXT_BACKING_FORMAT, lambda p, at, n: write_at(p, at + 8, b"qed\0\0")),
         "open",
-        "backing format 'vmdk'",
+        "backing format 'qed'",
         FORMAT,
     ),
     Case(

@@ -431,6 +431,31 @@ def test_create_with_backing_and_cli(tmp_path: Path) -> None:
     assert (tmp_path / "r.img").stat().st_size == 1536 * KiB
 
 
+SIZES = ["1.5M", "0x100000", "2m", "1536K", "1.5k", "+64k", " 64k", "010k", "0x200"]
+BAD_SIZES = ["12Q", "1.5", "1k ", "1e3", "0x1.8k", "0x18M", "1kiB", "."]
+
+
+def test_create_reads_sizes_as_qemu_img_does(tmp_path: Path) -> None:
+    """One size syntax, QEMU's: qemu-img create is the oracle for what a SIZE means."""
+    for n, size in enumerate(SIZES + BAD_SIZES):
+        theirs, ours = tmp_path / f"q{n}.img", tmp_path / f"o{n}.img"
+        q = sh("qemu-img", "create", "-q", "-f", "raw", theirs, size, check=False)
+        o = sh("blkverify", "create", "-f", "raw", ours, size, check=False)
+        assert (q.returncode == 0) == (size in SIZES), (size, q.stderr)
+        assert (o.returncode == 0) == (size in SIZES), (size, o.stderr)
+        if size in SIZES:
+            assert ours.stat().st_size == theirs.stat().st_size, size
+            assert bv.parse_size(size) == theirs.stat().st_size, size
+        else:
+            assert o.stderr.startswith("blkverify: error: invalid size"), o.stderr
+            with pytest.raises(ValueError, match="invalid size"):
+                bv.parse_size(size)
+    with pytest.raises(OverflowError):
+        bv.parse_size("8E")
+    with pytest.raises(OverflowError):
+        bv.parse_size("-1")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

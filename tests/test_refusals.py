@@ -310,3 +310,38 @@ def test_unaligned_l2_table_offset(zoo, tmp_path):
         return  # refusing at open time is fine too
     with img, pytest.raises(bv.CorruptImageError):
         img.read(0, 512)
+
+
+@pytest.mark.parametrize("fmt", ["vmdk", "vpc", "vhdx", "vdi"])
+def test_other_formats_read_or_refused(tmp_path, fmt):
+    """A format we recognise is read exactly as qemu-img reads it once its reader has
+    landed (``bv.formats(readable=True)``), and refused, never compared as raw bytes, before."""
+    img = tmp_path / f"image.{fmt}"
+    qemu_img("create", "-q", "-f", fmt, img, 4 * MiB)
+    qemu_io(img, "write -P 0x5a 1M 64k", fmt=fmt)
+    raw = tmp_path / "image.raw"
+    qemu_img("convert", "-f", fmt, "-O", "raw", img, raw)
+    if fmt in bv.formats(readable=True):
+        with bv.open(img) as opened:
+            assert opened.format == fmt
+            assert opened.read(0, opened.size) == raw.read_bytes()
+        assert run_cli("verify", raw, img).returncode == 0
+    else:
+        with pytest.raises(bv.FormatError, match="cannot read"):
+            bv.open(img)
+        err = assert_cli_error(run_cli("verify", raw, img), img.name)
+        assert "-f raw" in err
+
+
+def test_vhdx_is_read_not_refused(tmp_path):
+    # vhdx used to be refused like the other formats without a reader; it now has one,
+    # and -f raw still compares its bytes as they are.
+    img = tmp_path / "disk.vhdx"
+    qemu_img("create", "-f", "vhdx", img, 4 * MiB)
+    qemu_io(img, "write -P 0x5c 1M 64k", fmt="vhdx")
+    with bv.open(img) as opened:
+        assert opened.format == "vhdx"
+        assert opened.read(1 * MiB, 4) == b"\x5c" * 4
+    with bv.open(img, format="raw") as opened:
+        assert opened.size == img.stat().st_size
+    assert "vhdx" in bv.formats(readable=True)

@@ -1,5 +1,6 @@
 """_native.pyi must match the native module: every function's parameters, and
-every class's methods and properties, by name and order."""
+every class's methods and properties, by name and order (``*args`` and
+``**kwargs`` included); a signature that cannot be read is a failure."""
 
 from __future__ import annotations
 
@@ -18,8 +19,18 @@ def stub_tree() -> ast.Module:
 
 
 def params(fn: ast.FunctionDef) -> list[str]:
+    """The parameter names in the order ``inspect.signature`` lists them."""
     a = fn.args
-    return [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+    names = [x.arg for x in a.posonlyargs + a.args]
+    names += [a.vararg.arg] if a.vararg else []
+    names += [x.arg for x in a.kwonlyargs]
+    names += [a.kwarg.arg] if a.kwarg else []
+    return names
+
+
+# Dunders a class defines that its stub must list too (a context manager's,
+# a constructor's).
+STUBBED_DUNDERS = ("__enter__", "__exit__", "__new__")
 
 
 def test_py_typed_ships_beside_the_stub() -> None:
@@ -44,7 +55,7 @@ def test_every_class_matches() -> None:
         if issubclass(obj, BaseException):
             continue
         stubbed = {f.name: f for f in cls.body if isinstance(f, ast.FunctionDef)}
-        actual = {n for n in vars(obj) if not n.startswith("__") or n in ("__enter__", "__exit__")}
+        actual = {n for n in vars(obj) if not n.startswith("__") or n in STUBBED_DUNDERS}
         assert set(stubbed) == actual, cls.name
         for name, fn in stubbed.items():
             attr = vars(obj)[name]
@@ -52,9 +63,11 @@ def test_every_class_matches() -> None:
                 isinstance(d, ast.Name) and d.id == "property" for d in fn.decorator_list
             )
             assert is_property == inspect.isgetsetdescriptor(attr), f"{cls.name}.{name}"
-            if not is_property:
-                try:
-                    sig = inspect.signature(getattr(obj, name))
-                except ValueError:
-                    continue
+            if name == "__new__":
+                # The constructor: the class's signature, without ``cls``.
+                sig = inspect.signature(obj)
+                assert list(sig.parameters) == params(fn)[1:], f"{cls.name}.__new__"
+            elif not is_property:
+                # Every method's signature must be readable, so that it is checked.
+                sig = inspect.signature(getattr(obj, name))
                 assert list(sig.parameters) == params(fn), f"{cls.name}.{name}"

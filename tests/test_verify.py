@@ -556,8 +556,8 @@ def test_cli_usage_errors(zoo):
 def test_unknown_format_name(zoo):
     e = zoo["qcow2_c64k"]
     with pytest.raises((bv.FormatError, ValueError)):
-        bv.open(e.path, format="vmdk")
-    proc = run_cli("verify", "-F", "vmdk", e.expected, e.path)
+        bv.open(e.path, format="qed")
+    proc = run_cli("verify", "-F", "qed", e.expected, e.path)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
 

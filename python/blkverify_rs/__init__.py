@@ -1,9 +1,10 @@
 """blkverify-rs: prove that a block driver returns the right bytes.
 
-Open qcow2 and raw images with :func:`open`, mirror I/O to a test image and a raw
+Open raw, qcow2 and vmdk images with :func:`open`, mirror I/O to a test image and a raw
 reference with ``open("blkverify:RAW:TEST")`` (a :class:`Device` that raises
-:class:`MismatchError` at the first corrupt sector), and compare whole images with
-:func:`verify`. The heavy work runs in Rust with the GIL released.
+:class:`MismatchError` at the first corrupt sector), compare whole images with
+:func:`verify`, and list or draw an image's allocation with :func:`map` and
+:func:`map_html`. The heavy work runs in Rust with the GIL released.
 """
 
 from __future__ import annotations
@@ -14,43 +15,61 @@ from typing import Any, ClassVar
 
 from blkverify_rs import _native
 from blkverify_rs._native import (
+    DIGEST_ALGORITHMS,
+    DIGESTS_FORMAT,
+    MAX_QUEUE_DEPTH,
+    SECTOR_SIZE,
+    BlockDigests,
     CorruptImageError,
     Device,
     Error,
     FormatError,
     Image,
+    MapExtent,
     MismatchError,
+    check_pair,
+    formats,
+    parse_size,
 )
 
 __version__: str = _native.__version__
 
 __all__ = [
+    "DIGESTS_FORMAT",
+    "DIGEST_ALGORITHMS",
+    "MAX_QUEUE_DEPTH",
+    "SECTOR_SIZE",
+    "BlockDigests",
+    "BlockMismatch",
     "CorruptImageError",
     "Device",
+    "Digest",
     "Error",
     "ExerciseFinding",
     "ExerciseResult",
     "FormatError",
     "Image",
+    "MapExtent",
     "Mismatch",
     "MismatchError",
     "Report",
     "ShrinkResult",
     "__version__",
+    "check_pair",
     "create",
+    "digest",
     "exercise",
+    "formats",
+    "map",
+    "map_html",
     "open",
+    "parse_size",
     "shrink",
     "verify",
     "verify_many",
 ]
 
 PathLike = str | os.PathLike[str]
-
-SECTOR_SIZE = 512
-
-
-BLKVERIFY_PREFIX = "blkverify:"
 
 
 def open(
@@ -76,8 +95,9 @@ def open(
     ``snapshot`` and the backing options apply to the test image; the raw side is
     always read as a raw image.
 
-    ``format`` is ``"raw"``, ``"qcow2"`` or ``None`` to probe. ``read_only=False``
-    opens for ``write``, ``write_zeroes``, ``discard`` and ``flush``; nothing is
+    ``format`` is one of ``formats(readable=True)`` or ``None`` to probe. ``read_only=False``
+    opens for ``write``, ``write_zeroes``, ``discard`` and ``flush`` (formats blkverify
+    cannot write, such as vmdk or vhdx, open read-only whatever it says); nothing is
     ever written otherwise. ``snapshot`` reads an internal qcow2 snapshot (by ID
     or name) instead of the active disk. ``backing=False`` reads unallocated
     ranges as zeros instead of following the backing chain, and
@@ -99,13 +119,10 @@ def open(
     if raw is not None or test is not None:
         if path is not None or raw is None or test is None:
             raise ValueError("give either a path (or a blkverify:RAW:TEST spec) or raw= and test=")
-        return _native.open_device(raw=os.fspath(raw), test=os.fspath(test), **options)
+        return _native.open_device(os.fspath(raw), os.fspath(test), **options)
     if path is None:
         raise ValueError("open() needs a path, a blkverify:RAW:TEST spec, or raw= and test=")
-    spec = os.fspath(path)
-    if isinstance(spec, str) and spec.startswith(BLKVERIFY_PREFIX):
-        return _native.open_device(spec, **options)
-    return _native.open(spec, **options)
+    return _native.open(os.fspath(path), **options)
 
 
 def create(
@@ -156,7 +173,7 @@ class _Record:
                 value = values.pop(name)
             elif name in self._defaults:
                 value = self._defaults[name]
-                value = list(value) if isinstance(value, list) else value
+                value = type(value)(value) if isinstance(value, (list, dict)) else value
             else:
                 raise TypeError(f"{type(self).__name__}() missing argument: {name!r}")
             object.__setattr__(self, name, value)
@@ -182,14 +199,17 @@ class _Record:
 class Mismatch(_Record):
     """A run of consecutive mismatching 512-byte sectors."""
 
-    __slots__ = ("error", "first_byte", "length", "mapping", "offset", "sector")
-    _defaults: ClassVar[dict[str, Any]] = {"error": None, "mapping": None}
+    __slots__ = ("error", "first_byte", "length", "mapping", "offset", "ref_mapping", "sector")
+    _defaults: ClassVar[dict[str, Any]] = {"error": None, "mapping": None, "ref_mapping": None}
     sector: int
     offset: int
     length: int
     first_byte: int
     error: str | None
+    # Where the first differing byte lives in the test image's metadata, and in
+    # the reference's when it has metadata (is not raw).
     mapping: dict[str, Any] | None
+    ref_mapping: dict[str, Any] | None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -202,13 +222,45 @@ class Mismatch(_Record):
             out["error"] = self.error
         if self.mapping is not None:
             out["mapping"] = self.mapping
+        if self.ref_mapping is not None:
+            out["ref_mapping"] = self.ref_mapping
+        return out
+
+
+class BlockMismatch(_Record):
+    """A run of consecutive blocks whose digests differ from a block digests
+    file's (a digest does not say which byte differs, so there is no
+    ``first_byte``)."""
+
+    __slots__ = ("block", "blocks", "error", "length", "mapping", "offset")
+    _defaults: ClassVar[dict[str, Any]] = {"error": None, "mapping": None}
+    block: int
+    blocks: int
+    offset: int
+    length: int
+    error: str | None
+    mapping: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "block": self.block,
+            "blocks": self.blocks,
+            "offset": self.offset,
+            "length": self.length,
+        }
+        if self.error is not None:
+            out["error"] = self.error
+        if self.mapping is not None:
+            out["mapping"] = self.mapping
         return out
 
 
 class Report(_Record):
-    """What :func:`verify` found."""
+    """What :func:`verify` found. Against a block digests file, ``block_size``
+    is set and the mismatches are :class:`BlockMismatch` runs."""
 
     __slots__ = (
+        "block_size",
         "bytes_compared",
         "bytes_read",
         "elapsed_s",
@@ -219,12 +271,18 @@ class Report(_Record):
         "raw_size",
         "test",
         "test_format",
+        "test_options",
         "test_size",
         "truncated",
         "virtual_size",
         "warnings",
     )  # fmt: skip
-    _defaults: ClassVar[dict[str, Any]] = {"warnings": [], "mismatches": []}
+    _defaults: ClassVar[dict[str, Any]] = {
+        "warnings": [],
+        "mismatches": [],
+        "block_size": None,
+        "test_options": {},
+    }
     raw: str
     test: str
     raw_format: str
@@ -238,11 +296,24 @@ class Report(_Record):
     elapsed_s: float
     truncated: bool
     warnings: list[str]
-    mismatches: list[Mismatch]
+    mismatches: list[Mismatch] | list[BlockMismatch]
+    block_size: int | None
+    # How verify opened TEST (format, snapshot, backing policy), so that
+    # to_html draws the image verify read; not part of to_dict.
+    test_options: dict[str, Any]
+
+    def to_html(self, path: PathLike, progress: Callable[[int, int], None] | None = None) -> None:
+        """Write the HTML map of the test image with every finding marked on it
+        (see :func:`map_html`). The test image is opened again, as verify
+        opened it, and its metadata walked once; unreadable metadata is drawn
+        as such rather than raised."""
+        from blkverify_rs import html_map
+
+        html_map.write_report(self, os.fspath(path), progress=progress)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as the CLI's ``--json`` prints it."""
-        return {
+        out = {
             "raw": self.raw,
             "test": self.test,
             "raw_format": self.raw_format,
@@ -257,6 +328,9 @@ class Report(_Record):
             "warnings": list(self.warnings),
             "mismatches": [m.to_dict() for m in self.mismatches],
         }
+        if self.block_size is not None:
+            out["block_size"] = self.block_size
+        return out
 
 
 def verify(
@@ -274,36 +348,115 @@ def verify(
     threads: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> Report:
-    """Compare every guest sector of ``test`` with the raw reference ``raw``.
+    """Compare every guest sector of ``test`` with the reference ``raw``. Either
+    side may be in any format blkverify reads (raw, qcow2, vmdk; probed unless
+    ``raw_format``/``test_format`` say); the name ``raw`` is historical.
 
     Stops at the first mismatching sector unless ``all`` is true. A read error
     on the test side is a finding (a mismatch with ``error`` set); one on the
     reference side raises. ``progress(done, total)`` is called about ten times a
     second from the calling thread.
+
+    ``raw`` may instead be a block digests file (written by :func:`digest` with
+    ``blocks=``): recognised by its magic, or named with ``raw_format="digests"``.
+    ``test`` is then hashed block by block, and the mismatches are the
+    :class:`BlockMismatch` runs of blocks whose digests differ.
     """
+    pair = {
+        "raw": raw,
+        "test": test,
+        "raw_format": raw_format,
+        "test_format": test_format,
+        "snapshot": snapshot,
+        "all": all,
+        "strict": strict,
+    }
     d = _native.verify(
-        os.fspath(raw),
-        os.fspath(test),
-        all=all,
-        strict=strict,
-        raw_format=raw_format,
-        test_format=test_format,
-        snapshot=snapshot,
+        pair,
+        progress=progress,
         backing=backing,
         max_backing_depth=max_backing_depth,
         allow_backing_anywhere=allow_backing_anywhere,
         threads=threads,
-        progress=progress,
     )
     return _report(d)
 
 
 def _report(d: dict[str, Any]) -> Report:
-    mismatches = [Mismatch(**m) for m in d.pop("mismatches")]
+    kind = Mismatch if d.get("block_size") is None else BlockMismatch
+    mismatches = [kind(**m) for m in d.pop("mismatches")]
     return Report(mismatches=mismatches, **d)
 
 
-PAIR_KEYS = frozenset({"raw", "test", "raw_format", "test_format", "snapshot", "all", "strict"})
+class Digest(_Record):
+    """An image's digest, as :func:`digest` computes it."""
+
+    __slots__ = (
+        "algorithm", "block_size", "bytes_read", "elapsed_s", "hexdigest", "image", "size",
+        "warnings",
+    )  # fmt: skip
+    _defaults: ClassVar[dict[str, Any]] = {"warnings": []}
+    image: str
+    hexdigest: str
+    algorithm: str
+    block_size: int
+    size: int
+    bytes_read: int
+    elapsed_s: float
+    warnings: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The digest as ``blkverify digest --json`` prints it."""
+        return {
+            "image": self.image,
+            "digest": self.hexdigest,
+            "algorithm": self.algorithm,
+            "block_size": self.block_size,
+            "size": self.size,
+            "elapsed_s": self.elapsed_s,
+        }
+
+
+def digest(
+    path: PathLike,
+    format: str | None = None,
+    *,
+    algorithm: str = "sha256",
+    threads: int = 0,
+    blocks: PathLike | None = None,
+    snapshot: str | None = None,
+    backing: bool = True,
+    max_backing_depth: int = 16,
+    allow_backing_anywhere: bool = False,
+    timeout: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Digest:
+    """The digest of the guest data of the image at ``path``: blkhash 0.11's
+    construction, ``H(H(b1) || ... || H(bN) || le64(size))`` over 64 KiB blocks,
+    what ``blksum`` prints. ``algorithm`` is ``"sha256"`` or ``"blake3"``.
+
+    The image opens as :func:`open` opens it (``format``, ``snapshot``, the
+    backing options, NBD URIs). Ranges it maps as zeros are not read. With
+    ``blocks``, the block digests file is written there too (see
+    :class:`BlockDigests`). ``progress(done, total)`` is called about ten times
+    a second; the work runs on ``threads`` threads (0: one per core) with the
+    GIL released.
+    """
+    d = _native.digest(
+        os.fspath(path),
+        progress=progress,
+        format=format,
+        snapshot=snapshot,
+        backing=backing,
+        max_backing_depth=max_backing_depth,
+        allow_backing_anywhere=allow_backing_anywhere,
+        timeout=timeout,
+        algorithm=algorithm,
+        threads=threads,
+        blocks=None if blocks is None else os.fspath(blocks),
+    )
+    d["hexdigest"] = d.pop("digest")
+    return Digest(**d)
 
 
 def verify_many(
@@ -323,6 +476,8 @@ def verify_many(
     ``pairs`` holds ``(raw, test)`` tuples or dicts with ``raw``, ``test`` and
     optionally ``raw_format``, ``test_format``, ``snapshot``, ``all`` and
     ``strict`` (``all`` and ``strict`` default to the arguments of the same name).
+    A malformed pair raises ``ValueError`` (see :func:`check_pair`) before
+    anything runs.
 
     Returns one item per pair, in order: its :class:`Report`, or, when the pair
     could not be verified (an image that cannot be opened, a reference read
@@ -331,32 +486,89 @@ def verify_many(
     ``progress(done, total, pairs_done, pairs_total)`` is called about ten times
     a second. Ctrl-C raises ``KeyboardInterrupt``.
     """
-    jobs: list[dict[str, Any]] = []
-    for pair in pairs:
-        if isinstance(pair, Mapping):
-            unknown = set(pair) - PAIR_KEYS
-            if unknown:
-                raise ValueError(f"unknown pair keys: {', '.join(sorted(unknown))}")
-            if "raw" not in pair or "test" not in pair:
-                raise ValueError("each pair needs 'raw' and 'test'")
-            job = dict(pair)
-        else:
-            raw, test = pair
-            job = {"raw": raw, "test": test}
-        job["raw"] = os.fspath(job["raw"])
-        job["test"] = os.fspath(job["test"])
-        jobs.append(job)
     results = _native.verify_many(
-        jobs,
+        list(pairs),
+        progress=progress,
         all=all,
         strict=strict,
         backing=backing,
         max_backing_depth=max_backing_depth,
         allow_backing_anywhere=allow_backing_anywhere,
         threads=threads,
-        progress=progress,
     )
     return [r if isinstance(r, BaseException) else _report(r) for r in results]
+
+
+def map(
+    path: PathLike,
+    format: str | None = None,
+    *,
+    snapshot: str | None = None,
+    backing: bool = True,
+    max_backing_depth: int = 16,
+    allow_backing_anywhere: bool = False,
+    timeout: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[MapExtent]:
+    """The allocation map of the whole image at ``path``, as ``qemu-img map``
+    gives it: a list of :class:`MapExtent` in guest order, neighbours that
+    agree (kind, depth, file and, for data, a contiguous host range) merged.
+
+    A ``MapExtent`` is immutable, with ``offset``, ``length``, ``kind``
+    (``data``, ``compressed``, ``zero`` or ``unallocated``: what the metadata
+    of the layer that answers says), ``depth`` (that layer: 0 the image, 1 its
+    backing file...; for ``unallocated``, the deepest layer asked),
+    ``host_offset`` (where a data range's first byte is stored in ``file``,
+    else None) and ``file`` (the file holding a data range's bytes: the image,
+    its external data file; else the image at ``depth``); ``to_dict()`` gives
+    the ``--json`` object.
+
+    The image is opened read-only as :func:`open` opens it (the backing
+    policy applies) and only its metadata is read, once. Unreadable metadata
+    raises :class:`CorruptImageError`. ``progress(done, total)`` is called now
+    and then; Ctrl-C raises ``KeyboardInterrupt``.
+    """
+    return _native.map(
+        os.fspath(path),
+        progress=progress,
+        format=format,
+        snapshot=snapshot,
+        backing=backing,
+        max_backing_depth=max_backing_depth,
+        allow_backing_anywhere=allow_backing_anywhere,
+        timeout=timeout,
+    )
+
+
+def map_html(
+    path: PathLike,
+    out: PathLike,
+    format: str | None = None,
+    *,
+    snapshot: str | None = None,
+    backing: bool = True,
+    max_backing_depth: int = 16,
+    allow_backing_anywhere: bool = False,
+    timeout: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Write ``out``: one self-contained HTML page drawing the guest address
+    space of the image at ``path``, coloured by mapping kind, with a legend
+    (bytes and share per kind), the image's facts and a scale. The image is
+    opened as :func:`map` opens it. See the README for the page's layout."""
+    from blkverify_rs import html_map
+
+    html_map.write_image(
+        os.fspath(path),
+        os.fspath(out),
+        progress=progress,
+        format=format,
+        snapshot=snapshot,
+        backing=backing,
+        max_backing_depth=max_backing_depth,
+        allow_backing_anywhere=allow_backing_anywhere,
+        timeout=timeout,
+    )
 
 
 # The exercise workload's API is imported on first use: it needs dataclasses,

@@ -1,9 +1,15 @@
 """Type stubs for the native module (kept in step with src/python/mod.rs)."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from os import PathLike
+from pathlib import Path
 from typing import Any
 
 __version__: str
+SECTOR_SIZE: int
+MAX_QUEUE_DEPTH: int
+DIGESTS_FORMAT: str
+DIGEST_ALGORITHMS: list[str]
 
 class Error(Exception): ...
 class FormatError(Error): ...
@@ -44,6 +50,31 @@ class Image:
     def __enter__(self) -> Image: ...
     def __exit__(self, _exc_type: Any, _exc: Any, _tb: Any) -> bool: ...
 
+class MapExtent:
+    def __new__(
+        cls,
+        *,
+        offset: int,
+        length: int,
+        kind: str,
+        depth: int,
+        host_offset: int | None,
+        file: str,
+    ) -> MapExtent: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def depth(self) -> int: ...
+    @property
+    def host_offset(self) -> int | None: ...
+    @property
+    def file(self) -> str: ...
+    def to_dict(self) -> dict[str, Any]: ...
+
 class Device:
     @property
     def size(self) -> int: ...
@@ -75,87 +106,75 @@ class Device:
     def __enter__(self) -> Device: ...
     def __exit__(self, _exc_type: Any, _exc: Any, _tb: Any) -> bool: ...
 
-def open_device(
-    spec: str | None = None,
-    *,
-    raw: str | None = None,
-    test: str | None = None,
-    format: str | None = None,
-    read_only: bool = True,
-    snapshot: str | None = None,
-    backing: bool = True,
-    max_backing_depth: int = 16,
-    allow_backing_anywhere: bool = False,
-    timeout: float | None = None,
-) -> Device: ...
-def open(
-    path: str,
-    format: str | None = None,
-    read_only: bool = True,
-    snapshot: str | None = None,
-    backing: bool = True,
-    max_backing_depth: int = 16,
-    allow_backing_anywhere: bool = False,
-    timeout: float | None = None,
-) -> Image: ...
+class BlockDigests:
+    @staticmethod
+    def load(path: str | PathLike[str]) -> BlockDigests: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def block_count(self) -> int: ...
+    @property
+    def algorithm(self) -> str: ...
+    @property
+    def hexdigest(self) -> str: ...
+    def block(self, index: int) -> bytes: ...
+
+# Functions that take ``**options`` build the core's option structs from them
+# once (src/python/options.rs); a key left out keeps the core's default.
+#   open options: format, read_only, snapshot, backing, max_backing_depth,
+#     allow_backing_anywhere, timeout
+#   verify options: the open options' backing keys, and all, strict, threads,
+#     chunk_size, max_runs
+#   digest options: the open options, and algorithm, threads, chunk_size, blocks
+#   exercise options: ops, duration, seed, mix, size_mix, queue_depth, log,
+#     replay, verify, format, timeout, backing, max_backing_depth,
+#     allow_backing_anywhere
+#   create options: size, format, cluster_size, version, refcount_bits,
+#     extended_l2, lazy_refcounts, backing, backing_format
+#   map options: the open options (read_only is ignored: maps open read-only);
+#     map_picture also findings ((offset, length, first_byte) runs), cover,
+#     max_cells, mark_errors
+# A pair is (raw, test) or a mapping with raw, test and optionally raw_format,
+# test_format, snapshot, all, strict.
+
+Pair = tuple[str | PathLike[str], str | PathLike[str]] | Mapping[str, Any]
+
+def open(path: str, **options: Any) -> Image | Device: ...
+def open_device(raw: str, test: str, **options: Any) -> Device: ...
+def probe_format(path: str) -> str: ...
+def create(path: str, **options: Any) -> None: ...
 def verify(
-    raw: str,
-    test: str,
-    *,
-    all: bool = False,
-    strict: bool = False,
-    raw_format: str | None = None,
-    test_format: str | None = None,
-    snapshot: str | None = None,
-    backing: bool = True,
-    max_backing_depth: int = 16,
-    allow_backing_anywhere: bool = False,
-    threads: int = 0,
-    chunk_size: int = 0,
-    max_runs: int = 100000,
-    progress: Callable[[int, int], None] | None = None,
+    pair: Pair, progress: Callable[[int, int], None] | None = None, **options: Any
 ) -> dict[str, Any]: ...
 def verify_many(
-    pairs: list[dict[str, Any]],
-    *,
-    all: bool = False,
-    strict: bool = False,
-    backing: bool = True,
-    max_backing_depth: int = 16,
-    allow_backing_anywhere: bool = False,
-    threads: int = 0,
-    max_runs: int = 100000,
+    pairs: list[Pair],
     progress: Callable[[int, int, int, int], None] | None = None,
+    **options: Any,
 ) -> list[dict[str, Any] | Exception]: ...
-def probe_format(path: str) -> str: ...
-def create(
-    path: str,
-    size: int | None = None,
-    format: str = "qcow2",
-    cluster_size: int = 65536,
-    backing: str | None = None,
-    backing_format: str | None = None,
-    version: int = 3,
-    refcount_bits: int = 16,
-    extended_l2: bool = False,
-    lazy_refcounts: bool = False,
-) -> None: ...
-def exercise(
-    spec: str | None = None,
-    *,
-    ops: int | None = None,
-    duration: float | None = None,
-    seed: int | None = None,
-    mix: str | None = None,
-    size_mix: str | None = None,
-    queue_depth: int | None = None,
-    log: str | None = None,
-    replay: str | None = None,
-    format: str | None = None,
-    timeout: float | None = None,
-    verify: bool = True,
-    backing: bool = True,
-    max_backing_depth: int = 16,
-    allow_backing_anywhere: bool = False,
-    progress: Callable[[int], None] | None = None,
+def check_pair(pair: Pair) -> None: ...
+def digest(
+    path: str | PathLike[str],
+    progress: Callable[[int, int], None] | None = None,
+    **options: Any,
 ) -> dict[str, Any]: ...
+def map(
+    path: str, progress: Callable[[int, int], None] | None = None, **options: Any
+) -> list[MapExtent]: ...
+def map_picture(
+    path: str, progress: Callable[[int, int], None] | None = None, **options: Any
+) -> dict[str, Any]: ...
+def exercise(
+    spec: str | None = None, progress: Callable[[int], None] | None = None, **options: Any
+) -> dict[str, Any]: ...
+def read_log(path: str | PathLike[str]) -> dict[str, Any]: ...
+def write_log(
+    path: str | PathLike[str], log: dict[str, Any], comments: list[str] = ...
+) -> None: ...
+def parse_size(text: str) -> int: ...
+def formats(*, readable: bool = False, writable: bool = False) -> list[str]: ...
+def parse_spec(spec: str) -> tuple[Path, Path] | None: ...
+def make_spec(raw: str, test: str) -> str: ...

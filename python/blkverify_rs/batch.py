@@ -2,7 +2,8 @@
 
 A manifest line is ``RAW TEST`` (two whitespace-separated paths) or a JSON
 object ``{"raw", "test", "raw_format"?, "test_format"?, "snapshot"?, "all"?,
-"strict"?}``. Blank lines and lines starting with ``#`` are ignored. Relative
+"strict"?}``: RAW is the reference, in any format blkverify reads, as in
+``verify``. Blank lines and lines starting with ``#`` are ignored. Relative
 paths resolve against the manifest's directory. The verification itself runs in
 Rust through :func:`blkverify_rs.verify_many`; this module parses, shows
 progress and reports.
@@ -17,16 +18,19 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+import blkverify_rs as bv
+from blkverify_rs.cli_common import (
+    EXIT_ERROR,
+    EXIT_FINDING,
+    EXIT_OK,
+    describe_error,
+    fail,
+    reported,
+)
+from blkverify_rs.report import ProgressBar, human_size
+
 if TYPE_CHECKING:
     from blkverify_rs import Report
-
-# The CLI's conventions (cli.py registers this command, so it is imported from
-# there lazily, to keep either import order working).
-EXIT_OK, EXIT_FINDING, EXIT_ERROR = 0, 1, 2
-
-FORMATS = ("raw", "qcow2")
-STRING_KEYS = ("raw", "test", "raw_format", "test_format", "snapshot")
-BOOL_KEYS = ("all", "strict")
 
 
 class ManifestError(Exception):
@@ -51,25 +55,10 @@ def parse_manifest_line(text: str, where: str, base: str) -> dict[str, Any] | No
             ) from None
         if not isinstance(obj, dict):
             raise ManifestError(f"{where}: a JSON line must be an object")
-        unknown = sorted(set(obj) - set(STRING_KEYS) - set(BOOL_KEYS))
-        if unknown:
-            raise ManifestError(f"{where}: unknown key {unknown[0]!r}")
-        for key in ("raw", "test"):
-            if key not in obj:
-                raise ManifestError(f"{where}: missing key {key!r}")
-        for key in STRING_KEYS:
-            if key in obj and not (isinstance(obj[key], str) and obj[key]):
-                if obj[key] is None and key not in ("raw", "test"):
-                    continue
-                raise ManifestError(f"{where}: {key!r} must be a non-empty string")
-        for key in BOOL_KEYS:
-            if key in obj and not isinstance(obj[key], bool):
-                raise ManifestError(f"{where}: {key!r} must be true or false")
-        for key in ("raw_format", "test_format"):
-            if obj.get(key) is not None and obj[key] not in FORMATS:
-                raise ManifestError(
-                    f"{where}: {key!r} is {obj[key]!r}; supported formats: raw, qcow2"
-                )
+        try:
+            bv.check_pair(obj)
+        except ValueError as exc:
+            raise ManifestError(f"{where}: {exc}") from None
         pair = {k: v for k, v in obj.items() if v is not None}
     else:
         fields = line.split()
@@ -83,42 +72,45 @@ def parse_manifest_line(text: str, where: str, base: str) -> dict[str, Any] | No
     return pair
 
 
-def read_manifest(path: str) -> list[dict[str, Any]]:
-    """Every pair of the manifest at ``path``; ``ManifestError`` names the bad line."""
+def read_manifest(path: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """Every pair of the manifest at ``path``, and the line each came from;
+    ``ManifestError`` names the bad line."""
     base = os.path.dirname(os.path.abspath(path))
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except UnicodeDecodeError:
         raise ManifestError(f"{path}: not a text file (UTF-8)") from None
-    pairs = []
+    pairs, numbers = [], []
     for number, text in enumerate(lines, start=1):
         pair = parse_manifest_line(text, f"{path}:{number}", base)
         if pair is not None:
             pairs.append(pair)
+            numbers.append(number)
     if not pairs:
         raise ManifestError(f"{path}: no pairs to verify")
-    return pairs
+    return pairs, numbers
 
 
-def describe_error(exc: BaseException) -> str:
-    from blkverify_rs.cli import describe_error as describe
+def page_name(line: int, test: str) -> str:
+    """The name of a pair's HTML map: its manifest line, then the test image's
+    file name (``12-disk.qcow2.html``)."""
+    return f"{line}-{os.path.basename(test)}.html"
 
-    return describe(exc)
+
+def write_pages(
+    out_dir: str, pairs: list[dict[str, Any]], lines: list[int], results: list[Report | Exception]
+) -> None:
+    """One HTML map per pair that differs (see ``Report.to_html``)."""
+    os.makedirs(out_dir, exist_ok=True)
+    for pair, line, res in zip(pairs, lines, results, strict=True):
+        if not isinstance(res, BaseException) and not res.identical:
+            res.to_html(os.path.join(out_dir, page_name(line, pair["test"])))
 
 
 def error_record(pair: dict[str, Any], exc: BaseException) -> dict[str, Any]:
     """The JSON line for a pair that could not be verified."""
     return {"raw": pair["raw"], "test": pair["test"], "error": describe_error(exc)}
-
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} PiB"
 
 
 def summary_table(pairs: list[dict[str, Any]], results: list[Report | Exception]) -> str:
@@ -136,9 +128,12 @@ def summary_table(pairs: list[dict[str, Any]], results: list[Report | Exception]
             result = "differ"
         else:
             result = "size differs"
-        first = str(res.mismatches[0].sector) if res.mismatches else "-"
+        first = "-"
+        if res.mismatches:
+            m = res.mismatches[0]
+            first = f"block {m.block}" if isinstance(m, bv.BlockMismatch) else str(m.sector)
         rate = res.bytes_compared / (1 << 20) / res.elapsed_s if res.elapsed_s > 0 else 0.0
-        rows.append((name, _size(res.virtual_size), result, first, f"{rate:.0f}"))
+        rows.append((name, human_size(res.virtual_size), result, first, f"{rate:.0f}"))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = []
     for i, row in enumerate([header, *rows]):
@@ -167,9 +162,7 @@ class BatchProgress:
     """One progress line for the whole batch: pairs and bytes."""
 
     def __init__(self, stream: Any) -> None:
-        from blkverify_rs import report
-
-        self.bar = report.ProgressBar(stream)
+        self.bar = ProgressBar(stream)
 
     def update(self, done: int, total: int, pairs_done: int, pairs_total: int) -> None:
         self.bar.prefix = f"pairs {pairs_done}/{pairs_total}  "
@@ -196,6 +189,14 @@ class BatchProgress:
     default=0,
     help="Worker threads in all, shared by the pairs (0: one per core).",
 )
+@click.option(
+    "--html",
+    "html_dir",
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="Write an HTML map of each pair that differs to DIR, named LINE-TESTNAME.html "
+    "(implies --all for pairs that do not say).",
+)
 def batch(
     manifest: str,
     all_: bool,
@@ -204,20 +205,22 @@ def batch(
     progress: bool | None,
     quiet: bool,
     threads: int,
+    html_dir: str | None,
 ) -> None:
     """Verify every pair listed in MANIFEST, in parallel.
 
-    A line is 'RAW TEST', or a JSON object {"raw", "test", "raw_format",
-    "test_format", "snapshot", "all", "strict"}; '#' starts a comment line.
+    A line is 'RAW TEST' (RAW: the reference, in any format), or a JSON object
+    {"raw", "test", "raw_format", "test_format", "snapshot", "all", "strict"};
+    '#' starts a comment line. RAW may be a block digests file (see 'blkverify
+    digest --blocks').
     Prints a summary table (or, with --json, one JSON object per pair: the
-    verify --json object, or {"raw", "test", "error"}). Exit status: the worst
-    result (0 identical, 1 a pair differs, 2 a pair could not be verified).
+    verify --json object, or {"raw", "test", "error"}). With --html DIR, also
+    draws each pair that differs: DIR/LINE-TESTNAME.html, the test image's map
+    with the pair's findings marked (see 'blkverify map'). Exit status: the
+    worst result (0 identical, 1 a pair differs, 2 a pair could not be verified).
     """
-    import blkverify_rs as bv
-    from blkverify_rs.cli import fail
-
     try:
-        pairs = read_manifest(manifest)
+        pairs, lines = read_manifest(manifest)
     except ManifestError as exc:
         fail(str(exc))
     except OSError as exc:
@@ -225,21 +228,14 @@ def batch(
 
     show = progress if progress is not None else (sys.stderr.isatty() and not quiet)
     bar = BatchProgress(sys.stderr) if show and not quiet else None
-    try:
+    with reported(bar):
         results = bv.verify_many(
             pairs,
-            all=all_,
+            all=all_ or html_dir is not None,
             strict=strict,
             threads=threads,
             progress=bar.update if bar else None,
         )
-    except KeyboardInterrupt:
-        if bar:
-            bar.finish()
-        click.echo("blkverify: interrupted", err=True)
-        sys.exit(130)
-    if bar:
-        bar.finish()
 
     if not quiet:
         for pair, res in zip(pairs, results, strict=False):
@@ -256,4 +252,7 @@ def batch(
                 click.echo(json.dumps(record))
         else:
             click.echo(summary_table(pairs, results), nl=False)
+    if html_dir is not None:
+        with reported():
+            write_pages(html_dir, pairs, lines, results)
     sys.exit(exit_status(results))

@@ -1,38 +1,31 @@
 """The ``blkverify`` command: a click group whose subcommands talk only to the
 Python API (never to ``_native`` directly). Exit codes: 0 identical, 1 a finding,
-2 an error. Errors are one line on stderr, never a traceback."""
+2 an error. Errors are one line on stderr, never a traceback (see
+``cli_common``, which every command shares)."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import click
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-EXIT_OK = 0
-EXIT_FINDING = 1
-EXIT_ERROR = 2
-
-FORMATS = click.Choice(["raw", "qcow2"])
-
-
-def fail(message: str) -> NoReturn:
-    """Print one error line and exit with status 2."""
-    click.echo(f"blkverify: error: {message}", err=True)
-    sys.exit(EXIT_ERROR)
-
-
-def describe_error(exc: BaseException, name: str | None = None) -> str:
-    """One line for an exception, naming the file where it has one (or, for an
-    OS error that names none, ``name``)."""
-    if isinstance(exc, OSError):
-        filename = getattr(exc, "filename", None) or name
-        text = exc.strerror or str(exc)
-        return f"{filename}: {text}" if filename else text
-    return str(exc) or exc.__class__.__name__
+import blkverify_rs as bv
+from blkverify_rs.batch import batch
+from blkverify_rs.cli_common import (
+    EXIT_ERROR,
+    EXIT_FINDING,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    READABLE_FORMATS,
+    REFERENCE_FORMATS,
+    WRITABLE_FORMATS,
+    backing_options,
+    describe_error,
+    fail,
+    reported,
+)
+from blkverify_rs.map_cmd import map_command
 
 
 def _version() -> str:
@@ -63,9 +56,12 @@ for param in main.params:
 @click.argument("raw", type=click.Path(dir_okay=False))
 @click.argument("test", type=click.Path(dir_okay=False))
 @click.option(
-    "-f", "--raw-format", type=FORMATS, help="Format of RAW (default: probe; must be raw)."
+    "-f",
+    "--raw-format",
+    type=REFERENCE_FORMATS,
+    help="Format of RAW, the reference (default: probe; digests for a block digests file).",
 )
-@click.option("-F", "--test-format", type=FORMATS, help="Format of TEST (default: probe).")
+@click.option("-F", "--test-format", type=READABLE_FORMATS, help="Format of TEST (default: probe).")
 @click.option(
     "--snapshot", metavar="NAME", help="Verify this internal snapshot of TEST (ID or name)."
 )
@@ -83,22 +79,14 @@ for param in main.params:
 @click.option(
     "--threads", type=click.IntRange(0, 64), default=0, help="Worker threads (0: one per core)."
 )
+@backing_options
 @click.option(
-    "--no-backing",
-    is_flag=True,
-    help="Do not open backing files: unallocated clusters compare as zeros (and say so).",
-)
-@click.option(
-    "--allow-backing-anywhere",
-    is_flag=True,
-    help="Follow backing files outside the directory of the image that names them.",
-)
-@click.option(
-    "--max-backing-depth",
-    type=click.IntRange(0, 1024),
-    default=16,
-    show_default=True,
-    help="The longest backing chain to follow.",
+    "--html",
+    "html_out",
+    metavar="OUT.html",
+    type=click.Path(dir_okay=False),
+    help="Also write the test image's HTML map with every finding marked on it "
+    "(implies --all, up to the run cap).",
 )
 def verify(
     raw: str,
@@ -115,22 +103,31 @@ def verify(
     no_backing: bool,
     allow_backing_anywhere: bool,
     max_backing_depth: int,
+    html_out: str | None,
 ) -> None:
-    """Compare every guest sector of TEST with the raw reference RAW.
+    """Compare every guest sector of TEST with RAW, the reference, in any format.
+
+    RAW and TEST may each be in any format blkverify reads (see -f/-F): a qcow2
+    against its compressed copy, a vmdk against the qcow2 it came from.
+
+    RAW may be a block digests file ('blkverify digest --blocks'): TEST is then
+    hashed block by block, and blocks whose digests differ are the findings.
+
+    With --html OUT.html, also draw TEST's allocation map with every finding
+    marked on it: one self-contained page (see 'blkverify map').
 
     Exit status: 0 identical, 1 they differ (or TEST could not be read somewhere),
     2 an error (bad usage, an image that cannot be opened, a reference read error).
     """
-    import blkverify_rs as bv
     from blkverify_rs import report
 
     show_progress = progress if progress is not None else (sys.stderr.isatty() and not quiet)
     bar = report.ProgressBar(sys.stderr) if show_progress and not quiet else None
-    try:
+    with reported(bar):
         rep = bv.verify(
             raw,
             test,
-            all=all_,
+            all=all_ or html_out is not None,
             raw_format=raw_format,
             test_format=test_format,
             strict=strict,
@@ -141,29 +138,124 @@ def verify(
             max_backing_depth=max_backing_depth,
             progress=bar.update if bar else None,
         )
-    except KeyboardInterrupt:
-        if bar:
-            bar.finish()
-        click.echo("blkverify: interrupted", err=True)
-        sys.exit(130)
-    except (bv.Error, OSError, ValueError) as exc:
-        if bar:
-            bar.finish()
-        fail(describe_error(exc))
-    if bar:
-        bar.finish()
     if not quiet:
         for warning in rep.warnings:
             click.echo(f"blkverify: warning: {warning}", err=True)
         if as_json:
             click.echo(report.to_json(rep))
         else:
-            click.echo(report.human(rep, all_=all_), nl=False)
+            click.echo(report.human(rep, all_=all_ or html_out is not None), nl=False)
+    if html_out is not None:
+        with reported():
+            rep.to_html(html_out)
     sys.exit(EXIT_OK if rep.identical else EXIT_FINDING)
 
 
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "-f", "--format", "fmt", type=READABLE_FORMATS, help="Format of the images (default: probe)."
+)
+@click.option("--snapshot", metavar="NAME", help="Hash this internal snapshot (ID or name).")
+@click.option(
+    "-d",
+    "--digest",
+    "algorithm",
+    type=click.Choice(bv.DIGEST_ALGORITHMS),
+    default=bv.DIGEST_ALGORITHMS[0],
+    show_default=True,
+    help="The hash function.",
+)
+@click.option(
+    "--threads", type=click.IntRange(0, 64), default=0, help="Worker threads (0: one per core)."
+)
+@click.option(
+    "--blocks",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Also write IMAGE's block digests file to FILE (one IMAGE only).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Show a progress bar on stderr (default: when stderr is a terminal).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Print only the digests and errors.")
+@backing_options
+def digest(
+    images: tuple[str, ...],
+    fmt: str | None,
+    snapshot: str | None,
+    algorithm: str,
+    threads: int,
+    blocks: str | None,
+    as_json: bool,
+    progress: bool | None,
+    quiet: bool,
+    no_backing: bool,
+    allow_backing_anywhere: bool,
+    max_backing_depth: int,
+) -> None:
+    """Print the digest of each IMAGE's guest data, as blksum does:
+    '<hex digest>  <IMAGE>'. A raw image and its qcow2 copy give the same one.
+
+    The construction is blkhash 0.11's, H(H(b1) || ... || H(bN) || le64(size))
+    over 64 KiB blocks. With --blocks, the digest of every block is written too,
+    for 'blkverify verify FILE COPY' where the image itself is not at hand.
+    Exit status: 0 if every image was hashed, 2 if any failed (the others go on).
+    """
+    import json
+
+    from blkverify_rs import report
+
+    if blocks is not None and len(images) != 1:
+        fail(f"--blocks takes exactly one IMAGE ({len(images)} given)")
+    show_progress = progress if progress is not None else (sys.stderr.isatty() and not quiet)
+    status = EXIT_OK
+    for image in images:
+        bar = report.ProgressBar(sys.stderr) if show_progress and not quiet else None
+        if bar is not None and len(images) > 1:
+            bar.prefix = f"{image}: "
+        try:
+            try:
+                d = bv.digest(
+                    image,
+                    fmt,
+                    algorithm=algorithm,
+                    threads=threads,
+                    blocks=blocks,
+                    snapshot=snapshot,
+                    backing=not no_backing,
+                    max_backing_depth=max_backing_depth,
+                    allow_backing_anywhere=allow_backing_anywhere,
+                    progress=bar.update if bar else None,
+                )
+            finally:
+                if bar is not None:
+                    bar.finish()
+        except KeyboardInterrupt:
+            click.echo("blkverify: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except (bv.Error, OSError, ValueError, OverflowError) as exc:
+            # One image's failure is reported and the others go on.
+            status = EXIT_ERROR
+            message = describe_error(exc, image)
+            click.echo(f"blkverify: error: {message}", err=True)
+            if as_json:
+                click.echo(json.dumps({"image": image, "error": message}))
+            continue
+        if not quiet:
+            for warning in d.warnings:
+                click.echo(f"blkverify: warning: {warning}", err=True)
+        click.echo(json.dumps(d.to_dict()) if as_json else report.digest_line(d))
+    sys.exit(status)
+
+
 @main.command("io", context_settings={"ignore_unknown_options": False})
-@click.option("-f", "--format", "fmt", type=FORMATS, help="Format of the image (or test image).")
+@click.option(
+    "-f", "--format", "fmt", type=READABLE_FORMATS, help="Format of the image (or test image)."
+)
 @click.option("-r", "--read-only", is_flag=True, help="Open read-only.")
 @click.option(
     "-c",
@@ -176,6 +268,9 @@ def verify(
 @click.argument("spec")
 def io(fmt: str | None, read_only: bool, commands: tuple[str, ...], spec: str) -> None:
     """Run qemu-io commands on SPEC: an image, or blkverify:RAW:TEST.
+
+    On the mirrored device RAW is always read as a raw image, as in QEMU's
+    blkverify: its writes must be trivially right. vmdk images open read-only.
 
     Commands: read, readv, write, writev, discard, flush, length, info, alloc, map,
     help, quit, with qemu-io's options and output. On a blkverify device every read
@@ -208,7 +303,7 @@ def io(fmt: str | None, read_only: bool, commands: tuple[str, ...], spec: str) -
 )
 @click.option(
     "--queue-depth",
-    type=click.IntRange(1, 256),
+    type=click.IntRange(1, bv.MAX_QUEUE_DEPTH),
     help="Ops in flight at once (default 1; never two that overlap).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -221,7 +316,7 @@ def io(fmt: str | None, read_only: bool, commands: tuple[str, ...], spec: str) -
     help="With --replay: shrink the failing log to a minimal failing one in OUT, "
     "replaying on fresh copies of SPEC's image files (never written).",
 )
-@click.option("-f", "--format", "fmt", type=FORMATS, help="Format of the test side.")
+@click.option("-f", "--format", "fmt", type=WRITABLE_FORMATS, help="Format of the test side.")
 @click.option("--timeout", type=float, metavar="S", help="NBD connect and I/O timeout.")
 @click.option("--no-verify", is_flag=True, help="Skip the whole-device verify at the end.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only findings and errors.")
@@ -249,7 +344,6 @@ def exercise(
     and prints the command that reproduces it (on the images as they were).
     Exit status: 0 clean, 1 a finding, 2 an error.
     """
-    import blkverify_rs as bv
     from blkverify_rs import report
 
     if replay is None and spec is None:
@@ -257,19 +351,14 @@ def exercise(
     if shrink_out is not None:
         if replay is None:
             fail("--shrink needs --replay FILE: the failing log to shrink")
-        try:
+        with reported():
             shrunk = bv.shrink(replay, shrink_out, spec, format=fmt)
-        except KeyboardInterrupt:
-            click.echo("blkverify: interrupted", err=True)
-            sys.exit(130)
-        except (bv.Error, OSError, ValueError) as exc:
-            fail(describe_error(exc))
         if as_json:
             click.echo(report.json.dumps(shrunk.to_dict()))
         else:
             click.echo(report.shrink_human(shrunk), nl=False)
         sys.exit(EXIT_FINDING)
-    try:
+    with reported():
         result = bv.exercise(
             spec,
             ops=ops,
@@ -284,36 +373,11 @@ def exercise(
             timeout=timeout,
             verify=not no_verify,
         )
-    except KeyboardInterrupt:
-        click.echo("blkverify: interrupted", err=True)
-        sys.exit(130)
-    except (bv.Error, OSError, ValueError) as exc:
-        fail(describe_error(exc))
     if as_json:
         click.echo(report.exercise_json(result))
     elif result.mismatches or not quiet:
         click.echo(report.exercise_human(result), nl=False)
     sys.exit(EXIT_FINDING if result.mismatches else EXIT_OK)
-
-
-SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """A size as qemu-img takes it: bytes, or a number with a K/M/G/T suffix."""
-    t = text.strip().lower()
-    unit = t[-1] if t and t[-1].isalpha() else ""
-    number = t[: len(t) - len(unit)]
-    if unit not in SIZE_SUFFIXES or not number:
-        raise ValueError(f"invalid size '{text}' (use bytes or a K, M, G or T suffix)")
-    try:
-        value = float(number)
-    except ValueError:
-        raise ValueError(f"invalid size '{text}' (use bytes or a K, M, G or T suffix)") from None
-    size = int(value * SIZE_SUFFIXES[unit])
-    if size < 0 or size != value * SIZE_SUFFIXES[unit]:
-        raise ValueError(f"invalid size '{text}'")
-    return size
 
 
 def parse_create_options(text: str) -> dict[str, Any]:
@@ -326,10 +390,8 @@ def parse_create_options(text: str) -> dict[str, Any]:
             if sep and value not in ("on", "off"):
                 raise ValueError(f"option {key} must be 'on' or 'off', not '{value}'")
             out[key] = not sep or value == "on"
-        elif key == "cluster_size":
-            out[key] = parse_size(value)
-        elif key == "refcount_bits":
-            out[key] = int(value) if value.isdigit() else parse_size(value)
+        elif key in ("cluster_size", "refcount_bits"):
+            out[key] = bv.parse_size(value)
         elif key == "compat":
             versions = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
             if value not in versions:
@@ -347,7 +409,9 @@ def parse_create_options(text: str) -> dict[str, Any]:
 
 
 @main.command()
-@click.option("-f", "fmt", type=FORMATS, default="qcow2", show_default=True, help="Format.")
+@click.option(
+    "-f", "fmt", type=WRITABLE_FORMATS, default="qcow2", show_default=True, help="Format."
+)
 @click.option(
     "-o",
     "options",
@@ -357,7 +421,7 @@ def parse_create_options(text: str) -> dict[str, Any]:
     "lazy_refcounts=,backing_file=,backing_fmt=",
 )
 @click.option("-b", "backing", metavar="BACKING", help="Backing file.")
-@click.option("-F", "backing_format", type=FORMATS, help="Format of the backing file.")
+@click.option("-F", "backing_format", type=READABLE_FORMATS, help="Format of the backing file.")
 @click.argument("path", type=click.Path(dir_okay=False))
 @click.argument("size", required=False)
 def create(
@@ -368,11 +432,10 @@ def create(
     path: str,
     size: str | None,
 ) -> None:
-    """Create a new image at PATH of SIZE bytes (K, M, G, T suffixes), like
-    ``qemu-img create``. SIZE may be left out when a backing file gives it."""
-    import blkverify_rs as bv
-
-    try:
+    """Create a new image at PATH of SIZE bytes (qemu-img's sizes: 1.5M, 4G,
+    0x1000), like ``qemu-img create``. SIZE may be left out when a backing file
+    gives it."""
+    with reported():
         kwargs: dict[str, Any] = {}
         for text in options:
             kwargs.update(parse_create_options(text))
@@ -380,21 +443,14 @@ def create(
             kwargs["backing"] = backing
         if backing_format is not None:
             kwargs["backing_format"] = backing_format
-        nbytes = None if size is None else parse_size(size)
+        nbytes = None if size is None else bv.parse_size(size)
         bv.create(path, nbytes, format=fmt, **kwargs)
-    except (bv.Error, OSError, ValueError) as exc:
-        fail(describe_error(exc))
     shown = "" if size is None else f", size={nbytes}"
     click.echo(f"Formatting '{path}', fmt={fmt}{shown}")
 
 
-def _register_commands() -> None:
-    from blkverify_rs.batch import batch
-
-    main.add_command(batch)
-
-
-_register_commands()
+main.add_command(batch)
+main.add_command(map_command)
 
 
 if __name__ == "__main__":

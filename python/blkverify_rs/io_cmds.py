@@ -14,6 +14,7 @@ ends the session (QEMU's blkverify aborts the process) with the seed's message.
 from __future__ import annotations
 
 import errno as errno_mod
+import getopt as getopt_mod
 import os
 import re
 import sys
@@ -23,18 +24,11 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import blkverify_rs as bv
+from blkverify_rs.cli_common import describe_error
 
 # The largest request QEMU's block layer takes (INT_MAX rounded down to 512).
 REQUEST_MAX_BYTES = 2147483136
-SECTOR = 512
 PROMPT = "qemu-io> "
-
-EINVAL = -errno_mod.EINVAL
-ERANGE = -errno_mod.ERANGE
-
-_SUFFIXES = {"b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
-_FRACTION = re.compile(r"\.[0-9]*(?:[eE][+-]?[0-9]+)?")
-_LEADING_FRACTION = re.compile(r"\+?\.[0-9]+(?:[eE][+-]?[0-9]+)?")
 
 
 class CommandError(Exception):
@@ -43,83 +37,6 @@ class CommandError(Exception):
 
 class Mismatch(Exception):
     """The device found different bytes (or results) on its two sides."""
-
-
-def cvtnum(text: str) -> int:
-    """Parse a size the way qemu-io does: decimal with an optional fraction and a
-    binary suffix (b, k, M, G, T, P, E; any case), or hex (``0x...``) without
-    either. Returns the value, or ``EINVAL``/``ERANGE`` (negative)."""
-    value = _strtosz(text.lstrip(" \t\n\v\f\r"))
-    if value >= 0 and value > (1 << 63) - 1:
-        return ERANGE
-    return value
-
-
-def _strtosz(s: str) -> int:
-    fraction = 0.0
-    has_fraction = False
-    if s.startswith("-"):
-        return ERANGE if re.match(r"-[0-9]", s) else EINVAL
-    m = re.match(r"\+?([0-9]+)", s)
-    if m:
-        integral = int(m.group(1))
-        rest = s[m.end() :]
-        if integral == 0 and rest[:1] in ("x", "X"):
-            hexm = re.match(r"\+?0[xX]([0-9a-fA-F]+)", s)
-            if not hexm:
-                return EINVAL
-            value = int(hexm.group(1), 16)
-            rest = s[hexm.end() :]
-            if rest:  # no fraction, suffix or anything else after hex
-                return EINVAL
-            return ERANGE if value >= 1 << 64 else value
-        if integral >= 1 << 64:
-            return EINVAL if _trailing_garbage(rest) else ERANGE
-        if rest.startswith("."):
-            fm = _FRACTION.match(rest)
-            text = fm.group(0) if fm else "."
-            rest = rest[len(text) :]
-            has_fraction = True
-            fraction = float("0" + text) if text != "." else 0.0
-            if "e" in text.lower():
-                return EINVAL
-    elif "." in s:
-        fm = _LEADING_FRACTION.match(s)
-        if not fm or "e" in fm.group(0).lower():
-            return EINVAL
-        integral = 0
-        fraction = float(fm.group(0))
-        has_fraction = True
-        rest = s[fm.end() :]
-    else:
-        return EINVAL
-    shift = _SUFFIXES.get(rest[:1].lower()) if rest else None
-    if shift is not None:
-        rest = rest[1:]
-    else:
-        shift = 0
-    if rest:
-        return EINVAL
-    if fraction >= 1.0:  # a fraction that rounded up to one
-        integral += 1
-        fraction = 0.0
-    frac_fixed = int(fraction * (1 << 64)) if has_fraction else 0
-    if shift == 0:
-        if frac_fixed:
-            return EINVAL  # a fraction needs a unit
-        value = integral
-    else:
-        scaled = frac_fixed << shift
-        value = (integral << shift) + (scaled >> 64) + ((scaled >> 63) & 1)
-    return ERANGE if value >= 1 << 64 else value
-
-
-def _trailing_garbage(rest: str) -> bool:
-    if rest.startswith("."):
-        return False
-    if rest and rest[:1].lower() in _SUFFIXES:
-        rest = rest[1:]
-    return bool(rest)
 
 
 def cvtstr(value: float) -> str:
@@ -163,10 +80,6 @@ def parse_pattern(text: str) -> int | None:
     return value if 0 <= value <= 255 else None
 
 
-def isalnum(byte: int) -> bool:
-    return 48 <= byte <= 57 or 65 <= byte <= 90 or 97 <= byte <= 122
-
-
 @dataclass(frozen=True)
 class Command:
     name: str
@@ -190,38 +103,19 @@ def getopt(argv: list[str], spec: str, err: IO[str]) -> tuple[list[tuple[str, st
     Returns (options, operands). Prints glibc's message and raises GetoptError on
     an unknown option or a missing option argument.
     """
-    takes_arg = {c: spec[i + 1 : i + 2] == ":" for i, c in enumerate(spec) if c != ":"}
-    opts: list[tuple[str, str]] = []
-    operands: list[str] = []
-    i = 1
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if arg == "--":
-            operands.extend(argv[i:])
-            break
-        if not arg.startswith("-") or arg == "-":
-            operands.append(arg)
-            continue
-        j = 1
-        while j < len(arg):
-            c = arg[j]
-            j += 1
-            if c not in takes_arg:
-                err.write(f"{argv[0]}: invalid option -- '{c}'\n")
-                raise GetoptError
-            if takes_arg[c]:
-                if j < len(arg):
-                    opts.append((c, arg[j:]))
-                elif i < len(argv):
-                    opts.append((c, argv[i]))
-                    i += 1
-                else:
-                    err.write(f"{argv[0]}: option requires an argument -- '{c}'\n")
-                    raise GetoptError
-                break
-            opts.append((c, ""))
-    return opts, operands
+    try:
+        opts, operands = getopt_mod.gnu_getopt(argv[1:], spec)
+    except getopt_mod.GetoptError as exc:
+        # qemu-io's commands take short options only, so to glibc "--name" is
+        # the option "-"; Python's getopt reads it as a long option instead, and
+        # its messages for those (only those) begin "option --".
+        option = "-" if exc.msg.startswith("option --") else exc.opt
+        if option != ":" and option in spec:
+            err.write(f"{argv[0]}: option requires an argument -- '{option}'\n")
+        else:
+            err.write(f"{argv[0]}: invalid option -- '{option}'\n")
+        raise GetoptError from None
+    return [(name[1:], value) for name, value in opts], operands
 
 
 class Session:
@@ -229,10 +123,10 @@ class Session:
 
     def __init__(self, dev: Any, out: IO[str], err: IO[str], read_only: bool) -> None:
         self.dev = dev
-        # Why writes are refused when the image could not be opened for writing.
         self.out = out
         self.err = err
-        self.read_only = read_only
+        # A format blkverify cannot write opens read-only whatever was asked.
+        self.read_only = read_only or dev.read_only
         self.quit = False
         self.is_device = isinstance(dev, bv.Device)
 
@@ -246,16 +140,16 @@ class Session:
         raise CommandError
 
     def num(self, text: str) -> int:
-        value = cvtnum(text)
-        if value == EINVAL:
+        """A number in qemu's size syntax, with qemu-io's two complaints."""
+        try:
+            return bv.parse_size(text)
+        except OverflowError:
+            self.p(f"Parsing error: argument too large -- {text}")
+        except ValueError:
             self.p(
                 "Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- " + text
             )
-            raise CommandError
-        if value < 0:
-            self.p(f"Parsing error: argument too large -- {text}")
-            raise CommandError
-        return value
+        raise CommandError
 
     def pattern(self, text: str) -> int:
         value = parse_pattern(text)
@@ -303,7 +197,7 @@ class Session:
         for i in range(0, len(data), 16):
             row = data[i : i + 16]
             hexes = "".join(f"{b:02x} " for b in row)
-            text = "".join(chr(b) if isalnum(b) else "." for b in row)
+            text = "".join(chr(b) if row[j : j + 1].isalnum() else "." for j, b in enumerate(row))
             lines.append(f"{offset + i:08x}:  {hexes} {text}\n")
         self.out.write("".join(lines))
 
@@ -326,12 +220,14 @@ class Session:
 
     def allocated(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """(offset, length, allocated) runs in the image's top layer, as qemu-io's
-        alloc and map see them: every byte of a raw image is allocated; in qcow2,
-        data, compressed and zero clusters are, unallocated ones are not."""
+        alloc and map see them: every byte of a raw image is allocated, and of vpc and
+        vdi images (QEMU's drivers for them have no backing files, so their unallocated
+        blocks read as zeros that QEMU counts as allocated); in qcow2, data, compressed
+        and zero clusters are, unallocated ones are not."""
         if length <= 0 or offset >= self.dev.size:
             return []
         fmt = self.dev.test_format if self.is_device else self.dev.format
-        if fmt == "raw":
+        if fmt in ("raw", "vpc", "vdi"):
             return [(offset, min(length, self.dev.size - offset), True)]
         runs: list[tuple[int, int, bool]] = []
         for off, ln, kind, _host in self.io("is_allocated", lambda: self.dev.map(offset, length)):
@@ -528,8 +424,17 @@ class Session:
         else:
             fmt = self.dev.format
             self.p(f"format name: {fmt}")
-        if fmt == "raw":
-            self.p("cluster size: 0 bytes")
+        if fmt == "vmdk":
+            self.vmdk_info(facts)
+            return
+        if fmt == "vhdx":
+            # qemu-io names the block size, and nothing format-specific.
+            self.p(f"cluster size: {cvtstr(int(facts['cluster_size']))}")
+            self.p("vm state offset: 0 bytes")
+            return
+        if fmt != "qcow2":
+            # qemu-io's cluster size is the block size (vpc, vdi; 0 for raw and fixed VHDs)
+            self.p(f"cluster size: {cvtstr(int(facts.get('block_size', 0)))}")
             self.p("vm state offset: 0 bytes")
             return
         cluster = int(facts["cluster_size"])
@@ -552,9 +457,33 @@ class Session:
             self.p(f"    corrupt: {facts.get('corrupt', 'false')}")
             self.p(f"    extended l2: {facts.get('extended_l2', 'false')}")
 
+    def vmdk_info(self, facts: dict[str, str]) -> None:
+        """qemu-io's ``info`` for a vmdk disk: the descriptor's IDs and each extent."""
+        self.p(f"cluster size: {cvtstr(int(facts['cluster_size']))}")
+        self.p("vm state offset: 0 bytes")
+        self.p("Format specific information:")
+        self.p(f"    cid: {int(facts['cid'], 16)}")
+        self.p(f"    parent cid: {int(facts['parent_cid'], 16)}")
+        self.p(f"    create type: {facts['create_type']}")
+        self.p("    extents:")
+        for index in range(int(facts["extents"])):
+            extent = {
+                key.split(".", 2)[2]: value
+                for key, value in facts.items()
+                if key.startswith(f"extent.{index}.")
+            }
+            self.p(f"        [{index}]:")
+            if "compressed" in extent:
+                self.p(f"            compressed: {extent['compressed']}")
+            self.p(f"            virtual size: {extent['virtual_size']}")
+            self.p(f"            filename: {extent['filename']}")
+            if "cluster_size" in extent:
+                self.p(f"            cluster size: {extent['cluster_size']}")
+            self.p(f"            format: {extent['format']}")
+
     def cmd_alloc(self, argv: list[str]) -> None:
         offset = self.num(argv[1])
-        count = self.num(argv[2]) if len(argv) == 3 else SECTOR
+        count = self.num(argv[2]) if len(argv) == 3 else bv.SECTOR_SIZE
         end = min(offset + count, self.dev.size) if offset < self.dev.size else offset
         runs = self.allocated(offset, end - offset)
         covered = sum(ln for _, ln, _ in runs)
@@ -793,8 +722,6 @@ def run_io(
     try:
         dev = bv.open(spec, format=fmt, read_only=read_only)
     except (bv.Error, OSError, ValueError) as exc:
-        from blkverify_rs.cli import describe_error
-
         err.write(f"blkverify: error: {describe_error(exc, spec)}\n")
         return 1
     session = Session(dev, out, err, read_only)

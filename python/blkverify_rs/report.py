@@ -1,5 +1,5 @@
-"""Reporting: the human text and JSON for verify and exercise reports, and a
-progress bar."""
+"""Reporting: the human text and JSON for verify, digest and exercise reports,
+and a progress bar."""
 
 from __future__ import annotations
 
@@ -7,10 +7,18 @@ import json
 import time
 from typing import IO, TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from blkverify_rs import ExerciseFinding, ExerciseResult, Mismatch, Report, ShrinkResult
+from blkverify_rs import SECTOR_SIZE
 
-SECTOR = 512
+if TYPE_CHECKING:
+    from blkverify_rs import (
+        BlockMismatch,
+        Digest,
+        ExerciseFinding,
+        ExerciseResult,
+        Mismatch,
+        Report,
+        ShrinkResult,
+    )
 
 
 def to_json(rep: Report) -> str:
@@ -48,9 +56,12 @@ def describe_mapping(mapping: dict[str, Any] | None) -> str | None:
     return f"{where}: {what}" if where else what
 
 
-def describe_mismatch(m: Mismatch) -> str:
-    """One line for one run, in the seed document's words."""
-    sectors = max(1, (m.length + SECTOR - 1) // SECTOR)
+def describe_mismatch(m: Mismatch | BlockMismatch) -> str:
+    """One line for one run, in the seed document's words (in blocks against a
+    block digests file, which cannot name the byte)."""
+    if hasattr(m, "block"):
+        return _describe_blocks(m)  # type: ignore[arg-type]
+    sectors = max(1, (m.length + SECTOR_SIZE - 1) // SECTOR_SIZE)
     span = f"{sectors} sector{'s' if sectors != 1 else ''}"
     if m.error:
         return (
@@ -60,6 +71,19 @@ def describe_mismatch(m: Mismatch) -> str:
         f"blkverify: contents mismatch in sector {m.sector} "
         f"(offset {m.offset:#x}, {span}, first differing byte at offset {m.first_byte:#x})"
     )
+
+
+def _describe_blocks(m: BlockMismatch) -> str:
+    where = f"block {m.block}" if m.blocks == 1 else f"blocks {m.block}-{m.block + m.blocks - 1}"
+    span = f"offset {m.offset:#x}, {m.length} bytes"
+    if m.error:
+        return f"blkverify: read error in {where} ({span}): {m.error}"
+    return f"blkverify: contents mismatch in {where} ({span})"
+
+
+def digest_line(d: Digest) -> str:
+    """``<hex digest>  <IMAGE>``, as blksum and sha256sum print it."""
+    return f"{d.hexdigest}  {d.image}"
 
 
 def human(rep: Report, all_: bool = False) -> str:
@@ -72,6 +96,11 @@ def human(rep: Report, all_: bool = False) -> str:
         where = describe_mapping(m.mapping)
         if where:
             lines.append(f"  {rep.test_format} metadata: {where}")
+        # A reference with metadata of its own (not raw) is named too: either
+        # side may be the one that is wrong. (A block digests file has none.)
+        ref_where = describe_mapping(getattr(m, "ref_mapping", None))
+        if ref_where:
+            lines.append(f"  reference {rep.raw_format} metadata: {ref_where}")
     if not rep.mismatches:
         lines.append(
             f"Images differ in size: {rep.raw} is {rep.raw_size} bytes, "
@@ -88,16 +117,23 @@ def human(rep: Report, all_: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
+def human_size(n: float) -> str:
+    """Bytes in binary units, one decimal: ``512 B``, ``4.0 MiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} TiB"
 
 
 class ProgressBar:
-    """A one-line progress display: bytes, MiB/s and ETA, redrawn in place."""
+    """A one-line progress display: bytes, MiB/s and ETA, redrawn in place.
+
+    Not ``click.progressbar``: on a stream that is not a terminal click's bar
+    prints its label once and nothing more, while ``--progress`` to a pipe
+    must keep printing these lines (scripts and CI logs read them); and its
+    line has no MiB/s figure.
+    """
 
     def __init__(self, stream: IO[str], min_interval: float = 0.2) -> None:
         self.stream = stream
@@ -117,7 +153,7 @@ class ProgressBar:
         pct = 100.0 * done / total if total else 100.0
         eta = (total - done) / rate if rate > 0 else 0.0
         line = (
-            f"\r{self.prefix}{_size(done)} / {_size(total)} {pct:5.1f}%  "
+            f"\r{self.prefix}{human_size(done)} / {human_size(total)} {pct:5.1f}%  "
             f"{rate / (1 << 20):8.1f} MiB/s  ETA {eta:5.1f}s"
         )
         self.stream.write(line)
@@ -153,7 +189,7 @@ def _finding_lines(f: ExerciseFinding) -> list[str]:
             lines.append(f"  raw side: {f.raw_error}")
     if f.sector is not None:
         lines.append(
-            f"  sector {f.sector} (offset {f.sector * SECTOR:#x}), "
+            f"  sector {f.sector} (offset {f.sector * SECTOR_SIZE:#x}), "
             f"first differing byte at offset {f.first_byte:#x}:"
         )
         lines += [f"    {line}" for line in f.hexdump]

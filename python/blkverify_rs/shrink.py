@@ -21,13 +21,14 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from blkverify_rs import _native
 
 if TYPE_CHECKING:
     from blkverify_rs import ExerciseFinding
 
-LOG_MAGIC = "# blkverify exercise log v1"
-PREFIX = "blkverify:"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -45,16 +46,6 @@ class ShrinkResult:
         out = {k: v for k, v in self.__dict__.items() if k != "finding"}
         out["finding"] = self.finding.to_dict()
         return out
-
-
-def _read_log(path: Path) -> tuple[list[str], list[str]]:
-    """The log's header lines (seed, size, spec) and its op lines."""
-    lines = path.read_text().splitlines()
-    if not lines or lines[0].strip() != LOG_MAGIC:
-        raise ValueError(f"{path}: not a blkverify exercise log")
-    header = [ln for ln in lines[1:] if ln.split(" ", 1)[0] in ("seed", "size", "spec")]
-    ops = [ln.strip() for ln in lines[1:] if ln.strip()[:1].isdigit()]
-    return header, ops
 
 
 def shrink(
@@ -76,12 +67,14 @@ def shrink(
     from blkverify_rs import Error, exercise
 
     log_path, out_path = Path(log), Path(out)
-    header, ops = _read_log(log_path)
+    recorded = _native.read_log(log_path)
+    ops: list[tuple[int, str]] = recorded["ops"]
     if spec is None:
-        spec = next((h.split(" ", 1)[1] for h in header if h.startswith("spec ")), None)
-    if spec is None or not spec.startswith(PREFIX) or ":" not in spec[len(PREFIX) :]:
+        spec = recorded["spec"]
+    sides = None if spec is None else _native.parse_spec(spec)
+    if sides is None:
         raise ValueError(f"{log_path}: shrinking needs a blkverify:RAW:TEST spec")
-    raw, test = (Path(p) for p in spec[len(PREFIX) :].split(":", 1))
+    raw, test = (Path(p) for p in sides)
     if str(test).startswith("nbd"):
         raise ValueError(
             f"{test}: shrinking replays on fresh copies of the images, and an NBD export "
@@ -94,16 +87,20 @@ def shrink(
     raw_copy = raw.with_name(tag + raw.name)
     test_copy = test.with_name(tag + test.name)
     trial_log = out_path.with_name(tag + out_path.name)
-    header = [h for h in header if not h.startswith(("spec ", "queue-depth "))]
+    trial_spec = _native.make_spec(str(raw_copy), str(test_copy))
     trials = 0
 
-    def attempt(subset: list[str]) -> ExerciseFinding | None:
+    def log_of(subset: list[tuple[int, str]], spec: str | None) -> dict[str, Any]:
+        """The log to replay: the recorded seed and size, queue depth 1."""
+        return {**recorded, "queue_depth": 1, "spec": spec, "ops": subset}
+
+    def attempt(subset: list[tuple[int, str]]) -> ExerciseFinding | None:
         nonlocal trials
         trials += 1
         shutil.copyfile(raw, raw_copy)
         shutil.copyfile(test, test_copy)
-        trial_log.write_text("\n".join([LOG_MAGIC, *header, "queue-depth 1", *subset, ""]))
-        result = exercise(f"{PREFIX}{raw_copy}:{test_copy}", replay=trial_log, format=format)
+        _native.write_log(trial_log, log_of(subset, None))
+        result = exercise(trial_spec, replay=trial_log, format=format)
         if progress is not None:
             progress(trials, len(subset))
         return result.mismatches[0] if result.mismatches else None
@@ -117,12 +114,12 @@ def shrink(
             )
         if first.op_number is not None:
             # Nothing after the failing op ran; drop it all at once.
-            cut = next(i for i, ln in enumerate(ops) if int(ln.split()[0]) == first.op_number)
+            cut = next(i for i, (number, _) in enumerate(ops) if number == first.op_number)
             ops_run = ops[: cut + 1]
         else:
             ops_run = ops
 
-        def fails(subset: list[str]) -> bool:
+        def fails(subset: list[tuple[int, str]]) -> bool:
             found = attempt(subset)
             return found is not None and found.kind == first.kind
 
@@ -130,8 +127,7 @@ def shrink(
         final = attempt(minimal)
         if final is None:  # a flaky driver: the last subset no longer fails
             raise Error(f"{log_path}: the failure is not reproducible; shrinking stopped")
-        lines = [LOG_MAGIC, *header, "queue-depth 1", f"spec {spec}", *minimal]
-        out_path.write_text("\n".join([*lines, f"# finding: {final.message}", ""]))
+        _native.write_log(out_path, log_of(minimal, spec), [f"finding: {final.message}"])
     finally:
         for p in (raw_copy, test_copy, trial_log):
             p.unlink(missing_ok=True)
@@ -146,7 +142,7 @@ def shrink(
     )
 
 
-def _ddmin(items: list[str], fails: Callable[[list[str]], bool]) -> list[str]:
+def _ddmin(items: list[T], fails: Callable[[list[T]], bool]) -> list[T]:
     """Zeller's ddmin: a 1-minimal failing subsequence of ``items`` (which fails)."""
     if not items:
         return items

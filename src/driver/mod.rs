@@ -9,6 +9,10 @@ pub mod gate;
 pub mod nbd;
 pub mod qcow2;
 pub mod raw;
+pub mod vdi;
+pub mod vhdx;
+pub mod vmdk;
+pub mod vpc;
 
 use crate::error::{Error, Result};
 use crate::storage::{FileStorage, Storage, View};
@@ -110,10 +114,35 @@ impl Location {
     }
 }
 
+/// Fill in where an unallocated byte at `offset` is read from: the backing
+/// file's own location of it, when a backing file covers it (else the byte
+/// reads as zeros and `location` stays as it is).
+pub(crate) fn locate_in_backing(
+    location: &mut Location,
+    backing: Option<&dyn BlockDriver>,
+    offset: u64,
+) -> Result<()> {
+    let Some(backing) = backing.filter(|b| offset < b.size()) else {
+        return Ok(());
+    };
+    location.kind = "backing";
+    location.backing_depth = 1;
+    location.file = backing.path().to_path_buf();
+    match backing.locate(offset)? {
+        Some(inner) => {
+            location.host_offset = inner.host_offset;
+            location.file = inner.file;
+            location.backing_depth = inner.backing_depth + 1;
+        }
+        None => location.host_offset = Some(offset),
+    }
+    Ok(())
+}
+
 /// A disk-image format driver. Guest offsets are bytes from the start of the
 /// virtual disk. Every method takes `&self`, so one driver serves many threads.
 pub trait BlockDriver: Send + Sync {
-    /// The format name: "raw" or "qcow2".
+    /// The format name, as QEMU spells it ("raw", "qcow2", "vmdk").
     fn format_name(&self) -> &'static str;
 
     /// The image file's path.
@@ -290,7 +319,10 @@ impl Format {
 
     /// Whether blkverify has a driver that reads this format.
     pub fn can_read(&self) -> bool {
-        matches!(self, Format::Raw | Format::Qcow2)
+        matches!(
+            self,
+            Format::Raw | Format::Qcow2 | Format::Vmdk | Format::Vpc | Format::Vhdx | Format::Vdi
+        )
     }
 
     /// Whether images of this format can be opened for writing (and created).
@@ -308,17 +340,41 @@ impl Format {
             .join(", ")
     }
 
-    /// Parse a user-given format name that must be readable, with the one
-    /// message every caller gives for a name that is not.
-    pub fn parse_readable(name: &str) -> Result<Format> {
+    /// Whether blkverify can do `access` with images of this format.
+    pub fn supports(&self, access: Access) -> bool {
+        match access {
+            Access::Read => self.can_read(),
+            Access::Write => self.can_write(),
+        }
+    }
+
+    /// Parse a user-given format name that must support `access`, with the
+    /// one message every caller gives for a name that does not.
+    pub fn parse_for(name: &str, access: Access) -> Result<Format> {
+        let supported = Format::names(|f| f.supports(access));
         match Format::parse(name) {
-            Some(format) if format.can_read() => Ok(format),
-            _ => Err(Error::InvalidArgument(format!(
-                "unknown format '{name}' (supported: {})",
-                Format::names(Format::can_read)
+            Some(format) if format.supports(access) => Ok(format),
+            Some(_) => Err(Error::InvalidArgument(format!(
+                "format '{name}' cannot be {} (supported: {supported})",
+                match access {
+                    Access::Read => "read",
+                    Access::Write => "written",
+                }
+            ))),
+            None => Err(Error::InvalidArgument(format!(
+                "unknown format '{name}' (supported: {supported})"
             ))),
         }
     }
+}
+
+/// What a caller needs to do with a format's images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Read them (verify, io, a backing file).
+    Read,
+    /// Create and write them (create, exercise).
+    Write,
 }
 
 /// How backing files are followed.
@@ -398,8 +454,11 @@ pub(crate) fn open_in_chain(
     options: &OpenOptions,
     chain: &[PathBuf],
 ) -> Result<Arc<dyn BlockDriver>> {
-    // Only the top image is ever opened for writing; backing files never are.
-    let storage: Arc<dyn Storage> = if options.writable && chain.is_empty() {
+    // Only the top image is ever opened for writing; backing files never are,
+    // nor images of a format we cannot write: those open as if read-only was
+    // asked, so a write fails as it would under `-r`.
+    let writable = options.writable && chain.is_empty() && format.is_none_or(|f| f.can_write());
+    let mut storage: Arc<dyn Storage> = if writable {
         Arc::new(FileStorage::open_read_write(path)?)
     } else {
         Arc::new(FileStorage::open_read_only(path)?)
@@ -408,6 +467,9 @@ pub(crate) fn open_in_chain(
         Some(format) => format,
         None => probe(storage.as_ref())?,
     };
+    if writable && !format.can_write() {
+        storage = Arc::new(FileStorage::open_read_only(path)?);
+    }
     if options.writable && chain.is_empty() && snapshot.is_some() {
         return Err(Error::InvalidArgument(format!(
             "{}: snapshots are read-only; open without a snapshot to write",
@@ -427,7 +489,30 @@ pub(crate) fn open_in_chain(
         Format::Qcow2 => Ok(Arc::new(qcow2::Qcow2::open(
             storage, snapshot, options, chain,
         )?)),
-        other => Err(cannot_read(path, other)),
+        Format::Vmdk => {
+            if let Some(name) = snapshot {
+                return Err(Error::format(
+                    path,
+                    format!("vmdk images have no internal snapshots (asked for snapshot '{name}')"),
+                ));
+            }
+            Ok(Arc::new(vmdk::Vmdk::open(storage, options, chain)?))
+        }
+        Format::Vhdx => {
+            if let Some(name) = snapshot {
+                return Err(Error::format(
+                    path,
+                    format!("vhdx images have no snapshots (asked for snapshot '{name}')"),
+                ));
+            }
+            Ok(Arc::new(vhdx::Vhdx::open(storage, options, chain)?))
+        }
+        Format::Vpc | Format::Vdi if snapshot.is_some() => Err(Error::format(
+            path,
+            format!("{} images have no snapshots", format.name()),
+        )),
+        Format::Vpc => Ok(Arc::new(vpc::Vpc::open(storage, options, chain)?)),
+        Format::Vdi => Ok(Arc::new(vdi::Vdi::open(storage)?)),
     }
 }
 
@@ -455,7 +540,8 @@ fn cannot_read(path: &Path, format: Format) -> Error {
 }
 
 /// Which format the file's magic says it is (raw when none matches). qcow
-/// version 1 and LUKS volumes, which no driver here will read, are refused.
+/// version 1 and LUKS volumes, which no driver here will read, are refused, and
+/// so are block digests files, which are not images.
 pub fn detect(storage: &dyn Storage) -> Result<Format> {
     let len = storage.len()?;
     let mut head = [0u8; 512];
@@ -476,6 +562,12 @@ pub fn detect(storage: &dyn Storage) -> Result<Format> {
             _ => Ok(Format::Qcow2),
         };
     }
+    if crate::digest::has_magic(head) {
+        return Err(Error::format(
+            path,
+            "file is a block digests file, not an image: it can only be the reference of verify (give -f raw to read its bytes as they are)",
+        ));
+    }
     let refused: &[(&[u8], &str)] = &[
         (b"LUKS\xba\xbe", "a LUKS encrypted volume"),
         (b"QED\0", "a QED image"),
@@ -490,6 +582,9 @@ pub fn detect(storage: &dyn Storage) -> Result<Format> {
     }
     let magics: &[(&[u8], Format)] = &[
         (b"KDMV", Format::Vmdk),
+        // ESX's older sparse extent (vmfsSparse): probed as VMDK, as QEMU
+        // does, so that it is refused by name rather than compared as raw.
+        (b"COWD", Format::Vmdk),
         (b"# Disk DescriptorFile", Format::Vmdk),
         (b"conectix", Format::Vpc),
         (b"vhdxfile", Format::Vhdx),
@@ -501,6 +596,10 @@ pub fn detect(storage: &dyn Storage) -> Result<Format> {
     }
     if head.get(64..68) == Some(b"\x7f\x10\xda\xbe".as_slice()) {
         return Ok(Format::Vdi);
+    }
+    // A fixed VHD's only footer is its last 512 bytes (QEMU probes these as raw).
+    if vpc::has_fixed_footer(storage)? {
+        return Ok(Format::Vpc);
     }
     Ok(Format::Raw)
 }

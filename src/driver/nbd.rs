@@ -1,6 +1,7 @@
 //! An NBD client driver: the fixed-newstyle handshake with `NBD_OPT_GO`, simple
-//! and structured replies, and read, write, flush, trim and write-zeroes (each
-//! only when the server advertises it). It lets blkverify test block drivers that
+//! and structured replies, read, write, flush, trim and write-zeroes (each only
+//! when the server advertises it), and block status (`base:allocation`), which
+//! `map` reports so that ranges the server flags `NBD_STATE_ZERO` are not read. It lets blkverify test block drivers that
 //! are not ours: `qemu-nbd` serving an image with QEMU's drivers, nbdkit
 //! plugins, storage appliances.
 //!
@@ -31,8 +32,10 @@ const FLAG_NO_ZEROES: u16 = 2;
 
 const OPT_GO: u32 = 7;
 const OPT_STRUCTURED_REPLY: u32 = 8;
+const OPT_SET_META_CONTEXT: u32 = 10;
 const REP_ACK: u32 = 1;
 const REP_INFO: u32 = 3;
+const REP_META_CONTEXT: u32 = 4;
 const REP_ERR_BIT: u32 = 1 << 31;
 const INFO_EXPORT: u16 = 0;
 const INFO_BLOCK_SIZE: u16 = 3;
@@ -48,16 +51,27 @@ const CMD_DISC: u16 = 2;
 const CMD_FLUSH: u16 = 3;
 const CMD_TRIM: u16 = 4;
 const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_BLOCK_STATUS: u16 = 7;
 const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 
 const REPLY_FLAG_DONE: u16 = 1;
 const REPLY_TYPE_NONE: u16 = 0;
 const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 const REPLY_TYPE_ERROR_BIT: u16 = 1 << 15;
 
 /// The largest request we send (QEMU's limit is 32 MiB).
 const MAX_REQUEST: u64 = 32 << 20;
+/// The longest range one block status request asks about.
+const MAX_STATUS_REQUEST: u64 = 1 << 30;
+/// The largest block status reply we accept (8 bytes per extent).
+const MAX_STATUS_REPLY: u32 = 1 << 20;
+/// The metadata context that says which ranges are holes and which read as zeros.
+const BASE_ALLOCATION: &str = "base:allocation";
+/// `base:allocation` flags: no storage is allocated; the range reads as zeros.
+const STATE_HOLE: u32 = 1;
+const STATE_ZERO: u32 = 2;
 /// The largest option reply or structured chunk we accept beyond data.
 const MAX_OPTION_REPLY: u32 = 64 << 10;
 
@@ -215,7 +229,21 @@ pub struct Nbd {
     min_block: u64,
     writable: bool,
     timeout: Duration,
+    /// The id the server gave `base:allocation`, if it offers block status.
+    allocation_context: Option<u32>,
+    /// The extents of the last block status reply: `(start, end, flags)`.
+    status_cache: Mutex<Vec<(u64, u64, u32)>>,
     conn: Mutex<Connection>,
+}
+
+/// Where a reply's payload goes.
+enum Payload<'a> {
+    /// No payload expected.
+    None,
+    /// Read data, into this buffer.
+    Data(&'a mut [u8]),
+    /// Block status extents `(length, flags)` for this metadata context.
+    Status(u32, &'a mut Vec<(u32, u32)>),
 }
 
 /// A socket timeout surfaces as EAGAIN ("resource temporarily unavailable");
@@ -323,7 +351,13 @@ impl Nbd {
             }
         };
         let negotiated = negotiate(&mut stream, &export);
-        let (size, transmission_flags, structured, min_block) = match negotiated {
+        let Negotiated {
+            size,
+            transmission_flags,
+            structured,
+            min_block,
+            allocation_context,
+        } = match negotiated {
             Ok(v) => v,
             Err(Wire::Io(e)) => return Err(io_err("handshake", explain_timeout(e, timeout))),
             Err(Wire::Protocol(m)) => return Err(fail(m)),
@@ -343,6 +377,8 @@ impl Nbd {
             min_block,
             writable,
             timeout,
+            allocation_context,
+            status_cache: Mutex::new(Vec::new()),
             conn: Mutex::new(Connection {
                 stream,
                 cookie: 0,
@@ -366,8 +402,8 @@ impl Nbd {
         }
     }
 
-    /// Send one request and read its reply. For reads, `read_into` receives
-    /// the data. The server's error becomes an `Io` error with its errno.
+    /// Send one request and read its reply into `payload`. The server's error
+    /// becomes an `Io` error with its errno.
     fn request(
         &self,
         command: u16,
@@ -375,7 +411,7 @@ impl Nbd {
         offset: u64,
         length: u32,
         write_data: Option<&[u8]>,
-        read_into: Option<&mut [u8]>,
+        payload: Payload<'_>,
     ) -> Result<()> {
         let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(why) = &conn.broken {
@@ -391,16 +427,19 @@ impl Nbd {
         conn.cookie = conn.cookie.wrapping_add(1);
         let cookie = conn.cookie;
         let context = format!("command {command} at offset {offset:#x} ({length} bytes)");
-        match exchange(
-            &mut conn.stream,
-            self.structured,
+        let request = Request {
             command,
             flags,
             cookie,
             offset,
             length,
+        };
+        match exchange(
+            &mut conn.stream,
+            self.structured,
+            &request,
             write_data,
-            read_into,
+            payload,
         ) {
             Ok(Ok(())) => Ok(()),
             Ok(Err((code, message))) => {
@@ -418,6 +457,96 @@ impl Nbd {
                 Err(err)
             }
         }
+    }
+
+    /// The extent at `offset` (at most `len` long) from the last block status
+    /// reply, if it covers `offset`. Only `NBD_STATE_ZERO` makes a range zero: a
+    /// hole without it need not read as zeros.
+    fn cached_status(&self, offset: u64, len: u64) -> Option<Extent> {
+        let cache = self
+            .status_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let at = cache.partition_point(|&(_, end, _)| end <= offset);
+        let &(start, end, flags) = cache.get(at)?;
+        if start > offset {
+            return None;
+        }
+        let mapping = if flags & STATE_ZERO != 0 {
+            Mapping::Zero {
+                allocated: flags & STATE_HOLE == 0,
+            }
+        } else {
+            Mapping::Data {
+                host_offset: offset,
+            }
+        };
+        Some(Extent {
+            offset,
+            length: (end - offset).min(len),
+            mapping,
+        })
+    }
+
+    /// Ask the server for the block status of the range at `offset` and keep
+    /// the answer.
+    fn fetch_status(&self, context: u32, offset: u64, len: u64) -> Result<()> {
+        let ask = len.clamp(self.min_block, MAX_STATUS_REQUEST);
+        let (start, wide) = self.widen(offset, ask);
+        let wide = wide.min(MAX_STATUS_REQUEST - MAX_STATUS_REQUEST % self.min_block);
+        let mut extents = Vec::new();
+        self.request(
+            CMD_BLOCK_STATUS,
+            0,
+            start,
+            wide as u32,
+            None,
+            Payload::Status(context, &mut extents),
+        )?;
+        let limit = (start + wide).min(self.size);
+        let mut cache = Vec::with_capacity(extents.len());
+        let mut pos = start;
+        for (length, flags) in extents {
+            if pos >= limit {
+                break;
+            }
+            if length == 0 {
+                return Err(Error::io(
+                    &self.uri,
+                    format!("nbd: block status at offset {start:#x}"),
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the server sent an empty extent",
+                    ),
+                ));
+            }
+            let end = (pos + u64::from(length)).min(limit);
+            cache.push((pos, end, flags));
+            pos = end;
+        }
+        if pos <= offset {
+            return Err(Error::io(
+                &self.uri,
+                format!("nbd: block status at offset {start:#x}"),
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the server's extents end at {pos:#x}, before the offset asked about"),
+                ),
+            ));
+        }
+        *self
+            .status_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = cache;
+        Ok(())
+    }
+
+    /// Forget block status: a write may have changed it.
+    fn forget_status(&self) {
+        self.status_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 
     fn aligned(&self, offset: u64, len: u64) -> bool {
@@ -443,7 +572,7 @@ impl Nbd {
                 offset + done as u64,
                 n as u32,
                 None,
-                Some(piece),
+                Payload::Data(piece),
             )?;
             done += n;
         }
@@ -473,6 +602,7 @@ impl Nbd {
     }
 
     fn write_aligned(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.forget_status();
         let mut done = 0usize;
         while done < buf.len() {
             let n = (buf.len() - done).min(MAX_REQUEST as usize);
@@ -483,7 +613,7 @@ impl Nbd {
                 offset + done as u64,
                 n as u32,
                 Some(piece),
-                None,
+                Payload::None,
             )?;
             done += n;
         }
@@ -491,19 +621,28 @@ impl Nbd {
     }
 
     fn zero_or_trim(&self, command: u16, flags: u16, offset: u64, len: u64) -> Result<()> {
+        self.forget_status();
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(MAX_REQUEST);
-            self.request(command, flags, offset + done, n as u32, None, None)?;
+            self.request(command, flags, offset + done, n as u32, None, Payload::None)?;
             done += n;
         }
         Ok(())
     }
 }
 
-/// The fixed-newstyle handshake. Returns (size, transmission flags, whether
-/// structured replies are on, minimum block size).
-fn negotiate(s: &mut Stream, export: &str) -> std::result::Result<(u64, u16, bool, u64), Wire> {
+/// What the handshake settled.
+struct Negotiated {
+    size: u64,
+    transmission_flags: u16,
+    structured: bool,
+    min_block: u64,
+    allocation_context: Option<u32>,
+}
+
+/// The fixed-newstyle handshake.
+fn negotiate(s: &mut Stream, export: &str) -> std::result::Result<Negotiated, Wire> {
     let magic = read_u64(s)?;
     if magic != NBDMAGIC {
         return Err(Wire::Protocol(format!(
@@ -540,6 +679,14 @@ fn negotiate(s: &mut Stream, export: &str) -> std::result::Result<(u64, u16, boo
             data.len()
         )));
     }
+
+    // Block status needs structured replies; a server that refuses the
+    // context is read in full, as before.
+    let allocation_context = if structured {
+        set_meta_context(s, export)?
+    } else {
+        None
+    };
 
     // NBD_OPT_GO with the export name, asking for block sizes.
     let mut go = Vec::with_capacity(export.len() + 8);
@@ -609,7 +756,46 @@ fn negotiate(s: &mut Stream, export: &str) -> std::result::Result<(u64, u16, boo
             "server's export size {size} is too large"
         )));
     }
-    Ok((size, flags, structured, min_block))
+    Ok(Negotiated {
+        size,
+        transmission_flags: flags,
+        structured,
+        min_block,
+        allocation_context,
+    })
+}
+
+/// Ask for the `base:allocation` context; its id if the server gives it.
+fn set_meta_context(s: &mut Stream, export: &str) -> std::result::Result<Option<u32>, Wire> {
+    let mut data = Vec::with_capacity(export.len() + BASE_ALLOCATION.len() + 12);
+    data.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    data.extend_from_slice(export.as_bytes());
+    data.extend_from_slice(&1u32.to_be_bytes());
+    data.extend_from_slice(&(BASE_ALLOCATION.len() as u32).to_be_bytes());
+    data.extend_from_slice(BASE_ALLOCATION.as_bytes());
+    send_option(s, OPT_SET_META_CONTEXT, &data)?;
+    let mut context = None;
+    loop {
+        let (reply, data) = read_option_reply(s, OPT_SET_META_CONTEXT)?;
+        match reply {
+            REP_ACK => return Ok(context),
+            REP_META_CONTEXT => {
+                let info = super::qcow2::header::BeBytes(&data);
+                let id = info.u32(0).ok_or_else(|| {
+                    Wire::Protocol("short NBD_REP_META_CONTEXT reply".to_string())
+                })?;
+                if data.get(4..) == Some(BASE_ALLOCATION.as_bytes()) {
+                    context = Some(id);
+                }
+            }
+            r if r & REP_ERR_BIT != 0 => return Ok(None),
+            other => {
+                return Err(Wire::Protocol(format!(
+                    "unexpected reply type {other} to NBD_OPT_SET_META_CONTEXT"
+                )));
+            }
+        }
+    }
 }
 
 fn send_option(s: &mut Stream, option: u32, data: &[u8]) -> std::result::Result<(), Wire> {
@@ -647,21 +833,33 @@ fn read_option_reply(s: &mut Stream, option: u32) -> std::result::Result<(u32, V
     Ok((reply, data))
 }
 
-/// One request and its reply. The outer error is a transport or protocol
-/// failure (the connection is then unusable); the inner one is the server's
-/// error code and message.
-#[allow(clippy::too_many_arguments)]
-fn exchange(
-    s: &mut Stream,
-    structured: bool,
+/// The fields of a request header (the magic aside).
+#[derive(Debug, Clone, Copy)]
+struct Request {
     command: u16,
     flags: u16,
     cookie: u64,
     offset: u64,
     length: u32,
+}
+
+/// One request and its reply. The outer error is a transport or protocol
+/// failure (the connection is then unusable); the inner one is the server's
+/// error code and message.
+fn exchange(
+    s: &mut Stream,
+    structured: bool,
+    request: &Request,
     write_data: Option<&[u8]>,
-    mut read_into: Option<&mut [u8]>,
+    mut payload: Payload<'_>,
 ) -> std::result::Result<std::result::Result<(), (u32, String)>, Wire> {
+    let Request {
+        command,
+        flags,
+        cookie,
+        offset,
+        length,
+    } = *request;
     let mut header = [0u8; 28];
     header[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
     header[4..6].copy_from_slice(&flags.to_be_bytes());
@@ -690,8 +888,14 @@ fn exchange(
                 if error != 0 {
                     return Ok(Err((error, String::new())));
                 }
-                if let Some(buf) = read_into.as_deref_mut() {
-                    s.read_exact(buf)?;
+                match &mut payload {
+                    Payload::Data(buf) => s.read_exact(buf)?,
+                    Payload::None => {}
+                    Payload::Status(..) => {
+                        return Err(Wire::Protocol(
+                            "simple reply to a block status request".to_string(),
+                        ));
+                    }
                 }
                 return Ok(Ok(()));
             }
@@ -712,7 +916,7 @@ fn exchange(
                         }
                     }
                     REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE => {
-                        let Some(buf) = read_into.as_deref_mut() else {
+                        let Payload::Data(buf) = &mut payload else {
                             return Err(Wire::Protocol(format!(
                                 "data chunk in reply to command {command}"
                             )));
@@ -750,6 +954,29 @@ fn exchange(
                             s.read_exact(dst)?;
                         } else {
                             dst.fill(0);
+                        }
+                    }
+                    REPLY_TYPE_BLOCK_STATUS => {
+                        let Payload::Status(context, extents) = &mut payload else {
+                            return Err(Wire::Protocol(format!(
+                                "block status chunk in reply to command {command}"
+                            )));
+                        };
+                        if len < 12 || (len - 4) % 8 != 0 || len > MAX_STATUS_REPLY {
+                            return Err(Wire::Protocol(format!(
+                                "block status chunk of {len} bytes is not a context id and whole extents"
+                            )));
+                        }
+                        let id = read_u32(s)?;
+                        if id != *context {
+                            return Err(Wire::Protocol(format!(
+                                "block status for context {id}, not the negotiated {context}"
+                            )));
+                        }
+                        for _ in 0..(len - 4) / 8 {
+                            let length = read_u32(s)?;
+                            let flags = read_u32(s)?;
+                            extents.push((length, flags));
                         }
                     }
                     t if t & REPLY_TYPE_ERROR_BIT != 0 => {
@@ -841,13 +1068,22 @@ impl BlockDriver for Nbd {
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
         check_range(self.path(), self.size, offset, max_len.min(1))?;
-        Ok(Extent {
+        let len = max_len.min(self.size - offset).max(1);
+        let data = Extent {
             offset,
-            length: max_len.min(self.size - offset).max(1),
+            length: len,
             mapping: Mapping::Data {
                 host_offset: offset,
             },
-        })
+        };
+        let Some(context) = self.allocation_context else {
+            return Ok(data);
+        };
+        if let Some(extent) = self.cached_status(offset, len) {
+            return Ok(extent);
+        }
+        self.fetch_status(context, offset, len)?;
+        Ok(self.cached_status(offset, len).unwrap_or(data))
     }
 
     fn info(&self) -> Vec<(String, String)> {
@@ -861,6 +1097,10 @@ impl BlockDriver for Nbd {
                 self.structured.to_string(),
             ),
             ("min_block_size".to_string(), self.min_block.to_string()),
+            (
+                "block_status".to_string(),
+                self.allocation_context.is_some().to_string(),
+            ),
         ]
     }
 
@@ -917,7 +1157,7 @@ impl BlockDriver for Nbd {
         if self.transmission_flags & TFLAG_SEND_FLUSH == 0 {
             return Ok(());
         }
-        self.request(CMD_FLUSH, 0, 0, 0, None, None)
+        self.request(CMD_FLUSH, 0, 0, 0, None, Payload::None)
     }
 }
 

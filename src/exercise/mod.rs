@@ -12,26 +12,46 @@
 //! blocks; to whole sectors otherwise.)
 //!
 //! The op log (`--log`) is written as ops are issued, so it survives a crash or a
-//! hang of the driver under test; see [`workload`] for its format.
+//! hang of the driver under test; see [`log`] for its format.
+//!
+//! The parts: [`workload`] draws the ops, `dispatch` issues them, `finding`
+//! explains a difference, [`log`] reads and writes op logs; this module checks
+//! what the caller asked for ([`Request`]) and runs it ([`run`]).
 
+mod dispatch;
+mod finding;
+pub mod log;
 pub mod workload;
 
+pub use finding::{hexdump_diff, Finding};
+pub use log::{parse_log, Log, OpLog, LOG_MAGIC};
 pub use workload::{
-    fill_pattern, log_header, parse_log, pattern_key, pattern_word, Log, Mix, Op, OpKind, SizeMix,
-    Workload, LOG_MAGIC,
+    fill_pattern, pattern_key, pattern_word, Mix, Op, OpKind, SizeMix, Workload, MAX_REQUEST,
 };
 
-use crate::blkverify::Blkverify;
-use crate::driver::{BlockDriver, SECTOR_SIZE};
+use crate::blkverify::{parse_spec, Blkverify, Spec};
+use crate::driver::{BlockDriver, OpenOptions, SECTOR_SIZE};
 use crate::error::{Error, Result};
 use crate::verify::{self, VerifyOptions};
-use std::collections::VecDeque;
-use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, PoisonError};
+use dispatch::{Dispatcher, Pacer, Stats};
+use std::hash::{BuildHasher, Hasher};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+/// The most ops an exercise keeps in flight at once.
+pub const MAX_QUEUE_DEPTH: usize = 256;
+
+/// The ops a run makes when neither an op count nor a duration is given.
+pub const DEFAULT_OPS: u64 = 10_000;
+
+/// `queue_depth` if it is 1 to [`MAX_QUEUE_DEPTH`]: the one check of that range.
+pub fn check_queue_depth(queue_depth: u64) -> std::result::Result<usize, String> {
+    usize::try_from(queue_depth)
+        .ok()
+        .filter(|q| (1..=MAX_QUEUE_DEPTH).contains(q))
+        .ok_or_else(|| format!("queue depth {queue_depth} is not 1 to {MAX_QUEUE_DEPTH}"))
+}
 
 /// How long a generated run lasts.
 #[derive(Debug, Clone, Copy)]
@@ -70,14 +90,6 @@ impl Plan {
         }
     }
 
-    /// Whether any op may change the device (then both sides must be writable).
-    pub fn writes(&self) -> bool {
-        match self {
-            Plan::Generated { workload, .. } => workload.mix.writes(),
-            Plan::Replay { ops, .. } => ops.iter().any(Op::writes),
-        }
-    }
-
     /// The `position`-th op issued, if the plan has one.
     fn op(&self, position: u64) -> Option<Op> {
         match self {
@@ -94,7 +106,7 @@ impl Plan {
 /// How to run.
 #[derive(Debug, Clone)]
 pub struct ExerciseOptions {
-    /// Ops in flight at once (1 to 256).
+    /// Ops in flight at once (1 to [`MAX_QUEUE_DEPTH`]).
     pub queue_depth: usize,
     /// Verify the whole device after the last op.
     pub verify_at_end: bool,
@@ -110,40 +122,6 @@ impl Default for ExerciseOptions {
             verify_threads: 0,
         }
     }
-}
-
-/// A difference between the two sides.
-#[derive(Debug, Clone)]
-pub struct Finding {
-    /// The op that found it; `None` for the final flush or verify.
-    pub op: Option<Op>,
-    /// Where it was found: "op", "final flush" or "final verify".
-    pub phase: &'static str,
-    /// "contents" (different bytes) or "return_value" (different results).
-    pub kind: &'static str,
-    /// The one-line message (blkverify's, for op findings).
-    pub message: String,
-    /// The first differing sector (contents findings).
-    pub sector: Option<u64>,
-    /// The first differing byte (contents findings).
-    pub first_byte: Option<u64>,
-    /// The test side's result: 0 or a negative errno (return-value findings).
-    pub test_ret: Option<i32>,
-    /// The raw side's result.
-    pub raw_ret: Option<i32>,
-    /// The test side's error text, if it failed.
-    pub test_error: Option<String>,
-    /// The raw side's error text, if it failed.
-    pub raw_error: Option<String>,
-    /// The first differing sector as the test side returned it.
-    pub test_bytes: Vec<u8>,
-    /// The same sector on the raw reference.
-    pub raw_bytes: Vec<u8>,
-    /// The last op before the finding that changed the first differing byte.
-    pub last_change: Option<Op>,
-    /// What the test side's bytes are, when we can tell: an earlier write's
-    /// data (stale), or zeros.
-    pub diagnosis: Option<String>,
 }
 
 /// What a run did and found.
@@ -169,56 +147,161 @@ pub struct Outcome {
     pub verified: bool,
 }
 
-/// An op log being written.
-pub struct OpLog {
-    path: PathBuf,
-    out: BufWriter<File>,
+/// An exercise as a caller asks for it, unchecked. [`Exercise::prepare`]
+/// checks it, reads the replayed log and opens the device.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    /// The mirrored device, `blkverify:RAW:TEST` (default: the replayed log's).
+    pub spec: Option<String>,
+    /// Run this many ops (default [`DEFAULT_OPS`]).
+    pub ops: Option<u64>,
+    /// Or run for this many seconds.
+    pub duration: Option<f64>,
+    /// The seed (default: random).
+    pub seed: Option<u64>,
+    /// Op weights, as [`Mix::parse`] reads them (default [`Mix::default`]).
+    pub mix: Option<String>,
+    /// Request sizes, as [`SizeMix::parse`] reads them.
+    pub size_mix: Option<String>,
+    /// Ops in flight (default: the replayed log's, else 1).
+    pub queue_depth: Option<u64>,
+    /// Replay this log's ops instead of drawing them.
+    pub replay: Option<PathBuf>,
+    /// Write the op log here.
+    pub log: Option<PathBuf>,
+    /// Skip the whole-device verify after the last op.
+    pub no_verify: bool,
 }
 
-impl OpLog {
-    /// Create (or truncate) the log file.
-    pub fn create(path: &Path) -> Result<OpLog> {
-        let file = File::create(path).map_err(|e| Error::io(path, "create the op log", e))?;
-        Ok(OpLog {
-            path: path.to_path_buf(),
-            out: BufWriter::with_capacity(1 << 16, file),
+/// An exercise ready to run: checked, its device open, its plan made, its
+/// op log created.
+pub struct Exercise {
+    /// The device's spec.
+    pub spec: String,
+    /// The mirrored device.
+    pub device: Blkverify,
+    /// Where the ops come from.
+    pub plan: Plan,
+    /// How to run.
+    pub options: ExerciseOptions,
+    log: Option<OpLog>,
+}
+
+impl Exercise {
+    /// Check `request` and get everything ready. The test side opens with
+    /// `open` (format, backing policy, timeout), writable when any op writes.
+    pub fn prepare(request: Request, open: &OpenOptions) -> Result<Exercise> {
+        let invalid = |m: &str| Error::InvalidArgument(m.to_string());
+        let limit = match (request.ops, request.duration) {
+            (Some(_), Some(_)) => return Err(invalid("give ops or duration, not both")),
+            (_, Some(d)) if !(d.is_finite() && d > 0.0 && d < 1e9) => {
+                return Err(invalid(&format!(
+                    "duration {d} is not a positive number of seconds"
+                )))
+            }
+            (_, Some(d)) => Limit::Duration(Duration::from_secs_f64(d)),
+            (Some(n), None) => Limit::Ops(n),
+            (None, None) => Limit::Ops(DEFAULT_OPS),
+        };
+        let queue_depth = request
+            .queue_depth
+            .map(check_queue_depth)
+            .transpose()
+            .map_err(Error::InvalidArgument)?;
+        let replayed = match &request.replay {
+            Some(_)
+                if request.ops.is_some()
+                    || request.duration.is_some()
+                    || request.seed.is_some()
+                    || request.mix.is_some()
+                    || request.size_mix.is_some() =>
+            {
+                return Err(invalid(
+                    "a replay runs the log's ops: ops, duration, seed, mix and size_mix do not apply",
+                ))
+            }
+            Some(path) => Some(Log::read(path)?),
+            None => None,
+        };
+        let spec = match (request.spec, replayed.as_ref().and_then(|l| l.spec.clone())) {
+            (Some(spec), _) | (None, Some(spec)) => spec,
+            (None, None) => {
+                return Err(invalid(
+                    "exercise needs a blkverify:RAW:TEST spec (the log does not name one)",
+                ))
+            }
+        };
+        let Some(Spec { raw, test }) = parse_spec(&spec)? else {
+            return Err(invalid(&format!(
+                "{spec}: exercise needs a mirrored device, blkverify:RAW:TEST"
+            )));
+        };
+        let mix = request
+            .mix
+            .as_deref()
+            .map_or(Ok(Mix::default()), Mix::parse)?;
+        let size_mix = request
+            .size_mix
+            .as_deref()
+            .map_or(Ok(SizeMix::default()), SizeMix::parse)?;
+        let seed = request.seed.unwrap_or_else(|| {
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+                >> 1
+        });
+        let queue_depth = queue_depth
+            .or(replayed.as_ref().and_then(|l| l.queue_depth))
+            .unwrap_or(1);
+        let writes = match &replayed {
+            Some(l) => l.ops.iter().any(Op::writes),
+            None => mix.writes(),
+        };
+        let open = OpenOptions {
+            writable: writes,
+            snapshot: None,
+            ..open.clone()
+        };
+        let device = Blkverify::open(&raw, &test, &open)?;
+        let plan = match replayed {
+            Some(l) => Plan::Replay {
+                seed: l.seed,
+                ops: l.ops,
+            },
+            None => Plan::Generated {
+                workload: Workload {
+                    seed,
+                    size: device.size(),
+                    mix,
+                    size_mix,
+                },
+                limit,
+            },
+        };
+        let log = request.log.as_deref().map(OpLog::create).transpose()?;
+        Ok(Exercise {
+            spec,
+            device,
+            plan,
+            options: ExerciseOptions {
+                queue_depth,
+                verify_at_end: !request.no_verify,
+                ..ExerciseOptions::default()
+            },
+            log,
         })
     }
 
-    fn line(&mut self, text: &str) -> Result<()> {
-        writeln!(self.out, "{text}").map_err(|e| Error::io(&self.path, "write the op log", e))
+    /// Run it; see [`run`].
+    pub fn run(&mut self, tick: &mut dyn FnMut(u64) -> bool) -> Result<Outcome> {
+        run(
+            &self.device,
+            &self.plan,
+            &self.options,
+            self.log.as_mut(),
+            tick,
+        )
     }
-
-    fn flush(&mut self) -> Result<()> {
-        self.out
-            .flush()
-            .map_err(|e| Error::io(&self.path, "write the op log", e))
-    }
-}
-
-/// Counters the workers share.
-#[derive(Default)]
-struct Stats {
-    done: AtomicU64,
-    bytes_read: AtomicU64,
-    bytes_written: AtomicU64,
-}
-
-/// The result of one op: fine, a finding, or an error that ends the run.
-enum Outcome1 {
-    Ok,
-    Finding(Box<Finding>),
-    Error(Error),
-}
-
-/// The dispatcher and workers' shared state.
-struct Queue {
-    pending: VecDeque<Op>,
-    in_flight: Vec<(u64, u64, u64)>,
-    closed: bool,
-    stop: bool,
-    findings: Vec<Finding>,
-    error: Option<Error>,
 }
 
 /// Run `plan` on `device`. `log`, if given, gets the header and every op as it
@@ -233,8 +316,7 @@ pub fn run(
     tick: &mut dyn FnMut(u64) -> bool,
 ) -> Result<Outcome> {
     let size = device.size();
-    let seed = plan.seed();
-    let queue_depth = options.queue_depth.clamp(1, 256);
+    let queue_depth = options.queue_depth.clamp(1, MAX_QUEUE_DEPTH);
     if let Plan::Replay { ops, .. } = plan {
         if let Some(op) = ops.iter().find(|op| op.offset + op.length > size) {
             return Err(Error::InvalidArgument(format!(
@@ -242,28 +324,16 @@ pub fn run(
             )));
         }
     }
-    let unit = if device.test().format_name() == "nbd" {
-        device.test().granularity().max(SECTOR_SIZE)
-    } else {
-        SECTOR_SIZE
-    };
     if let Some(log) = log.as_deref_mut() {
-        let extra = match plan {
+        let spec = device.path().display().to_string();
+        log.header(plan.seed(), Some(size), Some(queue_depth), Some(&spec))?;
+        match plan {
             Plan::Generated { workload, .. } => {
-                format!("# mix {}\n# size-mix {}\n", workload.mix, workload.size_mix)
+                log.comment(&format!("mix {}", workload.mix))?;
+                log.comment(&format!("size-mix {}", workload.size_mix))?;
             }
-            Plan::Replay { .. } => "# replayed\n".to_string(),
-        };
-        log.line(
-            log_header(
-                seed,
-                size,
-                &device.path().display().to_string(),
-                queue_depth,
-                &extra,
-            )
-            .trim_end(),
-        )?;
+            Plan::Replay { .. } => log.comment("replayed")?,
+        }
     }
 
     let stats = Stats::default();
@@ -275,210 +345,55 @@ pub fn run(
         } => Some(started + *d),
         _ => None,
     };
-    let mut last_tick = started;
-    let mut cancelled = false;
-    let mut issued = 0u64;
-    let mut findings = Vec::new();
-    let mut error = None;
-
-    // Returns false when the run must stop (cancelled, or out of time).
-    let mut keep_going = |stats: &Stats, cancelled: &mut bool| -> bool {
-        let now = Instant::now();
-        if deadline.is_some_and(|d| now >= d) {
-            return false;
-        }
-        if now.duration_since(last_tick) >= Duration::from_millis(100) {
-            last_tick = now;
-            if !tick(stats.done.load(Ordering::Relaxed)) {
-                *cancelled = true;
-                return false;
-            }
-        }
-        true
+    let mut pacer = Pacer::new(deadline, tick);
+    let mut dispatcher = Dispatcher {
+        device,
+        plan,
+        stats: &stats,
+        log: log.as_deref_mut(),
+        pacer: &mut pacer,
     };
-
-    if queue_depth == 1 {
-        let mut buf = Vec::new();
-        while let Some(op) = plan.op(issued) {
-            if !keep_going(&stats, &mut cancelled) {
-                break;
-            }
-            if let Some(log) = log.as_deref_mut() {
-                log.line(&op.log_line())?;
-            }
-            issued += 1;
-            match execute(device, seed, &op, &mut buf, &stats) {
-                Outcome1::Ok => {}
-                Outcome1::Finding(f) => {
-                    findings.push(*f);
-                    break;
-                }
-                Outcome1::Error(e) => {
-                    error = Some(e);
-                    break;
-                }
-            }
-        }
+    let dispatched = if queue_depth == 1 {
+        dispatcher.serial()?
     } else {
-        let queue = Mutex::new(Queue {
-            pending: VecDeque::new(),
-            in_flight: Vec::new(),
-            closed: false,
-            stop: false,
-            findings: Vec::new(),
-            error: None,
-        });
-        let wake = Condvar::new();
-        let lock = || queue.lock().unwrap_or_else(PoisonError::into_inner);
-        let widen = |op: &Op| {
-            op.range()
-                .map(|(start, end)| (start / unit * unit, end.div_ceil(unit) * unit))
+        // NBD clients read-modify-write partial blocks: ops that share a block overlap.
+        let unit = if device.test().format_name() == "nbd" {
+            device.test().granularity().max(SECTOR_SIZE)
+        } else {
+            SECTOR_SIZE
         };
-        let dispatched: Result<()> = std::thread::scope(|scope| {
-            for _ in 0..queue_depth {
-                scope.spawn(|| {
-                    let mut buf = Vec::new();
-                    loop {
-                        let op = {
-                            let mut q = lock();
-                            loop {
-                                if let Some(op) = q.pending.pop_front() {
-                                    break op;
-                                }
-                                if q.closed {
-                                    return;
-                                }
-                                q = wake.wait(q).unwrap_or_else(PoisonError::into_inner);
-                            }
-                        };
-                        let result = execute(device, seed, &op, &mut buf, &stats);
-                        let mut q = lock();
-                        q.in_flight.retain(|(number, _, _)| *number != op.number);
-                        match result {
-                            Outcome1::Ok => {}
-                            Outcome1::Finding(f) => {
-                                q.findings.push(*f);
-                                q.stop = true;
-                            }
-                            Outcome1::Error(e) => {
-                                q.error.get_or_insert(e);
-                                q.stop = true;
-                            }
-                        }
-                        wake.notify_all();
-                    }
-                });
-            }
-            let mut outcome = Ok(());
-            'ops: while let Some(op) = plan.op(issued) {
-                if !keep_going(&stats, &mut cancelled) {
-                    break;
-                }
-                let range = widen(&op);
-                let mut q = lock();
-                loop {
-                    if q.stop {
-                        break 'ops;
-                    }
-                    let overlaps = range.is_some_and(|(start, end)| {
-                        q.in_flight.iter().any(|(_, s, e)| *s < end && start < *e)
-                    });
-                    if q.in_flight.len() < queue_depth && !overlaps {
-                        break;
-                    }
-                    let (guard, _) = wake
-                        .wait_timeout(q, Duration::from_millis(50))
-                        .unwrap_or_else(PoisonError::into_inner);
-                    q = guard;
-                    if !q.in_flight.is_empty() && q.in_flight.len() >= queue_depth {
-                        drop(q);
-                        if !keep_going(&stats, &mut cancelled) {
-                            break 'ops;
-                        }
-                        q = lock();
-                    }
-                }
-                if let Some(log) = log.as_deref_mut() {
-                    if let Err(e) = log.line(&op.log_line()) {
-                        outcome = Err(e);
-                        break;
-                    }
-                }
-                let (start, end) = range.unwrap_or((0, 0));
-                q.in_flight.push((op.number, start, end));
-                q.pending.push_back(op);
-                issued += 1;
-                wake.notify_all();
-            }
-            let mut q = lock();
-            q.closed = true;
-            wake.notify_all();
-            drop(q);
-            outcome
-        });
-        let q = queue.into_inner().unwrap_or_else(PoisonError::into_inner);
-        dispatched?;
-        findings = q.findings;
-        error = q.error;
-        findings.sort_by_key(|f| f.op.map_or(u64::MAX, |op| op.number));
-    }
-    let elapsed = started.elapsed();
-
-    let finish_log = |log: Option<&mut OpLog>, findings: &[Finding]| -> Result<()> {
-        if let Some(log) = log {
-            for f in findings {
-                log.line(&format!("# finding: {}", f.message))?;
-            }
-            log.flush()?;
-        }
-        Ok(())
+        dispatcher.queued(queue_depth, unit)?
     };
-    if let Some(e) = error {
+    let elapsed = started.elapsed();
+    let cancelled = pacer.cancelled;
+    let mut findings = dispatched.findings;
+
+    let stopped = match dispatched.error {
+        Some(e) => Some(e),
+        None if cancelled => Some(Error::Cancelled),
+        None => None,
+    };
+    if let Some(e) = stopped {
         finish_log(log, &findings)?;
         return Err(e);
-    }
-    if cancelled {
-        finish_log(log, &findings)?;
-        return Err(Error::Cancelled);
     }
 
     let verify_started = Instant::now();
     let mut verified = false;
     if findings.is_empty() && options.verify_at_end {
-        match device.flush() {
-            Ok(()) => {}
-            Err(e) => match finding_of(device, None, "final flush", e) {
-                Outcome1::Finding(f) => findings.push(*f),
-                Outcome1::Error(e) => return Err(e),
-                Outcome1::Ok => {}
-            },
-        }
-        if findings.is_empty() {
-            let verify_options = VerifyOptions {
-                threads: options.verify_threads,
-                ..VerifyOptions::default()
-            };
-            let mut verify_tick = |_: verify::Progress| tick(stats.done.load(Ordering::Relaxed));
-            let report = verify::verify(
-                device.raw(),
-                device.test(),
-                &verify_options,
-                &mut verify_tick,
-            )?;
-            verified = true;
-            if let Some(m) = report.mismatches.first() {
-                findings.push(verify_finding(device, m));
-            }
-        }
+        let mut verify_tick = |_: verify::Progress| tick(stats.done.load(Ordering::Relaxed));
+        let (finding, whole) = final_check(device, options, &mut verify_tick)?;
+        findings.extend(finding);
+        verified = whole;
     }
     for f in &mut findings {
-        explain(plan, issued, f);
+        finding::explain(plan, dispatched.issued, f);
     }
     finish_log(log, &findings)?;
     Ok(Outcome {
-        seed,
+        seed: plan.seed(),
         ops: stats.done.load(Ordering::Relaxed),
-        issued,
+        issued: dispatched.issued,
         elapsed,
         verify_elapsed: verify_started.elapsed(),
         bytes_read: stats.bytes_read.load(Ordering::Relaxed),
@@ -488,340 +403,39 @@ pub fn run(
     })
 }
 
-/// Run one op through the device.
-fn execute(device: &Blkverify, seed: u64, op: &Op, buf: &mut Vec<u8>, stats: &Stats) -> Outcome1 {
-    let length = usize::try_from(op.length).unwrap_or(usize::MAX);
-    if matches!(op.kind, OpKind::Read | OpKind::Write) && buf.len() < length {
-        buf.resize(length, 0);
-    }
-    let data = buf.get_mut(..length).unwrap_or(&mut []);
-    let result = match op.kind {
-        OpKind::Read => device.read_at(data, op.offset),
-        OpKind::Write => {
-            fill_pattern(data, seed, op.number, op.offset);
-            device.write_at(data, op.offset)
-        }
-        OpKind::Zero { unmap } => device.write_zeroes(op.offset, op.length, unmap),
-        OpKind::Discard => device.discard(op.offset, op.length),
-        OpKind::Flush => device.flush(),
-    };
-    stats.done.fetch_add(1, Ordering::Relaxed);
-    match result {
-        Ok(()) => {
-            match op.kind {
-                OpKind::Read => stats.bytes_read.fetch_add(op.length, Ordering::Relaxed),
-                OpKind::Write => stats.bytes_written.fetch_add(op.length, Ordering::Relaxed),
-                _ => 0,
-            };
-            Outcome1::Ok
-        }
-        Err(e) => {
-            // A read's buffer holds what the test side returned: keep it, a
-            // second read may not return the same (a transient fault).
-            let seen = (op.kind == OpKind::Read).then(|| buf.get(..length).unwrap_or(&[]));
-            finding_of_with(device, Some(*op), "op", e, seen)
-        }
-    }
-}
-
-fn finding_of(device: &Blkverify, op: Option<Op>, phase: &'static str, e: Error) -> Outcome1 {
-    finding_of_with(device, op, phase, e, None)
-}
-
-/// Turn an op's error into a finding (the two sides differ), or into an error
-/// that ends the run (both sides failed alike: the environment, not the driver).
-fn finding_of_with(
+/// Flush both sides, then verify the whole device. Returns the first finding,
+/// if any, and whether the whole device was verified (not when the flush
+/// already found a difference).
+fn final_check(
     device: &Blkverify,
-    op: Option<Op>,
-    phase: &'static str,
-    e: Error,
-    seen: Option<&[u8]>,
-) -> Outcome1 {
-    let message = e.to_string();
-    match e {
-        Error::Mismatch { first_byte, .. } => {
-            let sector = first_byte / SECTOR_SIZE;
-            let (test_bytes, raw_bytes) = sector_bytes(device, sector, op, seen);
-            Outcome1::Finding(Box::new(Finding {
-                op,
-                phase,
-                kind: "contents",
-                message,
-                sector: Some(sector),
-                first_byte: Some(first_byte),
-                test_ret: None,
-                raw_ret: None,
-                test_error: None,
-                raw_error: None,
-                test_bytes,
-                raw_bytes,
-                last_change: None,
-                diagnosis: None,
-            }))
-        }
-        Error::ReturnMismatch {
-            test_ret,
-            raw_ret,
-            test_error,
-            raw_error,
-            ..
-        } => Outcome1::Finding(Box::new(Finding {
-            op,
-            phase,
-            kind: "return_value",
-            message,
-            sector: None,
-            first_byte: None,
-            test_ret: Some(test_ret),
-            raw_ret: Some(raw_ret),
-            test_error,
-            raw_error,
-            test_bytes: Vec::new(),
-            raw_bytes: Vec::new(),
-            last_change: None,
-            diagnosis: None,
-        })),
-        Error::Io {
-            path,
-            context,
-            source,
-        } => Outcome1::Error(Error::Io {
-            path,
-            context: match op {
-                Some(op) => format!("exercise op {op}: {context}"),
-                None => format!("exercise {phase}: {context}"),
-            },
-            source,
-        }),
-        other => Outcome1::Error(other),
+    options: &ExerciseOptions,
+    tick: &mut dyn FnMut(verify::Progress) -> bool,
+) -> Result<(Option<Finding>, bool)> {
+    if let Err(e) = device.flush() {
+        let finding = finding::of_error(device, None, "final flush", e, None)?;
+        return Ok((Some(finding), false));
     }
+    let verify_options = VerifyOptions {
+        threads: options.verify_threads,
+        ..VerifyOptions::default()
+    };
+    let report = verify::verify(device.raw(), device.test(), &verify_options, tick)?;
+    let finding = report
+        .mismatches
+        .first()
+        .map(|m| finding::of_verify(device, m));
+    Ok((finding, true))
 }
 
-/// Both sides' bytes of one sector (short at the end of a side). `seen` is
-/// the test side's data for a read op's whole request, used instead of a
-/// second read.
-fn sector_bytes(
-    device: &Blkverify,
-    sector: u64,
-    op: Option<Op>,
-    seen: Option<&[u8]>,
-) -> (Vec<u8>, Vec<u8>) {
-    let offset = sector * SECTOR_SIZE;
-    let read = |side: &dyn BlockDriver| -> Vec<u8> {
-        let n = side.size().saturating_sub(offset).min(SECTOR_SIZE) as usize;
-        let mut buf = vec![0u8; n];
-        match side.read_at(&mut buf, offset) {
-            Ok(()) => buf,
-            Err(_) => Vec::new(),
+/// End the op log: the findings as comments, then a flush.
+fn finish_log(log: Option<&mut OpLog>, findings: &[Finding]) -> Result<()> {
+    if let Some(log) = log {
+        for f in findings {
+            log.comment(&format!("finding: {}", f.message))?;
         }
-    };
-    let test = match (op, seen) {
-        (Some(op), Some(seen)) => {
-            // The part of the sector the read covered, as the test side gave it.
-            let start = offset.max(op.offset);
-            let end = (offset + SECTOR_SIZE).min(op.offset + op.length);
-            let mut bytes = read(device.test());
-            let from = (start - op.offset) as usize;
-            let into = (start - offset) as usize;
-            let n = end.saturating_sub(start) as usize;
-            if let (Some(dst), Some(src)) =
-                (bytes.get_mut(into..into + n), seen.get(from..from + n))
-            {
-                dst.copy_from_slice(src);
-            }
-            bytes
-        }
-        _ => read(device.test()),
-    };
-    (test, read(device.raw()))
-}
-
-fn verify_finding(device: &Blkverify, m: &verify::Mismatch) -> Finding {
-    let sector = m.first_byte / SECTOR_SIZE;
-    let (test_bytes, raw_bytes) = sector_bytes(device, sector, None, None);
-    let message = match &m.error {
-        Some(e) => {
-            format!("blkverify: final verify: read error in sector {sector} of the test side: {e}")
-        }
-        None => format!("blkverify: final verify: contents mismatch in sector {sector}"),
-    };
-    Finding {
-        op: None,
-        phase: "final verify",
-        kind: if m.error.is_some() {
-            "return_value"
-        } else {
-            "contents"
-        },
-        message,
-        sector: Some(sector),
-        first_byte: Some(m.first_byte),
-        test_ret: None,
-        raw_ret: None,
-        test_error: m.error.clone(),
-        raw_error: None,
-        test_bytes,
-        raw_bytes,
-        last_change: None,
-        diagnosis: None,
+        log.flush()?;
     }
-}
-
-/// How far back `explain` looks for the op that last changed a byte.
-const EXPLAIN_LOOK_BACK: u64 = 1_000_000;
-
-/// Name the last op before the finding that changed its first differing byte,
-/// and say what the test side's bytes are when we can tell: zeros, or the data
-/// an earlier write put there (a stale or lost write).
-fn explain(plan: &Plan, issued: u64, f: &mut Finding) {
-    let Some(first_byte) = f.first_byte else {
-        return;
-    };
-    let sector = first_byte / SECTOR_SIZE;
-    let sector_offset = sector * SECTOR_SIZE;
-    // Ops issued before the finding's op, newest first.
-    let before = match f.op {
-        Some(op) => (0..issued)
-            .find(|&p| plan.op(p).is_some_and(|o| o.number == op.number))
-            .unwrap_or(issued),
-        None => issued,
-    };
-    let covers = |op: &Op, at: u64| op.writes() && op.offset <= at && at < op.offset + op.length;
-    let history = (before.saturating_sub(EXPLAIN_LOOK_BACK)..before)
-        .rev()
-        .filter_map(|p| plan.op(p));
-    let mut last_change = None;
-    let mut diagnosis = None;
-    let test = &f.test_bytes;
-    if !test.is_empty() && test.iter().all(|&b| b == 0) {
-        diagnosis = Some("the test side reads zeros here".to_string());
-    }
-    for op in history.filter(|op| covers(op, first_byte)) {
-        if last_change.is_none() {
-            last_change = Some(op);
-        }
-        if diagnosis.is_some() {
-            break;
-        }
-        if op.kind == OpKind::Write && !test.is_empty() {
-            // Does the differing byte hold this write's data on the test side?
-            let mut expect = vec![0u8; test.len()];
-            fill_pattern(&mut expect, plan.seed(), op.number, sector_offset);
-            let lo = (first_byte - sector_offset) as usize;
-            let hi = ((op.offset + op.length).min(sector_offset + test.len() as u64)
-                - sector_offset) as usize;
-            if lo < hi && expect.get(lo..hi) == test.get(lo..hi) {
-                let newest = last_change.is_some_and(|l: Op| l.number == op.number);
-                diagnosis = Some(if newest {
-                    format!("the test side holds op {}'s data here", op.number)
-                } else {
-                    format!(
-                        "the test side holds the data of op {} ({}), an older write: stale",
-                        op.number, op
-                    )
-                });
-                break;
-            }
-        }
-    }
-    if diagnosis.is_none() {
-        diagnosis = misplaced(plan, before, f);
-    }
-    f.last_change = last_change;
-    if f.diagnosis.is_none() {
-        f.diagnosis = diagnosis;
-    }
-}
-
-/// Write ops `misplaced` searches, newest first.
-const MISPLACED_LOOK_BACK: usize = 2000;
-
-/// Whether the test side's bytes at the first difference are data an earlier
-/// write meant for another offset: a misplaced write. Every aligned 8-byte word
-/// of every write is unique, so one word names the op and the offset it was
-/// meant for.
-fn misplaced(plan: &Plan, before: u64, f: &Finding) -> Option<String> {
-    let first_byte = f.first_byte?;
-    let sector_offset = first_byte / SECTOR_SIZE * SECTOR_SIZE;
-    let at = usize::try_from(first_byte.div_ceil(8) * 8 - sector_offset).ok()?;
-    let word: [u8; 8] = f.test_bytes.get(at..at + 8)?.try_into().ok()?;
-    let found_at = sector_offset + at as u64;
-    let writes = (0..before)
-        .rev()
-        .filter_map(|p| plan.op(p))
-        .filter(|op| op.kind == OpKind::Write)
-        .take(MISPLACED_LOOK_BACK);
-    for op in writes {
-        let key = pattern_key(plan.seed(), op.number);
-        let first_word = op.offset.div_ceil(8);
-        let end_word = (op.offset + op.length) / 8;
-        if let Some(w) = (first_word..end_word).find(|&w| pattern_word(key, w) == word) {
-            let meant = w * 8;
-            if meant == found_at {
-                return None; // in place: the stale-data check above covers it
-            }
-            let delta = found_at as i128 - meant as i128;
-            let sign = if delta < 0 { "-" } else { "+" };
-            return Some(format!(
-                "the test side holds data op {} ({op}) wrote for offset {meant:#x}: \
-                 misplaced by {sign}{:#x} bytes",
-                op.number,
-                delta.unsigned_abs()
-            ));
-        }
-    }
-    None
-}
-
-/// A short hexdump diff of one sector from the row holding `first_byte` on:
-/// the 16-byte rows that differ (at most `max_rows`), each as a `test` line and
-/// a `raw` line with `^^` under the differing bytes.
-pub fn hexdump_diff(
-    sector_offset: u64,
-    first_byte: u64,
-    test: &[u8],
-    raw: &[u8],
-    max_rows: usize,
-) -> Vec<String> {
-    let mut lines = Vec::new();
-    let rows = test.len().max(raw.len()).div_ceil(16);
-    let first_row = usize::try_from(first_byte.saturating_sub(sector_offset) / 16).unwrap_or(0);
-    let mut shown = 0;
-    let mut differing = 0;
-    for row in first_row..rows {
-        let at = row * 16;
-        let t = test.get(at..(at + 16).min(test.len())).unwrap_or(&[]);
-        let r = raw.get(at..(at + 16).min(raw.len())).unwrap_or(&[]);
-        if t == r {
-            continue;
-        }
-        differing += 1;
-        if shown == max_rows {
-            continue;
-        }
-        shown += 1;
-        let hex = |b: &[u8]| {
-            (0..16)
-                .map(|i| b.get(i).map_or("  ".to_string(), |x| format!("{x:02x}")))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
-        let marks = (0..16)
-            .map(|i| if t.get(i) == r.get(i) { "  " } else { "^^" })
-            .collect::<Vec<_>>()
-            .join(" ");
-        let offset = sector_offset + at as u64;
-        lines.push(format!("{offset:#010x}  test  {}", hex(t)));
-        lines.push(format!("{offset:#010x}  raw   {}", hex(r)));
-        lines.push(format!("{:10}        {}", "", marks.trim_end()));
-    }
-    if differing > shown {
-        lines.push(format!(
-            "({} more differing rows in this sector)",
-            differing - shown
-        ));
-    }
-    lines
+    Ok(())
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use super::*;
 use crate::driver::raw::Raw;
 use crate::driver::{Extent, OpenOptions};
 use crate::storage::MemStorage;
+use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 

@@ -1,17 +1,15 @@
 //! The seeded workload: operations, the mixes that weight them, the generator
-//! that turns (seed, op number) into an operation, the write patterns, and the
-//! op-log format that `--log` writes and `--replay` reads.
+//! that turns (seed, op number) into an operation, and the write patterns.
 //!
 //! Op `n` depends only on the seed, `n`, the device size and the mixes, never on
 //! earlier ops having run, so the generator has random access: `--ops N` runs a
 //! prefix of the same sequence whatever N is, a `--duration` run is a prefix too,
 //! and a reproduction needs only the seed and a count.
 
+use crate::driver::SECTOR_SIZE as SECTOR;
 use crate::error::{Error, Result};
+use crate::size::parse_size;
 use std::fmt;
-
-/// Bytes per sector.
-const SECTOR: u64 = 512;
 
 /// What an operation does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,86 +68,6 @@ impl Op {
     /// Whether the op changes the device.
     pub fn writes(&self) -> bool {
         !matches!(self.kind, OpKind::Read | OpKind::Flush)
-    }
-
-    /// The op as one log line: `N read OFFSET LENGTH`, `N write OFFSET LENGTH`,
-    /// `N zero OFFSET LENGTH [unmap]`, `N discard OFFSET LENGTH`, `N flush`.
-    pub fn log_line(&self) -> String {
-        self.to_string()
-    }
-
-    /// Parse a log line written by [`Op::log_line`].
-    pub fn parse(line: &str) -> std::result::Result<Op, String> {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let number = |s: &str, what: &str| -> std::result::Result<u64, String> {
-            s.parse::<u64>()
-                .map_err(|_| format!("{what} '{s}' is not a non-negative integer"))
-        };
-        let (first, name) = match words.as_slice() {
-            [first, name, ..] => (*first, *name),
-            _ => return Err("expected 'NUMBER OP [OFFSET LENGTH]'".to_string()),
-        };
-        let op_number = number(first, "op number")?;
-        let ranged = |kind: OpKind, extra: &[&str]| -> std::result::Result<Op, String> {
-            match words.get(2..) {
-                Some([offset, length, rest @ ..]) if rest == extra => {
-                    let length = number(length, "length")?;
-                    if length == 0 {
-                        return Err("length must be at least 1".to_string());
-                    }
-                    Ok(Op {
-                        number: op_number,
-                        kind,
-                        offset: number(offset, "offset")?,
-                        length,
-                    })
-                }
-                _ => Err(format!(
-                    "'{name}' takes OFFSET LENGTH{}",
-                    if extra.is_empty() { "" } else { " [unmap]" }
-                )),
-            }
-        };
-        match name {
-            "read" => ranged(OpKind::Read, &[]),
-            "write" => ranged(OpKind::Write, &[]),
-            "discard" => ranged(OpKind::Discard, &[]),
-            "zero" if words.len() == 5 => ranged(OpKind::Zero { unmap: true }, &["unmap"]),
-            "zero" => ranged(OpKind::Zero { unmap: false }, &[]),
-            "flush" if words.len() == 2 => Ok(Op {
-                number: op_number,
-                kind: OpKind::Flush,
-                offset: 0,
-                length: 0,
-            }),
-            "flush" => Err("'flush' takes no arguments".to_string()),
-            other => Err(format!(
-                "unknown op '{other}' (known: read, write, zero, discard, flush)"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for Op {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.kind {
-            OpKind::Flush => write!(f, "{} flush", self.number),
-            OpKind::Zero { unmap: true } => {
-                write!(
-                    f,
-                    "{} zero {} {} unmap",
-                    self.number, self.offset, self.length
-                )
-            }
-            kind => write!(
-                f,
-                "{} {} {} {}",
-                self.number,
-                kind.name(),
-                self.offset,
-                self.length
-            ),
-        }
     }
 }
 
@@ -278,21 +196,10 @@ impl Default for SizeMix {
 /// The largest request the workload issues.
 pub const MAX_REQUEST: u64 = 64 << 20;
 
-fn parse_size(text: &str) -> Option<u64> {
-    let t = text.trim();
-    let (digits, shift) = match t.char_indices().last()? {
-        (i, 'k' | 'K') => (t.get(..i)?, 10),
-        (i, 'm' | 'M') => (t.get(..i)?, 20),
-        (i, 'g' | 'G') => (t.get(..i)?, 30),
-        (i, 'b' | 'B') => (t.get(..i)?, 0),
-        _ => (t, 0),
-    };
-    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
-}
-
 impl SizeMix {
     /// Parse `512=10,4k=40,64k=30,1M=15,4M=5`: each SIZE=WEIGHT is a bucket of
-    /// requests up to SIZE bytes (suffixes k, M, G; 1 B to 64 MiB).
+    /// requests up to SIZE bytes (QEMU's size grammar, see [`crate::size`];
+    /// 1 B to 64 MiB).
     pub fn parse(text: &str) -> Result<SizeMix> {
         let bad = |m: String| Error::InvalidArgument(format!("--size-mix '{text}': {m}"));
         let mut buckets = Vec::new();
@@ -300,7 +207,8 @@ impl SizeMix {
             let (size, weight) = item
                 .split_once('=')
                 .ok_or_else(|| bad(format!("'{item}' is not SIZE=WEIGHT")))?;
-            let size = parse_size(size)
+            let size = parse_size(size.trim())
+                .ok()
                 .filter(|s| (1..=MAX_REQUEST).contains(s))
                 .ok_or_else(|| bad(format!("size '{size}' is not 1 to 64M bytes")))?;
             let weight: u32 = weight
@@ -529,97 +437,6 @@ pub fn pattern_word(key: u64, word: u64) -> [u8; 8] {
     mix64(key ^ word).to_le_bytes()
 }
 
-/// The first line of an op log.
-pub const LOG_MAGIC: &str = "# blkverify exercise log v1";
-
-/// A parsed op log.
-#[derive(Debug, Clone)]
-pub struct Log {
-    /// The seed the write patterns derive from.
-    pub seed: u64,
-    /// The spec the log was recorded on, if it says.
-    pub spec: Option<String>,
-    /// The queue depth it was recorded with, if it says.
-    pub queue_depth: Option<usize>,
-    /// The device size it was recorded on, if it says.
-    pub size: Option<u64>,
-    /// The ops, in the order they were issued.
-    pub ops: Vec<Op>,
-}
-
-/// The header lines of an op log (each ends with a newline).
-pub fn log_header(seed: u64, size: u64, spec: &str, queue_depth: usize, extra: &str) -> String {
-    format!(
-        "{LOG_MAGIC}\nseed {seed}\nsize {size}\nqueue-depth {queue_depth}\nspec {spec}\n{extra}"
-    )
-}
-
-/// Parse an op log: the magic line, then `seed S`, optional `size N`,
-/// `queue-depth Q` and `spec SPEC` lines, then one op per line. Blank lines and
-/// lines starting with `#` are ignored. `name` is the file, for messages.
-pub fn parse_log(name: &str, text: &str) -> Result<Log> {
-    let mut lines = text.lines().enumerate();
-    let bad = |line: usize, m: String| Error::InvalidArgument(format!("{name}:{}: {m}", line + 1));
-    match lines.next() {
-        Some((_, first)) if first.trim_end() == LOG_MAGIC => {}
-        _ => {
-            return Err(Error::InvalidArgument(format!(
-                "{name}: not a blkverify exercise log (the first line must be '{LOG_MAGIC}')"
-            )))
-        }
-    }
-    let mut log = Log {
-        seed: 0,
-        spec: None,
-        queue_depth: None,
-        size: None,
-        ops: Vec::new(),
-    };
-    let mut seed = None;
-    for (i, line) in lines {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (key, value) = line.split_once(' ').unwrap_or((line, ""));
-        let value = value.trim();
-        let int = |what: &str| {
-            value
-                .parse::<u64>()
-                .map_err(|_| bad(i, format!("{what} '{value}' is not a non-negative integer")))
-        };
-        match key {
-            "seed" => seed = Some(int("seed")?),
-            "size" => log.size = Some(int("size")?),
-            "queue-depth" => {
-                log.queue_depth = Some(
-                    usize::try_from(int("queue depth")?)
-                        .ok()
-                        .filter(|q| (1..=256).contains(q))
-                        .ok_or_else(|| bad(i, "queue depth must be 1 to 256".to_string()))?,
-                )
-            }
-            "spec" => log.spec = Some(value.to_string()),
-            _ => {
-                let op = Op::parse(line).map_err(|m| bad(i, m))?;
-                if op.length > MAX_REQUEST {
-                    return Err(bad(i, format!("length {} is over 64 MiB", op.length)));
-                }
-                if op.offset.checked_add(op.length).is_none() {
-                    return Err(bad(i, "offset + length overflows".to_string()));
-                }
-                log.ops.push(op);
-            }
-        }
-    }
-    log.seed = seed.ok_or_else(|| {
-        Error::InvalidArgument(format!(
-            "{name}: no 'seed' line (the write patterns need it)"
-        ))
-    })?;
-    Ok(log)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -696,33 +513,6 @@ mod tests {
     }
 
     #[test]
-    fn log_lines_round_trip_and_bad_lines_are_named() {
-        let w = workload(3);
-        for n in 0..2000 {
-            let op = w.op(n);
-            assert_eq!(Op::parse(&op.log_line()).unwrap(), op);
-        }
-        let text = format!("{LOG_MAGIC}\nseed 9\nsize 100\n# c\n0 write 0 10\n1 wirte 0 1\n");
-        let err = parse_log("x.log", &text).unwrap_err().to_string();
-        assert_eq!(
-            err,
-            "x.log:6: unknown op 'wirte' (known: read, write, zero, discard, flush)"
-        );
-        let err = parse_log("x.log", "0 read 0 1\n").unwrap_err().to_string();
-        assert!(
-            err.starts_with("x.log: not a blkverify exercise log"),
-            "{err}"
-        );
-        let log = parse_log(
-            "x.log",
-            &format!("{LOG_MAGIC}\nseed 9\n3 zero 5 6 unmap\n4 flush\n"),
-        )
-        .unwrap();
-        assert_eq!(log.seed, 9);
-        assert_eq!(log.ops.len(), 2);
-    }
-
-    #[test]
     fn mixes_parse_and_print() {
         let m = Mix::parse("read=1,flush=2").unwrap();
         assert_eq!(m.to_string(), "read=1,write=0,zero=0,discard=0,flush=2");
@@ -734,6 +524,9 @@ mod tests {
             .contains("unknown kind 'reed'"));
         let s = SizeMix::parse("512=1,4k=2,1M=3").unwrap();
         assert_eq!(s.to_string(), "512=1,4k=2,1M=3");
+        // QEMU's size grammar, as every size option takes it.
+        let q = SizeMix::parse("0x200=1, 1.5k =2,.5M=3").unwrap();
+        assert_eq!(q.to_string(), "512=1,1536=2,512k=3");
         assert_eq!(s.max_size(), 1 << 20);
         assert!(SizeMix::parse("128M=1").is_err());
         let default = SizeMix::default();

@@ -1,9 +1,10 @@
 //! `Device`: the mirrored blkverify device (a raw reference and a test image), and
 //! `open_device`. Every call releases the GIL; a mismatch raises `MismatchError`.
 
-use super::errors::{open_options, run_detached};
+use super::detached::run_detached;
 use super::image::{map_list, read_bytes, read_into, write_from};
-use crate::blkverify::{parse_spec, Blkverify, Spec};
+use super::options::{open_options, Kwargs};
+use crate::blkverify::{Blkverify, Spec};
 use crate::driver::BlockDriver;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -20,13 +21,24 @@ pub struct PyDevice {
 }
 
 impl PyDevice {
+    pub(crate) fn new(device: Blkverify) -> PyDevice {
+        PyDevice {
+            raw: device.raw().path().to_path_buf(),
+            test: device.test().path().to_path_buf(),
+            device: Some(Arc::new(device)),
+        }
+    }
+
+    fn spec(&self) -> Spec {
+        Spec {
+            raw: self.raw.clone(),
+            test: self.test.clone(),
+        }
+    }
+
     fn device(&self) -> PyResult<Arc<Blkverify>> {
         self.device.clone().ok_or_else(|| {
-            PyValueError::new_err(format!(
-                "blkverify:{}:{}: I/O on a closed device",
-                self.raw.display(),
-                self.test.display()
-            ))
+            PyValueError::new_err(format!("{}: I/O on a closed device", self.spec()))
         })
     }
 
@@ -49,7 +61,7 @@ impl PyDevice {
         Ok(self.device()?.format_name())
     }
 
-    /// The test image's format ("raw" or "qcow2").
+    /// The test image's format ("raw", "qcow2", "vmdk").
     #[getter]
     fn test_format(&self) -> PyResult<&'static str> {
         Ok(self.device()?.test().format_name())
@@ -70,7 +82,7 @@ impl PyDevice {
     /// The spec, `blkverify:RAW:TEST`.
     #[getter]
     fn path(&self) -> String {
-        format!("blkverify:{}:{}", self.raw.display(), self.test.display())
+        self.spec().to_string()
     }
 
     /// Whether `close()` was called.
@@ -173,55 +185,19 @@ impl PyDevice {
     }
 }
 
-/// Open a mirrored device from a `blkverify:RAW:TEST` spec, or from explicit
-/// `raw` and `test` paths (for paths that contain a colon).
+/// Open a mirrored device from explicit `raw` and `test` paths (for paths that
+/// contain a colon); `options` as for `open`, applied to the test side.
 #[pyfunction]
-#[pyo3(signature = (spec=None, *, raw=None, test=None, format=None, read_only=true,
-    snapshot=None, backing=true, max_backing_depth=16, allow_backing_anywhere=false, timeout=None))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (raw, test, **options))]
 pub(crate) fn open_device(
     py: Python<'_>,
-    spec: Option<&str>,
-    raw: Option<PathBuf>,
-    test: Option<PathBuf>,
-    format: Option<&str>,
-    read_only: bool,
-    snapshot: Option<String>,
-    backing: bool,
-    max_backing_depth: u32,
-    allow_backing_anywhere: bool,
-    timeout: Option<f64>,
+    raw: PathBuf,
+    test: PathBuf,
+    options: Option<&Bound<'_, PyDict>>,
 ) -> PyResult<PyDevice> {
-    let (raw, test) = match (spec, raw, test) {
-        (Some(spec), None, None) => match run_detached(py, || parse_spec(spec))? {
-            Some(Spec { raw, test }) => (raw, test),
-            None => {
-                return Err(PyValueError::new_err(format!(
-                    "{spec}: not a blkverify spec (expected blkverify:RAW:TEST)"
-                )))
-            }
-        },
-        (None, Some(raw), Some(test)) => (raw, test),
-        _ => {
-            return Err(PyValueError::new_err(
-                "give either a blkverify:RAW:TEST spec or both raw= and test=",
-            ))
-        }
-    };
-    let options = open_options(
-        timeout,
-        !read_only,
-        format,
-        snapshot,
-        backing,
-        max_backing_depth,
-        allow_backing_anywhere,
-    )?;
-    let (r, t) = (raw.clone(), test.clone());
-    let device = run_detached(py, move || Blkverify::open(&r, &t, &options))?;
-    Ok(PyDevice {
-        device: Some(Arc::new(device)),
-        raw,
-        test,
-    })
+    let kw = Kwargs::new(py, options)?;
+    let options = open_options(&kw)?;
+    kw.finish("open_device")?;
+    let device = run_detached(py, move || Blkverify::open(&raw, &test, &options))?;
+    Ok(PyDevice::new(device))
 }

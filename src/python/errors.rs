@@ -1,11 +1,8 @@
-//! The exception hierarchy, the one `Error` → `PyErr` mapping, and the helper
-//! that runs core code with the GIL released and panics contained.
+//! The exception hierarchy and the one `Error` → `PyErr` mapping.
 
-use crate::driver::{BackingPolicy, Format, OpenOptions};
 use crate::error::Error;
 use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PyValueError};
 use pyo3::prelude::*;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// The exception classes. A module of their own, so the root can be named
 /// `Error` in Python without clashing with the core's `Error`.
@@ -119,18 +116,7 @@ fn mismatch_error(
     err
 }
 
-/// Run core code with the GIL released, turning a panic into `blkverify_rs.Error`.
-pub(crate) fn run_detached<T: Send>(
-    py: Python<'_>,
-    f: impl FnOnce() -> Result<T, Error> + Send,
-) -> PyResult<T> {
-    let outcome = py.detach(|| catch_unwind(AssertUnwindSafe(f)));
-    match outcome {
-        Ok(result) => result.map_err(to_pyerr),
-        Err(panic) => Err(panic_to_pyerr(panic)),
-    }
-}
-
+/// A panic caught at the binding boundary, as `blkverify_rs.Error`.
 pub(crate) fn panic_to_pyerr(panic: Box<dyn std::any::Any + Send>) -> PyErr {
     let what = panic
         .downcast_ref::<&str>()
@@ -138,35 +124,4 @@ pub(crate) fn panic_to_pyerr(panic: Box<dyn std::any::Any + Send>) -> PyErr {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown".to_string());
     exc::Error::new_err(format!("internal error (please report it): {what}"))
-}
-
-pub(crate) fn parse_format(name: Option<&str>) -> PyResult<Option<Format>> {
-    match name {
-        None => Ok(None),
-        Some(n) => Format::parse_readable(n).map(Some).map_err(to_pyerr),
-    }
-}
-
-pub(crate) fn open_options(
-    timeout: Option<f64>,
-    writable: bool,
-    format: Option<&str>,
-    snapshot: Option<String>,
-    backing: bool,
-    max_backing_depth: u32,
-    allow_backing_anywhere: bool,
-) -> PyResult<OpenOptions> {
-    Ok(OpenOptions {
-        writable,
-        format: parse_format(format)?,
-        snapshot,
-        backing: BackingPolicy {
-            follow: backing,
-            max_depth: max_backing_depth,
-            allow_anywhere: allow_backing_anywhere,
-        },
-        io_timeout: timeout
-            .filter(|t| t.is_finite() && *t > 0.0)
-            .map(std::time::Duration::from_secs_f64),
-    })
 }

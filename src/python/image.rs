@@ -1,6 +1,10 @@
-//! `Image`: an open image, and `open`.
+//! `Image`: an open image, and `open`, which opens an image or a mirrored device.
 
-use super::errors::{open_options, run_detached, to_pyerr};
+use super::detached::run_detached;
+use super::device::PyDevice;
+use super::errors::to_pyerr;
+use super::options::{open_options, Kwargs};
+use crate::blkverify::{open_spec, Opened};
 use crate::driver::{self, BlockDriver};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
@@ -32,7 +36,7 @@ impl PyImage {
         Ok(self.driver()?.size())
     }
 
-    /// "raw" or "qcow2".
+    /// The format: "raw", "qcow2", "vmdk".
     #[getter]
     fn format(&self) -> PyResult<&'static str> {
         Ok(self.driver()?.format_name())
@@ -280,36 +284,31 @@ pub(crate) fn location_dict<'py>(
     Ok(d)
 }
 
-/// Open an image read-only.
+/// Open an image, or a mirrored device when `path` is a `blkverify:RAW:TEST`
+/// spec. `options`: `format`, `read_only`, `snapshot`, `backing`,
+/// `max_backing_depth`, `allow_backing_anywhere`, `timeout`.
 #[pyfunction]
-#[pyo3(signature = (path, format=None, read_only=true, snapshot=None, backing=true, max_backing_depth=16, allow_backing_anywhere=false, timeout=None))]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn open(
-    py: Python<'_>,
+#[pyo3(signature = (path, **options))]
+pub(crate) fn open<'py>(
+    py: Python<'py>,
     path: PathBuf,
-    format: Option<&str>,
-    read_only: bool,
-    snapshot: Option<String>,
-    backing: bool,
-    max_backing_depth: u32,
-    allow_backing_anywhere: bool,
-    timeout: Option<f64>,
-) -> PyResult<PyImage> {
-    let options = open_options(
-        timeout,
-        !read_only,
-        format,
-        snapshot,
-        backing,
-        max_backing_depth,
-        allow_backing_anywhere,
-    )?;
+    options: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let kw = Kwargs::new(py, options)?;
+    let options = open_options(&kw)?;
+    kw.finish("open")?;
     let p = path.clone();
-    let driver = run_detached(py, move || driver::open(&p, &options))?;
-    Ok(PyImage {
-        driver: Some(driver),
-        path,
-    })
+    match run_detached(py, move || open_spec(&p, &options))? {
+        Opened::Image(driver) => Ok(Bound::new(
+            py,
+            PyImage {
+                driver: Some(driver),
+                path,
+            },
+        )?
+        .into_any()),
+        Opened::Device(device) => Ok(Bound::new(py, PyDevice::new(device))?.into_any()),
+    }
 }
 
 /// Whether `path` names something we can open (used for CLI messages).

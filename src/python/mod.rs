@@ -1,14 +1,21 @@
 //! The Python bindings: the only code that names pyo3. Every call that touches
-//! the disk releases the GIL, panics never cross into Python, and errors map to
-//! one exception hierarchy rooted at `blkverify_rs.Error` (see `errors.rs`).
+//! the disk releases the GIL (`detached.rs`), panics never cross into Python,
+//! and errors map to one exception hierarchy rooted at `blkverify_rs.Error`
+//! (`errors.rs`). Options arrive as keyword arguments and become the core's
+//! structs once (`options.rs`).
 //!
 //! One file per Python-facing concern; each registers itself in `_native` below.
 
 mod create;
+mod detached;
 mod device;
+mod digest;
 mod errors;
 mod exercise;
 mod image;
+mod map;
+mod options;
+mod rules;
 mod verify;
 
 use errors::{exc, CorruptImageError, FormatError, MismatchError};
@@ -19,18 +26,37 @@ use pyo3::prelude::*;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("SECTOR_SIZE", crate::driver::SECTOR_SIZE)?;
+    m.add("MAX_QUEUE_DEPTH", crate::exercise::MAX_QUEUE_DEPTH)?;
+    m.add("DIGESTS_FORMAT", verify::DIGESTS)?;
+    m.add(
+        "DIGEST_ALGORITHMS",
+        crate::digest::Algorithm::ALL.map(|a| a.name()).to_vec(),
+    )?;
     m.add("Error", py.get_type::<exc::Error>())?;
     m.add("FormatError", py.get_type::<FormatError>())?;
     m.add("CorruptImageError", py.get_type::<CorruptImageError>())?;
     m.add("MismatchError", py.get_type::<MismatchError>())?;
     m.add_class::<image::PyImage>()?;
     m.add_class::<device::PyDevice>()?;
-    m.add_function(wrap_pyfunction!(device::open_device, m)?)?;
+    m.add_class::<digest::PyBlockDigests>()?;
+    m.add_class::<map::PyMapExtent>()?;
     m.add_function(wrap_pyfunction!(image::open, m)?)?;
-    m.add_function(wrap_pyfunction!(verify::verify, m)?)?;
-    m.add_function(wrap_pyfunction!(create::create, m)?)?;
-    m.add_function(wrap_pyfunction!(verify::verify_many, m)?)?;
-    m.add_function(wrap_pyfunction!(exercise::exercise, m)?)?;
+    m.add_function(wrap_pyfunction!(device::open_device, m)?)?;
     m.add_function(wrap_pyfunction!(image::probe_format, m)?)?;
+    m.add_function(wrap_pyfunction!(create::create, m)?)?;
+    m.add_function(wrap_pyfunction!(verify::verify, m)?)?;
+    m.add_function(wrap_pyfunction!(verify::verify_many, m)?)?;
+    m.add_function(wrap_pyfunction!(verify::check_pair, m)?)?;
+    m.add_function(wrap_pyfunction!(digest::digest, m)?)?;
+    m.add_function(wrap_pyfunction!(map::map, m)?)?;
+    m.add_function(wrap_pyfunction!(map::map_picture, m)?)?;
+    m.add_function(wrap_pyfunction!(exercise::exercise, m)?)?;
+    m.add_function(wrap_pyfunction!(exercise::read_log, m)?)?;
+    m.add_function(wrap_pyfunction!(exercise::write_log, m)?)?;
+    m.add_function(wrap_pyfunction!(rules::parse_size, m)?)?;
+    m.add_function(wrap_pyfunction!(rules::formats, m)?)?;
+    m.add_function(wrap_pyfunction!(rules::parse_spec, m)?)?;
+    m.add_function(wrap_pyfunction!(rules::make_spec, m)?)?;
     Ok(())
 }

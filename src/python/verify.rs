@@ -1,101 +1,228 @@
-//! `verify` and `verify_many`: the whole-image engine, with progress and Ctrl-C.
+//! `verify` and `verify_many`: the whole-image engine, with progress and Ctrl-C;
+//! and the one place the rules of a pair (`raw`, `test` and their options) live.
 
-use super::errors::{open_options, panic_to_pyerr, to_pyerr};
+use super::detached::run_with_progress;
+use super::errors::to_pyerr;
 use super::image::location_dict;
-use crate::error::{Error, Result};
-use crate::verify::{self as engine, BatchProgress, Job, Progress, Verified, VerifyOptions};
-use pyo3::exceptions::{PyKeyboardInterrupt, PyTypeError};
+use super::options::{format_for, open_options, verify_options, Kwargs};
+use crate::driver::{Access, BlockDriver, Location, OpenOptions};
+use crate::error::Error;
+use crate::verify::{
+    self as engine, BatchProgress, Progress, Reference, ReferenceKind, Verified, VerifyJob,
+    VerifyOptions,
+};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyDict, PyList, PyMapping};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-/// Where the first mismatches live in the test image's metadata (for reports).
+/// Where the first mismatches live in each side's metadata (for reports).
 const MAX_LOCATED: usize = 1000;
 
-#[allow(clippy::too_many_arguments)]
-fn make_job(
-    raw: PathBuf,
-    test: PathBuf,
-    all: bool,
-    strict: bool,
-    raw_format: Option<&str>,
-    test_format: Option<&str>,
-    snapshot: Option<String>,
-    backing: bool,
-    max_backing_depth: u32,
-    allow_backing_anywhere: bool,
-    threads: usize,
-    chunk_size: u64,
-    max_runs: usize,
-) -> PyResult<Job> {
-    let mut options = VerifyOptions {
-        all,
-        strict,
-        threads,
-        max_runs: max_runs.max(1),
-        ..VerifyOptions::default()
-    };
-    if chunk_size > 0 {
-        options.chunk_size = chunk_size;
+/// The `raw_format` that names a block digests file as the reference.
+pub(crate) const DIGESTS: &str = "digests";
+
+/// The keys a pair may have.
+const PAIR_KEYS: [&str; 7] = [
+    "raw",
+    "test",
+    "raw_format",
+    "test_format",
+    "snapshot",
+    "all",
+    "strict",
+];
+
+/// A pair, `(raw, test)` or a mapping with `raw`, `test` and optionally
+/// `raw_format`, `test_format`, `snapshot`, `all`, `strict` (`None` is the
+/// same as left out), checked and turned into a job: both sides open with
+/// `open`'s backing policy, and `all`/`strict` default to `options`'. Every
+/// mistake is a `ValueError` that names the key.
+fn pair_job(
+    pair: &Bound<'_, PyAny>,
+    open: &OpenOptions,
+    options: &VerifyOptions,
+) -> PyResult<VerifyJob> {
+    let bad = |m: String| PyValueError::new_err(m);
+    let py = pair.py();
+    let dict = PyDict::new(py);
+    if let Ok(mapping) = pair.cast::<PyMapping>() {
+        dict.update(mapping)?;
+    } else {
+        let (raw, test): (Bound<'_, PyAny>, Bound<'_, PyAny>) = pair.extract().map_err(|_| {
+            bad("a pair is (raw, test) or a mapping with 'raw' and 'test'".to_string())
+        })?;
+        dict.set_item("raw", raw)?;
+        dict.set_item("test", test)?;
     }
-    Ok(Job {
-        raw_options: open_options(
-            None,
-            false,
-            raw_format,
-            None,
-            backing,
-            max_backing_depth,
-            allow_backing_anywhere,
-        )?,
-        test_options: open_options(
-            None,
-            false,
-            test_format,
-            snapshot,
-            backing,
-            max_backing_depth,
-            allow_backing_anywhere,
-        )?,
+    let mut unknown: Vec<String> = dict
+        .keys()
+        .iter()
+        .map(|key| key.str().map(|k| k.to_string()))
+        .filter(|key| !key.as_ref().is_ok_and(|k| PAIR_KEYS.contains(&k.as_str())))
+        .collect::<PyResult<_>>()?;
+    unknown.sort();
+    if let Some(key) = unknown.first() {
+        return Err(bad(format!("unknown key '{key}'")));
+    }
+    let get = |key: &str| -> PyResult<Option<Bound<'_, PyAny>>> {
+        Ok(dict.get_item(key)?.filter(|v| !v.is_none()))
+    };
+    let path = |key: &str| -> PyResult<PathBuf> {
+        let value = get(key)?.ok_or_else(|| bad(format!("missing key '{key}'")))?;
+        value
+            .extract::<PathBuf>()
+            .ok()
+            .filter(|p| !p.as_os_str().is_empty())
+            .ok_or_else(|| bad(format!("'{key}' must be a non-empty string")))
+    };
+    let text = |key: &str| -> PyResult<Option<String>> {
+        get(key)?
+            .map(|v| {
+                v.extract::<String>()
+                    .ok()
+                    .filter(|s| !s.is_empty())
+                    .ok_or_else(|| bad(format!("'{key}' must be a non-empty string")))
+            })
+            .transpose()
+    };
+    let flag = |key: &str, default: bool| -> PyResult<bool> {
+        match get(key)? {
+            None => Ok(default),
+            Some(v) => v
+                .extract::<bool>()
+                .map_err(|_| bad(format!("'{key}' must be true or false"))),
+        }
+    };
+    let format = |key: &str| -> PyResult<_> {
+        let name = text(key)?;
+        format_for(name.clone(), Access::Read).map_err(|e| {
+            bad(format!(
+                "'{key}' is '{}': {}",
+                name.unwrap_or_default(),
+                e.value(py)
+            ))
+        })
+    };
+    let (raw, test) = (path("raw")?, path("test")?);
+    // The reference may be a block digests file: named so, or found by its magic.
+    let (reference, raw_format) = match text("raw_format")?.as_deref() {
+        Some(DIGESTS) => (ReferenceKind::Digests, None),
+        Some(_) => (ReferenceKind::Image, format("raw_format")?),
+        None => (ReferenceKind::Detect, None),
+    };
+    Ok(VerifyJob {
+        reference,
+        raw_options: OpenOptions {
+            writable: false,
+            format: raw_format,
+            snapshot: None,
+            ..open.clone()
+        },
+        test_options: OpenOptions {
+            writable: false,
+            format: format("test_format")?,
+            snapshot: text("snapshot")?,
+            ..open.clone()
+        },
+        options: VerifyOptions {
+            all: flag("all", options.all)?,
+            strict: flag("strict", options.strict)?,
+            ..options.clone()
+        },
         raw,
         test,
-        options,
     })
 }
 
-/// The report as a dict (see the Python `Report`). Locating mismatches reads
-/// metadata, so it runs with the GIL released.
+/// The pair rules' verdict on `pair`: nothing, or the `ValueError` `verify_many`
+/// would raise for it.
+#[pyfunction]
+pub(crate) fn check_pair(pair: &Bound<'_, PyAny>) -> PyResult<()> {
+    pair_job(pair, &OpenOptions::default(), &VerifyOptions::default()).map(drop)
+}
+
+/// The open and verify options of one call (everything but the pairs).
+fn job_options(
+    py: Python<'_>,
+    options: Option<&Bound<'_, PyDict>>,
+    function: &str,
+) -> PyResult<(OpenOptions, VerifyOptions)> {
+    let kw = Kwargs::new(py, options)?;
+    let open = open_options(&kw)?;
+    let verify = verify_options(&kw)?;
+    kw.finish(function)?;
+    Ok((open, verify))
+}
+
+/// The warning that `image`'s backing file was not opened (`--no-backing`), so
+/// its unallocated clusters were `done` (compared, hashed) as zeros.
+pub(crate) fn unopened_backing(
+    path: &Path,
+    image: &dyn BlockDriver,
+    options: &OpenOptions,
+    done: &str,
+) -> Option<String> {
+    if options.backing.follow {
+        return None;
+    }
+    let (_, name) = image
+        .info()
+        .into_iter()
+        .find(|(k, _)| k == "backing_file")?;
+    Some(format!(
+        "{}: backing file '{name}' was not opened (--no-backing): unallocated clusters were {done} as zeros",
+        path.display()
+    ))
+}
+
+/// Where each of `offsets` lives in `image`'s metadata (`None` where it has
+/// none to name: a raw image, or past its end). Locating reads metadata, so it
+/// runs with the GIL released; it is best effort: an error or a panic just
+/// leaves no mapping.
+fn locate_all(
+    py: Python<'_>,
+    image: &Arc<dyn BlockDriver>,
+    offsets: &[u64],
+) -> Vec<Option<Location>> {
+    let image = image.clone();
+    py.detach(move || {
+        catch_unwind(AssertUnwindSafe(|| {
+            offsets
+                .iter()
+                .map(|&o| {
+                    if o < image.size() {
+                        image.locate(o).ok().flatten()
+                    } else {
+                        None
+                    }
+                })
+                .collect::<Vec<_>>()
+        }))
+        .unwrap_or_default()
+    })
+}
+
+/// The report as a dict (see the Python `Report`).
 fn report_dict<'py>(
     py: Python<'py>,
-    job: &Job,
+    job: &VerifyJob,
     verified: &Verified,
 ) -> PyResult<Bound<'py, PyDict>> {
     let report = &verified.report;
-    let locations = {
-        let td = verified.test.clone();
-        let offsets: Vec<u64> = report
-            .mismatches
-            .iter()
-            .take(MAX_LOCATED)
-            .map(|m| m.first_byte)
-            .collect();
-        // Locating is best effort: an error or a panic just leaves no mapping.
-        py.detach(move || {
-            catch_unwind(AssertUnwindSafe(|| {
-                offsets
-                    .iter()
-                    .map(|&o| {
-                        if o < td.size() {
-                            td.locate(o).ok().flatten()
-                        } else {
-                            None
-                        }
-                    })
-                    .collect::<Vec<_>>()
-            }))
-            .unwrap_or_default()
-        })
+    let offsets: Vec<u64> = report
+        .mismatches
+        .iter()
+        .take(MAX_LOCATED)
+        .map(|m| m.first_byte)
+        .collect();
+    // Both sides: a reference with metadata (not raw) is named too.
+    let locations = locate_all(py, &verified.test, &offsets);
+    let ref_locations = match &verified.raw {
+        Reference::Image(reference) => locate_all(py, reference, &offsets),
+        Reference::Digests(_) => Vec::new(),
     };
 
     let d = PyDict::new(py);
@@ -111,214 +238,131 @@ fn report_dict<'py>(
     d.set_item("bytes_read", report.bytes_read)?;
     d.set_item("elapsed_s", report.elapsed.as_secs_f64())?;
     d.set_item("truncated", report.truncated)?;
+    d.set_item("block_size", report.block_size)?;
     let mut warnings = report.warnings.clone();
-    if !job.test_options.backing.follow {
-        if let Some((_, name)) = verified
-            .test
-            .info()
-            .into_iter()
-            .find(|(k, _)| k == "backing_file")
-        {
-            warnings.push(format!(
-                "{}: backing file '{name}' was not opened (--no-backing): unallocated clusters were compared as zeros",
-                job.test.display()
-            ));
-        }
+    if let Reference::Image(reference) = &verified.raw {
+        warnings.extend(unopened_backing(
+            &job.raw,
+            reference.as_ref(),
+            &job.test_options,
+            "compared",
+        ));
     }
+    warnings.extend(unopened_backing(
+        &job.test,
+        verified.test.as_ref(),
+        &job.test_options,
+        "compared",
+    ));
     d.set_item("warnings", PyList::new(py, &warnings)?)?;
     let list = PyList::empty(py);
     for (i, m) in report.mismatches.iter().enumerate() {
         let md = PyDict::new(py);
-        md.set_item("sector", m.sector())?;
-        md.set_item("offset", m.offset)?;
-        md.set_item("length", m.length)?;
-        md.set_item("first_byte", m.first_byte)?;
+        match report.block_size {
+            // Against block digests: whole blocks, and no first byte to name.
+            Some(block_size) => {
+                md.set_item("block", m.offset / block_size)?;
+                md.set_item("blocks", m.length.div_ceil(block_size))?;
+                md.set_item("offset", m.offset)?;
+                md.set_item("length", m.length)?;
+            }
+            None => {
+                md.set_item("sector", m.sector())?;
+                md.set_item("offset", m.offset)?;
+                md.set_item("length", m.length)?;
+                md.set_item("first_byte", m.first_byte)?;
+            }
+        }
         if let Some(e) = &m.error {
             md.set_item("error", e)?;
         }
         if let Some(Some(loc)) = locations.get(i) {
             md.set_item("mapping", location_dict(py, loc)?)?;
         }
+        if let Some(Some(loc)) = ref_locations.get(i) {
+            md.set_item("ref_mapping", location_dict(py, loc)?)?;
+        }
         list.append(md)?;
     }
     d.set_item("mismatches", list)?;
+    d.set_item("test_options", open_kwargs(py, &job.test_options)?)?;
     Ok(d)
 }
 
-/// Run `work` with the GIL released while `tick` (called back with the GIL)
-/// checks for Ctrl-C and calls the user's progress callback. A callback error
-/// or a signal cancels the work and is returned as `Err`.
-pub(crate) fn run_with_progress<T: Send, P: Send>(
-    py: Python<'_>,
-    progress: Option<Py<PyAny>>,
-    args: fn(P) -> Vec<u64>,
-    work: impl FnOnce(&mut dyn FnMut(P) -> bool) -> T + Send,
-) -> PyResult<std::result::Result<T, Option<PyErr>>> {
-    let mut pending: Option<PyErr> = None;
-    let outcome = {
-        let pending = &mut pending;
-        py.detach(|| {
-            catch_unwind(AssertUnwindSafe(|| {
-                let mut tick = |p: P| -> bool {
-                    Python::attach(|py| {
-                        if let Err(e) = py.check_signals() {
-                            *pending = Some(e);
-                            return false;
-                        }
-                        if let Some(cb) = &progress {
-                            let values = args(p);
-                            let call = match values.as_slice() {
-                                [a] => cb.call1(py, (*a,)),
-                                [a, b] => cb.call1(py, (*a, *b)),
-                                [a, b, c, d] => cb.call1(py, (*a, *b, *c, *d)),
-                                _ => Ok(py.None()),
-                            };
-                            if let Err(e) = call {
-                                *pending = Some(e);
-                                return false;
-                            }
-                        }
-                        true
-                    })
-                };
-                work(&mut tick)
-            }))
-        })
-    };
-    match outcome {
-        Ok(value) if pending.is_none() => Ok(Ok(value)),
-        Ok(_) => Ok(Err(pending)),
-        Err(panic) => Err(panic_to_pyerr(panic)),
-    }
+/// The keyword arguments that open an image as `options` say (`format` only
+/// when the caller named one), so a report can reopen its test image as
+/// verify did (to draw its map).
+fn open_kwargs<'py>(py: Python<'py>, options: &OpenOptions) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("format", options.format.map(|f| f.name()))?;
+    d.set_item("snapshot", options.snapshot.as_deref())?;
+    d.set_item("backing", options.backing.follow)?;
+    d.set_item("max_backing_depth", options.backing.max_depth)?;
+    d.set_item("allow_backing_anywhere", options.backing.allow_anywhere)?;
+    d.set_item("timeout", options.io_timeout.map(|t| t.as_secs_f64()))?;
+    Ok(d)
 }
 
-/// Verify `test` against the reference `raw`; returns a dict (see the Python
-/// `Report`). `progress(done, total)` is called about ten times a second.
+/// Verify a pair (see `pair_job`); returns a dict (see the Python `Report`).
+/// `options`: `backing`, `max_backing_depth`, `allow_backing_anywhere`,
+/// `threads`, `chunk_size`, `max_runs`. `progress(done, total)` is called
+/// about ten times a second.
 #[pyfunction]
-#[pyo3(signature = (raw, test, *, all=false, strict=false, raw_format=None, test_format=None,
-    snapshot=None, backing=true, max_backing_depth=16, allow_backing_anywhere=false, threads=0,
-    chunk_size=0, max_runs=100_000, progress=None))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (pair, progress=None, **options))]
 pub(crate) fn verify<'py>(
     py: Python<'py>,
-    raw: PathBuf,
-    test: PathBuf,
-    all: bool,
-    strict: bool,
-    raw_format: Option<&str>,
-    test_format: Option<&str>,
-    snapshot: Option<String>,
-    backing: bool,
-    max_backing_depth: u32,
-    allow_backing_anywhere: bool,
-    threads: usize,
-    chunk_size: u64,
-    max_runs: usize,
+    pair: &Bound<'py, PyAny>,
     progress: Option<Bound<'py, PyAny>>,
+    options: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let job = make_job(
-        raw,
-        test,
-        all,
-        strict,
-        raw_format,
-        test_format,
-        snapshot,
-        backing,
-        max_backing_depth,
-        allow_backing_anywhere,
-        threads,
-        chunk_size,
-        max_runs,
-    )?;
-    let outcome = run_with_progress(
+    let (open, options) = job_options(py, options, "verify")?;
+    let job = pair_job(pair, &open, &options)?;
+    let verified = run_with_progress(
         py,
-        progress.map(Bound::unbind),
-        |p: Progress| vec![p.done, p.total],
+        progress,
+        |p: Progress| (p.done, p.total),
         |tick| engine::verify_pair(&job, tick),
     )?;
-    match outcome {
-        Ok(Ok(verified)) => report_dict(py, &job, &verified),
-        Ok(Err(e)) => Err(to_pyerr(e)),
-        Err(pending) => Err(pending.unwrap_or_else(|| PyKeyboardInterrupt::new_err("cancelled"))),
-    }
+    report_dict(py, &job, &verified)
 }
 
-fn opt_str(d: &Bound<'_, PyDict>, key: &str) -> PyResult<Option<String>> {
-    match d.get_item(key)? {
-        Some(v) if !v.is_none() => Ok(Some(v.extract()?)),
-        _ => Ok(None),
-    }
-}
-
-fn opt_bool(d: &Bound<'_, PyDict>, key: &str, default: bool) -> PyResult<bool> {
-    match d.get_item(key)? {
-        Some(v) if !v.is_none() => v.extract(),
-        _ => Ok(default),
-    }
-}
-
-/// Verify many pairs within one core budget. `pairs` is a list of dicts with
-/// `raw`, `test` and optionally `raw_format`, `test_format`, `snapshot`, `all`,
-/// `strict`. Returns one item per pair, in order: a report dict, or the
-/// exception the pair raised (as a value). `progress(done, total, pairs_done,
-/// pairs_total)` is called about ten times a second.
+/// Verify many pairs within one core budget (`threads` in all). Returns one
+/// item per pair, in order: a report dict, or the exception the pair raised
+/// (as a value). A bad pair raises before anything runs. `progress(done,
+/// total, pairs_done, pairs_total)` is called about ten times a second.
 #[pyfunction]
-#[pyo3(signature = (pairs, *, all=false, strict=false, backing=true, max_backing_depth=16,
-    allow_backing_anywhere=false, threads=0, max_runs=100_000, progress=None))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (pairs, progress=None, **options))]
 pub(crate) fn verify_many<'py>(
     py: Python<'py>,
-    pairs: Vec<Bound<'py, PyDict>>,
-    all: bool,
-    strict: bool,
-    backing: bool,
-    max_backing_depth: u32,
-    allow_backing_anywhere: bool,
-    threads: usize,
-    max_runs: usize,
+    pairs: Vec<Bound<'py, PyAny>>,
     progress: Option<Bound<'py, PyAny>>,
+    options: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyList>> {
-    let mut jobs = Vec::with_capacity(pairs.len());
-    for pair in &pairs {
-        let (Some(raw), Some(test)) = (opt_str(pair, "raw")?, opt_str(pair, "test")?) else {
-            return Err(PyTypeError::new_err("each pair needs 'raw' and 'test'"));
-        };
-        jobs.push(make_job(
-            PathBuf::from(raw),
-            PathBuf::from(test),
-            opt_bool(pair, "all", all)?,
-            opt_bool(pair, "strict", strict)?,
-            opt_str(pair, "raw_format")?.as_deref(),
-            opt_str(pair, "test_format")?.as_deref(),
-            opt_str(pair, "snapshot")?,
-            backing,
-            max_backing_depth,
-            allow_backing_anywhere,
-            0,
-            0,
-            max_runs,
-        )?);
-    }
-    let outcome = run_with_progress(
+    let (open, options) = job_options(py, options, "verify_many")?;
+    let jobs = pairs
+        .iter()
+        .map(|pair| {
+            pair_job(
+                pair,
+                &open,
+                &VerifyOptions {
+                    threads: 0,
+                    ..options.clone()
+                },
+            )
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    let results = run_with_progress(
         py,
-        progress.map(Bound::unbind),
-        |p: BatchProgress| vec![p.done, p.total, p.pairs_done as u64, p.pairs_total as u64],
-        |tick| engine::verify_many(&jobs, threads, tick),
+        progress,
+        |p: BatchProgress| (p.done, p.total, p.pairs_done, p.pairs_total),
+        |tick| Ok(engine::verify_many(&jobs, options.threads, tick)),
     )?;
-    let results: Vec<Result<Verified>> = match outcome {
-        Ok(results) => results,
-        Err(pending) => {
-            return Err(pending.unwrap_or_else(|| PyKeyboardInterrupt::new_err("cancelled")))
-        }
-    };
     let list = PyList::empty(py);
     for (job, result) in jobs.iter().zip(results) {
         match result {
             Ok(verified) => list.append(report_dict(py, job, &verified)?)?,
-            Err(Error::Cancelled) => {
-                return Err(PyKeyboardInterrupt::new_err("cancelled"));
-            }
+            Err(Error::Cancelled) => return Err(PyKeyboardInterrupt::new_err("cancelled")),
             Err(e) => list.append(to_pyerr(e).into_value(py))?,
         }
     }

@@ -3,6 +3,7 @@
 //! batch never runs more threads than a single verify would.
 
 use super::{verify, Progress, Report, VerifyOptions};
+use crate::digest::{self, BlockDigests};
 use crate::driver::{self, BlockDriver, OpenOptions};
 use crate::error::{Error, Result};
 use std::path::PathBuf;
@@ -10,11 +11,53 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+/// What the reference of a pair is taken to be.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReferenceKind {
+    /// A block digests file if it starts with its magic, else a raw image.
+    #[default]
+    Detect,
+    /// A raw image (its format was given).
+    Image,
+    /// A block digests file (`-f digests`).
+    Digests,
+}
+
+/// A pair's reference, opened.
+#[derive(Clone)]
+pub enum Reference {
+    /// A raw image.
+    Image(Arc<dyn BlockDriver>),
+    /// A block digests file: the test image is checked block by block.
+    Digests(Arc<BlockDigests>),
+}
+
+impl Reference {
+    /// The reference image's virtual size.
+    pub fn size(&self) -> u64 {
+        match self {
+            Reference::Image(driver) => driver.size(),
+            Reference::Digests(digests) => digests.size(),
+        }
+    }
+
+    /// The format, as reports name it (`digests` for a block digests file).
+    pub fn format_name(&self) -> &'static str {
+        match self {
+            Reference::Image(driver) => driver.format_name(),
+            Reference::Digests(_) => "digests",
+        }
+    }
+}
+
 /// One pair to verify.
 #[derive(Debug, Clone)]
-pub struct Job {
-    /// The raw reference.
+pub struct VerifyJob {
+    /// The reference ("raw" for history): an image in any format we read, or a
+    /// block digests file.
     pub raw: PathBuf,
+    /// Whether `raw` is an image or a block digests file.
+    pub reference: ReferenceKind,
     /// The image under test.
     pub test: PathBuf,
     /// How to open the reference.
@@ -30,7 +73,7 @@ pub struct Verified {
     /// What the engine found.
     pub report: Report,
     /// The reference, still open.
-    pub raw: Arc<dyn BlockDriver>,
+    pub raw: Reference,
     /// The test image, still open.
     pub test: Arc<dyn BlockDriver>,
 }
@@ -48,26 +91,32 @@ pub struct BatchProgress {
     pub pairs_total: usize,
 }
 
-/// Open a pair; the reference must be a raw image.
-pub fn open_pair(job: &Job) -> Result<(Arc<dyn BlockDriver>, Arc<dyn BlockDriver>)> {
-    let raw = driver::open(&job.raw, &job.raw_options)?;
+/// Open a pair: the reference (an image in any format blkverify reads, or a
+/// block digests file) and the test image (a qcow2 against its `qemu-img
+/// convert -c` copy, a vmdk against the qcow2 it was converted from, a copy
+/// against the block digests of its source).
+pub fn open_pair(job: &VerifyJob) -> Result<(Reference, Arc<dyn BlockDriver>)> {
+    let digests = match job.reference {
+        ReferenceKind::Digests => true,
+        ReferenceKind::Image => false,
+        ReferenceKind::Detect => digest::is_block_digests_file(&job.raw),
+    };
+    let raw = if digests {
+        Reference::Digests(Arc::new(BlockDigests::load(&job.raw)?))
+    } else {
+        Reference::Image(driver::open(&job.raw, &job.raw_options)?)
+    };
     let test = driver::open(&job.test, &job.test_options)?;
-    if raw.format_name() != "raw" {
-        return Err(Error::format(
-            &job.raw,
-            format!(
-                "the reference must be a raw image, but it is {}",
-                raw.format_name()
-            ),
-        ));
-    }
     Ok((raw, test))
 }
 
 /// Open and verify one pair. `tick` as for [`verify`].
-pub fn verify_pair(job: &Job, tick: &mut dyn FnMut(Progress) -> bool) -> Result<Verified> {
+pub fn verify_pair(job: &VerifyJob, tick: &mut dyn FnMut(Progress) -> bool) -> Result<Verified> {
     let (raw, test) = open_pair(job)?;
-    let report = verify(raw.as_ref(), test.as_ref(), &job.options, tick)?;
+    let report = match &raw {
+        Reference::Image(image) => verify(image.as_ref(), test.as_ref(), &job.options, tick)?,
+        Reference::Digests(digests) => digest::check(digests, test.as_ref(), &job.options, tick)?,
+    };
     Ok(Verified { report, raw, test })
 }
 
@@ -76,7 +125,7 @@ pub fn verify_pair(job: &Job, tick: &mut dyn FnMut(Progress) -> bool) -> Result<
 /// about ten times a second; returning `false` cancels the batch: pairs not
 /// finished yet then end with `Error::Cancelled`.
 pub fn verify_many(
-    jobs: &[Job],
+    jobs: &[VerifyJob],
     threads: usize,
     tick: &mut dyn FnMut(BatchProgress) -> bool,
 ) -> Vec<Result<Verified>> {

@@ -7,98 +7,22 @@
 //! can stop as soon as an earlier mismatch makes its chunk irrelevant.
 
 mod batch;
-mod compare;
+pub(crate) mod pool;
+mod report;
 
-pub use batch::{open_pair, verify_many, verify_pair, BatchProgress, Job, Verified};
-pub use compare::{first_difference, first_nonzero};
+pub use batch::{
+    open_pair, verify_many, verify_pair, BatchProgress, Reference, ReferenceKind, Verified,
+    VerifyJob,
+};
+pub use report::{Mismatch, Progress, Report, VerifyOptions};
 
+use crate::compare::{first_difference, first_nonzero};
 use crate::driver::{zero_status, BlockDriver, SECTOR_SIZE};
 use crate::error::{Error, Result};
 use crate::storage::View;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
-
-/// How to verify.
-#[derive(Debug, Clone)]
-pub struct VerifyOptions {
-    /// Report every mismatching run instead of stopping at the first.
-    pub all: bool,
-    /// A size difference is itself a mismatch.
-    pub strict: bool,
-    /// Bytes per unit of work (rounded to sectors).
-    pub chunk_size: u64,
-    /// Worker threads; 0 means one per core.
-    pub threads: usize,
-    /// The most runs `all` collects before it stops (bounds memory).
-    pub max_runs: usize,
-}
-
-impl Default for VerifyOptions {
-    fn default() -> Self {
-        VerifyOptions {
-            all: false,
-            strict: false,
-            chunk_size: 8 << 20,
-            threads: 0,
-            max_runs: 100_000,
-        }
-    }
-}
-
-/// A run of consecutive mismatching sectors.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mismatch {
-    /// Guest offset of the run's first sector (a multiple of 512).
-    pub offset: u64,
-    /// Length in bytes (whole sectors, except at the end of the disk).
-    pub length: u64,
-    /// Guest offset of the first byte that differs.
-    pub first_byte: u64,
-    /// Set when the test image could not be read here: the error.
-    pub error: Option<String>,
-}
-
-impl Mismatch {
-    /// The first mismatching sector.
-    pub fn sector(&self) -> u64 {
-        self.offset / SECTOR_SIZE
-    }
-}
-
-/// What a verification found.
-#[derive(Debug, Clone)]
-pub struct Report {
-    /// No mismatch (and, with `strict`, equal sizes).
-    pub identical: bool,
-    /// The reference's size.
-    pub raw_size: u64,
-    /// The test image's size.
-    pub test_size: u64,
-    /// The compared range: the larger of the two sizes.
-    pub virtual_size: u64,
-    /// Guest bytes verified (read and compared, or proven zero on both sides).
-    pub bytes_compared: u64,
-    /// Guest bytes that were read from at least one side.
-    pub bytes_read: u64,
-    /// Mismatching runs, in disk order.
-    pub mismatches: Vec<Mismatch>,
-    /// `max_runs` was reached; more mismatches may exist.
-    pub truncated: bool,
-    /// Things the user should know (size differences).
-    pub warnings: Vec<String>,
-    /// Wall-clock time.
-    pub elapsed: Duration,
-}
-
-/// Progress, as the engine reports it to its caller's hook.
-#[derive(Debug, Clone, Copy)]
-pub struct Progress {
-    /// Guest bytes done.
-    pub done: u64,
-    /// Guest bytes in all.
-    pub total: u64,
-}
+use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
 
 /// One side of the comparison, padded with zeros past its own end.
 struct Side<'a> {
@@ -174,6 +98,12 @@ impl ChunkView {
     fn faulted(&self) -> bool {
         self.view.as_ref().is_some_and(View::faulted)
     }
+}
+
+/// A worker's read buffers, one chunk long each.
+struct Buffers {
+    raw: Vec<u8>,
+    test: Vec<u8>,
 }
 
 /// Runs found in one chunk.
@@ -264,8 +194,10 @@ fn collect_runs(
 impl Shared<'_> {
     fn worker(&self) {
         let buf_len = usize::try_from(self.chunk_size).unwrap_or(1 << 20);
-        let mut raw_buf = vec![0u8; buf_len];
-        let mut test_buf = vec![0u8; buf_len];
+        let mut bufs = Buffers {
+            raw: vec![0u8; buf_len],
+            test: vec![0u8; buf_len],
+        };
         loop {
             if self.cancelled.load(Ordering::Relaxed) {
                 return;
@@ -285,7 +217,7 @@ impl Shared<'_> {
                 self.done_bytes.fetch_add(end - start, Ordering::Relaxed);
                 continue;
             }
-            match self.check_chunk(start, end, &mut raw_buf, &mut test_buf) {
+            match self.check_chunk(start, end, &mut bufs) {
                 Ok(result) => {
                     if !result.runs.is_empty() {
                         self.first_hit.fetch_min(index, Ordering::Relaxed);
@@ -355,13 +287,7 @@ impl Shared<'_> {
 
     /// Verify `[start, end)`. Errors on the reference side are returned; errors
     /// on the test side become findings.
-    fn check_chunk(
-        &self,
-        start: u64,
-        end: u64,
-        raw_buf: &mut [u8],
-        test_buf: &mut [u8],
-    ) -> Result<ChunkResult> {
+    fn check_chunk(&self, start: u64, end: u64, bufs: &mut Buffers) -> Result<ChunkResult> {
         let stop_early = !self.options.all;
         let mut result = ChunkResult {
             runs: Vec::new(),
@@ -393,18 +319,10 @@ impl Shared<'_> {
                     (pos, len, end),
                     (raw_zero, test_zero),
                     (&mut raw_view, &mut test_view),
-                    test_buf,
+                    &mut bufs.test,
                 );
             if !mapped {
-                self.compare_read(
-                    &mut result,
-                    pos,
-                    len,
-                    raw_zero,
-                    test_zero,
-                    raw_buf,
-                    test_buf,
-                )?;
+                self.compare_read(&mut result, (pos, len), (raw_zero, test_zero), bufs)?;
             }
             pos += len;
         }
@@ -475,42 +393,38 @@ impl Shared<'_> {
     }
 
     /// Compare `[pos, pos + len)` by reading both sides into the buffers.
-    #[allow(clippy::too_many_arguments)]
     fn compare_read(
         &self,
         result: &mut ChunkResult,
-        pos: u64,
-        len: u64,
-        raw_zero: bool,
-        test_zero: bool,
-        raw_buf: &mut [u8],
-        test_buf: &mut [u8],
+        (pos, len): (u64, u64),
+        (raw_zero, test_zero): (bool, bool),
+        bufs: &mut Buffers,
     ) -> Result<()> {
         let stop_early = !self.options.all;
         let n = len as usize;
         match (raw_zero, test_zero) {
             (true, true) => {}
             (false, true) => {
-                let buf = raw_buf.get_mut(..n).unwrap_or(&mut []);
+                let buf = bufs.raw.get_mut(..n).unwrap_or(&mut []);
                 self.raw.read(buf, pos)?;
                 result.bytes_read += len;
                 collect_runs(&mut result.runs, pos, buf, None, stop_early, self.total);
             }
             (true, false) => {
-                let buf = test_buf.get_mut(..n).unwrap_or(&mut []);
+                let buf = bufs.test.get_mut(..n).unwrap_or(&mut []);
                 if let Err(e) = self.test.read(buf, pos) {
-                    self.test_read_failed(&mut result.runs, pos, len, e, raw_buf, test_buf, true)?;
+                    self.test_read_failed(&mut result.runs, (pos, len), e, bufs, true)?;
                 } else {
                     result.bytes_read += len;
                     collect_runs(&mut result.runs, pos, buf, None, stop_early, self.total);
                 }
             }
             (false, false) => {
-                let rbuf = raw_buf.get_mut(..n).unwrap_or(&mut []);
-                let tbuf = test_buf.get_mut(..n).unwrap_or(&mut []);
+                let rbuf = bufs.raw.get_mut(..n).unwrap_or(&mut []);
+                let tbuf = bufs.test.get_mut(..n).unwrap_or(&mut []);
                 self.raw.read(rbuf, pos)?;
                 if let Err(e) = self.test.read(tbuf, pos) {
-                    self.test_read_failed(&mut result.runs, pos, len, e, raw_buf, test_buf, false)?;
+                    self.test_read_failed(&mut result.runs, (pos, len), e, bufs, false)?;
                 } else {
                     result.bytes_read += len;
                     collect_runs(
@@ -534,15 +448,12 @@ impl Shared<'_> {
 
     /// A test-side read of `[pos, pos+len)` failed. Narrow it down: re-read unit
     /// by unit, so the finding names the bad cluster and the rest is still checked.
-    #[allow(clippy::too_many_arguments)]
     fn test_read_failed(
         &self,
         runs: &mut Vec<Mismatch>,
-        pos: u64,
-        len: u64,
+        (pos, len): (u64, u64),
         first_error: Error,
-        raw_buf: &mut [u8],
-        test_buf: &mut [u8],
+        bufs: &mut Buffers,
         raw_is_zero: bool,
     ) -> Result<()> {
         let unit = self.test.driver.granularity().max(SECTOR_SIZE);
@@ -552,10 +463,10 @@ impl Shared<'_> {
         while at < end {
             let piece_end = ((at / unit + 1) * unit).min(end);
             let n = (piece_end - at) as usize;
-            let tbuf = test_buf.get_mut(..n).unwrap_or(&mut []);
+            let tbuf = bufs.test.get_mut(..n).unwrap_or(&mut []);
             match self.test.read(tbuf, at) {
                 Ok(()) => {
-                    let rbuf = raw_buf.get_mut(..n).unwrap_or(&mut []);
+                    let rbuf = bufs.raw.get_mut(..n).unwrap_or(&mut []);
                     if raw_is_zero {
                         collect_runs(runs, at, tbuf, None, !self.options.all, self.total);
                     } else {
@@ -597,13 +508,7 @@ pub fn verify(
     let chunk_size = (options.chunk_size.max(SECTOR_SIZE) / SECTOR_SIZE) * SECTOR_SIZE;
     let chunk_size = chunk_size.min(256 << 20);
     let chunks = total.div_ceil(chunk_size);
-    let threads = if options.threads == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    } else {
-        options.threads
-    }
-    .clamp(1, 64)
-    .min(usize::try_from(chunks).unwrap_or(1).max(1));
+    let threads = pool::worker_count(options.threads, chunks);
 
     let mut warnings = Vec::new();
     if raw_size != test_size {
@@ -629,41 +534,15 @@ pub fn verify(
         errors: Mutex::new(Vec::new()),
     };
 
-    // One tick before any work, so a progress display starts at zero (and a
-    // caller can cancel before anything is read).
-    let mut user_cancelled = !tick(Progress { done: 0, total });
-    if user_cancelled {
-        return Err(Error::Cancelled);
-    }
-    std::thread::scope(|scope| {
-        let (done_tx, done_rx) = mpsc::channel::<()>();
-        for _ in 0..threads {
-            let tx = done_tx.clone();
-            let shared = &shared;
-            scope.spawn(move || {
-                shared.worker();
-                let _ = tx.send(());
-            });
-        }
-        drop(done_tx);
-        let mut finished = 0;
-        while finished < threads {
-            match done_rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(()) => finished += 1,
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-            let progress = Progress {
-                done: shared.done_bytes.load(Ordering::Relaxed),
-                total,
-            };
-            if !user_cancelled && !tick(progress) {
-                user_cancelled = true;
-                shared.cancelled.store(true, Ordering::Relaxed);
-            }
-        }
-    });
-    if user_cancelled {
+    let work = || shared.worker();
+    if !pool::run_workers(
+        threads,
+        total,
+        &shared.done_bytes,
+        &shared.cancelled,
+        tick,
+        &work,
+    ) {
         return Err(Error::Cancelled);
     }
 
@@ -730,6 +609,7 @@ pub fn verify(
         truncated,
         warnings,
         elapsed: started.elapsed(),
+        block_size: None,
     })
 }
 

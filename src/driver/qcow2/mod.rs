@@ -2,7 +2,7 @@
 //! compressed clusters, zero clusters, backing chains, external data files and
 //! internal snapshots.
 
-mod cache;
+pub(crate) mod cache;
 mod compressed;
 pub mod create;
 pub mod header;
@@ -11,7 +11,10 @@ pub mod refcount;
 pub mod snapshot;
 mod write;
 
-use super::{check_range, gate, BlockDriver, Extent, Location, Mapping, OpenOptions, TableIndex};
+use super::{
+    check_range, gate, locate_in_backing, BlockDriver, Extent, Location, Mapping, OpenOptions,
+    TableIndex,
+};
 use crate::error::{Error, Result};
 use crate::storage::{FileStorage, Storage, View};
 use cache::{L2Cache, L2Table};
@@ -711,21 +714,7 @@ impl BlockDriver for Qcow2 {
             }
             Mapping::Compressed { host_offset, .. } => location.host_offset = Some(host_offset),
             Mapping::Zero { .. } => {}
-            Mapping::Unallocated => {
-                if let Some(backing) = self.backing.as_deref().filter(|b| offset < b.size()) {
-                    location.kind = "backing";
-                    location.backing_depth = 1;
-                    location.file = backing.path().to_path_buf();
-                    match backing.locate(offset)? {
-                        Some(inner) => {
-                            location.host_offset = inner.host_offset;
-                            location.file = inner.file;
-                            location.backing_depth = inner.backing_depth + 1;
-                        }
-                        None => location.host_offset = Some(offset),
-                    }
-                }
-            }
+            Mapping::Unallocated => locate_in_backing(&mut location, self.backing(), offset)?,
         }
         Ok(Some(location))
     }

@@ -1,5 +1,8 @@
 //! Finding the first difference fast: compare large blocks with `==` (memcmp,
 //! vectorised by libc), and look inside a block only when it differs.
+//!
+//! A leaf below both of its users, the mirrored device (a driver) and the
+//! verify engine, so that no driver reaches up into the engine.
 
 const BLOCK: usize = 4096;
 

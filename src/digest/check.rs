@@ -1,0 +1,351 @@
+//! Checking an image against a block digests file: hash the image block by
+//! block, as [`super::digest`] does, and compare each block's digest with the
+//! file's. Blocks that differ are findings, merged into runs.
+//!
+//! As `verify` does, a size difference is a warning and the common part is
+//! compared: blocks are cut on the reference's grid (its last block may be
+//! short), the image reads as zeros past its end, and an image longer than the
+//! reference must read as zeros past the reference's end.
+
+use super::file::BlockDigests;
+use super::scan::{ChunkOut, Grid, OnError, Padded, Run, Scanner};
+use super::{lock, BlockDigest, ZERO_LOOKAHEAD};
+use crate::compare::first_nonzero;
+use crate::driver::BlockDriver;
+use crate::error::{Error, Result};
+use crate::verify::pool::{run_workers, worker_count};
+use crate::verify::{Mismatch, Progress, Report, VerifyOptions};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// A finding before it is turned into offsets: blocks `[block, block + count)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Finding {
+    block: u64,
+    count: u64,
+    error: Option<String>,
+}
+
+fn add_finding(found: &mut Vec<Finding>, block: u64, count: u64, error: Option<&str>) {
+    if count == 0 {
+        return;
+    }
+    if let Some(last) = found.last_mut() {
+        let last_end = last.block + last.count;
+        if last.block <= block && last_end >= block && last.error.as_deref() == error {
+            last.count = last_end.max(block + count) - last.block;
+            return;
+        }
+    }
+    found.push(Finding {
+        block,
+        count,
+        error: error.map(str::to_string),
+    });
+}
+
+/// Compare the image's blocks starting at `first` (`out`) with the reference's.
+fn compare(reference: &BlockDigests, first: u64, out: &ChunkOut, found: &mut Vec<Finding>) {
+    let zero = *reference.zero_digest();
+    let end = first + out.blocks();
+    let mut expected = reference.runs_in(first, end);
+    let mut current = expected.next();
+    let mut used = 0u64; // blocks of `current` already compared
+    let mut block = first;
+    let mut digests = out.digests.iter();
+    for run in &out.runs {
+        let (mut left, kind) = match run {
+            Run::Zero(n) => (*n, None),
+            Run::Data(n) => (*n, Some(())),
+            Run::Failed(n, e) => {
+                add_finding(found, block, *n, Some(e));
+                block += n;
+                // Skip the reference's blocks these cover.
+                let mut skip = *n;
+                while skip > 0 {
+                    let Some(exp) = current else { break };
+                    let take = skip.min(exp.count - used);
+                    skip -= take;
+                    used += take;
+                    if used == exp.count {
+                        current = expected.next();
+                        used = 0;
+                    }
+                }
+                continue;
+            }
+        };
+        while left > 0 {
+            let Some(exp) = current else {
+                // The reference has no blocks here (cannot happen: the grid is
+                // the reference's); count it as a difference rather than pass it.
+                add_finding(found, block, left, None);
+                block += left;
+                break;
+            };
+            let take = left.min(exp.count - used);
+            let offset = usize::try_from(used).unwrap_or(usize::MAX);
+            let theirs = |j: u64| -> BlockDigest {
+                exp.digests
+                    .and_then(|d| d.get(offset + usize::try_from(j).unwrap_or(usize::MAX)))
+                    .copied()
+                    .unwrap_or(zero)
+            };
+            match (kind, exp.digests) {
+                (None, None) => {}
+                (None, Some(_)) => {
+                    for j in 0..take {
+                        if theirs(j) != zero {
+                            add_finding(found, block + j, 1, None);
+                        }
+                    }
+                }
+                (Some(()), _) => {
+                    for j in 0..take {
+                        let ours = digests.next().copied().unwrap_or(zero);
+                        if ours != theirs(j) {
+                            add_finding(found, block + j, 1, None);
+                        }
+                    }
+                }
+            }
+            block += take;
+            left -= take;
+            used += take;
+            if used == exp.count {
+                current = expected.next();
+                used = 0;
+            }
+        }
+    }
+}
+
+/// Check that `[from, to)` of the image reads as zeros (the part past the
+/// reference's end), recording the blocks that do not.
+fn check_tail(
+    image: &Padded<'_>,
+    block_size: u64,
+    (from, to): (u64, u64),
+    buf: &mut Vec<u8>,
+    found: &mut Vec<Finding>,
+    bytes_read: &mut u64,
+) {
+    let mut pos = from;
+    while pos < to {
+        let block = pos / block_size;
+        let block_end = ((block + 1) * block_size).min(to);
+        let (len, zero) = match image.zero_status(pos, block_end - pos) {
+            Ok(status) => status,
+            Err(e) => {
+                add_finding(found, block, 1, Some(&e.to_string()));
+                pos = block_end;
+                continue;
+            }
+        };
+        let len = len.min(block_end - pos);
+        if !zero {
+            let n = usize::try_from(len).unwrap_or(0);
+            if buf.len() < n {
+                buf.resize(n, 0);
+            }
+            let bytes = buf.get_mut(..n).unwrap_or(&mut []);
+            match image.read(bytes, pos) {
+                Ok(()) => {
+                    *bytes_read += len;
+                    if first_nonzero(bytes).is_some() {
+                        add_finding(found, block, 1, None);
+                        pos = block_end;
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    add_finding(found, block, 1, Some(&e.to_string()));
+                    pos = block_end;
+                    continue;
+                }
+            }
+        }
+        pos += len;
+    }
+}
+
+/// Check `image` against the block digests `reference`, as `verify` checks
+/// an image against a raw one: the same options, and a [`Report`] whose
+/// mismatches are runs of whole blocks (`block_size` is set). `tick` as for
+/// [`super::digest`]. Read errors in the image are findings (with the error);
+/// there is no reference side to fail.
+pub fn check(
+    reference: &BlockDigests,
+    image: &dyn BlockDriver,
+    options: &VerifyOptions,
+    tick: &mut dyn FnMut(Progress) -> bool,
+) -> Result<Report> {
+    let started = Instant::now();
+    let block_size = reference.block_size();
+    let reference_size = reference.size();
+    let test_size = image.size();
+    let total = reference_size.max(test_size);
+    let grid = Grid {
+        block_size,
+        grid_end: reference_size,
+    };
+    let hashed_blocks = grid.blocks();
+    let all_blocks = total.div_ceil(block_size);
+    let chunk_blocks = (options.chunk_size / block_size).clamp(1, 4096);
+    let chunk_bytes = chunk_blocks * block_size;
+    let chunks = all_blocks.div_ceil(chunk_blocks);
+    let threads = worker_count(options.threads, chunks);
+    let padded = Padded { driver: image };
+
+    let mut warnings = Vec::new();
+    if reference_size != test_size {
+        warnings.push(format!(
+            "image sizes differ: {} is {reference_size} bytes, {} is {test_size} bytes; the longer one's tail must read as zeros",
+            reference.path().display(),
+            image.path().display()
+        ));
+    }
+
+    let next_chunk = AtomicU64::new(0);
+    let first_hit = AtomicU64::new(u64::MAX);
+    let cancelled = AtomicBool::new(false);
+    let done = AtomicU64::new(0);
+    let runs_found = AtomicU64::new(0);
+    let results: Mutex<Vec<(u64, Vec<Finding>, u64)>> = Mutex::new(Vec::new());
+
+    let work = || {
+        let mut scanner = Scanner::new(padded, grid, reference.algorithm(), OnError::Record);
+        let mut tail_buf = Vec::new();
+        loop {
+            if cancelled.load(Ordering::Relaxed) {
+                return;
+            }
+            let index = next_chunk.fetch_add(1, Ordering::Relaxed);
+            if index >= chunks {
+                return;
+            }
+            if !options.all && index > first_hit.load(Ordering::Relaxed) {
+                return;
+            }
+            let first = index * chunk_blocks;
+            let end = (first + chunk_blocks).min(all_blocks);
+            let start = first * block_size;
+            let stop = (end * block_size).min(total);
+            let mut found = Vec::new();
+            let mut read = 0;
+            let zero_end =
+                padded.zero_until(start, start.saturating_add(ZERO_LOOKAHEAD).min(total));
+            // The chunks to compare as zeros: this one, and those wholly inside
+            // the zero run that no worker has taken yet.
+            let mut zero_ranges = Vec::new();
+            if zero_end >= stop {
+                zero_ranges.push((first, end));
+                let first_after = if zero_end >= total {
+                    chunks
+                } else {
+                    zero_end / chunk_bytes
+                };
+                let previous = next_chunk.fetch_max(first_after, Ordering::Relaxed);
+                if previous < first_after {
+                    zero_ranges.push((previous * chunk_blocks, first_after * chunk_blocks));
+                }
+            } else {
+                // Blocks on the reference's grid are hashed; past its end the
+                // image must read as zeros.
+                match scanner.scan(first, end.min(hashed_blocks)) {
+                    Ok(out) => {
+                        read += out.bytes_read;
+                        compare(reference, first, &out, &mut found);
+                    }
+                    Err(e) => add_finding(&mut found, first, end - first, Some(&e.to_string())),
+                }
+                let tail = (start.max(reference_size), stop);
+                if tail.0 < tail.1 {
+                    check_tail(
+                        &padded,
+                        block_size,
+                        tail,
+                        &mut tail_buf,
+                        &mut found,
+                        &mut read,
+                    );
+                }
+            }
+            for (from, to) in zero_ranges {
+                let mut out = ChunkOut::default();
+                scanner.zero_blocks(from, to.min(hashed_blocks), &mut out);
+                compare(reference, from, &out, &mut found);
+                let bytes = (to * block_size).min(total) - (from * block_size).min(total);
+                done.fetch_add(bytes, Ordering::Relaxed);
+            }
+            if !found.is_empty() {
+                first_hit.fetch_min(index, Ordering::Relaxed);
+                let n = runs_found.fetch_add(found.len() as u64, Ordering::Relaxed);
+                if options.all && n + found.len() as u64 >= options.max_runs as u64 {
+                    cancelled.store(true, Ordering::Relaxed);
+                }
+            }
+            lock(&results).push((index, found, read));
+            if zero_end < stop {
+                done.fetch_add(stop - start, Ordering::Relaxed);
+            }
+        }
+    };
+    if !run_workers(threads, total, &done, &cancelled, tick, &work) {
+        return Err(Error::Cancelled);
+    }
+    let mut results = results
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    results.sort_by_key(|(index, _, _)| *index);
+    let mut merged: Vec<Finding> = Vec::new();
+    let mut bytes_read = 0;
+    for (_, found, read) in &results {
+        bytes_read += read;
+        for f in found {
+            add_finding(&mut merged, f.block, f.count, f.error.as_deref());
+        }
+    }
+    let mut truncated = false;
+    if !options.all {
+        merged.truncate(1);
+    } else if merged.len() > options.max_runs
+        || runs_found.load(Ordering::Relaxed) >= options.max_runs as u64
+    {
+        merged.truncate(options.max_runs);
+        truncated = true;
+    }
+    let mismatches: Vec<Mismatch> = merged
+        .into_iter()
+        .map(|f| {
+            let offset = f.block.saturating_mul(block_size).min(total);
+            let end = (f.block + f.count).saturating_mul(block_size).min(total);
+            Mismatch {
+                offset,
+                length: end - offset,
+                first_byte: offset,
+                error: f.error,
+            }
+        })
+        .collect();
+    let bytes_compared = if mismatches.is_empty() || options.all {
+        total
+    } else {
+        mismatches.first().map_or(total, |m| m.offset)
+    };
+    let identical = mismatches.is_empty() && !(options.strict && reference_size != test_size);
+    Ok(Report {
+        identical,
+        raw_size: reference_size,
+        test_size,
+        virtual_size: total,
+        bytes_compared,
+        bytes_read,
+        mismatches,
+        truncated,
+        warnings,
+        elapsed: started.elapsed(),
+        block_size: Some(block_size),
+    })
+}

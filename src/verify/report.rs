@@ -1,0 +1,92 @@
+//! What the verify engine is asked and what it answers: its options, the
+//! mismatching runs it finds, its report, and its progress.
+
+use crate::driver::SECTOR_SIZE;
+use std::time::Duration;
+
+/// How to verify.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// Report every mismatching run instead of stopping at the first.
+    pub all: bool,
+    /// A size difference is itself a mismatch.
+    pub strict: bool,
+    /// Bytes per unit of work (rounded to sectors).
+    pub chunk_size: u64,
+    /// Worker threads; 0 means one per core.
+    pub threads: usize,
+    /// The most runs `all` collects before it stops (bounds memory).
+    pub max_runs: usize,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        VerifyOptions {
+            all: false,
+            strict: false,
+            chunk_size: 8 << 20,
+            threads: 0,
+            max_runs: 100_000,
+        }
+    }
+}
+
+/// A run of consecutive mismatching sectors (or blocks, when the reference is
+/// a block digests file: see [`Report::block_size`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    /// Guest offset of the run's first sector (a multiple of 512), or block.
+    pub offset: u64,
+    /// Length in bytes (whole sectors or blocks, except at the end of the disk).
+    pub length: u64,
+    /// Guest offset of the first byte that differs (a block digest does not
+    /// say which: then the run's first byte).
+    pub first_byte: u64,
+    /// Set when the test image could not be read here: the error.
+    pub error: Option<String>,
+}
+
+impl Mismatch {
+    /// The first mismatching sector.
+    pub fn sector(&self) -> u64 {
+        self.offset / SECTOR_SIZE
+    }
+}
+
+/// What a verification found.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// No mismatch (and, with `strict`, equal sizes).
+    pub identical: bool,
+    /// The reference's size.
+    pub raw_size: u64,
+    /// The test image's size.
+    pub test_size: u64,
+    /// The compared range: the larger of the two sizes.
+    pub virtual_size: u64,
+    /// Guest bytes verified (read and compared, or proven zero on both sides).
+    pub bytes_compared: u64,
+    /// Guest bytes that were read from at least one side.
+    pub bytes_read: u64,
+    /// Mismatching runs, in disk order.
+    pub mismatches: Vec<Mismatch>,
+    /// `max_runs` was reached; more mismatches may exist.
+    pub truncated: bool,
+    /// Things the user should know (size differences).
+    pub warnings: Vec<String>,
+    /// Wall-clock time.
+    pub elapsed: Duration,
+    /// `None` when bytes were compared (mismatches are sector runs); the block
+    /// size when the reference was a block digests file (mismatches are runs of
+    /// whole blocks, and block `i` starts at `i * block_size`).
+    pub block_size: Option<u64>,
+}
+
+/// Progress, as the engine reports it to its caller's hook.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Guest bytes done.
+    pub done: u64,
+    /// Guest bytes in all.
+    pub total: u64,
+}
