@@ -195,6 +195,19 @@ class _Record:
         fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
         return f"{type(self).__name__}({fields})"
 
+    # The --json keys in order; a key whose default is None is left out while
+    # it is None. A record with other rules writes its own to_dict.
+    _json: ClassVar[tuple[str, ...]] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as the CLI's ``--json`` prints it."""
+        out: dict[str, Any] = {}
+        for name in self._json:
+            value = getattr(self, name)
+            if value is not None or self._defaults.get(name, 0) is not None:
+                out[name] = value
+        return out
+
 
 class Mismatch(_Record):
     """A run of consecutive mismatching 512-byte sectors."""
@@ -210,21 +223,7 @@ class Mismatch(_Record):
     # the reference's when it has metadata (is not raw).
     mapping: dict[str, Any] | None
     ref_mapping: dict[str, Any] | None
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "sector": self.sector,
-            "offset": self.offset,
-            "length": self.length,
-            "first_byte": self.first_byte,
-        }
-        if self.error is not None:
-            out["error"] = self.error
-        if self.mapping is not None:
-            out["mapping"] = self.mapping
-        if self.ref_mapping is not None:
-            out["ref_mapping"] = self.ref_mapping
-        return out
+    _json = ("sector", "offset", "length", "first_byte", "error", "mapping", "ref_mapping")
 
 
 class BlockMismatch(_Record):
@@ -240,19 +239,7 @@ class BlockMismatch(_Record):
     length: int
     error: str | None
     mapping: dict[str, Any] | None
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "block": self.block,
-            "blocks": self.blocks,
-            "offset": self.offset,
-            "length": self.length,
-        }
-        if self.error is not None:
-            out["error"] = self.error
-        if self.mapping is not None:
-            out["mapping"] = self.mapping
-        return out
+    _json = ("block", "blocks", "offset", "length", "error", "mapping")
 
 
 class Report(_Record):

@@ -19,6 +19,7 @@ from blkverify_rs.cli_common import (
     EXIT_OK,
     READABLE_FORMATS,
     REFERENCE_FORMATS,
+    USER_ERRORS,
     WRITABLE_FORMATS,
     backing_options,
     describe_error,
@@ -237,7 +238,7 @@ def digest(
         except KeyboardInterrupt:
             click.echo("blkverify: interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
-        except (bv.Error, OSError, ValueError, OverflowError) as exc:
+        except USER_ERRORS as exc:
             # One image's failure is reported and the others go on.
             status = EXIT_ERROR
             message = describe_error(exc, image)

@@ -82,6 +82,10 @@ def describe_error(exc: BaseException, name: str | None = None) -> str:
     return str(exc) or exc.__class__.__name__
 
 
+# What a user's mistake or a bad image raises: one error line, never a traceback.
+USER_ERRORS = (bv.Error, OSError, ValueError, OverflowError)
+
+
 @contextmanager
 def reported(bar: Bar | None = None) -> Iterator[None]:
     """Run a command's work: Ctrl-C exits with status 130 and an error with
@@ -96,5 +100,5 @@ def reported(bar: Bar | None = None) -> Iterator[None]:
     except KeyboardInterrupt:
         click.echo("blkverify: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    except (bv.Error, OSError, ValueError, OverflowError) as exc:
+    except USER_ERRORS as exc:
         fail(describe_error(exc))
