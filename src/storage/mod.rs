@@ -80,6 +80,23 @@ pub trait Storage: Send + Sync {
         Err(Error::ReadOnly(self.path().to_path_buf()))
     }
 
+    /// Make `[offset, offset + len)` read as zeros, extending the store if the
+    /// range ends past it. Stores that can do it without writing zeros
+    /// (`fallocate`) do; this default writes zeros.
+    fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
+        let zeros = vec![0u8; usize::try_from(len.min(1 << 20)).unwrap_or(0)];
+        let end = offset.saturating_add(len);
+        let mut at = offset;
+        while at < end {
+            let n = usize::try_from(end - at)
+                .unwrap_or(usize::MAX)
+                .min(zeros.len());
+            self.write_all_at(zeros.get(..n).unwrap_or(&[]), at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
     /// Set the length (truncate or extend with zeros).
     fn set_len(&self, len: u64) -> Result<()> {
         let _ = len;
