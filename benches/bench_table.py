@@ -56,6 +56,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     images = make_images.build_all(args.directory, args.scale)
+    images.update(make_images.vpc_vdi_pairs(args.directory, 2 * args.scale))
     ours = [sys.executable, "-m", "blkverify_rs"]
     cases = []
     for name, (raw, test) in images.items():
@@ -67,7 +68,7 @@ def main() -> int:
                     "compare",
                     "-q",
                     "-f",
-                    "raw",
+                    raw.suffix[1:],
                     "-F",
                     test.suffix[1:],
                     str(raw),

@@ -172,6 +172,27 @@ def qcow2_qcow2_pair(directory: Path, mib: int) -> tuple[Path, Path]:
     return qcow2, copy
 
 
+# VHD (QEMU's "vpc") and VDI copies of the allocated disk: name -> (format, options).
+VPC_VDI = {
+    "vpc-dynamic": ("vpc", "subformat=dynamic,force_size=on"),
+    "vpc-fixed": ("vpc", "subformat=fixed,force_size=on"),
+    "vdi": ("vdi", "static=off"),
+}
+
+
+def vpc_vdi_pairs(directory: Path, mib: int) -> dict[str, tuple[Path, Path]]:
+    """The fully allocated raw disk and its copy in each of ``VPC_VDI``'s formats
+    (named ``full-CASE.FORMAT``, so the suffix names the format)."""
+    raw, _ = full_pair(directory, mib)
+    out = {}
+    for case, (fmt, opts) in VPC_VDI.items():
+        image = directory / f"full-{case}.{fmt}"
+        if not image.exists() or image.stat().st_mtime < raw.stat().st_mtime:
+            sh("qemu-img", "convert", "-f", "raw", "-O", fmt, "-o", opts, str(raw), str(image))
+        out[case] = (raw, image)
+    return out
+
+
 def build_all(directory: Path, mib: int) -> dict[str, tuple[Path, Path]]:
     directory.mkdir(parents=True, exist_ok=True)
     return {

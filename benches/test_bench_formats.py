@@ -13,28 +13,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import make_images
 import pytest
 
-FORMATS = {
-    "vpc-dynamic": ("vpc", "subformat=dynamic,force_size=on"),
-    "vpc-fixed": ("vpc", "subformat=fixed,force_size=on"),
-    "vdi": ("vdi", "static=off"),
-}
 _medians: dict[str, float] = {}
 
 
-@pytest.fixture(scope="session", params=sorted(FORMATS))
+@pytest.fixture(scope="session", params=sorted(make_images.VPC_VDI))
 def format_pair(request, allocated_pair: tuple[Path, Path]) -> tuple[Path, Path, str, str]:
     """The allocated raw file and its copy in one format (built once, then kept)."""
     raw, _ = allocated_pair
-    fmt, opts = FORMATS[request.param]
-    image = raw.with_name(f"full-{request.param}.{fmt}")
-    if not image.exists() or image.stat().st_mtime < raw.stat().st_mtime:
-        subprocess.run(
-            ["qemu-img", "convert", "-f", "raw", "-O", fmt, "-o", opts, str(raw), str(image)],
-            check=True,
-        )
-    return raw, image, fmt, request.param
+    mib = raw.stat().st_size >> 20
+    _, image = make_images.vpc_vdi_pairs(raw.parent, mib)[request.param]
+    return raw, image, make_images.VPC_VDI[request.param][0], request.param
 
 
 def run_identical(impl: str, raw: Path, image: Path, fmt: str) -> None:

@@ -179,30 +179,41 @@ impl Blkverify {
 }
 
 impl Blkverify {
+    /// Check what the test side reads after discarding `[offset, offset+len)`
+    /// and bring the reference to it. Every read and write here is made on the
+    /// device's own account, for the discard: a side that fails one is that
+    /// discard's return-value mismatch (a finding, as the same failure in a
+    /// read or write would be), never a bare error.
     fn reconcile_discarded(&self, offset: u64, len: u64) -> Result<()> {
         const PIECE: u64 = 1 << 20;
+        let failed = |test: Result<()>, raw: Result<()>| settle("discard", offset, len, test, raw);
+        let test_side = |r: Result<()>| failed(r, Ok(()));
+        let raw_side = |r: Result<()>| failed(Ok(()), r);
         let end = offset + len;
         let mut at = offset;
         while at < end {
-            let (zero_len, zero) = driver::zero_status(self.test.as_ref(), at, end - at)?;
+            let (zero_len, zero) = match driver::zero_status(self.test.as_ref(), at, end - at) {
+                Ok(status) => status,
+                Err(e) => return test_side(Err(e)),
+            };
             let run = zero_len.clamp(1, end - at);
             if zero {
                 // The test side reads zeros here without reading: so must the reference.
-                self.raw.write_zeroes(at, run, true)?;
+                raw_side(self.raw.write_zeroes(at, run, true))?;
                 at += run;
                 continue;
             }
             let n = run.min(PIECE) as usize;
             let mut now = vec![0u8; n];
             let mut before = vec![0u8; n];
-            self.test.read_at(&mut now, at)?;
-            self.raw.read_at(&mut before, at)?;
+            test_side(self.test.read_at(&mut now, at))?;
+            raw_side(self.raw.read_at(&mut before, at))?;
             let backing = match self.test.backing() {
                 Some(b) => {
                     let mut data = vec![0u8; n];
                     let stored = b.size().saturating_sub(at).min(n as u64) as usize;
                     if let Some(head) = data.get_mut(..stored) {
-                        b.read_at(head, at)?;
+                        test_side(b.read_at(head, at))?;
                     }
                     Some(data)
                 }
@@ -234,7 +245,7 @@ impl Blkverify {
                 sector_start = sector_end;
             }
             if now != before {
-                self.raw.write_at(&now, at)?;
+                raw_side(self.raw.write_at(&now, at))?;
             }
             at += n as u64;
         }

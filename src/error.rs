@@ -103,6 +103,17 @@ pub fn request_sectors(offset: u64, length: u64) -> (u64, u64) {
     (first, end.saturating_sub(first))
 }
 
+/// The errno an I/O error stands for: the OS's, or for an error made here
+/// with a kind and a message, the kind's (`EAGAIN` for a lock conflict,
+/// `ETIMEDOUT` for a silent server), else `EIO`.
+pub fn io_errno(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(match e.kind() {
+        io::ErrorKind::WouldBlock => libc::EAGAIN,
+        io::ErrorKind::TimedOut => libc::ETIMEDOUT,
+        _ => libc::EIO,
+    })
+}
+
 impl Error {
     /// An I/O error on `path` while doing `context`.
     pub fn io(path: &Path, context: impl Into<String>, source: io::Error) -> Self {
@@ -133,7 +144,7 @@ impl Error {
     /// device to compare the two sides' return values).
     pub fn errno(&self) -> i32 {
         match self {
-            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::Io { source, .. } => io_errno(source),
             Error::InvalidArgument(_) => libc::EINVAL,
             Error::ReadOnly(_) => libc::EROFS,
             Error::Format { .. } => libc::ENOTSUP,

@@ -229,6 +229,107 @@ def test_a_failing_write_is_named_and_the_log_reproduces_it(tmp_path: Path) -> N
     assert op_lines(log)[-1] == first_write(log)  # it stopped there
 
 
+# A test-side failure is a finding wherever it strikes. Each fault with a mix under which
+# it all but surely strikes within 2000 ops (the chance that it never does is below 1e-8):
+# failing reads hit read ops, the read-back that checks a discard and the final verify
+# (the default mix, as in issue 10's reproducer); writes, trims and flushes their own ops.
+FAULTS = {
+    "pread": ("error-pread-rate=0.02", None, {None, "read", "discard"}),
+    "pwrite": ("error-pwrite-rate=0.02", "read=50,write=50", {"write"}),
+    "trim": ("error-trim-rate=0.02", "read=50,discard=50", {"discard"}),
+    "flush": (None, "write=1,flush=9", {None, "flush"}),
+}
+
+
+def faulty_server(sock: Path, image: Path, rate: str | None) -> Nbdkit:
+    """A 32 MiB nbdkit export whose requests of one kind fail with EIO at random, about
+    one in fifty: memory behind the error filter; for flushes, which nbdkit 1.32's error
+    filter cannot fail, the eval plugin over ``image`` with a failing flush script.
+    Neither offers block status (the noextents filter): every check reads, where a
+    range the server calls zero would not be read at all."""
+    if rate is not None:
+        return Nbdkit(
+            sock, "--filter=noextents", "--filter=error", "memory", "32M", rate, "error=EIO"
+        )
+    return Nbdkit(
+        sock,
+        "eval",
+        f"get_size=stat -L -c %s {image}",
+        "can_write=exit 0",
+        "can_flush=exit 0",
+        f"pread=dd if={image} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
+        f"pwrite=dd of={image} seek=$4 oflag=seek_bytes conv=notrunc bs=64k iflag=fullblock "
+        "status=none",
+        "flush=if [ $(od -An -N1 -tu1 /dev/urandom) -lt 5 ]; then "
+        "echo EIO flush failed >&2; exit 1; fi",
+    )
+
+
+def zero_image(path: Path) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(32 * MiB)
+    return path
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_failing_test_side_is_a_finding_for_every_seed(tmp_path: Path, fault: str) -> None:
+    rate, mix, op_kinds = FAULTS[fault]
+    for seed in range(1, 7):
+        raw = zero_image(tmp_path / f"{seed}.raw")
+        server = faulty_server(
+            tmp_path / f"{seed}.sock", zero_image(tmp_path / f"{seed}.img"), rate
+        )
+        try:
+            args = ["--ops", "2000", "--seed", str(seed), *(["--mix", mix] if mix else [])]
+            proc = run_cli("exercise", "--json", f"blkverify:{raw}:{server.uri}", *args)
+        finally:
+            server.stop()
+        assert proc.returncode == 1, (seed, proc.stderr)
+        found = json.loads(proc.stdout)["mismatches"][0]
+        assert found["kind"] == "return_value", found
+        assert (found["test_ret"], found["raw_ret"]) == (-5, 0)
+        assert "return value mismatch -5 != 0" in found["message"]
+        assert (found["op"] or " ").split()[0] in op_kinds or found["op"] is None, found
+        assert found["op"] is not None or found["phase"] in ("final flush", "final verify")
+
+
+def test_a_failing_read_back_after_a_discard_is_that_discards_finding(tmp_path: Path) -> None:
+    raw = zero_image(tmp_path / "d.raw")
+    server = faulty_server(tmp_path / "d.sock", raw, "error-pread-rate=100%")
+    try:
+        proc = run_cli(
+            "exercise", f"blkverify:{raw}:{server.uri}", "--mix", "discard=1", "--seed", "3"
+        )
+    finally:
+        server.stop()
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[1].startswith("blkverify: discard sector_num="), proc.stdout
+    assert lines[1].endswith(" return value mismatch -5 != 0")
+    assert lines[2].startswith("  at op 0: discard ")
+    assert "Input/output error" in lines[3]
+    assert "blkverify exercise" in lines[-1]  # the command that reproduces it
+
+
+def test_a_failing_read_in_the_final_verify_is_a_finding(tmp_path: Path) -> None:
+    raw = zero_image(tmp_path / "v.raw")
+    server = faulty_server(tmp_path / "v.sock", raw, "error-pread-rate=100%")
+    try:
+        proc = run_cli(
+            "exercise", "--json", f"blkverify:{raw}:{server.uri}", "--mix", "write=1", "--ops", "20"
+        )
+    finally:
+        server.stop()
+    assert proc.returncode == 1, proc.stderr
+    out = json.loads(proc.stdout)
+    found = out["mismatches"][0]
+    assert (found["phase"], found["op"], found["kind"]) == ("final verify", None, "return_value")
+    assert found["message"].startswith("blkverify: final verify: read sector_num=0 nb_sectors=")
+    assert found["message"].endswith(" return value mismatch -5 != 0")
+    assert found["sector"] == 0 and "Input/output error" in found["test_error"]
+    assert out["reproduce"].startswith("blkverify exercise")
+
+
 def dropping_server(sock: Path, image: Path, victim: int) -> Nbdkit:
     """An nbdkit file-like export (the eval plugin) that silently drops every write
     covering byte ``victim``: the lost write a guest would never notice."""

@@ -273,7 +273,7 @@ def _server_error(conn: socket.socket) -> None:
         (_drop_after_handshake, False, "closed the connection"),
         (_short_reply, False, "closed the connection"),
         (_bad_reply_magic, False, "bad magic"),
-        (_wrong_cookie, False, "cookie"),
+        (_wrong_cookie, False, "replied to cookie"),
         (_silent, False, "did not answer"),
     ],
 )
@@ -304,6 +304,217 @@ def test_server_errors_are_os_errors_with_errno(tmp_path: Path) -> None:
                 assert info.value.errno == 5
     finally:
         server.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Many requests in flight on one connection
+# ---------------------------------------------------------------------------------------------
+
+SIMPLE_REPLY = 0x67446698
+STRUCTURED_REPLY = 0x668E33EF
+
+
+class HoldingServer:
+    """A fake NBD server over a bytearray that holds back its replies until ``hold``
+    requests are outstanding (or none has arrived for ``idle`` seconds), then answers
+    them newest first. A client with one request in flight would see every reply
+    ``idle`` late; one that keeps ``hold`` in flight is answered at once, out of order.
+    ``max_outstanding`` is the most requests it ever held at once."""
+
+    def __init__(self, path: Path, size: int, hold: int, idle: float = 0.05) -> None:
+        self.data = bytearray(size)
+        self.hold, self.idle = hold, idle
+        self.max_outstanding = 0
+        self.server = FakeServer(path, self._serve)
+        self.uri = f"nbd+unix:///?socket={path}"
+
+    def _serve(self, conn: socket.socket) -> None:
+        handshake(conn, len(self.data))
+        conn.settimeout(self.idle)
+        pending: list[tuple[int, int, int, int, bytes]] = []
+        while True:
+            try:
+                cmd, cookie, offset, length = read_request(conn)
+            except TimeoutError:
+                self._answer(conn, pending)
+                continue
+            if cmd == 2:  # disconnect
+                return
+            payload = recv_exact(conn, length) if cmd == 1 else b""
+            pending.append((cmd, cookie, offset, length, payload))
+            self.max_outstanding = max(self.max_outstanding, len(pending))
+            if len(pending) >= self.hold:
+                self._answer(conn, pending)
+
+    def _answer(self, conn: socket.socket, pending: list) -> None:
+        conn.settimeout(None)  # the idle timeout is for waiting, not for sending
+        for cmd, cookie, offset, length, payload in reversed(pending):
+            data = b""
+            if cmd == 0:
+                data = bytes(self.data[offset : offset + length])
+            elif cmd == 1:
+                self.data[offset : offset + length] = payload
+            conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY, 0, cookie) + data)
+        pending.clear()
+        conn.settimeout(self.idle)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_exercise_keeps_queue_depth_requests_in_flight_on_one_connection(
+    tmp_path: Path,
+) -> None:
+    size = 8 * MiB
+    server = HoldingServer(tmp_path / "hold.sock", size, hold=8)
+    raw = tmp_path / "hold.raw"
+    raw.write_bytes(bytes(size))
+    try:
+        res = bv.exercise(
+            f"blkverify:{raw}:{server.uri}",
+            ops=400,
+            seed=7,
+            mix="read=70,write=30",
+            size_mix="4k=1",
+            queue_depth=8,
+            timeout=5.0,
+        )
+    finally:
+        server.close()
+    assert res.clean, res.mismatches
+    assert server.max_outstanding == 8
+    assert bytes(server.data) == raw.read_bytes()  # and every write landed
+
+
+def _concurrent_reads(uri: str, offsets: list[int], length: int = 4096) -> list:
+    """Read at each offset from its own thread on one image; each result is the
+    bytes read or the exception raised."""
+    results: list = [None] * len(offsets)
+    with bv.open(uri, timeout=1.0) as img:
+
+        def read(i: int) -> None:
+            try:
+                results[i] = img.read(offsets[i], length)
+            except (bv.Error, OSError) as e:
+                results[i] = e
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(len(offsets))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+    return results
+
+
+def test_replies_in_any_order_reach_their_requests(tmp_path: Path) -> None:
+    server = HoldingServer(tmp_path / "order.sock", 1 * MiB, hold=4, idle=2.0)
+    for i in range(16):
+        server.data[i * 4096 : (i + 1) * 4096] = bytes([i + 1]) * 4096
+    offsets = [3 * 4096, 9 * 4096, 0, 14 * 4096]
+    try:
+        results = _concurrent_reads(server.uri, offsets)
+    finally:
+        server.close()
+    assert [r[:1] for r in results] == [bytes([o // 4096 + 1]) for o in offsets]
+    assert server.max_outstanding == 4  # all four were in flight, answered newest first
+
+
+def _structured_handshake(conn: socket.socket, size: int) -> None:
+    """A fixed-newstyle server that accepts structured replies, then GO."""
+    conn.sendall(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 1))
+    recv_exact(conn, 4)
+    reply_magic = 0x3E889045565A9
+    while True:
+        _, opt, length = struct.unpack(">QII", recv_exact(conn, 16))
+        recv_exact(conn, length)
+        if opt == 8:  # STRUCTURED_REPLY: yes
+            conn.sendall(struct.pack(">QIII", reply_magic, opt, 1, 0))
+            continue
+        if opt != 7:  # anything but GO (block status contexts): unsupported
+            conn.sendall(struct.pack(">QIII", reply_magic, opt, (1 << 31) | 1, 0))
+            continue
+        info = struct.pack(">HQH", 0, size, 1 | 4)
+        conn.sendall(struct.pack(">QIII", reply_magic, opt, 3, len(info)) + info)
+        conn.sendall(struct.pack(">QIII", reply_magic, opt, 1, 0))
+        return
+
+
+def _chunk(cookie: int, kind: int, payload: bytes, done: bool = False) -> bytes:
+    return struct.pack(">IHHQI", STRUCTURED_REPLY, int(done), kind, cookie, len(payload)) + payload
+
+
+def _interleaved_chunks(conn: socket.socket) -> None:
+    """Two reads' structured replies, chunks interleaved and finished in reverse."""
+    _structured_handshake(conn, 1 * MiB)
+    (_, a, off_a, len_a), (_, b, off_b, len_b) = read_request(conn), read_request(conn)
+    half = len_b // 2
+    conn.sendall(
+        _chunk(b, 1, struct.pack(">Q", off_b) + b"B" * half)  # DATA, b's first half
+        + _chunk(a, 1, struct.pack(">Q", off_a) + b"A" * len_a)  # DATA, all of a
+        + _chunk(b, 2, struct.pack(">QI", off_b + half, len_b - half))  # HOLE, b's rest
+        + _chunk(b, 0, b"", done=True)
+        + _chunk(a, 0, b"", done=True)
+    )
+    time.sleep(2)
+
+
+def test_structured_chunks_of_two_requests_interleaved(tmp_path: Path) -> None:
+    server = FakeServer(tmp_path / "chunks.sock", _interleaved_chunks)
+    try:
+        results = _concurrent_reads(f"nbd+unix:///?socket={server.path}", [0, 64 * 1024])
+    finally:
+        server.close()
+    got = sorted(results, key=lambda r: r[:1])
+    assert got == [b"A" * 4096, b"B" * 2048 + bytes(2048)]
+
+
+def _unknown_cookie_after_four(conn: socket.socket) -> None:
+    handshake(conn)
+    for _ in range(4):
+        read_request(conn)
+    conn.sendall(struct.pack(">IIQ", SIMPLE_REPLY, 0, 0xBAD) + bytes(4096))
+    time.sleep(3)
+
+
+def _drop_after_four(conn: socket.socket) -> None:
+    handshake(conn)
+    for _ in range(4):
+        read_request(conn)
+    conn.close()
+
+
+def _silent_after_four(conn: socket.socket) -> None:
+    handshake(conn)
+    for _ in range(4):
+        read_request(conn)
+    time.sleep(5)
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "words"),
+    [
+        (
+            _unknown_cookie_after_four,
+            "the server replied to cookie 0xbad, which no request in flight has",
+        ),
+        (_drop_after_four, "the server closed the connection"),
+        (_silent_after_four, "the server did not answer within 1 s"),
+    ],
+)
+def test_a_failing_connection_fails_every_request_in_flight_by_name(
+    tmp_path: Path, behaviour, words: str
+) -> None:
+    server = FakeServer(tmp_path / "f.sock", behaviour)
+    offsets = [0, 8192, 65536, 12288]
+    started = time.monotonic()
+    try:
+        results = _concurrent_reads(f"nbd+unix:///?socket={server.path}", offsets)
+    finally:
+        server.close()
+    assert time.monotonic() - started < 4
+    for offset, result in zip(offsets, results, strict=True):
+        assert isinstance(result, OSError), result
+        assert f"nbd: read at offset {offset:#x} (4096 bytes): {words}" in str(result)
 
 
 def test_cli_error_for_unreachable_server(tmp_path: Path) -> None:
@@ -369,6 +580,79 @@ def test_nbdkit_memory_is_a_second_independent_server(tmp_path: Path) -> None:
         raw.write_bytes(bytes(reference))
         rep = bv.verify(raw, server.uri)
         assert rep.mismatches[0].first_byte == 3 * MiB + 10
+    finally:
+        server.stop()
+
+
+def test_exercise_at_queue_depth_8_against_qemu_nbd(served, tmp_path: Path) -> None:
+    image = tmp_path / "qd.qcow2"
+    raw = tmp_path / "qd.raw"
+    qemu_img("create", "-f", "qcow2", image, "8M")
+    raw.write_bytes(bytes(8 * MiB))
+    server = served(image, "qcow2", "--cache=writeback")
+    result = run_cli(
+        "exercise",
+        "--json",
+        "--ops",
+        "1500",
+        "--seed",
+        "5",
+        "--queue-depth",
+        "8",
+        "--mix",
+        "read=70,write=30",
+        "--size-mix",
+        "4k=1",
+        f"blkverify:{raw}:{server.uri}",
+    )
+    assert result.returncode == 0, result.stderr
+    server.stop()
+    # QEMU agrees: the image it served now holds the reference's bytes.
+    compare = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", raw, image],
+        capture_output=True,
+        text=True,
+    )
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+
+
+def test_nbdkit_answers_a_later_read_before_a_slow_write(tmp_path: Path) -> None:
+    # nbdkit runs requests on a pool of threads: with writes delayed, the read
+    # sent after the write is answered first, on the same connection.
+    server = Nbdkit(tmp_path / "slow.sock", "--filter=delay", "memory", "1M", "delay-write=800ms")
+    finished: list[str] = []
+    try:
+        with bv.open(server.uri, read_only=False, timeout=5.0) as img:
+            writer = threading.Thread(
+                target=lambda: (img.write(0, b"w" * 4096), finished.append("write"))
+            )
+            writer.start()
+            time.sleep(0.2)
+            assert img.read(65536, 4096) == bytes(4096)
+            finished.append("read")
+            writer.join(timeout=10)
+            assert img.read(0, 4096) == b"w" * 4096
+    finally:
+        server.stop()
+    assert finished == ["read", "write"]
+
+
+def test_exercise_at_queue_depth_8_against_nbdkit_with_slow_writes(tmp_path: Path) -> None:
+    raw = tmp_path / "slow.raw"
+    raw.write_bytes(bytes(4 * MiB))
+    server = Nbdkit(tmp_path / "qd.sock", "--filter=delay", "memory", "4M", "delay-write=2ms")
+    try:
+        res = bv.exercise(
+            f"blkverify:{raw}:{server.uri}",
+            ops=600,
+            seed=9,
+            mix="read=70,write=30",
+            size_mix="4k=1",
+            queue_depth=8,
+        )
+        assert res.clean, res.mismatches
+        assert res.verified and res.ops == 600
+        assert bv.verify(raw, server.uri).identical
     finally:
         server.stop()
 

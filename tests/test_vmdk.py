@@ -304,3 +304,28 @@ def test_rdonly_extents_read_like_rw(disks):
             assert img.read(0, img.size) == disk.expected.read_bytes()
     finally:
         desc.unlink()
+
+
+def test_a_descriptor_rewritten_with_a_shorter_cid_reads_as_qemu_reads_it(disks, tmp_path):
+    # QEMU rewrites the CID in place on a disk's first write ("CID=%x"): a CID with
+    # fewer hex digits ends the text at an earlier NUL and leaves the old text's
+    # last bytes behind it. QEMU reads the text up to the NUL; so must we (this
+    # made the suite fail now and then, whenever qemu-io drew a CID below 2^24).
+    disk = disks["flat"]
+    desc = disk.path.parent / "flat-short-cid.vmdk"
+    text = disk.path.read_bytes().split(b"\0", 1)[0]
+    start = text.index(b"\nCID=") + len(b"\nCID=")
+    end = text.index(b"\n", start)
+    short = text[:start] + b"1a2b" + text[end:]
+    assert len(short) <= len(text) - 2
+    desc.write_bytes(short + b"\0" + text[len(short) + 1 :] + b"\0" * 64)
+    try:
+        data = desc.read_bytes()
+        assert any(data[data.index(b"\0") :])  # old text behind the NUL
+        want = tmp_path / "want.raw"
+        qemu_img("convert", "-f", "vmdk", "-O", "raw", desc, want)
+        with bv.open(desc) as img:
+            assert img.read(0, img.size) == want.read_bytes() == disk.expected.read_bytes()
+        assert run_cli("verify", disk.expected, desc).returncode == 0
+    finally:
+        desc.unlink()

@@ -86,6 +86,7 @@ def open(
     max_backing_depth: int = 16,
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
+    force_share: bool = False,
 ) -> Image | Device:
     """Open an image, or a mirrored blkverify device.
 
@@ -107,6 +108,14 @@ def open(
     An image path (or the test side) may also be an NBD URI
     (``nbd://HOST[:PORT]/EXPORT`` or ``nbd+unix:///EXPORT?socket=PATH``);
     ``timeout`` (seconds, default 30) bounds its connect and every request.
+
+    Image files are locked as QEMU locks them, until :meth:`Image.close`: a
+    qcow2 image another process (a VM, ``qemu-nbd``) has open for writing is
+    refused, for writing and for reading, with QEMU's error (``OSError``,
+    ``EAGAIN``: ``Failed to get "write" lock``); while we have a qcow2 open
+    for writing, QEMU's tools are refused it. Raw images share writes, as in
+    QEMU. ``force_share=True`` (``-U`` in qemu-img) reads an image anyway;
+    it is refused with ``read_only=False``.
     """
     # The same options, whichever of the three ways the image is opened.
     options: dict[str, Any] = {
@@ -117,6 +126,7 @@ def open(
         "max_backing_depth": max_backing_depth,
         "allow_backing_anywhere": allow_backing_anywhere,
         "timeout": timeout,
+        "force_share": force_share,
     }
     if raw is not None or test is not None:
         if path is not None or raw is None or test is None:
@@ -353,6 +363,7 @@ def verify(
     progress: Callable[[int, int], None] | None = None,
     start: int | str = 0,
     length: int | str | None = None,
+    force_share: bool = False,
 ) -> Report:
     """Compare every guest sector of ``test`` with the reference ``raw``. Either
     side may be in any format blkverify reads (raw, qcow2, vmdk; probed unless
@@ -361,7 +372,8 @@ def verify(
     Stops at the first mismatching sector unless ``all`` is true. A read error
     on the test side is a finding (a mismatch with ``error`` set); one on the
     reference side raises. ``progress(done, total)`` is called about ten times a
-    second from the calling thread.
+    second from the calling thread. ``force_share`` reads images that another
+    process has open for writing (see :func:`open`).
 
     ``start`` and ``length`` (bytes, or sizes such as ``"1G"``) verify that
     range only (``length=None``: to the end). Both are multiples of 512, but a
@@ -392,6 +404,7 @@ def verify(
         threads=threads,
         start=start,
         length=length,
+        force_share=force_share,
     )
     return _report(d)
 
@@ -448,6 +461,7 @@ def digest(
     client: Any = None,
     split: int | str | None = None,
     scheduler_timeout: float = 30.0,
+    force_share: bool = False,
 ) -> Digest:
     """The digest of the guest data of the image at ``path``: blkhash 0.11's
     construction, ``H(H(b1) || ... || H(bN) || le64(size))`` over 64 KiB blocks,
@@ -458,7 +472,8 @@ def digest(
     ``blocks``, the block digests file is written there too (see
     :class:`BlockDigests`). ``progress(done, total)`` is called about ten times
     a second; the work runs on ``threads`` threads (0: one per core) with the
-    GIL released.
+    GIL released. ``force_share=True`` (``-U``) reads an image another process
+    has open for writing (see :func:`open`).
 
     With ``client`` (a ``distributed.Client``), the image (at a path every
     worker sees, or an NBD URI) is hashed on the Dask cluster's workers, in
@@ -478,6 +493,7 @@ def digest(
         "timeout": timeout,
         "algorithm": algorithm,
         "threads": threads,
+        "force_share": force_share,
     }
     blocks = None if blocks is None else os.fspath(blocks)
     if client is None:
@@ -511,6 +527,7 @@ def verify_many(
     client: Any = None,
     split: int | str = 64 << 30,
     scheduler_timeout: float = 30.0,
+    force_share: bool = False,
 ) -> list[Report | Exception]:
     """Verify many pairs at once, within one core budget (``threads`` in all,
     0: one per core): pairs run side by side and share the worker threads.
@@ -544,7 +561,8 @@ def verify_many(
     error), the exception :func:`verify` would have raised, as a value
     (``bv.Error`` or ``OSError``): one bad pair never hides the others' results.
     ``progress(done, total, pairs_done, pairs_total)`` is called about ten times
-    a second. Ctrl-C raises ``KeyboardInterrupt``.
+    a second. Ctrl-C raises ``KeyboardInterrupt``. ``force_share`` applies to
+    every pair, as in :func:`verify`.
     """
     options = {
         "all": all,
@@ -553,6 +571,7 @@ def verify_many(
         "max_backing_depth": max_backing_depth,
         "allow_backing_anywhere": allow_backing_anywhere,
         "threads": threads,
+        "force_share": force_share,
     }
     pairs = list(pairs)
     if client is None:
@@ -594,6 +613,7 @@ def map(
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    force_share: bool = False,
 ) -> list[MapExtent]:
     """The allocation map of the whole image at ``path``, as ``qemu-img map``
     gives it: a list of :class:`MapExtent` in guest order, neighbours that
@@ -611,7 +631,9 @@ def map(
     The image is opened read-only as :func:`open` opens it (the backing
     policy applies) and only its metadata is read, once. Unreadable metadata
     raises :class:`CorruptImageError`. ``progress(done, total)`` is called now
-    and then; Ctrl-C raises ``KeyboardInterrupt``.
+    and then; Ctrl-C raises ``KeyboardInterrupt``. ``force_share=True``
+    (``-U``) reads an image another process has open for writing (see
+    :func:`open`).
     """
     return _native.map(
         os.fspath(path),
@@ -622,6 +644,7 @@ def map(
         max_backing_depth=max_backing_depth,
         allow_backing_anywhere=allow_backing_anywhere,
         timeout=timeout,
+        force_share=force_share,
     )
 
 
@@ -636,6 +659,7 @@ def map_html(
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
     progress: Callable[[int, int], None] | None = None,
+    force_share: bool = False,
 ) -> None:
     """Write ``out``: one self-contained HTML page drawing the guest address
     space of the image at ``path``, coloured by mapping kind, with a legend
@@ -653,6 +677,7 @@ def map_html(
         max_backing_depth=max_backing_depth,
         allow_backing_anywhere=allow_backing_anywhere,
         timeout=timeout,
+        force_share=force_share,
     )
 
 

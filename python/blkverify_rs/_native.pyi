@@ -131,9 +131,9 @@ class BlockDigests:
 # Functions that take ``**options`` build the core's option structs from them
 # once (src/python/options.rs); a key left out keeps the core's default.
 #   open options: format, read_only, snapshot, backing, max_backing_depth,
-#     allow_backing_anywhere, timeout
-#   verify options: the open options' backing keys, and all, strict, threads,
-#     chunk_size, max_runs
+#     allow_backing_anywhere, timeout, force_share
+#   verify options: the open options' backing keys and force_share, and all,
+#     strict, threads, chunk_size, max_runs
 #   digest options: the open options, and algorithm, threads, chunk_size, blocks
 #   exercise options: ops, duration, seed, mix, size_mix, queue_depth, log,
 #     replay, verify, format, timeout, backing, max_backing_depth,

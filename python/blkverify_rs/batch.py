@@ -26,6 +26,7 @@ from blkverify_rs.cli_common import (
     EXIT_OK,
     describe_error,
     fail,
+    force_share_option,
     reported,
     size_option,
 )
@@ -230,6 +231,7 @@ class BatchProgress:
     help="With --scheduler: verify a pair larger than SIZE as ranges of SIZE bytes, "
     "each a task (default 64G; a multiple of 64k).",
 )
+@force_share_option
 @click.option(
     "--html",
     "html_dir",
@@ -249,6 +251,7 @@ def batch(
     scheduler: str | None,
     scheduler_timeout: float,
     split: str | None,
+    force_share: bool,
     html_dir: str | None,
 ) -> None:
     """Verify every pair listed in MANIFEST, in parallel, here or on a Dask
@@ -295,6 +298,7 @@ def batch(
                 strict=strict,
                 threads=threads,
                 progress=bar.update if bar else None,
+                force_share=force_share,
                 **cluster,
             )
     finally:

@@ -24,6 +24,7 @@ from blkverify_rs.cli_common import (
     backing_options,
     describe_error,
     fail,
+    force_share_option,
     reported,
     size_option,
 )
@@ -102,6 +103,7 @@ for param in main.params:
     help="Verify this many bytes from --start (a multiple of 512, or of 64k against a "
     "block digests file; default: to the end).",
 )
+@force_share_option
 def verify(
     raw: str,
     test: str,
@@ -119,6 +121,7 @@ def verify(
     max_backing_depth: int,
     start: str | None,
     length: str | None,
+    force_share: bool,
     html_out: str | None,
 ) -> None:
     """Compare every guest sector of TEST with RAW, the reference, in any format
@@ -158,6 +161,7 @@ def verify(
             progress=bar.update if bar else None,
             start=start_offset,
             length=length_bytes,
+            force_share=force_share,
         )
     if not quiet:
         for warning in rep.warnings:
@@ -225,6 +229,7 @@ def verify(
     help="With --scheduler: hash ranges of SIZE bytes, each a task (a multiple of 64k; "
     "default: the image split between the cluster's worker threads, 64M to 64G each).",
 )
+@force_share_option
 def digest(
     images: tuple[str, ...],
     fmt: str | None,
@@ -241,6 +246,7 @@ def digest(
     scheduler: str | None,
     scheduler_timeout: float,
     split: str | None,
+    force_share: bool,
 ) -> None:
     """Print the digest of each IMAGE's guest data, as blksum does:
     '<hex digest>  <IMAGE>'. A raw image and its qcow2 copy give the same one.
@@ -293,6 +299,7 @@ def digest(
                     allow_backing_anywhere=allow_backing_anywhere,
                     progress=bar.update if bar else None,
                     **cluster,
+                    force_share=force_share,
                 )
             finally:
                 if bar is not None:
@@ -330,8 +337,11 @@ def digest(
     metavar="CMD",
     help="Run this qemu-io command (repeatable); without -c, read commands from stdin.",
 )
+@force_share_option
 @click.argument("spec")
-def io(fmt: str | None, read_only: bool, commands: tuple[str, ...], spec: str) -> None:
+def io(
+    fmt: str | None, read_only: bool, commands: tuple[str, ...], force_share: bool, spec: str
+) -> None:
     """Run qemu-io commands on SPEC: an image, or blkverify:RAW:TEST.
 
     On the mirrored device RAW is always read as a raw image, as in QEMU's
@@ -344,7 +354,7 @@ def io(fmt: str | None, read_only: bool, commands: tuple[str, ...], spec: str) -
     """
     from blkverify_rs.io_cmds import run_io
 
-    status = run_io(spec, list(commands), fmt, read_only)
+    status = run_io(spec, list(commands), fmt, read_only, force_share=force_share)
     sys.stdout.flush()
     sys.exit(status)
 
@@ -369,7 +379,8 @@ def io(fmt: str | None, read_only: bool, commands: tuple[str, ...], spec: str) -
 @click.option(
     "--queue-depth",
     type=click.IntRange(1, bv.MAX_QUEUE_DEPTH),
-    help="Ops in flight at once (default 1; never two that overlap).",
+    help="Ops in flight at once (default 1; an op waits for any overlapping op unless "
+    "both only read). Against NBD: requests outstanding on one connection.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--log", "log_path", metavar="FILE", help="Write the ops to FILE as they run.")

@@ -60,6 +60,21 @@ def backing_options(command: F) -> F:
     return command
 
 
+def force_share_option(command: F) -> F:
+    """``-U/--force-share``, as qemu-img and qemu-io have it, for every command
+    that only reads images (verify, batch, io -r, digest, map): the command
+    gets ``force_share`` and passes it to the API, which refuses it with a
+    write."""
+    return click.option(
+        "-U",
+        "--force-share",
+        "force_share",
+        is_flag=True,
+        help="Open images even if another process (a VM, qemu-nbd) has them open "
+        "for writing, as qemu-img -U does; read-only opens only.",
+    )(command)
+
+
 class Bar(Protocol):
     """A progress display that ends its line with ``finish()``."""
 

@@ -148,11 +148,12 @@ def exercise(
     kinds (``"read=60,write=25,zero=5,discard=5,flush=5"`` or a dict; kinds left
     out get 0), ``size_mix`` the request sizes (``"512=10,4k=35,...,4M=3"``: each
     SIZE=WEIGHT draws requests up to SIZE bytes). ``queue_depth`` ops are kept in
-    flight (never two that overlap). ``log`` writes the op log; ``replay`` runs a
-    log's ops instead (``spec`` then defaults to the log's). ``verify`` checks the
-    whole device after the last op. Stops at the first finding. Both sides are
-    written, so run it on copies (or images you can recreate): a reproduction
-    must start from the same contents.
+    flight (an op waits for any overlapping op unless both only read). ``log``
+    writes the op log; ``replay`` runs a log's ops instead (``spec`` then
+    defaults to the log's). ``verify`` checks the whole device after the last
+    op. Stops at the first finding. Both sides are written, so run it on copies
+    (or images you can recreate): a reproduction must start from the same
+    contents.
     """
     if isinstance(mix, dict):
         mix = ",".join(f"{k}={v}" for k, v in mix.items())

@@ -715,12 +715,14 @@ def run_io(
     stdin: IO[str] | None = None,
     out: IO[str] = sys.stdout,
     err: IO[str] = sys.stderr,
+    force_share: bool = False,
 ) -> int:
     """Open ``spec`` and run ``commands`` (or lines from ``stdin`` when there are
-    none). Returns the exit status: 0, or 1 if the image could not be opened, a
-    command failed, or the device found a mismatch."""
+    none). Returns the exit status: 0, or 1 if the image could not be opened
+    (locked by another process, say: qemu-io exits 1 there too), a command
+    failed, or the device found a mismatch."""
     try:
-        dev = bv.open(spec, format=fmt, read_only=read_only)
+        dev = bv.open(spec, format=fmt, read_only=read_only, force_share=force_share)
     except (bv.Error, OSError, ValueError) as exc:
         err.write(f"blkverify: error: {describe_error(exc, spec)}\n")
         return 1

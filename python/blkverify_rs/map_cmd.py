@@ -11,7 +11,12 @@ import sys
 import click
 
 import blkverify_rs as bv
-from blkverify_rs.cli_common import READABLE_FORMATS, backing_options, reported
+from blkverify_rs.cli_common import (
+    READABLE_FORMATS,
+    backing_options,
+    force_share_option,
+    reported,
+)
 
 
 def _hex(n: int) -> str:
@@ -49,6 +54,7 @@ def human_lines(extents: list[bv.MapExtent]) -> str:
     "unless --json is given too).",
 )
 @backing_options
+@force_share_option
 def map_command(
     image: str,
     fmt: str | None,
@@ -58,6 +64,7 @@ def map_command(
     no_backing: bool,
     allow_backing_anywhere: bool,
     max_backing_depth: int,
+    force_share: bool,
 ) -> None:
     """Show which guest ranges of IMAGE hold data, compressed clusters, zeros or
     nothing, and which layer of its backing chain answers for each.
@@ -80,6 +87,7 @@ def map_command(
         "backing": not no_backing,
         "allow_backing_anywhere": allow_backing_anywhere,
         "max_backing_depth": max_backing_depth,
+        "force_share": force_share,
     }
     with reported():
         if html_out is not None:

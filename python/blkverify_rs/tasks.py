@@ -57,7 +57,13 @@ def probe_pairs(
 
 
 # The options that open an image (of those a batch passes its tasks).
-OPEN_KEYS = ("backing", "max_backing_depth", "allow_backing_anywhere", "timeout")
+OPEN_KEYS = (
+    "backing",
+    "max_backing_depth",
+    "allow_backing_anywhere",
+    "timeout",
+    "force_share",
+)
 
 
 def side_options(pair: Mapping[str, Any], side: str, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -370,6 +370,8 @@ pub(super) fn report(
                 length: end - offset,
                 first_byte: offset,
                 error: f.error,
+                // A block digest run says what failed, not with which errno.
+                errno: None,
             }
         })
         .collect();

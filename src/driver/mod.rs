@@ -6,6 +6,7 @@
 //! verifier skip ranges that read as zeros on both sides without reading them.
 
 pub mod gate;
+mod locks;
 pub mod nbd;
 pub mod qcow2;
 pub mod raw;
@@ -413,11 +414,16 @@ pub struct OpenOptions {
     pub backing: BackingPolicy,
     /// Connect and I/O timeout for network drivers (default 30 s).
     pub io_timeout: Option<std::time::Duration>,
+    /// Open even if another process has the image open for writing
+    /// (`-U`/`--force-share`, as in qemu-img): share every permission with
+    /// others. Read-only opens only.
+    pub force_share: bool,
 }
 
 /// Open an image: a file, or an NBD export given as an `nbd://` or
 /// `nbd+unix://` URI.
 pub fn open(path: &Path, options: &OpenOptions) -> Result<Arc<dyn BlockDriver>> {
+    locks::check_force_share(path, options)?;
     if let Some(uri) = path.to_str().filter(|s| nbd::is_uri(s)) {
         if let Some(format) = options.format.filter(|f| *f != Format::Raw) {
             return Err(Error::format(
@@ -457,19 +463,25 @@ pub(crate) fn open_in_chain(
     // Only the top image is ever opened for writing; backing files never are,
     // nor images of a format we cannot write: those open as if read-only was
     // asked, so a write fails as it would under `-r`.
-    let writable = options.writable && chain.is_empty() && format.is_none_or(|f| f.can_write());
-    let mut storage: Arc<dyn Storage> = if writable {
-        Arc::new(FileStorage::open_read_write(path)?)
+    let top = chain.is_empty();
+    let writable = options.writable && top && format.is_none_or(|f| f.can_write());
+    let mut storage = if writable {
+        FileStorage::open_read_write(path)?
     } else {
-        Arc::new(FileStorage::open_read_only(path)?)
+        FileStorage::open_read_only(path)?
     };
     let format = match format {
         Some(format) => format,
-        None => probe(storage.as_ref())?,
+        None => probe(&storage)?,
     };
     if writable && !format.can_write() {
-        storage = Arc::new(FileStorage::open_read_only(path)?);
+        storage = FileStorage::open_read_only(path)?;
     }
+    let writable = writable && format.can_write();
+    if format.can_read() {
+        locks::lock_image(&mut storage, format, options, top, writable)?;
+    }
+    let storage: Arc<dyn Storage> = Arc::new(storage);
     if options.writable && chain.is_empty() && snapshot.is_some() {
         return Err(Error::InvalidArgument(format!(
             "{}: snapshots are read-only; open without a snapshot to write",

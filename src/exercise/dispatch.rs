@@ -7,7 +7,6 @@ use super::{fill_pattern, Op, OpKind, OpLog, Plan};
 use crate::blkverify::Blkverify;
 use crate::driver::BlockDriver;
 use crate::error::{Error, Result};
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -27,11 +26,13 @@ enum OpResult {
     Failed(Error),
 }
 
-/// An op a worker is running: its number and the guest range it may touch.
+/// An op a worker is running: its number, the guest range it may touch, and
+/// whether it only reads.
 struct InFlight {
     number: u64,
     start: u64,
     end: u64,
+    read: bool,
 }
 
 /// Calls the caller's tick about ten times a second and watches the deadline.
@@ -119,140 +120,112 @@ impl Dispatcher<'_, '_> {
         Ok(out)
     }
 
-    /// Up to `queue_depth` ops in flight on worker threads. Ops are issued in
-    /// number order, and one that overlaps an op in flight (ranges widened to
-    /// `unit`) waits for it.
+    /// Up to `queue_depth` ops in flight on worker threads. Each worker takes
+    /// the next op itself, in number order, and one that overlaps an op in
+    /// flight (ranges widened to `unit`) waits for it; the calling thread only
+    /// ticks. We rejected a dispatching thread that hands ops to the workers:
+    /// against an NBD server each hand-off (a wake-up there, another back)
+    /// cost more than the request itself.
     pub fn queued(&mut self, queue_depth: usize, unit: u64) -> Result<Dispatched> {
         let queue = Queue {
-            state: Mutex::default(),
-            wake: Condvar::new(),
+            state: Mutex::new(QueueState {
+                log: self.log.take(),
+                ..QueueState::default()
+            }),
+            next: Condvar::new(),
+            ended: Condvar::new(),
+            deadline: self.pacer.deadline,
+            unit,
         };
-        let (device, seed, stats) = (self.device, self.plan.seed(), self.stats);
-        let mut issued = 0u64;
-        let dispatched: Result<()> = std::thread::scope(|scope| {
+        let (device, plan, stats) = (self.device, self.plan, self.stats);
+        std::thread::scope(|scope| {
             for _ in 0..queue_depth {
-                scope.spawn(|| queue.work(device, seed, stats));
+                scope.spawn(|| queue.work(device, plan, stats, queue_depth));
             }
-            let outcome = self.issue(&queue, queue_depth, unit, &mut issued);
             let mut q = queue.lock();
-            q.closed = true;
-            queue.wake.notify_all();
-            drop(q);
-            outcome
+            while q.workers_done < queue_depth {
+                q = queue
+                    .ended
+                    .wait_timeout(q, Duration::from_millis(100))
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+                if q.workers_done < queue_depth && !q.stop {
+                    drop(q);
+                    let keep_going = self.pacer.keep_going(stats);
+                    q = queue.lock();
+                    if !keep_going {
+                        q.stop = true;
+                        queue.next.notify_all();
+                    }
+                }
+            }
         });
         let q = queue
             .state
             .into_inner()
             .unwrap_or_else(PoisonError::into_inner);
-        dispatched?;
+        self.log = q.log;
         let mut findings = q.findings;
         findings.sort_by_key(|f| f.op.map_or(u64::MAX, |op| op.number));
         Ok(Dispatched {
-            issued,
+            issued: q.issued,
             findings,
             error: q.error,
         })
     }
-
-    /// The dispatching half of [`Dispatcher::queued`]: hand ops to the workers
-    /// until the plan ends, a worker says stop, or the pacer does.
-    fn issue(
-        &mut self,
-        queue: &Queue,
-        queue_depth: usize,
-        unit: u64,
-        issued: &mut u64,
-    ) -> Result<()> {
-        let widen = |op: &Op| {
-            op.range()
-                .map(|(start, end)| (start / unit * unit, end.div_ceil(unit) * unit))
-        };
-        while let Some(op) = self.plan.op(*issued) {
-            if !self.pacer.keep_going(self.stats) {
-                return Ok(());
-            }
-            let range = widen(&op);
-            let mut q = queue.lock();
-            loop {
-                if q.stop {
-                    return Ok(());
-                }
-                let overlaps = range.is_some_and(|(start, end)| {
-                    q.in_flight.iter().any(|f| f.start < end && start < f.end)
-                });
-                if q.in_flight.len() < queue_depth && !overlaps {
-                    break;
-                }
-                let (guard, _) = queue
-                    .wake
-                    .wait_timeout(q, Duration::from_millis(50))
-                    .unwrap_or_else(PoisonError::into_inner);
-                q = guard;
-                if !q.in_flight.is_empty() && q.in_flight.len() >= queue_depth {
-                    // Every slot is busy, perhaps for long: keep ticking.
-                    drop(q);
-                    if !self.pacer.keep_going(self.stats) {
-                        return Ok(());
-                    }
-                    q = queue.lock();
-                }
-            }
-            if let Some(log) = self.log.as_deref_mut() {
-                log.op(&op)?;
-            }
-            let (start, end) = range.unwrap_or((0, 0));
-            q.in_flight.push(InFlight {
-                number: op.number,
-                start,
-                end,
-            });
-            q.pending.push_back(op);
-            *issued += 1;
-            queue.wake.notify_all();
-        }
-        Ok(())
-    }
 }
 
-/// The dispatcher and workers' shared state.
+/// What the workers share.
 #[derive(Default)]
-struct QueueState {
-    pending: VecDeque<Op>,
+struct QueueState<'a> {
+    /// Ops issued so far: the next op is the plan's op at this position.
+    issued: u64,
     in_flight: Vec<InFlight>,
-    closed: bool,
+    /// Workers waiting for the next op to stop overlapping one in flight.
+    waiting: usize,
+    workers_done: usize,
     stop: bool,
     findings: Vec<Finding>,
     error: Option<Error>,
+    log: Option<&'a mut OpLog>,
 }
 
-struct Queue {
-    state: Mutex<QueueState>,
-    wake: Condvar,
+struct Queue<'a> {
+    state: Mutex<QueueState<'a>>,
+    /// Workers wait here for the next op to stop overlapping.
+    next: Condvar,
+    /// The calling thread waits here for the workers to end (and ticks).
+    ended: Condvar,
+    deadline: Option<Instant>,
+    unit: u64,
 }
 
-impl Queue {
-    fn lock(&self) -> MutexGuard<'_, QueueState> {
+impl<'a> Queue<'a> {
+    fn lock(&self) -> MutexGuard<'_, QueueState<'a>> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A worker: run pending ops until the queue is closed.
-    fn work(&self, device: &Blkverify, seed: u64, stats: &Stats) {
+    /// A worker: take the next op, run it, until the plan ends or a finding,
+    /// an error or the caller stops the run. Other workers are woken outside
+    /// the lock (a wake-up is a system call, which would keep every worker
+    /// waiting for the lock).
+    fn work(&self, device: &Blkverify, plan: &Plan, stats: &Stats, queue_depth: usize) {
         let mut buf = Vec::new();
+        let mut q = self.lock();
         loop {
-            let op = {
-                let mut q = self.lock();
-                loop {
-                    if let Some(op) = q.pending.pop_front() {
-                        break op;
-                    }
-                    if q.closed {
-                        return;
-                    }
-                    q = self.wake.wait(q).unwrap_or_else(PoisonError::into_inner);
-                }
+            let (guard, op) = self.take(q, plan, queue_depth);
+            q = guard;
+            let Some(op) = op else {
+                break;
             };
-            let result = execute(device, seed, &op, &mut buf, stats);
-            let mut q = self.lock();
+            // The op after this one may be free to go: let a waiter look.
+            let wake_one = q.waiting > 0;
+            drop(q);
+            if wake_one {
+                self.next.notify_one();
+            }
+            let result = execute(device, plan.seed(), &op, &mut buf, stats);
+            q = self.lock();
             q.in_flight.retain(|f| f.number != op.number);
             match result {
                 OpResult::Done => {}
@@ -265,7 +238,72 @@ impl Queue {
                     q.stop = true;
                 }
             }
-            self.wake.notify_all();
+            // No wake-up here: this worker looks at the next op itself, and
+            // wakes a waiter if it can go.
+        }
+        // The run is over for every worker: those waiting for an op that
+        // will never come must hear it.
+        let wake_all = q.waiting > 0;
+        q.workers_done += 1;
+        let last = q.workers_done == queue_depth;
+        drop(q);
+        if wake_all {
+            self.next.notify_all();
+        }
+        if last {
+            self.ended.notify_all();
+        }
+    }
+
+    /// Issue the next op of `plan` (logged, and marked in flight), waiting
+    /// while it conflicts with an op in flight: their ranges (widened to the
+    /// unit) overlap and one of them writes (two reads may run together: the
+    /// bytes they must read are the same either way). `None` when the run is
+    /// over.
+    fn take<'q>(
+        &'q self,
+        mut q: MutexGuard<'q, QueueState<'a>>,
+        plan: &Plan,
+        queue_depth: usize,
+    ) -> (MutexGuard<'q, QueueState<'a>>, Option<Op>) {
+        let unit = self.unit;
+        loop {
+            if q.stop || self.deadline.is_some_and(|d| Instant::now() >= d) {
+                return (q, None);
+            }
+            let Some(op) = plan.op(q.issued) else {
+                return (q, None);
+            };
+            let read = op.kind == OpKind::Read;
+            let range = op
+                .range()
+                .map(|(start, end)| (start / unit * unit, end.div_ceil(unit) * unit));
+            let conflicts = range.is_some_and(|(start, end)| {
+                q.in_flight
+                    .iter()
+                    .any(|f| f.start < end && start < f.end && !(read && f.read))
+            });
+            if !conflicts && q.in_flight.len() < queue_depth {
+                if let Some(log) = q.log.as_deref_mut() {
+                    if let Err(e) = log.op(&op) {
+                        q.error.get_or_insert(e);
+                        q.stop = true;
+                        return (q, None);
+                    }
+                }
+                let (start, end) = range.unwrap_or((0, 0));
+                q.in_flight.push(InFlight {
+                    number: op.number,
+                    start,
+                    end,
+                    read,
+                });
+                q.issued += 1;
+                return (q, Some(op));
+            }
+            q.waiting += 1;
+            q = self.next.wait(q).unwrap_or_else(PoisonError::into_inner);
+            q.waiting -= 1;
         }
     }
 }

@@ -174,28 +174,48 @@ fn sector_bytes(
     (test, read(device.raw()))
 }
 
-/// The finding for the final verify's first mismatch.
+/// The finding for the final verify's first mismatch. A test-side read error
+/// there is a return-value finding, as the same failure in an op would be.
 pub(super) fn of_verify(device: &Blkverify, m: &verify::Mismatch) -> Finding {
     let sector = m.first_byte / SECTOR_SIZE;
     let (test_bytes, raw_bytes) = sector_bytes(device, sector, None, None);
-    let message = match &m.error {
+    let base = match &m.error {
         Some(e) => {
-            format!("blkverify: final verify: read error in sector {sector} of the test side: {e}")
+            let test_ret = -m.errno.unwrap_or(libc::EIO);
+            let mismatch = Error::ReturnMismatch {
+                op: "read",
+                offset: m.offset,
+                length: m.length,
+                test_ret,
+                raw_ret: 0,
+                test_error: None,
+                raw_error: None,
+            }
+            .to_string();
+            let message = format!(
+                "blkverify: final verify: {}",
+                mismatch.trim_start_matches("blkverify: ")
+            );
+            Finding {
+                test_ret: Some(test_ret),
+                raw_ret: Some(0),
+                test_error: Some(e.clone()),
+                ..Finding::new(None, "final verify", "return_value", message)
+            }
         }
-        None => format!("blkverify: final verify: contents mismatch in sector {sector}"),
-    };
-    let kind = if m.error.is_some() {
-        "return_value"
-    } else {
-        "contents"
+        None => Finding::new(
+            None,
+            "final verify",
+            "contents",
+            format!("blkverify: final verify: contents mismatch in sector {sector}"),
+        ),
     };
     Finding {
         sector: Some(sector),
         first_byte: Some(m.first_byte),
-        test_error: m.error.clone(),
         test_bytes,
         raw_bytes,
-        ..Finding::new(None, "final verify", kind, message)
+        ..base
     }
 }
 

@@ -4,17 +4,18 @@
 //! is verified, so writes that were never read back are checked too.
 //!
 //! With a queue depth above 1, worker threads keep that many ops in flight. The
-//! dispatcher issues ops in number order and holds back any op that overlaps one
-//! still in flight, so every pair of overlapping ops runs in number order: the
-//! raw reference stays well defined and each read's expected bytes are the same
-//! whatever the timing. (Overlap is judged on ranges widened to the test side's
+//! workers take ops in number order, and an op that overlaps one still in
+//! flight waits for it unless both only read, so every pair of overlapping ops
+//! of which one writes runs in number order: the raw reference stays well
+//! defined and each read's expected bytes are the same whatever the timing.
+//! (Overlap is judged on ranges widened to the test side's
 //! request granularity for NBD exports, whose client read-modify-writes partial
 //! blocks; to whole sectors otherwise.)
 //!
 //! The op log (`--log`) is written as ops are issued, so it survives a crash or a
 //! hang of the driver under test; see [`log`] for its format.
 //!
-//! The parts: [`workload`] draws the ops, `dispatch` issues them, `finding`
+//! The parts: [`workload`] draws the ops, `dispatch` runs them, `finding`
 //! explains a difference, [`log`] reads and writes op logs; this module checks
 //! what the caller asked for ([`Request`]) and runs it ([`run`]).
 

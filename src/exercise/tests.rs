@@ -23,6 +23,8 @@ enum Fault {
     CorruptReadAt(u64),
     /// The n-th write fails with EIO.
     FailWrite(u64),
+    /// Every write takes a millisecond (nothing is wrong, only slow).
+    SlowWrites,
 }
 
 struct Faulty {
@@ -66,6 +68,10 @@ impl BlockDriver for Faulty {
             Fault::MisplaceWrite(k) if k == n => {
                 let moved = (offset + 512).min(self.size() - buf.len() as u64);
                 self.inner.write_at(buf, moved)
+            }
+            Fault::SlowWrites => {
+                std::thread::sleep(Duration::from_millis(1));
+                self.inner.write_at(buf, offset)
             }
             Fault::FailWrite(k) if k == n => Err(Error::io(
                 self.path(),
@@ -334,4 +340,31 @@ fn replay_refuses_ops_past_the_end() {
         err.to_string().contains("past the end of the device"),
         "{err}"
     );
+}
+
+#[test]
+fn a_queue_whose_ops_all_overlap_still_ends() {
+    // Every op touches sector 0 and writes are slow: at queue depth 8, seven
+    // workers wait for the one running, and when the plan ends each of them
+    // must hear it.
+    let ops: Vec<Op> = (0..300)
+        .map(|number| Op {
+            number,
+            kind: if number % 3 == 0 {
+                OpKind::Read
+            } else {
+                OpKind::Write
+            },
+            offset: 0,
+            length: 512,
+        })
+        .collect();
+    let plan = Plan::Replay { seed: 1, ops };
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let dev = device(Some(Fault::SlowWrites));
+        let outcome = run(&dev, &plan, &qd(8), None, &mut |_| true).unwrap();
+        let _ = done.send(outcome.ops);
+    });
+    assert_eq!(finished.recv_timeout(Duration::from_secs(60)).unwrap(), 300);
 }

@@ -45,7 +45,7 @@ pub(crate) fn to_pyerr(e: Error) -> PyErr {
             context,
             source,
         } => {
-            let errno = source.raw_os_error().unwrap_or(libc::EIO);
+            let errno = crate::error::io_errno(&source);
             // std's Display appends " (os error N)"; Python's OSError shows errno itself.
             let text = source.to_string();
             let text = match text.rfind(" (os error ") {

@@ -73,7 +73,8 @@ pub(crate) fn format_for(name: Option<String>, access: Access) -> PyResult<Optio
 }
 
 /// `OpenOptions` from `format`, `read_only`, `snapshot`, `backing`,
-/// `max_backing_depth`, `allow_backing_anywhere` and `timeout` (seconds).
+/// `max_backing_depth`, `allow_backing_anywhere`, `timeout` (seconds) and
+/// `force_share`.
 pub(crate) fn open_options(kw: &Kwargs<'_>) -> PyResult<OpenOptions> {
     let mut options = OpenOptions {
         writable: !kw.take("read_only")?.unwrap_or(true),
@@ -83,6 +84,7 @@ pub(crate) fn open_options(kw: &Kwargs<'_>) -> PyResult<OpenOptions> {
             .take::<f64>("timeout")?
             .filter(|t| t.is_finite() && *t > 0.0)
             .map(Duration::from_secs_f64),
+        force_share: kw.take("force_share")?.unwrap_or(false),
         ..OpenOptions::default()
     };
     let policy = &mut options.backing;

@@ -401,6 +401,8 @@ fn report_from_dict(d: &Bound<'_, PyDict>) -> PyResult<Report> {
             length: m.get_item("length")?.extract()?,
             first_byte,
             error: error.map(|e| e.extract()).transpose()?,
+            // A report dict does not carry the errno (only the text).
+            errno: None,
         });
     }
     Ok(Report {
@@ -514,6 +516,7 @@ fn open_kwargs<'py>(py: Python<'py>, options: &OpenOptions) -> PyResult<Bound<'p
     d.set_item("max_backing_depth", options.backing.max_depth)?;
     d.set_item("allow_backing_anywhere", options.backing.allow_anywhere)?;
     d.set_item("timeout", options.io_timeout.map(|t| t.as_secs_f64()))?;
+    d.set_item("force_share", options.force_share)?;
     Ok(d)
 }
 

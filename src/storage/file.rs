@@ -1,6 +1,8 @@
 //! A file or block device: `pread`/`pwrite`, `fallocate` to zero ranges,
-//! `fdatasync` to flush, and read-only mapped windows.
+//! `fdatasync` to flush, and read-only mapped windows. A store also keeps
+//! QEMU's image locks (see `lock.rs`) for as long as it is open.
 
+use super::lock::{ImageLock, Perms};
 use super::{Storage, View};
 use crate::error::{Error, Result};
 use std::fs::File;
@@ -15,6 +17,9 @@ pub struct FileStorage {
     file: File,
     path: PathBuf,
     writable: bool,
+    /// QEMU's image locks on this file, and on files the image names (a data
+    /// file), held until the store is dropped.
+    locks: Vec<ImageLock>,
 }
 
 impl FileStorage {
@@ -50,6 +55,7 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             writable,
+            locks: Vec::new(),
         })
     }
 
@@ -66,7 +72,26 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             writable: true,
+            locks: Vec::new(),
         })
+    }
+
+    /// Take QEMU's image locks `perms` on this file (on its open file
+    /// description, so they go away with the store); an error if another
+    /// process's locks forbid them.
+    pub fn lock(&mut self, perms: Perms) -> Result<()> {
+        let descriptor = self
+            .file
+            .try_clone()
+            .map_err(|e| Error::io(&self.path, "duplicate the descriptor to lock", e))?;
+        let lock = ImageLock::acquire(descriptor, &self.path, perms)?;
+        self.locks.push(lock);
+        Ok(())
+    }
+
+    /// Keep `lock` (on a file this image names) for as long as this store.
+    pub fn hold(&mut self, lock: ImageLock) {
+        self.locks.push(lock);
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -196,6 +221,44 @@ impl Storage for FileStorage {
         Ok(())
     }
 
+    fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset.saturating_add(len);
+        let (Ok(start), Ok(length)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+        else {
+            return Err(Error::InvalidArgument(format!(
+                "{}: range at {offset:#x} of {len} bytes is too large",
+                self.path.display()
+            )));
+        };
+        // SAFETY: fallocate on a descriptor we own, with a checked range; it
+        // changes file contents only, never memory.
+        let zeroed = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_ZERO_RANGE,
+                start,
+                length,
+            )
+        };
+        if zeroed == 0 {
+            return Ok(());
+        }
+        // No ZERO_RANGE here (tmpfs before 6.x, some filesystems): punch a
+        // hole (writing zeros where even that fails), then extend.
+        let file_len = self.len()?;
+        if offset < file_len {
+            self.punch_zeroes(offset, end.min(file_len) - offset)?;
+        }
+        if end > file_len {
+            self.set_len(end)?;
+        }
+        Ok(())
+    }
+
     fn set_len(&self, len: u64) -> Result<()> {
         self.check_writable()?;
         self.file
@@ -210,5 +273,26 @@ impl Storage for FileStorage {
         self.file
             .sync_data()
             .map_err(|e| Error::io(&self.path, "flush", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_range_zeroes_inside_and_extends_past_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0x11u8; 8192]).unwrap();
+        let store = FileStorage::open_read_write(&path).unwrap();
+        store.zero_range(1000, 2000).unwrap();
+        store.zero_range(7000, 3000).unwrap();
+        assert_eq!(store.len().unwrap(), 10000);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes[..1000].iter().all(|b| *b == 0x11));
+        assert!(bytes[1000..3000].iter().all(|b| *b == 0));
+        assert!(bytes[3000..7000].iter().all(|b| *b == 0x11));
+        assert!(bytes[7000..].iter().all(|b| *b == 0));
     }
 }

@@ -12,12 +12,15 @@
 //!
 //! Backends: [`FileStorage`] (files and block devices) and [`MemStorage`]
 //! (tests and fuzzing), with [`LimitedStorage`] to simulate a full disk.
+//! [`lock`] speaks QEMU's image-lock protocol on files.
 
 mod file;
+pub mod lock;
 mod mem;
 mod view;
 
 pub use file::FileStorage;
+pub use lock::{ImageLock, Perm, Perms, Role};
 pub use mem::{LimitedStorage, MemStorage};
 pub use view::View;
 
@@ -75,6 +78,23 @@ pub trait Storage: Send + Sync {
     fn punch_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         let _ = (offset, len);
         Err(Error::ReadOnly(self.path().to_path_buf()))
+    }
+
+    /// Make `[offset, offset + len)` read as zeros, extending the store if the
+    /// range ends past it. Stores that can do it without writing zeros
+    /// (`fallocate`) do; this default writes zeros.
+    fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
+        let zeros = vec![0u8; usize::try_from(len.min(1 << 20)).unwrap_or(0)];
+        let end = offset.saturating_add(len);
+        let mut at = offset;
+        while at < end {
+            let n = usize::try_from(end - at)
+                .unwrap_or(usize::MAX)
+                .min(zeros.len());
+            self.write_all_at(zeros.get(..n).unwrap_or(&[]), at)?;
+            at += n as u64;
+        }
+        Ok(())
     }
 
     /// Set the length (truncate or extend with zeros).

@@ -69,7 +69,7 @@ pub fn merge_ranges<E: From<Error>>(
                 run.offset,
                 end,
                 run.first_byte,
-                run.error,
+                run.error.zip(run.errno),
             );
         }
         sum.range.end = report.range.end;

@@ -188,10 +188,18 @@ struct Shared<'a> {
 }
 
 /// Push a mismatching sector range into `runs`, merging with the last run.
-fn add_run(runs: &mut Vec<Mismatch>, start: u64, end: u64, first_byte: u64, error: Option<String>) {
+/// `error` is the test side's read error there (its text and errno), if any.
+fn add_run(
+    runs: &mut Vec<Mismatch>,
+    start: u64,
+    end: u64,
+    first_byte: u64,
+    error: Option<(String, i32)>,
+) {
+    let (error, errno) = error.unzip();
     if let Some(last) = runs.last_mut() {
         let last_end = last.offset + last.length;
-        if last_end >= start && last.offset <= start && last.error == error {
+        if last_end >= start && last.offset <= start && last.error == error && last.errno == errno {
             last.length = last_end.max(end) - last.offset;
             return;
         }
@@ -201,6 +209,7 @@ fn add_run(runs: &mut Vec<Mismatch>, start: u64, end: u64, first_byte: u64, erro
         length: end - start,
         first_byte,
         error,
+        errno,
     });
 }
 
@@ -515,7 +524,13 @@ impl Shared<'_> {
 
     fn test_error(&self, runs: &mut Vec<Mismatch>, start: u64, end: u64, e: Error) {
         let sector_start = start - start % SECTOR_SIZE;
-        add_run(runs, sector_start, end, start, Some(e.to_string()));
+        add_run(
+            runs,
+            sector_start,
+            end,
+            start,
+            Some((e.to_string(), e.errno())),
+        );
     }
 
     /// A test-side read of `[pos, pos+len)` failed. Narrow it down: re-read unit
@@ -656,7 +671,7 @@ pub fn verify(
                 run.offset,
                 run.offset + run.length,
                 run.first_byte,
-                run.error.clone(),
+                run.error.clone().zip(run.errno),
             );
         }
     }
@@ -732,7 +747,7 @@ impl Shared<'_> {
                     run.offset,
                     run.offset + run.length,
                     run.first_byte,
-                    run.error,
+                    run.error.zip(run.errno),
                 );
             }
             mismatches.truncate(1);
@@ -760,13 +775,15 @@ mod tests {
                     offset: 512,
                     length: 1024,
                     first_byte: 700,
-                    error: None
+                    error: None,
+                    errno: None
                 },
                 Mismatch {
                     offset: 2560,
                     length: 512,
                     first_byte: 3000,
-                    error: None
+                    error: None,
+                    errno: None
                 },
             ]
         );
@@ -793,7 +810,8 @@ mod tests {
                 offset: 512,
                 length: 188,
                 first_byte: 650,
-                error: None
+                error: None,
+                errno: None
             }]
         );
     }

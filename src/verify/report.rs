@@ -52,6 +52,8 @@ pub struct Mismatch {
     pub first_byte: u64,
     /// Set when the test image could not be read here: the error.
     pub error: Option<String>,
+    /// The errno of that error (positive), for a return-value report.
+    pub errno: Option<i32>,
 }
 
 impl Mismatch {

@@ -1,19 +1,27 @@
 //! Crash test for the writer: a store that logs every write and flush, and a
 //! replay that cuts the log at a chosen point the way a power failure would.
 //!
-//! Model of a crash at event N: everything before the last flush that precedes
-//! N is on disk; of the writes between that flush and N, a seeded random subset
-//! reached the disk (the OS may reorder unflushed writes), each whole. The
-//! replayed image must open, every guest sector must read as it was in one of
-//! the guest states the interrupted operations passed through (old or new),
-//! and `qemu-img check` must find no corruption (exit status 0, or 3 for leaks
-//! only). Then our writable open (which rebuilds refcounts of a dirty image)
-//! must leave an image `qemu-img check` passes outright apart from leaks.
+//! Model of a crash at event N: everything before the last storage flush
+//! (fdatasync) that precedes N is on disk; of the writes between that flush
+//! and N, each 512-byte sector holds a seeded random version from its own
+//! history (the OS may write unflushed pages back in any order, and a write
+//! may land in part; see `crash_tail`). Every crash point is checked for the
+//! guest's contents; a sample also gets `qemu-img check`. The contract
+//! checked is QEMU's:
+//! - the replayed image opens, and every write completed before the last
+//!   guest flush (or the close) that completed before the crash reads back;
+//!   every later write reads, per sector, as its old data or its new (any
+//!   guest state the ops after that flush passed through);
+//! - `qemu-img check` finds no corruption (exit status 0, or 3 for leaks
+//!   only); an image left dirty (lazy refcounts) may have refcount errors,
+//!   and must be clean after `qemu-img check -r all`;
+//! - our writable open (which rebuilds refcounts of a dirty image) and one
+//!   more write leave an image `qemu-img check` passes apart from leaks.
 
 use super::Qcow2;
 use crate::driver::{self, BlockDriver, OpenOptions};
 use crate::error::Result;
-use crate::storage::Storage;
+use crate::storage::{MemStorage, Storage};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -91,6 +99,61 @@ fn apply_write(bytes: &mut Vec<u8>, offset: u64, buf: &[u8]) {
     bytes[offset as usize..end].copy_from_slice(buf);
 }
 
+/// The file after a crash that cut `tail` (the events since the last
+/// storage flush) short, starting from the flushed file `flushed`. Each
+/// 512-byte sector lands as some version from its own history: the writes to
+/// it up to a point chosen at random for that sector, so writes to different
+/// sectors land in any order and a write may land in part. A later write to a
+/// sector never lands without the earlier ones: the page cache merges writes
+/// to one page, and writes the merged page back. Length changes land up to a
+/// random point too; a sector that lands past the end extends the file.
+fn crash_tail(flushed: &[u8], tail: &[Event], rng: &mut Rng) -> Vec<u8> {
+    use std::collections::{BTreeMap, HashMap};
+    let sectors = |offset: u64, len: usize| offset / 512..(offset + len as u64).div_ceil(512);
+    // How many of each sector's writes land: any number from none to all,
+    // each as likely.
+    let mut history: BTreeMap<u64, u64> = BTreeMap::new();
+    for e in tail {
+        if let Event::Write(offset, buf) = e {
+            for sector in sectors(*offset, buf.len()) {
+                *history.entry(sector).or_default() += 1;
+            }
+        }
+    }
+    let mut landing: HashMap<u64, u64> = history
+        .into_iter()
+        .map(|(sector, writes)| (sector, rng.below(writes + 1)))
+        .collect();
+    let set_lens = tail
+        .iter()
+        .filter(|e| matches!(e, Event::SetLen(_)))
+        .count();
+    let mut set_lens_landing = rng.below(set_lens as u64 + 1);
+    let mut bytes = flushed.to_vec();
+    for e in tail {
+        match e {
+            Event::Write(offset, buf) => {
+                for sector in sectors(*offset, buf.len()) {
+                    let Some(left) = landing.get_mut(&sector).filter(|n| **n > 0) else {
+                        continue;
+                    };
+                    *left -= 1;
+                    let from = (sector * 512).max(*offset);
+                    let to = ((sector + 1) * 512).min(offset + buf.len() as u64);
+                    let piece = &buf[(from - offset) as usize..(to - offset) as usize];
+                    apply_write(&mut bytes, from, piece);
+                }
+            }
+            Event::SetLen(len) if set_lens_landing > 0 => {
+                set_lens_landing -= 1;
+                bytes.resize(*len as usize, 0);
+            }
+            _ => {}
+        }
+    }
+    bytes
+}
+
 /// xorshift64*: a seeded generator, so a failing seed reproduces.
 struct Rng(u64);
 impl Rng {
@@ -121,11 +184,65 @@ fn qemu_img_check(path: &Path) -> (i32, String) {
     )
 }
 
-fn run_crash_test(name: &str, create_opts: &str, size: u64, ops: usize, seed: u64) {
+/// One guest request of a crash test.
+#[derive(Clone, Copy)]
+enum Step {
+    Write(u64, u64),
+    Zero(u64, u64, bool),
+    Discard(u64, u64),
+    Flush,
+}
+
+/// The requests a crash test makes.
+enum Steps {
+    /// This many, drawn from the seed: writes, zero writes (with and without
+    /// unmap), discards and flushes at random offsets.
+    Random(usize),
+    /// These, for a case that must happen.
+    Script(&'static [Step]),
+}
+
+/// One crash test: an image made by qemu-img (over a raw backing file full of
+/// 0x5a bytes, with `backing`), the requests of `steps` through our writer,
+/// with its caches limited to `cache` (L2 tables, refcount blocks) when
+/// given, so that write-backs also happen between flushes.
+struct CrashCase {
+    name: &'static str,
+    create_opts: &'static str,
+    size: u64,
+    steps: Steps,
+    seed: u64,
+    cache: Option<(usize, usize)>,
+    backing: bool,
+}
+
+/// Whether `path` has the dirty bit (lazy refcounts not yet written back).
+fn is_dirty(path: &Path) -> bool {
+    let bytes = std::fs::read(path).unwrap();
+    let features = super::header::field::INCOMPATIBLE_FEATURES.get(&bytes);
+    bytes.get(4..8) == Some(&[0, 0, 0, 3]) && features.is_some_and(|f| f & 1 != 0)
+}
+
+fn run_crash_test(case: &CrashCase) {
+    let CrashCase {
+        name,
+        create_opts,
+        size,
+        seed,
+        cache,
+        backing,
+        ..
+    } = *case;
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.qcow2");
-    let status = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-o", create_opts])
+    let mut create = Command::new("qemu-img");
+    create.args(["create", "-q", "-f", "qcow2", "-o", create_opts]);
+    if backing {
+        let backing_file = dir.path().join("backing.raw");
+        std::fs::write(&backing_file, vec![0x5au8; size as usize]).unwrap();
+        create.args(["-b", "backing.raw", "-F", "raw"]);
+    }
+    let status = create
         .arg(&base)
         .arg(size.to_string())
         .status()
@@ -138,28 +255,47 @@ fn run_crash_test(name: &str, create_opts: &str, size: u64, ops: usize, seed: u6
         log: Mutex::new(Vec::new()),
     });
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    let mut states: Vec<Vec<u8>> = vec![vec![0u8; size as usize]];
+    let ops = match case.steps {
+        Steps::Random(n) => n,
+        Steps::Script(steps) => steps.len(),
+    };
+    // states[k] is the guest before op k; flushes[k] says op k is a flush.
+    let mut states: Vec<Vec<u8>> = vec![vec![if backing { 0x5a } else { 0 }; size as usize]];
+    let mut flushes = vec![false; ops];
     {
-        let image = Qcow2::open(store.clone(), None, &OpenOptions::default(), &[]).unwrap();
+        let mut image = Qcow2::open(store.clone(), None, &OpenOptions::default(), &[]).unwrap();
         assert!(!image.is_read_only());
+        if let Some((l2_tables, refblocks)) = cache {
+            image.set_cache_limits(l2_tables, refblocks);
+        }
         let cluster = image.header.cluster_size();
-        for op in 0..ops {
+        for (op, flush) in flushes.iter_mut().enumerate() {
             store.push(Event::Op(op));
             let mut model = states.last().unwrap().clone();
-            let len = 1 + rng.below(3 * cluster.max(8192));
-            let len = len.min(size);
-            let offset = rng.below(size - len + 1);
-            match rng.below(10) {
-                0..=5 => {
+            let step = match case.steps {
+                Steps::Script(steps) => steps[op],
+                Steps::Random(_) => {
+                    let len = (1 + rng.below(3 * cluster.max(8192))).min(size);
+                    let offset = rng.below(size - len + 1);
+                    match rng.below(12) {
+                        0..=5 => Step::Write(offset, len),
+                        6..=7 => Step::Zero(offset, len, rng.below(2) == 0),
+                        8..=9 => Step::Discard(offset, len),
+                        _ => Step::Flush,
+                    }
+                }
+            };
+            match step {
+                Step::Write(offset, len) => {
                     let data: Vec<u8> = (0..len).map(|_| rng.next() as u8 | 1).collect();
                     image.write_at(&data, offset).unwrap();
                     model[offset as usize..(offset + len) as usize].copy_from_slice(&data);
                 }
-                6..=7 => {
-                    image.write_zeroes(offset, len, rng.below(2) == 0).unwrap();
+                Step::Zero(offset, len, unmap) => {
+                    image.write_zeroes(offset, len, unmap).unwrap();
                     model[offset as usize..(offset + len) as usize].fill(0);
                 }
-                _ => {
+                Step::Discard(offset, len) => {
                     image.discard(offset, len).unwrap();
                     let start = offset.div_ceil(cluster) * cluster;
                     let end = if offset + len == size {
@@ -171,71 +307,130 @@ fn run_crash_test(name: &str, create_opts: &str, size: u64, ops: usize, seed: u6
                         model[start as usize..end as usize].fill(0);
                     }
                 }
+                Step::Flush => {
+                    image.flush().unwrap();
+                    *flush = true;
+                }
             }
             states.push(model);
         }
+        if cache.is_some() {
+            assert!(
+                image.evictions() > 0,
+                "{name}: the caches never had to make room"
+            );
+        }
         store.push(Event::Op(ops));
     }
+    // The close finished: like a flush, it makes every op durable.
+    store.push(Event::Op(ops + 1));
     let log = store.log.lock().unwrap().clone();
-    // Crash points: a seeded sample, plus the events right around every flush.
-    let mut points: Vec<usize> = (0..80)
+    // Every crash point gets the guest-content check (cheap, in memory); a
+    // seeded sample, plus the events right around some flushes, also gets
+    // the qemu-img checks and a writable reopen.
+    let mut sampled: Vec<usize> = (0..80)
         .map(|_| rng.below(log.len() as u64 + 1) as usize)
         .collect();
     for (i, e) in log.iter().enumerate() {
         if matches!(e, Event::Flush) && rng.below(4) == 0 {
-            points.extend([i, i + 1, (i + 2).min(log.len())]);
+            sampled.extend([i, i + 1, (i + 2).min(log.len())]);
         }
     }
-    points.sort_unstable();
-    points.dedup();
+    sampled.sort_unstable();
+    sampled.dedup();
     let crashed = dir.path().join("crashed.qcow2");
-    for &n in &points {
+    let repaired = dir.path().join("repaired.qcow2");
+    // The file as the last storage flush before the crash left it, kept up
+    // to date as the crash point moves on.
+    let mut flushed = initial.clone();
+    let mut flushed_upto = 0usize;
+    // The guest state every later one builds on: the one after the last
+    // guest flush (or the close) that completed before the crash.
+    let mut durable = 0usize;
+    let mut op_at_crash = 0usize;
+    for n in 0..=log.len() {
         let context = format!("{name}: seed {seed}, crash at event {n} of {}", log.len());
-        let last_flush = log[..n].iter().rposition(|e| matches!(e, Event::Flush));
-        let mut bytes = initial.clone();
-        let mut op_at_flush = 0usize;
-        let mut op_at_crash = 0usize;
-        for (i, e) in log[..n].iter().enumerate() {
-            let durable = last_flush.is_some_and(|f| i < f);
-            match e {
-                Event::Op(k) => {
-                    op_at_crash = *k;
-                    if durable {
-                        op_at_flush = *k;
-                    }
-                }
-                Event::Write(offset, buf) if durable || rng.below(2) == 0 => {
-                    apply_write(&mut bytes, *offset, buf)
-                }
-                Event::SetLen(len) if durable || rng.below(2) == 0 => {
-                    bytes.resize(*len as usize, 0)
-                }
-                _ => {}
+        if let Some(Event::Op(k)) = n.checked_sub(1).and_then(|i| log.get(i)) {
+            op_at_crash = *k;
+            let completed_flush = k
+                .checked_sub(1)
+                .is_some_and(|f| f >= ops || flushes.get(f).copied().unwrap_or(false));
+            if completed_flush {
+                durable = (*k).min(states.len() - 1);
             }
         }
+        let last_flush = log[..n].iter().rposition(|e| matches!(e, Event::Flush));
+        let tail_start = last_flush.map_or(0, |f| f + 1);
+        if let Some(f) = last_flush {
+            for e in &log[flushed_upto..f] {
+                match e {
+                    Event::Write(offset, buf) => apply_write(&mut flushed, *offset, buf),
+                    Event::SetLen(len) => flushed.resize(*len as usize, 0),
+                    _ => {}
+                }
+            }
+            flushed_upto = flushed_upto.max(f);
+        }
+        // Per sector: the state after the last completed flush, or any state
+        // the ops after it passed through.
+        let acceptable = &states[durable..=(op_at_crash + 1).min(states.len() - 1)];
+        // Right before a storage flush the unflushed tail is longest: draw
+        // the crash there many times.
+        let draws = if matches!(log.get(n), Some(Event::Flush)) {
+            16
+        } else {
+            1
+        };
+        let mut bytes = Vec::new();
+        for draw in 0..draws {
+            bytes = crash_tail(&flushed, &log[tail_start..n], &mut rng);
+            let store = Arc::new(MemStorage::new(&crashed, bytes.clone(), false));
+            let image =
+                Qcow2::open(store, None, &OpenOptions::default(), &[]).unwrap_or_else(|e| {
+                    panic!("{context} (draw {draw}): the image does not open: {e}")
+                });
+            let mut guest = vec![0u8; size as usize];
+            image
+                .read_at(&mut guest, 0)
+                .unwrap_or_else(|e| panic!("{context} (draw {draw}): read failed: {e}"));
+            drop(image);
+            for (s, sector) in guest.chunks(512).enumerate() {
+                let at = s * 512..s * 512 + sector.len();
+                assert!(
+                    acceptable.iter().any(|st| &st[at.clone()] == sector),
+                    "{context} (draw {draw}): sector {s} reads neither the flushed data nor a later one (ops {durable}..={op_at_crash})"
+                );
+            }
+        }
+        if sampled.binary_search(&n).is_err() {
+            continue;
+        }
         std::fs::write(&crashed, &bytes).unwrap();
-        // Acceptable per sector: any state from before the op in progress at the
-        // last flush to after the op in progress at the crash.
-        let acceptable = &states[op_at_flush..=(op_at_crash + 1).min(states.len() - 1)];
-        let image = driver::open(&crashed, &OpenOptions::default())
-            .unwrap_or_else(|e| panic!("{context}: the image does not open: {e}"));
-        let mut guest = vec![0u8; size as usize];
-        image
-            .read_at(&mut guest, 0)
-            .unwrap_or_else(|e| panic!("{context}: read failed: {e}"));
-        drop(image);
-        for (s, sector) in guest.chunks(512).enumerate() {
-            let at = s * 512..s * 512 + sector.len();
+        if is_dirty(&crashed) {
+            // Lazy refcounts: QEMU's contract is a clean image after repair.
+            std::fs::copy(&crashed, &repaired).unwrap();
+            let out = Command::new("qemu-img")
+                .args(["check", "-q", "-r", "all", "-f", "qcow2"])
+                .arg(&repaired)
+                .output()
+                .unwrap();
             assert!(
-                acceptable.iter().any(|st| &st[at.clone()] == sector),
-                "{context}: sector {s} reads neither old nor new data (ops {op_at_flush}..={op_at_crash})"
+                matches!(out.status.code(), Some(0 | 3)),
+                "{context}: qemu-img check -r all failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let (code, out) = qemu_img_check(&repaired);
+            assert_eq!(
+                code, 0,
+                "{context}: after qemu-img check -r all, qemu-img check still finds errors:\n{out}"
+            );
+        } else {
+            let (code, out) = qemu_img_check(&crashed);
+            assert!(
+                code == 0 || code == 3,
+                "{context}: qemu-img check found corruption (exit {code}):\n{out}"
             );
         }
-        let (code, out) = qemu_img_check(&crashed);
-        assert!(
-            code == 0 || code == 3,
-            "{context}: qemu-img check found corruption (exit {code}):\n{out}"
-        );
         // Our writable open (with a refcount rebuild if the image is dirty) and
         // one more write must keep it sound.
         let writable = OpenOptions {
@@ -258,29 +453,203 @@ fn run_crash_test(name: &str, create_opts: &str, size: u64, ops: usize, seed: u6
 fn crash_at_any_point_small_clusters_wide_refcounts() {
     // 512 B clusters with 64-bit refcounts: a refcount block covers 64
     // clusters, so writes keep adding blocks and growing the refcount table.
-    run_crash_test(
-        "c512-rc64",
-        "cluster_size=512,refcount_bits=64",
-        2 << 20,
-        40,
-        1,
-    );
+    run_crash_test(&CrashCase {
+        name: "c512-rc64",
+        create_opts: "cluster_size=512,refcount_bits=64",
+        size: 2 << 20,
+        steps: Steps::Random(40),
+        seed: 1,
+        cache: None,
+        backing: false,
+    });
 }
 
 #[test]
 fn crash_at_any_point_extended_l2_lazy_refcounts() {
-    run_crash_test(
-        "extl2-lazy",
-        "cluster_size=16384,extended_l2=on,lazy_refcounts=on",
-        2 << 20,
-        40,
-        2,
-    );
+    run_crash_test(&CrashCase {
+        name: "extl2-lazy",
+        create_opts: "cluster_size=16384,extended_l2=on,lazy_refcounts=on",
+        size: 2 << 20,
+        steps: Steps::Random(40),
+        seed: 2,
+        cache: None,
+        backing: false,
+    });
 }
 
 #[test]
 fn crash_at_any_point_v2() {
-    run_crash_test("v2-4k", "cluster_size=4096,compat=0.10", 2 << 20, 40, 3);
+    run_crash_test(&CrashCase {
+        name: "v2-4k",
+        create_opts: "cluster_size=4096,compat=0.10",
+        size: 2 << 20,
+        steps: Steps::Random(40),
+        seed: 3,
+        cache: None,
+        backing: false,
+    });
+}
+
+// Tiny caches: L2 tables and refcount blocks are written back between guest
+// flushes (to make room), so crashes fall between two cache write-backs.
+
+#[test]
+fn crash_between_write_backs_small_clusters() {
+    // 32 KiB of guest per L2 table and 64 clusters per refcount block: with
+    // room for 4 tables and 2 blocks, most ops evict something.
+    run_crash_test(&CrashCase {
+        name: "evict-c512-rc64",
+        create_opts: "cluster_size=512,refcount_bits=64",
+        size: 1 << 20,
+        steps: Steps::Random(40),
+        seed: 4,
+        cache: Some((4, 2)),
+        backing: false,
+    });
+}
+
+#[test]
+fn crash_between_write_backs_4k_clusters() {
+    // Two L2 tables (2 MiB of guest each), one dirty at a time.
+    run_crash_test(&CrashCase {
+        name: "evict-c4k",
+        create_opts: "cluster_size=4096",
+        size: 4 << 20,
+        steps: Steps::Random(40),
+        seed: 5,
+        cache: Some((2, 2)),
+        backing: false,
+    });
+}
+
+#[test]
+fn crash_between_write_backs_lazy_refcounts() {
+    run_crash_test(&CrashCase {
+        name: "evict-c512-lazy",
+        create_opts: "cluster_size=512,refcount_bits=16,lazy_refcounts=on",
+        size: 1 << 20,
+        steps: Steps::Random(40),
+        seed: 6,
+        cache: Some((4, 2)),
+        backing: false,
+    });
+}
+
+#[test]
+fn crash_between_write_backs_of_a_discard() {
+    // The discard frees 128 clusters counted in three refcount blocks, but
+    // only one block may stay dirty: the others are written back at once,
+    // and must wait for the L2 tables that stopped naming the clusters (or a
+    // crash leaves entries naming clusters with refcount 0).
+    run_crash_test(&CrashCase {
+        name: "evict-discard-c512",
+        create_opts: "cluster_size=512,refcount_bits=64",
+        size: 1 << 20,
+        steps: Steps::Script(&[
+            Step::Write(0, 64 << 10),
+            Step::Flush,
+            Step::Discard(0, 64 << 10),
+            Step::Write(512 << 10, 512),
+            Step::Flush,
+        ]),
+        seed: 11,
+        cache: Some((8, 2)),
+        backing: false,
+    });
+}
+
+// Cases where only the data-before-L2-entry ordering keeps the old bytes:
+// no cluster is allocated, or the refcounts are lazy.
+
+#[test]
+fn crash_writing_into_a_zero_allocated_cluster() {
+    // The third write reuses the cluster the zero write kept: its L2 entry
+    // must not reach the disk before the zeroing and the data.
+    run_crash_test(&CrashCase {
+        name: "zero-alloc-reuse",
+        create_opts: "cluster_size=4096",
+        size: 64 << 10,
+        steps: Steps::Script(&[
+            Step::Write(0, 4096),
+            Step::Flush,
+            Step::Zero(0, 4096, false),
+            Step::Flush,
+            Step::Write(512, 1024),
+            Step::Flush,
+        ]),
+        seed: 7,
+        cache: None,
+        backing: false,
+    });
+}
+
+#[test]
+fn crash_copying_from_a_backing_file_with_lazy_refcounts() {
+    // The copied backing data must be on disk before the L2 entry. The
+    // second write is a copy on write alone between two flushes (no other
+    // request asks for a sync first), the third a whole fresh cluster.
+    run_crash_test(&CrashCase {
+        name: "backing-cow-lazy",
+        create_opts: "cluster_size=4096,lazy_refcounts=on",
+        size: 64 << 10,
+        steps: Steps::Script(&[
+            Step::Write(1000, 100),
+            Step::Flush,
+            Step::Write(5000, 3000),
+            Step::Flush,
+            Step::Write(12288, 4096),
+            Step::Flush,
+        ]),
+        seed: 8,
+        cache: None,
+        backing: true,
+    });
+}
+
+#[test]
+fn crash_reusing_a_discarded_cluster_with_lazy_refcounts() {
+    // The write after the discard reuses a freed cluster that still holds the
+    // first write's bytes.
+    run_crash_test(&CrashCase {
+        name: "discard-reuse-lazy",
+        create_opts: "cluster_size=4096,lazy_refcounts=on",
+        size: 64 << 10,
+        steps: Steps::Script(&[
+            Step::Write(0, 8192),
+            Step::Flush,
+            Step::Discard(0, 8192),
+            Step::Flush,
+            Step::Write(16384 + 100, 1000),
+            Step::Flush,
+        ]),
+        seed: 9,
+        cache: None,
+        backing: false,
+    });
+}
+
+#[test]
+fn crash_reusing_a_cluster_freed_since_the_last_flush_with_lazy_refcounts() {
+    // The discard's L2 change is only cached when the write allocates: the
+    // freed clusters must not be reused yet, or the old entries on disk would
+    // show the new data after a crash.
+    run_crash_test(&CrashCase {
+        name: "discard-reuse-unflushed-lazy",
+        create_opts: "cluster_size=4096,lazy_refcounts=on",
+        size: 64 << 10,
+        steps: Steps::Script(&[
+            Step::Write(0, 8192),
+            Step::Flush,
+            Step::Discard(0, 8192),
+            Step::Write(16384 + 100, 1000),
+            Step::Zero(4096, 4096, true),
+            Step::Write(32768, 4096),
+            Step::Flush,
+        ]),
+        seed: 10,
+        cache: None,
+        backing: false,
+    });
 }
 
 /// A full disk: the store refuses to grow past `limit` bytes (ENOSPC) while

@@ -9,6 +9,7 @@
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 use std::collections::HashMap;
+use std::ops::Range;
 
 /// Read entry `index` of a refcount block. `None` if the block is too short.
 pub fn get_entry(block: &[u8], index: u64, order: u32) -> Option<u64> {
@@ -63,8 +64,18 @@ pub fn max_refcount(order: u32) -> u64 {
     }
 }
 
-/// The refcount table and a cache of the refcount blocks read so far. Updates
-/// are written through to the file at once; the caller orders them.
+/// One cached refcount block.
+struct Block {
+    bytes: Vec<u8>,
+    last_use: u64,
+    /// The bytes changed since the block was last written to the file.
+    dirty: Option<Range<usize>>,
+}
+
+/// The refcount table and a bounded write-back cache of refcount blocks.
+/// `set` changes only the cached block; the writer writes dirty blocks back
+/// (`write_back`) when its ordering rules allow, and keeps their number
+/// bounded. Clean blocks are dropped, least recently used first, to make room.
 pub struct Refcounts {
     cluster_bits: u32,
     order: u32,
@@ -74,8 +85,14 @@ pub struct Refcounts {
     pub table_offset: u64,
     /// Clusters of the table.
     pub table_clusters: u32,
-    blocks: HashMap<u64, Vec<u8>>,
+    blocks: HashMap<u64, Block>,
+    capacity: usize,
+    clock: u64,
+    dirty: usize,
 }
+
+/// Bytes of refcount blocks cached per image (at least 16 blocks).
+const CACHE_BYTES: u64 = 4 << 20;
 
 impl Refcounts {
     /// Read the refcount table described by the header.
@@ -122,7 +139,22 @@ impl Refcounts {
             table_offset,
             table_clusters,
             blocks: HashMap::new(),
+            capacity: usize::try_from(CACHE_BYTES >> cluster_bits)
+                .unwrap_or(16)
+                .max(16),
+            clock: 0,
+            dirty: 0,
         })
+    }
+
+    /// Cache at most `blocks` refcount blocks (at least 2), dirty ones aside.
+    pub fn set_capacity(&mut self, blocks: usize) {
+        self.capacity = blocks.max(2);
+    }
+
+    /// How many blocks the cache holds when full.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Refcount entries per block.
@@ -144,24 +176,50 @@ impl Refcounts {
             .filter(|o| *o != 0)
     }
 
-    fn block<'a>(&'a mut self, file: &dyn Storage, offset: u64) -> Result<&'a mut Vec<u8>> {
-        let cluster_size = 1u64 << self.cluster_bits;
-        match self.blocks.entry(offset) {
-            std::collections::hash_map::Entry::Occupied(slot) => Ok(slot.into_mut()),
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                if offset % cluster_size != 0 {
-                    return Err(Error::corrupt(
-                        file.path(),
-                        format!(
-                            "qcow2: refcount block offset {offset:#x} is not aligned to a cluster"
-                        ),
-                    ));
-                }
-                let mut raw = vec![0u8; usize::try_from(cluster_size).unwrap_or(0)];
-                file.read_exact_at(&mut raw, offset)?;
-                Ok(slot.insert(raw))
-            }
+    /// Drop the least recently used clean block if the cache is full.
+    fn make_room(&mut self) {
+        if self.blocks.len() < self.capacity {
+            return;
         }
+        let oldest = self
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.dirty.is_none())
+            .min_by_key(|(_, b)| b.last_use)
+            .map(|(offset, _)| *offset);
+        if let Some(offset) = oldest {
+            self.blocks.remove(&offset);
+        }
+    }
+
+    fn block<'a>(&'a mut self, file: &dyn Storage, offset: u64) -> Result<&'a mut Block> {
+        let cluster_size = 1u64 << self.cluster_bits;
+        self.clock += 1;
+        let now = self.clock;
+        if !self.blocks.contains_key(&offset) {
+            if offset % cluster_size != 0 {
+                return Err(Error::corrupt(
+                    file.path(),
+                    format!("qcow2: refcount block offset {offset:#x} is not aligned to a cluster"),
+                ));
+            }
+            let mut raw = vec![0u8; usize::try_from(cluster_size).unwrap_or(0)];
+            file.read_exact_at(&mut raw, offset)?;
+            self.make_room();
+            self.blocks.insert(
+                offset,
+                Block {
+                    bytes: raw,
+                    last_use: now,
+                    dirty: None,
+                },
+            );
+        }
+        let block = self.blocks.get_mut(&offset).ok_or_else(|| {
+            Error::InvalidArgument(format!("refcount block at {offset:#x} vanished"))
+        })?;
+        block.last_use = now;
+        Ok(block)
     }
 
     /// The refcount of host cluster `cluster` (0 where no block covers it).
@@ -172,7 +230,7 @@ impl Refcounts {
         let index = cluster % self.entries_per_block();
         let order = self.order;
         let block = self.block(file, block_offset)?;
-        get_entry(block, index, order).ok_or_else(|| {
+        get_entry(&block.bytes, index, order).ok_or_else(|| {
             Error::corrupt(
                 file.path(),
                 format!("qcow2: refcount block at {block_offset:#x} is short"),
@@ -180,8 +238,8 @@ impl Refcounts {
         })
     }
 
-    /// Set the refcount of `cluster` and write the changed bytes. The block
-    /// covering it must exist.
+    /// Set the refcount of `cluster` in the cached block, which becomes dirty.
+    /// The block covering it must exist.
     pub fn set(&mut self, file: &dyn Storage, cluster: u64, value: u64) -> Result<()> {
         let order = self.order;
         if value > max_refcount(order) {
@@ -199,19 +257,71 @@ impl Refcounts {
         })?;
         let index = cluster % self.entries_per_block();
         let block = self.block(file, block_offset)?;
-        let (start, end) = set_entry(block, index, order, value).ok_or_else(|| {
+        let (start, end) = set_entry(&mut block.bytes, index, order, value).ok_or_else(|| {
             Error::corrupt(
                 file.path(),
                 format!("qcow2: refcount block at {block_offset:#x} is short"),
             )
         })?;
-        let changed = block.get(start..end).unwrap_or(&[]).to_vec();
-        file.write_all_at(&changed, block_offset + start as u64)
+        let was_clean = block.dirty.is_none();
+        block.dirty = Some(match block.dirty.take() {
+            Some(d) => d.start.min(start)..d.end.max(end),
+            None => start..end,
+        });
+        if was_clean {
+            self.dirty += 1;
+        }
+        Ok(())
     }
 
-    /// Record a block that was just written at `offset` with `contents`.
+    /// Record a block that was just written at `offset` with `contents` (clean).
     pub fn insert_block(&mut self, offset: u64, contents: Vec<u8>) {
-        self.blocks.insert(offset, contents);
+        self.clock += 1;
+        self.make_room();
+        let old = self.blocks.insert(
+            offset,
+            Block {
+                bytes: contents,
+                last_use: self.clock,
+                dirty: None,
+            },
+        );
+        if old.is_some_and(|b| b.dirty.is_some()) {
+            self.dirty -= 1;
+        }
+    }
+
+    /// How many cached blocks hold changes the file does not have yet.
+    pub fn dirty_count(&self) -> usize {
+        self.dirty
+    }
+
+    /// The offsets of the dirty blocks, least recently used first.
+    pub fn dirty_offsets(&self) -> Vec<u64> {
+        let mut dirty: Vec<(u64, u64)> = self
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.dirty.is_some())
+            .map(|(offset, b)| (b.last_use, *offset))
+            .collect();
+        dirty.sort_unstable();
+        dirty.into_iter().map(|(_, offset)| offset).collect()
+    }
+
+    /// Write the changed bytes of the block at `offset` to `file`; it is
+    /// clean afterwards (and stays dirty if the write fails).
+    pub fn write_back(&mut self, file: &dyn Storage, offset: u64) -> Result<()> {
+        let Some(block) = self.blocks.get_mut(&offset) else {
+            return Ok(());
+        };
+        let Some(range) = block.dirty.clone() else {
+            return Ok(());
+        };
+        let bytes = block.bytes.get(range.clone()).unwrap_or(&[]);
+        file.write_all_at(bytes, offset + range.start as u64)?;
+        block.dirty = None;
+        self.dirty -= 1;
+        Ok(())
     }
 }
 

@@ -21,7 +21,7 @@ pub mod stream;
 
 use super::{check_range, gate, BlockDriver, Extent, Location, Mapping, OpenOptions, TableIndex};
 use crate::error::{Error, Result};
-use crate::storage::{FileStorage, Storage, View};
+use crate::storage::{Storage, View};
 use descriptor::{CreateType, Descriptor, ExtentKind, NO_PARENT};
 use sparse::{Grain, SparseExtent};
 use std::io;
@@ -80,6 +80,9 @@ pub struct Vmdk {
     /// The extents come from a descriptor file, so locations name the extent.
     listed: bool,
     backing: Option<Arc<dyn BlockDriver>>,
+    /// A descriptor file, kept open while the disk is: it holds the disk's
+    /// image locks, as QEMU's open descriptor file does.
+    _descriptor_file: Option<Arc<dyn Storage>>,
 }
 
 impl Vmdk {
@@ -98,9 +101,9 @@ impl Vmdk {
             .get_mut(..usize::try_from(len.min(512)).unwrap_or(0))
             .unwrap_or(&mut []);
         storage.read_exact_at(head, 0)?;
-        let (descriptor, slots, listed) = if head.starts_with(header::MAGIC) {
+        let (descriptor, slots, descriptor_file) = if head.starts_with(header::MAGIC) {
             let (descriptor, slot) = open_monolithic(storage)?;
-            (descriptor, vec![slot], false)
+            (descriptor, vec![slot], None)
         } else if head.starts_with(header::COWD_MAGIC) {
             return Err(Error::format(
                 &path,
@@ -109,13 +112,14 @@ impl Vmdk {
         } else if looks_like_text(head) {
             let descriptor = read_descriptor_file(storage.as_ref(), len)?;
             let slots = open_extents(&path, &descriptor, options)?;
-            (descriptor, slots, true)
+            (descriptor, slots, Some(storage))
         } else {
             return Err(Error::format(
                 &path,
                 "vmdk: not a VMDK image (neither the sparse extent magic KDMV nor a text descriptor)",
             ));
         };
+        let listed = descriptor_file.is_some();
         let size = slots.last().map_or(0, |s| s.start + s.len);
         let backing = match &descriptor.parent_hint {
             Some(name) if options.backing.follow => {
@@ -132,6 +136,7 @@ impl Vmdk {
             size,
             listed,
             backing,
+            _descriptor_file: descriptor_file,
         })
     }
 
@@ -234,14 +239,15 @@ fn flat_run(file: &dyn Storage, host: u64, max_len: u64, end: u64) -> Result<(u6
     }
 }
 
-/// Whether the first bytes of a file can start a text descriptor (which
-/// `qemu-img convert` pads with NULs to a sector).
+/// Whether the first bytes of a file can start a text descriptor. The text
+/// ends at the first NUL, as QEMU reads it: what follows is not looked at.
+/// `qemu-img convert` pads a descriptor with NULs, but when QEMU rewrites the
+/// CID with fewer hex digits it ends the text earlier and leaves the old
+/// text's last bytes behind the new NUL.
 fn looks_like_text(head: &[u8]) -> bool {
     let text = descriptor::text_of(head);
     let first = text.iter().find(|b| !b.is_ascii_whitespace());
-    let padding = head.get(text.len()..).unwrap_or(&[]);
     matches!(first, Some(b'#') | Some(b'a'..=b'z') | Some(b'A'..=b'Z'))
-        && padding.iter().all(|&b| b == 0)
 }
 
 fn parse_descriptor(path: &Path, text: &[u8]) -> Result<Descriptor> {
@@ -354,7 +360,9 @@ fn open_extents(path: &Path, descriptor: &Descriptor, options: &OpenOptions) -> 
             )
         };
         let extent_path = gate::resolve_part(path, "vmdk", "extent", &line.file_name, options)?;
-        let file: Arc<dyn Storage> = Arc::new(FileStorage::open_read_only(&extent_path)?);
+        let metadata = matches!(line.kind, ExtentKind::Sparse);
+        let file: Arc<dyn Storage> =
+            Arc::new(super::locks::open_extent(&extent_path, metadata, options)?);
         // The sum of all extents was checked against 64 bits by the parser.
         let len = line.sectors * header::SECTOR;
         let data = match line.kind {

@@ -1,12 +1,17 @@
 //! Allocation: host clusters for data and tables, the refcount blocks and
-//! refcount table that count them (growing both as the file grows), and the
-//! decrements that free clusters again.
+//! refcount table that count them (growing both as the file grows), new L2
+//! tables, and the decrements that free clusters again.
 
 use super::WriteState;
-use crate::driver::qcow2::l2::OFFSET_MASK;
+use crate::driver::qcow2::l2::{COPIED, OFFSET_MASK};
 use crate::driver::qcow2::refcount;
 use crate::driver::qcow2::{header, Qcow2};
 use crate::error::{Error, Result};
+use std::sync::{Arc, PoisonError};
+
+/// The step by which the image file grows ahead of new data clusters, so
+/// that allocating writes do not each change the file's length.
+const GROW_STEP: u64 = 1 << 20;
 
 impl Qcow2 {
     /// Make sure a refcount block covers `cluster`. Returns true if it had to
@@ -40,7 +45,8 @@ impl Qcow2 {
         }
         self.meta_write(ws, &block, block_offset)?;
         ws.rc.insert_block(block_offset, block);
-        self.barrier(ws)?;
+        // The table may name the block once the block is on disk.
+        self.sync(ws)?;
         let at = ws.rc.table_offset + ti * 8;
         self.meta_write(ws, &block_offset.to_be_bytes(), at)?;
         if let Some(slot) = ws.rc.table.get_mut(index) {
@@ -107,26 +113,33 @@ impl Qcow2 {
         for cluster in start..end {
             ws.rc.set(self.file.as_ref(), cluster, 1)?;
         }
+        // The table, its blocks and their refcounts are on disk before the
+        // header names the table; the old one is freed once it names it.
+        self.flush_refblocks(ws)?;
         let bytes: Vec<u8> = ws.rc.table.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.meta_write(ws, &bytes, start * cluster_size)?;
-        self.barrier(ws)?;
+        self.sync(ws)?;
         self.write_reftable_fields(ws, start * cluster_size, table_clusters as u32)?;
-        self.barrier(ws)?;
+        self.sync(ws)?;
         let old_offset = ws.rc.table_offset;
         let old_clusters = u64::from(ws.rc.table_clusters);
         ws.rc.table_offset = start * cluster_size;
         ws.rc.table_clusters = table_clusters as u32;
         ws.end_cluster = end;
         drop(old_table);
-        self.free_range(ws, old_offset, old_clusters * cluster_size)?;
+        self.free_range(ws, old_offset, old_clusters * cluster_size, true)?;
         Ok(())
     }
 
-    /// Allocate one host cluster (refcount 1, written) and return its offset.
+    /// Allocate one host cluster (its refcount 1, in the cache) and return
+    /// its offset. Quarantined clusters are passed over.
     pub(super) fn alloc_cluster(&self, ws: &mut WriteState) -> Result<u64> {
         'search: loop {
             let mut cluster = ws.free_hint.max(1);
-            while cluster < ws.end_cluster && ws.rc.get(self.file.as_ref(), cluster)? != 0 {
+            while cluster < ws.end_cluster
+                && (ws.rc.get(self.file.as_ref(), cluster)? != 0
+                    || (!ws.quarantine.is_empty() && ws.quarantine.contains(&cluster)))
+            {
                 cluster += 1;
             }
             if self.ensure_refblock(ws, cluster)? {
@@ -135,12 +148,22 @@ impl Qcow2 {
             ws.rc.set(self.file.as_ref(), cluster, 1)?;
             ws.free_hint = cluster + 1;
             ws.end_cluster = ws.end_cluster.max(cluster + 1);
+            self.l2_needs_refcounts(ws)?;
             return Ok(cluster << self.header.cluster_bits);
         }
     }
 
     /// Drop one reference from every host cluster overlapping the range.
-    pub(super) fn free_range(&self, ws: &mut WriteState, start: u64, len: u64) -> Result<()> {
+    /// `on_disk`: nothing on disk names the range any more. Otherwise an L2
+    /// entry that did is only cached, so a cluster freed here is not reused
+    /// until that entry is on disk.
+    pub(super) fn free_range(
+        &self,
+        ws: &mut WriteState,
+        start: u64,
+        len: u64,
+        on_disk: bool,
+    ) -> Result<()> {
         let bits = self.header.cluster_bits;
         let first = start >> bits;
         let last = (start + len.max(1) - 1) >> bits;
@@ -154,9 +177,88 @@ impl Qcow2 {
             }
             ws.rc.set(self.file.as_ref(), cluster, count - 1)?;
             if count == 1 {
-                ws.free_hint = ws.free_hint.min(cluster);
+                // A freed L2 table must not be found in the cache under its
+                // old offset once the cluster holds something else.
+                self.cache.discard(cluster << bits);
+                if on_disk {
+                    ws.free_hint = ws.free_hint.min(cluster);
+                } else {
+                    ws.quarantine.insert(cluster);
+                }
             }
         }
+        Ok(())
+    }
+
+    /// Drop the references that the L2 changes just made no longer hold;
+    /// the decrements reach the disk after those changes do.
+    pub(super) fn free_dropped(&self, ws: &mut WriteState, frees: &[(u64, u64)]) -> Result<()> {
+        self.refcounts_need_l2(ws)?;
+        for (host, len) in frees {
+            self.free_range(ws, *host, *len, false)?;
+        }
+        Ok(())
+    }
+
+    /// A new L2 table for L1 index `l1_index`: a copy of the table at `old_l2`
+    /// (shared with a snapshot), or an empty one when that is 0. The table
+    /// and its refcount reach the disk before the L1 entry names it, as in
+    /// QEMU's l2_allocate; a shared table loses our reference only once the
+    /// L1 entry on disk no longer names it.
+    pub(super) fn new_l2_table(
+        &self,
+        ws: &mut WriteState,
+        l1_index: u64,
+        old_l2: u64,
+    ) -> Result<u64> {
+        let cluster_size = self.header.cluster_size();
+        let table: Vec<u64> = if old_l2 == 0 {
+            vec![0; usize::try_from(cluster_size / 8).unwrap_or(0)]
+        } else {
+            self.load_l2(old_l2)?.to_vec()
+        };
+        let l2_offset = self.alloc_cluster(ws)?;
+        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.meta_write(ws, &bytes, l2_offset)?;
+        self.flush_refblocks(ws)?;
+        self.sync(ws)?;
+        let entry = l2_offset | COPIED;
+        self.meta_write(ws, &entry.to_be_bytes(), self.l1_offset + l1_index * 8)?;
+        {
+            let mut l1 = self.l1.write().unwrap_or_else(PoisonError::into_inner);
+            if let Some(slot) = l1.get_mut(usize::try_from(l1_index).unwrap_or(usize::MAX)) {
+                *slot = entry;
+            }
+        }
+        self.cache.insert_clean(l2_offset, Arc::from(table));
+        if old_l2 != 0 {
+            self.sync(ws)?;
+            self.free_range(ws, old_l2, cluster_size, true)?;
+        }
+        Ok(l2_offset)
+    }
+
+    /// Make the image file cover the host cluster at `host`, a fresh one
+    /// past everything written: the file grows by whole steps, which read as
+    /// zeros until written. An L2 entry naming the cluster waits for the new
+    /// length to be durable (a crash must not leave it past the end).
+    pub(super) fn cover_cluster(&self, ws: &mut WriteState, host: u64) -> Result<()> {
+        let end = host.saturating_add(self.header.cluster_size());
+        if ws.file_len >= end {
+            return Ok(());
+        }
+        let ahead = end.div_ceil(GROW_STEP).saturating_mul(GROW_STEP).max(end);
+        ws.pending = true;
+        let new_len = match self.file.set_len(ahead) {
+            Ok(()) => ahead,
+            // Near a full disk, take only what this cluster needs.
+            Err(_) => {
+                self.file.set_len(end)?;
+                end
+            }
+        };
+        ws.file_len = new_len;
+        ws.order.l2_after_sync = true;
         Ok(())
     }
 

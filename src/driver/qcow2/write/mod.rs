@@ -3,31 +3,40 @@
 //!
 //! The work is split as imago splits its qcow2 driver: allocation and
 //! refcounts (`alloc`), copy on write (`cow`), zero writes and discard
-//! (`zero`), and the refcount checks and rebuild of a writable open
-//! (`rebuild`); this module holds the state and runs each request one L2
-//! table at a time.
+//! (`zero`), the refcount checks and rebuild of a writable open (`rebuild`),
+//! and the write-back of cached metadata in a crash-safe order (`writeback`);
+//! this module holds the state and runs each request one L2 table at a time.
 //!
-//! Every update follows QEMU's crash-safe order, per L2 table touched by a
-//! request: guest data and refcount increments first, then a flush; then the
-//! L2 entries; then (for a new or copied L2 table) a flush and the L1 entry;
-//! then a flush and the refcount decrements of whatever the old entries held.
-//! A crash at any point leaves old-or-new data and, at worst, leaked clusters.
+//! Guest data is written at once. Metadata changes go to the caches: L2
+//! entries to the shared L2 cache, refcounts to the refcount block cache. They
+//! reach the file on `flush`, on `close`, and when a cache must make room,
+//! ordered as QEMU's qcow2 cache orders them (see `writeback`), so a crash at
+//! any point leaves an image with no corruption (leaked clusters at worst),
+//! every write completed before the last flush reads back, and every other
+//! write reads, per sector, as its old data or its new.
 //!
 //! One writer at a time holds the `WriteState` mutex; readers never take it.
-//! They see an L1 entry under a read lock and an L2 table as an immutable
-//! `Arc`, which a writer replaces only after the new table is on disk.
+//! They see an L1 entry under a read lock and an L2 table through the cache,
+//! where the writer's changes are visible as soon as they are made.
 
 mod alloc;
 mod cow;
 mod rebuild;
+mod writeback;
 mod zero;
 
+#[cfg(test)]
+mod tests;
+
+use super::cache::L2Table;
 use super::l2::{self, COMPRESSED, COPIED, OFFSET_MASK};
 use super::refcount::Refcounts;
 use super::{header, Qcow2};
 use crate::error::{Error, Result};
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, MutexGuard, PoisonError};
+use std::sync::{MutexGuard, PoisonError};
+use writeback::Order;
 
 /// An extended L2 bitmap with every subcluster reading as zeros.
 const ALL_ZEROES: u64 = 0xffff_ffff << 32;
@@ -41,10 +50,35 @@ pub(super) struct WriteState {
     end_cluster: u64,
     /// No cluster below this index is free.
     free_hint: u64,
-    /// Writes were issued since the last flush.
+    /// Writes were issued since the last fdatasync.
     pending: bool,
     /// The incompatible feature bits as they are on disk.
     incompatible: u64,
+    /// What must reach the disk before what, for the dirty cached metadata.
+    order: Order,
+    /// The image file's length, as the open found it and our writes and
+    /// length changes made it since.
+    file_len: u64,
+    /// The image file's length at open.
+    len_at_open: u64,
+    /// Nothing at or past this offset of the image file was written since the
+    /// open, so it reads as zeros (a hole, or past the end of the file).
+    written_end: u64,
+    /// Freed clusters that an L2 entry on disk may still name: they are not
+    /// reused until the L2 tables that dropped them are on disk.
+    quarantine: HashSet<u64>,
+    /// Tables and blocks written back to make room, not for a flush.
+    evictions: u64,
+}
+
+impl WriteState {
+    /// Note a write of `len` bytes at `offset` of the image file.
+    fn note_write(&mut self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        self.pending = true;
+        self.written_end = self.written_end.max(end);
+        self.file_len = self.file_len.max(end);
+    }
 }
 
 /// What a request does to one cluster.
@@ -61,10 +95,31 @@ pub(super) enum Op<'a> {
 }
 
 /// One L2 entry (with its bitmap for extended L2) as the writer sees it.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
 pub(super) struct Entry {
     entry: u64,
     bitmap: u64,
+}
+
+/// The part of one guest cluster a request touches: bytes `[a, b)` of the
+/// cluster at `cluster_start`, which is `cluster_len` bytes long (shorter than
+/// a cluster only at the end of the disk).
+#[derive(Clone, Copy)]
+pub(super) struct Piece {
+    cluster_start: u64,
+    cluster_len: u64,
+    a: u64,
+    b: u64,
+}
+
+impl Piece {
+    fn len(&self) -> u64 {
+        self.b - self.a
+    }
+
+    fn whole(&self) -> bool {
+        self.a == 0 && self.b == self.cluster_len
+    }
 }
 
 impl Qcow2 {
@@ -86,12 +141,19 @@ impl Qcow2 {
             h.refcount_table_clusters,
         )?;
         let cluster_size = h.cluster_size();
+        let file_len = self.file.len()?;
         let mut state = WriteState {
             rc,
-            end_cluster: self.file.len()?.div_ceil(cluster_size),
+            end_cluster: file_len.div_ceil(cluster_size),
             free_hint: 0,
             pending: false,
             incompatible: h.incompatible_features,
+            order: Order::default(),
+            file_len,
+            len_at_open: file_len,
+            written_end: file_len,
+            quarantine: HashSet::new(),
+            evictions: 0,
         };
         // Past the end of the file, clusters may still hold a refcount (QEMU
         // allocates before it writes): start allocating past the last one.
@@ -109,17 +171,35 @@ impl Qcow2 {
             self.rebuild_refcounts(&mut state)?;
             state.incompatible &= !header::INCOMPAT_DIRTY;
             self.write_incompatible(&mut state)?;
-            self.barrier(&mut state)?;
+            self.sync(&mut state)?;
         } else {
             self.check_metadata_refcounts(&mut state)?;
         }
         let keep = h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW;
         if h.version >= 3 && h.autoclear_features != keep {
             self.write_field(&mut state, header::field::AUTOCLEAR_FEATURES, keep)?;
-            self.barrier(&mut state)?;
+            self.sync(&mut state)?;
         }
         self.writer = Some(std::sync::Mutex::new(state));
         Ok(())
+    }
+
+    /// Cache at most `l2_tables` L2 tables and `refblocks` refcount blocks
+    /// (half of each may be dirty), so tests can make write-backs happen
+    /// between flushes. Only right after a writable open.
+    #[cfg(test)]
+    pub(super) fn set_cache_limits(&mut self, l2_tables: usize, refblocks: usize) {
+        self.cache = super::cache::L2Cache::new(l2_tables);
+        if let Some(m) = &self.writer {
+            let mut ws = m.lock().unwrap_or_else(PoisonError::into_inner);
+            ws.rc.set_capacity(refblocks);
+        }
+    }
+
+    /// How many tables and blocks were written back to make room.
+    #[cfg(test)]
+    pub(super) fn evictions(&self) -> u64 {
+        self.state().map(|ws| ws.evictions).unwrap_or(0)
     }
 
     fn state(&self) -> Result<MutexGuard<'_, WriteState>> {
@@ -130,25 +210,30 @@ impl Qcow2 {
     }
 
     fn meta_write(&self, ws: &mut WriteState, buf: &[u8], offset: u64) -> Result<()> {
-        ws.pending = true;
+        ws.note_write(offset, buf.len() as u64);
         self.file.write_all_at(buf, offset)
     }
 
     fn data_write(&self, ws: &mut WriteState, buf: &[u8], offset: u64) -> Result<()> {
-        ws.pending = true;
-        self.data.write_all_at(buf, offset)
+        if self.header.has_data_file() {
+            ws.pending = true;
+            self.data.write_all_at(buf, offset)
+        } else {
+            self.meta_write(ws, buf, offset)
+        }
     }
 
-    /// Make everything written so far durable before what comes next.
-    fn barrier(&self, ws: &mut WriteState) -> Result<()> {
-        if ws.pending {
-            if self.header.has_data_file() {
-                self.data.flush()?;
-            }
-            self.file.flush()?;
-            ws.pending = false;
+    /// Make `[offset, offset + len)` of the data read as zeros (fallocate
+    /// ZERO_RANGE, else PUNCH_HOLE, else written zeros), as QEMU's
+    /// handle_alloc_space zeroes a cluster that holds stale bytes.
+    fn data_zero(&self, ws: &mut WriteState, offset: u64, len: u64) -> Result<()> {
+        if self.header.has_data_file() {
+            ws.pending = true;
+            self.data.zero_range(offset, len)
+        } else {
+            ws.note_write(offset, len);
+            self.file.zero_range(offset, len)
         }
-        Ok(())
     }
 
     /// Write one 64-bit header field.
@@ -178,26 +263,36 @@ impl Qcow2 {
     }
 
     /// Before the first metadata change of an image with lazy refcounts, mark
-    /// it dirty, as QEMU does; `close` clears the bit again.
+    /// it dirty, as QEMU does: from then on its refcounts may lag behind its
+    /// L2 tables on disk, and `close` clears the bit again.
     fn mark_dirty(&self, ws: &mut WriteState) -> Result<()> {
         if self.lazy_refcounts() && ws.incompatible & header::INCOMPAT_DIRTY == 0 {
             ws.incompatible |= header::INCOMPAT_DIRTY;
             self.write_incompatible(ws)?;
-            self.barrier(ws)?;
+            self.sync(ws)?;
         }
         Ok(())
     }
 
-    /// Flush everything and clear the dirty bit (lazy refcounts).
+    /// Write back every cached change, make it durable, give back the file
+    /// space grown ahead of need, and clear the dirty bit (lazy refcounts).
     pub(super) fn close_writes(&self) -> Result<()> {
         let mut ws = self.state()?;
-        self.barrier(&mut ws)?;
+        self.flush_caches(&mut ws, true)?;
+        let cluster_size = self.header.cluster_size();
+        let target = (ws.end_cluster * cluster_size)
+            .max(ws.len_at_open)
+            .max(ws.written_end);
+        if ws.file_len > target {
+            self.file.set_len(target)?;
+            ws.file_len = target;
+            ws.pending = true;
+        }
         if ws.incompatible & header::INCOMPAT_DIRTY != 0 {
             ws.incompatible &= !header::INCOMPAT_DIRTY;
             self.write_incompatible(&mut ws)?;
-            self.barrier(&mut ws)?;
         }
-        Ok(())
+        self.sync(&mut ws)
     }
 
     // ------------------------------------------------------------ requests
@@ -215,8 +310,7 @@ impl Qcow2 {
 
     pub(super) fn do_flush(&self) -> Result<()> {
         let mut ws = self.state()?;
-        ws.pending = true;
-        self.barrier(&mut ws)
+        self.flush_caches(&mut ws, false)
     }
 
     /// Apply `op` to `[offset, offset + len)`, one L2 table at a time.
@@ -237,6 +331,7 @@ impl Qcow2 {
                 other => other,
             };
             self.apply_in_table(ws, pos, piece_end, piece_op)?;
+            self.bound_dirty(ws)?;
             pos = piece_end;
         }
         Ok(())
@@ -260,17 +355,23 @@ impl Qcow2 {
         }
     }
 
-    fn put_entry(&self, table: &mut [u64], index: u64, e: Entry) {
+    /// Store `e` at `index`; returns the words it occupies.
+    fn put_entry(&self, table: &mut [u64], index: u64, e: Entry) -> std::ops::Range<usize> {
+        let index = usize::try_from(index).unwrap_or(usize::MAX);
         if self.header.extended_l2() {
-            let at = usize::try_from(index * 2).unwrap_or(usize::MAX);
+            let at = index.saturating_mul(2);
             if let Some(s) = table.get_mut(at) {
                 *s = e.entry;
             }
-            if let Some(s) = table.get_mut(at + 1) {
+            if let Some(s) = table.get_mut(at.saturating_add(1)) {
                 *s = e.bitmap;
             }
-        } else if let Some(s) = table.get_mut(usize::try_from(index).unwrap_or(usize::MAX)) {
-            *s = e.entry;
+            at..at.saturating_add(2)
+        } else {
+            if let Some(s) = table.get_mut(index) {
+                *s = e.entry;
+            }
+            index..index.saturating_add(1)
         }
     }
 
@@ -287,123 +388,105 @@ impl Qcow2 {
         };
         let old_l2 = l2::l1_offset(l1_entry)
             .map_err(|e| self.corrupt(format!("L1 index {l1_index}: {e}")))?;
-        let words = usize::try_from(l2_entries * self.header.l2_entry_size() / 8).unwrap_or(0);
-        let mut table: Vec<u64> = if old_l2 == 0 {
-            vec![0; words]
+        // Plan every cluster against the table as it is; the changes go into
+        // the cached table afterwards, in one step.
+        let table: Option<L2Table> = if old_l2 == 0 {
+            None
         } else {
-            self.load_l2(old_l2)?.to_vec()
+            Some(self.load_l2(old_l2)?)
         };
-        // A new table, or one shared with a snapshot, is written to a new cluster.
-        let new_table = old_l2 == 0 || l1_entry & COPIED == 0;
-        let mut changed: Option<(u64, u64)> = None;
+        let mut changes: Vec<(u64, Entry)> = Vec::new();
         let mut frees: Vec<(u64, u64)> = Vec::new();
         let mut pos = start;
         while pos < end {
             let guest_cluster = pos >> bits;
             let cluster_start = guest_cluster << bits;
             let cluster_len = cluster_size.min(self.size - cluster_start);
-            let a = pos - cluster_start;
-            let b = (end - cluster_start).min(cluster_len);
+            let piece = Piece {
+                cluster_start,
+                cluster_len,
+                a: pos - cluster_start,
+                b: (end - cluster_start).min(cluster_len),
+            };
             let index = guest_cluster % l2_entries;
-            let old = self.get_entry(&table, index);
-            let piece = match op {
+            let old = table
+                .as_ref()
+                .map(|t| self.get_entry(t, index))
+                .unwrap_or_default();
+            let piece_op = match op {
                 Op::Data(buf) => {
                     let from = usize::try_from(pos - start).unwrap_or(0);
-                    Op::Data(buf.get(from..from + (b - a) as usize).unwrap_or(&[]))
+                    let len = usize::try_from(piece.len()).unwrap_or(0);
+                    Op::Data(buf.get(from..from + len).unwrap_or(&[]))
                 }
                 other => other,
             };
-            let new =
-                self.plan_cluster(ws, cluster_start, cluster_len, a, b, old, piece, &mut frees)?;
+            let new = self.plan_cluster(ws, piece, old, piece_op, &mut frees)?;
             if new != old {
-                self.mark_dirty(ws)?;
-                self.put_entry(&mut table, index, new);
-                changed = Some(match changed {
-                    None => (index, index),
-                    Some((lo, hi)) => (lo.min(index), hi.max(index)),
-                });
+                changes.push((index, new));
             }
-            pos = cluster_start + b;
+            pos = cluster_start + piece.b;
         }
-        let Some((lo, hi)) = changed else {
+        // No copy of the table may stay alive here: the cache then changes
+        // it in place instead of copying it.
+        drop(table);
+        if changes.is_empty() {
             return Ok(());
-        };
-        // Data and refcounts reach the disk before the L2 entries naming them.
-        let l2_offset = if new_table {
-            self.alloc_cluster(ws)?
+        }
+        // A missing table, or one shared with a snapshot, gets a new cluster.
+        let l2_offset = if old_l2 == 0 || l1_entry & COPIED == 0 {
+            self.new_l2_table(ws, l1_index, old_l2)?
         } else {
             old_l2
         };
-        self.barrier(ws)?;
-        let entry_bytes = self.header.l2_entry_size();
-        let words_per_entry = usize::try_from(entry_bytes / 8).unwrap_or(1);
-        let (first, count) = if new_table {
-            (0, table.len())
-        } else {
-            (
-                usize::try_from(lo).unwrap_or(0) * words_per_entry,
-                usize::try_from(hi - lo + 1).unwrap_or(0) * words_per_entry,
-            )
-        };
-        let bytes: Vec<u8> = table
-            .iter()
-            .skip(first)
-            .take(count)
-            .flat_map(|e| e.to_be_bytes())
-            .collect();
-        self.meta_write(ws, &bytes, l2_offset + first as u64 * 8)?;
-        self.cache.insert(l2_offset, Arc::from(table));
-        if new_table {
-            self.barrier(ws)?;
-            let entry = l2_offset | COPIED;
-            self.meta_write(ws, &entry.to_be_bytes(), self.l1_offset + l1_index * 8)?;
-            let mut l1 = self.l1.write().unwrap_or_else(PoisonError::into_inner);
-            if let Some(slot) = l1.get_mut(usize::try_from(l1_index).unwrap_or(usize::MAX)) {
-                *slot = entry;
-            }
-            if old_l2 != 0 {
-                frees.push((old_l2, cluster_size));
-            }
-        }
+        self.set_entries(l2_offset, &changes)?;
         self.generation.fetch_add(1, Ordering::Release);
         if !frees.is_empty() {
-            // The entries that named the old clusters are gone from the disk
-            // before the clusters can be reused.
-            self.barrier(ws)?;
-            for (host, len) in frees {
-                self.free_range(ws, host, len)?;
-            }
+            self.free_dropped(ws, &frees)?;
         }
         Ok(())
     }
 
-    /// Decide and perform what `op` does to `[a, b)` of one cluster.
-    #[allow(clippy::too_many_arguments)]
+    /// Put `changes` into the cached table at `l2_offset` (loading it if a
+    /// reader evicted it since), where they are dirty until written back.
+    fn set_entries(&self, l2_offset: u64, changes: &[(u64, Entry)]) -> Result<()> {
+        loop {
+            let applied = self.cache.modify(l2_offset, |table| {
+                let (mut first, mut end) = (usize::MAX, 0);
+                for (index, e) in changes {
+                    let words = self.put_entry(table, *index, *e);
+                    first = first.min(words.start);
+                    end = end.max(words.end);
+                }
+                first.min(end)..end
+            });
+            if applied {
+                return Ok(());
+            }
+            self.load_l2(l2_offset)?;
+        }
+    }
+
+    /// Decide and perform what `op` does to one piece of a cluster.
     fn plan_cluster(
         &self,
         ws: &mut WriteState,
-        cluster_start: u64,
-        cluster_len: u64,
-        a: u64,
-        b: u64,
+        piece: Piece,
         old: Entry,
         op: Op<'_>,
         frees: &mut Vec<(u64, u64)>,
     ) -> Result<Entry> {
+        let Piece { cluster_start, .. } = piece;
         match op {
-            Op::Data(d) => {
-                self.write_cluster(ws, cluster_start, cluster_len, a, b, old, Some(d), frees)
-            }
+            Op::Data(d) => self.write_cluster(ws, piece, old, Some(d), frees),
             Op::ZeroData => {
-                if self.reads_as_zero(cluster_start + a, cluster_start + b)? {
+                if self.reads_as_zero(cluster_start + piece.a, cluster_start + piece.b)? {
                     return Ok(old);
                 }
-                self.write_cluster(ws, cluster_start, cluster_len, a, b, old, None, frees)
+                self.write_cluster(ws, piece, old, None, frees)
             }
             Op::Discard => Ok(self.discard_cluster(old, frees)),
-            Op::Zero { unmap } => {
-                self.zero_cluster(ws, cluster_start, cluster_len, a, b, old, unmap, frees)
-            }
+            Op::Zero { unmap } => self.zero_cluster(ws, piece, old, unmap, frees),
         }
     }
 

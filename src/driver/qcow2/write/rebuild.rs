@@ -139,9 +139,9 @@ impl Qcow2 {
             self.meta_write(ws, block, *offset)?;
         }
         self.meta_write(ws, &layout.table, layout.table_offset)?;
-        self.barrier(ws)?;
+        self.sync(ws)?;
         self.write_reftable_fields(ws, layout.table_offset, layout.table_clusters)?;
-        self.barrier(ws)?;
+        self.sync(ws)?;
         ws.rc = Refcounts::load(
             self.file.as_ref(),
             bits,

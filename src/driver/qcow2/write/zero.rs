@@ -2,7 +2,7 @@
 //! format has it, deallocation where unallocated reads as zeros, and zero
 //! data where neither will do; discard of whole clusters only, as QEMU does.
 
-use super::{Entry, Op, WriteState, ALL_ZEROES};
+use super::{Entry, Op, Piece, WriteState, ALL_ZEROES};
 use crate::driver::qcow2::l2::{COMPRESSED, ZERO};
 use crate::driver::qcow2::Qcow2;
 use crate::error::Result;
@@ -113,20 +113,22 @@ impl Qcow2 {
 
     /// Make `[a, b)` of one cluster read as zeros, through the zero flag (or
     /// subcluster bits) where it can and as zero data where it must.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn zero_cluster(
         &self,
         ws: &mut WriteState,
-        cluster_start: u64,
-        cluster_len: u64,
-        a: u64,
-        b: u64,
+        piece: Piece,
         old: Entry,
         unmap: bool,
         frees: &mut Vec<(u64, u64)>,
     ) -> Result<Entry> {
+        let Piece {
+            cluster_start,
+            cluster_len,
+            a,
+            b,
+        } = piece;
         let ext = self.header.extended_l2();
-        let mut whole = a == 0 && b == cluster_len;
+        let mut whole = piece.whole();
         // Like QEMU: zeroing part of a cluster that holds no data (unallocated
         // or already zero) while the rest of it reads as zeros zeroes the whole
         // cluster with the zero flag. The contents are the same either way; the
@@ -190,16 +192,24 @@ impl Qcow2 {
             if self.reads_as_zero(cluster_start + a, cluster_start + b)? {
                 return Ok(old);
             }
-            return self.write_cluster(ws, cluster_start, cluster_len, a, b, old, None, frees);
+            return self.write_cluster(ws, piece, old, None, frees);
         }
         // Zero the unaligned ends as data, then flag the whole
         // subclusters between them as zero.
         let mut e = old;
         if a < sa * sub {
-            e = self.write_cluster(ws, cluster_start, cluster_len, a, sa * sub, e, None, frees)?;
+            let head = Piece {
+                b: sa * sub,
+                ..piece
+            };
+            e = self.write_cluster(ws, head, e, None, frees)?;
         }
         if sb * sub < b {
-            e = self.write_cluster(ws, cluster_start, cluster_len, sb * sub, b, e, None, frees)?;
+            let tail = Piece {
+                a: sb * sub,
+                ..piece
+            };
+            e = self.write_cluster(ws, tail, e, None, frees)?;
         }
         let mask = ((1u64 << (sb - sa)) - 1) << sa;
         Ok(Entry {
