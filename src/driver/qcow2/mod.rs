@@ -550,23 +550,7 @@ impl BlockDriver for Qcow2 {
     }
 
     fn read_view(&self, offset: u64, len: usize) -> Result<Option<View>> {
-        check_range(self.path(), self.size, offset, len as u64)?;
-        let extent = self.map(offset, len as u64)?;
-        if extent.length < len as u64 {
-            return Ok(None);
-        }
-        match extent.mapping {
-            // Past the end of the data file the range reads as zeros: the
-            // store refuses to map it, and read_at handles it.
-            Mapping::Data { host_offset } => Ok(self.data.view(host_offset, len)),
-            Mapping::Unallocated => match &self.backing {
-                Some(backing) if offset + len as u64 <= backing.size() => {
-                    backing.read_view(offset, len)
-                }
-                _ => Ok(None),
-            },
-            Mapping::Zero { .. } | Mapping::Compressed { .. } => Ok(None),
-        }
+        super::view_through_map(self, self.data.as_ref(), self.backing.as_ref(), offset, len)
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {

@@ -181,14 +181,7 @@ impl BlockDriver for Vdi {
     }
 
     fn read_view(&self, offset: u64, len: usize) -> Result<Option<View>> {
-        check_range(self.path(), self.size(), offset, len as u64)?;
-        let extent = self.map(offset, len as u64)?;
-        match extent.mapping {
-            Mapping::Data { host_offset } if extent.length >= len as u64 => {
-                Ok(self.file.view(host_offset, len))
-            }
-            _ => Ok(None),
-        }
+        super::view_through_map(self, self.file.as_ref(), None, offset, len)
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {

@@ -488,21 +488,7 @@ impl BlockDriver for Vhdx {
     }
 
     fn read_view(&self, offset: u64, len: usize) -> Result<Option<View>> {
-        check_range(self.path(), self.size(), offset, len as u64)?;
-        let extent = self.map(offset, len as u64)?;
-        if extent.length < len as u64 {
-            return Ok(None);
-        }
-        match extent.mapping {
-            Mapping::Data { host_offset } => Ok(self.file.view(host_offset, len)),
-            Mapping::Unallocated => match &self.backing {
-                Some(backing) if offset + len as u64 <= backing.size() => {
-                    backing.read_view(offset, len)
-                }
-                _ => Ok(None),
-            },
-            Mapping::Zero { .. } | Mapping::Compressed { .. } => Ok(None),
-        }
+        super::view_through_map(self, self.file.as_ref(), self.backing.as_ref(), offset, len)
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
