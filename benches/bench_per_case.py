@@ -14,49 +14,25 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import bench_table
 import make_images
 
 
-def compare(name: str, ref_format: str, ref: Path, fmt: str, image: Path) -> tuple:
-    ours = [sys.executable, "-m", "blkverify_rs", "verify", "-q"]
-    return (
-        name,
-        ["qemu-img", "compare", "-q", "-f", ref_format, "-F", fmt, str(ref), str(image)],
-        [*ours, "-f", ref_format, "-F", fmt, str(ref), str(image)],
-    )
-
-
-def cases(d: Path, scale: int) -> list[tuple]:
+def cases(d: Path, scale: int) -> list[tuple[str, list[str], list[str]]]:
     images = make_images.build_all(d, scale)
     images.update(make_images.vpc_vdi_pairs(d, 2 * scale))
-    out = [
-        compare(name, raw.suffix[1:], raw, test.suffix[1:], test)
-        for name, (raw, test) in images.items()
-    ]
     blksum = bench_table.build_blksum(d / "blksum")
-    for name, image in (
-        ("digest: fully allocated raw", images["allocated"][0]),
-        ("digest: the same data as qcow2", images["allocated"][1]),
-        ("digest: zstd-compressed qcow2", images["zstd"][1]),
-        ("digest: sparse qcow2", images["sparse"][1]),
-    ):
-        ours = [sys.executable, "-m", "blkverify_rs", "digest", str(image)]
-        out.append((name, [blksum, "-c", str(image)], ours))
-    return out
+    return bench_table.compare_cases(images) + bench_table.digest_cases(images, blksum)
 
 
 def timed(argv: list[str]) -> float:
-    start = time.perf_counter()
-    proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    if proc.returncode != 0:
-        print(f"{argv[0]} exited {proc.returncode}: {proc.stderr[:200]!r}", file=sys.stderr)
-    return time.perf_counter() - start
+    seconds, _, code = bench_table.timed(argv)
+    if code != 0:
+        print(f"{argv[0]} exited {code}", file=sys.stderr)
+    return seconds
 
 
 def main() -> int:

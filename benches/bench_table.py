@@ -57,26 +57,7 @@ def main() -> int:
     args = parser.parse_args()
     images = make_images.build_all(args.directory, args.scale)
     images.update(make_images.vpc_vdi_pairs(args.directory, 2 * args.scale))
-    ours = [sys.executable, "-m", "blkverify_rs"]
-    cases = []
-    for name, (raw, test) in images.items():
-        cases.append(
-            (
-                name,
-                [
-                    "qemu-img",
-                    "compare",
-                    "-q",
-                    "-f",
-                    raw.suffix[1:],
-                    "-F",
-                    test.suffix[1:],
-                    str(raw),
-                    str(test),
-                ],
-                [*ours, "verify", "-q", str(raw), str(test)],
-            )
-        )
+    cases = compare_cases(images)
     qcow2 = images["allocated"][1]
     cases.append(
         (
@@ -115,16 +96,7 @@ def main() -> int:
             [sys.executable, "-c", device_reads_snippet(raw_full, qcow2, READS)],
         )
     )
-    # Digests: ours against blksum -c (blkhash 0.11, through the page cache too).
-    blksum = build_blksum(args.directory / "blksum")
-    full_raw, full_qcow2 = images["allocated"]
-    for name, image in (
-        ("digest: fully allocated raw", full_raw),
-        ("digest: the same data as qcow2", full_qcow2),
-        ("digest: zstd-compressed qcow2, OS-like data", images["zstd"][1]),
-        ("digest: sparse qcow2", images["sparse"][1]),
-    ):
-        cases.append((name, [blksum, "-c", str(image)], [*ours, "digest", str(image)]))
+    cases += digest_cases(images, build_blksum(args.directory / "blksum"))
     cases.append(("--version", None, [str(Path(sys.executable).parent / "blkverify"), "--version"]))
     for _, _, command in cases:  # warm the page cache (our reader skips sparse holes)
         timed(command)
@@ -158,10 +130,43 @@ def main() -> int:
     # Digest speed against the machine's: SHA-256 of 64 KiB buffers on every core.
     rate = sha256_rate()
     ours_raw = statistics.median(s for s, _ in samples["digest: fully allocated raw"]["o"])
+    full_raw = images["allocated"][0]
     share = full_raw.stat().st_size / ours_raw / rate
     print(f"\nSHA-256 on every core (openssl speed): {rate / 1e6:.0f} MB/s; the raw digest")
     print(f"hashes at {full_raw.stat().st_size / ours_raw / 1e6:.0f} MB/s, {share:.0%} of it.")
     return 0
+
+
+def compare_cases(images: dict[str, tuple[Path, Path]]) -> list[tuple[str, list[str], list[str]]]:
+    """(name, qemu-img compare, our verify) for each pair; each side's suffix is its format."""
+    ours = [sys.executable, "-m", "blkverify_rs", "verify", "-q"]
+    return [
+        (
+            name,
+            [
+                *["qemu-img", "compare", "-q", "-f", raw.suffix[1:], "-F", test.suffix[1:]],
+                *[str(raw), str(test)],
+            ],
+            [*ours, str(raw), str(test)],
+        )
+        for name, (raw, test) in images.items()
+    ]
+
+
+def digest_cases(
+    images: dict[str, tuple[Path, Path]], blksum: str
+) -> list[tuple[str, list[str], list[str]]]:
+    """(name, blksum -c, our digest): blkhash 0.11 through the page cache too."""
+    ours = [sys.executable, "-m", "blkverify_rs", "digest"]
+    return [
+        (name, [blksum, "-c", str(image)], [*ours, str(image)])
+        for name, image in (
+            ("digest: fully allocated raw", images["allocated"][0]),
+            ("digest: the same data as qcow2", images["allocated"][1]),
+            ("digest: zstd-compressed qcow2, OS-like data", images["zstd"][1]),
+            ("digest: sparse qcow2", images["sparse"][1]),
+        )
+    ]
 
 
 def build_blksum(cache: Path) -> str:
