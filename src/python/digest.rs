@@ -3,7 +3,7 @@
 
 use super::detached::{run_detached, run_with_progress};
 use super::errors::to_pyerr;
-use super::options::{open_options, verify_options, Kwargs};
+use super::options::{read_only_options, verify_options, Kwargs};
 use super::verify::{report_to_dict, unopened_backing, Names};
 use crate::digest::{
     self as engine, to_hex, Algorithm, BlockDigests, BlockSpan, DigestOptions, Run, DIGEST_LEN,
@@ -50,14 +50,10 @@ pub(crate) fn digest<'py>(
     options: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let kw = Kwargs::new(py, options)?;
-    let open = open_options(&kw)?;
+    let open = read_only_options(&kw)?;
     let digest_options = digest_options(&kw)?;
     let blocks: Option<PathBuf> = kw.take("blocks")?;
     kw.finish("digest")?;
-    let open = driver::OpenOptions {
-        writable: false,
-        ..open
-    };
     let image = run_detached(py, || driver::open(&path, &open))?;
     let result = run_with_progress(
         py,
@@ -237,15 +233,11 @@ pub(crate) fn digest_span<'py>(
     options: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let kw = Kwargs::new(py, options)?;
-    let open = open_options(&kw)?;
+    let open = read_only_options(&kw)?;
     let digest_options = digest_options(&kw)?;
     let grid_end: Option<u64> = kw.take("grid_end")?;
     let record_errors: bool = kw.take("record_errors")?.unwrap_or(false);
     kw.finish("digest_span")?;
-    let open = driver::OpenOptions {
-        writable: false,
-        ..open
-    };
     let image = run_detached(py, || driver::open(&path, &open))?;
     let grid_end = grid_end.unwrap_or(image.size());
     let span = run_with_progress(

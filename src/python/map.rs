@@ -3,7 +3,7 @@
 //! (read-only), walk its metadata with the GIL released and stop on Ctrl-C.
 
 use super::detached::run_with_progress;
-use super::options::{open_options, picture_request, Kwargs};
+use super::options::{picture_request, read_only_options, Kwargs};
 use crate::driver::{self, BlockDriver};
 use crate::map::{self as engine, CellClass, MapKind};
 use pyo3::exceptions::PyValueError;
@@ -109,10 +109,7 @@ fn open_read_only(
     path: PathBuf,
     kw: &Kwargs<'_>,
 ) -> PyResult<Arc<dyn BlockDriver>> {
-    let options = driver::OpenOptions {
-        writable: false,
-        ..open_options(kw)?
-    };
+    let options = read_only_options(kw)?;
     super::detached::run_detached(py, move || driver::open(&path, &options))
 }
 

@@ -96,6 +96,15 @@ pub(crate) fn open_options(kw: &Kwargs<'_>) -> PyResult<OpenOptions> {
     Ok(options)
 }
 
+/// [`open_options`] for an image that is only read (digest, map): never
+/// writable, whatever `read_only` says.
+pub(crate) fn read_only_options(kw: &Kwargs<'_>) -> PyResult<OpenOptions> {
+    Ok(OpenOptions {
+        writable: false,
+        ..open_options(kw)?
+    })
+}
+
 /// `VerifyOptions` from `all`, `strict`, `threads`, `chunk_size`, `max_runs`,
 /// and the range `start` and `length` (ints or size strings).
 pub(crate) fn verify_options(kw: &Kwargs<'_>) -> PyResult<VerifyOptions> {
