@@ -24,7 +24,10 @@ per build times the three benches the issue names, in-process with
 - ``map``: ``bv.map`` of a qcow2 of 262,144 extents (512-byte clusters, data
   in every other one, made by ``qemu-img convert -S 512``).
 
-Then the command's start-up, each the median of 20 runs: ``blkverify --version``
+Each is also given as the CPU time its process spent (``time.process_time``,
+every thread), which another process's load on the cores barely moves: the
+verify runs on both cores, so its wall time doubles whenever anything else
+runs. Then the command's start-up, each the median of 20 runs: ``blkverify --version``
 and ``blkverify verify --help``. Prints a Markdown table of the medians over the
 rounds and each build's time over ``current``'s.
 """
@@ -53,21 +56,27 @@ import blkverify_rs as bv
 
 raw, qcow2, image, reads, extents = sys.argv[1:4] + [int(a) for a in sys.argv[4:6]]
 out = {}
-start = time.perf_counter()
-report = bv.verify(raw, qcow2)
-out["verify"] = time.perf_counter() - start
-assert report.identical
+
+def timed(name, fn):
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    out[name] = time.perf_counter() - wall
+    out[name + " cpu"] = time.process_time() - cpu  # every thread of the process
+    return result
+
+assert timed("verify", lambda: bv.verify(raw, qcow2)).identical
 with bv.open(raw=raw, test=qcow2) as dev:
-    read, end, offset = dev.read, dev.size - 4096, 0
-    start = time.perf_counter()
-    for _ in range(reads):
-        read(offset, 4096)
-        offset = offset + 4096 if offset < end else 0
-    out["reads"] = time.perf_counter() - start
-start = time.perf_counter()
-extents_found = bv.map(image)
-out["map"] = time.perf_counter() - start
-assert len(extents_found) == extents, len(extents_found)
+    read, end = dev.read, dev.size - 4096
+
+    def loop():
+        offset = 0
+        for _ in range(reads):
+            read(offset, 4096)
+            offset = offset + 4096 if offset < end else 0
+
+    timed("reads", loop)
+found = timed("map", lambda: bv.map(image))
+assert len(found) == extents, len(found)
 print(json.dumps(out))
 """
 
@@ -170,20 +179,29 @@ def main() -> int:
     print(f"CPython {sys.version.split()[0]}, medians of {args.rounds} rounds, "
           f"load average {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")  # fmt: skip
     print()
+    print("Each cell: the median, and in brackets the fastest round; the ratios are of medians.")
+    print()
     print("| bench | current | abi3 | abi3 / current | zig-cp311 | zig-cp311 / current |")
     print("|---|---|---|---|---|---|")
     rows = [
         ("verify", f"whole-image verify, {2 * args.scale} MiB qcow2 vs raw (s)", 1, 3),
+        ("verify cpu", "  the same, CPU time of all its threads (s)", 1, 3),
         ("reads", f"{args.reads} x 4 KiB mirrored reads from Python (s)", 1, 3),
+        ("reads cpu", "  the same, CPU time (s)", 1, 3),
         ("map", f"bv.map, {MAP_EXTENTS:,} extents (s)", 1, 3),
+        ("map cpu", "  the same, CPU time (s)", 1, 3),
         ("--version", "`blkverify --version` (ms)", 1000, 1),
         ("verify --help", "`blkverify verify --help` (ms)", 1000, 1),
     ]
     for key, label, scale, digits in rows:
+        cell = {
+            n: f"{med[n][key] * scale:.{digits}f} ({min(samples[n][key]) * scale:.{digits}f})"
+            for n in BUILDS
+        }
         cur, abi3, zig = (med[n][key] for n in BUILDS)
         print(
-            f"| {label} | {cur * scale:.{digits}f} | {abi3 * scale:.{digits}f} | "
-            f"{abi3 / cur:.3f} | {zig * scale:.{digits}f} | {zig / cur:.3f} |"
+            f"| {label} | {cell['current']} | {cell['abi3']} | {abi3 / cur:.3f} | "
+            f"{cell['zig-cp311']} | {zig / cur:.3f} |"
         )
     print()
     for name in BUILDS:  # every sample, in ms
