@@ -14,6 +14,7 @@ mod errors;
 mod exercise;
 mod image;
 mod map;
+mod open;
 mod options;
 mod rules;
 mod verify;
@@ -42,7 +43,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<digest::PyBlockDigests>()?;
     m.add_class::<digest::PySpanJoiner>()?;
     m.add_class::<map::PyMapExtent>()?;
-    m.add_function(wrap_pyfunction!(image::open, m)?)?;
+    m.add_function(wrap_pyfunction!(open::open, m)?)?;
     m.add_function(wrap_pyfunction!(device::open_device, m)?)?;
     m.add_function(wrap_pyfunction!(image::probe_format, m)?)?;
     m.add_function(wrap_pyfunction!(create::create, m)?)?;
