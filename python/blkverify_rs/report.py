@@ -7,7 +7,7 @@ import json
 import time
 from typing import IO, TYPE_CHECKING, Any
 
-from blkverify_rs import SECTOR_SIZE
+from blkverify_rs._native import SECTOR_SIZE
 
 if TYPE_CHECKING:
     from blkverify_rs import (
