@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from blkverify_rs import _native
 from blkverify_rs._native import (
+    DEFAULT_BACKING_DEPTH,
     DIGEST_ALGORITHMS,
     DIGESTS_FORMAT,
     MAX_QUEUE_DEPTH,
@@ -36,6 +37,7 @@ from blkverify_rs._native import (
 __version__: str = _native.__version__
 
 __all__ = [
+    "DEFAULT_BACKING_DEPTH",
     "DIGESTS_FORMAT",
     "DIGEST_ALGORITHMS",
     "MAX_QUEUE_DEPTH",
@@ -83,7 +85,7 @@ def open(
     raw: PathLike | None = None,
     test: PathLike | None = None,
     backing: bool = True,
-    max_backing_depth: int = 16,
+    max_backing_depth: int = DEFAULT_BACKING_DEPTH,
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
     force_share: bool = False,
@@ -357,7 +359,7 @@ def verify(
     strict: bool = False,
     snapshot: str | None = None,
     backing: bool = True,
-    max_backing_depth: int = 16,
+    max_backing_depth: int = DEFAULT_BACKING_DEPTH,
     allow_backing_anywhere: bool = False,
     threads: int = 0,
     progress: Callable[[int, int], None] | None = None,
@@ -454,7 +456,7 @@ def digest(
     blocks: PathLike | None = None,
     snapshot: str | None = None,
     backing: bool = True,
-    max_backing_depth: int = 16,
+    max_backing_depth: int = DEFAULT_BACKING_DEPTH,
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -520,7 +522,7 @@ def verify_many(
     *,
     strict: bool = False,
     backing: bool = True,
-    max_backing_depth: int = 16,
+    max_backing_depth: int = DEFAULT_BACKING_DEPTH,
     allow_backing_anywhere: bool = False,
     threads: int = 0,
     progress: Callable[[int, int, int, int], None] | None = None,
@@ -609,7 +611,7 @@ def map(
     *,
     snapshot: str | None = None,
     backing: bool = True,
-    max_backing_depth: int = 16,
+    max_backing_depth: int = DEFAULT_BACKING_DEPTH,
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -655,7 +657,7 @@ def map_html(
     *,
     snapshot: str | None = None,
     backing: bool = True,
-    max_backing_depth: int = 16,
+    max_backing_depth: int = DEFAULT_BACKING_DEPTH,
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
     progress: Callable[[int, int], None] | None = None,

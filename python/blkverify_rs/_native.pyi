@@ -7,6 +7,9 @@ from typing import Any
 
 __version__: str
 SECTOR_SIZE: int
+DEFAULT_BACKING_DEPTH: int
+DIGEST_BLOCK_SIZE: int
+MAX_LOCATED: int
 MAX_QUEUE_DEPTH: int
 DIGESTS_FORMAT: str
 DIGEST_ALGORITHMS: list[str]

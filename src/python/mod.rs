@@ -27,8 +27,7 @@ use pyo3::prelude::*;
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("SECTOR_SIZE", crate::driver::SECTOR_SIZE)?;
-    m.add("MAX_QUEUE_DEPTH", crate::exercise::MAX_QUEUE_DEPTH)?;
+    rules::add_constants(m)?;
     m.add("DIGESTS_FORMAT", verify::DIGESTS)?;
     m.add(
         "DIGEST_ALGORITHMS",

@@ -1,5 +1,6 @@
 //! The core's rules that Python asks about rather than repeating them: the
-//! size grammar, the format registry, and the `blkverify:RAW:TEST` spec syntax.
+//! size grammar, the format registry, the `blkverify:RAW:TEST` spec syntax,
+//! and the limits and defaults (`add_constants`).
 
 use crate::blkverify::{parse_spec as parse, Spec};
 use crate::driver::{Access, Format};
@@ -18,6 +19,20 @@ pub(crate) fn parse_size(text: &str) -> PyResult<u64> {
         SizeError::Invalid(_) => PyValueError::new_err(e.to_string()),
         SizeError::OutOfRange(_) => PyOverflowError::new_err(e.to_string()),
     })
+}
+
+/// The core's limits and defaults, as constants of `_native`, so that Python
+/// reads each number from its one owner instead of spelling it again.
+pub(crate) fn add_constants(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("SECTOR_SIZE", crate::driver::SECTOR_SIZE)?;
+    m.add(
+        "DEFAULT_BACKING_DEPTH",
+        crate::driver::DEFAULT_BACKING_DEPTH,
+    )?;
+    m.add("DIGEST_BLOCK_SIZE", crate::digest::BLOCK_SIZE)?;
+    m.add("MAX_LOCATED", crate::verify::MAX_LOCATED)?;
+    m.add("MAX_QUEUE_DEPTH", crate::exercise::MAX_QUEUE_DEPTH)?;
+    Ok(())
 }
 
 /// The names of the formats blkverify can read (`readable`), create and write

@@ -9,7 +9,7 @@ use crate::driver::{Access, BlockDriver, Location, OpenOptions};
 use crate::error::Error;
 use crate::verify::{
     self as engine, BatchProgress, Mismatch, Progress, Reference, ReferenceKind, Report, Verified,
-    VerifyJob, VerifyOptions,
+    VerifyJob, VerifyOptions, MAX_LOCATED,
 };
 use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
 use pyo3::prelude::*;
@@ -19,9 +19,6 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Where the first mismatches live in each side's metadata (for reports).
-const MAX_LOCATED: usize = 1000;
 
 /// The `raw_format` that names a block digests file as the reference.
 pub(crate) const DIGESTS: &str = "digests";
