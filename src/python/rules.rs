@@ -36,16 +36,34 @@ pub(crate) fn add_constants(m: &Bound<'_, PyModule>) -> PyResult<()> {
 }
 
 /// The names of the formats blkverify can read (`readable`), create and write
-/// (`writable`), or, with neither, every format it knows.
+/// (`writable`), whose every byte QEMU counts as allocated (`qemu_all_allocated`),
+/// or, with none of these, every format it knows.
 #[pyfunction]
-#[pyo3(signature = (*, readable=false, writable=false))]
-pub(crate) fn formats(readable: bool, writable: bool) -> Vec<&'static str> {
+#[pyo3(signature = (*, readable=false, writable=false, qemu_all_allocated=false))]
+pub(crate) fn formats(
+    readable: bool,
+    writable: bool,
+    qemu_all_allocated: bool,
+) -> Vec<&'static str> {
     Format::ALL
         .iter()
         .filter(|f| !readable || f.supports(Access::Read))
         .filter(|f| !writable || f.supports(Access::Write))
+        .filter(|f| !qemu_all_allocated || qemu_counts_all_allocated(**f))
         .map(Format::name)
         .collect()
+}
+
+/// Whether QEMU's driver for `format` reports every byte as allocated (to
+/// qemu-io's `alloc` and `map`), which `io` must answer as qemu-io does. raw
+/// has no allocation metadata; QEMU's vpc and vdi drivers open no backing
+/// file, so they read an unallocated block as zeros and count it allocated.
+/// The match names every format, so a new one must be decided here.
+fn qemu_counts_all_allocated(format: Format) -> bool {
+    match format {
+        Format::Raw | Format::Vpc | Format::Vdi => true,
+        Format::Qcow2 | Format::Vmdk | Format::Vhdx => false,
+    }
 }
 
 /// `(raw, test)` for a `blkverify:RAW:TEST` spec, `None` for anything else
