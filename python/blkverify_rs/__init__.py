@@ -269,25 +269,10 @@ class Report(_Record):
     """What :func:`verify` found. Against a block digests file, ``block_size``
     is set and the mismatches are :class:`BlockMismatch` runs."""
 
-    __slots__ = (
-        "block_size",
-        "bytes_compared",
-        "bytes_read",
-        "elapsed_s",
-        "identical",
-        "mismatches",
-        "range",
-        "raw",
-        "raw_format",
-        "raw_size",
-        "test",
-        "test_format",
-        "test_options",
-        "test_size",
-        "truncated",
-        "virtual_size",
-        "warnings",
-    )  # fmt: skip
+    # The fields, and those --json prints, are the native report's: one list
+    # (ReportFields in src/python/verify.rs) for both sides.
+    __slots__ = _native.REPORT_FIELDS
+    _json = _native.REPORT_JSON_FIELDS
     _defaults: ClassVar[dict[str, Any]] = {
         "warnings": [],
         "mismatches": [],
@@ -304,14 +289,14 @@ class Report(_Record):
     test_size: int
     identical: bool
     bytes_compared: int
-    bytes_read: int
     elapsed_s: float
     truncated: bool
     warnings: list[str]
     mismatches: list[Mismatch] | list[BlockMismatch]
-    block_size: int | None
     range: tuple[int, int] | None
     """``(start, length)`` when the report covers part of the disk only."""
+    block_size: int | None
+    bytes_read: int
     # How verify opened TEST (format, snapshot, backing policy), so that
     # to_html draws the image verify read; not part of to_dict.
     test_options: dict[str, Any]
@@ -327,25 +312,11 @@ class Report(_Record):
 
     def to_dict(self) -> dict[str, Any]:
         """The report as the CLI's ``--json`` prints it."""
-        out = {
-            "raw": self.raw,
-            "test": self.test,
-            "raw_format": self.raw_format,
-            "test_format": self.test_format,
-            "virtual_size": self.virtual_size,
-            "raw_size": self.raw_size,
-            "test_size": self.test_size,
-            "identical": self.identical,
-            "bytes_compared": self.bytes_compared,
-            "elapsed_s": self.elapsed_s,
-            "truncated": self.truncated,
-            "warnings": list(self.warnings),
-            "mismatches": [m.to_dict() for m in self.mismatches],
-        }
+        out = super().to_dict()
+        out["warnings"] = list(self.warnings)
+        out["mismatches"] = [m.to_dict() for m in self.mismatches]
         if self.range is not None:
             out["range"] = {"start": self.range[0], "length": self.range[1]}
-        if self.block_size is not None:
-            out["block_size"] = self.block_size
         return out
 
 

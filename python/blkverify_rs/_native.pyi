@@ -12,6 +12,8 @@ DIGEST_BLOCK_SIZE: int
 MAX_LOCATED: int
 MAX_QUEUE_DEPTH: int
 DIGESTS_FORMAT: str
+REPORT_FIELDS: tuple[str, ...]
+REPORT_JSON_FIELDS: tuple[str, ...]
 DIGEST_ALGORITHMS: list[str]
 
 class Error(Exception): ...

@@ -21,6 +21,7 @@ mod verify;
 
 use errors::{exc, CorruptImageError, FormatError, MismatchError};
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 
 /// The native module.
 #[pymodule]
@@ -29,6 +30,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     rules::add_constants(m)?;
     m.add("DIGESTS_FORMAT", verify::DIGESTS)?;
+    m.add("REPORT_FIELDS", PyTuple::new(py, verify::REPORT_FIELDS)?)?;
+    m.add(
+        "REPORT_JSON_FIELDS",
+        PyTuple::new(py, verify::REPORT_JSON_FIELDS)?,
+    )?;
     m.add(
         "DIGEST_ALGORITHMS",
         crate::digest::Algorithm::ALL.map(|a| a.name()).to_vec(),
