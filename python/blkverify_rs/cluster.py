@@ -155,9 +155,11 @@ def host_slots(workers: Mapping[str, Any]) -> dict[str, int]:
     return slots
 
 
-class _Progress:
+class _ProgressEvents:
     """A running task's progress, sent to the client as a Dask event at most
-    twice a second (the engine calls it ten times a second)."""
+    twice a second (the engine calls it ten times a second). Not a display:
+    the client adds the counts up and draws them with the one progress bar
+    (``report.ProgressBar``), as a local run does."""
 
     def __init__(self, topic: str, key: str) -> None:
         self.topic = topic
@@ -361,7 +363,7 @@ class _Batch:
                 # Hashed on the reference's grid; past its end, zeros expected.
                 options["grid_end"] = self.state[task.pair].sides["raw"]["size"]
                 options["record_errors"] = True
-            progress = _Progress(self.topic, key)
+            progress = _ProgressEvents(self.topic, key)
             args = (
                 tasks.digest_span,
                 pair[task.side],
@@ -372,7 +374,7 @@ class _Batch:
             )
             priority = 0
         else:
-            progress = _Progress(self.topic, key)
+            progress = _ProgressEvents(self.topic, key)
             args = (tasks.verify_range, pair, self.options, task.start, task.length, progress)
             priority = 0
         task.future = self.client.submit(
@@ -748,7 +750,7 @@ def digest(
                     options,
                     first,
                     end,
-                    _Progress(topic, key),
+                    _ProgressEvents(topic, key),
                     host_slots=slots,
                     key=key,
                     pure=False,
