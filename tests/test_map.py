@@ -421,7 +421,7 @@ class Page:
 
     def point(self, guest_offset: int) -> tuple[float, float]:
         """Page coordinates of the middle of the cell holding ``guest_offset``:
-        rows of ``cols`` cells, top to bottom, from offset 0 (the README's rule)."""
+        rows of ``cols`` cells, top to bottom, from offset 0 (docs/map.md's rule)."""
         cell = guest_offset // self.data["cell_size"]
         cols, px = self.data["cols"], self.data["px"]
         return (

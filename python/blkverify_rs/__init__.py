@@ -1,10 +1,13 @@
 """blkverify-rs: prove that a block driver returns the right bytes.
 
-Open raw, qcow2 and vmdk images with :func:`open`, mirror I/O to a test image and a raw
-reference with ``open("blkverify:RAW:TEST")`` (a :class:`Device` that raises
-:class:`MismatchError` at the first corrupt sector), compare whole images with
-:func:`verify`, and list or draw an image's allocation with :func:`map` and
-:func:`map_html`. The heavy work runs in Rust with the GIL released.
+Open images of every format blkverify reads (raw, qcow2, vmdk, vpc, vhdx, vdi:
+:func:`formats` lists them) and NBD exports with :func:`open`, mirror I/O to a
+test image and a raw reference with ``open("blkverify:RAW:TEST")`` (a
+:class:`Device` that raises :class:`MismatchError` at the first corrupt
+sector), compare whole images with :func:`verify` and :func:`verify_many`, hash
+them with :func:`digest`, list or draw an image's allocation with :func:`map`
+and :func:`map_html`, and run a seeded workload with :func:`exercise`. The
+heavy work runs in Rust with the GIL released. docs/python.md is the guide.
 """
 
 from __future__ import annotations
@@ -339,7 +342,7 @@ def verify(
     force_share: bool = False,
 ) -> Report:
     """Compare every guest sector of ``test`` with the reference ``raw``. Either
-    side may be in any format blkverify reads (raw, qcow2, vmdk; probed unless
+    side may be in any format blkverify reads (see :func:`formats`; probed unless
     ``raw_format``/``test_format`` say); the name ``raw`` is historical.
 
     Stops at the first mismatching sector unless ``all`` is true. A read error
@@ -637,7 +640,7 @@ def map_html(
     """Write ``out``: one self-contained HTML page drawing the guest address
     space of the image at ``path``, coloured by mapping kind, with a legend
     (bytes and share per kind), the image's facts and a scale. The image is
-    opened as :func:`map` opens it. See the README for the page's layout."""
+    opened as :func:`map` opens it. docs/map.md describes the page."""
     from blkverify_rs import html_map
 
     html_map.write_image(

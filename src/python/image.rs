@@ -41,7 +41,7 @@ impl PyImage {
         Ok(self.driver()?.size())
     }
 
-    /// The format: "raw", "qcow2", "vmdk".
+    /// The format, as `formats()` names it ("raw", "qcow2", "vmdk", "vpc", ...).
     #[getter]
     fn format(&self) -> PyResult<&'static str> {
         Ok(self.driver()?.format_name())
