@@ -55,6 +55,8 @@ class BugServer:
         self._dir = Path(tempfile.mkdtemp(prefix="bugsrv-"))
         self.socket = Path(socket) if socket is not None else self._dir / "nbd.sock"
         self.log = Path(log) if log is not None else self._dir / "bugs.jsonl"
+        self.stats_path = self._dir / "stats.json"
+        self._final_stats: dict | None = None
         self.stderr_path = self._dir / "nbdkit.stderr"
         self._final_log: str | None = None
         self._final_stderr: str | None = None
@@ -73,6 +75,7 @@ class BugServer:
             str(PLUGIN),
             f"file={self.path}",
             f"log={self.log}",
+            f"stats={self.stats_path}",
             *(f"bug={kind}@{n}" for kind, n in self.bugs),
         ]
         self.argv = argv
@@ -126,6 +129,10 @@ class BugServer:
             text = ""
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
+    def stats(self) -> dict | None:
+        """Requests and bytes served (see plugin.py), known once the server has stopped."""
+        return self._final_stats
+
     def stderr(self) -> str:
         """What nbdkit printed on stderr (kept after ``stop()``)."""
         if self._final_stderr is not None:
@@ -154,6 +161,8 @@ class BugServer:
         if self._final_log is None:
             self._final_log = self.log.read_text() if self.log.exists() else ""
             self._final_stderr = self.stderr()
+            if self.stats_path.exists():
+                self._final_stats = json.loads(self.stats_path.read_text())
             shutil.rmtree(self._dir, ignore_errors=True)
         return self.proc.returncode
 

@@ -5,7 +5,7 @@ wrong the way real drivers go wrong, deterministically, and that says where it w
 wrong.  Run it with nbdkit's Python plugin (tests/bug_server.py does):
 
     nbdkit -f -t 1 -U SOCK python tests/bugserver/plugin.py \
-        file=IMAGE [bug=KIND@N ...] [log=LOG.jsonl]
+        file=IMAGE [bug=KIND@N ...] [log=LOG.jsonl] [stats=STATS.json]
 
 Without ``bug=`` it is a correct server of IMAGE: reads and writes go to the file,
 write-zeroes and trim punch holes (or write zeros where the file system cannot punch),
@@ -59,6 +59,11 @@ it as {"op", "offset", "length", "count"}).  ``first_byte``/``last_byte`` are th
 and last corrupt byte (inclusive; bytes between them may be right), and
 ``first_sector``/``last_sector`` are those divided by 512.  A neighbour-read entry also
 has ``source_offset``, where the returned bytes came from.
+
+Stats (``stats=PATH``): written once, when the server exits, as one JSON object with
+the number of requests served (``reads``, ``writes``, ``zeroes``, ``trims``,
+``flushes``) and the bytes they carried (``bytes_read``, ``bytes_written``,
+``bytes_zeroed``, ``bytes_trimmed``), planted bugs included.
 """
 
 from __future__ import annotations
@@ -79,6 +84,18 @@ KINDS = ("lost-write", "late-write", "neighbour-read")
 
 _path: str | None = None
 _log_path: str | None = None
+_stats_path: str | None = None
+_stats = {
+    "reads": 0,
+    "writes": 0,
+    "zeroes": 0,
+    "trims": 0,
+    "flushes": 0,
+    "bytes_read": 0,
+    "bytes_written": 0,
+    "bytes_zeroed": 0,
+    "bytes_trimmed": 0,
+}
 _fd: int = -1
 _bugs: list = []  # dicts: kind, armed, fired
 _writes = 0  # every NBD_CMD_WRITE
@@ -98,11 +115,13 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 
 
 def config(key, value):
-    global _path, _log_path
+    global _path, _log_path, _stats_path
     if key == "file":
         _path = os.path.abspath(value)
     elif key == "log":
         _log_path = os.path.abspath(value)
+    elif key == "stats":
+        _stats_path = os.path.abspath(value)
     elif key == "bug":
         kind, sep, n = value.partition("@")
         if kind not in KINDS or not sep or not n.isdigit() or int(n) < 1:
@@ -111,7 +130,7 @@ def config(key, value):
             )
         _bugs.append({"kind": kind, "armed": int(n), "fired": False})
     else:
-        raise RuntimeError(f"unknown parameter {key!r} (file=, bug=, log=)")
+        raise RuntimeError(f"unknown parameter {key!r} (file=, bug=, log=, stats=)")
 
 
 def config_complete():
@@ -149,6 +168,9 @@ def cleanup():
         _held = None
     if _fd >= 0:
         os.close(_fd)
+    if _stats_path is not None:
+        with builtins.open(_stats_path, "w") as f:
+            f.write(json.dumps(_stats) + "\n")
 
 
 # ------------------------------------------------------------------------------------
@@ -349,6 +371,8 @@ def pread(h, buf, offset, flags):
     global _reads
     _reads += 1
     length = len(buf)
+    _stats["reads"] += 1
+    _stats["bytes_read"] += length
     data = _pread(offset, length)
     bug = _armed("neighbour-read", _reads)
     if bug is not None:
@@ -378,6 +402,8 @@ def pwrite(h, buf, offset, flags):
     data = bytes(buf)
     length = len(data)
     _writes += 1
+    _stats["writes"] += 1
+    _stats["bytes_written"] += length
     crossing = _crosses(offset, length)
     if crossing:
         _crossing_writes += 1
@@ -418,14 +444,19 @@ def pwrite(h, buf, offset, flags):
 
 
 def zero(h, count, offset, flags):
+    _stats["zeroes"] += 1
+    _stats["bytes_zeroed"] += count
     _zero(offset, count)
     _touch(offset, count)
 
 
 def trim(h, count, offset, flags):
+    _stats["trims"] += 1
+    _stats["bytes_trimmed"] += count
     _zero(offset, count)
     _touch(offset, count)
 
 
 def flush(h, flags):
+    _stats["flushes"] += 1
     os.fdatasync(_fd)
