@@ -10,7 +10,8 @@ tests/bugserver/plugin.py.  The server is ``nbdkit -f --exit-with-parent -t 1 -U
 connection, so each connection's requests are applied in the order they arrived, and
 every request of the plugin is serialised, so counts are deterministic.  It is stopped
 by its PID (SIGTERM, then SIGKILL) in ``stop()``, which ``__exit__`` calls whether or not
-the block raised; ``--exit-with-parent`` also ends it if the test process dies.
+the block raised (the ``bug_server`` fixture of conftest.py stops every server it started
+at teardown); ``--exit-with-parent`` also ends it if the thread that started it dies.
 """
 
 from __future__ import annotations

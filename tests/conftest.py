@@ -898,3 +898,23 @@ def guest_boot():
     from guest import build_guest
 
     return build_guest(Path(__file__).resolve().parent.parent / "target" / "guest")
+
+
+@pytest.fixture
+def bug_server():
+    """Start planted-bug NBD servers (tests/bug_server.py); each is stopped by PID at teardown.
+
+    Usage: ``server = bug_server(image, bugs=[("lost-write", 3)])``.
+    """
+    from bug_server import BugServer
+
+    started: list = []
+
+    def start(path, bugs=(), **kwargs):
+        server = BugServer(path, bugs=bugs, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

@@ -339,11 +339,13 @@ def test_neighbour_read_returns_the_next_cluster(base: Path, tmp_path: Path) -> 
     assert compare_mismatch(base, disk) == 64 * KiB  # the file itself: only the 0x77 writes
 
 
-def test_neighbour_read_at_the_end_reads_the_cluster_before(base: Path, tmp_path: Path) -> None:
+def test_neighbour_read_at_the_end_reads_the_cluster_before(
+    base: Path, tmp_path: Path, bug_server
+) -> None:
     disk = fresh(base, tmp_path, "disk.raw")
-    with BugServer(disk, bugs=[("neighbour-read", 1)]) as server:
-        got = read_via(server.uri, SIZE - 4 * KiB, 4 * KiB)
-    [entry] = server.fired()
+    server = bug_server(disk, bugs=[("neighbour-read", 1)])  # the fixture stops it
+    got = read_via(server.uri, SIZE - 4 * KiB, 4 * KiB)
+    [entry] = server.fired()  # logged as it fires, while the server runs
     assert entry["source_offset"] == SIZE - CLUSTER - 4 * KiB
     assert got == disk.read_bytes()[SIZE - CLUSTER - 4 * KiB : SIZE - CLUSTER]
 
