@@ -21,8 +21,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Bytes per sector, as blkverify and qemu-io count them.
-pub const SECTOR_SIZE: u64 = 512;
+/// Bytes per sector (defined at the bottom, in [`crate::size`]; re-exported
+/// here, where drivers and their callers look for it).
+pub use crate::size::SECTOR_SIZE;
 
 /// What backs one guest range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
