@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod blkverify;
+pub(crate) mod bytes;
 pub mod compare;
 pub mod digest;
 pub mod driver;

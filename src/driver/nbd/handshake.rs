@@ -8,6 +8,7 @@ use super::wire::{
     OPT_REPLY_MAGIC, OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_BIT, REP_INFO,
     REP_META_CONTEXT,
 };
+use crate::bytes::BeBytes;
 use std::io::{Read, Write};
 
 /// The metadata context that says which ranges are holes and which read as zeros.
@@ -110,7 +111,7 @@ pub(super) fn negotiate(s: &mut Stream, export: &str) -> Result<Negotiated, Wire
                 "unexpected reply type {reply} to NBD_OPT_GO"
             )));
         }
-        let info = crate::driver::qcow2::header::BeBytes(&data);
+        let info = BeBytes(&data);
         match info.u16(0) {
             Some(INFO_EXPORT) => {
                 size = info.u64(2);
@@ -162,7 +163,7 @@ fn set_meta_context(s: &mut Stream, export: &str) -> Result<Option<u32>, Wire> {
         match reply {
             REP_ACK => return Ok(context),
             REP_META_CONTEXT => {
-                let info = crate::driver::qcow2::header::BeBytes(&data);
+                let info = BeBytes(&data);
                 let id = info.u32(0).ok_or_else(|| {
                     Wire::Protocol("short NBD_REP_META_CONTEXT reply".to_string())
                 })?;

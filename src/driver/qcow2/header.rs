@@ -1,6 +1,7 @@
 //! The qcow2 header and its extensions: parsing and every check we make before
 //! trusting a field. Layout from the qcow2 specification (docs/interop/qcow2.txt).
 
+use crate::bytes::BeBytes;
 use crate::error::{Error, Result};
 use std::path::Path;
 
@@ -272,31 +273,6 @@ impl Header {
     pub fn l1_entries_needed(&self, size: u64) -> u64 {
         let bytes_per_l2 = self.l2_entries() << self.cluster_bits;
         size.div_ceil(bytes_per_l2)
-    }
-}
-
-/// Big-endian field access that cannot panic: a field past the end of the
-/// buffer reads as `None`.
-pub(crate) struct BeBytes<'a>(pub &'a [u8]);
-
-impl BeBytes<'_> {
-    pub(crate) fn u8(&self, at: usize) -> Option<u8> {
-        self.0.get(at).copied()
-    }
-    pub(crate) fn u16(&self, at: usize) -> Option<u16> {
-        Some(u16::from_be_bytes(
-            self.0.get(at..at.checked_add(2)?)?.try_into().ok()?,
-        ))
-    }
-    pub(crate) fn u32(&self, at: usize) -> Option<u32> {
-        Some(u32::from_be_bytes(
-            self.0.get(at..at.checked_add(4)?)?.try_into().ok()?,
-        ))
-    }
-    pub(crate) fn u64(&self, at: usize) -> Option<u64> {
-        Some(u64::from_be_bytes(
-            self.0.get(at..at.checked_add(8)?)?.try_into().ok()?,
-        ))
     }
 }
 

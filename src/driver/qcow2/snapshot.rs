@@ -1,6 +1,6 @@
 //! The internal snapshot table: enough of it to read a snapshot's disk.
 
-use super::header::BeBytes;
+use crate::bytes::BeBytes;
 use crate::error::{Error, Result};
 use std::path::Path;
 
