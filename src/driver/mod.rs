@@ -5,6 +5,7 @@
 //! (`read_at`) and "what kind of storage backs it?" (`map`). The second lets the
 //! verifier skip ranges that read as zeros on both sides without reading them.
 
+pub(crate) mod cache;
 pub mod gate;
 mod locks;
 pub mod nbd;

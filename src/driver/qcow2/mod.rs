@@ -2,7 +2,6 @@
 //! compressed clusters, zero clusters, backing chains, external data files and
 //! internal snapshots.
 
-pub(crate) mod cache;
 mod compressed;
 pub mod create;
 pub mod header;
@@ -11,13 +10,13 @@ pub mod refcount;
 pub mod snapshot;
 mod write;
 
+use super::cache::{L2Cache, L2Table};
 use super::{
     check_range, gate, locate_in_backing, BlockDriver, Extent, Location, Mapping, OpenOptions,
     TableIndex,
 };
 use crate::error::{Error, Result};
 use crate::storage::{FileStorage, Storage, View};
-use cache::{L2Cache, L2Table};
 use header::{CompressionType, Header};
 use l2::Cluster;
 use snapshot::Snapshot;

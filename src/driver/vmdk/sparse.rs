@@ -12,7 +12,7 @@
 
 use super::header::{self, Header, SECTOR};
 use super::stream::{self, GRAIN_MARKER_BYTES};
-use crate::driver::qcow2::cache::{L2Cache, L2Table};
+use crate::driver::cache::{L2Cache, L2Table};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 use std::cell::RefCell;

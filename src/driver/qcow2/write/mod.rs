@@ -28,10 +28,10 @@ mod zero;
 #[cfg(test)]
 mod tests;
 
-use super::cache::L2Table;
 use super::l2::{self, COMPRESSED, COPIED, OFFSET_MASK};
 use super::refcount::Refcounts;
 use super::{header, Qcow2};
+use crate::driver::cache::L2Table;
 use crate::error::{Error, Result};
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -189,7 +189,7 @@ impl Qcow2 {
     /// between flushes. Only right after a writable open.
     #[cfg(test)]
     pub(super) fn set_cache_limits(&mut self, l2_tables: usize, refblocks: usize) {
-        self.cache = super::cache::L2Cache::new(l2_tables);
+        self.cache = crate::driver::cache::L2Cache::new(l2_tables);
         if let Some(m) = &self.writer {
             let mut ws = m.lock().unwrap_or_else(PoisonError::into_inner);
             ws.rc.set_capacity(refblocks);
