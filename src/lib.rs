@@ -7,6 +7,7 @@
 //! feature.
 #![warn(missing_docs)]
 
+pub mod batch;
 pub mod blkverify;
 pub(crate) mod bytes;
 pub mod compare;
@@ -17,6 +18,8 @@ pub mod exercise;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod map;
+pub mod pool;
+pub mod report;
 pub mod size;
 pub mod storage;
 pub mod verify;
@@ -27,4 +30,5 @@ mod python;
 pub use blkverify::{open_spec, Blkverify, Opened};
 pub use driver::{open, BlockDriver, Extent, Format, Location, Mapping, OpenOptions};
 pub use error::{Error, Result};
-pub use verify::{verify, Mismatch, Report, VerifyOptions};
+pub use report::{Mismatch, Report, VerifyOptions};
+pub use verify::verify;

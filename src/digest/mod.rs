@@ -31,8 +31,7 @@ pub use span::{check_spans, digest_span, join, BlockSpan, Joiner, Spans};
 
 use crate::driver::BlockDriver;
 use crate::error::{Error, Result};
-use crate::verify::pool::{run_workers, worker_count};
-use crate::verify::Progress;
+use crate::pool::{run_workers, worker_count, Progress};
 use scan::{Grid, OnError, Padded, Scanner};
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -3,8 +3,8 @@
 use super::*;
 use crate::driver::raw::Raw;
 use crate::driver::{Extent, Mapping};
+use crate::report::{Report, VerifyOptions};
 use crate::storage::{FileStorage, MemStorage};
-use crate::verify::{Report, VerifyOptions};
 use std::path::PathBuf;
 use std::sync::Arc;
 

@@ -560,6 +560,13 @@ pub(crate) fn open_in_chain(
     }
 }
 
+/// The first eight bytes of a block digests file: the file format of the
+/// digest engine (a layer above this one), whose magic is defined here so that
+/// the probe can refuse such a file by name, rather than read it as a raw
+/// image, without knowing that layer. The digest engine's file module
+/// re-exports it as its `MAGIC`.
+pub const BLOCK_DIGESTS_MAGIC: [u8; 8] = *b"BVDIGEST";
+
 /// Pick a driver by the file's first bytes. Formats we know but cannot read are
 /// refused rather than compared as raw bytes, which would be a silent wrong
 /// answer.
@@ -606,7 +613,7 @@ pub fn detect(storage: &dyn Storage) -> Result<Format> {
             _ => Ok(Format::Qcow2),
         };
     }
-    if crate::digest::has_magic(head) {
+    if head.starts_with(&BLOCK_DIGESTS_MAGIC) {
         return Err(Error::format(
             path,
             "file is a block digests file, not an image: it can only be the reference of verify (give -f raw to read its bytes as they are)",

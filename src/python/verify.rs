@@ -5,12 +5,10 @@ use super::detached::run_with_progress;
 use super::errors::to_pyerr;
 use super::image::location_dict;
 use super::options::{format_for, open_options, verify_options, Kwargs};
+use crate::batch::{self, BatchProgress, Reference, ReferenceKind, Verified, VerifyJob};
 use crate::driver::{Access, BlockDriver, Location, OpenOptions};
 use crate::error::Error;
-use crate::verify::{
-    self as engine, BatchProgress, Mismatch, Progress, Reference, ReferenceKind, Report, Verified,
-    VerifyJob, VerifyOptions,
-};
+use crate::verify::{self as engine, Mismatch, Progress, Report, VerifyOptions};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyMapping};
@@ -538,7 +536,7 @@ pub(crate) fn verify<'py>(
         py,
         progress,
         |p: Progress| (p.done, p.total),
-        |tick| engine::verify_pair(&job, tick),
+        |tick| batch::verify_pair(&job, tick),
     )?;
     report_dict(py, &job, &verified)
 }
@@ -573,7 +571,7 @@ pub(crate) fn verify_many<'py>(
         py,
         progress,
         |p: BatchProgress| (p.done, p.total, p.pairs_done, p.pairs_total),
-        |tick| Ok(engine::verify_many(&jobs, options.threads, tick)),
+        |tick| Ok(batch::verify_many(&jobs, options.threads, tick)),
     )?;
     let list = PyList::empty(py);
     for (job, result) in jobs.iter().zip(results) {

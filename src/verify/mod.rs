@@ -6,21 +6,16 @@
 //! fixed halves, so reads stay near-sequential (good for readahead) and a worker
 //! can stop as soon as an earlier mismatch makes its chunk irrelevant.
 
-mod batch;
 mod merge;
-pub(crate) mod pool;
-mod report;
 
-pub use batch::{
-    open_pair, verify_many, verify_pair, BatchProgress, Reference, ReferenceKind, Verified,
-    VerifyJob,
-};
+pub use crate::pool::Progress;
+pub use crate::report::{requested_range, Mismatch, Report, VerifyOptions};
 pub use merge::merge_ranges;
-pub use report::{Mismatch, Progress, Report, VerifyOptions};
 
 use crate::compare::{first_difference, first_nonzero};
 use crate::driver::{zero_status, BlockDriver, SECTOR_SIZE};
 use crate::error::{Error, Result};
+use crate::pool;
 use crate::storage::View;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -65,46 +60,6 @@ const MIN_RANGE_VIEW: usize = 256 << 10;
 /// How far one look for a run of zeros on both sides goes; bounds the time a
 /// worker spends before it checks for cancellation again.
 const ZERO_LOOKAHEAD: u64 = 64 << 30;
-
-/// The guest range `options` asks for on a disk of `total` bytes. It starts on
-/// a sector and ends on one, or where the disk does (whose size need not be a
-/// multiple of 512), so every run a range finds is one a whole-disk verify
-/// finds too.
-pub fn requested_range(options: &VerifyOptions, total: u64) -> Result<Range<u64>> {
-    aligned_range(options, total, SECTOR_SIZE)
-}
-
-/// [`requested_range`] on a grid of `align` bytes (a block digests file's
-/// blocks: a range of whole blocks).
-pub(crate) fn aligned_range(options: &VerifyOptions, total: u64, align: u64) -> Result<Range<u64>> {
-    let align = align.max(1);
-    let start = options.start;
-    let end = match options.length {
-        Some(length) => start.checked_add(length).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "the range at {start:#x} of {length} bytes ends past 2^64"
-            ))
-        })?,
-        None => total.max(start),
-    };
-    if start % align != 0 {
-        return Err(Error::InvalidArgument(format!(
-            "the range's start ({start:#x}) is not a multiple of {align} bytes"
-        )));
-    }
-    if end > total {
-        return Err(Error::InvalidArgument(format!(
-            "the range {start:#x}..{end:#x} ends past the end of the disk ({total} bytes)"
-        )));
-    }
-    if end % align != 0 && end != total {
-        return Err(Error::InvalidArgument(format!(
-            "the range's length ({}) is not a multiple of {align} bytes, and the range does not end where the disk does",
-            end - start
-        )));
-    }
-    Ok(start..end)
-}
 
 /// One side's bytes over a whole chunk, mapped on first use.
 struct ChunkView {
