@@ -11,6 +11,7 @@ mod locks;
 pub mod nbd;
 pub mod qcow2;
 pub mod raw;
+pub(crate) mod read;
 pub mod vdi;
 pub mod vhdx;
 pub mod vmdk;
@@ -239,36 +240,6 @@ pub fn check_range(path: &Path, size: u64, offset: u64, len: u64) -> Result<()> 
             "{}: request at offset {offset} of {len} bytes lies past the end of the image ({size} bytes)",
             path.display()
         ))),
-    }
-}
-
-/// A zero-copy view of the `len` guest bytes of `image` at `offset`, for a
-/// driver whose data extents live in `data`: when one extent covers the whole
-/// range and it is mapped data (a window of `data`), or unallocated with a
-/// backing file long enough to give its own view. `None` otherwise: the caller
-/// reads the range with `read_at`.
-pub(crate) fn view_through_map(
-    image: &dyn BlockDriver,
-    data: &dyn Storage,
-    backing: Option<&Arc<dyn BlockDriver>>,
-    offset: u64,
-    len: usize,
-) -> Result<Option<View>> {
-    check_range(image.path(), image.size(), offset, len as u64)?;
-    let extent = image.map(offset, len as u64)?;
-    if extent.length < len as u64 {
-        return Ok(None);
-    }
-    match extent.mapping {
-        // Past the end of `data` the store refuses to map; read_at handles it.
-        Mapping::Data { host_offset } => Ok(data.view(host_offset, len)),
-        Mapping::Unallocated => match backing {
-            Some(backing) if offset + len as u64 <= backing.size() => {
-                backing.read_view(offset, len)
-            }
-            _ => Ok(None),
-        },
-        Mapping::Zero { .. } | Mapping::Compressed { .. } => Ok(None),
     }
 }
 

@@ -11,6 +11,7 @@ pub mod snapshot;
 mod write;
 
 use super::cache::{L2Cache, L2Table};
+use super::read::{read_backing, read_mapped, view_through_map};
 use super::{
     check_range, gate, locate_in_backing, BlockDriver, Extent, Location, Mapping, OpenOptions,
     TableIndex,
@@ -428,22 +429,6 @@ impl Qcow2 {
         tail.fill(0);
         Ok(())
     }
-
-    fn read_backing(&self, buf: &mut [u8], guest_offset: u64) -> Result<()> {
-        match &self.backing {
-            Some(backing) if guest_offset < backing.size() => {
-                let n = (backing.size() - guest_offset).min(buf.len() as u64);
-                let (head, tail) = buf.split_at_mut(usize::try_from(n).unwrap_or(0));
-                backing.read_at(head, guest_offset)?;
-                tail.fill(0);
-                Ok(())
-            }
-            _ => {
-                buf.fill(0);
-                Ok(())
-            }
-        }
-    }
 }
 
 fn read_l1(file: &dyn Storage, offset: u64, entries: u32) -> Result<Vec<u64>> {
@@ -524,32 +509,22 @@ impl BlockDriver for Qcow2 {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.path(), self.size, offset, buf.len() as u64)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let guest = offset + done as u64;
-            let extent = self.map(guest, (buf.len() - done) as u64)?;
-            let len = usize::try_from(extent.length)
-                .unwrap_or(0)
-                .min(buf.len() - done);
-            let piece = buf
-                .get_mut(done..done + len)
-                .ok_or_else(|| Error::InvalidArgument("extent outside request".into()))?;
-            match extent.mapping {
-                Mapping::Data { host_offset } => self.read_data(piece, host_offset)?,
-                Mapping::Zero { .. } => piece.fill(0),
-                Mapping::Unallocated => self.read_backing(piece, guest)?,
-                Mapping::Compressed {
-                    host_offset,
-                    compressed_size,
-                } => self.read_compressed(piece, guest, host_offset, compressed_size)?,
+        read_mapped(self, buf, offset, |piece, guest, mapping| match mapping {
+            Mapping::Data { host_offset } => self.read_data(piece, host_offset),
+            Mapping::Zero { .. } => {
+                piece.fill(0);
+                Ok(())
             }
-            done += len.max(1);
-        }
-        Ok(())
+            Mapping::Unallocated => read_backing(self.backing(), piece, guest),
+            Mapping::Compressed {
+                host_offset,
+                compressed_size,
+            } => self.read_compressed(piece, guest, host_offset, compressed_size),
+        })
     }
 
     fn read_view(&self, offset: u64, len: usize) -> Result<Option<View>> {
-        super::view_through_map(self, self.data.as_ref(), self.backing.as_ref(), offset, len)
+        view_through_map(self, self.data.as_ref(), self.backing.as_ref(), offset, len)
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {

@@ -12,6 +12,7 @@
 
 pub mod header;
 
+use super::read::{read_mapped, view_through_map};
 use super::{check_range, BlockDriver, Extent, Location, Mapping, TableIndex};
 use crate::error::{Error, Result};
 use crate::storage::{Storage, View};
@@ -161,27 +162,19 @@ impl BlockDriver for Vdi {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.path(), self.size(), offset, buf.len() as u64)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let extent = self.map(offset + done as u64, (buf.len() - done) as u64)?;
-            let len = usize::try_from(extent.length)
-                .unwrap_or(0)
-                .min(buf.len() - done)
-                .max(1);
-            let piece = buf
-                .get_mut(done..done + len)
-                .ok_or_else(|| Error::InvalidArgument("extent outside request".into()))?;
-            match extent.mapping {
-                Mapping::Data { host_offset } => self.file.read_exact_at(piece, host_offset)?,
-                _ => piece.fill(0),
+        read_mapped(self, buf, offset, |piece, _, mapping| match mapping {
+            Mapping::Data { host_offset } => self.file.read_exact_at(piece, host_offset),
+            // No backing files: unallocated blocks read as zeros, as do
+            // blocks the map marks zero.
+            _ => {
+                piece.fill(0);
+                Ok(())
             }
-            done += len;
-        }
-        Ok(())
+        })
     }
 
     fn read_view(&self, offset: u64, len: usize) -> Result<Option<View>> {
-        super::view_through_map(self, self.file.as_ref(), None, offset, len)
+        view_through_map(self, self.file.as_ref(), None, offset, len)
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {

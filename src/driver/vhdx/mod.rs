@@ -16,6 +16,7 @@ pub mod header;
 pub mod log;
 pub mod metadata;
 
+use super::read::{read_backing, read_mapped, view_through_map};
 use super::{
     check_range, gate, locate_in_backing, BlockDriver, Extent, Location, Mapping, OpenOptions,
     TableIndex,
@@ -335,22 +336,6 @@ impl Vhdx {
             mapping,
         })
     }
-
-    fn read_backing(&self, buf: &mut [u8], guest_offset: u64) -> Result<()> {
-        match &self.backing {
-            Some(backing) if guest_offset < backing.size() => {
-                let n = (backing.size() - guest_offset).min(buf.len() as u64);
-                let (head, tail) = buf.split_at_mut(usize::try_from(n).unwrap_or(0));
-                backing.read_at(head, guest_offset)?;
-                tail.fill(0);
-                Ok(())
-            }
-            _ => {
-                buf.fill(0);
-                Ok(())
-            }
-        }
-    }
 }
 
 /// Read the BAT entries the disk needs (the region may hold more).
@@ -461,34 +446,24 @@ impl BlockDriver for Vhdx {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.path(), self.size(), offset, buf.len() as u64)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let guest = offset + done as u64;
-            let extent = self.map(guest, (buf.len() - done) as u64)?;
-            let len = usize::try_from(extent.length)
-                .unwrap_or(0)
-                .min(buf.len() - done)
-                .max(1);
-            let piece = buf
-                .get_mut(done..done + len)
-                .ok_or_else(|| Error::InvalidArgument("extent outside request".into()))?;
-            match extent.mapping {
-                Mapping::Data { host_offset } => self.file.read_exact_at(piece, host_offset)?,
-                Mapping::Zero { .. } => piece.fill(0),
-                Mapping::Unallocated => self.read_backing(piece, guest)?,
-                Mapping::Compressed { .. } => {
-                    return Err(Error::InvalidArgument(
-                        "vhdx has no compressed blocks".into(),
-                    ))
-                }
+        read_mapped(self, buf, offset, |piece, guest, mapping| {
+            match mapping {
+            Mapping::Data { host_offset } => self.file.read_exact_at(piece, host_offset),
+            Mapping::Zero { .. } => {
+                piece.fill(0);
+                Ok(())
             }
-            done += len;
+            Mapping::Unallocated => read_backing(self.backing(), piece, guest),
+            Mapping::Compressed { .. } => Err(Error::Internal(format!(
+                "{}: the vhdx map gave a compressed extent at guest offset {guest:#x}; vhdx has no compressed blocks",
+                self.path().display()
+            ))),
         }
-        Ok(())
+        })
     }
 
     fn read_view(&self, offset: u64, len: usize) -> Result<Option<View>> {
-        super::view_through_map(self, self.file.as_ref(), self.backing.as_ref(), offset, len)
+        view_through_map(self, self.file.as_ref(), self.backing.as_ref(), offset, len)
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {

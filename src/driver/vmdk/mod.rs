@@ -19,7 +19,11 @@ pub mod header;
 pub mod sparse;
 pub mod stream;
 
-use super::{check_range, gate, BlockDriver, Extent, Location, Mapping, OpenOptions, TableIndex};
+use super::read::{read_backing, read_through_map};
+use super::{
+    check_range, gate, locate_in_backing, BlockDriver, Extent, Location, Mapping, OpenOptions,
+    TableIndex,
+};
 use crate::error::{Error, Result};
 use crate::storage::{Storage, View};
 use descriptor::{CreateType, Descriptor, ExtentKind, NO_PARENT};
@@ -163,10 +167,7 @@ impl Vmdk {
     /// (never past its extent).
     fn piece(&self, offset: u64, max_len: u64) -> Result<Piece> {
         let index = self.slot_of(offset)?;
-        let slot = self
-            .slots
-            .get(index)
-            .ok_or_else(|| Error::InvalidArgument("extent index out of range".into()))?;
+        let slot = self.slot(index)?;
         let in_extent = offset - slot.start;
         let max_len = max_len.max(1).min(slot.len - in_extent);
         match &slot.data {
@@ -192,20 +193,15 @@ impl Vmdk {
         }
     }
 
-    fn read_backing(&self, buf: &mut [u8], guest_offset: u64) -> Result<()> {
-        match &self.backing {
-            Some(backing) if guest_offset < backing.size() => {
-                let n = (backing.size() - guest_offset).min(buf.len() as u64);
-                let (head, tail) = buf.split_at_mut(usize::try_from(n).unwrap_or(0));
-                backing.read_at(head, guest_offset)?;
-                tail.fill(0);
-                Ok(())
-            }
-            _ => {
-                buf.fill(0);
-                Ok(())
-            }
-        }
+    /// Extent `index` of the descriptor (an index `slot_of` gave).
+    fn slot(&self, index: usize) -> Result<&Slot> {
+        self.slots.get(index).ok_or_else(|| {
+            Error::Internal(format!(
+                "{}: extent index {index} out of range ({} extents)",
+                self.path.display(),
+                self.slots.len()
+            ))
+        })
     }
 }
 
@@ -480,34 +476,28 @@ impl BlockDriver for Vmdk {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(&self.path, self.size, offset, buf.len() as u64)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let guest = offset + done as u64;
-            let piece = self.piece(guest, (buf.len() - done) as u64)?;
-            let len = usize::try_from(piece.length)
-                .unwrap_or(0)
-                .clamp(1, buf.len() - done);
-            let out = buf
-                .get_mut(done..done + len)
-                .ok_or_else(|| Error::InvalidArgument("piece outside request".into()))?;
-            let slot = self
-                .slots
-                .get(piece.slot)
-                .ok_or_else(|| Error::InvalidArgument("extent index out of range".into()))?;
+        let lookup = |guest: u64, max_len: u64| {
+            let piece = self.piece(guest, max_len)?;
+            Ok((piece.length, piece))
+        };
+        read_through_map(&self.path, buf, offset, lookup, |out, guest, piece| {
+            let slot = self.slot(piece.slot)?;
             match (piece.grain, &slot.data) {
-                (Grain::Data { host_offset }, _) => slot.file().read_exact_at(out, host_offset)?,
-                (Grain::Zero, _) => out.fill(0),
-                (Grain::Unallocated, _) => self.read_backing(out, guest)?,
+                (Grain::Data { host_offset }, _) => slot.file().read_exact_at(out, host_offset),
+                (Grain::Zero, _) => {
+                    out.fill(0);
+                    Ok(())
+                }
+                (Grain::Unallocated, _) => read_backing(self.backing(), out, guest),
                 (Grain::Compressed { host_offset }, Data::Sparse(sparse)) => {
-                    sparse.read_compressed(out, guest - slot.start, host_offset)?
+                    sparse.read_compressed(out, guest - slot.start, host_offset)
                 }
-                (Grain::Compressed { .. }, Data::Flat { .. }) => {
-                    return Err(Error::InvalidArgument("compressed flat extent".into()))
-                }
+                (Grain::Compressed { .. }, Data::Flat { .. }) => Err(Error::Internal(format!(
+                    "{}: a flat extent's map gave a compressed grain at guest offset {guest:#x}",
+                    self.path.display()
+                ))),
             }
-            done += len;
-        }
-        Ok(())
+        })
     }
 
     fn read_view(&self, offset: u64, len: usize) -> Result<Option<View>> {
@@ -622,21 +612,7 @@ impl BlockDriver for Vmdk {
                 location.host_offset = Some(host_offset)
             }
             Grain::Zero => {}
-            Grain::Unallocated => {
-                if let Some(backing) = self.backing.as_deref().filter(|b| offset < b.size()) {
-                    location.kind = "backing";
-                    location.backing_depth = 1;
-                    location.file = backing.path().to_path_buf();
-                    match backing.locate(offset)? {
-                        Some(inner) => {
-                            location.host_offset = inner.host_offset;
-                            location.file = inner.file;
-                            location.backing_depth = inner.backing_depth + 1;
-                        }
-                        None => location.host_offset = Some(offset),
-                    }
-                }
-            }
+            Grain::Unallocated => locate_in_backing(&mut location, self.backing(), offset)?,
         }
         Ok(Some(location))
     }

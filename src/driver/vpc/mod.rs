@@ -17,9 +17,8 @@ pub mod dynamic;
 pub mod footer;
 pub mod parent;
 
-use super::{
-    check_range, gate, raw, BlockDriver, Extent, Location, Mapping, OpenOptions, TableIndex,
-};
+use super::read::{map_flat, read_backing, read_mapped, view_through_map};
+use super::{check_range, gate, BlockDriver, Extent, Location, Mapping, OpenOptions, TableIndex};
 use crate::error::{Error, Result};
 use crate::storage::{Storage, View};
 use dynamic::{DynamicHeader, UNALLOCATED};
@@ -252,22 +251,6 @@ impl Vpc {
     /// The disk's footer.
     pub fn footer(&self) -> &Footer {
         &self.footer
-    }
-
-    fn read_backing(&self, buf: &mut [u8], guest_offset: u64) -> Result<()> {
-        match &self.backing {
-            Some(backing) if guest_offset < backing.size() => {
-                let n = (backing.size() - guest_offset).min(buf.len() as u64);
-                let (head, tail) = buf.split_at_mut(usize::try_from(n).unwrap_or(0));
-                backing.read_at(head, guest_offset)?;
-                tail.fill(0);
-                Ok(())
-            }
-            _ => {
-                buf.fill(0);
-                Ok(())
-            }
-        }
     }
 }
 
@@ -563,35 +546,30 @@ impl BlockDriver for Vpc {
         if self.sparse.is_none() {
             return self.file.read_exact_at(buf, offset);
         }
-        let mut done = 0usize;
-        while done < buf.len() {
-            let guest = offset + done as u64;
-            let extent = self.map(guest, (buf.len() - done) as u64)?;
-            let len = usize::try_from(extent.length)
-                .unwrap_or(0)
-                .min(buf.len() - done)
-                .max(1);
-            let piece = buf
-                .get_mut(done..done + len)
-                .ok_or_else(|| Error::InvalidArgument("extent outside request".into()))?;
-            match extent.mapping {
-                Mapping::Data { host_offset } => self.file.read_exact_at(piece, host_offset)?,
-                Mapping::Unallocated => self.read_backing(piece, guest)?,
-                Mapping::Zero { .. } | Mapping::Compressed { .. } => piece.fill(0),
+        read_mapped(self, buf, offset, |piece, guest, mapping| {
+            match mapping {
+            Mapping::Data { host_offset } => self.file.read_exact_at(piece, host_offset),
+            Mapping::Unallocated => read_backing(self.backing(), piece, guest),
+            Mapping::Zero { .. } => {
+                piece.fill(0);
+                Ok(())
             }
-            done += len;
+            Mapping::Compressed { .. } => Err(Error::Internal(format!(
+                "{}: the vpc map gave a compressed extent at guest offset {guest:#x}; VHD has no compressed blocks",
+                self.path().display()
+            ))),
         }
-        Ok(())
+        })
     }
 
     fn read_view(&self, offset: u64, len: usize) -> Result<Option<View>> {
-        super::view_through_map(self, self.file.as_ref(), self.backing.as_ref(), offset, len)
+        view_through_map(self, self.file.as_ref(), self.backing.as_ref(), offset, len)
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
         check_range(self.path(), self.size, offset, max_len.min(1))?;
         match &self.sparse {
-            None => raw::map_flat(self.file.as_ref(), self.size, offset, max_len),
+            None => map_flat(self.file.as_ref(), self.size, offset, max_len),
             Some(sparse) => {
                 let limit = offset.saturating_add(max_len.max(1)).min(self.size);
                 sparse.map(self.file.as_ref(), offset, limit)
