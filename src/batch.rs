@@ -17,6 +17,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+/// The name a block digests file goes by where a format name is expected
+/// (`-f digests` for verify's reference, a report's `raw_format`).
+pub const DIGESTS_FORMAT: &str = "digests";
+
 /// What the reference of a pair is taken to be.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ReferenceKind {
@@ -51,7 +55,7 @@ impl Reference {
     pub fn format_name(&self) -> &'static str {
         match self {
             Reference::Image(driver) => driver.format_name(),
-            Reference::Digests(_) => "digests",
+            Reference::Digests(_) => DIGESTS_FORMAT,
         }
     }
 }

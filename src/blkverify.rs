@@ -279,6 +279,14 @@ fn settle(
 }
 
 impl BlockDriver for Blkverify {
+    /// The device serves the test image's guest bytes, read through the test
+    /// side's driver: its format is the test image's.
+    fn format(&self) -> Format {
+        self.test.format()
+    }
+
+    /// The device is a filter over two images, not a format of a file: it
+    /// names itself, as QEMU's blkverify driver does.
     fn format_name(&self) -> &'static str {
         "blkverify"
     }

@@ -8,6 +8,10 @@ use crate::size::SECTOR_SIZE;
 use std::ops::Range;
 use std::time::Duration;
 
+/// The most mismatching runs a report locates in each side's metadata (where
+/// the bytes live, for the reader of a report): the first ones, in guest order.
+pub const MAX_LOCATED: usize = 1000;
+
 /// How to verify.
 #[derive(Debug, Clone)]
 pub struct VerifyOptions {

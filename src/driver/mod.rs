@@ -91,7 +91,7 @@ pub struct Location {
     /// backing (unallocated here, served by a backing file).
     pub kind: &'static str,
     /// The format whose tables `tables` names (the top image's).
-    pub format: &'static str,
+    pub format: Format,
     /// What one table entry maps, in the format's words: "cluster", "grain",
     /// "block".
     pub unit: &'static str,
@@ -146,8 +146,16 @@ pub(crate) fn locate_in_backing(
 /// A disk-image format driver. Guest offsets are bytes from the start of the
 /// virtual disk. Every method takes `&self`, so one driver serves many threads.
 pub trait BlockDriver: Send + Sync {
-    /// The format name, as QEMU spells it ("raw", "qcow2", "vmdk").
-    fn format_name(&self) -> &'static str;
+    /// The format of the guest bytes this driver serves, from the one
+    /// registry of formats.
+    fn format(&self) -> Format;
+
+    /// The driver's name, as QEMU spells it: its format's name ("raw",
+    /// "qcow2", "vmdk"). Drivers that are not a format of a file (the NBD
+    /// client, "nbd"; the mirrored device, "blkverify") name themselves.
+    fn format_name(&self) -> &'static str {
+        self.format().name()
+    }
 
     /// The image file's path.
     fn path(&self) -> &Path;

@@ -2,7 +2,7 @@
 //! zeros, so sparse references cost nothing to verify.
 
 use super::read::map_flat;
-use super::{check_range, BlockDriver, Extent};
+use super::{check_range, BlockDriver, Extent, Format};
 use crate::error::Result;
 use crate::storage::{Storage, View};
 use std::path::Path;
@@ -23,8 +23,8 @@ impl Raw {
 }
 
 impl BlockDriver for Raw {
-    fn format_name(&self) -> &'static str {
-        "raw"
+    fn format(&self) -> Format {
+        Format::Raw
     }
 
     fn path(&self) -> &Path {

@@ -274,7 +274,7 @@ pub(crate) fn location_dict<'py>(
     }
     d.set_item("tables", tables)?;
     // qcow2's own fields, kept for the reports that predate `tables`.
-    if l.format == "qcow2" {
+    if l.format == driver::Format::Qcow2 {
         d.set_item("l1_index", l.index_in("L1"))?;
         d.set_item("l2_index", l.index_in("L2"))?;
     }

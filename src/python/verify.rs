@@ -8,7 +8,7 @@ use super::options::{format_for, open_options, verify_options, Kwargs};
 use crate::batch::{self, BatchProgress, Reference, ReferenceKind, Verified, VerifyJob};
 use crate::driver::{Access, BlockDriver, Location, OpenOptions};
 use crate::error::Error;
-use crate::verify::{self as engine, Mismatch, Progress, Report, VerifyOptions};
+use crate::verify::{self as engine, Mismatch, Progress, Report, VerifyOptions, MAX_LOCATED};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyMapping};
@@ -18,11 +18,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Where the first mismatches live in each side's metadata (for reports).
-const MAX_LOCATED: usize = 1000;
-
 /// The `raw_format` that names a block digests file as the reference.
-pub(crate) const DIGESTS: &str = "digests";
+pub(crate) use crate::batch::DIGESTS_FORMAT as DIGESTS;
 
 /// The keys a pair may have.
 const PAIR_KEYS: [&str; 10] = [

@@ -9,7 +9,7 @@
 mod merge;
 
 pub use crate::pool::Progress;
-pub use crate::report::{requested_range, Mismatch, Report, VerifyOptions};
+pub use crate::report::{requested_range, Mismatch, Report, VerifyOptions, MAX_LOCATED};
 pub use merge::merge_ranges;
 
 use crate::compare::{first_difference, first_nonzero};
@@ -776,7 +776,7 @@ mod tests {
 mod engine_tests {
     use super::*;
     use crate::driver::raw::Raw;
-    use crate::driver::{Extent, Mapping};
+    use crate::driver::{Extent, Format, Mapping};
     use crate::storage::MemStorage;
     use std::io;
     use std::path::Path;
@@ -791,8 +791,8 @@ mod engine_tests {
     }
 
     impl BlockDriver for Faulty {
-        fn format_name(&self) -> &'static str {
-            "faulty"
+        fn format(&self) -> Format {
+            Format::Raw
         }
         fn path(&self) -> &Path {
             Path::new("faulty.img")

@@ -24,7 +24,7 @@ mod wire;
 
 pub use uri::{is_uri, parse_uri, Address};
 
-use super::{check_range, BlockDriver, Extent, Mapping};
+use super::{check_range, BlockDriver, Extent, Format, Mapping};
 use crate::error::{Error, Result};
 use conn::{Connection, Failure, Payload, Request};
 use handshake::{negotiate, Negotiated};
@@ -350,6 +350,12 @@ impl Nbd {
 }
 
 impl BlockDriver for Nbd {
+    /// An export is served as raw bytes.
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+
+    /// The NBD client is a protocol, not a format of a file: it names itself.
     fn format_name(&self) -> &'static str {
         "nbd"
     }

@@ -13,8 +13,8 @@ mod write;
 use super::cache::{L2Cache, L2Table};
 use super::read::{read_backing, read_mapped, view_through_map};
 use super::{
-    check_range, gate, locate_in_backing, BlockDriver, Extent, Location, Mapping, OpenOptions,
-    TableIndex,
+    check_range, gate, locate_in_backing, BlockDriver, Extent, Format, Location, Mapping,
+    OpenOptions, TableIndex,
 };
 use crate::error::{Error, Result};
 use crate::storage::{FileStorage, Storage, View};
@@ -491,8 +491,8 @@ impl Drop for Qcow2 {
 }
 
 impl BlockDriver for Qcow2 {
-    fn format_name(&self) -> &'static str {
-        "qcow2"
+    fn format(&self) -> Format {
+        Format::Qcow2
     }
 
     fn path(&self) -> &Path {
@@ -648,7 +648,7 @@ impl BlockDriver for Qcow2 {
         let subcluster = self.header.extended_l2().then_some(sub);
         let mut location = Location {
             kind: extent.mapping.kind(),
-            format: "qcow2",
+            format: Format::Qcow2,
             unit: "cluster",
             tables: vec![
                 TableIndex {

@@ -13,7 +13,7 @@
 pub mod header;
 
 use super::read::{read_mapped, view_through_map};
-use super::{check_range, BlockDriver, Extent, Location, Mapping, TableIndex};
+use super::{check_range, BlockDriver, Extent, Format, Location, Mapping, TableIndex};
 use crate::error::{Error, Result};
 use crate::storage::{Storage, View};
 use header::Header;
@@ -144,8 +144,8 @@ impl Vdi {
 }
 
 impl BlockDriver for Vdi {
-    fn format_name(&self) -> &'static str {
-        "vdi"
+    fn format(&self) -> Format {
+        Format::Vdi
     }
 
     fn path(&self) -> &Path {
@@ -222,7 +222,7 @@ impl BlockDriver for Vdi {
         };
         Ok(Some(Location {
             kind: extent.mapping.kind(),
-            format: "vdi",
+            format: Format::Vdi,
             unit: "block",
             tables: vec![TableIndex {
                 table: "block map",

@@ -18,8 +18,8 @@ pub mod metadata;
 
 use super::read::{read_backing, read_mapped, view_through_map};
 use super::{
-    check_range, gate, locate_in_backing, BlockDriver, Extent, Location, Mapping, OpenOptions,
-    TableIndex,
+    check_range, gate, locate_in_backing, BlockDriver, Extent, Format, Location, Mapping,
+    OpenOptions, TableIndex,
 };
 use crate::error::{Error, Result};
 use crate::storage::{Storage, View};
@@ -428,8 +428,8 @@ fn check_bat_places(
 }
 
 impl BlockDriver for Vhdx {
-    fn format_name(&self) -> &'static str {
-        "vhdx"
+    fn format(&self) -> Format {
+        Format::Vhdx
     }
 
     fn path(&self) -> &Path {
@@ -517,7 +517,7 @@ impl BlockDriver for Vhdx {
         let block = offset / self.block_size();
         let mut location = Location {
             kind: extent.mapping.kind(),
-            format: "vhdx",
+            format: Format::Vhdx,
             unit: "block",
             tables: vec![TableIndex {
                 table: "BAT",

@@ -21,8 +21,8 @@ pub mod stream;
 
 use super::read::{read_backing, read_through_map};
 use super::{
-    check_range, gate, locate_in_backing, BlockDriver, Extent, Location, Mapping, OpenOptions,
-    TableIndex,
+    check_range, gate, locate_in_backing, BlockDriver, Extent, Format, Location, Mapping,
+    OpenOptions, TableIndex,
 };
 use crate::error::{Error, Result};
 use crate::storage::{Storage, View};
@@ -451,8 +451,8 @@ fn check_parent_cid(
 }
 
 impl BlockDriver for Vmdk {
-    fn format_name(&self) -> &'static str {
-        "vmdk"
+    fn format(&self) -> Format {
+        Format::Vmdk
     }
 
     fn path(&self) -> &Path {
@@ -596,7 +596,7 @@ impl BlockDriver for Vmdk {
         };
         let mut location = Location {
             kind,
-            format: "vmdk",
+            format: Format::Vmdk,
             unit: match slot.data {
                 Data::Flat { .. } => "extent",
                 Data::Sparse(_) => "grain",

@@ -18,7 +18,9 @@ pub mod footer;
 pub mod parent;
 
 use super::read::{map_flat, read_backing, read_mapped, view_through_map};
-use super::{check_range, gate, BlockDriver, Extent, Location, Mapping, OpenOptions, TableIndex};
+use super::{
+    check_range, gate, BlockDriver, Extent, Format, Location, Mapping, OpenOptions, TableIndex,
+};
 use crate::error::{Error, Result};
 use crate::storage::{Storage, View};
 use dynamic::{DynamicHeader, UNALLOCATED};
@@ -525,8 +527,8 @@ impl Sparse {
 }
 
 impl BlockDriver for Vpc {
-    fn format_name(&self) -> &'static str {
-        "vpc"
+    fn format(&self) -> Format {
+        Format::Vpc
     }
 
     fn path(&self) -> &Path {
@@ -585,7 +587,7 @@ impl BlockDriver for Vpc {
         let extent = self.map(offset, 1)?;
         let mut location = Location {
             kind: extent.mapping.kind(),
-            format: "vpc",
+            format: Format::Vpc,
             unit: if self.sparse.is_some() {
                 "block"
             } else {
