@@ -60,7 +60,7 @@ pub const CHECKSUM_LEN: usize = 32;
 /// Bit 63 of a run word: a run of zero blocks.
 const ZERO_RUN: u64 = 1 << 63;
 /// The smallest and largest block sizes accepted.
-const MIN_BLOCK_SIZE: u64 = 512;
+const MIN_BLOCK_SIZE: u64 = crate::size::SECTOR_SIZE;
 const MAX_BLOCK_SIZE: u64 = 64 << 20;
 /// The most digests the writer holds before it ends a data run.
 const MAX_DATA_RUN: usize = 65536;

@@ -27,6 +27,14 @@ use std::sync::Arc;
 /// here, where drivers and their callers look for it).
 pub use crate::size::SECTOR_SIZE;
 
+/// The largest table a driver loads whole at open, whatever its format calls
+/// it: a qcow2 L1 table (QEMU refuses larger ones), a vmdk grain directory, a
+/// VHD BAT, a VDI block map. It bounds what a hostile header can make us
+/// allocate; 32 MiB maps far more disk than any of these formats holds (8 Mi
+/// entries of 1 MiB VDI blocks is 8 TiB; a 2 TiB vmdk with 4 KiB grains needs
+/// 4 MiB).
+pub const MAX_TABLE_BYTES: u64 = 32 << 20;
+
 /// What backs one guest range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mapping {
@@ -574,8 +582,10 @@ fn cannot_read(path: &Path, format: Format) -> Error {
 /// so are block digests files, which are not images.
 pub fn detect(storage: &dyn Storage) -> Result<Format> {
     let len = storage.len()?;
-    let mut head = [0u8; 512];
-    let n = usize::try_from(len.min(head.len() as u64)).unwrap_or(0);
+    // The first sector holds every magic the probe knows.
+    let mut head = [0u8; SECTOR_SIZE as usize];
+    // At most the head's length, so it fits a usize.
+    let n = len.min(head.len() as u64) as usize;
     let head = head.get_mut(..n).unwrap_or(&mut []);
     storage.read_exact_at(head, 0)?;
     let path = storage.path();
@@ -627,7 +637,7 @@ pub fn detect(storage: &dyn Storage) -> Result<Format> {
     if head.get(64..68) == Some(b"\x7f\x10\xda\xbe".as_slice()) {
         return Ok(Format::Vdi);
     }
-    // A fixed VHD's only footer is its last 512 bytes (QEMU probes these as raw).
+    // A fixed VHD's only footer is its last sector (QEMU probes these as raw).
     if vpc::has_fixed_footer(storage)? {
         return Ok(Format::Vpc);
     }

@@ -2,7 +2,7 @@
 //! zeros, so sparse references cost nothing to verify.
 
 use super::read::map_flat;
-use super::{check_range, BlockDriver, Extent, Format};
+use super::{check_range, BlockDriver, Extent, Format, SECTOR_SIZE};
 use crate::error::Result;
 use crate::storage::{Storage, View};
 use std::path::Path;
@@ -36,7 +36,7 @@ impl BlockDriver for Raw {
     }
 
     fn granularity(&self) -> u64 {
-        512
+        SECTOR_SIZE
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {

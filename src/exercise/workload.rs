@@ -181,7 +181,7 @@ impl Default for SizeMix {
     fn default() -> Self {
         SizeMix {
             buckets: vec![
-                (512, 10),
+                (SECTOR, 10),
                 (4 << 10, 35),
                 (16 << 10, 15),
                 (64 << 10, 20),
@@ -474,7 +474,7 @@ mod tests {
                 continue;
             }
             assert!(op.length >= 1 && op.offset + op.length <= w.size, "{op}");
-            if op.offset % 512 != 0 || op.length % 512 != 0 {
+            if op.offset % SECTOR != 0 || op.length % SECTOR != 0 {
                 unaligned += 1;
             } else {
                 sector += 1;

@@ -24,7 +24,7 @@ mod wire;
 
 pub use uri::{is_uri, parse_uri, Address};
 
-use super::{check_range, BlockDriver, Extent, Format, Mapping};
+use super::{check_range, BlockDriver, Extent, Format, Mapping, SECTOR_SIZE};
 use crate::error::{Error, Result};
 use conn::{Connection, Failure, Payload, Request};
 use handshake::{negotiate, Negotiated};
@@ -369,7 +369,7 @@ impl BlockDriver for Nbd {
     }
 
     fn granularity(&self) -> u64 {
-        self.min_block.max(512)
+        self.min_block.max(SECTOR_SIZE)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {

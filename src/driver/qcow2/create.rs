@@ -7,7 +7,7 @@
 
 use super::header::{self, field, INCOMPAT_EXTL2, MAGIC};
 use super::refcount;
-use crate::driver::{self, Format, OpenOptions};
+use crate::driver::{self, Format, OpenOptions, MAX_TABLE_BYTES, SECTOR_SIZE};
 use crate::error::{Error, Result};
 use crate::storage::{FileStorage, Storage};
 use std::path::Path;
@@ -62,10 +62,10 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
         (None, Some(name)) => backing_size(path, name, options.backing_format)?,
         (None, None) => return Err(bad(path, "an image size is required".into())),
     };
-    if size % 512 != 0 {
+    if size % SECTOR_SIZE != 0 {
         return Err(bad(
             path,
-            format!("image size {size} is not a multiple of 512 bytes"),
+            format!("image size {size} is not a multiple of {SECTOR_SIZE} bytes"),
         ));
     }
     match options.format {
@@ -155,7 +155,7 @@ fn create_qcow2(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
     let entry_size: u64 = if o.extended_l2 { 16 } else { 8 };
     let bytes_per_l2 = (cluster_size / entry_size) * cluster_size;
     let l1_size = size.div_ceil(bytes_per_l2);
-    if l1_size * 8 > header::MAX_L1_BYTES {
+    if l1_size * 8 > MAX_TABLE_BYTES {
         return Err(bad(
             path,
             format!("size {size} needs an L1 table larger than QEMU allows"),

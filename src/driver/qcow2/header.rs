@@ -2,6 +2,7 @@
 //! trusting a field. Layout from the qcow2 specification (docs/interop/qcow2.txt).
 
 use crate::bytes::BeBytes;
+use crate::driver::MAX_TABLE_BYTES;
 use crate::error::{Error, Result};
 use std::path::Path;
 
@@ -164,8 +165,6 @@ pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 /// Autoclear feature: the external data file is a valid raw image.
 pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 
-/// QEMU refuses L1 tables larger than this; so do we.
-pub const MAX_L1_BYTES: u64 = 32 << 20;
 /// QEMU refuses refcount tables larger than this; so do we.
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// The longest backing file name the format allows.
@@ -724,11 +723,11 @@ pub fn check_table(
 fn check_tables(path: &Path, h: &Header, file_len: u64) -> Result<()> {
     let cluster_size = h.cluster_size();
     let l1_bytes = u64::from(h.l1_size) * 8;
-    if l1_bytes > MAX_L1_BYTES {
+    if l1_bytes > MAX_TABLE_BYTES {
         return Err(Error::corrupt(
             path,
             format!(
-                "qcow2: header field l1_size is {}, an L1 table of {l1_bytes} bytes (the limit is {MAX_L1_BYTES})",
+                "qcow2: header field l1_size is {}, an L1 table of {l1_bytes} bytes (the limit is {MAX_TABLE_BYTES})",
                 h.l1_size
             ),
         ));

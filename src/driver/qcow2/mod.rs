@@ -14,7 +14,7 @@ use super::cache::{L2Cache, L2Table};
 use super::read::{read_backing, read_mapped, view_through_map};
 use super::{
     check_range, gate, locate_in_backing, BlockDriver, Extent, Format, Location, Mapping,
-    OpenOptions, TableIndex,
+    OpenOptions, TableIndex, MAX_TABLE_BYTES, SECTOR_SIZE,
 };
 use crate::error::{Error, Result};
 use crate::storage::{FileStorage, Storage, View};
@@ -394,7 +394,7 @@ impl Qcow2 {
         // The stored size is rounded up to sectors and may run past the end of
         // the file for the last cluster; the stream itself must not.
         let available = (file_len - host_offset).min(compressed_size);
-        let max_input = 2 * self.header.cluster_size() + 512;
+        let max_input = 2 * self.header.cluster_size() + SECTOR_SIZE;
         if available > max_input {
             return Err(self.corrupt(format!(
                 "compressed cluster at host offset {host_offset:#x} claims {compressed_size} bytes, more than a cluster can need"
@@ -446,7 +446,7 @@ fn read_snapshots(file: &dyn Storage, header: &Header, file_len: u64) -> Result<
     // Entries are variable-length; read what the table can occupy, capped.
     let len = file_len
         .saturating_sub(header.snapshots_offset)
-        .min(snapshot::MAX_TABLE_BYTES)
+        .min(snapshot::MAX_SNAPSHOT_TABLE_BYTES)
         .min(u64::from(header.nb_snapshots) * (40 + 1024 + 2 * 65535 + 8));
     let mut table = vec![0u8; usize::try_from(len).unwrap_or(0)];
     file.read_exact_at(&mut table, header.snapshots_offset)?;
@@ -456,14 +456,14 @@ fn read_snapshots(file: &dyn Storage, header: &Header, file_len: u64) -> Result<
     // all, and a bad one means the table itself is garbage.
     for s in &snapshots {
         let bytes = u64::from(s.l1_size) * 8;
-        if bytes > header::MAX_L1_BYTES {
+        if bytes > MAX_TABLE_BYTES {
             return Err(Error::corrupt(
                 file.path(),
                 format!(
                     "qcow2: snapshot '{}' has l1_size {}, an L1 table of {bytes} bytes (the limit is {})",
                     s.name,
                     s.l1_size,
-                    header::MAX_L1_BYTES
+                    MAX_TABLE_BYTES
                 ),
             ));
         }

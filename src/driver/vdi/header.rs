@@ -6,6 +6,7 @@
 //! blocks in the image and blocks allocated at 376..392, then the image,
 //! last-snapshot, link and parent UUIDs at 392..456).
 
+use crate::driver::{MAX_TABLE_BYTES, SECTOR_SIZE};
 use crate::error::{Error, Result};
 use std::path::Path;
 
@@ -32,9 +33,6 @@ pub const TYPE_STATIC: u32 = 2;
 
 /// The only block size QEMU and VirtualBox use (QEMU refuses any other).
 pub const BLOCK_SIZE: u32 = 1 << 20;
-
-/// The largest block map read: 8 Mi blocks of 1 MiB, 8 TiB.
-pub const MAX_BMAP_BYTES: u64 = 32 << 20;
 
 /// A parsed header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,9 +120,9 @@ impl Header {
         let offset_bmap = u64::from(le_u32(bytes, 340));
         let offset_data = u64::from(le_u32(bytes, 344));
         for (name, value) in [("offset_bmap", offset_bmap), ("offset_data", offset_data)] {
-            if value % 512 != 0 {
+            if value % SECTOR_SIZE != 0 {
                 return Err(unsupported(format!(
-                    "{name} is {value:#x}, not a multiple of 512 (unsupported, as in QEMU)"
+                    "{name} is {value:#x}, not a multiple of {SECTOR_SIZE} (unsupported, as in QEMU)"
                 )));
             }
         }
@@ -135,9 +133,9 @@ impl Header {
             )));
         }
         let sector_size = le_u32(bytes, 360);
-        if sector_size != 512 {
+        if u64::from(sector_size) != SECTOR_SIZE {
             return Err(unsupported(format!(
-                "sector_size is {sector_size}; only 512 is supported"
+                "sector_size is {sector_size}; only {SECTOR_SIZE} is supported"
             )));
         }
         let block_size = le_u32(bytes, 376);
@@ -155,9 +153,9 @@ impl Header {
         let blocks_in_image = le_u32(bytes, 384);
         let blocks_allocated = le_u32(bytes, 388);
         let bmap_bytes = u64::from(blocks_in_image) * 4;
-        if bmap_bytes > MAX_BMAP_BYTES {
+        if bmap_bytes > MAX_TABLE_BYTES {
             return Err(corrupt(format!(
-                "blocks_in_image is {blocks_in_image}, a block map of {bmap_bytes} bytes (the limit is {MAX_BMAP_BYTES})"
+                "blocks_in_image is {blocks_in_image}, a block map of {bmap_bytes} bytes (the limit is {MAX_TABLE_BYTES})"
             )));
         }
         if blocks_allocated > blocks_in_image {
@@ -168,7 +166,9 @@ impl Header {
         let stored_disk_size = le_u64(bytes, 368);
         // VBoxManage convertfromraw can leave a size that is not whole
         // sectors: QEMU rounds it up, and so do we.
-        let disk_size = stored_disk_size.div_ceil(512).saturating_mul(512);
+        let disk_size = stored_disk_size
+            .div_ceil(SECTOR_SIZE)
+            .saturating_mul(SECTOR_SIZE);
         let room = u64::from(blocks_in_image) * u64::from(block_size);
         if disk_size > room {
             return Err(corrupt(format!(

@@ -21,6 +21,7 @@
 //! line is a comment, a `KEY=VALUE` setting, or an extent line, and anything
 //! else is an error naming the line.
 
+use crate::driver::SECTOR_SIZE;
 use std::fmt;
 
 /// The most extents a descriptor may list. A 2 TiB twoGbMaxExtent disk has
@@ -184,7 +185,7 @@ pub fn parse(text: &[u8]) -> Result<Descriptor, Problem> {
             })?;
             total_sectors = total_sectors
                 .checked_add(extent.sectors)
-                .filter(|&s| s <= u64::MAX / 512)
+                .filter(|&s| s <= u64::MAX / SECTOR_SIZE)
                 .ok_or_else(|| {
                     invalid("the extents add up to more bytes than 64 bits can count".to_string())
                 })?;
@@ -342,7 +343,7 @@ fn parse_extent(line: &str) -> Result<ExtentLine, Problem> {
             let offset = offset
                 .parse::<u64>()
                 .ok()
-                .and_then(|s| s.checked_mul(512))
+                .and_then(|s| s.checked_mul(SECTOR_SIZE))
                 .ok_or_else(|| invalid("the offset is not a number of sectors"))?;
             ExtentKind::Flat { offset }
         }

@@ -11,6 +11,7 @@
 //!  73  "\n", " ", "\r", "\n" (newline check bytes) 77  compressAlgorithm (u16)
 //! ```
 
+use crate::driver::{MAX_TABLE_BYTES, SECTOR_SIZE};
 use crate::error::{Error, Result};
 use std::path::Path;
 
@@ -18,10 +19,8 @@ use std::path::Path;
 pub const MAGIC: &[u8; 4] = b"KDMV";
 /// The magic of ESX's older sparse format (vmfsSparse, "COWD"), which we refuse.
 pub const COWD_MAGIC: &[u8; 4] = b"COWD";
-/// Bytes per sector: every offset and size in the header counts these.
-pub const SECTOR: u64 = 512;
 /// Bytes of the header (one sector).
-pub const HEADER_BYTES: usize = 512;
+pub const HEADER_BYTES: usize = SECTOR_SIZE as usize;
 
 /// The newline check bytes are valid (bit 0).
 pub const FLAG_NL_DETECT: u32 = 1 << 0;
@@ -46,9 +45,6 @@ pub const MAX_GRAIN_SECTORS: u64 = 2048;
 /// The most grain table entries per grain table (the specification says 512,
 /// and QEMU refuses more).
 pub const MAX_GTES_PER_GT: u32 = 512;
-/// The largest grain directory we load (as the qcow2 L1 limit). A 2 TiB disk
-/// with 4 KiB grains needs 4 MiB.
-pub const MAX_GD_BYTES: u64 = 32 << 20;
 /// The largest descriptor we read (QEMU reads at most 1 MiB too).
 pub const MAX_DESCRIPTOR_BYTES: u64 = 1 << 20;
 
@@ -152,12 +148,12 @@ pub struct Header {
 impl Header {
     /// Bytes per grain.
     pub fn grain_bytes(&self) -> u64 {
-        self.grain_sectors * SECTOR
+        self.grain_sectors * SECTOR_SIZE
     }
 
     /// The extent's size in bytes.
     pub fn capacity_bytes(&self) -> u64 {
-        self.capacity * SECTOR
+        self.capacity * SECTOR_SIZE
     }
 
     /// Guest bytes one grain table maps.
@@ -247,13 +243,13 @@ pub fn check(path: &Path, what: &str, raw: &RawHeader, file_len: u64) -> Result<
     if raw.capacity == 0 {
         return Err(corrupt("capacity is 0 sectors".to_string()));
     }
-    if raw.capacity > u64::MAX / SECTOR {
+    if raw.capacity > u64::MAX / SECTOR_SIZE {
         return Err(corrupt(format!(
             "capacity is {} sectors, more bytes than 64 bits can count",
             raw.capacity
         )));
     }
-    let overhead_bytes = raw.overhead.saturating_mul(SECTOR);
+    let overhead_bytes = raw.overhead.saturating_mul(SECTOR_SIZE);
     if overhead_bytes > file_len {
         return Err(corrupt(format!(
             "overHead is {} sectors, but the file is only {file_len} bytes long (truncated?)",
@@ -263,15 +259,21 @@ pub fn check(path: &Path, what: &str, raw: &RawHeader, file_len: u64) -> Result<
     let descriptor = match raw.descriptor_offset {
         0 => None,
         offset => {
-            if raw.descriptor_size == 0 || raw.descriptor_size > MAX_DESCRIPTOR_BYTES / SECTOR {
+            if raw.descriptor_size == 0 || raw.descriptor_size > MAX_DESCRIPTOR_BYTES / SECTOR_SIZE
+            {
                 return Err(corrupt(format!(
                     "descriptorSize is {} sectors; it must be 1 to {}",
                     raw.descriptor_size,
-                    MAX_DESCRIPTOR_BYTES / SECTOR
+                    MAX_DESCRIPTOR_BYTES / SECTOR_SIZE
                 )));
             }
-            let at = table_place(&corrupt, "descriptor", offset, raw.descriptor_size * SECTOR)?;
-            Some((at, raw.descriptor_size * SECTOR))
+            let at = table_place(
+                &corrupt,
+                "descriptor",
+                offset,
+                raw.descriptor_size * SECTOR_SIZE,
+            )?;
+            Some((at, raw.descriptor_size * SECTOR_SIZE))
         }
     };
     let mut header = Header {
@@ -289,10 +291,10 @@ pub fn check(path: &Path, what: &str, raw: &RawHeader, file_len: u64) -> Result<
         unclean_shutdown: raw.unclean_shutdown != 0,
     };
     let gd_bytes = header.gd_bytes();
-    if gd_bytes > MAX_GD_BYTES {
+    if gd_bytes > MAX_TABLE_BYTES {
         return Err(corrupt(format!(
             "capacity of {} sectors with {} grain table entries of {} sectors needs a grain \
-             directory of {gd_bytes} bytes (the limit is {MAX_GD_BYTES})",
+             directory of {gd_bytes} bytes (the limit is {MAX_TABLE_BYTES})",
             raw.capacity, raw.gtes_per_gt, raw.grain_size
         )));
     }
@@ -334,7 +336,7 @@ fn table_place(
             "the {what} is at sector 0, on top of the header"
         )));
     }
-    match sector.checked_mul(SECTOR) {
+    match sector.checked_mul(SECTOR_SIZE) {
         Some(at) if at.checked_add(bytes).is_some() && sector != GD_AT_END => Ok(at),
         _ => Err(corrupt(format!(
             "the {what} offset is sector {sector:#x}, past any file"

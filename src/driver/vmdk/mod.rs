@@ -22,7 +22,7 @@ pub mod stream;
 use super::read::{read_backing, read_through_map};
 use super::{
     check_range, gate, locate_in_backing, BlockDriver, Extent, Format, Location, Mapping,
-    OpenOptions, TableIndex,
+    OpenOptions, TableIndex, SECTOR_SIZE,
 };
 use crate::error::{Error, Result};
 use crate::storage::{Storage, View};
@@ -100,10 +100,10 @@ impl Vmdk {
     ) -> Result<Self> {
         let path = storage.path().to_path_buf();
         let len = storage.len()?;
-        let mut head = [0u8; 512];
-        let head = head
-            .get_mut(..usize::try_from(len.min(512)).unwrap_or(0))
-            .unwrap_or(&mut []);
+        let mut head = [0u8; header::HEADER_BYTES];
+        // At most HEADER_BYTES, so it fits a usize.
+        let n = len.min(header::HEADER_BYTES as u64) as usize;
+        let head = head.get_mut(..n).unwrap_or(&mut []);
         storage.read_exact_at(head, 0)?;
         let (descriptor, slots, descriptor_file) = if head.starts_with(header::MAGIC) {
             let (descriptor, slot) = open_monolithic(storage)?;
@@ -360,7 +360,7 @@ fn open_extents(path: &Path, descriptor: &Descriptor, options: &OpenOptions) -> 
         let file: Arc<dyn Storage> =
             Arc::new(super::locks::open_extent(&extent_path, metadata, options)?);
         // The sum of all extents was checked against 64 bits by the parser.
-        let len = line.sectors * header::SECTOR;
+        let len = line.sectors * SECTOR_SIZE;
         let data = match line.kind {
             ExtentKind::Flat { offset } => {
                 let file_len = file.len()?;
@@ -471,7 +471,7 @@ impl BlockDriver for Vmdk {
                 Data::Flat { .. } => None,
             })
             .min()
-            .unwrap_or(header::SECTOR)
+            .unwrap_or(SECTOR_SIZE)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {

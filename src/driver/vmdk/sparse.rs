@@ -10,9 +10,10 @@
 //! starts. Grain tables are checked when first loaded and kept in a bounded
 //! cache; the grain directory is loaded whole at open (at most 32 MiB).
 
-use super::header::{self, Header, SECTOR};
+use super::header::{self, Header};
 use super::stream::{self, GRAIN_MARKER_BYTES};
 use crate::driver::cache::{L2Cache, L2Table};
+use crate::driver::SECTOR_SIZE;
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 use std::cell::RefCell;
@@ -192,7 +193,7 @@ impl SparseExtent {
         if entry == 0 {
             return Ok(None);
         }
-        let gt_offset = u64::from(entry) * SECTOR;
+        let gt_offset = u64::from(entry) * SECTOR_SIZE;
         let table = self.cache.get_or_load(gt_offset, || {
             let gt_bytes = self.header.gt_bytes();
             if gt_offset + gt_bytes > self.file_len {
@@ -227,7 +228,7 @@ impl SparseExtent {
             1 if h.zeroed_grain => return Ok(Grain::Zero),
             _ => {}
         }
-        let host_offset = gte * SECTOR;
+        let host_offset = gte * SECTOR_SIZE;
         if gte < h.overhead {
             return Err(self.corrupt(format!(
                 "GD index {gd_index}, GT index {gt_index}: grain at sector {gte:#x} lies inside \
@@ -340,7 +341,7 @@ impl SparseExtent {
         let mut marker = [0u8; GRAIN_MARKER_BYTES as usize];
         self.file.read_exact_at(&mut marker, host_offset)?;
         let (lba, size) = stream::grain_marker(&marker);
-        let sector = grain_start / SECTOR;
+        let sector = grain_start / SECTOR_SIZE;
         if lba != sector {
             return Err(self.corrupt(format!(
                 "{}: its grain marker says sector {lba:#x}, but the grain table maps it at sector {sector:#x}",

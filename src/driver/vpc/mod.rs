@@ -20,6 +20,7 @@ pub mod parent;
 use super::read::{map_flat, read_backing, read_mapped, view_through_map};
 use super::{
     check_range, gate, BlockDriver, Extent, Format, Location, Mapping, OpenOptions, TableIndex,
+    MAX_TABLE_BYTES, SECTOR_SIZE,
 };
 use crate::error::{Error, Result};
 use crate::storage::{Storage, View};
@@ -29,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-/// Whether the last 512 bytes of `storage` are a valid fixed-disk footer: the
+/// Whether the last sector of `storage` is a valid fixed-disk footer: the
 /// probe for fixed VHDs, which have no magic at the start (QEMU probes them as
 /// raw). The checksum must be right, so a raw disk whose last sector merely
 /// starts with `conectix` stays raw.
@@ -290,11 +291,10 @@ fn open_sparse(
         )));
     }
     let bat_bytes = header.bat_bytes();
-    if bat_bytes > dynamic::MAX_BAT_BYTES {
+    if bat_bytes > MAX_TABLE_BYTES {
         return Err(corrupt(format!(
             "max_table_entries is {}, a BAT of {bat_bytes} bytes (the limit is {})",
-            header.max_table_entries,
-            dynamic::MAX_BAT_BYTES
+            header.max_table_entries, MAX_TABLE_BYTES
         )));
     }
     let bat_offset = header.table_offset;
@@ -346,7 +346,7 @@ fn open_sparse(
         if entry == UNALLOCATED {
             continue;
         }
-        let start = u64::from(entry) * 512;
+        let start = u64::from(entry) * SECTOR_SIZE;
         let guest = index as u64 * block_size;
         if start + span > file_len {
             return Err(corrupt(format!(
@@ -366,13 +366,13 @@ fn open_sparse(
     starts.sort_unstable();
     for pair in starts.windows(2) {
         let [a, b] = *pair else { continue };
-        if (b >> 32) * 512 < (a >> 32) * 512 + span {
+        if (b >> 32) * SECTOR_SIZE < (a >> 32) * SECTOR_SIZE + span {
             return Err(corrupt(format!(
                 "BAT entries {} and {} put their blocks at {:#x} and {:#x}, which overlap",
                 a & 0xffff_ffff,
                 b & 0xffff_ffff,
-                (a >> 32) * 512,
-                (b >> 32) * 512
+                (a >> 32) * SECTOR_SIZE,
+                (b >> 32) * SECTOR_SIZE
             )));
         }
     }
@@ -407,7 +407,7 @@ impl Sparse {
 
     /// Where block `block`'s bitmap starts.
     fn bitmap_offset(&self, entry: u32) -> u64 {
-        u64::from(entry) * 512
+        u64::from(entry) * SECTOR_SIZE
     }
 
     /// Read block `block`'s sector bitmap (`entry` is its BAT entry).
@@ -440,7 +440,8 @@ impl Sparse {
         }
         let bitmap = self.bitmap(file, block, entry)?;
         // Only the bits of the block's sectors count; the padding may hold anything.
-        let used = usize::try_from(self.block_size / 512 / 8).unwrap_or(0);
+        // A u32 block size's bitmap is at most 1 MiB: it fits a usize.
+        let used = (self.block_size / SECTOR_SIZE / 8) as usize;
         let bits = bitmap.get(..used).unwrap_or(&[]);
         let state = if bits.iter().all(|&b| b == 0xff) {
             BITMAP_FULL
@@ -474,10 +475,10 @@ impl Sparse {
                 BITMAP_EMPTY => (block_end.min(limit) - offset, Mapping::Unallocated),
                 _ => {
                     let bitmap = self.bitmap(file, block, entry)?;
-                    let sector = in_block / 512;
-                    let sectors = self.block_size / 512;
+                    let sector = in_block / SECTOR_SIZE;
+                    let sectors = self.block_size / SECTOR_SIZE;
                     let run = dynamic::run_length(&bitmap, sector, sectors);
-                    let run_end = block * self.block_size + (sector + run) * 512;
+                    let run_end = block * self.block_size + (sector + run) * SECTOR_SIZE;
                     let length = run_end.min(limit) - offset;
                     if dynamic::bit(&bitmap, sector) {
                         (
@@ -506,7 +507,8 @@ impl Sparse {
                 if state == BITMAP_MIXED {
                     let bitmap = self.bitmap(file, next, entry)?;
                     if !dynamic::bit(&bitmap, 0) {
-                        end += dynamic::run_length(&bitmap, 0, self.block_size / 512) * 512;
+                        end += dynamic::run_length(&bitmap, 0, self.block_size / SECTOR_SIZE)
+                            * SECTOR_SIZE;
                     }
                     break;
                 }
@@ -540,7 +542,7 @@ impl BlockDriver for Vpc {
     }
 
     fn granularity(&self) -> u64 {
-        self.sparse.as_ref().map_or(512, |s| s.block_size)
+        self.sparse.as_ref().map_or(SECTOR_SIZE, |s| s.block_size)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -609,7 +611,7 @@ impl BlockDriver for Vpc {
                 // An allocated block whose bitmap sends this sector elsewhere.
                 location.tables.push(TableIndex {
                     table: "bitmap",
-                    index: offset % sparse.block_size / 512,
+                    index: offset % sparse.block_size / SECTOR_SIZE,
                 });
             }
         }

@@ -160,7 +160,7 @@ fn snapshot_table_len(file: &dyn crate::storage::Storage, h: &header::Header) ->
     let file_len = file.len()?;
     let len = file_len
         .saturating_sub(h.snapshots_offset)
-        .min(qcow2::snapshot::MAX_TABLE_BYTES);
+        .min(qcow2::snapshot::MAX_SNAPSHOT_TABLE_BYTES);
     let mut table = vec![0u8; usize::try_from(len).unwrap_or(0)];
     file.read_exact_at(&mut table, h.snapshots_offset)?;
     qcow2::snapshot::table_len(file.path(), &table, h.nb_snapshots)
