@@ -606,7 +606,10 @@ impl BlockDigestsWriter {
 
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
         let out = self.out.as_mut().ok_or_else(|| {
-            Error::InvalidArgument("block digests writer already finished".into())
+            Error::Internal(format!(
+                "{}: block digests writer already finished",
+                self.path.display()
+            ))
         })?;
         out.write_all(bytes)
             .map_err(|e| Error::io(&self.path, "write", e))
@@ -699,7 +702,10 @@ impl BlockDigestsWriter {
             move |e: std::io::Error| Error::io(&path, what, e)
         };
         let out = self.out.take().ok_or_else(|| {
-            Error::InvalidArgument("block digests writer already finished".into())
+            Error::Internal(format!(
+                "{}: block digests writer already finished",
+                self.path.display()
+            ))
         })?;
         let mut file = out.into_inner().map_err(|e| io("write")(e.into_error()))?;
         file.seek(SeekFrom::Start(0)).map_err(io("seek"))?;

@@ -321,8 +321,8 @@ pub fn digest(
         .into_inner()
         .unwrap_or_else(PoisonError::into_inner);
     if state.next != chunks || sink.outer.blocks() != block_count {
-        return Err(Error::InvalidArgument(format!(
-            "{}: internal error: {} of {block_count} blocks hashed",
+        return Err(Error::Internal(format!(
+            "{}: {} of {block_count} blocks hashed",
             image.path().display(),
             sink.outer.blocks()
         )));

@@ -311,8 +311,9 @@ impl<'a> Scanner<'a> {
     fn hash_span(&mut self, first: u64, end: u64, out: &mut ChunkOut) -> Result<()> {
         let (start, _) = self.grid.range(first);
         let (_, stop) = self.grid.range(end - 1);
-        let len = usize::try_from(stop - start)
-            .map_err(|_| Error::InvalidArgument("block span too large".into()))?;
+        let len = usize::try_from(stop - start).map_err(|_| {
+            Error::Internal(format!("a span of {} bytes is too large", stop - start))
+        })?;
         if stop <= self.image.driver.size() {
             if let Ok(Some(view)) = self.image.driver.read_view(start, len) {
                 let mut hashed = ChunkOut::default();

@@ -384,9 +384,12 @@ impl BlockDriver for Nbd {
         let mut block = vec![0u8; usize::try_from(wide).unwrap_or(0)];
         self.read_aligned(&mut block, start)?;
         let at = (offset - start) as usize;
-        let src = block
-            .get(at..at + buf.len())
-            .ok_or_else(|| Error::InvalidArgument("unaligned read outside block".into()))?;
+        let src = block.get(at..at + buf.len()).ok_or_else(|| {
+            Error::Internal(format!(
+                "{}: the widened read at {start:#x} does not cover the request at {offset:#x}",
+                self.path().display()
+            ))
+        })?;
         buf.copy_from_slice(src);
         Ok(())
     }

@@ -372,7 +372,10 @@ impl Qcow2 {
                 .3
                 .get(in_cluster..in_cluster + buf.len())
                 .ok_or_else(|| {
-                    Error::InvalidArgument("compressed read crosses a cluster".into())
+                    Error::Internal(format!(
+                        "{}: a compressed read at guest offset {guest_offset:#x} crosses its cluster",
+                        self.path().display()
+                    ))
                 })?;
             buf.copy_from_slice(src);
             Ok(())

@@ -450,7 +450,10 @@ impl Replayed {
                 whole[4092..].copy_from_slice(&trailing);
                 let from = (offset - page) as usize;
                 let src = whole.get(from..from + buf.len()).ok_or_else(|| {
-                    Error::InvalidArgument("replayed page read outside its page".into())
+                    Error::Internal(format!(
+                        "{}: a read of the replayed page at {page:#x} lies outside it",
+                        self.inner.path().display()
+                    ))
                 })?;
                 buf.copy_from_slice(src);
             }

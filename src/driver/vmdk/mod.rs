@@ -536,7 +536,12 @@ impl BlockDriver for Vmdk {
                             ..
                         },
                     ) => (slot, sparse),
-                    _ => return Err(Error::InvalidArgument("compressed flat extent".into())),
+                    _ => {
+                        return Err(Error::Internal(format!(
+                            "{}: a flat extent's map gave a compressed grain at guest offset {offset:#x}",
+                            self.path.display()
+                        )))
+                    }
                 };
                 let grain = sparse.header().grain_bytes();
                 let grain_start = (offset - slot.start) / grain * grain;
@@ -560,10 +565,7 @@ impl BlockDriver for Vmdk {
     fn locate(&self, offset: u64) -> Result<Option<Location>> {
         check_range(&self.path, self.size, offset, 1)?;
         let piece = self.piece(offset, 1)?;
-        let slot = self
-            .slots
-            .get(piece.slot)
-            .ok_or_else(|| Error::InvalidArgument("extent index out of range".into()))?;
+        let slot = self.slot(piece.slot)?;
         let mut tables = Vec::new();
         if self.listed {
             tables.push(TableIndex {

@@ -428,7 +428,12 @@ impl SparseExtent {
             let src = last
                 .2
                 .get(from..from.saturating_add(buf.len()))
-                .ok_or_else(|| Error::InvalidArgument("compressed read crosses a grain".into()))?;
+                .ok_or_else(|| {
+                    Error::Internal(format!(
+                        "{}: a compressed read at {within:#x} in the grain at {grain_start:#x} crosses the grain",
+                        self.file.path().display()
+                    ))
+                })?;
             buf.copy_from_slice(src);
             Ok(())
         })
