@@ -119,6 +119,19 @@ pub fn io_errno(e: &io::Error) -> i32 {
     })
 }
 
+/// `len` (bytes, or a count) as a buffer length or index. Every length the
+/// core allocates or indexes with was first checked against a limit that
+/// fits in memory (a table cap, the cluster size, the request's length), so
+/// this fails only where such a check is missing: an internal error, never an
+/// empty buffer or a zero.
+pub fn usize_of(len: u64) -> Result<usize> {
+    usize::try_from(len).map_err(|_| {
+        Error::Internal(format!(
+            "a length of {len} does not fit this platform's address space"
+        ))
+    })
+}
+
 impl Error {
     /// An I/O error on `path` while doing `context`.
     pub fn io(path: &Path, context: impl Into<String>, source: io::Error) -> Self {

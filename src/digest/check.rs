@@ -151,7 +151,8 @@ pub(super) fn tail_findings(
         };
         let len = len.min(block_end - pos);
         if !zero {
-            let n = usize::try_from(len).unwrap_or(0);
+            // At most one block (64 MiB at most): it fits a usize.
+            let n = len as usize;
             if buf.len() < n {
                 buf.resize(n, 0);
             }

@@ -400,9 +400,8 @@ impl Workload {
 pub fn fill_pattern(buf: &mut [u8], seed: u64, number: u64, offset: u64) {
     let key = pattern_key(seed, number);
     let word_of = |guest: u64| pattern_word(key, guest / 8);
-    let head = usize::try_from((8 - offset % 8) % 8)
-        .unwrap_or(0)
-        .min(buf.len());
+    // Under 8: it fits a usize.
+    let head = (((8 - offset % 8) % 8) as usize).min(buf.len());
     let (first, rest) = buf.split_at_mut(head);
     if !first.is_empty() {
         let word = word_of(offset);

@@ -25,7 +25,7 @@ mod wire;
 pub use uri::{is_uri, parse_uri, Address};
 
 use super::{check_range, BlockDriver, Extent, Format, Mapping, SECTOR_SIZE};
-use crate::error::{Error, Result};
+use crate::error::{usize_of, Error, Result};
 use conn::{Connection, Failure, Payload, Request};
 use handshake::{negotiate, Negotiated};
 use std::io;
@@ -309,7 +309,7 @@ impl Nbd {
     /// Read-modify-write for servers with a minimum block size.
     fn rmw(&self, offset: u64, len: u64, fill: impl FnOnce(&mut [u8])) -> Result<()> {
         let (start, wide) = self.widen(offset, len);
-        let mut block = vec![0u8; usize::try_from(wide).unwrap_or(0)];
+        let mut block = vec![0u8; usize_of(wide)?];
         self.read_aligned(&mut block, start)?;
         let at = (offset - start) as usize;
         if let Some(dst) = block.get_mut(at..at + len as usize) {
@@ -381,7 +381,7 @@ impl BlockDriver for Nbd {
             return self.read_aligned(buf, offset);
         }
         let (start, wide) = self.widen(offset, buf.len() as u64);
-        let mut block = vec![0u8; usize::try_from(wide).unwrap_or(0)];
+        let mut block = vec![0u8; usize_of(wide)?];
         self.read_aligned(&mut block, start)?;
         let at = (offset - start) as usize;
         let src = block.get(at..at + buf.len()).ok_or_else(|| {

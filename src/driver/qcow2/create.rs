@@ -8,7 +8,7 @@
 use super::header::{self, field, INCOMPAT_EXTL2, MAGIC};
 use super::refcount;
 use crate::driver::{self, Format, OpenOptions, MAX_TABLE_BYTES, SECTOR_SIZE};
-use crate::error::{Error, Result};
+use crate::error::{usize_of, Error, Result};
 use crate::storage::{FileStorage, Storage};
 use std::path::Path;
 
@@ -163,7 +163,7 @@ fn create_qcow2(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
     }
     let l1_clusters = (l1_size * 8).div_ceil(cluster_size).max(1);
 
-    let mut head = vec![0u8; usize::try_from(cluster_size).unwrap_or(0)];
+    let mut head = vec![0u8; usize_of(cluster_size)?];
     let header_length = if o.version == 3 {
         header::V3_HEADER_LENGTH
     } else {
@@ -215,7 +215,7 @@ fn create_qcow2(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
         }
     }
 
-    let mut counts = vec![1u64; usize::try_from(1 + l1_clusters).unwrap_or(0)];
+    let mut counts = vec![1u64; usize_of(1 + l1_clusters)?];
     let layout = refcount::fresh_layout(&mut counts, cluster_bits, refcount_order)
         .map_err(|e| bad(path, e.to_string()))?;
     field::REFCOUNT_TABLE_OFFSET.put(&mut head, layout.table_offset);

@@ -3,7 +3,7 @@
 
 use crate::bytes::BeBytes;
 use crate::driver::MAX_TABLE_BYTES;
-use crate::error::{Error, Result};
+use crate::error::{usize_of, Error, Result};
 use std::path::Path;
 
 /// "QFI\xfb".
@@ -521,7 +521,7 @@ fn parse_extensions(src: &Source, common: &Common, features: &Features) -> Resul
     } else {
         cluster_size
     };
-    let ext_end = usize::try_from(ext_end.min(first_cluster.len() as u64)).unwrap_or(0);
+    let ext_end = usize_of(ext_end.min(first_cluster.len() as u64))?;
     let mut at = usize::try_from(features.header_length).unwrap_or(usize::MAX);
     let mut found = Extensions::default();
     while at < ext_end {

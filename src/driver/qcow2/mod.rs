@@ -16,7 +16,7 @@ use super::{
     check_range, gate, locate_in_backing, BlockDriver, Extent, Format, Location, Mapping,
     OpenOptions, TableIndex, MAX_TABLE_BYTES, SECTOR_SIZE,
 };
-use crate::error::{Error, Result};
+use crate::error::{usize_of, Error, Result};
 use crate::storage::{FileStorage, Storage, View};
 use header::{CompressionType, Header};
 use l2::Cluster;
@@ -82,14 +82,14 @@ impl Qcow2 {
         // The fixed header gives the cluster size; the extensions and backing
         // name lie within the first cluster.
         let probe_len = file_len.min(u64::from(header::V3_HEADER_LENGTH));
-        let mut probe = vec![0u8; usize::try_from(probe_len).unwrap_or(0)];
+        let mut probe = vec![0u8; usize_of(probe_len)?];
         file.read_exact_at(&mut probe, 0)?;
         let cluster_bits = header::field::CLUSTER_BITS
             .get(&probe)
             .unwrap_or(16)
             .clamp(9, 21);
         let first_len = file_len.min(1u64 << cluster_bits);
-        let mut first = vec![0u8; usize::try_from(first_len).unwrap_or(0)];
+        let mut first = vec![0u8; usize_of(first_len)?];
         file.read_exact_at(&mut first, 0)?;
         let header = header::parse(&path, &first, file_len)?;
 
@@ -268,7 +268,7 @@ impl Qcow2 {
                     )));
                 }
             }
-            let mut raw = vec![0u8; usize::try_from(cluster_size).unwrap_or(0)];
+            let mut raw = vec![0u8; usize_of(cluster_size)?];
             self.file.read_exact_at(&mut raw, l2_offset)?;
             let entries: Vec<u64> = raw
                 .chunks_exact(8)
@@ -278,25 +278,38 @@ impl Qcow2 {
         })
     }
 
-    /// Decode the unit (cluster or subcluster) at guest `offset` from its table.
+    /// The L2 entry at `l2_index` of `table`, with its subcluster bitmap for
+    /// extended L2 entries (0 otherwise). A table holds every index of its
+    /// cluster, so an index past it is a bug, never an unallocated entry.
+    pub(crate) fn l2_entry(&self, table: &[u64], l2_index: u64) -> Result<(u64, u64)> {
+        let width = if self.header.extended_l2() { 2 } else { 1 };
+        let words = usize::try_from(l2_index)
+            .ok()
+            .and_then(|i| i.checked_mul(width))
+            .and_then(|at| table.get(at..at.checked_add(width)?));
+        match words {
+            Some(&[entry, bitmap]) => Ok((entry, bitmap)),
+            Some(&[entry]) => Ok((entry, 0)),
+            _ => Err(Error::Internal(format!(
+                "{}: L2 index {l2_index} lies past its table of {} entries",
+                self.path().display(),
+                table.len() / width
+            ))),
+        }
+    }
+
+    /// Decode the unit (cluster or subcluster) `unit_in_cluster` of an L2
+    /// entry (and its bitmap, for extended L2).
     fn decode_unit(
         &self,
-        table: &[u64],
-        l2_index: u64,
+        (entry, bitmap): (u64, u64),
         unit_in_cluster: u32,
     ) -> Result<Cluster, String> {
         let bits = self.header.cluster_bits;
         let has_data_file = self.header.has_data_file();
         if self.header.extended_l2() {
-            let at = usize::try_from(l2_index * 2).unwrap_or(usize::MAX);
-            let entry = table.get(at).copied().unwrap_or(0);
-            let bitmap = table.get(at + 1).copied().unwrap_or(0);
             l2::decode_subcluster(entry, bitmap, unit_in_cluster, bits, has_data_file)
         } else {
-            let entry = table
-                .get(usize::try_from(l2_index).unwrap_or(usize::MAX))
-                .copied()
-                .unwrap_or(0);
             let cluster = l2::decode(entry, bits, has_data_file)?;
             if self.header.version < 3 && matches!(cluster, Cluster::Zero { .. }) {
                 // QEMU fails such reads too ("Zero cluster entry found in pre-v3 image").
@@ -324,9 +337,17 @@ impl Qcow2 {
     fn l2_for(&self, l1_index: u64) -> Result<Option<(u64, L2Table)>> {
         let l1_entry = {
             let l1 = self.l1.read().unwrap_or_else(PoisonError::into_inner);
+            // The L1 table covers the disk (checked at open), so an index
+            // past it is a bug, never an unallocated range.
             match usize::try_from(l1_index).ok().and_then(|i| l1.get(i)) {
                 Some(&entry) => entry,
-                None => return Ok(None),
+                None => {
+                    return Err(Error::Internal(format!(
+                        "{}: L1 index {l1_index} lies past the L1 table's {} entries",
+                        self.path().display(),
+                        l1.len()
+                    )))
+                }
             }
         };
         let l2_offset = l2::l1_offset(l1_entry)
@@ -345,8 +366,8 @@ impl Qcow2 {
         compressed_size: u64,
     ) -> Result<()> {
         let cluster_size = self.header.cluster_size();
-        let in_cluster = usize::try_from(guest_offset & (cluster_size - 1)).unwrap_or(0);
-        let cluster_len = usize::try_from(cluster_size).unwrap_or(0);
+        let in_cluster = usize_of(guest_offset & (cluster_size - 1))?;
+        let cluster_len = usize_of(cluster_size)?;
         let id = self.id;
         if in_cluster == 0 && buf.len() == cluster_len {
             // The whole cluster is wanted (the verifier's case): decompress it in
@@ -405,7 +426,7 @@ impl Qcow2 {
         }
         COMPRESSED_INPUT.with(|cell| {
             let mut input = cell.borrow_mut();
-            let n = usize::try_from(available).unwrap_or(0);
+            let n = usize_of(available)?;
             if input.len() < n {
                 input.resize(n, 0);
             }
@@ -425,7 +446,7 @@ impl Qcow2 {
         let file_len = self.data_len()?;
         let len = buf.len() as u64;
         let stored = file_len.saturating_sub(host_offset).min(len);
-        let (head, tail) = buf.split_at_mut(usize::try_from(stored).unwrap_or(0));
+        let (head, tail) = buf.split_at_mut(usize_of(stored)?);
         if !head.is_empty() {
             self.data.read_exact_at(head, host_offset)?;
         }
@@ -451,7 +472,7 @@ fn read_snapshots(file: &dyn Storage, header: &Header, file_len: u64) -> Result<
         .saturating_sub(header.snapshots_offset)
         .min(snapshot::MAX_SNAPSHOT_TABLE_BYTES)
         .min(u64::from(header.nb_snapshots) * (40 + 1024 + 2 * 65535 + 8));
-    let mut table = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    let mut table = vec![0u8; usize_of(len)?];
     file.read_exact_at(&mut table, header.snapshots_offset)?;
     let snapshots =
         snapshot::parse_table(file.path(), &table, header.nb_snapshots, header.version)?;
@@ -556,7 +577,7 @@ impl BlockDriver for Qcow2 {
             ))
         };
         let first = self
-            .decode_unit(&table, l2_index, sub)
+            .decode_unit(self.l2_entry(&table, l2_index)?, sub)
             .map_err(|e| describe(e, l2_index))?;
         let within = offset & (unit - 1);
         let mapping_of = |c: Cluster, within: u64| match c {
@@ -609,7 +630,7 @@ impl BlockDriver for Qcow2 {
         while end < limit {
             let (_, idx, sub) = self.indices(end);
             let next = self
-                .decode_unit(&table, idx, sub)
+                .decode_unit(self.l2_entry(&table, idx)?, sub)
                 .map_err(|e| describe(e, idx))?;
             let continues = match (mapping, next) {
                 (Mapping::Data { host_offset }, Cluster::Normal { host_offset: h }) => {

@@ -14,7 +14,7 @@ pub mod header;
 
 use super::read::{read_mapped, view_through_map};
 use super::{check_range, BlockDriver, Extent, Format, Location, Mapping, TableIndex};
-use crate::error::{Error, Result};
+use crate::error::{usize_of, Error, Result};
 use crate::storage::{Storage, View};
 use header::Header;
 use std::path::Path;
@@ -38,8 +38,7 @@ impl Vdi {
     pub fn open(file: Arc<dyn Storage>) -> Result<Vdi> {
         let path = file.path().to_path_buf();
         let file_len = file.len()?;
-        let mut first =
-            vec![0u8; usize::try_from(file_len.min(header::HEADER_READ as u64)).unwrap_or(0)];
+        let mut first = vec![0u8; usize_of(file_len.min(header::HEADER_READ as u64))?];
         file.read_exact_at(&mut first, 0)?;
         let header = Header::parse(&path, &first, file_len)?;
 
@@ -99,12 +98,20 @@ impl Vdi {
         u64::from(self.header.block_size)
     }
 
-    fn entry(&self, block: u64) -> u32 {
+    /// Block map entry `block`. The map covers the disk (checked at open), so
+    /// a block past it is a bug, never an unallocated block.
+    fn entry(&self, block: u64) -> Result<u32> {
         usize::try_from(block)
             .ok()
             .and_then(|i| self.bmap.get(i))
             .copied()
-            .unwrap_or(UNALLOCATED)
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "{}: block {block} lies past the block map's {} entries",
+                    self.path().display(),
+                    self.bmap.len()
+                ))
+            })
     }
 
     /// Where block `block`'s data starts in the file, checked.
@@ -133,7 +140,7 @@ impl Vdi {
     }
 
     fn mapping_of(&self, block: u64) -> Result<Mapping> {
-        Ok(match self.entry(block) {
+        Ok(match self.entry(block)? {
             UNALLOCATED => Mapping::Unallocated,
             DISCARDED => Mapping::Zero { allocated: false },
             entry => Mapping::Data {

@@ -9,7 +9,7 @@
 //! budgeted, and replayed data is never copied: the overlay keeps, per 4 KiB
 //! page, where its bytes are in the log.
 
-use super::header::{guid_string, Header, Le};
+use super::header::{guid_string, Header, Le, PastEnd};
 use crate::error::{Error, Result};
 use crate::storage::{Storage, View};
 use std::collections::{BTreeMap, HashMap};
@@ -113,15 +113,18 @@ impl Scanner<'_> {
         if first.get(..4) != Some(b"loge".as_slice()) {
             return Ok(None);
         }
+        // A whole sector: every header field is there.
+        let path = self.path;
+        let internal = |e: PastEnd| e.internal(path);
         let entry = Entry {
-            length: u64::from(h.u32(8).unwrap_or(0)),
-            tail: u64::from(h.u32(12).unwrap_or(0)),
-            sequence: h.u64(16).unwrap_or(0),
-            descriptors: h.u32(24).unwrap_or(0),
-            flushed_file_offset: h.u64(48).unwrap_or(0),
-            last_file_offset: h.u64(56).unwrap_or(0),
+            length: u64::from(h.field_u32(8).map_err(internal)?),
+            tail: u64::from(h.field_u32(12).map_err(internal)?),
+            sequence: h.field_u64(16).map_err(internal)?,
+            descriptors: h.field_u32(24).map_err(internal)?,
+            flushed_file_offset: h.field_u64(48).map_err(internal)?,
+            last_file_offset: h.field_u64(56).map_err(internal)?,
         };
-        let guid: [u8; 16] = h.bytes(32).unwrap_or_default();
+        let guid: [u8; 16] = h.field(32).map_err(internal)?;
         let descriptor_sectors = (u64::from(entry.descriptors) + 2).div_ceil(128);
         if entry.length == 0
             || entry.length % SECTOR != 0
@@ -177,8 +180,8 @@ impl Scanner<'_> {
                 }
             } else if k < descriptor_sectors + data_sectors {
                 let d = Le(sector);
-                let high = u64::from(d.u32(4).unwrap_or(0));
-                let low = u64::from(d.u32(4092).unwrap_or(0));
+                let high = u64::from(d.field_u32(4).map_err(internal)?);
+                let low = u64::from(d.field_u32(4092).map_err(internal)?);
                 if sector.get(..4) != Some(b"data".as_slice())
                     || (high << 32 | low) != entry.sequence
                 {
@@ -286,17 +289,14 @@ pub fn replay(
             last = Some(entry);
             head = (head + entry.length) % log_len;
         }
-        let valid = last.filter(|l| positions.contains(&l.tail));
-        if let Some(head_entry) = valid {
+        // Valid when the head names, as its tail, an entry of this sequence.
+        let valid = last.and_then(|l| Some((l, positions.iter().position(|p| *p == l.tail)?)));
+        if let Some((head_entry, from)) = valid {
             if candidate
                 .as_ref()
                 .is_none_or(|(_, c)| head_entry.sequence > c.sequence)
             {
                 // Replay from the entry the head names as the tail.
-                let from = positions
-                    .iter()
-                    .position(|p| *p == head_entry.tail)
-                    .unwrap_or(0);
                 candidate = Some((positions.split_off(from), head_entry));
             }
             tail = head;

@@ -3,7 +3,7 @@
 //! logical and physical sector size, page 83 data (the disk's GUID) and, for a
 //! differencing disk, the parent locator.
 
-use super::header::{guid, guid_string, Guid, Le, Region, MIB};
+use super::header::{guid, guid_string, Guid, Le, PastEnd, Region, MIB};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 use std::path::Path;
@@ -133,7 +133,8 @@ pub fn parse(path: &Path, file: &dyn Storage, region: Region, file_len: u64) -> 
             format!("table at {:#x}: signature is not 'metadata'", region.offset),
         ));
     }
-    let count = t.u16(10).unwrap_or(0);
+    let internal = |e: PastEnd| e.internal(path);
+    let count = t.field_u16(10).map_err(internal)?;
     if count > MAX_ENTRIES {
         return Err(corrupt(
             path,
@@ -152,10 +153,11 @@ pub fn parse(path: &Path, file: &dyn Storage, region: Region, file_len: u64) -> 
     let mut spans: Vec<(u32, u32, usize)> = Vec::new();
     for i in 0..usize::from(count) {
         let at = 32 + 32 * i;
-        let id: Guid = t.bytes(at).unwrap_or_default();
-        let offset = t.u32(at + 16).unwrap_or(0);
-        let length = t.u32(at + 20).unwrap_or(0);
-        let flags = t.u32(at + 24).unwrap_or(0);
+        // At most MAX_ENTRIES entries of 32 bytes: all inside the table.
+        let id: Guid = t.field(at).map_err(internal)?;
+        let offset = t.field_u32(at + 16).map_err(internal)?;
+        let length = t.field_u32(at + 20).map_err(internal)?;
+        let flags = t.field_u32(at + 24).map_err(internal)?;
         let (is_user, is_required) = (flags & 1 != 0, flags & 4 != 0);
         let what = format!("entry {i} ({})", guid_string(&id));
         if length > MAX_ITEM {
@@ -230,8 +232,9 @@ pub fn parse(path: &Path, file: &dyn Storage, region: Region, file_len: u64) -> 
 
     let params = read_item(0, 8)?;
     let p = Le(&params);
-    let block_size = p.u32(0).unwrap_or(0);
-    let bits = p.u32(4).unwrap_or(0);
+    // Each item was read at least as long as its fields (read_item's min_len).
+    let block_size = p.field_u32(0).map_err(internal)?;
+    let bits = p.field_u32(4).map_err(internal)?;
     if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) || !block_size.is_power_of_two() {
         return Err(corrupt(
             path,
@@ -244,8 +247,8 @@ pub fn parse(path: &Path, file: &dyn Storage, region: Region, file_len: u64) -> 
             format!("vhdx: metadata File Parameters: reserved flags {bits:#x} are set"),
         ));
     }
-    let logical = Le(&read_item(3, 4)?).u32(0).unwrap_or(0);
-    let physical = Le(&read_item(4, 4)?).u32(0).unwrap_or(0);
+    let logical = Le(&read_item(3, 4)?).field_u32(0).map_err(internal)?;
+    let physical = Le(&read_item(4, 4)?).field_u32(0).map_err(internal)?;
     for (name, value) in [("Logical", logical), ("Physical", physical)] {
         if value != 512 && value != 4096 {
             return Err(corrupt(
@@ -254,7 +257,7 @@ pub fn parse(path: &Path, file: &dyn Storage, region: Region, file_len: u64) -> 
             ));
         }
     }
-    let disk_size = Le(&read_item(1, 8)?).u64(0).unwrap_or(0);
+    let disk_size = Le(&read_item(1, 8)?).field_u64(0).map_err(internal)?;
     if disk_size > MAX_DISK_SIZE || disk_size % u64::from(logical) != 0 {
         return Err(corrupt(
             path,
@@ -263,7 +266,7 @@ pub fn parse(path: &Path, file: &dyn Storage, region: Region, file_len: u64) -> 
             ),
         ));
     }
-    let page83 = Le(&read_item(2, 16)?).bytes(0).unwrap_or_default();
+    let page83 = Le(&read_item(2, 16)?).field(0).map_err(internal)?;
     let has_parent = bits & 2 != 0;
     let parent_locator = if has_parent {
         if items.get(5).is_none_or(Option::is_none) {
@@ -292,7 +295,9 @@ pub fn parse(path: &Path, file: &dyn Storage, region: Region, file_len: u64) -> 
 /// The key/value pairs of a VHDX parent locator (MS-VHDX 2.6.2.6).
 fn parse_locator(path: &Path, item: &[u8]) -> Result<Vec<(String, String)>> {
     let f = Le(item);
-    let kind: Guid = f.bytes(0).unwrap_or_default();
+    // The item is at least 20 bytes (read_item's min_len): the type and count are there.
+    let internal = |e: PastEnd| e.internal(path);
+    let kind: Guid = f.field(0).map_err(internal)?;
     if kind != VHDX_PARENT_TYPE {
         return Err(Error::format(
             path,
@@ -302,7 +307,7 @@ fn parse_locator(path: &Path, item: &[u8]) -> Result<Vec<(String, String)>> {
             ),
         ));
     }
-    let count = f.u16(18).unwrap_or(0);
+    let count = f.field_u16(18).map_err(internal)?;
     let mut pairs: Vec<(String, String)> = Vec::new();
     for i in 0..usize::from(count) {
         let at = 20 + 12 * i;

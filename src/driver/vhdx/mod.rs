@@ -21,7 +21,7 @@ use super::{
     check_range, gate, locate_in_backing, BlockDriver, Extent, Format, Location, Mapping,
     OpenOptions, TableIndex,
 };
-use crate::error::{Error, Result};
+use crate::error::{usize_of, Error, Result};
 use crate::storage::{Storage, View};
 use bat::{Block, Geometry};
 use header::{guid_string, Header, Region, Regions, HEADER_SECTION, MIB};
@@ -229,14 +229,27 @@ impl Vhdx {
         self.geometry.block_size
     }
 
-    /// The payload block `block`'s state, or a read error naming its entry.
-    fn block(&self, block: u64) -> Result<Block> {
-        let index = self.geometry.payload_index(block);
-        let entry = usize::try_from(index)
+    /// BAT entry `index`. The BAT was read whole, with an entry for every
+    /// block of the disk, so an index past it is a bug, never a block that
+    /// is not present.
+    fn bat_entry(&self, index: u64) -> Result<u64> {
+        usize::try_from(index)
             .ok()
             .and_then(|i| self.bat.get(i))
             .copied()
-            .unwrap_or(0);
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "{}: BAT entry {index} lies past the BAT's {} entries",
+                    self.path().display(),
+                    self.bat.len()
+                ))
+            })
+    }
+
+    /// The payload block `block`'s state, or a read error naming its entry.
+    fn block(&self, block: u64) -> Result<Block> {
+        let index = self.geometry.payload_index(block);
+        let entry = self.bat_entry(index)?;
         let decoded = bat::decode_payload(entry, self.meta.has_parent)
             .map_err(|e| self.bat_error(index, block, e))?;
         if let Block::Present { file_offset } | Block::Partial { file_offset } = decoded {
@@ -275,11 +288,7 @@ impl Vhdx {
     fn map_partial(&self, block: u64, file_offset: u64, offset: u64, limit: u64) -> Result<Extent> {
         let g = &self.geometry;
         let index = g.bitmap_index(block);
-        let entry = usize::try_from(index)
-            .ok()
-            .and_then(|i| self.bat.get(i))
-            .copied()
-            .unwrap_or(0);
+        let entry = self.bat_entry(index)?;
         let bitmap = match bat::decode_bitmap(entry) {
             Ok(Some(at)) => at,
             Ok(None) => {
@@ -369,7 +378,7 @@ fn read_bat(
         ));
     }
     // Bounded: at most 64 TiB / 1 MiB entries, and inside the file.
-    let mut entries = Vec::with_capacity(usize::try_from(geometry.entries).unwrap_or(0));
+    let mut entries = Vec::with_capacity(usize_of(geometry.entries)?);
     let mut chunk = vec![0u8; (1 << 20).min(bytes as usize)];
     let mut done = 0u64;
     while done < bytes {

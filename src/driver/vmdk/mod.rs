@@ -24,7 +24,7 @@ use super::{
     check_range, gate, locate_in_backing, BlockDriver, Extent, Format, Location, Mapping,
     OpenOptions, TableIndex, SECTOR_SIZE,
 };
-use crate::error::{Error, Result};
+use crate::error::{usize_of, Error, Result};
 use crate::storage::{Storage, View};
 use descriptor::{CreateType, Descriptor, ExtentKind, NO_PARENT};
 use sparse::{Grain, SparseExtent};
@@ -325,7 +325,7 @@ fn read_descriptor_file(storage: &dyn Storage, len: u64) -> Result<Descriptor> {
             ),
         ));
     }
-    let mut bytes = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    let mut bytes = vec![0u8; usize_of(len)?];
     storage.read_exact_at(&mut bytes, 0)?;
     let descriptor = parse_descriptor(path, descriptor::text_of(&bytes))?;
     if descriptor.create_type.is_embedded() {

@@ -14,7 +14,7 @@ use super::header::{self, Header};
 use super::stream::{self, GRAIN_MARKER_BYTES};
 use crate::driver::cache::{L2Cache, L2Table};
 use crate::driver::SECTOR_SIZE;
-use crate::error::{Error, Result};
+use crate::error::{usize_of, Error, Result};
 use crate::storage::Storage;
 use std::cell::RefCell;
 use std::path::Path;
@@ -126,7 +126,7 @@ impl SparseExtent {
             header::check(&path, "header", &raw, file_len)?
         };
 
-        let gd_bytes = usize::try_from(header.gd_bytes()).unwrap_or(0);
+        let gd_bytes = usize_of(header.gd_bytes())?;
         let mut raw_gd = vec![0u8; gd_bytes];
         file.read_exact_at(&mut raw_gd, header.gd_offset)?;
         let gd = raw_gd
@@ -136,7 +136,7 @@ impl SparseExtent {
         let descriptor = match header.descriptor {
             None => None,
             Some((at, len)) => {
-                let mut bytes = vec![0u8; usize::try_from(len).unwrap_or(0)];
+                let mut bytes = vec![0u8; usize_of(len)?];
                 file.read_exact_at(&mut bytes, at)?;
                 let text_len = super::descriptor::text_of(&bytes).len();
                 bytes.truncate(text_len);
@@ -208,7 +208,7 @@ impl SparseExtent {
                     "GD index {gd_index}: grain table at {gt_offset:#x} overlaps the grain directory (at {gd_offset:#x})"
                 )));
             }
-            let mut raw = vec![0u8; usize::try_from(gt_bytes).unwrap_or(0)];
+            let mut raw = vec![0u8; usize_of(gt_bytes)?];
             self.file.read_exact_at(&mut raw, gt_offset)?;
             let entries: Vec<u64> = raw
                 .chunks_exact(4)
@@ -271,15 +271,23 @@ impl SparseExtent {
                 gt_index,
             });
         };
+        // A grain table holds every entry of its span: an index past it is a
+        // bug, never an unallocated grain.
         let entry = |index: u64| {
             usize::try_from(index)
                 .ok()
                 .and_then(|i| table.get(i))
                 .copied()
-                .unwrap_or(0)
+                .ok_or_else(|| {
+                    Error::Internal(format!(
+                        "{}: grain table entry {index} of GD entry {gd_index} lies past the table's {} entries",
+                        self.file.path().display(),
+                        table.len()
+                    ))
+                })
         };
         let within = offset % grain;
-        let first = match self.decode(entry(gt_index), gd_index, gt_index, offset - within)? {
+        let first = match self.decode(entry(gt_index)?, gd_index, gt_index, offset - within)? {
             Grain::Data { host_offset } => Grain::Data {
                 host_offset: host_offset + within,
             },
@@ -291,7 +299,7 @@ impl SparseExtent {
             // contiguous host offsets).
             while end < limit {
                 let index = end / grain % gtes;
-                let next = self.decode(entry(index), gd_index, index, end)?;
+                let next = self.decode(entry(index)?, gd_index, index, end)?;
                 let continues = match (first, next) {
                     (Grain::Data { host_offset }, Grain::Data { host_offset: h }) => {
                         h == host_offset + (end - offset)
@@ -376,7 +384,8 @@ impl SparseExtent {
         let needed = grain.min(self.header.capacity_bytes() - grain_start);
         STREAM.with(|cell| {
             let mut stream = cell.borrow_mut();
-            let n = usize::try_from(size).unwrap_or(0);
+            // At most twice a grain (checked by grain_marker): it fits a usize.
+            let n = size as usize;
             if stream.len() < n {
                 stream.resize(n, 0);
             }
@@ -408,7 +417,7 @@ impl SparseExtent {
         let grain = self.header.grain_bytes();
         let within = offset % grain;
         let grain_start = offset - within;
-        let grain_len = usize::try_from(grain).unwrap_or(0);
+        let grain_len = usize_of(grain)?;
         if within == 0 && buf.len() == grain_len {
             // A whole grain (the verifier's case): inflate in place, and leave
             // the one-grain cache to small reads.

@@ -22,7 +22,7 @@ use super::{
     check_range, gate, BlockDriver, Extent, Format, Location, Mapping, OpenOptions, TableIndex,
     MAX_TABLE_BYTES, SECTOR_SIZE,
 };
-use crate::error::{Error, Result};
+use crate::error::{usize_of, Error, Result};
 use crate::storage::{Storage, View};
 use dynamic::{DynamicHeader, UNALLOCATED};
 use footer::{Footer, FOOTER_SIZE, TYPE_DIFFERENCING, TYPE_FIXED};
@@ -329,7 +329,7 @@ fn open_sparse(
         }
     }
 
-    let mut raw_bat = vec![0u8; usize::try_from(bat_bytes).unwrap_or(0)];
+    let mut raw_bat = vec![0u8; usize_of(bat_bytes)?];
     file.read_exact_at(&mut raw_bat, bat_offset)?;
     let bat: Vec<u32> = raw_bat
         .chunks_exact(4)
@@ -395,14 +395,21 @@ fn overlaps(a: u64, a_len: u64, b: u64, b_len: u64) -> bool {
 }
 
 impl Sparse {
-    /// The BAT entry of block `block` (blocks past the table are unallocated;
-    /// open made sure the table covers the disk).
-    fn entry(&self, block: u64) -> u32 {
+    /// The BAT entry of block `block` of the image at `path`. Open made sure
+    /// the table covers the disk, so a block past it is a bug, never an
+    /// unallocated block.
+    fn entry(&self, path: &Path, block: u64) -> Result<u32> {
         usize::try_from(block)
             .ok()
             .and_then(|i| self.bat.get(i))
             .copied()
-            .unwrap_or(UNALLOCATED)
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "{}: block {block} lies past the BAT's {} entries",
+                    path.display(),
+                    self.bat.len()
+                ))
+            })
     }
 
     /// Where block `block`'s bitmap starts.
@@ -421,7 +428,7 @@ impl Sparse {
                 return Ok(bitmap.clone());
             }
         }
-        let mut bytes = vec![0u8; usize::try_from(self.bitmap_size).unwrap_or(0)];
+        let mut bytes = vec![0u8; usize_of(self.bitmap_size)?];
         file.read_exact_at(&mut bytes, self.bitmap_offset(entry))?;
         let bitmap: Arc<[u8]> = Arc::from(bytes);
         *last = Some((block, bitmap.clone()));
@@ -461,7 +468,7 @@ impl Sparse {
         let block = offset / self.block_size;
         let in_block = offset % self.block_size;
         let block_end = (block + 1) * self.block_size;
-        let entry = self.entry(block);
+        let entry = self.entry(file.path(), block)?;
         let data_start = self.bitmap_offset(entry) + self.bitmap_size;
         let (length, mapping) = match entry {
             UNALLOCATED => (block_end.min(limit) - offset, Mapping::Unallocated),
@@ -499,7 +506,7 @@ impl Sparse {
         if mapping == Mapping::Unallocated && end == block_end {
             let mut next = block + 1;
             while end < limit {
-                let entry = self.entry(next);
+                let entry = self.entry(file.path(), next)?;
                 let state = match entry {
                     UNALLOCATED => BITMAP_EMPTY,
                     _ => self.bitmap_state(file, next, entry)?,
@@ -607,7 +614,9 @@ impl BlockDriver for Vpc {
                 table: "BAT",
                 index: block,
             });
-            if sparse.entry(block) != UNALLOCATED && extent.mapping == Mapping::Unallocated {
+            if sparse.entry(self.path(), block)? != UNALLOCATED
+                && extent.mapping == Mapping::Unallocated
+            {
                 // An allocated block whose bitmap sends this sector elsewhere.
                 location.tables.push(TableIndex {
                     table: "bitmap",
