@@ -15,6 +15,7 @@ pub mod digest;
 pub mod driver;
 pub mod error;
 pub mod exercise;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod map;
