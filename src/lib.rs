@@ -5,7 +5,6 @@
 //! the allocation map ([`map`]).
 //! Nothing here knows Python; the bindings live in `python` behind the `python`
 //! feature.
-#![warn(missing_docs)]
 
 pub mod batch;
 pub mod blkverify;

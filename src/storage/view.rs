@@ -51,10 +51,10 @@ extern "C" fn on_sigbus(
     info: *mut libc::siginfo_t,
     context: *mut libc::c_void,
 ) {
-    // SAFETY: the kernel passes a valid siginfo_t for an SA_SIGINFO handler.
     let addr = if info.is_null() {
         0
     } else {
+        // SAFETY: the kernel passes a valid siginfo_t for an SA_SIGINFO handler.
         unsafe { (*info).si_addr() as usize }
     };
     let page = PAGE_SIZE.load(Ordering::Relaxed);
