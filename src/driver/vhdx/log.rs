@@ -257,64 +257,7 @@ pub fn replay(
             "the log ({log_len:#x} bytes) lies past the end of the file (size {file_len:#x})"
         )));
     }
-    let mut steps_left = (log_len / SECTOR).saturating_mul(STEP_BUDGET_PER_SECTOR);
-    // The active sequence: its entries' log positions, and its head entry.
-    let mut candidate: Option<(Vec<u64>, Entry)> = None;
-    let mut tail = 0u64;
-    let mut old_tail = 0u64;
-    loop {
-        let mut positions: Vec<u64> = Vec::new();
-        let mut last: Option<Entry> = None;
-        let mut head = tail;
-        let mut covered = 0u64;
-        loop {
-            if steps_left == 0 {
-                return Err(scanner.corrupt(
-                    "finding its active sequence takes too many steps; a log like that is not plausible"
-                        .into(),
-                ));
-            }
-            steps_left -= 1;
-            let Some(entry) = scanner.entry(head)? else {
-                break;
-            };
-            if last.is_some_and(|l| l.sequence.checked_add(1) != Some(entry.sequence)) {
-                break;
-            }
-            if covered + entry.length > log_len {
-                break;
-            }
-            covered += entry.length;
-            positions.push(head);
-            last = Some(entry);
-            head = (head + entry.length) % log_len;
-        }
-        // Valid when the head names, as its tail, an entry of this sequence.
-        let valid = last.and_then(|l| Some((l, positions.iter().position(|p| *p == l.tail)?)));
-        if let Some((head_entry, from)) = valid {
-            if candidate
-                .as_ref()
-                .is_none_or(|(_, c)| head_entry.sequence > c.sequence)
-            {
-                // Replay from the entry the head names as the tail.
-                candidate = Some((positions.split_off(from), head_entry));
-            }
-            tail = head;
-        } else {
-            tail = (tail + SECTOR) % log_len;
-        }
-        // Back at or before where the scan was: every position has been seen.
-        if tail <= old_tail {
-            break;
-        }
-        old_tail = tail;
-    }
-    let Some((positions, head)) = candidate else {
-        return Err(scanner.corrupt(
-            "the header's LogGuid says the log must be replayed, but the log holds no valid, complete entry sequence"
-                .into(),
-        ));
-    };
+    let (positions, head) = scanner.active_sequence()?;
     if file_len < head.flushed_file_offset {
         return Err(scanner.corrupt(format!(
             "the file is {file_len:#x} bytes, shorter than the FlushedFileOffset {:#x} of the log's head entry (sequence {}): it was truncated",
@@ -330,6 +273,103 @@ pub fn replay(
         head_sequence: head.sequence,
     };
     for pos in positions {
+        replayed.lay_entry(&mut scanner, pos)?;
+    }
+    Ok(replayed)
+}
+
+/// A run of entries in sequence found from one log position.
+struct Run {
+    /// The entries' log positions, in order.
+    positions: Vec<u64>,
+    /// The last entry of the run, if any.
+    last: Option<Entry>,
+    /// The log position just past the run.
+    end: u64,
+}
+
+impl Scanner<'_> {
+    /// The active sequence: the log positions of its entries, from the one
+    /// its head names as the tail, and its head entry. Every log position is
+    /// tried as the start of a run, within a budget of steps.
+    fn active_sequence(&mut self) -> Result<(Vec<u64>, Entry)> {
+        let mut steps_left = (self.log_len / SECTOR).saturating_mul(STEP_BUDGET_PER_SECTOR);
+        let mut candidate: Option<(Vec<u64>, Entry)> = None;
+        let mut tail = 0u64;
+        let mut old_tail = 0u64;
+        loop {
+            let mut run = self.run_from(tail, &mut steps_left)?;
+            // Valid when the head names, as its tail, an entry of this run.
+            let valid = run
+                .last
+                .and_then(|l| Some((l, run.positions.iter().position(|p| *p == l.tail)?)));
+            if let Some((head_entry, from)) = valid {
+                if candidate
+                    .as_ref()
+                    .is_none_or(|(_, c)| head_entry.sequence > c.sequence)
+                {
+                    // Replay from the entry the head names as the tail.
+                    candidate = Some((run.positions.split_off(from), head_entry));
+                }
+                tail = run.end;
+            } else {
+                tail = (tail + SECTOR) % self.log_len;
+            }
+            // Back at or before where the scan was: every position has been seen.
+            if tail <= old_tail {
+                break;
+            }
+            old_tail = tail;
+        }
+        candidate.ok_or_else(|| {
+            self.corrupt(
+                "the header's LogGuid says the log must be replayed, but the log holds no valid, complete entry sequence"
+                    .into(),
+            )
+        })
+    }
+
+    /// The entries in sequence from log position `start`, up to one log's
+    /// length of them.
+    fn run_from(&mut self, start: u64, steps_left: &mut u64) -> Result<Run> {
+        let mut run = Run {
+            positions: Vec::new(),
+            last: None,
+            end: start,
+        };
+        let mut covered = 0u64;
+        loop {
+            if *steps_left == 0 {
+                return Err(self.corrupt(
+                    "finding its active sequence takes too many steps; a log like that is not plausible"
+                        .into(),
+                ));
+            }
+            *steps_left -= 1;
+            let Some(entry) = self.entry(run.end)? else {
+                break;
+            };
+            if run
+                .last
+                .is_some_and(|l| l.sequence.checked_add(1) != Some(entry.sequence))
+            {
+                break;
+            }
+            if covered + entry.length > self.log_len {
+                break;
+            }
+            covered += entry.length;
+            run.positions.push(run.end);
+            run.last = Some(entry);
+            run.end = (run.end + entry.length) % self.log_len;
+        }
+        Ok(run)
+    }
+}
+
+impl Replayed {
+    /// Lay the writes of the log entry at `pos` over what is there.
+    fn lay_entry(&mut self, scanner: &mut Scanner<'_>, pos: u64) -> Result<()> {
         let entry = scanner
             .entry(pos)?
             .ok_or_else(|| scanner.corrupt(format!("entry at {pos:#x} vanished")))?;
@@ -355,7 +395,7 @@ pub fn replay(
                     length,
                 }) => {
                     let end = end_of(file_offset, length)?;
-                    replayed.lay(file_offset, end, Source::Zero);
+                    self.lay(file_offset, end, Source::Zero);
                 }
                 Some(Descriptor::Data {
                     file_offset,
@@ -366,7 +406,7 @@ pub fn replay(
                     let sector_at =
                         scanner.file_offset_of(pos + (descriptor_sectors + data_index) * SECTOR);
                     data_index += 1;
-                    replayed.lay(
+                    self.lay(
                         file_offset,
                         end,
                         Source::Page {
@@ -384,8 +424,8 @@ pub fn replay(
                 }
             }
         }
+        Ok(())
     }
-    Ok(replayed)
 }
 
 impl Replayed {
