@@ -184,7 +184,37 @@ impl Header {
 pub fn check(path: &Path, what: &str, raw: &RawHeader, file_len: u64) -> Result<Header> {
     let corrupt = |m: String| Error::corrupt(path, format!("vmdk: {what}: {m}"));
     let unsupported = |m: String| Error::format(path, format!("vmdk: {what}: {m}"));
+    let compressed = check_encoding(raw, &corrupt, &unsupported)?;
+    check_geometry(raw, file_len, &corrupt, &unsupported)?;
+    let descriptor = descriptor_place(raw, &corrupt)?;
+    let mut header = Header {
+        version: raw.version,
+        flags: raw.flags,
+        capacity: raw.capacity,
+        grain_sectors: raw.grain_size,
+        descriptor,
+        gtes_per_gt: raw.gtes_per_gt,
+        gd_offset: 0,
+        rgd_offset: None,
+        overhead: raw.overhead,
+        compressed,
+        zeroed_grain: raw.flags & FLAG_ZERO_GRAIN != 0,
+        unclean_shutdown: raw.unclean_shutdown != 0,
+    };
+    place_grain_directories(&mut header, raw, file_len, &corrupt)?;
+    if let Some((at, len)) = header.descriptor {
+        check_fits(&corrupt, "embedded descriptor", at, len, file_len)?;
+    }
+    Ok(header)
+}
 
+/// The version, the compression and the flags that go with it, and the
+/// newline check bytes. Returns whether grains are compressed.
+fn check_encoding(
+    raw: &RawHeader,
+    corrupt: &impl Fn(String) -> Error,
+    unsupported: &impl Fn(String) -> Error,
+) -> Result<bool> {
     if !(1..=3).contains(&raw.version) {
         return Err(unsupported(format!(
             "version is {} (supported: 1 to 3)",
@@ -222,6 +252,16 @@ pub fn check(path: &Path, what: &str, raw: &RawHeader, file_len: u64) -> Result<
             raw.check_bytes
         )));
     }
+    Ok(compressed)
+}
+
+/// The grain size, the grain table size, the capacity and the overhead.
+fn check_geometry(
+    raw: &RawHeader,
+    file_len: u64,
+    corrupt: &impl Fn(String) -> Error,
+    unsupported: &impl Fn(String) -> Error,
+) -> Result<()> {
     if raw.grain_size == 0 || !raw.grain_size.is_power_of_two() {
         return Err(corrupt(format!(
             "grainSize is {} sectors; it must be a power of two",
@@ -256,40 +296,42 @@ pub fn check(path: &Path, what: &str, raw: &RawHeader, file_len: u64) -> Result<
             raw.overhead
         )));
     }
-    let descriptor = match raw.descriptor_offset {
-        0 => None,
-        offset => {
-            if raw.descriptor_size == 0 || raw.descriptor_size > MAX_DESCRIPTOR_BYTES / SECTOR_SIZE
-            {
-                return Err(corrupt(format!(
-                    "descriptorSize is {} sectors; it must be 1 to {}",
-                    raw.descriptor_size,
-                    MAX_DESCRIPTOR_BYTES / SECTOR_SIZE
-                )));
-            }
-            let at = table_place(
-                &corrupt,
-                "descriptor",
-                offset,
-                raw.descriptor_size * SECTOR_SIZE,
-            )?;
-            Some((at, raw.descriptor_size * SECTOR_SIZE))
-        }
+    Ok(())
+}
+
+/// Where the embedded descriptor is, and its length, if there is one.
+fn descriptor_place(
+    raw: &RawHeader,
+    corrupt: &impl Fn(String) -> Error,
+) -> Result<Option<(u64, u64)>> {
+    let offset = match raw.descriptor_offset {
+        0 => return Ok(None),
+        offset => offset,
     };
-    let mut header = Header {
-        version: raw.version,
-        flags: raw.flags,
-        capacity: raw.capacity,
-        grain_sectors: raw.grain_size,
-        descriptor,
-        gtes_per_gt: raw.gtes_per_gt,
-        gd_offset: 0,
-        rgd_offset: None,
-        overhead: raw.overhead,
-        compressed,
-        zeroed_grain: raw.flags & FLAG_ZERO_GRAIN != 0,
-        unclean_shutdown: raw.unclean_shutdown != 0,
-    };
+    if raw.descriptor_size == 0 || raw.descriptor_size > MAX_DESCRIPTOR_BYTES / SECTOR_SIZE {
+        return Err(corrupt(format!(
+            "descriptorSize is {} sectors; it must be 1 to {}",
+            raw.descriptor_size,
+            MAX_DESCRIPTOR_BYTES / SECTOR_SIZE
+        )));
+    }
+    let at = table_place(
+        corrupt,
+        "descriptor",
+        offset,
+        raw.descriptor_size * SECTOR_SIZE,
+    )?;
+    Ok(Some((at, raw.descriptor_size * SECTOR_SIZE)))
+}
+
+/// Place the grain directory (and the redundant one, if the flags say so)
+/// in the file, within the table cap.
+fn place_grain_directories(
+    header: &mut Header,
+    raw: &RawHeader,
+    file_len: u64,
+    corrupt: &impl Fn(String) -> Error,
+) -> Result<()> {
     let gd_bytes = header.gd_bytes();
     if gd_bytes > MAX_TABLE_BYTES {
         return Err(corrupt(format!(
@@ -298,29 +340,16 @@ pub fn check(path: &Path, what: &str, raw: &RawHeader, file_len: u64) -> Result<
             raw.capacity, raw.gtes_per_gt, raw.grain_size
         )));
     }
-    let gd_offset = table_place(&corrupt, "grain directory", raw.gd_offset, gd_bytes)?;
-    check_fits(&corrupt, "grain directory", gd_offset, gd_bytes, file_len)?;
+    let gd_offset = table_place(corrupt, "grain directory", raw.gd_offset, gd_bytes)?;
+    check_fits(corrupt, "grain directory", gd_offset, gd_bytes, file_len)?;
     header.gd_offset = gd_offset;
     if raw.flags & FLAG_RGD != 0 && raw.rgd_offset != 0 {
-        let rgd = table_place(
-            &corrupt,
-            "redundant grain directory",
-            raw.rgd_offset,
-            gd_bytes,
-        )?;
-        check_fits(
-            &corrupt,
-            "redundant grain directory",
-            rgd,
-            gd_bytes,
-            file_len,
-        )?;
+        let what = "redundant grain directory";
+        let rgd = table_place(corrupt, what, raw.rgd_offset, gd_bytes)?;
+        check_fits(corrupt, what, rgd, gd_bytes, file_len)?;
         header.rgd_offset = Some(rgd);
     }
-    if let Some((at, len)) = header.descriptor {
-        check_fits(&corrupt, "embedded descriptor", at, len, file_len)?;
-    }
-    Ok(header)
+    Ok(())
 }
 
 /// The byte offset of a table stored at sector `sector`: never sector 0 (the
