@@ -282,30 +282,8 @@ fn open_sparse(
     let header = DynamicHeader::parse(path, &raw_header, header_offset)?;
     let block_size = u64::from(header.block_size);
     let bitmap_size = header.bitmap_size();
-
-    let covered = u64::from(header.max_table_entries) * block_size;
-    if covered < size {
-        return Err(corrupt(format!(
-            "max_table_entries is {}: the BAT maps {covered} bytes, less than the disk size {size}",
-            header.max_table_entries
-        )));
-    }
-    let bat_bytes = header.bat_bytes();
-    if bat_bytes > MAX_TABLE_BYTES {
-        return Err(corrupt(format!(
-            "max_table_entries is {}, a BAT of {bat_bytes} bytes (the limit is {})",
-            header.max_table_entries, MAX_TABLE_BYTES
-        )));
-    }
     let bat_offset = header.table_offset;
-    if bat_offset
-        .checked_add(bat_bytes)
-        .is_none_or(|end| end > file_len)
-    {
-        return Err(corrupt(format!(
-            "BAT at {bat_offset:#x} ({bat_bytes} bytes) lies past the end of the file (size {file_len:#x})"
-        )));
-    }
+    let bat_bytes = check_bat_place(&header, size, file_len, &corrupt)?;
     // Metadata no block may overlap, and that must not overlap each other.
     let mut regions: Vec<(&str, u64, u64)> = vec![
         ("the footer copy", 0, FOOTER_SIZE as u64),
@@ -328,7 +306,6 @@ fn open_sparse(
             }
         }
     }
-
     let mut raw_bat = vec![0u8; usize_of(bat_bytes)?];
     file.read_exact_at(&mut raw_bat, bat_offset)?;
     let bat: Vec<u32> = raw_bat
@@ -336,11 +313,73 @@ fn open_sparse(
         .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     drop(raw_bat);
+    check_blocks(
+        &bat,
+        bitmap_size + block_size,
+        block_size,
+        &regions,
+        file_len,
+        &corrupt,
+    )?;
+    let bitmap_states = (0..bat.len())
+        .map(|_| AtomicU8::new(BITMAP_UNKNOWN))
+        .collect();
+    Ok(Sparse {
+        header,
+        header_offset,
+        bat,
+        block_size,
+        bitmap_size,
+        bitmap_states,
+        last_bitmap: Mutex::new(None),
+    })
+}
 
-    // Every entry, as QEMU checks them at open (it refuses an image with a
-    // block past the end of the file), and more: no block may overlap
-    // metadata or another block.
-    let span = bitmap_size + block_size;
+/// The BAT's size: it must map the whole disk, stay within the table cap
+/// and lie in the file.
+fn check_bat_place(
+    header: &DynamicHeader,
+    size: u64,
+    file_len: u64,
+    corrupt: &impl Fn(String) -> Error,
+) -> Result<u64> {
+    let covered = u64::from(header.max_table_entries) * u64::from(header.block_size);
+    if covered < size {
+        return Err(corrupt(format!(
+            "max_table_entries is {}: the BAT maps {covered} bytes, less than the disk size {size}",
+            header.max_table_entries
+        )));
+    }
+    let bat_bytes = header.bat_bytes();
+    if bat_bytes > MAX_TABLE_BYTES {
+        return Err(corrupt(format!(
+            "max_table_entries is {}, a BAT of {bat_bytes} bytes (the limit is {})",
+            header.max_table_entries, MAX_TABLE_BYTES
+        )));
+    }
+    let bat_offset = header.table_offset;
+    if bat_offset
+        .checked_add(bat_bytes)
+        .is_none_or(|end| end > file_len)
+    {
+        return Err(corrupt(format!(
+            "BAT at {bat_offset:#x} ({bat_bytes} bytes) lies past the end of the file (size {file_len:#x})"
+        )));
+    }
+    Ok(bat_bytes)
+}
+
+/// Every BAT entry, as QEMU checks them at open (it refuses an image with a
+/// block past the end of the file), and more: no block (its bitmap and data,
+/// `span` bytes) may overlap the metadata `regions` or another block.
+fn check_blocks(
+    bat: &[u32],
+    span: u64,
+    block_size: u64,
+    regions: &[(&str, u64, u64)],
+    file_len: u64,
+    corrupt: &impl Fn(String) -> Error,
+) -> Result<()> {
     let mut starts: Vec<u64> = Vec::new();
     for (index, &entry) in bat.iter().enumerate() {
         if entry == UNALLOCATED {
@@ -376,18 +415,7 @@ fn open_sparse(
             )));
         }
     }
-    let bitmap_states = (0..bat.len())
-        .map(|_| AtomicU8::new(BITMAP_UNKNOWN))
-        .collect();
-    Ok(Sparse {
-        header,
-        header_offset,
-        bat,
-        block_size,
-        bitmap_size,
-        bitmap_states,
-        last_bitmap: Mutex::new(None),
-    })
+    Ok(())
 }
 
 fn overlaps(a: u64, a_len: u64, b: u64, b_len: u64) -> bool {
