@@ -79,20 +79,7 @@ impl Qcow2 {
     ) -> Result<Self> {
         let path = file.path().to_path_buf();
         let file_len = file.len()?;
-        // The fixed header gives the cluster size; the extensions and backing
-        // name lie within the first cluster.
-        let probe_len = file_len.min(u64::from(header::V3_HEADER_LENGTH));
-        let mut probe = vec![0u8; usize_of(probe_len)?];
-        file.read_exact_at(&mut probe, 0)?;
-        let cluster_bits = header::field::CLUSTER_BITS
-            .get(&probe)
-            .unwrap_or(16)
-            .clamp(9, 21);
-        let first_len = file_len.min(1u64 << cluster_bits);
-        let mut first = vec![0u8; usize_of(first_len)?];
-        file.read_exact_at(&mut first, 0)?;
-        let header = header::parse(&path, &first, file_len)?;
-
+        let header = read_header(file.as_ref(), file_len)?;
         let snapshots = if header.nb_snapshots > 0 {
             read_snapshots(file.as_ref(), &header, file_len)?
         } else {
@@ -100,55 +87,11 @@ impl Qcow2 {
         };
         let chosen = match snapshot {
             None => None,
-            Some(wanted) => Some(snapshot::find(&snapshots, wanted).cloned().ok_or_else(|| {
-                let names: Vec<String> = snapshots
-                    .iter()
-                    .map(|s| format!("{} (id {})", s.name, s.id))
-                    .collect();
-                Error::InvalidArgument(format!(
-                    "{}: no snapshot with ID or name '{wanted}' (the image has {})",
-                    path.display(),
-                    if names.is_empty() {
-                        "none".to_string()
-                    } else {
-                        names.join(", ")
-                    }
-                ))
-            })?),
+            Some(wanted) => Some(choose_snapshot(&path, &snapshots, wanted)?),
         };
-        let (l1_offset, l1_size, size) = match &chosen {
-            None => (header.l1_table_offset, header.l1_size, header.size),
-            Some(s) => {
-                // Its L1 table's place and limit were checked with the table.
-                let size = s.disk_size.unwrap_or(header.size);
-                if u64::from(s.l1_size) < header.l1_entries_needed(size) {
-                    return Err(Error::corrupt(
-                        &path,
-                        format!(
-                            "qcow2: snapshot '{}' has l1_size {} for a disk of {size} bytes",
-                            s.name, s.l1_size
-                        ),
-                    ));
-                }
-                (s.l1_table_offset, s.l1_size, size)
-            }
-        };
+        let (l1_offset, l1_size, size) = active_table(&path, &header, chosen.as_ref())?;
         let l1 = read_l1(file.as_ref(), l1_offset, l1_size)?;
-
-        let data: Arc<dyn Storage> = match (&header.data_file, header.has_data_file()) {
-            (Some(name), true) => {
-                let data_path =
-                    gate::resolve_part(&path, "qcow2", "external data file", name, options)?;
-                // The data file is written exactly when the image is.
-                if file.is_read_only() {
-                    Arc::new(FileStorage::open_read_only(&data_path)?)
-                } else {
-                    Arc::new(FileStorage::open_read_write(&data_path)?)
-                }
-            }
-            _ => file.clone(),
-        };
-
+        let data = open_data_file(&path, &file, &header, options)?;
         let backing = match &header.backing_file {
             Some(name) if options.backing.follow => Some(gate::open_backing(
                 &path,
@@ -452,6 +395,91 @@ impl Qcow2 {
         }
         tail.fill(0);
         Ok(())
+    }
+}
+
+/// The header, parsed from the first cluster (whose size the fixed header
+/// gives; the extensions and the backing name lie within it).
+fn read_header(file: &dyn Storage, file_len: u64) -> Result<Header> {
+    let probe_len = file_len.min(u64::from(header::V3_HEADER_LENGTH));
+    let mut probe = vec![0u8; usize_of(probe_len)?];
+    file.read_exact_at(&mut probe, 0)?;
+    // A header too short to say is refused by parse, which names it.
+    let cluster_bits = header::field::CLUSTER_BITS
+        .get(&probe)
+        .unwrap_or(16)
+        .clamp(9, 21);
+    let first_len = file_len.min(1u64 << cluster_bits);
+    let mut first = vec![0u8; usize_of(first_len)?];
+    file.read_exact_at(&mut first, 0)?;
+    header::parse(file.path(), &first, file_len)
+}
+
+/// The internal snapshot `wanted` names (by ID or name), or the error that
+/// lists those the image has.
+fn choose_snapshot(path: &Path, snapshots: &[Snapshot], wanted: &str) -> Result<Snapshot> {
+    snapshot::find(snapshots, wanted).cloned().ok_or_else(|| {
+        let names: Vec<String> = snapshots
+            .iter()
+            .map(|s| format!("{} (id {})", s.name, s.id))
+            .collect();
+        Error::InvalidArgument(format!(
+            "{}: no snapshot with ID or name '{wanted}' (the image has {})",
+            path.display(),
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        ))
+    })
+}
+
+/// The L1 table to read through (its offset and entries) and the disk size:
+/// the active image's, or the chosen snapshot's, whose table must cover its
+/// disk.
+fn active_table(
+    path: &Path,
+    header: &Header,
+    chosen: Option<&Snapshot>,
+) -> Result<(u64, u32, u64)> {
+    match chosen {
+        None => Ok((header.l1_table_offset, header.l1_size, header.size)),
+        Some(s) => {
+            // Its L1 table's place and limit were checked with the table.
+            let size = s.disk_size.unwrap_or(header.size);
+            if u64::from(s.l1_size) < header.l1_entries_needed(size) {
+                return Err(Error::corrupt(
+                    path,
+                    format!(
+                        "qcow2: snapshot '{}' has l1_size {} for a disk of {size} bytes",
+                        s.name, s.l1_size
+                    ),
+                ));
+            }
+            Ok((s.l1_table_offset, s.l1_size, size))
+        }
+    }
+}
+
+/// Where the guest data lives: the external data file the header names
+/// (written exactly when the image is), or the image file itself.
+fn open_data_file(
+    path: &Path,
+    file: &Arc<dyn Storage>,
+    header: &Header,
+    options: &OpenOptions,
+) -> Result<Arc<dyn Storage>> {
+    match (&header.data_file, header.has_data_file()) {
+        (Some(name), true) => {
+            let data_path = gate::resolve_part(path, "qcow2", "external data file", name, options)?;
+            if file.is_read_only() {
+                Ok(Arc::new(FileStorage::open_read_only(&data_path)?))
+            } else {
+                Ok(Arc::new(FileStorage::open_read_write(&data_path)?))
+            }
+        }
+        _ => Ok(file.clone()),
     }
 }
 
