@@ -593,58 +593,11 @@ pub fn verify(
         return Err(Error::Cancelled);
     }
 
-    let mut results = std::mem::take(
-        &mut *shared
-            .results
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner),
-    );
-    let mut errors =
-        std::mem::take(&mut *shared.errors.lock().unwrap_or_else(PoisonError::into_inner));
-    results.sort_by_key(|(index, _)| *index);
-    errors.sort_by_key(|(index, _)| *index);
-    let first_result_hit = results
-        .iter()
-        .find(|(_, r)| !r.runs.is_empty())
-        .map(|(index, _)| *index);
-    if let Some((error_index, _)) = errors.first() {
-        // A reference-side error before the first finding (or any, with --all)
-        // means we cannot vouch for the result.
-        if options.all || first_result_hit.is_none_or(|hit| *error_index <= hit) {
-            let (_, e) = errors.swap_remove(0);
-            return Err(e);
-        }
-    }
-
-    let mut mismatches: Vec<Mismatch> = Vec::new();
-    let mut bytes_read = 0;
-    for (_, result) in &results {
-        bytes_read += result.bytes_read;
-        for run in &result.runs {
-            add_run(
-                &mut mismatches,
-                run.offset,
-                run.offset + run.length,
-                run.first_byte,
-                run.error.clone().zip(run.errno),
-            );
-        }
-    }
-    let mut truncated = false;
-    if !options.all {
-        mismatches.truncate(1);
-        let mut looked_at: Vec<u64> = results
-            .iter()
-            .map(|(index, _)| *index)
-            .chain(errors.iter().map(|(index, _)| *index))
-            .collect();
-        bytes_read += shared.finish_first_run(&mut mismatches, &mut looked_at);
-    } else if mismatches.len() > options.max_runs {
-        mismatches.truncate(options.max_runs);
-        truncated = true;
-    } else if shared.runs_found.load(Ordering::Relaxed) >= options.max_runs as u64 {
-        truncated = true;
-    }
+    let Found {
+        mismatches,
+        bytes_read,
+        truncated,
+    } = shared.found()?;
     let bytes_compared = match mismatches.first() {
         Some(first) if !options.all => first.first_byte - range.start,
         _ => range_len,
@@ -666,7 +619,73 @@ pub fn verify(
     })
 }
 
+/// What the workers found, merged: the mismatching runs in disk order, the
+/// bytes read, and whether `max_runs` cut the list.
+struct Found {
+    mismatches: Vec<Mismatch>,
+    bytes_read: u64,
+    truncated: bool,
+}
+
 impl Shared<'_> {
+    /// After the workers: the chunks' runs merged in disk order (the first
+    /// run followed to its end without `--all`, the run cap applied with
+    /// it), or the reference-side error that comes before the first finding
+    /// (any, with `--all`): then nothing can be vouched for.
+    fn found(&self) -> Result<Found> {
+        let options = self.options;
+        let mut results =
+            std::mem::take(&mut *self.results.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut errors =
+            std::mem::take(&mut *self.errors.lock().unwrap_or_else(PoisonError::into_inner));
+        results.sort_by_key(|(index, _)| *index);
+        errors.sort_by_key(|(index, _)| *index);
+        let first_result_hit = results
+            .iter()
+            .find(|(_, r)| !r.runs.is_empty())
+            .map(|(index, _)| *index);
+        if let Some((error_index, _)) = errors.first() {
+            if options.all || first_result_hit.is_none_or(|hit| *error_index <= hit) {
+                let (_, e) = errors.swap_remove(0);
+                return Err(e);
+            }
+        }
+        let mut mismatches: Vec<Mismatch> = Vec::new();
+        let mut bytes_read = 0;
+        for (_, result) in &results {
+            bytes_read += result.bytes_read;
+            for run in &result.runs {
+                add_run(
+                    &mut mismatches,
+                    run.offset,
+                    run.offset + run.length,
+                    run.first_byte,
+                    run.error.clone().zip(run.errno),
+                );
+            }
+        }
+        let mut truncated = false;
+        if !options.all {
+            mismatches.truncate(1);
+            let mut looked_at: Vec<u64> = results
+                .iter()
+                .map(|(index, _)| *index)
+                .chain(errors.iter().map(|(index, _)| *index))
+                .collect();
+            bytes_read += self.finish_first_run(&mut mismatches, &mut looked_at);
+        } else if mismatches.len() > options.max_runs {
+            mismatches.truncate(options.max_runs);
+            truncated = true;
+        } else if self.runs_found.load(Ordering::Relaxed) >= options.max_runs as u64 {
+            truncated = true;
+        }
+        Ok(Found {
+            mismatches,
+            bytes_read,
+            truncated,
+        })
+    }
+
     /// Without `--all` the workers stop at the chunk of the first finding, so
     /// the first run may be cut where that chunk ends. Follow it into the
     /// chunks no worker looked at (`looked_at`), one at a time, until it ends:
