@@ -1,8 +1,22 @@
 //! blkverify-rs: prove that a block driver returns the right bytes.
 //!
-//! The core: image drivers ([`driver`]), the storage they read ([`storage`]),
-//! the whole-image verify engine ([`verify`]), image digests ([`digest`]) and
-//! the allocation map ([`map`]).
+//! The core, in layers whose arrows point down (docs/layout.md draws them;
+//! tests/test_layers.py checks them), from the bottom:
+//!
+//! - [`error`], [`size`] (the size grammar and the sector), [`compare`], and
+//!   big-endian fields;
+//! - [`storage`]: how bytes are read and written (files, memory, mapped views);
+//! - [`driver`]: the block-driver trait, the probe, and one folder per format
+//!   (raw, qcow2, vmdk, vhdx, vpc, vdi, and the NBD client), with what the
+//!   formats share at driver level;
+//! - [`pool`] and [`report`]: the worker pool and the report types the engines
+//!   share;
+//! - the whole-image engines: [`verify`](mod@verify), [`digest`] (image digests and block
+//!   digests files) and [`map`] (the allocation map);
+//! - [`batch`]: many pairs at once, each checked by verify or digest;
+//! - [`blkverify`]: the mirrored device;
+//! - [`exercise`]: the seeded workload run through the device.
+//!
 //! Nothing here knows Python; the bindings live in `python` behind the `python`
 //! feature.
 
