@@ -177,7 +177,7 @@ pub(crate) fn read_bytes(
 /// Fill the writable, contiguous buffer `buf` from `offset` of `driver`.
 ///
 /// The driver reads into a buffer of ours with the GIL released, and the bytes
-/// are then copied into `buf` with the GIL held. Reading straight into `buf`
+/// are then copied into `buf` with the GIL held, by Python's own buffer copy. Reading straight into `buf`
 /// would hand the driver a `&mut [u8]` over memory that other Python threads
 /// may write while the GIL is released: two writers of the same bytes, which
 /// Rust's `&mut` promises cannot exist. The copy costs one memcpy of the
@@ -198,11 +198,36 @@ pub(crate) fn read_into(
     }
     let len = view.len_bytes();
     driver::check_range(driver.path(), driver.size(), offset, len as u64).map_err(to_pyerr)?;
-    let mut bytes = vec![0u8; len];
-    run_detached(py, || driver.read_at(&mut bytes, offset))?;
-    view.copy_from_slice(py, &bytes)?;
+    // Small reads (the common case: one block) reuse a buffer of this thread's.
+    SCRATCH.with(|scratch| -> PyResult<()> {
+        let mut own = Vec::new();
+        let mut scratch = scratch.try_borrow_mut();
+        let bytes = match scratch.as_deref_mut() {
+            Ok(scratch) if len <= SCRATCH_MAX => {
+                if scratch.len() < len {
+                    scratch.resize(len, 0);
+                }
+                scratch
+            }
+            _ => {
+                own.resize(len, 0);
+                &mut own
+            }
+        };
+        let bytes = bytes.get_mut(..len).unwrap_or(&mut []);
+        run_detached(py, || driver.read_at(bytes, offset))?;
+        // With the GIL held, by Python's own copy (PyBuffer_FromContiguous).
+        view.copy_from_slice(py, bytes)
+    })?;
     drop(view);
     Ok(len)
+}
+
+/// Reads up to this size go through a per-thread buffer (see [`read_into`]).
+const SCRATCH_MAX: usize = 1 << 20;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Write the bytes-like `data` at `offset` of `driver`.
