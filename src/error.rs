@@ -124,6 +124,7 @@ pub fn io_errno(e: &io::Error) -> i32 {
 /// fits in memory (a table cap, the cluster size, the request's length), so
 /// this fails only where such a check is missing: an internal error, never an
 /// empty buffer or a zero.
+#[inline]
 pub fn usize_of(len: u64) -> Result<usize> {
     usize::try_from(len).map_err(|_| {
         Error::Internal(format!(

@@ -388,8 +388,9 @@ impl Qcow2 {
         // always extend it): those bytes read as zeros, as they do in QEMU.
         let file_len = self.data_len()?;
         let len = buf.len() as u64;
-        let stored = file_len.saturating_sub(host_offset).min(len);
-        let (head, tail) = buf.split_at_mut(usize_of(stored)?);
+        // At most the buffer's length: it fits a usize.
+        let stored = file_len.saturating_sub(host_offset).min(len) as usize;
+        let (head, tail) = buf.split_at_mut(stored);
         if !head.is_empty() {
             self.data.read_exact_at(head, host_offset)?;
         }
