@@ -8,8 +8,9 @@ use crate::size::SECTOR_SIZE;
 use std::ops::Range;
 use std::time::Duration;
 
-/// The most mismatching runs a report locates in each side's metadata (where
-/// the bytes live, for the reader of a report): the first ones, in guest order.
+/// How many of a report's runs (the first, in guest order) are located in
+/// each side's metadata: locating reads metadata, and a report of 100,000
+/// runs is read for its first ones.
 pub const MAX_LOCATED: usize = 1000;
 
 /// How to verify.
