@@ -16,6 +16,7 @@ pub mod exercise;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod map;
+pub mod nbd;
 pub mod size;
 pub mod storage;
 pub mod verify;
