@@ -286,6 +286,13 @@ impl Blkverify {
         self.read_compare(buf, reference, offset)
     }
 
+    /// Read the reference alone (counted among its reads): for checks the
+    /// device's users make against it, such as a server checking that a
+    /// range the test side calls zero is zero there.
+    pub fn read_reference(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.raw.read_at(buf, offset)
+    }
+
     /// Read both sides into `buf` (test) and `reference` (raw) and compare.
     fn read_compare(&self, buf: &mut [u8], reference: &mut [u8], offset: u64) -> Result<()> {
         let length = buf.len() as u64;

@@ -17,6 +17,7 @@ pub mod exercise;
 pub mod fuzzing;
 pub mod map;
 pub mod nbd;
+pub mod serve;
 pub mod size;
 pub mod storage;
 pub mod verify;

@@ -22,7 +22,8 @@ mod finding;
 pub mod log;
 pub mod workload;
 
-pub use finding::{hexdump_diff, Finding};
+pub use crate::compare::hexdump_diff;
+pub use finding::Finding;
 pub use log::{parse_log, Log, OpLog, LOG_MAGIC};
 pub use workload::{
     fill_pattern, pattern_key, pattern_word, Mix, Op, OpKind, SizeMix, Workload, MAX_REQUEST,
