@@ -16,6 +16,7 @@ mod image;
 mod map;
 mod options;
 mod rules;
+mod serve;
 mod verify;
 
 use errors::{exc, CorruptImageError, FormatError, MismatchError};
@@ -28,6 +29,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("SECTOR_SIZE", crate::driver::SECTOR_SIZE)?;
     m.add("MAX_QUEUE_DEPTH", crate::exercise::MAX_QUEUE_DEPTH)?;
+    m.add("ON_MISMATCH", crate::serve::Policy::NAMES.to_vec())?;
     m.add("DIGESTS_FORMAT", verify::DIGESTS)?;
     m.add(
         "DIGEST_ALGORITHMS",
@@ -42,6 +44,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<digest::PyBlockDigests>()?;
     m.add_class::<digest::PySpanJoiner>()?;
     m.add_class::<map::PyMapExtent>()?;
+    m.add_class::<serve::PyServer>()?;
     m.add_function(wrap_pyfunction!(image::open, m)?)?;
     m.add_function(wrap_pyfunction!(device::open_device, m)?)?;
     m.add_function(wrap_pyfunction!(image::probe_format, m)?)?;
@@ -58,6 +61,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(exercise::exercise, m)?)?;
     m.add_function(wrap_pyfunction!(exercise::read_log, m)?)?;
     m.add_function(wrap_pyfunction!(exercise::write_log, m)?)?;
+    m.add_function(wrap_pyfunction!(serve::serve, m)?)?;
     m.add_function(wrap_pyfunction!(rules::parse_size, m)?)?;
     m.add_function(wrap_pyfunction!(rules::formats, m)?)?;
     m.add_function(wrap_pyfunction!(rules::parse_spec, m)?)?;

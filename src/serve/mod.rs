@@ -186,6 +186,10 @@ pub struct Summary {
     pub elapsed: Duration,
     /// The bytes each side read and wrote.
     pub counts: SideCounts,
+    /// The image under test, and its format.
+    pub test_image: (String, &'static str),
+    /// The raw reference.
+    pub raw_image: String,
 }
 
 /// Counters the connections share.
@@ -303,10 +307,20 @@ impl Server {
                 drop(listener);
                 let counts = device.io_counts();
                 let requests = device.order().admitted();
+                let images = (
+                    (
+                        device.test().path().display().to_string(),
+                        device.test().format_name(),
+                    ),
+                    device.raw().path().display().to_string(),
+                );
                 // Close the images (and release their locks) before reporting.
                 drop(device);
-                let outcome =
-                    outcome.map(|()| summarise(&thread_shared, requests, counts, started));
+                let outcome = outcome.map(|()| Summary {
+                    test_image: images.0,
+                    raw_image: images.1,
+                    ..summarise(&thread_shared, requests, counts, started)
+                });
                 *lock(&thread_shared.outcome) = Some(outcome);
                 thread_shared.ended.notify_all();
             })
@@ -585,6 +599,8 @@ fn summarise(shared: &Shared, requests: u64, counts: SideCounts, started: Instan
             .unwrap_or_else(|| "the server stopped".to_string()),
         elapsed: started.elapsed(),
         counts,
+        test_image: (String::new(), ""),
+        raw_image: String::new(),
     }
 }
 
