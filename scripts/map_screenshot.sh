@@ -1,5 +1,5 @@
 #!/bin/sh
-# Draw the README's picture of `blkverify verify --html`: a qcow2 over a qcow2
+# Draw docs/map.md's picture of `blkverify verify --html`: a qcow2 over a qcow2
 # backing file, with data, zero and compressed clusters, made with QEMU's own
 # tools; its raw reference gets writes the qcow2 never saw (lost writes), and
 # one byte of the qcow2's data is flipped. verify finds the runs and draws the

@@ -1,8 +1,12 @@
 //! blkverify-rs: prove that a block driver returns the right bytes.
 //!
-//! The core: image drivers ([`driver`]), the storage they read ([`storage`]),
-//! the whole-image verify engine ([`verify`]), image digests ([`digest`]) and
-//! the allocation map ([`map`]).
+//! The core, from the bottom layer up (docs/layout.md draws the layers): the
+//! error type ([`error`]), QEMU's size syntax ([`size`]) and the comparison of
+//! bytes ([`compare`]); the storage images are read from ([`storage`]); the
+//! image drivers, one folder per format, and the NBD client ([`driver`]); the
+//! whole-image engines: verify ([`verify`]), image digests ([`digest`]) and the
+//! allocation map ([`map`]); the mirrored device ([`blkverify`]); and the seeded
+//! workload that drives it ([`exercise`]).
 //! Nothing here knows Python; the bindings live in `python` behind the `python`
 //! feature.
 #![warn(missing_docs)]

@@ -882,3 +882,39 @@ def read_range(path, offset: int, length: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read(length)
+
+
+# --------------------------------------------------------------------------------------------
+# the test guest (tests/guest.py)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def guest_boot():
+    """The guest's kernel and initramfs, built once per session (scripts/guest/build.sh).
+
+    The kernel is fetched once into target/guest (git-ignored) and kept there.
+    """
+    from guest import build_guest
+
+    return build_guest(Path(__file__).resolve().parent.parent / "target" / "guest")
+
+
+@pytest.fixture
+def bug_server():
+    """Start planted-bug NBD servers (tests/bug_server.py); each is stopped by PID at teardown.
+
+    Usage: ``server = bug_server(image, bugs=[("lost-write", 3)])``.
+    """
+    from bug_server import BugServer
+
+    started: list = []
+
+    def start(path, bugs=(), **kwargs):
+        server = BugServer(path, bugs=bugs, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

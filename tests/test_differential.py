@@ -102,12 +102,40 @@ def qemu_io(image: Path, cmds: list[str]) -> subprocess.CompletedProcess:
     )
 
 
+# qemu-io's result line for one command: done, or failed with an errno's text.
+RESULT = re.compile(r"(wrote|discard) \d+/\d+ bytes at offset \d+$|(\w+) failed: (.+)$")
+
+
+def qemu_io_setup(image: Path, cmds: list[str]) -> None:
+    """Write ``image`` with qemu-io, checking that every command did what the
+    script says. QEMU may refuse two things only: a compressed write to a
+    cluster already allocated (it writes compressed clusters only into
+    unallocated ones: EIO), and, once it has marked the image corrupt, every
+    later request (ENOMEDIUM). Any other failure, or an image qemu-io could not
+    open, means the image is not the one the script describes."""
+    proc = qemu_io(image, cmds)
+    said = proc.stdout + proc.stderr
+    results = [m for m in map(RESULT.match, proc.stdout.splitlines()) if m]
+    assert len(results) == len(cmds), f"qemu-io ran {len(results)} of {len(cmds)}: {said}"
+    corrupt = "Marking image as corrupt" in proc.stderr
+    assert corrupt or not proc.stderr, said
+    failed = 0
+    for cmd, result in zip(cmds, results, strict=True):
+        if result.group(3) is None:
+            continue
+        failed += 1
+        refused = cmd.startswith("write -c ") and result.group(3) == "Input/output error"
+        after_corrupt = corrupt and result.group(3) == "No medium found"
+        assert refused or after_corrupt, f"{cmd}: {result.group(0)}"
+    assert proc.returncode == (1 if failed else 0), said
+
+
 @pytest.mark.parametrize("case", range(CASES))
 def test_reads_agree_with_qemu_img_convert(tmp_path: Path, case: int) -> None:
     rng = random.Random(1000 + case)
     cs, opts = random_options(rng)
     image, size = make_image(rng, tmp_path, opts, cs)
-    qemu_io(image, random_script(rng, size, cs, compressed=True))
+    qemu_io_setup(image, random_script(rng, size, cs, compressed=True))
     expected = tmp_path / "expected.raw"
     converted = subprocess.run(
         ["qemu-img", "convert", "-O", "raw", str(image), str(expected)], capture_output=True
@@ -134,6 +162,8 @@ def test_writes_agree_with_qemu_io(tmp_path: Path, case: int) -> None:
     cmds = random_script(rng, size, cs, compressed=False)
     what = f"case {case}: {opts}; script: {cmds}"
     t = qemu_io(theirs, cmds)
+    # The script has no compressed writes: QEMU runs every command of it.
+    assert (t.returncode, t.stderr) == (0, ""), what + t.stdout + t.stderr
     args = [a for c in cmds for a in ("-c", c)]
     o = subprocess.run(
         [sys.executable, "-m", "blkverify_rs", "io", "-f", "qcow2", *args, str(ours)],

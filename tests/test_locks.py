@@ -117,6 +117,7 @@ def test_we_lock_the_bytes_qemu_io_locks(images, name, fmt, files, mode) -> None
     finally:
         holder.stop()
     assert all(not locked_bytes(images[f]) for f in files)
+    assert all(qemu.values()), f"qemu-io locked nothing in some file: {qemu}"
     with bv.open(images[name], format=fmt, **OPEN_KWARGS[mode]):
         ours = {f: locked_bytes(images[f]) for f in files}
     assert ours == qemu
@@ -163,6 +164,7 @@ def test_formats_we_only_read_lock_as_qemu_io_r_does(
         qemu = {f: locked_bytes(p) for f, p in zip(files, paths, strict=True)}
     finally:
         holder.stop()
+    assert all(qemu.values()), f"qemu-io locked nothing in some file: {qemu}"
     with bv.open(read_only_formats[name], format=fmt, **OPEN_KWARGS[mode]):
         ours = {f: locked_bytes(p) for f, p in zip(files, paths, strict=True)}
     assert ours == qemu

@@ -664,3 +664,32 @@ def test_big_sparse_reference_side_changes(big_sparse, tmp_path):
     ]
     check_mapping(e, rep.mismatches[0], g1, "unallocated")
     check_mapping(e, rep.mismatches[1], g2, "data")
+
+
+def test_report_fields_are_one_list(tmp_path):
+    """The Python Report is made of the native report dict's fields, one list
+    (ReportFields in src/python/verify.rs): its annotations name the same fields,
+    and --json prints the documented keys in that list's order, a partial
+    report's range as an object."""
+    from blkverify_rs import _native
+
+    hinted = {name for name in bv.Report.__annotations__ if not name.startswith("_")}
+    assert hinted == set(_native.REPORT_FIELDS)
+    internal = {"bytes_read", "test_options"}
+    assert set(_native.REPORT_JSON_FIELDS) == set(_native.REPORT_FIELDS) - internal
+    assert JSON_KEYS <= set(_native.REPORT_JSON_FIELDS)
+
+    raw, test = tmp_path / "a.raw", tmp_path / "b.qcow2"
+    qemu_img("create", "-q", "-f", "raw", raw, "1M")
+    qemu_img("create", "-q", "-f", "qcow2", test, "1M")
+    qemu_io(test, "write -P 7 64k 4k")
+    native = _native.verify((str(raw), str(test)), start=0, length=128 * KiB, all=True)
+    assert list(native) == list(_native.REPORT_FIELDS)
+    rep = bv.verify(raw, test, start=0, length=128 * KiB, all=True)
+    assert rep.range == (0, 128 * KiB)
+    assert rep.bytes_read > 0 and rep.test_options["backing"] is True
+    data = json.loads(run_cli("verify", "--json", "--all", "--length", "128k", raw, test).stdout)
+    assert list(data) == [k for k in _native.REPORT_JSON_FIELDS if k != "block_size"]
+    assert data["range"] == {"start": 0, "length": 128 * KiB}
+    assert data == {**rep.to_dict(), "elapsed_s": data["elapsed_s"]}
+    assert [m["offset"] for m in data["mismatches"]] == [64 * KiB]

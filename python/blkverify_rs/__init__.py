@@ -1,10 +1,13 @@
 """blkverify-rs: prove that a block driver returns the right bytes.
 
-Open raw, qcow2 and vmdk images with :func:`open`, mirror I/O to a test image and a raw
-reference with ``open("blkverify:RAW:TEST")`` (a :class:`Device` that raises
-:class:`MismatchError` at the first corrupt sector), compare whole images with
-:func:`verify`, and list or draw an image's allocation with :func:`map` and
-:func:`map_html`. The heavy work runs in Rust with the GIL released.
+Open images of every format blkverify reads (raw, qcow2, vmdk, vpc, vhdx, vdi:
+:func:`formats` lists them) and NBD exports with :func:`open`, mirror I/O to a
+test image and a raw reference with ``open("blkverify:RAW:TEST")`` (a
+:class:`Device` that raises :class:`MismatchError` at the first corrupt
+sector), compare whole images with :func:`verify` and :func:`verify_many`, hash
+them with :func:`digest`, list or draw an image's allocation with :func:`map`
+and :func:`map_html`, and run a seeded workload with :func:`exercise`. The
+heavy work runs in Rust with the GIL released. docs/python.md is the guide.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any, ClassVar
 
 from blkverify_rs import _native
 from blkverify_rs._native import (
+    DEFAULT_BACKING_DEPTH,
     DIGEST_ALGORITHMS,
     DIGESTS_FORMAT,
     MAX_QUEUE_DEPTH,
@@ -37,6 +41,7 @@ from blkverify_rs._native import (
 __version__: str = _native.__version__
 
 __all__ = [
+    "DEFAULT_BACKING_DEPTH",
     "DIGESTS_FORMAT",
     "DIGEST_ALGORITHMS",
     "MAX_QUEUE_DEPTH",
@@ -89,7 +94,7 @@ def open(
     raw: PathLike | None = None,
     test: PathLike | None = None,
     backing: bool = True,
-    max_backing_depth: int = 16,
+    max_backing_depth: int = DEFAULT_BACKING_DEPTH,
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
     force_share: bool = False,
@@ -273,25 +278,10 @@ class Report(_Record):
     """What :func:`verify` found. Against a block digests file, ``block_size``
     is set and the mismatches are :class:`BlockMismatch` runs."""
 
-    __slots__ = (
-        "block_size",
-        "bytes_compared",
-        "bytes_read",
-        "elapsed_s",
-        "identical",
-        "mismatches",
-        "range",
-        "raw",
-        "raw_format",
-        "raw_size",
-        "test",
-        "test_format",
-        "test_options",
-        "test_size",
-        "truncated",
-        "virtual_size",
-        "warnings",
-    )  # fmt: skip
+    # The fields, and those --json prints, are the native report's: one list
+    # (ReportFields in src/python/verify.rs) for both sides.
+    __slots__ = _native.REPORT_FIELDS
+    _json = _native.REPORT_JSON_FIELDS
     _defaults: ClassVar[dict[str, Any]] = {
         "warnings": [],
         "mismatches": [],
@@ -308,14 +298,14 @@ class Report(_Record):
     test_size: int
     identical: bool
     bytes_compared: int
-    bytes_read: int
     elapsed_s: float
     truncated: bool
     warnings: list[str]
     mismatches: list[Mismatch] | list[BlockMismatch]
-    block_size: int | None
     range: tuple[int, int] | None
     """``(start, length)`` when the report covers part of the disk only."""
+    block_size: int | None
+    bytes_read: int
     # How verify opened TEST (format, snapshot, backing policy), so that
     # to_html draws the image verify read; not part of to_dict.
     test_options: dict[str, Any]
@@ -331,25 +321,11 @@ class Report(_Record):
 
     def to_dict(self) -> dict[str, Any]:
         """The report as the CLI's ``--json`` prints it."""
-        out = {
-            "raw": self.raw,
-            "test": self.test,
-            "raw_format": self.raw_format,
-            "test_format": self.test_format,
-            "virtual_size": self.virtual_size,
-            "raw_size": self.raw_size,
-            "test_size": self.test_size,
-            "identical": self.identical,
-            "bytes_compared": self.bytes_compared,
-            "elapsed_s": self.elapsed_s,
-            "truncated": self.truncated,
-            "warnings": list(self.warnings),
-            "mismatches": [m.to_dict() for m in self.mismatches],
-        }
+        out = super().to_dict()
+        out["warnings"] = list(self.warnings)
+        out["mismatches"] = [m.to_dict() for m in self.mismatches]
         if self.range is not None:
             out["range"] = {"start": self.range[0], "length": self.range[1]}
-        if self.block_size is not None:
-            out["block_size"] = self.block_size
         return out
 
 
@@ -363,7 +339,7 @@ def verify(
     strict: bool = False,
     snapshot: str | None = None,
     backing: bool = True,
-    max_backing_depth: int = 16,
+    max_backing_depth: int = DEFAULT_BACKING_DEPTH,
     allow_backing_anywhere: bool = False,
     threads: int = 0,
     progress: Callable[[int, int], None] | None = None,
@@ -372,7 +348,7 @@ def verify(
     force_share: bool = False,
 ) -> Report:
     """Compare every guest sector of ``test`` with the reference ``raw``. Either
-    side may be in any format blkverify reads (raw, qcow2, vmdk; probed unless
+    side may be in any format blkverify reads (see :func:`formats`; probed unless
     ``raw_format``/``test_format`` say); the name ``raw`` is historical.
 
     Stops at the first mismatching sector unless ``all`` is true. A read error
@@ -460,7 +436,7 @@ def digest(
     blocks: PathLike | None = None,
     snapshot: str | None = None,
     backing: bool = True,
-    max_backing_depth: int = 16,
+    max_backing_depth: int = DEFAULT_BACKING_DEPTH,
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -526,7 +502,7 @@ def verify_many(
     *,
     strict: bool = False,
     backing: bool = True,
-    max_backing_depth: int = 16,
+    max_backing_depth: int = DEFAULT_BACKING_DEPTH,
     allow_backing_anywhere: bool = False,
     threads: int = 0,
     progress: Callable[[int, int, int, int], None] | None = None,
@@ -615,7 +591,7 @@ def map(
     *,
     snapshot: str | None = None,
     backing: bool = True,
-    max_backing_depth: int = 16,
+    max_backing_depth: int = DEFAULT_BACKING_DEPTH,
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -661,7 +637,7 @@ def map_html(
     *,
     snapshot: str | None = None,
     backing: bool = True,
-    max_backing_depth: int = 16,
+    max_backing_depth: int = DEFAULT_BACKING_DEPTH,
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -670,7 +646,7 @@ def map_html(
     """Write ``out``: one self-contained HTML page drawing the guest address
     space of the image at ``path``, coloured by mapping kind, with a legend
     (bytes and share per kind), the image's facts and a scale. The image is
-    opened as :func:`map` opens it. See the README for the page's layout."""
+    opened as :func:`map` opens it. docs/map.md describes the page."""
     from blkverify_rs import html_map
 
     html_map.write_image(

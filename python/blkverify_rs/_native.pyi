@@ -7,9 +7,14 @@ from typing import Any
 
 __version__: str
 SECTOR_SIZE: int
+DEFAULT_BACKING_DEPTH: int
+DIGEST_BLOCK_SIZE: int
+MAX_LOCATED: int
 MAX_QUEUE_DEPTH: int
 ON_MISMATCH: list[str]
 DIGESTS_FORMAT: str
+REPORT_FIELDS: tuple[str, ...]
+REPORT_JSON_FIELDS: tuple[str, ...]
 DIGEST_ALGORITHMS: list[str]
 
 class Error(Exception): ...
@@ -194,7 +199,9 @@ def write_log(
     path: str | PathLike[str], log: dict[str, Any], comments: list[str] = ...
 ) -> None: ...
 def parse_size(text: str) -> int: ...
-def formats(*, readable: bool = False, writable: bool = False) -> list[str]: ...
+def formats(
+    *, readable: bool = False, writable: bool = False, qemu_all_allocated: bool = False
+) -> list[str]: ...
 def parse_spec(spec: str) -> tuple[Path, Path] | None: ...
 
 class Server:

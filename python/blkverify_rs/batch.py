@@ -178,20 +178,6 @@ def connect(address: str, timeout: float) -> Any:
         fail(describe_error(exc))
 
 
-class BatchProgress:
-    """One progress line for the whole batch: pairs and bytes."""
-
-    def __init__(self, stream: Any) -> None:
-        self.bar = ProgressBar(stream)
-
-    def update(self, done: int, total: int, pairs_done: int, pairs_total: int) -> None:
-        self.bar.prefix = f"pairs {pairs_done}/{pairs_total}  "
-        self.bar.update(done, total)
-
-    def finish(self) -> None:
-        self.bar.finish()
-
-
 @click.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @click.option("--all", "all_", is_flag=True, help="Find every mismatch (default per pair).")
@@ -282,7 +268,7 @@ def batch(
     split_bytes = size_option("--split", split)
 
     show = progress if progress is not None else (sys.stderr.isatty() and not quiet)
-    bar = BatchProgress(sys.stderr) if show and not quiet else None
+    bar = ProgressBar(sys.stderr) if show and not quiet else None
     client = None
     try:
         with reported(bar):

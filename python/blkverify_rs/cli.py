@@ -346,7 +346,8 @@ def io(
     """Run qemu-io commands on SPEC: an image, or blkverify:RAW:TEST.
 
     On the mirrored device RAW is always read as a raw image, as in QEMU's
-    blkverify: its writes must be trivially right. vmdk images open read-only.
+    blkverify: its writes must be trivially right. Formats blkverify cannot
+    write (vmdk, vpc, vhdx, vdi) open read-only.
 
     Commands: read, readv, write, writev, discard, flush, length, info, alloc, map,
     help, quit, with qemu-io's options and output. On a blkverify device every read

@@ -50,7 +50,7 @@ def backing_options(command: F) -> F:
         click.option(
             "--max-backing-depth",
             type=click.IntRange(0, 1024),
-            default=16,
+            default=bv.DEFAULT_BACKING_DEPTH,
             show_default=True,
             help="The longest backing chain to follow.",
         ),

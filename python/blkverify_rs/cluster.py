@@ -41,16 +41,17 @@ if TYPE_CHECKING:
 
 DEFAULT_SPLIT = 64 << 30
 DEFAULT_TIMEOUT = 30.0
-# Ranges start on 64 KiB: a sector for verify, a block for digests.
-SPLIT_UNIT = 64 << 10
-BLOCK_SIZE = 64 << 10
+# The block digests' block (64 KiB). Ranges start on a block: a whole
+# number of sectors for verify, of blocks for digests.
+BLOCK_SIZE = _native.DIGEST_BLOCK_SIZE
+SPLIT_UNIT = BLOCK_SIZE
 # The smallest range `digest` cuts an image into by itself: a task costs
 # milliseconds, hashing 64 MiB a few tenths of a second.
 MIN_DIGEST_SPLIT = 64 << 20
 INSTALL_HINT = 'pip install "blkverify-rs[dask]"'
 
 # The findings of a report whose mappings are looked up (as the engine does).
-MAX_LOCATED = 1000
+MAX_LOCATED = _native.MAX_LOCATED
 # How often the workers are looked at (pins, an empty cluster), in seconds.
 CHECK_INTERVAL = 1.0
 # The most pairs one probe task opens.
@@ -107,7 +108,9 @@ def split_size(split: int | str) -> int:
     checked: a positive multiple of 64 KiB."""
     size = _native.parse_size(split) if isinstance(split, str) else int(split)
     if size <= 0 or size % SPLIT_UNIT:
-        raise ValueError(f"the split size ({size} bytes) must be a positive multiple of 64 KiB")
+        raise ValueError(
+            f"the split size ({size} bytes) must be a positive multiple of {SPLIT_UNIT >> 10} KiB"
+        )
     return size
 
 
@@ -152,9 +155,11 @@ def host_slots(workers: Mapping[str, Any]) -> dict[str, int]:
     return slots
 
 
-class _Progress:
+class _ProgressEvents:
     """A running task's progress, sent to the client as a Dask event at most
-    twice a second (the engine calls it ten times a second)."""
+    twice a second (the engine calls it ten times a second). Not a display:
+    the client adds the counts up and draws them with the one progress bar
+    (``report.ProgressBar``), as a local run does."""
 
     def __init__(self, topic: str, key: str) -> None:
         self.topic = topic
@@ -358,7 +363,7 @@ class _Batch:
                 # Hashed on the reference's grid; past its end, zeros expected.
                 options["grid_end"] = self.state[task.pair].sides["raw"]["size"]
                 options["record_errors"] = True
-            progress = _Progress(self.topic, key)
+            progress = _ProgressEvents(self.topic, key)
             args = (
                 tasks.digest_span,
                 pair[task.side],
@@ -369,7 +374,7 @@ class _Batch:
             )
             priority = 0
         else:
-            progress = _Progress(self.topic, key)
+            progress = _ProgressEvents(self.topic, key)
             args = (tasks.verify_range, pair, self.options, task.start, task.length, progress)
             priority = 0
         task.future = self.client.submit(
@@ -745,7 +750,7 @@ def digest(
                     options,
                     first,
                     end,
-                    _Progress(topic, key),
+                    _ProgressEvents(topic, key),
                     host_slots=slots,
                     key=key,
                     pure=False,

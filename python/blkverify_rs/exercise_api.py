@@ -136,7 +136,7 @@ def exercise(
     timeout: float | None = None,
     verify: bool = True,
     backing: bool = True,
-    max_backing_depth: int = 16,
+    max_backing_depth: int = _native.DEFAULT_BACKING_DEPTH,
     allow_backing_anywhere: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> ExerciseResult:

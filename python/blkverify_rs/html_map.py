@@ -142,6 +142,7 @@ def render(
         "image_size": pic["image_size"],
         "size": size,
         "cell_size": pic["cell_size"],
+        "sector_size": _native.SECTOR_SIZE,
         "cells": pic["cells"],
         "cols": cols,
         "px": px,

@@ -220,14 +220,13 @@ class Session:
 
     def allocated(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """(offset, length, allocated) runs in the image's top layer, as qemu-io's
-        alloc and map see them: every byte of a raw image is allocated, and of vpc and
-        vdi images (QEMU's drivers for them have no backing files, so their unallocated
-        blocks read as zeros that QEMU counts as allocated); in qcow2, data, compressed
-        and zero clusters are, unallocated ones are not."""
+        alloc and map see them: every byte is allocated in the formats whose every
+        byte QEMU counts so (raw, vpc, vdi: the core says which); elsewhere data,
+        compressed and zero ranges are, unallocated ones are not."""
         if length <= 0 or offset >= self.dev.size:
             return []
         fmt = self.dev.test_format if self.is_device else self.dev.format
-        if fmt in ("raw", "vpc", "vdi"):
+        if fmt in bv.formats(qemu_all_allocated=True):
             return [(offset, min(length, self.dev.size - offset), True)]
         runs: list[tuple[int, int, bool]] = []
         for off, ln, kind, _host in self.io("is_allocated", lambda: self.dev.map(offset, length)):

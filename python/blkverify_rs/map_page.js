@@ -6,6 +6,7 @@
 (function () {
   const D = JSON.parse(document.getElementById("map-data").textContent);
   const cs = D.cell_size, cols = D.cols, px = D.px, cells = D.cells;
+  const sector = D.sector_size;
   const rows = Math.ceil(cells / cols);
   const KINDS = D.kinds;
 
@@ -193,7 +194,7 @@
     ];
     const here = cellFindings.get(cell);
     if (here) {
-      const shown = here.slice(0, 3).map((i) => "#" + (i + 1) + " sector " + grouped(fd.off[i] / 512));
+      const shown = here.slice(0, 3).map((i) => "#" + (i + 1) + " sector " + grouped(fd.off[i] / sector));
       lines.push(grouped(here.length) + " finding" + (here.length > 1 ? "s" : "") + " here: " + shown.join(", ") + (here.length > 3 ? ", ..." : ""));
     }
     return lines.join("\n");
@@ -234,7 +235,7 @@
   function findingText(i) {
     const off = fd.off[i], len = fd.len[i];
     const lines = [
-      "finding #" + (i + 1) + ": sector " + grouped(off / 512) + ", guest " + hex(off) + " - " + hex(off + Math.max(len, 1) - 1) + " (" + grouped(len) + " bytes)",
+      "finding #" + (i + 1) + ": sector " + grouped(off / sector) + ", guest " + hex(off) + " - " + hex(off + Math.max(len, 1) - 1) + " (" + grouped(len) + " bytes)",
       "first differing byte at " + hex(fd.first[i]) + ": " + describe(fd.kind[i], fd.depth[i], fd.host[i], fd.file[i]),
     ];
     const note = D.notes[String(i)];
@@ -250,7 +251,7 @@
       const note = D.notes[String(i)];
       const cellsText = [
         grouped(i + 1),
-        grouped(fd.off[i] / 512),
+        grouped(fd.off[i] / sector),
         human(fd.len[i]),
         kindText(i) + (note && note.startsWith("read error") ? " (read error)" : ""),
         fd.host[i] < 0 ? "-" : hex(fd.host[i]),

@@ -1,5 +1,18 @@
 """Reporting: the human text and JSON for verify, digest, exercise and serve
-reports, and a progress bar."""
+reports, and the progress bar.
+
+:class:`ProgressBar` is the one progress display: verify, digest and batch
+draw it, for pairs verified here or on a Dask cluster (whose workers only
+send their counts, see ``cluster._ProgressEvents``). It is ours, not a
+library's. ``click.progressbar`` prints its label once and nothing more on a
+stream that is not a terminal, and has no MiB/s figure, while ``--progress``
+to a pipe must keep printing our lines (scripts and CI logs read them). rich
+writes only the final state of its display to a stream that is not a
+terminal (Textualize/rich#3040), and costs start-up time. tqdm does redraw
+into a pipe, but its line (``45%|####  | 1.00G/2.00G [00:01<00:01,
+512MiB/s]``) is not the one scripts and the tests read; shaping it back takes
+a custom format and a new dependency, for forty lines that already do the job.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +20,7 @@ import json
 import time
 from typing import IO, TYPE_CHECKING, Any
 
-from blkverify_rs import SECTOR_SIZE
+from blkverify_rs._native import SECTOR_SIZE
 
 if TYPE_CHECKING:
     from blkverify_rs import (
@@ -134,13 +147,10 @@ def human_size(n: float) -> str:
 
 
 class ProgressBar:
-    """A one-line progress display: bytes, MiB/s and ETA, redrawn in place.
-
-    Not ``click.progressbar``: on a stream that is not a terminal click's bar
-    prints its label once and nothing more, while ``--progress`` to a pipe
-    must keep printing these lines (scripts and CI logs read them); and its
-    line has no MiB/s figure.
-    """
+    """A one-line progress display: bytes, MiB/s and ETA, redrawn in place at
+    most every ``min_interval`` seconds (and at the end), after ``prefix``.
+    A batch's line leads with its pairs (``pairs 1/2``). Why it is not
+    click's, tqdm's or rich's: see the module docstring."""
 
     def __init__(self, stream: IO[str], min_interval: float = 0.2) -> None:
         self.stream = stream
@@ -150,7 +160,13 @@ class ProgressBar:
         self.drawn = False
         self.prefix = ""
 
-    def update(self, done: int, total: int) -> None:
+    def update(
+        self, done: int, total: int, pairs_done: int | None = None, pairs_total: int | None = None
+    ) -> None:
+        """``progress(done, total)`` for verify and digest, and
+        ``progress(done, total, pairs_done, pairs_total)`` for a batch."""
+        if pairs_total is not None:
+            self.prefix = f"pairs {pairs_done}/{pairs_total}  "
         now = time.monotonic()
         if now - self.last_draw < self.min_interval and done < total:
             return

@@ -21,12 +21,11 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from blkverify_rs import _native
-
-if TYPE_CHECKING:
-    from blkverify_rs import ExerciseFinding
+from blkverify_rs._native import Error
+from blkverify_rs.exercise_api import ExerciseFinding, exercise
 
 T = TypeVar("T")
 
@@ -63,8 +62,6 @@ def shrink(
     ``progress(trials, ops)`` is called after each trial.
     """
     import shlex
-
-    from blkverify_rs import Error, exercise
 
     log_path, out_path = Path(log), Path(out)
     recorded = _native.read_log(log_path)

@@ -408,6 +408,10 @@ pub enum Access {
     Write,
 }
 
+/// The longest backing chain followed unless the caller says otherwise
+/// (`--max-backing-depth`, `max_backing_depth=`).
+pub const DEFAULT_BACKING_DEPTH: u32 = 16;
+
 /// How backing files are followed.
 #[derive(Debug, Clone)]
 pub struct BackingPolicy {
@@ -425,7 +429,7 @@ impl Default for BackingPolicy {
     fn default() -> Self {
         BackingPolicy {
             follow: true,
-            max_depth: 16,
+            max_depth: DEFAULT_BACKING_DEPTH,
             allow_anywhere: false,
         }
     }

@@ -61,7 +61,7 @@ impl PyDevice {
         Ok(self.device()?.format_name())
     }
 
-    /// The test image's format ("raw", "qcow2", "vmdk").
+    /// The test image's format, as `formats()` names it ("raw", "qcow2", ...).
     #[getter]
     fn test_format(&self) -> PyResult<&'static str> {
         Ok(self.device()?.test().format_name())

@@ -380,5 +380,5 @@ pub(crate) fn check_spans<'py>(
             &verify,
         )
     })?;
-    report_to_dict(py, &names, &report, |_, _| (None, None))
+    report_to_dict(py, &names, &report, None, |_, _| (None, None))
 }

@@ -1,10 +1,8 @@
-//! `Image`: an open image, and `open`, which opens an image or a mirrored device.
+//! `Image`: an open image, and the I/O calls it shares with `Device` (which
+//! builds on this module; `open.rs`, above both, opens either).
 
 use super::detached::run_detached;
-use super::device::PyDevice;
 use super::errors::to_pyerr;
-use super::options::{open_options, Kwargs};
-use crate::blkverify::{open_spec, Opened};
 use crate::driver::{self, BlockDriver};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
@@ -21,6 +19,13 @@ pub struct PyImage {
 }
 
 impl PyImage {
+    pub(crate) fn new(driver: Arc<dyn BlockDriver>, path: PathBuf) -> PyImage {
+        PyImage {
+            driver: Some(driver),
+            path,
+        }
+    }
+
     fn driver(&self) -> PyResult<Arc<dyn BlockDriver>> {
         self.driver.clone().ok_or_else(|| {
             PyValueError::new_err(format!("{}: I/O on a closed image", self.path.display()))
@@ -36,7 +41,7 @@ impl PyImage {
         Ok(self.driver()?.size())
     }
 
-    /// The format: "raw", "qcow2", "vmdk".
+    /// The format, as `formats()` names it ("raw", "qcow2", "vmdk", "vpc", ...).
     #[getter]
     fn format(&self) -> PyResult<&'static str> {
         Ok(self.driver()?.format_name())
@@ -282,33 +287,6 @@ pub(crate) fn location_dict<'py>(
     d.set_item("host_offset", l.host_offset)?;
     d.set_item("backing_depth", l.backing_depth)?;
     Ok(d)
-}
-
-/// Open an image, or a mirrored device when `path` is a `blkverify:RAW:TEST`
-/// spec. `options`: `format`, `read_only`, `snapshot`, `backing`,
-/// `max_backing_depth`, `allow_backing_anywhere`, `timeout`.
-#[pyfunction]
-#[pyo3(signature = (path, **options))]
-pub(crate) fn open<'py>(
-    py: Python<'py>,
-    path: PathBuf,
-    options: Option<&Bound<'py, PyDict>>,
-) -> PyResult<Bound<'py, PyAny>> {
-    let kw = Kwargs::new(py, options)?;
-    let options = open_options(&kw)?;
-    kw.finish("open")?;
-    let p = path.clone();
-    match run_detached(py, move || open_spec(&p, &options))? {
-        Opened::Image(driver) => Ok(Bound::new(
-            py,
-            PyImage {
-                driver: Some(driver),
-                path,
-            },
-        )?
-        .into_any()),
-        Opened::Device(device) => Ok(Bound::new(py, PyDevice::new(device))?.into_any()),
-    }
 }
 
 /// Whether `path` names something we can open (used for CLI messages).

@@ -14,6 +14,7 @@ mod errors;
 mod exercise;
 mod image;
 mod map;
+mod open;
 mod options;
 mod rules;
 mod serve;
@@ -21,16 +22,20 @@ mod verify;
 
 use errors::{exc, CorruptImageError, FormatError, MismatchError};
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 
 /// The native module.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("SECTOR_SIZE", crate::driver::SECTOR_SIZE)?;
-    m.add("MAX_QUEUE_DEPTH", crate::exercise::MAX_QUEUE_DEPTH)?;
-    m.add("ON_MISMATCH", crate::serve::Policy::NAMES.to_vec())?;
+    rules::add_constants(m)?;
     m.add("DIGESTS_FORMAT", verify::DIGESTS)?;
+    m.add("REPORT_FIELDS", PyTuple::new(py, verify::REPORT_FIELDS)?)?;
+    m.add(
+        "REPORT_JSON_FIELDS",
+        PyTuple::new(py, verify::REPORT_JSON_FIELDS)?,
+    )?;
     m.add(
         "DIGEST_ALGORITHMS",
         crate::digest::Algorithm::ALL.map(|a| a.name()).to_vec(),
@@ -45,7 +50,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<digest::PySpanJoiner>()?;
     m.add_class::<map::PyMapExtent>()?;
     m.add_class::<serve::PyServer>()?;
-    m.add_function(wrap_pyfunction!(image::open, m)?)?;
+    m.add_function(wrap_pyfunction!(open::open, m)?)?;
     m.add_function(wrap_pyfunction!(device::open_device, m)?)?;
     m.add_function(wrap_pyfunction!(image::probe_format, m)?)?;
     m.add_function(wrap_pyfunction!(create::create, m)?)?;

@@ -1,5 +1,6 @@
 //! The core's rules that Python asks about rather than repeating them: the
-//! size grammar, the format registry, and the `blkverify:RAW:TEST` spec syntax.
+//! size grammar, the format registry, the `blkverify:RAW:TEST` spec syntax,
+//! and the limits and defaults (`add_constants`).
 
 use crate::blkverify::{parse_spec as parse, Spec};
 use crate::driver::{Access, Format};
@@ -20,17 +21,50 @@ pub(crate) fn parse_size(text: &str) -> PyResult<u64> {
     })
 }
 
+/// The core's limits and defaults, as constants of `_native`, so that Python
+/// reads each number from its one owner instead of spelling it again.
+pub(crate) fn add_constants(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("SECTOR_SIZE", crate::driver::SECTOR_SIZE)?;
+    m.add(
+        "DEFAULT_BACKING_DEPTH",
+        crate::driver::DEFAULT_BACKING_DEPTH,
+    )?;
+    m.add("DIGEST_BLOCK_SIZE", crate::digest::BLOCK_SIZE)?;
+    m.add("MAX_LOCATED", crate::verify::MAX_LOCATED)?;
+    m.add("MAX_QUEUE_DEPTH", crate::exercise::MAX_QUEUE_DEPTH)?;
+    m.add("ON_MISMATCH", crate::serve::Policy::NAMES.to_vec())?;
+    Ok(())
+}
+
 /// The names of the formats blkverify can read (`readable`), create and write
-/// (`writable`), or, with neither, every format it knows.
+/// (`writable`), whose every byte QEMU counts as allocated (`qemu_all_allocated`),
+/// or, with none of these, every format it knows.
 #[pyfunction]
-#[pyo3(signature = (*, readable=false, writable=false))]
-pub(crate) fn formats(readable: bool, writable: bool) -> Vec<&'static str> {
+#[pyo3(signature = (*, readable=false, writable=false, qemu_all_allocated=false))]
+pub(crate) fn formats(
+    readable: bool,
+    writable: bool,
+    qemu_all_allocated: bool,
+) -> Vec<&'static str> {
     Format::ALL
         .iter()
         .filter(|f| !readable || f.supports(Access::Read))
         .filter(|f| !writable || f.supports(Access::Write))
+        .filter(|f| !qemu_all_allocated || qemu_counts_all_allocated(**f))
         .map(Format::name)
         .collect()
+}
+
+/// Whether QEMU's driver for `format` reports every byte as allocated (to
+/// qemu-io's `alloc` and `map`), which `io` must answer as qemu-io does. raw
+/// has no allocation metadata; QEMU's vpc and vdi drivers open no backing
+/// file, so they read an unallocated block as zeros and count it allocated.
+/// The match names every format, so a new one must be decided here.
+fn qemu_counts_all_allocated(format: Format) -> bool {
+    match format {
+        Format::Raw | Format::Vpc | Format::Vdi => true,
+        Format::Qcow2 | Format::Vmdk | Format::Vhdx => false,
+    }
 }
 
 /// `(raw, test)` for a `blkverify:RAW:TEST` spec, `None` for anything else

@@ -9,7 +9,7 @@ use crate::driver::{Access, BlockDriver, Location, OpenOptions};
 use crate::error::Error;
 use crate::verify::{
     self as engine, BatchProgress, Mismatch, Progress, Reference, ReferenceKind, Report, Verified,
-    VerifyJob, VerifyOptions,
+    VerifyJob, VerifyOptions, MAX_LOCATED,
 };
 use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
 use pyo3::prelude::*;
@@ -19,9 +19,6 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Where the first mismatches live in each side's metadata (for reports).
-const MAX_LOCATED: usize = 1000;
 
 /// The `raw_format` that names a block digests file as the reference.
 pub(crate) const DIGESTS: &str = "digests";
@@ -208,36 +205,74 @@ pub(crate) struct Names {
 /// (`mapping`) and in the reference's (`ref_mapping`, when it has metadata).
 pub(crate) type Mappings<'py> = (Option<Bound<'py, PyAny>>, Option<Bound<'py, PyAny>>);
 
-/// The report as a dict (see the Python `Report`): `mappings(i, run)` gives
-/// the mappings of the `i`th run, where known. A report of part of the disk
-/// says which part (`range`).
+/// Declares `ReportFields` and the names of its fields, from one list.
+macro_rules! report_fields {
+    (
+        printed { $($(#[$p_attr:meta])* $printed:ident: $p_type:ty,)* }
+        kept { $($(#[$k_attr:meta])* $kept:ident: $k_type:ty,)* }
+    ) => {
+        /// A report dict, field by field: what `verify`, `verify_many`,
+        /// `merge_reports` and `check_spans` return, and what the Python
+        /// `Report` is made of (its fields are `REPORT_FIELDS`, in this order).
+        #[derive(IntoPyObject, FromPyObject)]
+        #[pyo3(from_item_all)]
+        pub(crate) struct ReportFields<'py> {
+            $($(#[$p_attr])* pub(crate) $printed: $p_type,)*
+            $($(#[$k_attr])* pub(crate) $kept: $k_type,)*
+        }
+
+        /// Every field of a report dict, in order.
+        pub(crate) const REPORT_FIELDS: &[&str] =
+            &[$(stringify!($printed),)* $(stringify!($kept),)*];
+
+        /// The fields `--json` prints, in its order (a `None` one is left out).
+        pub(crate) const REPORT_JSON_FIELDS: &[&str] = &[$(stringify!($printed),)*];
+    };
+}
+
+// The one list of a report's fields.
+report_fields! {
+    printed {
+        raw: String,
+        test: String,
+        raw_format: String,
+        test_format: String,
+        /// The compared disk: the larger of the two sizes.
+        virtual_size: u64,
+        raw_size: u64,
+        test_size: u64,
+        identical: bool,
+        bytes_compared: u64,
+        elapsed_s: f64,
+        truncated: bool,
+        warnings: Vec<String>,
+        /// Dicts: a run of sectors, or against block digests a run of blocks.
+        mismatches: Bound<'py, PyList>,
+        /// `(start, length)` of a report of part of the disk, else `None`.
+        #[pyo3(default)]
+        range: Option<(u64, u64)>,
+        /// Set when the reference is a block digests file.
+        #[pyo3(default)]
+        block_size: Option<u64>,
+    }
+    kept {
+        bytes_read: u64,
+        /// How the test image was opened (`open`'s keywords), so that a
+        /// report can draw the image it read; `None`: not known.
+        #[pyo3(default)]
+        test_options: Option<Bound<'py, PyDict>>,
+    }
+}
+
+/// The report as a dict (see `ReportFields`): `mappings(i, run)` gives
+/// the mappings of the `i`th run, where known.
 pub(crate) fn report_to_dict<'py>(
     py: Python<'py>,
     names: &Names,
     report: &Report,
+    test_options: Option<Bound<'py, PyDict>>,
     mappings: impl Fn(usize, &Mismatch) -> Mappings<'py>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("raw", &names.raw)?;
-    d.set_item("test", &names.test)?;
-    d.set_item("raw_format", &names.raw_format)?;
-    d.set_item("test_format", &names.test_format)?;
-    d.set_item("virtual_size", report.virtual_size)?;
-    d.set_item("raw_size", report.raw_size)?;
-    d.set_item("test_size", report.test_size)?;
-    d.set_item("identical", report.identical)?;
-    d.set_item("bytes_compared", report.bytes_compared)?;
-    d.set_item("bytes_read", report.bytes_read)?;
-    d.set_item("elapsed_s", report.elapsed.as_secs_f64())?;
-    d.set_item("truncated", report.truncated)?;
-    d.set_item("block_size", report.block_size)?;
-    d.set_item("warnings", PyList::new(py, &report.warnings)?)?;
-    if report.range != (0..report.virtual_size) {
-        d.set_item(
-            "range",
-            (report.range.start, report.range.end - report.range.start),
-        )?;
-    }
     let list = PyList::empty(py);
     for (i, m) in report.mismatches.iter().enumerate() {
         let md = PyDict::new(py);
@@ -268,8 +303,27 @@ pub(crate) fn report_to_dict<'py>(
         }
         list.append(md)?;
     }
-    d.set_item("mismatches", list)?;
-    Ok(d)
+    let whole = report.range == (0..report.virtual_size);
+    ReportFields {
+        raw: names.raw.clone(),
+        test: names.test.clone(),
+        raw_format: names.raw_format.clone(),
+        test_format: names.test_format.clone(),
+        virtual_size: report.virtual_size,
+        raw_size: report.raw_size,
+        test_size: report.test_size,
+        identical: report.identical,
+        bytes_compared: report.bytes_compared,
+        elapsed_s: report.elapsed.as_secs_f64(),
+        truncated: report.truncated,
+        warnings: report.warnings.clone(),
+        mismatches: list,
+        range: (!whole).then(|| (report.range.start, report.range.end - report.range.start)),
+        block_size: report.block_size,
+        bytes_read: report.bytes_read,
+        test_options: Some(test_options.unwrap_or_else(|| PyDict::new(py))),
+    }
+    .into_pyobject(py)
 }
 
 /// The warning that `image`'s backing file was not opened (`--no-backing`), so
@@ -365,29 +419,21 @@ fn report_dict<'py>(
             .and_then(|loc| location_dict(py, loc).ok())
             .map(Bound::into_any)
     };
-    let d = report_to_dict(py, &names, &report, |i, _| {
+    let test_options = open_kwargs(py, &job.test_options)?;
+    report_to_dict(py, &names, &report, Some(test_options), |i, _| {
         (as_dict(locations.get(i)), as_dict(ref_locations.get(i)))
-    })?;
-    d.set_item("test_options", open_kwargs(py, &job.test_options)?)?;
-    Ok(d)
+    })
 }
 
-/// A report dict (as `report_to_dict` makes it) back into the engine's report.
-fn report_from_dict(d: &Bound<'_, PyDict>) -> PyResult<Report> {
-    let item = |key: &str| -> PyResult<Bound<'_, PyAny>> {
-        d.get_item(key)?
-            .ok_or_else(|| PyValueError::new_err(format!("a report without '{key}'")))
-    };
-    let virtual_size: u64 = item("virtual_size")?.extract()?;
-    let range = match d.get_item("range")? {
-        Some(r) if !r.is_none() => {
-            let (start, length): (u64, u64) = r.extract()?;
-            start..start.saturating_add(length)
-        }
-        _ => 0..virtual_size,
+/// A report dict's fields (as `report_to_dict` makes them) back into the
+/// engine's report.
+fn report_from_fields(fields: &ReportFields<'_>) -> PyResult<Report> {
+    let range = match fields.range {
+        Some((start, length)) => start..start.saturating_add(length),
+        None => 0..fields.virtual_size,
     };
     let mut mismatches = Vec::new();
-    for m in item("mismatches")?.try_iter()? {
+    for m in fields.mismatches.try_iter()? {
         let m = m?;
         let error = m.get_item("error").ok().filter(|e| !e.is_none());
         let offset: u64 = m.get_item("offset")?.extract()?;
@@ -406,22 +452,18 @@ fn report_from_dict(d: &Bound<'_, PyDict>) -> PyResult<Report> {
         });
     }
     Ok(Report {
-        identical: item("identical")?.extract()?,
-        raw_size: item("raw_size")?.extract()?,
-        test_size: item("test_size")?.extract()?,
-        virtual_size,
+        identical: fields.identical,
+        raw_size: fields.raw_size,
+        test_size: fields.test_size,
+        virtual_size: fields.virtual_size,
         range,
-        bytes_compared: item("bytes_compared")?.extract()?,
-        bytes_read: item("bytes_read")?.extract()?,
+        bytes_compared: fields.bytes_compared,
+        bytes_read: fields.bytes_read,
         mismatches,
-        truncated: item("truncated")?.extract()?,
-        warnings: item("warnings")?.extract()?,
-        elapsed: Duration::try_from_secs_f64(item("elapsed_s")?.extract()?).unwrap_or_default(),
-        block_size: d
-            .get_item("block_size")?
-            .filter(|b| !b.is_none())
-            .map(|b| b.extract())
-            .transpose()?,
+        truncated: fields.truncated,
+        warnings: fields.warnings.clone(),
+        elapsed: Duration::try_from_secs_f64(fields.elapsed_s).unwrap_or_default(),
+        block_size: fields.block_size,
     })
 }
 
@@ -459,50 +501,40 @@ pub(crate) fn merge_reports<'py>(
             outcomes.push(Err(PartError(PyErr::from_value(part.clone()))));
             continue;
         };
-        let text = |key: &str| -> PyResult<String> {
-            d.get_item(key)?
-                .ok_or_else(|| PyValueError::new_err(format!("a report without '{key}'")))?
-                .extract()
-        };
+        let fields: ReportFields<'py> = d.extract()?;
         if test_options.is_none() {
-            test_options = d.get_item("test_options")?;
+            test_options.clone_from(&fields.test_options);
         }
         if names.is_none() {
             names = Some(Names {
-                raw: text("raw")?,
-                test: text("test")?,
-                raw_format: text("raw_format")?,
-                test_format: text("test_format")?,
+                raw: fields.raw.clone(),
+                test: fields.test.clone(),
+                raw_format: fields.raw_format.clone(),
+                test_format: fields.test_format.clone(),
             });
         }
-        if let Some(runs) = d.get_item("mismatches")? {
-            for m in runs.try_iter()? {
-                let m = m?;
-                let found = (m.get_item("mapping").ok(), m.get_item("ref_mapping").ok());
-                // Block findings have no first byte: they begin at their offset.
-                let first = m
-                    .get_item("first_byte")
-                    .or_else(|_| m.get_item("offset"))?
-                    .extract()?;
-                mappings.insert(first, found);
-            }
+        for m in fields.mismatches.try_iter()? {
+            let m = m?;
+            let found = (m.get_item("mapping").ok(), m.get_item("ref_mapping").ok());
+            // Block findings have no first byte: they begin at their offset.
+            let first = m
+                .get_item("first_byte")
+                .or_else(|_| m.get_item("offset"))?
+                .extract()?;
+            mappings.insert(first, found);
         }
-        outcomes.push(Ok(report_from_dict(d)?));
+        outcomes.push(Ok(report_from_fields(&fields)?));
     }
     let report = engine::merge_ranges(outcomes, &options).map_err(|PartError(e)| e)?;
     let names = names.ok_or_else(|| PyValueError::new_err("no range reports to merge"))?;
     // A run keeps the mappings of the run it begins with; as in one verify,
     // only the first MAX_LOCATED runs are located.
-    let d = report_to_dict(py, &names, &report, |i, m| {
+    report_to_dict(py, &names, &report, test_options, |i, m| {
         match mappings.get(&m.first_byte) {
             Some(found) if i < MAX_LOCATED => found.clone(),
             _ => (None, None),
         }
-    })?;
-    if let Some(test_options) = test_options {
-        d.set_item("test_options", test_options)?;
-    }
-    Ok(d)
+    })
 }
 
 /// The keyword arguments that open an image as `options` say (`format` only

@@ -16,7 +16,7 @@ pub use batch::{
     VerifyJob,
 };
 pub use merge::merge_ranges;
-pub use report::{Mismatch, Progress, Report, VerifyOptions};
+pub use report::{Mismatch, Progress, Report, VerifyOptions, MAX_LOCATED};
 
 use crate::compare::{first_difference, first_nonzero};
 use crate::driver::{zero_status, BlockDriver, SECTOR_SIZE};

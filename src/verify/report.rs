@@ -5,6 +5,11 @@ use crate::driver::SECTOR_SIZE;
 use std::ops::Range;
 use std::time::Duration;
 
+/// How many of a report's runs (the first, in guest order) are located in
+/// each side's metadata: locating reads metadata, and a report of 100,000
+/// runs is read for its first ones.
+pub const MAX_LOCATED: usize = 1000;
+
 /// How to verify.
 #[derive(Debug, Clone)]
 pub struct VerifyOptions {
