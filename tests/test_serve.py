@@ -649,6 +649,36 @@ def test_a_file_system_meets_the_corruption(tmp_path: Path, serve, nbdfuse) -> N
     assert findings and all(f["sector"] == guest // 512 for f in findings), findings
 
 
+def test_a_file_system_on_the_bug_server_meets_the_bug(
+    tmp_path: Path, serve, bug_server, nbdfuse
+) -> None:
+    """ext4 built through nbdfuse on serve in front of the planted-bug server, then
+    read back: the bug's corrupt read is caught at the sector its log names, and
+    under ``reference`` the file system reads back whole."""
+    raw, disk = tmp_path / "raw.img", tmp_path / "disk.raw"
+    for p in (raw, disk):
+        qemu_img("create", "-f", "raw", p, SIZE)
+    tree = make_tree(tmp_path / "tree")
+    bugs = bug_server(disk, bugs=[("neighbour-read", 40)])
+    report = tmp_path / "report.jsonl"
+    server = serve("--on-mismatch", "reference", "--persistent", "--report", report, raw, bugs.uri)
+    mounted = nbdfuse(tmp_path / "mnt", server.uri)
+    run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-d", tree, mounted.path])
+    mounted.unmount()
+    mounted = nbdfuse(tmp_path / "mnt", server.uri)
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    run(["debugfs", "-R", f"rdump / {dump}", mounted.path])
+    run(["e2fsck", "-fn", mounted.path])
+    mounted.unmount()
+    assert server.stop() == 1
+    [fired] = bugs.fired()
+    findings = [json.loads(x) for x in report.read_text().splitlines()]
+    assert [f["sector"] for f in findings] == [fired["first_sector"]], (fired, findings)
+    assert findings[0]["op"].startswith(f"read {fired['offset']} ")
+    assert same_tree(tree, dump)
+
+
 # --------------------------------------------------------------------------------------
 # the command: signals, exit statuses, where it listens, what it refuses
 # --------------------------------------------------------------------------------------
