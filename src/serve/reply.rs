@@ -12,6 +12,7 @@ use crate::nbd::wire::{
 };
 use crate::nbd::Stream;
 use std::io::{self, IoSlice, Write};
+use std::os::fd::AsRawFd;
 
 /// Data up to this size is copied into the batch; larger goes out at once.
 const COPY_MAX: usize = 64 << 10;
@@ -191,13 +192,30 @@ impl Writer {
 }
 
 /// Write every byte of `parts`, in as few system calls as the socket allows.
+/// `sendmsg` with `MSG_NOSIGNAL`, not `writev`: a client that left gives
+/// `EPIPE`, never a SIGPIPE that would kill a process not ignoring it.
 fn write_all_parts(stream: &mut Stream, mut parts: &mut [IoSlice<'_>]) -> io::Result<()> {
+    let fd = stream.as_raw_fd();
     while !parts.is_empty() {
-        match stream.write_vectored(parts) {
+        // SAFETY: an all-zero msghdr is a valid empty one; only its iovec
+        // fields are set below.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        // IoSlice is ABI-compatible with iovec on Unix (std documents it),
+        // and `parts` outlives the call.
+        msg.msg_iov = parts.as_mut_ptr().cast::<libc::iovec>();
+        msg.msg_iovlen = parts.len().min(libc::UIO_MAXIOV as usize) as _;
+        // SAFETY: `fd` is the stream's open socket for the whole call, and
+        // `msg` points at `parts`, valid buffers the kernel only reads.
+        let sent = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+        match usize::try_from(sent) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => IoSlice::advance_slices(&mut parts, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
         }
     }
     Ok(())
