@@ -14,7 +14,7 @@
 //! breaks the protocol, or the server stops: requests already running finish
 //! on both sides, and replies to a client that left are dropped and counted.
 
-use super::execute::{self, Buffers};
+use super::execute::{self, Buffers, KEEP_BUFFER};
 use super::handshake::{self, Negotiated};
 use super::reply::{Reply, Writer};
 use super::validate::validate_request;
@@ -36,7 +36,11 @@ const READ_BUFFER: usize = 256 << 10;
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The most worker threads one connection starts.
-const MAX_WORKERS: usize = 16;
+const MAX_WORKERS: usize = 8;
+
+/// The most write data one connection holds for its workers (one request of
+/// any size is always let through).
+pub(super) const MAX_QUEUED_BYTES: usize = 64 << 20;
 
 /// Serve one client on `stream` until it leaves or the server stops.
 pub(super) fn serve(ctx: &Context<'_>, id: u64, stream: Stream) {
@@ -172,6 +176,8 @@ struct Queue<'d> {
     jobs: VecDeque<Job<'d>>,
     /// Jobs queued or running.
     in_flight: usize,
+    /// Their write data.
+    queued_bytes: usize,
     workers: usize,
     idle: usize,
     /// No more jobs will come: idle workers leave.
@@ -282,6 +288,10 @@ impl<'c, 'a> Connection<'c, 'a> {
                 );
                 drop(ticket);
                 lock(&self.writer).reply(&request, outcome.reply(&request, &buffers), false);
+                buffers.trim();
+                if payload_buf.capacity() > KEEP_BUFFER {
+                    payload_buf = Vec::new();
+                }
                 continue;
             }
             let payload = if payload_len > 0 {
@@ -314,8 +324,11 @@ impl<'c, 'a> Connection<'c, 'a> {
     /// while the connection has `max_in_flight` requests in flight.
     fn hand_off(&'c self, job: Job<'a>, spawn: &mut impl FnMut(&'c Self)) {
         let cap = self.ctx.options.max_in_flight.max(1);
+        let bytes = job.payload.len();
         let mut queue = self.lock_queue();
-        while queue.in_flight >= cap {
+        while queue.in_flight >= cap
+            || (queue.in_flight > 0 && queue.queued_bytes + bytes > MAX_QUEUED_BYTES)
+        {
             lock(&self.writer).flush();
             queue = self
                 .room
@@ -324,6 +337,7 @@ impl<'c, 'a> Connection<'c, 'a> {
         }
         queue.jobs.push_back(job);
         queue.in_flight += 1;
+        queue.queued_bytes += bytes;
         let start = queue.idle == 0 && queue.workers < MAX_WORKERS.min(cap);
         if start {
             queue.workers += 1;
@@ -375,8 +389,10 @@ impl<'c, 'a> Connection<'c, 'a> {
             );
             drop(ticket);
             lock(&self.writer).reply(&request, outcome.reply(&request, &buffers), true);
+            buffers.trim();
             let mut queue = self.lock_queue();
             queue.in_flight -= 1;
+            queue.queued_bytes -= payload.len();
             drop(queue);
             self.room.notify_all();
         }

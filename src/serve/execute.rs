@@ -30,7 +30,20 @@ pub(super) struct Buffers {
     pub scratch: Vec<u8>,
 }
 
+/// Buffers up to this size are kept between requests; larger ones (a 32 MiB
+/// read) are given back once the request is done.
+pub(super) const KEEP_BUFFER: usize = 1 << 20;
+
 impl Buffers {
+    /// Give back buffers grown past [`KEEP_BUFFER`] for a large request.
+    pub fn trim(&mut self) {
+        for buf in [&mut self.data, &mut self.reference, &mut self.scratch] {
+            if buf.capacity() > KEEP_BUFFER {
+                *buf = Vec::new();
+            }
+        }
+    }
+
     /// Make `data` and `reference` at least `len` long.
     fn reserve(&mut self, len: usize) {
         for buf in [&mut self.data, &mut self.reference] {
