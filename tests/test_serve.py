@@ -715,6 +715,9 @@ def test_a_second_signal_forces_the_exit(tmp_path: Path, serve) -> None:
     assert time.monotonic() - started < 5
     assert "second signal (SIGTERM)" in server.stderr()
     s.close()
+    # Even a forced exit leaves no socket behind.
+    socket_path = Path(server.uri.split("socket=", 1)[1])
+    assert not socket_path.exists() and not socket_path.parent.exists()
 
 
 def test_an_image_held_by_qemu_for_writing_is_refused(tmp_path: Path) -> None:

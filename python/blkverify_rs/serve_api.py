@@ -134,6 +134,11 @@ class Server:
         self._native.stop(reason)
         return self.summary_wait() if wait else None
 
+    def remove_socket(self) -> None:
+        """Remove the Unix socket (and its private directory) at once, for a
+        process that exits without stopping the server (a forced exit)."""
+        self._native.remove_socket()
+
     def summary_wait(self) -> ServeSummary:
         """Wait for the end and return the summary."""
         if self._summary is None:

@@ -198,6 +198,7 @@ def _serve(server: Any, report: IO[str] | None, pid_file: str | None) -> int:
             "requests in flight or flushing",
             err=True,
         )
+        server.remove_socket()
         os._exit(EXIT_FINDING if findings else EXIT_ERROR)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}

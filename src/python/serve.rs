@@ -143,6 +143,12 @@ impl PyServer {
         }
     }
 
+    /// Remove the Unix socket (and its private directory) now: for a process
+    /// about to exit at once, without stopping the server.
+    fn remove_socket(&self) {
+        self.server.remove_socket();
+    }
+
     /// Wait up to `timeout` seconds (`None`: until it ends) for the server to
     /// end; returns whether it has. Signal handlers run while it waits.
     #[pyo3(signature = (timeout=None))]

@@ -144,6 +144,24 @@ impl Listener {
     pub fn name(&self) -> &str {
         listener_name(self)
     }
+
+    /// What [`remove_socket`] removes: a Unix socket's path and the private
+    /// directory made for it.
+    pub fn socket_files(&self) -> Option<(PathBuf, Option<PathBuf>)> {
+        match self {
+            Listener::Unix { path, dir, .. } => Some((path.clone(), dir.clone())),
+            Listener::Tcp { .. } => None,
+        }
+    }
+}
+
+/// Remove a Unix socket and the private directory made for it (errors are
+/// ignored: it may be gone already).
+pub(super) fn remove_socket(path: &Path, dir: Option<&Path>) {
+    let _ = fs::remove_file(path);
+    if let Some(dir) = dir {
+        let _ = fs::remove_dir(dir);
+    }
 }
 
 fn listener_name(listener: &Listener) -> &str {
@@ -165,10 +183,7 @@ impl AsRawFd for Listener {
 impl Drop for Listener {
     fn drop(&mut self) {
         if let Listener::Unix { path, dir, .. } = self {
-            let _ = fs::remove_file(&*path);
-            if let Some(dir) = dir {
-                let _ = fs::remove_dir(&*dir);
-            }
+            remove_socket(path, dir.as_deref());
         }
     }
 }

@@ -268,6 +268,8 @@ pub struct Server {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
     uri: String,
+    /// A Unix socket's path and private directory, for [`Server::remove_socket`].
+    socket_files: Option<(std::path::PathBuf, Option<std::path::PathBuf>)>,
 }
 
 impl Server {
@@ -280,6 +282,7 @@ impl Server {
             ));
         }
         let (listener, uri) = Listener::bind(&options.listen, &options.export_name)?;
+        let socket_files = listener.socket_files();
         let (waker, wake_reader) = UnixStream::pair()
             .map_err(|e| Error::io(Path::new("serve"), "make the stop pipe", e))?;
         for end in [&waker, &wake_reader] {
@@ -329,6 +332,7 @@ impl Server {
             shared,
             thread: Some(thread),
             uri,
+            socket_files,
         })
     }
 
@@ -368,6 +372,15 @@ impl Server {
                 .0;
         }
         true
+    }
+
+    /// Remove the Unix socket (and the private directory made for it) now, for
+    /// a process about to exit without stopping the server: no stale socket
+    /// is left behind. The server ends as usual otherwise.
+    pub fn remove_socket(&self) {
+        if let Some((path, dir)) = &self.socket_files {
+            listen::remove_socket(path, dir.as_deref());
+        }
     }
 
     /// Whether the server is stopping (or has stopped).
