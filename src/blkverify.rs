@@ -21,7 +21,8 @@ pub mod order;
 
 use crate::compare::first_difference;
 use crate::driver::{self, check_range, BlockDriver, Extent, Format, Location, OpenOptions};
-use crate::error::{Error, Result};
+use crate::error::{ContentsMismatch, Error, Result, ReturnMismatch};
+use crate::size::request_sectors;
 use order::{Observer, Order, Ticket};
 use std::cell::RefCell;
 use std::fmt;
@@ -262,7 +263,7 @@ impl Blkverify {
             let raw = scope.spawn(raw);
             let test = test();
             let raw = raw.join().unwrap_or_else(|_| {
-                Err(Error::InvalidArgument(
+                Err(Error::Internal(
                     "blkverify: the raw side's worker thread panicked".to_string(),
                 ))
             });
@@ -305,13 +306,13 @@ impl Blkverify {
         if buf[..] != reference[..] {
             let at = first_difference(buf, reference).unwrap_or(0) as u64;
             let first_byte = offset + at;
-            return Err(Error::Mismatch {
+            return Err(Error::Mismatch(ContentsMismatch {
                 op: "read",
                 offset,
                 length,
                 sector: first_byte / driver::SECTOR_SIZE,
                 first_byte,
-            });
+            }));
         }
         Ok(())
     }
@@ -374,13 +375,13 @@ impl Blkverify {
                         .is_some_and(|b| b == t);
                 if !allowed {
                     let first_byte = abs + first_difference(t, old).unwrap_or(0) as u64;
-                    return Err(Error::Mismatch {
+                    return Err(Error::Mismatch(ContentsMismatch {
                         op: "discard",
                         offset,
                         length: len,
                         sector: first_byte / driver::SECTOR_SIZE,
                         first_byte,
-                    });
+                    }));
                 }
                 sector_start = sector_end;
             }
@@ -405,7 +406,7 @@ fn settle(
     match (test, raw) {
         (Ok(()), Ok(())) => Ok(()),
         (Err(t), Err(r)) if t.errno() == r.errno() => Err(t),
-        (test, raw) => Err(Error::ReturnMismatch {
+        (test, raw) => Err(Error::ReturnMismatch(ReturnMismatch {
             op,
             offset,
             length,
@@ -413,11 +414,19 @@ fn settle(
             raw_ret: raw.as_ref().map_or_else(|e| -e.errno(), |_| 0),
             test_error: test.err().map(|e| e.to_string()),
             raw_error: raw.err().map(|e| e.to_string()),
-        }),
+        })),
     }
 }
 
 impl BlockDriver for Blkverify {
+    /// The device serves the test image's guest bytes, read through the test
+    /// side's driver: its format is the test image's.
+    fn format(&self) -> Format {
+        self.test().format()
+    }
+
+    /// The device is a filter over two images, not a format of a file: it
+    /// names itself, as QEMU's blkverify driver does.
     fn format_name(&self) -> &'static str {
         "blkverify"
     }
@@ -548,6 +557,33 @@ pub fn open_spec(spec: &Path, options: &OpenOptions) -> Result<Opened> {
     }
 }
 
+// The device's two findings are carried by the bottom layer's `Error`; their
+// messages are the device's, and are written here. They are QEMU blkverify's,
+// in 512-byte sectors: the request (`sector_num`, `nb_sectors`), then the first
+// differing sector or the two return values, test side first.
+
+impl fmt::Display for ContentsMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (sector_num, nb_sectors) = request_sectors(self.offset, self.length);
+        write!(
+            f,
+            "blkverify: {} sector_num={sector_num} nb_sectors={nb_sectors} contents mismatch in sector {}",
+            self.op, self.sector
+        )
+    }
+}
+
+impl fmt::Display for ReturnMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (sector_num, nb_sectors) = request_sectors(self.offset, self.length);
+        write!(
+            f,
+            "blkverify: {} sector_num={sector_num} nb_sectors={nb_sectors} return value mismatch {} != {}",
+            self.op, self.test_ret, self.raw_ret
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -637,7 +673,7 @@ mod tests {
             "blkverify: read sector_num=0 nb_sectors=4 contents mismatch in sector 3"
         );
         match err {
-            Error::Mismatch { first_byte, .. } => assert_eq!(first_byte, 1536 + 7),
+            Error::Mismatch(m) => assert_eq!(m.first_byte, 1536 + 7),
             other => panic!("unexpected {other:?}"),
         }
         // the same difference found by a large (parallel) read
@@ -669,9 +705,9 @@ mod tests {
 
     #[test]
     fn request_sectors_cover_unaligned_ranges() {
-        assert_eq!(crate::error::request_sectors(0, 512), (0, 1));
-        assert_eq!(crate::error::request_sectors(0, 2048), (0, 4));
-        assert_eq!(crate::error::request_sectors(100, 1000), (0, 3));
-        assert_eq!(crate::error::request_sectors(4096, 0), (8, 0));
+        assert_eq!(request_sectors(0, 512), (0, 1));
+        assert_eq!(request_sectors(0, 2048), (0, 4));
+        assert_eq!(request_sectors(100, 1000), (0, 3));
+        assert_eq!(request_sectors(4096, 0), (8, 0));
     }
 }

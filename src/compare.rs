@@ -47,7 +47,8 @@ pub fn hexdump_diff(
 ) -> Vec<String> {
     let mut lines = Vec::new();
     let rows = test.len().max(raw.len()).div_ceil(16);
-    let first_row = usize::try_from(first_byte.saturating_sub(sector_offset) / 16).unwrap_or(0);
+    // Rows of one sector: it fits a usize.
+    let first_row = (first_byte.saturating_sub(sector_offset) / 16) as usize;
     let mut shown = 0;
     let mut differing = 0;
     for row in first_row..rows {

@@ -1,7 +1,6 @@
 //! One error type for the whole core. Every message names the file, the field and
 //! the fact, so a user can act on it without a debugger.
 
-use crate::driver::SECTOR_SIZE;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -50,57 +49,63 @@ pub enum Error {
     #[error("cancelled")]
     Cancelled,
     /// The mirrored device read different bytes from the test image than from the
-    /// raw reference. The message is blkverify's, in 512-byte sectors: the request
-    /// (`sector_num`, `nb_sectors`) and the first differing sector.
-    #[error(
-        "blkverify: {op} sector_num={} nb_sectors={} contents mismatch in sector {sector}",
-        request_sectors(*.offset, *.length).0,
-        request_sectors(*.offset, *.length).1
-    )]
-    Mismatch {
-        /// The operation ("read").
-        op: &'static str,
-        /// Guest offset of the request, in bytes.
-        offset: u64,
-        /// Length of the request, in bytes.
-        length: u64,
-        /// The first differing 512-byte sector.
-        sector: u64,
-        /// Guest offset of the first differing byte.
-        first_byte: u64,
-    },
+    /// raw reference. The message is the device's own (see [`ContentsMismatch`]).
+    #[error("{0}")]
+    Mismatch(ContentsMismatch),
     /// The two sides of the mirrored device returned different results for the same
-    /// request (one failed, or they failed with different errors). The values are
-    /// QEMU's: 0 for success, a negative errno for a failure; the test side first.
-    #[error(
-        "blkverify: {op} sector_num={} nb_sectors={} return value mismatch {test_ret} != {raw_ret}",
-        request_sectors(*.offset, *.length).0,
-        request_sectors(*.offset, *.length).1
-    )]
-    ReturnMismatch {
-        /// The operation ("read", "write", "write_zeroes", "discard", "flush").
-        op: &'static str,
-        /// Guest offset of the request, in bytes.
-        offset: u64,
-        /// Length of the request, in bytes.
-        length: u64,
-        /// The test side's result: 0 or a negative errno.
-        test_ret: i32,
-        /// The raw side's result: 0 or a negative errno.
-        raw_ret: i32,
-        /// The test side's error, if it failed (for the detail a message can't hold).
-        test_error: Option<String>,
-        /// The raw side's error, if it failed.
-        raw_error: Option<String>,
-    },
+    /// request (one failed, or they failed with different errors). The message is
+    /// the device's own (see [`ReturnMismatch`]).
+    #[error("{0}")]
+    ReturnMismatch(ReturnMismatch),
+    /// A broken internal invariant: a bug of blkverify, not a fault of the image
+    /// or of the caller (a driver's map that returned an extent outside the
+    /// request, a worker thread that panicked). The message says what broke.
+    #[error("internal error (please report it): {0}")]
+    Internal(String),
 }
 
-/// A byte range as blkverify reports it: the first 512-byte sector and the number of
-/// sectors the range touches.
-pub fn request_sectors(offset: u64, length: u64) -> (u64, u64) {
-    let first = offset / SECTOR_SIZE;
-    let end = offset.saturating_add(length).div_ceil(SECTOR_SIZE);
-    (first, end.saturating_sub(first))
+// The two findings of the mirrored device are facts carried by this, the
+// bottom layer, so every layer can match on them; their messages are the
+// device's (`blkverify.rs` implements `Display` for both, next to the requests
+// they describe), so the bottom layer does not spell out a layer above it.
+
+/// The mirrored device read different bytes from the test image than from the
+/// raw reference: the request and the first differing sector. Its message,
+/// blkverify's in 512-byte sectors, is written by the device (`blkverify.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContentsMismatch {
+    /// The operation ("read").
+    pub op: &'static str,
+    /// Guest offset of the request, in bytes.
+    pub offset: u64,
+    /// Length of the request, in bytes.
+    pub length: u64,
+    /// The first differing 512-byte sector.
+    pub sector: u64,
+    /// Guest offset of the first differing byte.
+    pub first_byte: u64,
+}
+
+/// The two sides of the mirrored device returned different results for the
+/// same request. The values are QEMU's: 0 for success, a negative errno for a
+/// failure; the test side first. Its message is written by the device
+/// (`blkverify.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReturnMismatch {
+    /// The operation ("read", "write", "write_zeroes", "discard", "flush").
+    pub op: &'static str,
+    /// Guest offset of the request, in bytes.
+    pub offset: u64,
+    /// Length of the request, in bytes.
+    pub length: u64,
+    /// The test side's result: 0 or a negative errno.
+    pub test_ret: i32,
+    /// The raw side's result: 0 or a negative errno.
+    pub raw_ret: i32,
+    /// The test side's error, if it failed (for the detail a message can't hold).
+    pub test_error: Option<String>,
+    /// The raw side's error, if it failed.
+    pub raw_error: Option<String>,
 }
 
 /// The errno an I/O error stands for: the OS's, or for an error made here
@@ -111,6 +116,20 @@ pub fn io_errno(e: &io::Error) -> i32 {
         io::ErrorKind::WouldBlock => libc::EAGAIN,
         io::ErrorKind::TimedOut => libc::ETIMEDOUT,
         _ => libc::EIO,
+    })
+}
+
+/// `len` (bytes, or a count) as a buffer length or index. Every length the
+/// core allocates or indexes with was first checked against a limit that
+/// fits in memory (a table cap, the cluster size, the request's length), so
+/// this fails only where such a check is missing: an internal error, never an
+/// empty buffer or a zero.
+#[inline]
+pub fn usize_of(len: u64) -> Result<usize> {
+    usize::try_from(len).map_err(|_| {
+        Error::Internal(format!(
+            "a length of {len} does not fit this platform's address space"
+        ))
     })
 }
 
@@ -146,6 +165,7 @@ impl Error {
         match self {
             Error::Io { source, .. } => io_errno(source),
             Error::InvalidArgument(_) => libc::EINVAL,
+            Error::Internal(_) => libc::EIO,
             Error::ReadOnly(_) => libc::EROFS,
             Error::Format { .. } => libc::ENOTSUP,
             Error::Corrupt { .. }

@@ -9,7 +9,7 @@ use crate::driver::vdi::Vdi;
 use crate::driver::vhdx::{self, Vhdx};
 use crate::driver::vmdk::Vmdk;
 use crate::driver::vpc::Vpc;
-use crate::driver::{BlockDriver, OpenOptions};
+use crate::driver::{BlockDriver, OpenOptions, SECTOR_SIZE};
 use crate::error::Error;
 use crate::storage::{LimitedStorage, MemStorage};
 use std::sync::Arc;
@@ -198,13 +198,19 @@ fn exercise_reads(image: &dyn BlockDriver) -> Outcome {
             Ok(e) => offset += e.length.max(1),
             Err(e) => {
                 outcome.op_errors.push(e);
-                offset += 512;
+                offset += SECTOR_SIZE;
             }
         }
         extents += 1;
     }
     let mut buf = vec![0u8; 1 << 16];
-    for probe in [0u64, 512, 65536, size / 2, size.saturating_sub(4096)] {
+    for probe in [
+        0u64,
+        SECTOR_SIZE,
+        65536,
+        size / 2,
+        size.saturating_sub(4096),
+    ] {
         if probe < size {
             let n = (size - probe).min(buf.len() as u64) as usize;
             if let Err(e) = image.read_at(buf.get_mut(..n).unwrap_or(&mut []), probe) {
@@ -252,7 +258,7 @@ pub fn write_image(data: &[u8], name: &str) -> Outcome {
         let Ok([kind, o1, o2, o3, o4, l1, l2, _]) = <[u8; OP_BYTES]>::try_from(op) else {
             continue;
         };
-        let offset = u64::from(u32::from_be_bytes([o1, o2, o3, o4])) * 512 % size;
+        let offset = u64::from(u32::from_be_bytes([o1, o2, o3, o4])) * SECTOR_SIZE % size;
         let len = (u64::from(u16::from_be_bytes([l1, l2])) * 8 + 1).min(size - offset);
         let result = match kind % 6 {
             0 => qcow2.write_at(payload.get(..len as usize).unwrap_or(&[]), offset),

@@ -15,8 +15,24 @@
 //!
 //! Written from QEMU's documented behaviour and its unit tests' cases, not from
 //! its code.
+//!
+//! The sector, the unit blkverify and qemu-io count requests in, is defined here
+//! too, at the bottom, so that every layer (the errors, the drivers, the
+//! engines, the device) takes it from one place.
 
 use std::fmt;
+
+/// Bytes per sector, as blkverify and qemu-io count them (QEMU's
+/// `BDRV_SECTOR_SIZE`; the disk formats' specifications count in it too).
+pub const SECTOR_SIZE: u64 = 512;
+
+/// A byte range as blkverify reports it: the first 512-byte sector and the number of
+/// sectors the range touches.
+pub fn request_sectors(offset: u64, length: u64) -> (u64, u64) {
+    let first = offset / SECTOR_SIZE;
+    let end = offset.saturating_add(length).div_ceil(SECTOR_SIZE);
+    (first, end.saturating_sub(first))
+}
 
 /// Why a size was refused. The two cases get different messages from qemu-io.
 #[derive(Debug, Clone, PartialEq, Eq)]

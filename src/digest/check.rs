@@ -13,8 +13,8 @@ use super::{lock, BlockDigest, ZERO_LOOKAHEAD};
 use crate::compare::first_nonzero;
 use crate::driver::BlockDriver;
 use crate::error::{Error, Result};
-use crate::verify::pool::{run_workers, worker_count};
-use crate::verify::{aligned_range, Mismatch, Progress, Report, VerifyOptions};
+use crate::pool::{run_workers, worker_count, Progress};
+use crate::report::{aligned_range, Mismatch, Report, VerifyOptions};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -151,7 +151,8 @@ pub(super) fn tail_findings(
         };
         let len = len.min(block_end - pos);
         if !zero {
-            let n = usize::try_from(len).unwrap_or(0);
+            // At most one block (64 MiB at most): it fits a usize.
+            let n = len as usize;
             if buf.len() < n {
                 buf.resize(n, 0);
             }
@@ -192,11 +193,6 @@ pub fn check(
     let reference_size = reference.size();
     let test_size = image.size();
     let total = reference_size.max(test_size);
-    let grid = Grid {
-        block_size,
-        grid_end: reference_size,
-    };
-    let hashed_blocks = grid.blocks();
     // A range is whole blocks (the file has nothing finer), on the same grid
     // as the whole disk's chunks, so ranges checked apart merge into the
     // whole-disk report.
@@ -205,104 +201,42 @@ pub fn check(
     let first_block = range.start / block_size;
     let end_block = range.end.div_ceil(block_size);
     let chunk_blocks = (options.chunk_size / block_size).clamp(1, 4096);
-    let chunk_bytes = chunk_blocks * block_size;
     let first_chunk = first_block / chunk_blocks;
     let chunks = end_block.div_ceil(chunk_blocks);
     let threads = worker_count(options.threads, chunks.saturating_sub(first_chunk));
-    let padded = Padded { driver: image };
-
-    let next_chunk = AtomicU64::new(first_chunk);
-    let first_hit = AtomicU64::new(u64::MAX);
-    let cancelled = AtomicBool::new(false);
-    let done = AtomicU64::new(0);
-    let runs_found = AtomicU64::new(0);
-    let results: Mutex<Vec<(u64, Vec<Finding>, u64)>> = Mutex::new(Vec::new());
-
-    let work = || {
-        let mut scanner = Scanner::new(padded, grid, reference.algorithm(), OnError::Record);
-        let mut tail_buf = Vec::new();
-        loop {
-            if cancelled.load(Ordering::Relaxed) {
-                return;
-            }
-            let index = next_chunk.fetch_add(1, Ordering::Relaxed);
-            if index >= chunks {
-                return;
-            }
-            if !options.all && index > first_hit.load(Ordering::Relaxed) {
-                return;
-            }
-            let first = (index * chunk_blocks).max(first_block);
-            let end = ((index + 1) * chunk_blocks).min(end_block);
-            let start = first * block_size;
-            let stop = (end * block_size).min(range.end);
-            let mut found = Vec::new();
-            let mut read = 0;
-            let zero_end =
-                padded.zero_until(start, start.saturating_add(ZERO_LOOKAHEAD).min(range.end));
-            // The chunks to compare as zeros: this one, and those wholly inside
-            // the zero run that no worker has taken yet.
-            let mut zero_ranges = Vec::new();
-            if zero_end >= stop {
-                zero_ranges.push((first, end));
-                let first_after = if zero_end >= range.end {
-                    chunks
-                } else {
-                    zero_end / chunk_bytes
-                };
-                let previous = next_chunk.fetch_max(first_after, Ordering::Relaxed);
-                if previous < first_after {
-                    zero_ranges.push((
-                        previous * chunk_blocks,
-                        (first_after * chunk_blocks).min(end_block),
-                    ));
-                }
-            } else {
-                // Blocks on the reference's grid are hashed; past its end the
-                // image must read as zeros.
-                match scanner.scan(first, end.min(hashed_blocks)) {
-                    Ok(out) => {
-                        read += out.bytes_read;
-                        compare(reference, first, &out, &mut found);
-                    }
-                    Err(e) => add_finding(&mut found, first, end - first, Some(&e.to_string())),
-                }
-                let tail = (start.max(reference_size), stop);
-                if tail.0 < tail.1 {
-                    tail_findings(
-                        &padded,
-                        block_size,
-                        tail,
-                        &mut tail_buf,
-                        &mut found,
-                        &mut read,
-                    );
-                }
-            }
-            for (from, to) in zero_ranges {
-                let mut out = ChunkOut::default();
-                scanner.zero_blocks(from, to.min(hashed_blocks), &mut out);
-                compare(reference, from, &out, &mut found);
-                let bytes = (to * block_size).min(range.end) - (from * block_size).min(range.end);
-                done.fetch_add(bytes, Ordering::Relaxed);
-            }
-            if !found.is_empty() {
-                first_hit.fetch_min(index, Ordering::Relaxed);
-                let n = runs_found.fetch_add(found.len() as u64, Ordering::Relaxed);
-                if options.all && n + found.len() as u64 >= options.max_runs as u64 {
-                    cancelled.store(true, Ordering::Relaxed);
-                }
-            }
-            lock(&results).push((index, found, read));
-            if zero_end < stop {
-                done.fetch_add(stop - start, Ordering::Relaxed);
-            }
-        }
+    let checker = Checker {
+        reference,
+        padded: Padded { driver: image },
+        options,
+        grid: Grid {
+            block_size,
+            grid_end: reference_size,
+        },
+        range,
+        first_block,
+        end_block,
+        chunk_blocks,
+        chunks,
+        next_chunk: AtomicU64::new(first_chunk),
+        first_hit: AtomicU64::new(u64::MAX),
+        cancelled: AtomicBool::new(false),
+        done: AtomicU64::new(0),
+        runs_found: AtomicU64::new(0),
+        results: Mutex::new(Vec::new()),
     };
-    if !run_workers(threads, range_len, &done, &cancelled, tick, &work) {
+    let work = || checker.worker();
+    if !run_workers(
+        threads,
+        range_len,
+        &checker.done,
+        &checker.cancelled,
+        tick,
+        &work,
+    ) {
         return Err(Error::Cancelled);
     }
-    let mut results = results
+    let mut results = checker
+        .results
         .into_inner()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     results.sort_by_key(|(index, _, _)| *index);
@@ -317,10 +251,145 @@ pub fn check(
         image.path(),
         test_size,
         findings,
-        (bytes_read, runs_found.load(Ordering::Relaxed)),
+        (bytes_read, checker.runs_found.load(Ordering::Relaxed)),
         options,
         started,
     )
+}
+
+/// One check, shared by its workers: what is checked, on which grid, and the
+/// counters the workers take chunks from and report to.
+struct Checker<'a> {
+    reference: &'a BlockDigests,
+    padded: Padded<'a>,
+    options: &'a VerifyOptions,
+    /// The reference's blocks (the image is hashed on them).
+    grid: Grid,
+    /// The guest bytes to check.
+    range: std::ops::Range<u64>,
+    /// The blocks of `range`: `[first_block, end_block)`.
+    first_block: u64,
+    end_block: u64,
+    /// Blocks per chunk; chunk `i` is blocks `i * chunk_blocks..` within the range.
+    chunk_blocks: u64,
+    /// Chunks up to the end of the range.
+    chunks: u64,
+    next_chunk: AtomicU64,
+    /// The lowest chunk with a finding, for an early stop without `all`.
+    first_hit: AtomicU64,
+    cancelled: AtomicBool,
+    /// Guest bytes done, for progress.
+    done: AtomicU64,
+    runs_found: AtomicU64,
+    /// Per chunk: its findings and the bytes read.
+    results: Mutex<Vec<(u64, Vec<Finding>, u64)>>,
+}
+
+impl Checker<'_> {
+    /// Take chunks until there are none left (or a finding makes the rest
+    /// irrelevant, or the run is cancelled), and check each.
+    fn worker(&self) {
+        let mut scanner = Scanner::new(
+            self.padded,
+            self.grid,
+            self.reference.algorithm(),
+            OnError::Record,
+        );
+        let mut tail_buf = Vec::new();
+        loop {
+            if self.cancelled.load(Ordering::Relaxed) {
+                return;
+            }
+            let index = self.next_chunk.fetch_add(1, Ordering::Relaxed);
+            if index >= self.chunks {
+                return;
+            }
+            if !self.options.all && index > self.first_hit.load(Ordering::Relaxed) {
+                return;
+            }
+            let (found, read) = self.check_chunk(index, &mut scanner, &mut tail_buf);
+            if !found.is_empty() {
+                self.first_hit.fetch_min(index, Ordering::Relaxed);
+                let n = self
+                    .runs_found
+                    .fetch_add(found.len() as u64, Ordering::Relaxed);
+                if self.options.all && n + found.len() as u64 >= self.options.max_runs as u64 {
+                    self.cancelled.store(true, Ordering::Relaxed);
+                }
+            }
+            lock(&self.results).push((index, found, read));
+        }
+    }
+
+    /// Check chunk `index`: its findings and the bytes read. A chunk that
+    /// reads as zeros without reading is compared as zeros, with the chunks
+    /// wholly inside the same zero run that no worker has taken yet.
+    fn check_chunk(
+        &self,
+        index: u64,
+        scanner: &mut Scanner<'_>,
+        tail_buf: &mut Vec<u8>,
+    ) -> (Vec<Finding>, u64) {
+        let block_size = self.grid.block_size;
+        let hashed_blocks = self.grid.blocks();
+        let range = &self.range;
+        let first = (index * self.chunk_blocks).max(self.first_block);
+        let end = ((index + 1) * self.chunk_blocks).min(self.end_block);
+        let start = first * block_size;
+        let stop = (end * block_size).min(range.end);
+        let mut found = Vec::new();
+        let mut read = 0;
+        let zero_end = self
+            .padded
+            .zero_until(start, start.saturating_add(ZERO_LOOKAHEAD).min(range.end));
+        if zero_end < stop {
+            // Blocks on the reference's grid are hashed; past its end the
+            // image must read as zeros.
+            match scanner.scan(first, end.min(hashed_blocks)) {
+                Ok(out) => {
+                    read += out.bytes_read;
+                    compare(self.reference, first, &out, &mut found);
+                }
+                Err(e) => add_finding(&mut found, first, end - first, Some(&e.to_string())),
+            }
+            let tail = (start.max(self.grid.grid_end), stop);
+            if tail.0 < tail.1 {
+                tail_findings(
+                    &self.padded,
+                    block_size,
+                    tail,
+                    tail_buf,
+                    &mut found,
+                    &mut read,
+                );
+            }
+            self.done.fetch_add(stop - start, Ordering::Relaxed);
+            return (found, read);
+        }
+        // The chunks to compare as zeros: this one, and those wholly inside
+        // the zero run that no worker has taken yet.
+        let mut zero_ranges = vec![(first, end)];
+        let first_after = if zero_end >= range.end {
+            self.chunks
+        } else {
+            zero_end / (self.chunk_blocks * block_size)
+        };
+        let previous = self.next_chunk.fetch_max(first_after, Ordering::Relaxed);
+        if previous < first_after {
+            zero_ranges.push((
+                previous * self.chunk_blocks,
+                (first_after * self.chunk_blocks).min(self.end_block),
+            ));
+        }
+        for (from, to) in zero_ranges {
+            let mut out = ChunkOut::default();
+            scanner.zero_blocks(from, to.min(hashed_blocks), &mut out);
+            compare(self.reference, from, &out, &mut found);
+            let bytes = (to * block_size).min(range.end) - (from * block_size).min(range.end);
+            self.done.fetch_add(bytes, Ordering::Relaxed);
+        }
+        (found, read)
+    }
 }
 
 /// The report of a check against `reference` of the image at `test` (of

@@ -41,14 +41,16 @@
 
 use super::hash::{Algorithm, BlockDigest, DIGEST_LEN};
 use super::scan::Run;
-use crate::error::{Error, Result};
+use crate::error::{usize_of, Error, Result};
 use sha2::Digest as _;
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-/// The file's first eight bytes.
-pub const MAGIC: [u8; 8] = *b"BVDIGEST";
+/// The file's first eight bytes. The constant is defined in the driver layer,
+/// below this one, because the image probe refuses a block digests file by
+/// its magic and must not reach up into the digest engine to know it.
+pub use crate::driver::BLOCK_DIGESTS_MAGIC as MAGIC;
 /// The format version this module reads and writes.
 pub const VERSION: u32 = 1;
 /// Bytes in the header.
@@ -58,7 +60,7 @@ pub const CHECKSUM_LEN: usize = 32;
 /// Bit 63 of a run word: a run of zero blocks.
 const ZERO_RUN: u64 = 1 << 63;
 /// The smallest and largest block sizes accepted.
-const MIN_BLOCK_SIZE: u64 = 512;
+const MIN_BLOCK_SIZE: u64 = crate::size::SECTOR_SIZE;
 const MAX_BLOCK_SIZE: u64 = 64 << 20;
 /// The most digests the writer holds before it ends a data run.
 const MAX_DATA_RUN: usize = 65536;
@@ -246,7 +248,7 @@ impl BlockDigests {
             .map_err(|e| Error::io(path, "stat", e))?
             .len();
         let mut head = vec![0u8; HEADER_LEN];
-        let head_len = usize::try_from(len.min(HEADER_LEN as u64)).unwrap_or(0);
+        let head_len = usize_of(len.min(HEADER_LEN as u64))?;
         head.truncate(head_len);
         file.read_exact(&mut head)
             .map_err(|e| Error::io(path, "read the header", e))?;
@@ -291,7 +293,7 @@ impl BlockDigests {
             data_count,
         } = header;
         let zero_digest = digest_at(content, 104);
-        let zero_block = vec![0u8; usize::try_from(block_size).unwrap_or(0)];
+        let zero_block = vec![0u8; usize_of(block_size)?];
         if algorithm.hash(&zero_block) != zero_digest {
             return Err(refuse(format!(
                 "its zero block digest is not {} of {block_size} zero bytes",
@@ -382,7 +384,7 @@ impl BlockDigests {
         spans: &[super::BlockSpan],
     ) -> Result<BlockDigests> {
         let block_size = super::BLOCK_SIZE;
-        let zero_block = vec![0u8; usize::try_from(block_size).unwrap_or(0)];
+        let zero_block = vec![0u8; usize_of(block_size)?];
         let zero_digest = algorithm.hash(&zero_block);
         let mut outer = super::Outer::new(algorithm, &zero_digest);
         let mut runs: Vec<RunIndex> = Vec::new();
@@ -518,8 +520,9 @@ impl BlockDigests {
                 let from = r.first_block.max(first);
                 let to = (r.first_block + r.count).min(end);
                 let digests = r.data.map(|d| {
-                    let skip = usize::try_from(from - r.first_block).unwrap_or(0);
-                    let n = usize::try_from(to - from).unwrap_or(0);
+                    // Both count digests of a run held in memory: they fit a usize.
+                    let skip = (from - r.first_block) as usize;
+                    let n = (to - from) as usize;
                     self.digests.get(d + skip..d + skip + n).unwrap_or(&[])
                 });
                 Blocks {
@@ -585,7 +588,7 @@ impl BlockDigestsWriter {
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&[0u8; HEADER_LEN])
             .map_err(|e| Error::io(path, "write", e))?;
-        let zero_digest = algorithm.hash(&vec![0u8; usize::try_from(block_size).unwrap_or(0)]);
+        let zero_digest = algorithm.hash(&vec![0u8; usize_of(block_size)?]);
         Ok(BlockDigestsWriter {
             path: path.to_path_buf(),
             temp,
@@ -604,7 +607,10 @@ impl BlockDigestsWriter {
 
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
         let out = self.out.as_mut().ok_or_else(|| {
-            Error::InvalidArgument("block digests writer already finished".into())
+            Error::Internal(format!(
+                "{}: block digests writer already finished",
+                self.path.display()
+            ))
         })?;
         out.write_all(bytes)
             .map_err(|e| Error::io(&self.path, "write", e))
@@ -697,7 +703,10 @@ impl BlockDigestsWriter {
             move |e: std::io::Error| Error::io(&path, what, e)
         };
         let out = self.out.take().ok_or_else(|| {
-            Error::InvalidArgument("block digests writer already finished".into())
+            Error::Internal(format!(
+                "{}: block digests writer already finished",
+                self.path.display()
+            ))
         })?;
         let mut file = out.into_inner().map_err(|e| io("write")(e.into_error()))?;
         file.seek(SeekFrom::Start(0)).map_err(io("seek"))?;

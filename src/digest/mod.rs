@@ -31,8 +31,7 @@ pub use span::{check_spans, digest_span, join, BlockSpan, Joiner, Spans};
 
 use crate::driver::BlockDriver;
 use crate::error::{Error, Result};
-use crate::verify::pool::{run_workers, worker_count};
-use crate::verify::Progress;
+use crate::pool::{run_workers, worker_count, Progress};
 use scan::{Grid, OnError, Padded, Scanner};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -219,10 +218,8 @@ pub fn digest(
         block_size: BLOCK_SIZE,
         grid_end: size,
     };
-    let block_count = grid.blocks();
     let chunk_blocks = (options.chunk_size / BLOCK_SIZE).clamp(1, 4096);
-    let chunk_bytes = chunk_blocks * BLOCK_SIZE;
-    let chunks = block_count.div_ceil(chunk_blocks);
+    let chunks = grid.blocks().div_ceil(chunk_blocks);
     let threads = worker_count(options.threads, chunks);
     let zero_digest = algorithm.hash(&vec![0u8; BLOCK_SIZE as usize]);
     let writer = match blocks {
@@ -231,115 +228,172 @@ pub fn digest(
         )?),
         None => None,
     };
-    let ordered = Ordered {
-        state: Mutex::new(OrderState {
-            pending: BTreeMap::new(),
-            next: 0,
-            draining: false,
-        }),
-        moved: Condvar::new(),
-        sink: Mutex::new(Sink {
-            outer: Outer::new(algorithm, &zero_digest),
-            writer,
-        }),
-        failed: Mutex::new(None),
+    let run = Digesting {
+        padded: Padded { driver: image },
+        grid,
+        algorithm,
+        chunk_blocks,
+        chunks,
+        ordered: Ordered {
+            state: Mutex::new(OrderState {
+                pending: BTreeMap::new(),
+                next: 0,
+                draining: false,
+            }),
+            moved: Condvar::new(),
+            sink: Mutex::new(Sink {
+                outer: Outer::new(algorithm, &zero_digest),
+                writer,
+            }),
+            failed: Mutex::new(None),
+        },
+        next_chunk: AtomicU64::new(0),
+        cancelled: AtomicBool::new(false),
+        done: AtomicU64::new(0),
+        bytes_read: AtomicU64::new(0),
     };
-    let next_chunk = AtomicU64::new(0);
-    let cancelled = AtomicBool::new(false);
-    let done = AtomicU64::new(0);
-    let bytes_read = AtomicU64::new(0);
-    let padded = Padded { driver: image };
-
-    let work = || {
-        let mut scanner = Scanner::new(padded, grid, algorithm, OnError::Fail);
-        loop {
-            if cancelled.load(Ordering::Relaxed) {
-                return;
-            }
-            let index = next_chunk.fetch_add(1, Ordering::Relaxed);
-            if index >= chunks {
-                return;
-            }
-            let first = index * chunk_blocks;
-            let end = (first + chunk_blocks).min(block_count);
-            let start = first * BLOCK_SIZE;
-            let stop = (end * BLOCK_SIZE).min(size);
-            let zero_end = padded.zero_until(start, start.saturating_add(ZERO_LOOKAHEAD).min(size));
-            if zero_end >= stop {
-                let mut out = ChunkOut::default();
-                scanner.zero_blocks(first, end, &mut out);
-                ordered.deliver(index, 1, out, &cancelled);
-                done.fetch_add(stop - start, Ordering::Relaxed);
-                // Claim the chunks wholly inside the zero run that no worker
-                // has taken yet, as one delivery.
-                let first_after = if zero_end >= size {
-                    chunks
-                } else {
-                    zero_end / chunk_bytes
-                };
-                let previous = next_chunk.fetch_max(first_after, Ordering::Relaxed);
-                if previous < first_after {
-                    let mut out = ChunkOut::default();
-                    let (from, to) = (previous * chunk_blocks, first_after * chunk_blocks);
-                    scanner.zero_blocks(from, to, &mut out);
-                    ordered.deliver(previous, first_after - previous, out, &cancelled);
-                    let bytes = (to * BLOCK_SIZE).min(size) - (from * BLOCK_SIZE).min(size);
-                    done.fetch_add(bytes, Ordering::Relaxed);
-                }
-                continue;
-            }
-            match scanner.scan(first, end) {
-                Ok(out) => {
-                    bytes_read.fetch_add(out.bytes_read, Ordering::Relaxed);
-                    ordered.deliver(index, 1, out, &cancelled);
-                    done.fetch_add(stop - start, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    lock(&ordered.failed).get_or_insert(e);
-                    cancelled.store(true, Ordering::Relaxed);
-                    ordered.moved.notify_all();
-                    return;
-                }
-            }
-        }
-    };
-    if !run_workers(threads, size, &done, &cancelled, tick, &work) {
+    let work = || run.worker();
+    if !run_workers(threads, size, &run.done, &run.cancelled, tick, &work) {
         return Err(Error::Cancelled);
     }
-    if let Some(e) = ordered
-        .failed
-        .into_inner()
-        .unwrap_or_else(PoisonError::into_inner)
-    {
-        return Err(e);
-    }
-    let state = ordered
-        .state
-        .into_inner()
-        .unwrap_or_else(PoisonError::into_inner);
-    let sink = ordered
-        .sink
-        .into_inner()
-        .unwrap_or_else(PoisonError::into_inner);
-    if state.next != chunks || sink.outer.blocks() != block_count {
-        return Err(Error::InvalidArgument(format!(
-            "{}: internal error: {} of {block_count} blocks hashed",
-            image.path().display(),
-            sink.outer.blocks()
-        )));
-    }
-    let digest = sink.outer.finish(size);
-    if let Some(writer) = sink.writer {
-        writer.finish(&digest)?;
-    }
+    let bytes_read = run.bytes_read.load(Ordering::Relaxed);
+    let digest = run.finish(image.path())?;
     Ok(ImageDigest {
         digest,
         algorithm,
         block_size: BLOCK_SIZE,
         size,
-        bytes_read: bytes_read.into_inner(),
+        bytes_read,
         elapsed: started.elapsed(),
     })
+}
+
+/// One digest run, shared by its workers: the image on its grid of blocks,
+/// the chunks they take, the ordered stage that feeds the outer hash, and
+/// the counters.
+struct Digesting<'a> {
+    padded: Padded<'a>,
+    grid: Grid,
+    algorithm: Algorithm,
+    /// Blocks per chunk.
+    chunk_blocks: u64,
+    chunks: u64,
+    ordered: Ordered,
+    next_chunk: AtomicU64,
+    cancelled: AtomicBool,
+    /// Guest bytes done, for progress.
+    done: AtomicU64,
+    bytes_read: AtomicU64,
+}
+
+impl Digesting<'_> {
+    /// Take chunks until there are none left, hash each (or count it as
+    /// zeros) and deliver it to the ordered stage. A read error stops the run.
+    fn worker(&self) {
+        let mut scanner = Scanner::new(self.padded, self.grid, self.algorithm, OnError::Fail);
+        let size = self.grid.grid_end;
+        loop {
+            if self.cancelled.load(Ordering::Relaxed) {
+                return;
+            }
+            let index = self.next_chunk.fetch_add(1, Ordering::Relaxed);
+            if index >= self.chunks {
+                return;
+            }
+            let first = index * self.chunk_blocks;
+            let end = (first + self.chunk_blocks).min(self.grid.blocks());
+            let start = first * BLOCK_SIZE;
+            let stop = (end * BLOCK_SIZE).min(size);
+            let zero_end = self
+                .padded
+                .zero_until(start, start.saturating_add(ZERO_LOOKAHEAD).min(size));
+            if zero_end >= stop {
+                self.deliver_zeros(&mut scanner, index, zero_end);
+                continue;
+            }
+            match scanner.scan(first, end) {
+                Ok(out) => {
+                    self.bytes_read.fetch_add(out.bytes_read, Ordering::Relaxed);
+                    self.ordered.deliver(index, 1, out, &self.cancelled);
+                    self.done.fetch_add(stop - start, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    lock(&self.ordered.failed).get_or_insert(e);
+                    self.cancelled.store(true, Ordering::Relaxed);
+                    self.ordered.moved.notify_all();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Chunk `index` reads as zeros up to `zero_end`: deliver it, then claim
+    /// the chunks wholly inside the zero run that no worker has taken yet,
+    /// as one delivery.
+    fn deliver_zeros(&self, scanner: &mut Scanner<'_>, index: u64, zero_end: u64) {
+        let size = self.grid.grid_end;
+        let first = index * self.chunk_blocks;
+        let end = (first + self.chunk_blocks).min(self.grid.blocks());
+        let mut out = ChunkOut::default();
+        scanner.zero_blocks(first, end, &mut out);
+        self.ordered.deliver(index, 1, out, &self.cancelled);
+        let (start, stop) = (first * BLOCK_SIZE, (end * BLOCK_SIZE).min(size));
+        self.done.fetch_add(stop - start, Ordering::Relaxed);
+        let first_after = if zero_end >= size {
+            self.chunks
+        } else {
+            zero_end / (self.chunk_blocks * BLOCK_SIZE)
+        };
+        let previous = self.next_chunk.fetch_max(first_after, Ordering::Relaxed);
+        if previous < first_after {
+            let mut out = ChunkOut::default();
+            let (from, to) = (
+                previous * self.chunk_blocks,
+                first_after * self.chunk_blocks,
+            );
+            scanner.zero_blocks(from, to, &mut out);
+            self.ordered
+                .deliver(previous, first_after - previous, out, &self.cancelled);
+            let bytes = (to * BLOCK_SIZE).min(size) - (from * BLOCK_SIZE).min(size);
+            self.done.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// After the workers: the first error, or the digest (every block must
+    /// have reached the outer hash), with the block digests file finished.
+    fn finish(self, path: &Path) -> Result<BlockDigest> {
+        if let Some(e) = self
+            .ordered
+            .failed
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            return Err(e);
+        }
+        let state = self
+            .ordered
+            .state
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
+        let sink = self
+            .ordered
+            .sink
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
+        let block_count = self.grid.blocks();
+        if state.next != self.chunks || sink.outer.blocks() != block_count {
+            return Err(Error::Internal(format!(
+                "{}: {} of {block_count} blocks hashed",
+                path.display(),
+                sink.outer.blocks()
+            )));
+        }
+        let digest = sink.outer.finish(self.grid.grid_end);
+        if let Some(writer) = sink.writer {
+            writer.finish(&digest)?;
+        }
+        Ok(digest)
+    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 use super::hash::{Algorithm, BlockDigest};
 use crate::compare::first_nonzero;
 use crate::driver::{zero_status, BlockDriver};
-use crate::error::{Error, Result};
+use crate::error::{usize_of, Error, Result};
 
 /// Blocks read at a time where the driver has no mapped view to offer.
 const READ_PIECE_BLOCKS: u64 = 4;
@@ -69,7 +69,8 @@ impl ChunkOut {
             match run {
                 Run::Zero(n) => self.push_zero(n),
                 Run::Data(n) => {
-                    for digest in digests.by_ref().take(usize::try_from(n).unwrap_or(0)) {
+                    // A count of digests held in memory: it fits a usize.
+                    for digest in digests.by_ref().take(n as usize) {
                         self.push_digest(digest);
                     }
                 }
@@ -193,8 +194,8 @@ pub struct Scanner<'a> {
 impl<'a> Scanner<'a> {
     /// A scanner of `image` over `grid`.
     pub fn new(image: Padded<'a>, grid: Grid, algorithm: Algorithm, on_error: OnError) -> Self {
-        let buf_len =
-            usize::try_from(grid.block_size.saturating_mul(READ_PIECE_BLOCKS)).unwrap_or(0);
+        // A few blocks of at most 64 MiB (the digests file's limit): it fits a usize.
+        let buf_len = (grid.block_size * READ_PIECE_BLOCKS) as usize;
         Scanner {
             image,
             grid,
@@ -217,7 +218,8 @@ impl<'a> Scanner<'a> {
         } else {
             out.push_zero(end - 1 - first);
             let (start, stop) = self.grid.range(end - 1);
-            let len = usize::try_from(stop - start).unwrap_or(0);
+            // One block (64 MiB at most): it fits a usize.
+            let len = (stop - start) as usize;
             out.push_digest(self.algorithm.hash(&vec![0u8; len]));
         }
     }
@@ -258,7 +260,8 @@ impl<'a> Scanner<'a> {
     /// says read as zeros. A map error marks nothing: the blocks are read, and
     /// the read reports it.
     fn map_zeros(&mut self, first: u64, end: u64) {
-        let count = usize::try_from(end - first).unwrap_or(0);
+        // The blocks of one chunk (at most 4096): it fits a usize.
+        let count = (end - first) as usize;
         self.known_zero.clear();
         self.known_zero.resize(count, false);
         let (start, _) = self.grid.range(first);
@@ -311,8 +314,9 @@ impl<'a> Scanner<'a> {
     fn hash_span(&mut self, first: u64, end: u64, out: &mut ChunkOut) -> Result<()> {
         let (start, _) = self.grid.range(first);
         let (_, stop) = self.grid.range(end - 1);
-        let len = usize::try_from(stop - start)
-            .map_err(|_| Error::InvalidArgument("block span too large".into()))?;
+        let len = usize::try_from(stop - start).map_err(|_| {
+            Error::Internal(format!("a span of {} bytes is too large", stop - start))
+        })?;
         if stop <= self.image.driver.size() {
             if let Ok(Some(view)) = self.image.driver.read_view(start, len) {
                 let mut hashed = ChunkOut::default();
@@ -338,7 +342,7 @@ impl<'a> Scanner<'a> {
             let piece_end = (piece + READ_PIECE_BLOCKS).min(end);
             let (from, _) = self.grid.range(piece);
             let (_, to) = self.grid.range(piece_end - 1);
-            let n = usize::try_from(to - from).unwrap_or(0);
+            let n = usize_of(to - from)?;
             result = self.read_and_hash(piece, piece_end, from, n, &mut buf, out);
             piece = piece_end;
         }
@@ -374,7 +378,7 @@ impl<'a> Scanner<'a> {
                 // Narrow the failure to the blocks that fail on their own.
                 for block in first..end {
                     let (s, t) = self.grid.range(block);
-                    let n = usize::try_from(t - s).unwrap_or(0);
+                    let n = usize_of(t - s)?;
                     self.read_and_hash(block, block + 1, s, n, buf, out)?;
                 }
                 Ok(())

@@ -2,9 +2,9 @@
 
 use super::*;
 use crate::driver::raw::Raw;
-use crate::driver::{Extent, Mapping};
+use crate::driver::{Extent, Format, Mapping};
+use crate::report::{Report, VerifyOptions};
 use crate::storage::{FileStorage, MemStorage};
-use crate::verify::{Report, VerifyOptions};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -105,8 +105,8 @@ struct MappedZeros {
 }
 
 impl BlockDriver for MappedZeros {
-    fn format_name(&self) -> &'static str {
-        "test"
+    fn format(&self) -> Format {
+        Format::Raw
     }
     fn path(&self) -> &std::path::Path {
         std::path::Path::new("mapped.img")
@@ -237,8 +237,8 @@ fn read_errors_fail_the_digest() {
     };
     struct Failing(MappedZeros);
     impl BlockDriver for Failing {
-        fn format_name(&self) -> &'static str {
-            "test"
+        fn format(&self) -> Format {
+            Format::Raw
         }
         fn path(&self) -> &std::path::Path {
             self.0.path()
@@ -381,8 +381,8 @@ fn check_reports_unreadable_blocks_as_findings() {
     };
     struct Broken(MappedZeros);
     impl BlockDriver for Broken {
-        fn format_name(&self) -> &'static str {
-            "test"
+        fn format(&self) -> Format {
+            Format::Raw
         }
         fn path(&self) -> &std::path::Path {
             self.0.path()

@@ -5,11 +5,13 @@
 //! (`read_at`) and "what kind of storage backs it?" (`map`). The second lets the
 //! verifier skip ranges that read as zeros on both sides without reading them.
 
+pub(crate) mod cache;
 pub mod gate;
 mod locks;
 pub mod nbd;
 pub mod qcow2;
 pub mod raw;
+pub(crate) mod read;
 pub mod vdi;
 pub mod vhdx;
 pub mod vmdk;
@@ -21,8 +23,17 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Bytes per sector, as blkverify and qemu-io count them.
-pub const SECTOR_SIZE: u64 = 512;
+/// Bytes per sector (defined at the bottom, in [`crate::size`]; re-exported
+/// here, where drivers and their callers look for it).
+pub use crate::size::SECTOR_SIZE;
+
+/// The largest table a driver loads whole at open, whatever its format calls
+/// it: a qcow2 L1 table (QEMU refuses larger ones), a vmdk grain directory, a
+/// VHD BAT, a VDI block map. It bounds what a hostile header can make us
+/// allocate; 32 MiB maps far more disk than any of these formats holds (8 Mi
+/// entries of 1 MiB VDI blocks is 8 TiB; a 2 TiB vmdk with 4 KiB grains needs
+/// 4 MiB).
+pub const MAX_TABLE_BYTES: u64 = 32 << 20;
 
 /// What backs one guest range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +99,7 @@ pub struct Location {
     /// backing (unallocated here, served by a backing file).
     pub kind: &'static str,
     /// The format whose tables `tables` names (the top image's).
-    pub format: &'static str,
+    pub format: Format,
     /// What one table entry maps, in the format's words: "cluster", "grain",
     /// "block".
     pub unit: &'static str,
@@ -143,8 +154,16 @@ pub(crate) fn locate_in_backing(
 /// A disk-image format driver. Guest offsets are bytes from the start of the
 /// virtual disk. Every method takes `&self`, so one driver serves many threads.
 pub trait BlockDriver: Send + Sync {
-    /// The format name, as QEMU spells it ("raw", "qcow2", "vmdk").
-    fn format_name(&self) -> &'static str;
+    /// The format of the guest bytes this driver serves, from the one
+    /// registry of formats.
+    fn format(&self) -> Format;
+
+    /// The driver's name, as QEMU spells it: its format's name ("raw",
+    /// "qcow2", "vmdk"). Drivers that are not a format of a file (the NBD
+    /// client, "nbd"; the mirrored device, "blkverify") name themselves.
+    fn format_name(&self) -> &'static str {
+        self.format().name()
+    }
 
     /// The image file's path.
     fn path(&self) -> &Path;
@@ -237,36 +256,6 @@ pub fn check_range(path: &Path, size: u64, offset: u64, len: u64) -> Result<()> 
             "{}: request at offset {offset} of {len} bytes lies past the end of the image ({size} bytes)",
             path.display()
         ))),
-    }
-}
-
-/// A zero-copy view of the `len` guest bytes of `image` at `offset`, for a
-/// driver whose data extents live in `data`: when one extent covers the whole
-/// range and it is mapped data (a window of `data`), or unallocated with a
-/// backing file long enough to give its own view. `None` otherwise: the caller
-/// reads the range with `read_at`.
-pub(crate) fn view_through_map(
-    image: &dyn BlockDriver,
-    data: &dyn Storage,
-    backing: Option<&Arc<dyn BlockDriver>>,
-    offset: u64,
-    len: usize,
-) -> Result<Option<View>> {
-    check_range(image.path(), image.size(), offset, len as u64)?;
-    let extent = image.map(offset, len as u64)?;
-    if extent.length < len as u64 {
-        return Ok(None);
-    }
-    match extent.mapping {
-        // Past the end of `data` the store refuses to map; read_at handles it.
-        Mapping::Data { host_offset } => Ok(data.view(host_offset, len)),
-        Mapping::Unallocated => match backing {
-            Some(backing) if offset + len as u64 <= backing.size() => {
-                backing.read_view(offset, len)
-            }
-            _ => Ok(None),
-        },
-        Mapping::Zero { .. } | Mapping::Compressed { .. } => Ok(None),
     }
 }
 
@@ -562,6 +551,13 @@ pub(crate) fn open_in_chain(
     }
 }
 
+/// The first eight bytes of a block digests file: the file format of the
+/// digest engine (a layer above this one), whose magic is defined here so that
+/// the probe can refuse such a file by name, rather than read it as a raw
+/// image, without knowing that layer. The digest engine's file module
+/// re-exports it as its `MAGIC`.
+pub const BLOCK_DIGESTS_MAGIC: [u8; 8] = *b"BVDIGEST";
+
 /// Pick a driver by the file's first bytes. Formats we know but cannot read are
 /// refused rather than compared as raw bytes, which would be a silent wrong
 /// answer.
@@ -590,8 +586,10 @@ fn cannot_read(path: &Path, format: Format) -> Error {
 /// so are block digests files, which are not images.
 pub fn detect(storage: &dyn Storage) -> Result<Format> {
     let len = storage.len()?;
-    let mut head = [0u8; 512];
-    let n = usize::try_from(len.min(head.len() as u64)).unwrap_or(0);
+    // The first sector holds every magic the probe knows.
+    let mut head = [0u8; SECTOR_SIZE as usize];
+    // At most the head's length, so it fits a usize.
+    let n = len.min(head.len() as u64) as usize;
     let head = head.get_mut(..n).unwrap_or(&mut []);
     storage.read_exact_at(head, 0)?;
     let path = storage.path();
@@ -608,7 +606,7 @@ pub fn detect(storage: &dyn Storage) -> Result<Format> {
             _ => Ok(Format::Qcow2),
         };
     }
-    if crate::digest::has_magic(head) {
+    if head.starts_with(&BLOCK_DIGESTS_MAGIC) {
         return Err(Error::format(
             path,
             "file is a block digests file, not an image: it can only be the reference of verify (give -f raw to read its bytes as they are)",
@@ -643,7 +641,7 @@ pub fn detect(storage: &dyn Storage) -> Result<Format> {
     if head.get(64..68) == Some(b"\x7f\x10\xda\xbe".as_slice()) {
         return Ok(Format::Vdi);
     }
-    // A fixed VHD's only footer is its last 512 bytes (QEMU probes these as raw).
+    // A fixed VHD's only footer is its last sector (QEMU probes these as raw).
     if vpc::has_fixed_footer(storage)? {
         return Ok(Format::Vpc);
     }

@@ -1,10 +1,10 @@
 //! The raw driver: guest offset N is file offset N. Holes (`SEEK_HOLE`) map as
 //! zeros, so sparse references cost nothing to verify.
 
-use super::{check_range, BlockDriver, Extent, Mapping};
-use crate::error::{Error, Result};
+use super::read::map_flat;
+use super::{check_range, BlockDriver, Extent, Format, SECTOR_SIZE};
+use crate::error::Result;
 use crate::storage::{Storage, View};
-use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -23,8 +23,8 @@ impl Raw {
 }
 
 impl BlockDriver for Raw {
-    fn format_name(&self) -> &'static str {
-        "raw"
+    fn format(&self) -> Format {
+        Format::Raw
     }
 
     fn path(&self) -> &Path {
@@ -36,7 +36,7 @@ impl BlockDriver for Raw {
     }
 
     fn granularity(&self) -> u64 {
-        512
+        SECTOR_SIZE
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -90,55 +90,4 @@ impl BlockDriver for Raw {
     fn flush(&self) -> Result<()> {
         self.storage.flush()
     }
-}
-
-/// The mapping at `offset` of a disk of `size` bytes stored flat at the start
-/// of `storage` (guest offset N is file offset N: raw images, fixed VHDs), at
-/// most `max_len` long. Holes map as zeros. `offset` must lie inside the disk.
-pub(crate) fn map_flat(
-    storage: &dyn Storage,
-    size: u64,
-    offset: u64,
-    max_len: u64,
-) -> Result<Extent> {
-    let len = max_len.min(size.saturating_sub(offset)).max(1);
-    let (length, mapping) = match storage.next_data(offset) {
-        Some((start, _)) if start == u64::MAX => {
-            // No data from here to the end of the file. If the file is now
-            // shorter than the disk, it shrank under us: reading zeros
-            // would be a silent wrong answer.
-            let now = storage.len()?;
-            if now < size {
-                return Err(Error::io(
-                    storage.path(),
-                    format!("map offset {offset:#x}"),
-                    io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("the file shrank to {now} bytes, under the disk's {size}"),
-                    ),
-                ));
-            }
-            (len, Mapping::Zero { allocated: false })
-        }
-        Some((start, _)) if start > offset => {
-            (len.min(start - offset), Mapping::Zero { allocated: false })
-        }
-        Some((start, end)) if start == offset && end > offset => (
-            len.min(end - offset),
-            Mapping::Data {
-                host_offset: offset,
-            },
-        ),
-        _ => (
-            len,
-            Mapping::Data {
-                host_offset: offset,
-            },
-        ),
-    };
-    Ok(Extent {
-        offset,
-        length,
-        mapping,
-    })
 }

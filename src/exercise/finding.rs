@@ -6,7 +6,7 @@ use super::{fill_pattern, pattern_key, pattern_word, Op, OpKind, Plan};
 use crate::blkverify::Blkverify;
 use crate::compare::hexdump_diff;
 use crate::driver::{BlockDriver, SECTOR_SIZE};
-use crate::error::{Error, Result};
+use crate::error::{ContentsMismatch, Error, Result, ReturnMismatch};
 use crate::verify;
 
 /// A difference between the two sides.
@@ -96,7 +96,7 @@ pub(super) fn of_error(
 ) -> Result<Finding> {
     let message = e.to_string();
     match e {
-        Error::Mismatch { first_byte, .. } => {
+        Error::Mismatch(ContentsMismatch { first_byte, .. }) => {
             let sector = first_byte / SECTOR_SIZE;
             let (test_bytes, raw_bytes) = sector_bytes(device, sector, op, seen);
             Ok(Finding {
@@ -107,13 +107,13 @@ pub(super) fn of_error(
                 ..Finding::new(op, phase, "contents", message)
             })
         }
-        Error::ReturnMismatch {
+        Error::ReturnMismatch(ReturnMismatch {
             test_ret,
             raw_ret,
             test_error,
             raw_error,
             ..
-        } => Ok(Finding {
+        }) => Ok(Finding {
             test_ret: Some(test_ret),
             raw_ret: Some(raw_ret),
             test_error,
@@ -183,7 +183,7 @@ pub(super) fn of_verify(device: &Blkverify, m: &verify::Mismatch) -> Finding {
     let base = match &m.error {
         Some(e) => {
             let test_ret = -m.errno.unwrap_or(libc::EIO);
-            let mismatch = Error::ReturnMismatch {
+            let mismatch = ReturnMismatch {
                 op: "read",
                 offset: m.offset,
                 length: m.length,

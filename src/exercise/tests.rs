@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::driver::raw::Raw;
-use crate::driver::{Extent, OpenOptions};
+use crate::driver::{Extent, Format, OpenOptions};
 use crate::storage::MemStorage;
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
@@ -34,8 +34,8 @@ struct Faulty {
 }
 
 impl BlockDriver for Faulty {
-    fn format_name(&self) -> &'static str {
-        "raw"
+    fn format(&self) -> Format {
+        Format::Raw
     }
     fn path(&self) -> &Path {
         self.inner.path()

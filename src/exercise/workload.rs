@@ -181,7 +181,7 @@ impl Default for SizeMix {
     fn default() -> Self {
         SizeMix {
             buckets: vec![
-                (512, 10),
+                (SECTOR, 10),
                 (4 << 10, 35),
                 (16 << 10, 15),
                 (64 << 10, 20),
@@ -400,9 +400,8 @@ impl Workload {
 pub fn fill_pattern(buf: &mut [u8], seed: u64, number: u64, offset: u64) {
     let key = pattern_key(seed, number);
     let word_of = |guest: u64| pattern_word(key, guest / 8);
-    let head = usize::try_from((8 - offset % 8) % 8)
-        .unwrap_or(0)
-        .min(buf.len());
+    // Under 8: it fits a usize.
+    let head = (((8 - offset % 8) % 8) as usize).min(buf.len());
     let (first, rest) = buf.split_at_mut(head);
     if !first.is_empty() {
         let word = word_of(offset);
@@ -474,7 +473,7 @@ mod tests {
                 continue;
             }
             assert!(op.length >= 1 && op.offset + op.length <= w.size, "{op}");
-            if op.offset % 512 != 0 || op.length % 512 != 0 {
+            if op.offset % SECTOR != 0 || op.length % SECTOR != 0 {
                 unaligned += 1;
             } else {
                 sector += 1;

@@ -3,7 +3,7 @@
 
 use super::picture::{cell_size_for, FindingRange};
 use super::*;
-use crate::driver::{Extent, Location};
+use crate::driver::{Extent, Format, Location};
 use std::path::Path;
 
 /// A driver whose metadata is a list of extents; `map` answers at most one
@@ -50,8 +50,8 @@ const COMPRESSED: Mapping = Mapping::Compressed {
 };
 
 impl BlockDriver for Scripted {
-    fn format_name(&self) -> &'static str {
-        "scripted"
+    fn format(&self) -> Format {
+        Format::Raw
     }
     fn path(&self) -> &Path {
         &self.path
@@ -97,7 +97,7 @@ impl BlockDriver for Scripted {
         let kind = self.map(offset, 1)?.mapping.kind();
         Ok(self.data_file.as_ref().map(|file| Location {
             kind,
-            format: "scripted",
+            format: Format::Raw,
             unit: "unit",
             tables: Vec::new(),
             subcluster: None,

@@ -1,6 +1,6 @@
 //! The exception hierarchy and the one `Error` → `PyErr` mapping.
 
-use crate::error::Error;
+use crate::error::{ContentsMismatch, Error, ReturnMismatch};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyOSError, PyValueError};
 use pyo3::prelude::*;
 
@@ -58,29 +58,32 @@ pub(crate) fn to_pyerr(e: Error) -> PyErr {
         Error::Format { .. } => FormatError::new_err(e.to_string()),
         Error::Corrupt { .. } => CorruptImageError::new_err(e.to_string()),
         Error::InvalidArgument(m) => PyValueError::new_err(m),
+        // A bug of ours, not the user's mistake: the root class, as a panic
+        // caught at the boundary is (`panic_to_pyerr`).
+        Error::Internal(_) => exc::Error::new_err(e.to_string()),
         Error::ReadOnly(_) => PyOSError::new_err((libc::EROFS, e.to_string())),
         Error::Cancelled => PyKeyboardInterrupt::new_err("cancelled"),
-        Error::Mismatch {
+        Error::Mismatch(ContentsMismatch {
             op,
             offset,
             length,
             sector,
             first_byte,
-        } => mismatch_error(
+        }) => mismatch_error(
             &e,
             op,
             (offset, length),
             (Some(sector), Some(first_byte)),
             (None, None),
         ),
-        Error::ReturnMismatch {
+        Error::ReturnMismatch(ReturnMismatch {
             op,
             offset,
             length,
             test_ret,
             raw_ret,
             ..
-        } => mismatch_error(
+        }) => mismatch_error(
             &e,
             op,
             (offset, length),

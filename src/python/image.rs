@@ -180,6 +180,14 @@ pub(crate) fn read_bytes(
 }
 
 /// Fill the writable, contiguous buffer `buf` from `offset` of `driver`.
+///
+/// The driver reads into a buffer of ours with the GIL released, and the bytes
+/// are then copied into `buf` with the GIL held, by Python's own buffer copy. Reading straight into `buf`
+/// would hand the driver a `&mut [u8]` over memory that other Python threads
+/// may write while the GIL is released: two writers of the same bytes, which
+/// Rust's `&mut` promises cannot exist. The copy costs one memcpy of the
+/// request; the request is read whole, so a mirrored device still checks it
+/// as one request.
 pub(crate) fn read_into(
     py: Python<'_>,
     driver: Arc<dyn BlockDriver>,
@@ -195,21 +203,44 @@ pub(crate) fn read_into(
     }
     let len = view.len_bytes();
     driver::check_range(driver.path(), driver.size(), offset, len as u64).map_err(to_pyerr)?;
-    let ptr = view.buf_ptr() as usize;
-    run_detached(py, move || {
-        // SAFETY: `view` holds a buffer export for the whole call, so the
-        // object can neither be freed nor resized while the GIL is released;
-        // it is writable and C-contiguous (checked above), and `len` is its
-        // length in bytes. Concurrent Python writers would race on the bytes
-        // only, never on memory safety of this slice's bounds.
-        let slice = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
-        driver.read_at(slice, offset)
+    // Small reads (the common case: one block) reuse a buffer of this thread's.
+    SCRATCH.with(|scratch| -> PyResult<()> {
+        let mut own = Vec::new();
+        let mut scratch = scratch.try_borrow_mut();
+        let bytes = match scratch.as_deref_mut() {
+            Ok(scratch) if len <= SCRATCH_MAX => {
+                if scratch.len() < len {
+                    scratch.resize(len, 0);
+                }
+                scratch
+            }
+            _ => {
+                own.resize(len, 0);
+                &mut own
+            }
+        };
+        let bytes = bytes.get_mut(..len).unwrap_or(&mut []);
+        run_detached(py, || driver.read_at(bytes, offset))?;
+        // With the GIL held, by Python's own copy (PyBuffer_FromContiguous).
+        view.copy_from_slice(py, bytes)
     })?;
     drop(view);
     Ok(len)
 }
 
+/// Reads up to this size go through a per-thread buffer (see [`read_into`]).
+const SCRATCH_MAX: usize = 1 << 20;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Write the bytes-like `data` at `offset` of `driver`.
+///
+/// The bytes are copied out of `data` with the GIL held, then written with it
+/// released: a `&[u8]` over `data` itself would promise the driver bytes that
+/// no one changes, which other Python threads could break while the GIL is
+/// released.
 pub(crate) fn write_from(
     py: Python<'_>,
     driver: Arc<dyn BlockDriver>,
@@ -220,17 +251,10 @@ pub(crate) fn write_from(
     if !view.is_c_contiguous() {
         return Err(PyValueError::new_err("write needs a contiguous buffer"));
     }
-    let len = view.len_bytes();
-    let ptr = view.buf_ptr() as usize;
-    run_detached(py, move || {
-        // SAFETY: `view` holds a buffer export for the whole call, so the
-        // object can neither be freed nor resized while the GIL is released;
-        // it is C-contiguous and `len` bytes long. We only read from it.
-        let slice = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
-        driver.write_at(slice, offset)
-    })?;
+    let bytes = view.to_vec(py)?;
     drop(view);
-    Ok(len)
+    run_detached(py, || driver.write_at(&bytes, offset))?;
+    Ok(bytes.len())
 }
 
 /// The mapping of `[offset, offset + length)` as (offset, length, kind,
@@ -279,7 +303,7 @@ pub(crate) fn location_dict<'py>(
     }
     d.set_item("tables", tables)?;
     // qcow2's own fields, kept for the reports that predate `tables`.
-    if l.format == "qcow2" {
+    if l.format == driver::Format::Qcow2 {
         d.set_item("l1_index", l.index_in("L1"))?;
         d.set_item("l2_index", l.index_in("L2"))?;
     }

@@ -5,12 +5,10 @@ use super::detached::run_with_progress;
 use super::errors::to_pyerr;
 use super::image::location_dict;
 use super::options::{format_for, open_options, verify_options, Kwargs};
-use crate::driver::{Access, BlockDriver, Location, OpenOptions};
+use crate::batch::{self, BatchProgress, Reference, ReferenceKind, Verified, VerifyJob};
+use crate::driver::{Access, BlockDriver, Format, Location, OpenOptions};
 use crate::error::Error;
-use crate::verify::{
-    self as engine, BatchProgress, Mismatch, Progress, Reference, ReferenceKind, Report, Verified,
-    VerifyJob, VerifyOptions, MAX_LOCATED,
-};
+use crate::verify::{self as engine, Mismatch, Progress, Report, VerifyOptions, MAX_LOCATED};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyMapping};
@@ -21,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The `raw_format` that names a block digests file as the reference.
-pub(crate) const DIGESTS: &str = "digests";
+pub(crate) use crate::batch::DIGESTS_FORMAT as DIGESTS;
 
 /// The keys a pair may have.
 const PAIR_KEYS: [&str; 10] = [
@@ -52,9 +50,49 @@ fn pair_job(
     open: &OpenOptions,
     options: &VerifyOptions,
 ) -> PyResult<VerifyJob> {
-    let bad = |m: String| PyValueError::new_err(m);
-    let py = pair.py();
-    let dict = PyDict::new(py);
+    let keys = PairKeys {
+        dict: pair_dict(pair)?,
+    };
+    keys.check_workers()?;
+    let (raw, test) = (keys.path("raw")?, keys.path("test")?);
+    // The reference may be a block digests file: named so, or found by its magic.
+    let (reference, raw_format) = match keys.text("raw_format")?.as_deref() {
+        Some(DIGESTS) => (ReferenceKind::Digests, None),
+        Some(_) => (ReferenceKind::Image, keys.format("raw_format")?),
+        None => (ReferenceKind::Detect, None),
+    };
+    Ok(VerifyJob {
+        reference,
+        raw_options: OpenOptions {
+            writable: false,
+            format: raw_format,
+            snapshot: None,
+            ..open.clone()
+        },
+        test_options: OpenOptions {
+            writable: false,
+            format: keys.format("test_format")?,
+            snapshot: keys.text("snapshot")?,
+            ..open.clone()
+        },
+        options: VerifyOptions {
+            all: keys.flag("all", options.all)?,
+            strict: keys.flag("strict", options.strict)?,
+            ..options.clone()
+        },
+        raw,
+        test,
+    })
+}
+
+fn bad(message: String) -> PyErr {
+    PyValueError::new_err(message)
+}
+
+/// A pair as a dict of its keys: a (raw, test) tuple becomes one; a key that
+/// is not in [`PAIR_KEYS`] is refused, naming it.
+fn pair_dict<'py>(pair: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(pair.py());
     if let Ok(mapping) = pair.cast::<PyMapping>() {
         dict.update(mapping)?;
     } else {
@@ -74,19 +112,35 @@ fn pair_job(
     if let Some(key) = unknown.first() {
         return Err(bad(format!("unknown key '{key}'")));
     }
-    let get = |key: &str| -> PyResult<Option<Bound<'_, PyAny>>> {
-        Ok(dict.get_item(key)?.filter(|v| !v.is_none()))
-    };
-    let path = |key: &str| -> PyResult<PathBuf> {
-        let value = get(key)?.ok_or_else(|| bad(format!("missing key '{key}'")))?;
+    Ok(dict)
+}
+
+/// A pair's keys, each read by the rule for its kind of value (`None` is the
+/// same as left out).
+struct PairKeys<'py> {
+    dict: Bound<'py, PyDict>,
+}
+
+impl<'py> PairKeys<'py> {
+    fn get(&self, key: &str) -> PyResult<Option<Bound<'py, PyAny>>> {
+        Ok(self.dict.get_item(key)?.filter(|v| !v.is_none()))
+    }
+
+    /// A required, non-empty path.
+    fn path(&self, key: &str) -> PyResult<PathBuf> {
+        let value = self
+            .get(key)?
+            .ok_or_else(|| bad(format!("missing key '{key}'")))?;
         value
             .extract::<PathBuf>()
             .ok()
             .filter(|p| !p.as_os_str().is_empty())
             .ok_or_else(|| bad(format!("'{key}' must be a non-empty string")))
-    };
-    let text = |key: &str| -> PyResult<Option<String>> {
-        get(key)?
+    }
+
+    /// An optional, non-empty string.
+    fn text(&self, key: &str) -> PyResult<Option<String>> {
+        self.get(key)?
             .map(|v| {
                 v.extract::<String>()
                     .ok()
@@ -94,27 +148,33 @@ fn pair_job(
                     .ok_or_else(|| bad(format!("'{key}' must be a non-empty string")))
             })
             .transpose()
-    };
-    let flag = |key: &str, default: bool| -> PyResult<bool> {
-        match get(key)? {
+    }
+
+    /// A boolean, `default` when left out.
+    fn flag(&self, key: &str, default: bool) -> PyResult<bool> {
+        match self.get(key)? {
             None => Ok(default),
             Some(v) => v
                 .extract::<bool>()
                 .map_err(|_| bad(format!("'{key}' must be true or false"))),
         }
-    };
-    let format = |key: &str| -> PyResult<_> {
-        let name = text(key)?;
+    }
+
+    /// An optional format that can be read.
+    fn format(&self, key: &str) -> PyResult<Option<Format>> {
+        let name = self.text(key)?;
         format_for(name.clone(), Access::Read).map_err(|e| {
             bad(format!(
                 "'{key}' is '{}': {}",
                 name.unwrap_or_default(),
-                e.value(py)
+                e.value(self.dict.py())
             ))
         })
-    };
-    let names = |key: &str| -> PyResult<()> {
-        let Some(value) = get(key)? else {
+    }
+
+    /// An optional, non-empty list of worker names or addresses.
+    fn names(&self, key: &str) -> PyResult<()> {
+        let Some(value) = self.get(key)? else {
             return Ok(());
         };
         let wrong = || {
@@ -130,47 +190,24 @@ fn pair_job(
             return Err(wrong());
         }
         Ok(())
-    };
-    names("workers")?;
-    names("raw_workers")?;
-    names("test_workers")?;
-    if get("workers")?.is_some()
-        && (get("raw_workers")?.is_some() || get("test_workers")?.is_some())
-    {
-        return Err(bad(
-            "'workers' pins the whole pair: give it, or 'raw_workers' and 'test_workers', not both"
-                .to_string(),
-        ));
     }
-    let (raw, test) = (path("raw")?, path("test")?);
-    // The reference may be a block digests file: named so, or found by its magic.
-    let (reference, raw_format) = match text("raw_format")?.as_deref() {
-        Some(DIGESTS) => (ReferenceKind::Digests, None),
-        Some(_) => (ReferenceKind::Image, format("raw_format")?),
-        None => (ReferenceKind::Detect, None),
-    };
-    Ok(VerifyJob {
-        reference,
-        raw_options: OpenOptions {
-            writable: false,
-            format: raw_format,
-            snapshot: None,
-            ..open.clone()
-        },
-        test_options: OpenOptions {
-            writable: false,
-            format: format("test_format")?,
-            snapshot: text("snapshot")?,
-            ..open.clone()
-        },
-        options: VerifyOptions {
-            all: flag("all", options.all)?,
-            strict: flag("strict", options.strict)?,
-            ..options.clone()
-        },
-        raw,
-        test,
-    })
+
+    /// `workers`, `raw_workers` and `test_workers` are lists of names, and
+    /// `workers` (the whole pair) is not given with the other two.
+    fn check_workers(&self) -> PyResult<()> {
+        self.names("workers")?;
+        self.names("raw_workers")?;
+        self.names("test_workers")?;
+        if self.get("workers")?.is_some()
+            && (self.get("raw_workers")?.is_some() || self.get("test_workers")?.is_some())
+        {
+            return Err(bad(
+                "'workers' pins the whole pair: give it, or 'raw_workers' and 'test_workers', not both"
+                    .to_string(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The pair rules' verdict on `pair`: nothing, or the `ValueError` `verify_many`
@@ -570,7 +607,7 @@ pub(crate) fn verify<'py>(
         py,
         progress,
         |p: Progress| (p.done, p.total),
-        |tick| engine::verify_pair(&job, tick),
+        |tick| batch::verify_pair(&job, tick),
     )?;
     report_dict(py, &job, &verified)
 }
@@ -605,7 +642,7 @@ pub(crate) fn verify_many<'py>(
         py,
         progress,
         |p: BatchProgress| (p.done, p.total, p.pairs_done, p.pairs_total),
-        |tick| Ok(engine::verify_many(&jobs, options.threads, tick)),
+        |tick| Ok(batch::verify_many(&jobs, options.threads, tick)),
     )?;
     let list = PyList::empty(py);
     for (job, result) in jobs.iter().zip(results) {

@@ -234,9 +234,7 @@ pub(super) fn execute(
 /// other request gets the raw side's result.
 fn reference_outcome(ctx: &Context<'_>, request: &RequestHeader, e: &Error) -> Outcome {
     let raw_failed = match e {
-        Error::ReturnMismatch {
-            raw_ret, raw_error, ..
-        } if *raw_ret != 0 => Some((-raw_ret, raw_error.clone())),
+        Error::ReturnMismatch(m) if m.raw_ret != 0 => Some((-m.raw_ret, m.raw_error.clone())),
         _ => None,
     };
     if let Some((errno, error)) = raw_failed {

@@ -108,8 +108,8 @@ pub(super) fn of_error(
         mapping: None,
     };
     match e {
-        Error::Mismatch { first_byte, .. } => {
-            let first_byte = *first_byte;
+        Error::Mismatch(m) => {
+            let first_byte = m.first_byte;
             let sector = first_byte / SECTOR_SIZE;
             let (test_bytes, raw_bytes) = sector_bytes(device, sector, seen);
             let diagnosis = (!test_bytes.is_empty() && test_bytes.iter().all(|&b| b == 0))
@@ -124,20 +124,13 @@ pub(super) fn of_error(
                 ..base
             })
         }
-        Error::ReturnMismatch {
-            offset,
-            test_ret,
-            raw_ret,
-            test_error,
-            raw_error,
-            ..
-        } => Some(Finding {
+        Error::ReturnMismatch(m) => Some(Finding {
             kind: "return_value",
-            test_ret: Some(*test_ret),
-            raw_ret: Some(*raw_ret),
-            test_error: test_error.clone(),
-            raw_error: raw_error.clone(),
-            mapping: device.test().locate(*offset).ok().flatten(),
+            test_ret: Some(m.test_ret),
+            raw_ret: Some(m.raw_ret),
+            test_error: m.test_error.clone(),
+            raw_error: m.raw_error.clone(),
+            mapping: device.test().locate(m.offset).ok().flatten(),
             ..base
         }),
         _ => None,

@@ -18,7 +18,7 @@
 use crate::blkverify::Blkverify;
 use crate::compare::first_nonzero;
 use crate::driver::{BlockDriver, Mapping, SECTOR_SIZE};
-use crate::error::{Error, Result};
+use crate::error::{ContentsMismatch, Error, Result};
 use crate::nbd::wire::{STATE_HOLE, STATE_ZERO};
 
 /// The most extents one reply carries.
@@ -146,13 +146,13 @@ fn check_zero(
         *budget = budget.saturating_sub(n as u64);
         if let Some(i) = first_nonzero(piece) {
             let first_byte = at + i as u64;
-            return Err(Error::Mismatch {
+            return Err(Error::Mismatch(ContentsMismatch {
                 op: "block_status",
                 offset: request.0,
                 length: request.1,
                 sector: first_byte / SECTOR_SIZE,
                 first_byte,
-            });
+            }));
         }
         at += n as u64;
     }

@@ -24,7 +24,7 @@ pub use lock::{ImageLock, Perm, Perms, Role};
 pub use mem::{LimitedStorage, MemStorage};
 pub use view::View;
 
-use crate::error::{Error, Result};
+use crate::error::{usize_of, Error, Result};
 use std::path::Path;
 
 /// A byte store under an image: a file or a block device (or memory, in tests).
@@ -84,7 +84,7 @@ pub trait Storage: Send + Sync {
     /// range ends past it. Stores that can do it without writing zeros
     /// (`fallocate`) do; this default writes zeros.
     fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
-        let zeros = vec![0u8; usize::try_from(len.min(1 << 20)).unwrap_or(0)];
+        let zeros = vec![0u8; usize_of(len.min(1 << 20))?];
         let end = offset.saturating_add(len);
         let mut at = offset;
         while at < end {

@@ -51,10 +51,10 @@ extern "C" fn on_sigbus(
     info: *mut libc::siginfo_t,
     context: *mut libc::c_void,
 ) {
-    // SAFETY: the kernel passes a valid siginfo_t for an SA_SIGINFO handler.
     let addr = if info.is_null() {
         0
     } else {
+        // SAFETY: the kernel passes a valid siginfo_t for an SA_SIGINFO handler.
         unsafe { (*info).si_addr() as usize }
     };
     let page = PAGE_SIZE.load(Ordering::Relaxed);
@@ -221,11 +221,26 @@ impl Deref for View {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        // SAFETY: `base + skip .. + len` lies inside the live mapping, which stays
-        // readable (a faulting page is replaced by zeros, never unmapped) until
-        // drop. The file could be changed by another process while we read it;
-        // that yields different bytes, as a concurrent write during a pread
-        // would, and the verifier only ever compares them.
+        // SAFETY: `base + skip .. + len` lies inside the live mapping, and the
+        // mapping stays readable until drop (a page that cannot be read is
+        // replaced by a zero page, never unmapped): every byte of the slice
+        // is memory we may read, for as long as the slice lives.
+        //
+        // The slice's other promise, that its bytes do not change while it is
+        // borrowed, is one a shared file mapping cannot keep against writes
+        // the Rust code cannot see: another process writing the file (QEMU's
+        // locks keep writers out of images with metadata, not out of raw
+        // files, which QEMU shares for writing), or this process writing it
+        // through a second, writable open (the store that maps is read-only,
+        // see FileStorage::view). The page cache then changes under the
+        // mapping, as a DMA transfer changes memory. That gap is inherent to
+        // zero-copy reads of a shared file (memmap2's `Mmap::map` is unsafe
+        // for this reason), and closing it means copying every byte, which
+        // the mapping exists to avoid. It cannot reach memory safety here:
+        // views are only compared and hashed, and no length, index, offset
+        // or pointer is ever derived from their bytes, so a change yields
+        // different bytes compared (the answer a `pread` racing the same
+        // write gives), never an access outside the mapping.
         unsafe { std::slice::from_raw_parts((self.base as *const u8).add(self.skip), self.len) }
     }
 }

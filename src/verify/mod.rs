@@ -6,21 +6,16 @@
 //! fixed halves, so reads stay near-sequential (good for readahead) and a worker
 //! can stop as soon as an earlier mismatch makes its chunk irrelevant.
 
-mod batch;
 mod merge;
-pub(crate) mod pool;
-mod report;
 
-pub use batch::{
-    open_pair, verify_many, verify_pair, BatchProgress, Reference, ReferenceKind, Verified,
-    VerifyJob,
-};
+pub use crate::pool::Progress;
+pub use crate::report::{requested_range, Mismatch, Report, VerifyOptions, MAX_LOCATED};
 pub use merge::merge_ranges;
-pub use report::{Mismatch, Progress, Report, VerifyOptions, MAX_LOCATED};
 
 use crate::compare::{first_difference, first_nonzero};
 use crate::driver::{zero_status, BlockDriver, SECTOR_SIZE};
 use crate::error::{Error, Result};
+use crate::pool;
 use crate::storage::View;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -65,46 +60,6 @@ const MIN_RANGE_VIEW: usize = 256 << 10;
 /// How far one look for a run of zeros on both sides goes; bounds the time a
 /// worker spends before it checks for cancellation again.
 const ZERO_LOOKAHEAD: u64 = 64 << 30;
-
-/// The guest range `options` asks for on a disk of `total` bytes. It starts on
-/// a sector and ends on one, or where the disk does (whose size need not be a
-/// multiple of 512), so every run a range finds is one a whole-disk verify
-/// finds too.
-pub fn requested_range(options: &VerifyOptions, total: u64) -> Result<Range<u64>> {
-    aligned_range(options, total, SECTOR_SIZE)
-}
-
-/// [`requested_range`] on a grid of `align` bytes (a block digests file's
-/// blocks: a range of whole blocks).
-pub(crate) fn aligned_range(options: &VerifyOptions, total: u64, align: u64) -> Result<Range<u64>> {
-    let align = align.max(1);
-    let start = options.start;
-    let end = match options.length {
-        Some(length) => start.checked_add(length).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "the range at {start:#x} of {length} bytes ends past 2^64"
-            ))
-        })?,
-        None => total.max(start),
-    };
-    if start % align != 0 {
-        return Err(Error::InvalidArgument(format!(
-            "the range's start ({start:#x}) is not a multiple of {align} bytes"
-        )));
-    }
-    if end > total {
-        return Err(Error::InvalidArgument(format!(
-            "the range {start:#x}..{end:#x} ends past the end of the disk ({total} bytes)"
-        )));
-    }
-    if end % align != 0 && end != total {
-        return Err(Error::InvalidArgument(format!(
-            "the range's length ({}) is not a multiple of {align} bytes, and the range does not end where the disk does",
-            end - start
-        )));
-    }
-    Ok(start..end)
-}
 
 /// One side's bytes over a whole chunk, mapped on first use.
 struct ChunkView {
@@ -638,58 +593,11 @@ pub fn verify(
         return Err(Error::Cancelled);
     }
 
-    let mut results = std::mem::take(
-        &mut *shared
-            .results
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner),
-    );
-    let mut errors =
-        std::mem::take(&mut *shared.errors.lock().unwrap_or_else(PoisonError::into_inner));
-    results.sort_by_key(|(index, _)| *index);
-    errors.sort_by_key(|(index, _)| *index);
-    let first_result_hit = results
-        .iter()
-        .find(|(_, r)| !r.runs.is_empty())
-        .map(|(index, _)| *index);
-    if let Some((error_index, _)) = errors.first() {
-        // A reference-side error before the first finding (or any, with --all)
-        // means we cannot vouch for the result.
-        if options.all || first_result_hit.is_none_or(|hit| *error_index <= hit) {
-            let (_, e) = errors.swap_remove(0);
-            return Err(e);
-        }
-    }
-
-    let mut mismatches: Vec<Mismatch> = Vec::new();
-    let mut bytes_read = 0;
-    for (_, result) in &results {
-        bytes_read += result.bytes_read;
-        for run in &result.runs {
-            add_run(
-                &mut mismatches,
-                run.offset,
-                run.offset + run.length,
-                run.first_byte,
-                run.error.clone().zip(run.errno),
-            );
-        }
-    }
-    let mut truncated = false;
-    if !options.all {
-        mismatches.truncate(1);
-        let mut looked_at: Vec<u64> = results
-            .iter()
-            .map(|(index, _)| *index)
-            .chain(errors.iter().map(|(index, _)| *index))
-            .collect();
-        bytes_read += shared.finish_first_run(&mut mismatches, &mut looked_at);
-    } else if mismatches.len() > options.max_runs {
-        mismatches.truncate(options.max_runs);
-        truncated = true;
-    } else if shared.runs_found.load(Ordering::Relaxed) >= options.max_runs as u64 {
-        truncated = true;
-    }
+    let Found {
+        mismatches,
+        bytes_read,
+        truncated,
+    } = shared.found()?;
     let bytes_compared = match mismatches.first() {
         Some(first) if !options.all => first.first_byte - range.start,
         _ => range_len,
@@ -711,7 +619,73 @@ pub fn verify(
     })
 }
 
+/// What the workers found, merged: the mismatching runs in disk order, the
+/// bytes read, and whether `max_runs` cut the list.
+struct Found {
+    mismatches: Vec<Mismatch>,
+    bytes_read: u64,
+    truncated: bool,
+}
+
 impl Shared<'_> {
+    /// After the workers: the chunks' runs merged in disk order (the first
+    /// run followed to its end without `--all`, the run cap applied with
+    /// it), or the reference-side error that comes before the first finding
+    /// (any, with `--all`): then nothing can be vouched for.
+    fn found(&self) -> Result<Found> {
+        let options = self.options;
+        let mut results =
+            std::mem::take(&mut *self.results.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut errors =
+            std::mem::take(&mut *self.errors.lock().unwrap_or_else(PoisonError::into_inner));
+        results.sort_by_key(|(index, _)| *index);
+        errors.sort_by_key(|(index, _)| *index);
+        let first_result_hit = results
+            .iter()
+            .find(|(_, r)| !r.runs.is_empty())
+            .map(|(index, _)| *index);
+        if let Some((error_index, _)) = errors.first() {
+            if options.all || first_result_hit.is_none_or(|hit| *error_index <= hit) {
+                let (_, e) = errors.swap_remove(0);
+                return Err(e);
+            }
+        }
+        let mut mismatches: Vec<Mismatch> = Vec::new();
+        let mut bytes_read = 0;
+        for (_, result) in &results {
+            bytes_read += result.bytes_read;
+            for run in &result.runs {
+                add_run(
+                    &mut mismatches,
+                    run.offset,
+                    run.offset + run.length,
+                    run.first_byte,
+                    run.error.clone().zip(run.errno),
+                );
+            }
+        }
+        let mut truncated = false;
+        if !options.all {
+            mismatches.truncate(1);
+            let mut looked_at: Vec<u64> = results
+                .iter()
+                .map(|(index, _)| *index)
+                .chain(errors.iter().map(|(index, _)| *index))
+                .collect();
+            bytes_read += self.finish_first_run(&mut mismatches, &mut looked_at);
+        } else if mismatches.len() > options.max_runs {
+            mismatches.truncate(options.max_runs);
+            truncated = true;
+        } else if self.runs_found.load(Ordering::Relaxed) >= options.max_runs as u64 {
+            truncated = true;
+        }
+        Ok(Found {
+            mismatches,
+            bytes_read,
+            truncated,
+        })
+    }
+
     /// Without `--all` the workers stop at the chunk of the first finding, so
     /// the first run may be cut where that chunk ends. Follow it into the
     /// chunks no worker looked at (`looked_at`), one at a time, until it ends:
@@ -821,7 +795,7 @@ mod tests {
 mod engine_tests {
     use super::*;
     use crate::driver::raw::Raw;
-    use crate::driver::{Extent, Mapping};
+    use crate::driver::{Extent, Format, Mapping};
     use crate::storage::MemStorage;
     use std::io;
     use std::path::Path;
@@ -836,8 +810,8 @@ mod engine_tests {
     }
 
     impl BlockDriver for Faulty {
-        fn format_name(&self) -> &'static str {
-            "faulty"
+        fn format(&self) -> Format {
+            Format::Raw
         }
         fn path(&self) -> &Path {
             Path::new("faulty.img")

@@ -204,7 +204,8 @@ impl Connection {
     fn register(&self, request: Request) -> Result<u64, Failure> {
         // Made before locking: every thread needs the table.
         let data = if request.is_read() {
-            vec![0u8; usize::try_from(request.length).unwrap_or(0)]
+            // At most MAX_REQUEST (32 MiB), checked before a request is made.
+            vec![0u8; request.length as usize]
         } else {
             Vec::new()
         };

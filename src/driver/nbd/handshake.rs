@@ -3,6 +3,7 @@
 //! `NBD_OPT_GO` with the export name, asking for block sizes.
 
 use super::MAX_OPTION_REPLY;
+use crate::bytes::BeBytes;
 use crate::nbd::wire::{
     option_error_name, read_u16, read_u64, OptionHeader, OptionReply, Wire, BASE_ALLOCATION,
     FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_BLOCK_SIZE, INFO_EXPORT, NBDMAGIC,
@@ -24,6 +25,28 @@ pub(super) struct Negotiated {
 
 /// The fixed-newstyle handshake.
 pub(super) fn negotiate(s: &mut Stream, export: &str) -> Result<Negotiated, Wire> {
+    greet(s)?;
+    let structured = ask_structured_replies(s)?;
+    // Block status needs structured replies; a server that refuses the
+    // context is read in full.
+    let allocation_context = if structured {
+        set_meta_context(s, export)?
+    } else {
+        None
+    };
+    let export_info = go(s, export)?;
+    Ok(Negotiated {
+        size: export_info.size,
+        transmission_flags: export_info.flags,
+        structured,
+        min_block: export_info.min_block,
+        allocation_context,
+    })
+}
+
+/// Read the server's greeting (newstyle magics, the fixed-newstyle flag) and
+/// answer with our flags.
+fn greet(s: &mut Stream) -> Result<(), Wire> {
     let magic = read_u64(s)?;
     if magic != NBDMAGIC {
         return Err(Wire::Protocol(format!(
@@ -49,27 +72,32 @@ pub(super) fn negotiate(s: &mut Stream, export: &str) -> Result<Negotiated, Wire
     }
     let client_flags = u32::from(FLAG_FIXED_NEWSTYLE | (handshake_flags & FLAG_NO_ZEROES));
     s.write_all(&client_flags.to_be_bytes())?;
+    Ok(())
+}
 
-    // Structured replies, if the server has them.
+/// Ask for structured replies: whether the server has them.
+fn ask_structured_replies(s: &mut Stream) -> Result<bool, Wire> {
     send_option(s, OPT_STRUCTURED_REPLY, &[])?;
     let (reply, data) = read_option_reply(s, OPT_STRUCTURED_REPLY)?;
-    let structured = reply == REP_ACK;
     if reply != REP_ACK && reply & REP_ERR_BIT == 0 {
         return Err(Wire::Protocol(format!(
             "unexpected reply {reply} ({} bytes) to NBD_OPT_STRUCTURED_REPLY",
             data.len()
         )));
     }
+    Ok(reply == REP_ACK)
+}
 
-    // Block status needs structured replies; a server that refuses the
-    // context is read in full.
-    let allocation_context = if structured {
-        set_meta_context(s, export)?
-    } else {
-        None
-    };
+/// What NBD_OPT_GO's replies say of the export.
+struct ExportInfo {
+    size: u64,
+    flags: u16,
+    min_block: u64,
+}
 
-    // NBD_OPT_GO with the export name, asking for block sizes.
+/// NBD_OPT_GO with the export name, asking for block sizes: the export's
+/// size (required), transmission flags and minimum block size.
+fn go(s: &mut Stream, export: &str) -> Result<ExportInfo, Wire> {
     let mut go = Vec::with_capacity(export.len() + 8);
     go.extend_from_slice(&(export.len() as u32).to_be_bytes());
     go.extend_from_slice(export.as_bytes());
@@ -85,23 +113,14 @@ pub(super) fn negotiate(s: &mut Stream, export: &str) -> Result<Negotiated, Wire
             break;
         }
         if reply & REP_ERR_BIT != 0 {
-            let message = String::from_utf8_lossy(&data).into_owned();
-            let what = option_error_name(reply);
-            return Err(Wire::Protocol(format!(
-                "server refused export '{export}': {what}{}",
-                if message.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({message})")
-                }
-            )));
+            return Err(refusal(export, reply, &data));
         }
         if reply != REP_INFO {
             return Err(Wire::Protocol(format!(
                 "unexpected reply type {reply} to NBD_OPT_GO"
             )));
         }
-        let info = crate::driver::qcow2::header::BeBytes(&data);
+        let info = BeBytes(&data);
         match info.u16(0) {
             Some(INFO_EXPORT) => {
                 size = info.u64(2);
@@ -129,13 +148,26 @@ pub(super) fn negotiate(s: &mut Stream, export: &str) -> Result<Negotiated, Wire
             "server's export size {size} is too large"
         )));
     }
-    Ok(Negotiated {
+    Ok(ExportInfo {
         size,
-        transmission_flags: flags,
-        structured,
+        flags,
         min_block,
-        allocation_context,
     })
+}
+
+/// The server's refusal of `export` (an error reply to NBD_OPT_GO), with its
+/// message.
+fn refusal(export: &str, reply: u32, data: &[u8]) -> Wire {
+    let message = String::from_utf8_lossy(data).into_owned();
+    let what = option_error_name(reply);
+    Wire::Protocol(format!(
+        "server refused export '{export}': {what}{}",
+        if message.is_empty() {
+            String::new()
+        } else {
+            format!(" ({message})")
+        }
+    ))
 }
 
 /// Ask for the `base:allocation` context; its id if the server gives it.
@@ -153,7 +185,7 @@ fn set_meta_context(s: &mut Stream, export: &str) -> Result<Option<u32>, Wire> {
         match reply {
             REP_ACK => return Ok(context),
             REP_META_CONTEXT => {
-                let info = crate::driver::qcow2::header::BeBytes(&data);
+                let info = BeBytes(&data);
                 let id = info.u32(0).ok_or_else(|| {
                     Wire::Protocol("short NBD_REP_META_CONTEXT reply".to_string())
                 })?;

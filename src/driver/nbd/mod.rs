@@ -23,8 +23,8 @@ mod handshake;
 
 pub use crate::nbd::{is_uri, parse_uri, Address};
 
-use super::{check_range, BlockDriver, Extent, Mapping};
-use crate::error::{Error, Result};
+use super::{check_range, BlockDriver, Extent, Format, Mapping, SECTOR_SIZE};
+use crate::error::{usize_of, Error, Result};
 use crate::nbd::wire::{
     nbd_errno, Wire, CMD_BLOCK_STATUS, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE,
     CMD_WRITE_ZEROES, MAX_REQUEST, STATE_HOLE, STATE_ZERO, TFLAG_READ_ONLY, TFLAG_SEND_FLUSH,
@@ -335,7 +335,7 @@ impl Nbd {
     /// Read-modify-write for servers with a minimum block size.
     fn rmw(&self, offset: u64, len: u64, fill: impl FnOnce(&mut [u8])) -> Result<()> {
         let (start, wide) = self.widen(offset, len);
-        let mut block = vec![0u8; usize::try_from(wide).unwrap_or(0)];
+        let mut block = vec![0u8; usize_of(wide)?];
         self.read_aligned(&mut block, start)?;
         let at = (offset - start) as usize;
         if let Some(dst) = block.get_mut(at..at + len as usize) {
@@ -376,6 +376,12 @@ impl Nbd {
 }
 
 impl BlockDriver for Nbd {
+    /// An export is served as raw bytes.
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+
+    /// The NBD client is a protocol, not a format of a file: it names itself.
     fn format_name(&self) -> &'static str {
         "nbd"
     }
@@ -389,7 +395,7 @@ impl BlockDriver for Nbd {
     }
 
     fn granularity(&self) -> u64 {
-        self.min_block.max(512)
+        self.min_block.max(SECTOR_SIZE)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -401,12 +407,15 @@ impl BlockDriver for Nbd {
             return self.read_aligned(buf, offset);
         }
         let (start, wide) = self.widen(offset, buf.len() as u64);
-        let mut block = vec![0u8; usize::try_from(wide).unwrap_or(0)];
+        let mut block = vec![0u8; usize_of(wide)?];
         self.read_aligned(&mut block, start)?;
         let at = (offset - start) as usize;
-        let src = block
-            .get(at..at + buf.len())
-            .ok_or_else(|| Error::InvalidArgument("unaligned read outside block".into()))?;
+        let src = block.get(at..at + buf.len()).ok_or_else(|| {
+            Error::Internal(format!(
+                "{}: the widened read at {start:#x} does not cover the request at {offset:#x}",
+                self.path().display()
+            ))
+        })?;
         buf.copy_from_slice(src);
         Ok(())
     }

@@ -7,8 +7,8 @@
 
 use super::header::{self, field, INCOMPAT_EXTL2, MAGIC};
 use super::refcount;
-use crate::driver::{self, Format, OpenOptions};
-use crate::error::{Error, Result};
+use crate::driver::{self, Format, OpenOptions, MAX_TABLE_BYTES, SECTOR_SIZE};
+use crate::error::{usize_of, Error, Result};
 use crate::storage::{FileStorage, Storage};
 use std::path::Path;
 
@@ -62,10 +62,10 @@ pub fn create(path: &Path, options: &CreateOptions) -> Result<()> {
         (None, Some(name)) => backing_size(path, name, options.backing_format)?,
         (None, None) => return Err(bad(path, "an image size is required".into())),
     };
-    if size % 512 != 0 {
+    if size % SECTOR_SIZE != 0 {
         return Err(bad(
             path,
-            format!("image size {size} is not a multiple of 512 bytes"),
+            format!("image size {size} is not a multiple of {SECTOR_SIZE} bytes"),
         ));
     }
     match options.format {
@@ -100,6 +100,51 @@ fn backing_size(path: &Path, name: &str, format: Option<Format>) -> Result<u64> 
 }
 
 fn create_qcow2(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
+    check_qcow2_options(path, o)?;
+    let cluster_size = o.cluster_size;
+    let cluster_bits = cluster_size.trailing_zeros();
+    let refcount_order = o.refcount_bits.trailing_zeros();
+    let backing_format = match (&o.backing, o.backing_format) {
+        (Some(name), None) => {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let storage =
+                FileStorage::open_read_only(&crate::driver::gate::resolve_relative(dir, name))?;
+            Some(driver::probe(&storage)?)
+        }
+        (_, f) => f,
+    };
+
+    let entry_size: u64 = if o.extended_l2 { 16 } else { 8 };
+    let bytes_per_l2 = (cluster_size / entry_size) * cluster_size;
+    let l1_size = size.div_ceil(bytes_per_l2);
+    if l1_size * 8 > MAX_TABLE_BYTES {
+        return Err(bad(
+            path,
+            format!("size {size} needs an L1 table larger than QEMU allows"),
+        ));
+    }
+    let l1_clusters = (l1_size * 8).div_ceil(cluster_size).max(1);
+    let mut head = header_cluster(path, size, l1_size, o, backing_format)?;
+
+    let mut counts = vec![1u64; usize_of(1 + l1_clusters)?];
+    let layout = refcount::fresh_layout(&mut counts, cluster_bits, refcount_order)
+        .map_err(|e| bad(path, e.to_string()))?;
+    field::REFCOUNT_TABLE_OFFSET.put(&mut head, layout.table_offset);
+    field::REFCOUNT_TABLE_CLUSTERS.put(&mut head, layout.table_clusters);
+
+    let storage = FileStorage::create(path)?;
+    storage.write_all_at(&head, 0)?;
+    storage.set_len(counts.len() as u64 * cluster_size)?;
+    for (offset, block) in &layout.blocks {
+        storage.write_all_at(block, *offset)?;
+    }
+    storage.write_all_at(&layout.table, layout.table_offset)?;
+    storage.flush()
+}
+
+/// The options a qcow2 image can be created with, as qemu-img accepts them:
+/// the cluster size, the refcount width, the version and what needs version 3.
+fn check_qcow2_options(path: &Path, o: &CreateOptions) -> Result<()> {
     let cluster_size = o.cluster_size;
     if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
         return Err(bad(
@@ -107,7 +152,6 @@ fn create_qcow2(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
             format!("cluster_size {cluster_size} must be a power of two from 512 to 2097152"),
         ));
     }
-    let cluster_bits = cluster_size.trailing_zeros();
     if !o.refcount_bits.is_power_of_two() || o.refcount_bits > 64 {
         return Err(bad(
             path,
@@ -117,7 +161,6 @@ fn create_qcow2(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
             ),
         ));
     }
-    let refcount_order = o.refcount_bits.trailing_zeros();
     match o.version {
         2 => {
             if o.refcount_bits != 16 {
@@ -142,28 +185,21 @@ fn create_qcow2(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
             "extended_l2 needs a cluster_size of at least 16384".into(),
         ));
     }
-    let backing_format = match (&o.backing, o.backing_format) {
-        (Some(name), None) => {
-            let dir = path.parent().unwrap_or(Path::new("."));
-            let storage =
-                FileStorage::open_read_only(&crate::driver::gate::resolve_relative(dir, name))?;
-            Some(driver::probe(&storage)?)
-        }
-        (_, f) => f,
-    };
+    Ok(())
+}
 
-    let entry_size: u64 = if o.extended_l2 { 16 } else { 8 };
-    let bytes_per_l2 = (cluster_size / entry_size) * cluster_size;
-    let l1_size = size.div_ceil(bytes_per_l2);
-    if l1_size * 8 > header::MAX_L1_BYTES {
-        return Err(bad(
-            path,
-            format!("size {size} needs an L1 table larger than QEMU allows"),
-        ));
-    }
-    let l1_clusters = (l1_size * 8).div_ceil(cluster_size).max(1);
-
-    let mut head = vec![0u8; usize::try_from(cluster_size).unwrap_or(0)];
+/// The header cluster of a new image of `size` bytes with an L1 table of
+/// `l1_size` entries right after it: the header, its extensions and the
+/// backing file name (the refcount table's fields are filled in later).
+fn header_cluster(
+    path: &Path,
+    size: u64,
+    l1_size: u64,
+    o: &CreateOptions,
+    backing_format: Option<Format>,
+) -> Result<Vec<u8>> {
+    let cluster_size = o.cluster_size;
+    let mut head = vec![0u8; usize_of(cluster_size)?];
     let header_length = if o.version == 3 {
         header::V3_HEADER_LENGTH
     } else {
@@ -171,7 +207,7 @@ fn create_qcow2(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
     };
     field::MAGIC.put(&mut head, MAGIC);
     field::VERSION.put(&mut head, o.version);
-    field::CLUSTER_BITS.put(&mut head, cluster_bits);
+    field::CLUSTER_BITS.put(&mut head, cluster_size.trailing_zeros());
     field::SIZE.put(&mut head, size);
     field::L1_SIZE.put(&mut head, l1_size as u32);
     // The L1 table fills the clusters right after the header.
@@ -185,7 +221,7 @@ fn create_qcow2(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
         };
         field::INCOMPATIBLE_FEATURES.put(&mut head, incompatible);
         field::COMPATIBLE_FEATURES.put(&mut head, compatible);
-        field::REFCOUNT_ORDER.put(&mut head, refcount_order);
+        field::REFCOUNT_ORDER.put(&mut head, o.refcount_bits.trailing_zeros());
         field::HEADER_LENGTH.put(&mut head, header_length);
     }
     let mut at = header_length as usize;
@@ -214,21 +250,7 @@ fn create_qcow2(path: &Path, size: u64, o: &CreateOptions) -> Result<()> {
             dst.copy_from_slice(bytes);
         }
     }
-
-    let mut counts = vec![1u64; usize::try_from(1 + l1_clusters).unwrap_or(0)];
-    let layout = refcount::fresh_layout(&mut counts, cluster_bits, refcount_order)
-        .map_err(|e| bad(path, e.to_string()))?;
-    field::REFCOUNT_TABLE_OFFSET.put(&mut head, layout.table_offset);
-    field::REFCOUNT_TABLE_CLUSTERS.put(&mut head, layout.table_clusters);
-
-    let storage = FileStorage::create(path)?;
-    storage.write_all_at(&head, 0)?;
-    storage.set_len(counts.len() as u64 * cluster_size)?;
-    for (offset, block) in &layout.blocks {
-        storage.write_all_at(block, *offset)?;
-    }
-    storage.write_all_at(&layout.table, layout.table_offset)?;
-    storage.flush()
+    Ok(head)
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! The qcow2 header and its extensions: parsing and every check we make before
 //! trusting a field. Layout from the qcow2 specification (docs/interop/qcow2.txt).
 
-use crate::error::{Error, Result};
+use crate::bytes::BeBytes;
+use crate::driver::MAX_TABLE_BYTES;
+use crate::error::{usize_of, Error, Result};
 use std::path::Path;
 
 /// "QFI\xfb".
@@ -163,8 +165,6 @@ pub const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
 /// Autoclear feature: the external data file is a valid raw image.
 pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 
-/// QEMU refuses L1 tables larger than this; so do we.
-pub const MAX_L1_BYTES: u64 = 32 << 20;
 /// QEMU refuses refcount tables larger than this; so do we.
 pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// The longest backing file name the format allows.
@@ -272,31 +272,6 @@ impl Header {
     pub fn l1_entries_needed(&self, size: u64) -> u64 {
         let bytes_per_l2 = self.l2_entries() << self.cluster_bits;
         size.div_ceil(bytes_per_l2)
-    }
-}
-
-/// Big-endian field access that cannot panic: a field past the end of the
-/// buffer reads as `None`.
-pub(crate) struct BeBytes<'a>(pub &'a [u8]);
-
-impl BeBytes<'_> {
-    pub(crate) fn u8(&self, at: usize) -> Option<u8> {
-        self.0.get(at).copied()
-    }
-    pub(crate) fn u16(&self, at: usize) -> Option<u16> {
-        Some(u16::from_be_bytes(
-            self.0.get(at..at.checked_add(2)?)?.try_into().ok()?,
-        ))
-    }
-    pub(crate) fn u32(&self, at: usize) -> Option<u32> {
-        Some(u32::from_be_bytes(
-            self.0.get(at..at.checked_add(4)?)?.try_into().ok()?,
-        ))
-    }
-    pub(crate) fn u64(&self, at: usize) -> Option<u64> {
-        Some(u64::from_be_bytes(
-            self.0.get(at..at.checked_add(8)?)?.try_into().ok()?,
-        ))
     }
 }
 
@@ -546,7 +521,7 @@ fn parse_extensions(src: &Source, common: &Common, features: &Features) -> Resul
     } else {
         cluster_size
     };
-    let ext_end = usize::try_from(ext_end.min(first_cluster.len() as u64)).unwrap_or(0);
+    let ext_end = usize_of(ext_end.min(first_cluster.len() as u64))?;
     let mut at = usize::try_from(features.header_length).unwrap_or(usize::MAX);
     let mut found = Extensions::default();
     while at < ext_end {
@@ -748,11 +723,11 @@ pub fn check_table(
 fn check_tables(path: &Path, h: &Header, file_len: u64) -> Result<()> {
     let cluster_size = h.cluster_size();
     let l1_bytes = u64::from(h.l1_size) * 8;
-    if l1_bytes > MAX_L1_BYTES {
+    if l1_bytes > MAX_TABLE_BYTES {
         return Err(Error::corrupt(
             path,
             format!(
-                "qcow2: header field l1_size is {}, an L1 table of {l1_bytes} bytes (the limit is {MAX_L1_BYTES})",
+                "qcow2: header field l1_size is {}, an L1 table of {l1_bytes} bytes (the limit is {MAX_TABLE_BYTES})",
                 h.l1_size
             ),
         ));

@@ -1,6 +1,8 @@
 //! L1 and L2 entry decoding: the bit layouts of the qcow2 specification, with
 //! every reserved bit and alignment checked.
 
+use crate::driver::SECTOR_SIZE;
+
 /// Bits 9-55 of an L1 entry or a standard L2 entry: a host offset.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Bit 63: the cluster's refcount is exactly one.
@@ -59,7 +61,7 @@ pub fn compressed_descriptor(entry: u64, cluster_bits: u32) -> (u64, u64) {
     let extra_sectors = (entry >> offset_bits) & sector_mask;
     // The stream fills the rest of the sector holding host_offset, plus
     // extra_sectors whole sectors.
-    let compressed_size = (extra_sectors + 1) * 512 - (host_offset & 511);
+    let compressed_size = (extra_sectors + 1) * SECTOR_SIZE - host_offset % SECTOR_SIZE;
     (host_offset, compressed_size)
 }
 

@@ -2,7 +2,6 @@
 //! compressed clusters, zero clusters, backing chains, external data files and
 //! internal snapshots.
 
-pub(crate) mod cache;
 mod compressed;
 pub mod create;
 pub mod header;
@@ -11,13 +10,14 @@ pub mod refcount;
 pub mod snapshot;
 mod write;
 
+use super::cache::{L2Cache, L2Table};
+use super::read::{read_backing, read_mapped, view_through_map};
 use super::{
-    check_range, gate, locate_in_backing, BlockDriver, Extent, Location, Mapping, OpenOptions,
-    TableIndex,
+    check_range, gate, locate_in_backing, BlockDriver, Extent, Format, Location, Mapping,
+    OpenOptions, TableIndex, MAX_TABLE_BYTES, SECTOR_SIZE,
 };
-use crate::error::{Error, Result};
+use crate::error::{usize_of, Error, Result};
 use crate::storage::{FileStorage, Storage, View};
-use cache::{L2Cache, L2Table};
 use header::{CompressionType, Header};
 use l2::Cluster;
 use snapshot::Snapshot;
@@ -79,20 +79,7 @@ impl Qcow2 {
     ) -> Result<Self> {
         let path = file.path().to_path_buf();
         let file_len = file.len()?;
-        // The fixed header gives the cluster size; the extensions and backing
-        // name lie within the first cluster.
-        let probe_len = file_len.min(u64::from(header::V3_HEADER_LENGTH));
-        let mut probe = vec![0u8; usize::try_from(probe_len).unwrap_or(0)];
-        file.read_exact_at(&mut probe, 0)?;
-        let cluster_bits = header::field::CLUSTER_BITS
-            .get(&probe)
-            .unwrap_or(16)
-            .clamp(9, 21);
-        let first_len = file_len.min(1u64 << cluster_bits);
-        let mut first = vec![0u8; usize::try_from(first_len).unwrap_or(0)];
-        file.read_exact_at(&mut first, 0)?;
-        let header = header::parse(&path, &first, file_len)?;
-
+        let header = read_header(file.as_ref(), file_len)?;
         let snapshots = if header.nb_snapshots > 0 {
             read_snapshots(file.as_ref(), &header, file_len)?
         } else {
@@ -100,55 +87,11 @@ impl Qcow2 {
         };
         let chosen = match snapshot {
             None => None,
-            Some(wanted) => Some(snapshot::find(&snapshots, wanted).cloned().ok_or_else(|| {
-                let names: Vec<String> = snapshots
-                    .iter()
-                    .map(|s| format!("{} (id {})", s.name, s.id))
-                    .collect();
-                Error::InvalidArgument(format!(
-                    "{}: no snapshot with ID or name '{wanted}' (the image has {})",
-                    path.display(),
-                    if names.is_empty() {
-                        "none".to_string()
-                    } else {
-                        names.join(", ")
-                    }
-                ))
-            })?),
+            Some(wanted) => Some(choose_snapshot(&path, &snapshots, wanted)?),
         };
-        let (l1_offset, l1_size, size) = match &chosen {
-            None => (header.l1_table_offset, header.l1_size, header.size),
-            Some(s) => {
-                // Its L1 table's place and limit were checked with the table.
-                let size = s.disk_size.unwrap_or(header.size);
-                if u64::from(s.l1_size) < header.l1_entries_needed(size) {
-                    return Err(Error::corrupt(
-                        &path,
-                        format!(
-                            "qcow2: snapshot '{}' has l1_size {} for a disk of {size} bytes",
-                            s.name, s.l1_size
-                        ),
-                    ));
-                }
-                (s.l1_table_offset, s.l1_size, size)
-            }
-        };
+        let (l1_offset, l1_size, size) = active_table(&path, &header, chosen.as_ref())?;
         let l1 = read_l1(file.as_ref(), l1_offset, l1_size)?;
-
-        let data: Arc<dyn Storage> = match (&header.data_file, header.has_data_file()) {
-            (Some(name), true) => {
-                let data_path =
-                    gate::resolve_part(&path, "qcow2", "external data file", name, options)?;
-                // The data file is written exactly when the image is.
-                if file.is_read_only() {
-                    Arc::new(FileStorage::open_read_only(&data_path)?)
-                } else {
-                    Arc::new(FileStorage::open_read_write(&data_path)?)
-                }
-            }
-            _ => file.clone(),
-        };
-
+        let data = open_data_file(&path, &file, &header, options)?;
         let backing = match &header.backing_file {
             Some(name) if options.backing.follow => Some(gate::open_backing(
                 &path,
@@ -268,7 +211,7 @@ impl Qcow2 {
                     )));
                 }
             }
-            let mut raw = vec![0u8; usize::try_from(cluster_size).unwrap_or(0)];
+            let mut raw = vec![0u8; usize_of(cluster_size)?];
             self.file.read_exact_at(&mut raw, l2_offset)?;
             let entries: Vec<u64> = raw
                 .chunks_exact(8)
@@ -278,25 +221,38 @@ impl Qcow2 {
         })
     }
 
-    /// Decode the unit (cluster or subcluster) at guest `offset` from its table.
+    /// The L2 entry at `l2_index` of `table`, with its subcluster bitmap for
+    /// extended L2 entries (0 otherwise). A table holds every index of its
+    /// cluster, so an index past it is a bug, never an unallocated entry.
+    pub(crate) fn l2_entry(&self, table: &[u64], l2_index: u64) -> Result<(u64, u64)> {
+        let width = if self.header.extended_l2() { 2 } else { 1 };
+        let words = usize::try_from(l2_index)
+            .ok()
+            .and_then(|i| i.checked_mul(width))
+            .and_then(|at| table.get(at..at.checked_add(width)?));
+        match words {
+            Some(&[entry, bitmap]) => Ok((entry, bitmap)),
+            Some(&[entry]) => Ok((entry, 0)),
+            _ => Err(Error::Internal(format!(
+                "{}: L2 index {l2_index} lies past its table of {} entries",
+                self.path().display(),
+                table.len() / width
+            ))),
+        }
+    }
+
+    /// Decode the unit (cluster or subcluster) `unit_in_cluster` of an L2
+    /// entry (and its bitmap, for extended L2).
     fn decode_unit(
         &self,
-        table: &[u64],
-        l2_index: u64,
+        (entry, bitmap): (u64, u64),
         unit_in_cluster: u32,
     ) -> Result<Cluster, String> {
         let bits = self.header.cluster_bits;
         let has_data_file = self.header.has_data_file();
         if self.header.extended_l2() {
-            let at = usize::try_from(l2_index * 2).unwrap_or(usize::MAX);
-            let entry = table.get(at).copied().unwrap_or(0);
-            let bitmap = table.get(at + 1).copied().unwrap_or(0);
             l2::decode_subcluster(entry, bitmap, unit_in_cluster, bits, has_data_file)
         } else {
-            let entry = table
-                .get(usize::try_from(l2_index).unwrap_or(usize::MAX))
-                .copied()
-                .unwrap_or(0);
             let cluster = l2::decode(entry, bits, has_data_file)?;
             if self.header.version < 3 && matches!(cluster, Cluster::Zero { .. }) {
                 // QEMU fails such reads too ("Zero cluster entry found in pre-v3 image").
@@ -324,9 +280,17 @@ impl Qcow2 {
     fn l2_for(&self, l1_index: u64) -> Result<Option<(u64, L2Table)>> {
         let l1_entry = {
             let l1 = self.l1.read().unwrap_or_else(PoisonError::into_inner);
+            // The L1 table covers the disk (checked at open), so an index
+            // past it is a bug, never an unallocated range.
             match usize::try_from(l1_index).ok().and_then(|i| l1.get(i)) {
                 Some(&entry) => entry,
-                None => return Ok(None),
+                None => {
+                    return Err(Error::Internal(format!(
+                        "{}: L1 index {l1_index} lies past the L1 table's {} entries",
+                        self.path().display(),
+                        l1.len()
+                    )))
+                }
             }
         };
         let l2_offset = l2::l1_offset(l1_entry)
@@ -345,8 +309,8 @@ impl Qcow2 {
         compressed_size: u64,
     ) -> Result<()> {
         let cluster_size = self.header.cluster_size();
-        let in_cluster = usize::try_from(guest_offset & (cluster_size - 1)).unwrap_or(0);
-        let cluster_len = usize::try_from(cluster_size).unwrap_or(0);
+        let in_cluster = usize_of(guest_offset & (cluster_size - 1))?;
+        let cluster_len = usize_of(cluster_size)?;
         let id = self.id;
         if in_cluster == 0 && buf.len() == cluster_len {
             // The whole cluster is wanted (the verifier's case): decompress it in
@@ -372,7 +336,10 @@ impl Qcow2 {
                 .3
                 .get(in_cluster..in_cluster + buf.len())
                 .ok_or_else(|| {
-                    Error::InvalidArgument("compressed read crosses a cluster".into())
+                    Error::Internal(format!(
+                        "{}: a compressed read at guest offset {guest_offset:#x} crosses its cluster",
+                        self.path().display()
+                    ))
                 })?;
             buf.copy_from_slice(src);
             Ok(())
@@ -394,7 +361,7 @@ impl Qcow2 {
         // The stored size is rounded up to sectors and may run past the end of
         // the file for the last cluster; the stream itself must not.
         let available = (file_len - host_offset).min(compressed_size);
-        let max_input = 2 * self.header.cluster_size() + 512;
+        let max_input = 2 * self.header.cluster_size() + SECTOR_SIZE;
         if available > max_input {
             return Err(self.corrupt(format!(
                 "compressed cluster at host offset {host_offset:#x} claims {compressed_size} bytes, more than a cluster can need"
@@ -402,7 +369,7 @@ impl Qcow2 {
         }
         COMPRESSED_INPUT.with(|cell| {
             let mut input = cell.borrow_mut();
-            let n = usize::try_from(available).unwrap_or(0);
+            let n = usize_of(available)?;
             if input.len() < n {
                 input.resize(n, 0);
             }
@@ -421,29 +388,99 @@ impl Qcow2 {
         // always extend it): those bytes read as zeros, as they do in QEMU.
         let file_len = self.data_len()?;
         let len = buf.len() as u64;
-        let stored = file_len.saturating_sub(host_offset).min(len);
-        let (head, tail) = buf.split_at_mut(usize::try_from(stored).unwrap_or(0));
+        // At most the buffer's length: it fits a usize.
+        let stored = file_len.saturating_sub(host_offset).min(len) as usize;
+        let (head, tail) = buf.split_at_mut(stored);
         if !head.is_empty() {
             self.data.read_exact_at(head, host_offset)?;
         }
         tail.fill(0);
         Ok(())
     }
+}
 
-    fn read_backing(&self, buf: &mut [u8], guest_offset: u64) -> Result<()> {
-        match &self.backing {
-            Some(backing) if guest_offset < backing.size() => {
-                let n = (backing.size() - guest_offset).min(buf.len() as u64);
-                let (head, tail) = buf.split_at_mut(usize::try_from(n).unwrap_or(0));
-                backing.read_at(head, guest_offset)?;
-                tail.fill(0);
-                Ok(())
+/// The header, parsed from the first cluster (whose size the fixed header
+/// gives; the extensions and the backing name lie within it).
+fn read_header(file: &dyn Storage, file_len: u64) -> Result<Header> {
+    let probe_len = file_len.min(u64::from(header::V3_HEADER_LENGTH));
+    let mut probe = vec![0u8; usize_of(probe_len)?];
+    file.read_exact_at(&mut probe, 0)?;
+    // A header too short to say is refused by parse, which names it.
+    let cluster_bits = header::field::CLUSTER_BITS
+        .get(&probe)
+        .unwrap_or(16)
+        .clamp(9, 21);
+    let first_len = file_len.min(1u64 << cluster_bits);
+    let mut first = vec![0u8; usize_of(first_len)?];
+    file.read_exact_at(&mut first, 0)?;
+    header::parse(file.path(), &first, file_len)
+}
+
+/// The internal snapshot `wanted` names (by ID or name), or the error that
+/// lists those the image has.
+fn choose_snapshot(path: &Path, snapshots: &[Snapshot], wanted: &str) -> Result<Snapshot> {
+    snapshot::find(snapshots, wanted).cloned().ok_or_else(|| {
+        let names: Vec<String> = snapshots
+            .iter()
+            .map(|s| format!("{} (id {})", s.name, s.id))
+            .collect();
+        Error::InvalidArgument(format!(
+            "{}: no snapshot with ID or name '{wanted}' (the image has {})",
+            path.display(),
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
             }
-            _ => {
-                buf.fill(0);
-                Ok(())
+        ))
+    })
+}
+
+/// The L1 table to read through (its offset and entries) and the disk size:
+/// the active image's, or the chosen snapshot's, whose table must cover its
+/// disk.
+fn active_table(
+    path: &Path,
+    header: &Header,
+    chosen: Option<&Snapshot>,
+) -> Result<(u64, u32, u64)> {
+    match chosen {
+        None => Ok((header.l1_table_offset, header.l1_size, header.size)),
+        Some(s) => {
+            // Its L1 table's place and limit were checked with the table.
+            let size = s.disk_size.unwrap_or(header.size);
+            if u64::from(s.l1_size) < header.l1_entries_needed(size) {
+                return Err(Error::corrupt(
+                    path,
+                    format!(
+                        "qcow2: snapshot '{}' has l1_size {} for a disk of {size} bytes",
+                        s.name, s.l1_size
+                    ),
+                ));
+            }
+            Ok((s.l1_table_offset, s.l1_size, size))
+        }
+    }
+}
+
+/// Where the guest data lives: the external data file the header names
+/// (written exactly when the image is), or the image file itself.
+fn open_data_file(
+    path: &Path,
+    file: &Arc<dyn Storage>,
+    header: &Header,
+    options: &OpenOptions,
+) -> Result<Arc<dyn Storage>> {
+    match (&header.data_file, header.has_data_file()) {
+        (Some(name), true) => {
+            let data_path = gate::resolve_part(path, "qcow2", "external data file", name, options)?;
+            if file.is_read_only() {
+                Ok(Arc::new(FileStorage::open_read_only(&data_path)?))
+            } else {
+                Ok(Arc::new(FileStorage::open_read_write(&data_path)?))
             }
         }
+        _ => Ok(file.clone()),
     }
 }
 
@@ -462,9 +499,9 @@ fn read_snapshots(file: &dyn Storage, header: &Header, file_len: u64) -> Result<
     // Entries are variable-length; read what the table can occupy, capped.
     let len = file_len
         .saturating_sub(header.snapshots_offset)
-        .min(snapshot::MAX_TABLE_BYTES)
+        .min(snapshot::MAX_SNAPSHOT_TABLE_BYTES)
         .min(u64::from(header.nb_snapshots) * (40 + 1024 + 2 * 65535 + 8));
-    let mut table = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    let mut table = vec![0u8; usize_of(len)?];
     file.read_exact_at(&mut table, header.snapshots_offset)?;
     let snapshots =
         snapshot::parse_table(file.path(), &table, header.nb_snapshots, header.version)?;
@@ -472,14 +509,14 @@ fn read_snapshots(file: &dyn Storage, header: &Header, file_len: u64) -> Result<
     // all, and a bad one means the table itself is garbage.
     for s in &snapshots {
         let bytes = u64::from(s.l1_size) * 8;
-        if bytes > header::MAX_L1_BYTES {
+        if bytes > MAX_TABLE_BYTES {
             return Err(Error::corrupt(
                 file.path(),
                 format!(
                     "qcow2: snapshot '{}' has l1_size {}, an L1 table of {bytes} bytes (the limit is {})",
                     s.name,
                     s.l1_size,
-                    header::MAX_L1_BYTES
+                    MAX_TABLE_BYTES
                 ),
             ));
         }
@@ -507,8 +544,8 @@ impl Drop for Qcow2 {
 }
 
 impl BlockDriver for Qcow2 {
-    fn format_name(&self) -> &'static str {
-        "qcow2"
+    fn format(&self) -> Format {
+        Format::Qcow2
     }
 
     fn path(&self) -> &Path {
@@ -525,32 +562,22 @@ impl BlockDriver for Qcow2 {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.path(), self.size, offset, buf.len() as u64)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let guest = offset + done as u64;
-            let extent = self.map(guest, (buf.len() - done) as u64)?;
-            let len = usize::try_from(extent.length)
-                .unwrap_or(0)
-                .min(buf.len() - done);
-            let piece = buf
-                .get_mut(done..done + len)
-                .ok_or_else(|| Error::InvalidArgument("extent outside request".into()))?;
-            match extent.mapping {
-                Mapping::Data { host_offset } => self.read_data(piece, host_offset)?,
-                Mapping::Zero { .. } => piece.fill(0),
-                Mapping::Unallocated => self.read_backing(piece, guest)?,
-                Mapping::Compressed {
-                    host_offset,
-                    compressed_size,
-                } => self.read_compressed(piece, guest, host_offset, compressed_size)?,
+        read_mapped(self, buf, offset, |piece, guest, mapping| match mapping {
+            Mapping::Data { host_offset } => self.read_data(piece, host_offset),
+            Mapping::Zero { .. } => {
+                piece.fill(0);
+                Ok(())
             }
-            done += len.max(1);
-        }
-        Ok(())
+            Mapping::Unallocated => read_backing(self.backing(), piece, guest),
+            Mapping::Compressed {
+                host_offset,
+                compressed_size,
+            } => self.read_compressed(piece, guest, host_offset, compressed_size),
+        })
     }
 
     fn read_view(&self, offset: u64, len: usize) -> Result<Option<View>> {
-        super::view_through_map(self, self.data.as_ref(), self.backing.as_ref(), offset, len)
+        view_through_map(self, self.data.as_ref(), self.backing.as_ref(), offset, len)
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
@@ -579,7 +606,7 @@ impl BlockDriver for Qcow2 {
             ))
         };
         let first = self
-            .decode_unit(&table, l2_index, sub)
+            .decode_unit(self.l2_entry(&table, l2_index)?, sub)
             .map_err(|e| describe(e, l2_index))?;
         let within = offset & (unit - 1);
         let mapping_of = |c: Cluster, within: u64| match c {
@@ -632,7 +659,7 @@ impl BlockDriver for Qcow2 {
         while end < limit {
             let (_, idx, sub) = self.indices(end);
             let next = self
-                .decode_unit(&table, idx, sub)
+                .decode_unit(self.l2_entry(&table, idx)?, sub)
                 .map_err(|e| describe(e, idx))?;
             let continues = match (mapping, next) {
                 (Mapping::Data { host_offset }, Cluster::Normal { host_offset: h }) => {
@@ -674,7 +701,7 @@ impl BlockDriver for Qcow2 {
         let subcluster = self.header.extended_l2().then_some(sub);
         let mut location = Location {
             kind: extent.mapping.kind(),
-            format: "qcow2",
+            format: Format::Qcow2,
             unit: "cluster",
             tables: vec![
                 TableIndex {

@@ -6,7 +6,7 @@
 //! Entries narrower than a byte are packed from the least significant bit up
 //! (entry 0 of a 1-bit block is bit 0 of byte 0); wider ones are big-endian.
 
-use crate::error::{Error, Result};
+use crate::error::{usize_of, Error, Result};
 use crate::storage::Storage;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -104,7 +104,7 @@ impl Refcounts {
         table_clusters: u32,
     ) -> Result<Self> {
         let bytes = u64::from(table_clusters) << cluster_bits;
-        let mut raw = vec![0u8; usize::try_from(bytes).unwrap_or(0)];
+        let mut raw = vec![0u8; usize_of(bytes)?];
         file.read_exact_at(&mut raw, table_offset)?;
         let table: Vec<u64> = raw
             .chunks_exact(8)
@@ -203,7 +203,7 @@ impl Refcounts {
                     format!("qcow2: refcount block offset {offset:#x} is not aligned to a cluster"),
                 ));
             }
-            let mut raw = vec![0u8; usize::try_from(cluster_size).unwrap_or(0)];
+            let mut raw = vec![0u8; usize_of(cluster_size)?];
             file.read_exact_at(&mut raw, offset)?;
             self.make_room();
             self.blocks.insert(
@@ -361,8 +361,8 @@ pub fn fresh_layout(counts: &mut Vec<u64>, cluster_bits: u32, order: u32) -> Res
         ));
     }
     let total = start + table_clusters + nblocks;
-    counts.resize(usize::try_from(total).unwrap_or(0), 0);
-    for c in counts.iter_mut().skip(usize::try_from(start).unwrap_or(0)) {
+    counts.resize(usize_of(total)?, 0);
+    for c in counts.iter_mut().skip(usize_of(start)?) {
         *c = 1;
     }
     let max = max_refcount(order);
@@ -373,7 +373,7 @@ pub fn fresh_layout(counts: &mut Vec<u64>, cluster_bits: u32, order: u32) -> Res
         )));
     }
     let blocks_start = start + table_clusters;
-    let mut table = vec![0u8; usize::try_from(table_clusters * cluster_size).unwrap_or(0)];
+    let mut table = vec![0u8; usize_of(table_clusters * cluster_size)?];
     let mut blocks = Vec::new();
     for b in 0..nblocks {
         let offset = (blocks_start + b) * cluster_size;
@@ -383,7 +383,7 @@ pub fn fresh_layout(counts: &mut Vec<u64>, cluster_bits: u32, order: u32) -> Res
         {
             slot.copy_from_slice(&offset.to_be_bytes());
         }
-        let mut block = vec![0u8; usize::try_from(cluster_size).unwrap_or(0)];
+        let mut block = vec![0u8; usize_of(cluster_size)?];
         for i in 0..per_block {
             let cluster = b * per_block + i;
             match counts.get(usize::try_from(cluster).unwrap_or(usize::MAX)) {

@@ -1,6 +1,6 @@
 //! The internal snapshot table: enough of it to read a snapshot's disk.
 
-use super::header::BeBytes;
+use crate::bytes::BeBytes;
 use crate::error::{Error, Result};
 use std::path::Path;
 
@@ -20,7 +20,7 @@ pub struct Snapshot {
 }
 
 /// The most bytes a snapshot table may occupy (QEMU's limit).
-pub const MAX_TABLE_BYTES: u64 = 64 << 20;
+pub const MAX_SNAPSHOT_TABLE_BYTES: u64 = 64 << 20;
 
 /// Parse `count` entries from `table`, the bytes at the snapshot table offset.
 pub fn parse_table(path: &Path, table: &[u8], count: u32, version: u32) -> Result<Vec<Snapshot>> {

@@ -12,8 +12,9 @@
 
 pub mod header;
 
-use super::{check_range, BlockDriver, Extent, Location, Mapping, TableIndex};
-use crate::error::{Error, Result};
+use super::read::{read_mapped, view_through_map};
+use super::{check_range, BlockDriver, Extent, Format, Location, Mapping, TableIndex};
+use crate::error::{usize_of, Error, Result};
 use crate::storage::{Storage, View};
 use header::Header;
 use std::path::Path;
@@ -37,8 +38,7 @@ impl Vdi {
     pub fn open(file: Arc<dyn Storage>) -> Result<Vdi> {
         let path = file.path().to_path_buf();
         let file_len = file.len()?;
-        let mut first =
-            vec![0u8; usize::try_from(file_len.min(header::HEADER_READ as u64)).unwrap_or(0)];
+        let mut first = vec![0u8; usize_of(file_len.min(header::HEADER_READ as u64))?];
         file.read_exact_at(&mut first, 0)?;
         let header = Header::parse(&path, &first, file_len)?;
 
@@ -98,12 +98,20 @@ impl Vdi {
         u64::from(self.header.block_size)
     }
 
-    fn entry(&self, block: u64) -> u32 {
+    /// Block map entry `block`. The map covers the disk (checked at open), so
+    /// a block past it is a bug, never an unallocated block.
+    fn entry(&self, block: u64) -> Result<u32> {
         usize::try_from(block)
             .ok()
             .and_then(|i| self.bmap.get(i))
             .copied()
-            .unwrap_or(UNALLOCATED)
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "{}: block {block} lies past the block map's {} entries",
+                    self.path().display(),
+                    self.bmap.len()
+                ))
+            })
     }
 
     /// Where block `block`'s data starts in the file, checked.
@@ -132,7 +140,7 @@ impl Vdi {
     }
 
     fn mapping_of(&self, block: u64) -> Result<Mapping> {
-        Ok(match self.entry(block) {
+        Ok(match self.entry(block)? {
             UNALLOCATED => Mapping::Unallocated,
             DISCARDED => Mapping::Zero { allocated: false },
             entry => Mapping::Data {
@@ -143,8 +151,8 @@ impl Vdi {
 }
 
 impl BlockDriver for Vdi {
-    fn format_name(&self) -> &'static str {
-        "vdi"
+    fn format(&self) -> Format {
+        Format::Vdi
     }
 
     fn path(&self) -> &Path {
@@ -161,27 +169,19 @@ impl BlockDriver for Vdi {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.path(), self.size(), offset, buf.len() as u64)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let extent = self.map(offset + done as u64, (buf.len() - done) as u64)?;
-            let len = usize::try_from(extent.length)
-                .unwrap_or(0)
-                .min(buf.len() - done)
-                .max(1);
-            let piece = buf
-                .get_mut(done..done + len)
-                .ok_or_else(|| Error::InvalidArgument("extent outside request".into()))?;
-            match extent.mapping {
-                Mapping::Data { host_offset } => self.file.read_exact_at(piece, host_offset)?,
-                _ => piece.fill(0),
+        read_mapped(self, buf, offset, |piece, _, mapping| match mapping {
+            Mapping::Data { host_offset } => self.file.read_exact_at(piece, host_offset),
+            // No backing files: unallocated blocks read as zeros, as do
+            // blocks the map marks zero.
+            _ => {
+                piece.fill(0);
+                Ok(())
             }
-            done += len;
-        }
-        Ok(())
+        })
     }
 
     fn read_view(&self, offset: u64, len: usize) -> Result<Option<View>> {
-        super::view_through_map(self, self.file.as_ref(), None, offset, len)
+        view_through_map(self, self.file.as_ref(), None, offset, len)
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
@@ -229,7 +229,7 @@ impl BlockDriver for Vdi {
         };
         Ok(Some(Location {
             kind: extent.mapping.kind(),
-            format: "vdi",
+            format: Format::Vdi,
             unit: "block",
             tables: vec![TableIndex {
                 table: "block map",

@@ -85,6 +85,61 @@ impl Le<'_> {
     pub fn u64(&self, at: usize) -> Option<u64> {
         self.bytes(at).map(u64::from_le_bytes)
     }
+
+    /// The `N` bytes at `at` of a structure read whole, at a size that holds
+    /// all its fields: a field past its end is a bug of ours, refused rather
+    /// than read as zeros.
+    pub fn field<const N: usize>(&self, at: usize) -> std::result::Result<[u8; N], PastEnd> {
+        self.bytes(at).ok_or(PastEnd {
+            at,
+            width: N,
+            len: self.0.len(),
+        })
+    }
+    /// A u16 field at `at` (see [`Le::field`]).
+    pub fn field_u16(&self, at: usize) -> std::result::Result<u16, PastEnd> {
+        self.field(at).map(u16::from_le_bytes)
+    }
+    /// A u32 field at `at` (see [`Le::field`]).
+    pub fn field_u32(&self, at: usize) -> std::result::Result<u32, PastEnd> {
+        self.field(at).map(u32::from_le_bytes)
+    }
+    /// A u64 field at `at` (see [`Le::field`]).
+    pub fn field_u64(&self, at: usize) -> std::result::Result<u64, PastEnd> {
+        self.field(at).map(u64::from_le_bytes)
+    }
+}
+
+/// A field taken past the end of a structure that was read whole (see
+/// [`Le::field`]): an internal error.
+#[derive(Debug, Clone, Copy)]
+pub struct PastEnd {
+    at: usize,
+    width: usize,
+    len: usize,
+}
+
+impl std::fmt::Display for PastEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "vhdx: the {}-byte field at byte {} lies past its structure's {} bytes",
+            self.width, self.at, self.len
+        )
+    }
+}
+
+impl PastEnd {
+    /// The internal error, naming the image.
+    pub fn internal(self, path: &Path) -> Error {
+        Error::Internal(format!("{}: {self}", path.display()))
+    }
+}
+
+impl From<PastEnd> for String {
+    fn from(e: PastEnd) -> String {
+        format!("internal error (please report it): {e}")
+    }
 }
 
 /// CRC-32C of `buf` with the four bytes at `checksum_at` taken as zero, as
@@ -100,7 +155,10 @@ pub fn checksum(buf: &[u8], checksum_at: usize) -> u32 {
 /// Whether `buf` carries a valid checksum at `checksum_at`; the stored and
 /// computed values otherwise.
 pub fn check_checksum(buf: &[u8], checksum_at: usize) -> std::result::Result<(), (u32, u32)> {
-    let stored = Le(buf).u32(checksum_at).unwrap_or(0);
+    // A buffer too short to hold the checksum has none: it matches no CRC.
+    let Some(stored) = Le(buf).u32(checksum_at) else {
+        return Err((0, checksum(buf, checksum_at)));
+    };
     let computed = checksum(buf, checksum_at);
     if stored == computed {
         Ok(())
@@ -149,19 +207,19 @@ fn parse_one(buf: &[u8], which: u8) -> std::result::Result<Header, String> {
             "checksum {stored:#010x} does not match the CRC-32C of its 4 KiB ({computed:#010x})"
         ));
     }
-    let version = f.u16(66).unwrap_or(0);
+    let version = f.field_u16(66)?;
     if version != 1 {
         return Err(format!("Version is {version}, not 1"));
     }
     Ok(Header {
         which,
-        sequence_number: f.u64(8).unwrap_or(0),
-        file_write_guid: f.bytes(16).unwrap_or_default(),
-        data_write_guid: f.bytes(32).unwrap_or_default(),
-        log_guid: f.bytes(48).unwrap_or_default(),
-        log_version: f.u16(64).unwrap_or(0),
-        log_length: f.u32(68).unwrap_or(0),
-        log_offset: f.u64(72).unwrap_or(0),
+        sequence_number: f.field_u64(8)?,
+        file_write_guid: f.field(16)?,
+        data_write_guid: f.field(32)?,
+        log_guid: f.field(48)?,
+        log_version: f.field_u16(64)?,
+        log_length: f.field_u32(68)?,
+        log_offset: f.field_u64(72)?,
     })
 }
 
@@ -298,7 +356,7 @@ fn parse_region_entries(buf: &[u8], which: u8) -> std::result::Result<Regions, S
             "checksum {stored:#010x} does not match the CRC-32C of its 64 KiB ({computed:#010x})"
         ));
     }
-    let count = f.u32(8).unwrap_or(0);
+    let count = f.field_u32(8)?;
     if count > MAX_REGIONS {
         return Err(format!(
             "EntryCount is {count}, more than the {MAX_REGIONS} allowed"
@@ -309,12 +367,12 @@ fn parse_region_entries(buf: &[u8], which: u8) -> std::result::Result<Regions, S
     let mut seen: Vec<(usize, Region)> = Vec::new();
     for i in 0..count as usize {
         let at = 16 + 32 * i;
-        let guid: Guid = f.bytes(at).unwrap_or_default();
+        let guid: Guid = f.field(at)?;
         let region = Region {
-            offset: f.u64(at + 16).unwrap_or(0),
-            length: u64::from(f.u32(at + 24).unwrap_or(0)),
+            offset: f.field_u64(at + 16)?,
+            length: u64::from(f.field_u32(at + 24)?),
         };
-        let required = f.u32(at + 28).unwrap_or(0) & 1 != 0;
+        let required = f.field_u32(at + 28)? & 1 != 0;
         if region.offset < HEADER_SECTION || region.offset % MIB != 0 {
             return Err(format!(
                 "entry {i} ({}): FileOffset {:#x} is not a multiple of 1 MiB past the header section",

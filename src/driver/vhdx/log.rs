@@ -9,7 +9,7 @@
 //! budgeted, and replayed data is never copied: the overlay keeps, per 4 KiB
 //! page, where its bytes are in the log.
 
-use super::header::{guid_string, Header, Le};
+use super::header::{guid_string, Header, Le, PastEnd};
 use crate::error::{Error, Result};
 use crate::storage::{Storage, View};
 use std::collections::{BTreeMap, HashMap};
@@ -113,15 +113,18 @@ impl Scanner<'_> {
         if first.get(..4) != Some(b"loge".as_slice()) {
             return Ok(None);
         }
+        // A whole sector: every header field is there.
+        let path = self.path;
+        let internal = |e: PastEnd| e.internal(path);
         let entry = Entry {
-            length: u64::from(h.u32(8).unwrap_or(0)),
-            tail: u64::from(h.u32(12).unwrap_or(0)),
-            sequence: h.u64(16).unwrap_or(0),
-            descriptors: h.u32(24).unwrap_or(0),
-            flushed_file_offset: h.u64(48).unwrap_or(0),
-            last_file_offset: h.u64(56).unwrap_or(0),
+            length: u64::from(h.field_u32(8).map_err(internal)?),
+            tail: u64::from(h.field_u32(12).map_err(internal)?),
+            sequence: h.field_u64(16).map_err(internal)?,
+            descriptors: h.field_u32(24).map_err(internal)?,
+            flushed_file_offset: h.field_u64(48).map_err(internal)?,
+            last_file_offset: h.field_u64(56).map_err(internal)?,
         };
-        let guid: [u8; 16] = h.bytes(32).unwrap_or_default();
+        let guid: [u8; 16] = h.field(32).map_err(internal)?;
         let descriptor_sectors = (u64::from(entry.descriptors) + 2).div_ceil(128);
         if entry.length == 0
             || entry.length % SECTOR != 0
@@ -177,8 +180,8 @@ impl Scanner<'_> {
                 }
             } else if k < descriptor_sectors + data_sectors {
                 let d = Le(sector);
-                let high = u64::from(d.u32(4).unwrap_or(0));
-                let low = u64::from(d.u32(4092).unwrap_or(0));
+                let high = u64::from(d.field_u32(4).map_err(internal)?);
+                let low = u64::from(d.field_u32(4092).map_err(internal)?);
                 if sector.get(..4) != Some(b"data".as_slice())
                     || (high << 32 | low) != entry.sequence
                 {
@@ -254,67 +257,7 @@ pub fn replay(
             "the log ({log_len:#x} bytes) lies past the end of the file (size {file_len:#x})"
         )));
     }
-    let mut steps_left = (log_len / SECTOR).saturating_mul(STEP_BUDGET_PER_SECTOR);
-    // The active sequence: its entries' log positions, and its head entry.
-    let mut candidate: Option<(Vec<u64>, Entry)> = None;
-    let mut tail = 0u64;
-    let mut old_tail = 0u64;
-    loop {
-        let mut positions: Vec<u64> = Vec::new();
-        let mut last: Option<Entry> = None;
-        let mut head = tail;
-        let mut covered = 0u64;
-        loop {
-            if steps_left == 0 {
-                return Err(scanner.corrupt(
-                    "finding its active sequence takes too many steps; a log like that is not plausible"
-                        .into(),
-                ));
-            }
-            steps_left -= 1;
-            let Some(entry) = scanner.entry(head)? else {
-                break;
-            };
-            if last.is_some_and(|l| l.sequence.checked_add(1) != Some(entry.sequence)) {
-                break;
-            }
-            if covered + entry.length > log_len {
-                break;
-            }
-            covered += entry.length;
-            positions.push(head);
-            last = Some(entry);
-            head = (head + entry.length) % log_len;
-        }
-        let valid = last.filter(|l| positions.contains(&l.tail));
-        if let Some(head_entry) = valid {
-            if candidate
-                .as_ref()
-                .is_none_or(|(_, c)| head_entry.sequence > c.sequence)
-            {
-                // Replay from the entry the head names as the tail.
-                let from = positions
-                    .iter()
-                    .position(|p| *p == head_entry.tail)
-                    .unwrap_or(0);
-                candidate = Some((positions.split_off(from), head_entry));
-            }
-            tail = head;
-        } else {
-            tail = (tail + SECTOR) % log_len;
-        }
-        // Back at or before where the scan was: every position has been seen.
-        if tail <= old_tail {
-            break;
-        }
-        old_tail = tail;
-    }
-    let Some((positions, head)) = candidate else {
-        return Err(scanner.corrupt(
-            "the header's LogGuid says the log must be replayed, but the log holds no valid, complete entry sequence"
-                .into(),
-        ));
-    };
+    let (positions, head) = scanner.active_sequence()?;
     if file_len < head.flushed_file_offset {
         return Err(scanner.corrupt(format!(
             "the file is {file_len:#x} bytes, shorter than the FlushedFileOffset {:#x} of the log's head entry (sequence {}): it was truncated",
@@ -330,6 +273,103 @@ pub fn replay(
         head_sequence: head.sequence,
     };
     for pos in positions {
+        replayed.lay_entry(&mut scanner, pos)?;
+    }
+    Ok(replayed)
+}
+
+/// A run of entries in sequence found from one log position.
+struct Run {
+    /// The entries' log positions, in order.
+    positions: Vec<u64>,
+    /// The last entry of the run, if any.
+    last: Option<Entry>,
+    /// The log position just past the run.
+    end: u64,
+}
+
+impl Scanner<'_> {
+    /// The active sequence: the log positions of its entries, from the one
+    /// its head names as the tail, and its head entry. Every log position is
+    /// tried as the start of a run, within a budget of steps.
+    fn active_sequence(&mut self) -> Result<(Vec<u64>, Entry)> {
+        let mut steps_left = (self.log_len / SECTOR).saturating_mul(STEP_BUDGET_PER_SECTOR);
+        let mut candidate: Option<(Vec<u64>, Entry)> = None;
+        let mut tail = 0u64;
+        let mut old_tail = 0u64;
+        loop {
+            let mut run = self.run_from(tail, &mut steps_left)?;
+            // Valid when the head names, as its tail, an entry of this run.
+            let valid = run
+                .last
+                .and_then(|l| Some((l, run.positions.iter().position(|p| *p == l.tail)?)));
+            if let Some((head_entry, from)) = valid {
+                if candidate
+                    .as_ref()
+                    .is_none_or(|(_, c)| head_entry.sequence > c.sequence)
+                {
+                    // Replay from the entry the head names as the tail.
+                    candidate = Some((run.positions.split_off(from), head_entry));
+                }
+                tail = run.end;
+            } else {
+                tail = (tail + SECTOR) % self.log_len;
+            }
+            // Back at or before where the scan was: every position has been seen.
+            if tail <= old_tail {
+                break;
+            }
+            old_tail = tail;
+        }
+        candidate.ok_or_else(|| {
+            self.corrupt(
+                "the header's LogGuid says the log must be replayed, but the log holds no valid, complete entry sequence"
+                    .into(),
+            )
+        })
+    }
+
+    /// The entries in sequence from log position `start`, up to one log's
+    /// length of them.
+    fn run_from(&mut self, start: u64, steps_left: &mut u64) -> Result<Run> {
+        let mut run = Run {
+            positions: Vec::new(),
+            last: None,
+            end: start,
+        };
+        let mut covered = 0u64;
+        loop {
+            if *steps_left == 0 {
+                return Err(self.corrupt(
+                    "finding its active sequence takes too many steps; a log like that is not plausible"
+                        .into(),
+                ));
+            }
+            *steps_left -= 1;
+            let Some(entry) = self.entry(run.end)? else {
+                break;
+            };
+            if run
+                .last
+                .is_some_and(|l| l.sequence.checked_add(1) != Some(entry.sequence))
+            {
+                break;
+            }
+            if covered + entry.length > self.log_len {
+                break;
+            }
+            covered += entry.length;
+            run.positions.push(run.end);
+            run.last = Some(entry);
+            run.end = (run.end + entry.length) % self.log_len;
+        }
+        Ok(run)
+    }
+}
+
+impl Replayed {
+    /// Lay the writes of the log entry at `pos` over what is there.
+    fn lay_entry(&mut self, scanner: &mut Scanner<'_>, pos: u64) -> Result<()> {
         let entry = scanner
             .entry(pos)?
             .ok_or_else(|| scanner.corrupt(format!("entry at {pos:#x} vanished")))?;
@@ -355,7 +395,7 @@ pub fn replay(
                     length,
                 }) => {
                     let end = end_of(file_offset, length)?;
-                    replayed.lay(file_offset, end, Source::Zero);
+                    self.lay(file_offset, end, Source::Zero);
                 }
                 Some(Descriptor::Data {
                     file_offset,
@@ -366,7 +406,7 @@ pub fn replay(
                     let sector_at =
                         scanner.file_offset_of(pos + (descriptor_sectors + data_index) * SECTOR);
                     data_index += 1;
-                    replayed.lay(
+                    self.lay(
                         file_offset,
                         end,
                         Source::Page {
@@ -384,8 +424,8 @@ pub fn replay(
                 }
             }
         }
+        Ok(())
     }
-    Ok(replayed)
 }
 
 impl Replayed {
@@ -450,7 +490,10 @@ impl Replayed {
                 whole[4092..].copy_from_slice(&trailing);
                 let from = (offset - page) as usize;
                 let src = whole.get(from..from + buf.len()).ok_or_else(|| {
-                    Error::InvalidArgument("replayed page read outside its page".into())
+                    Error::Internal(format!(
+                        "{}: a read of the replayed page at {page:#x} lies outside it",
+                        self.inner.path().display()
+                    ))
                 })?;
                 buf.copy_from_slice(src);
             }

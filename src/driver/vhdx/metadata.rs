@@ -3,7 +3,7 @@
 //! logical and physical sector size, page 83 data (the disk's GUID) and, for a
 //! differencing disk, the parent locator.
 
-use super::header::{guid, guid_string, Guid, Le, Region, MIB};
+use super::header::{guid, guid_string, Guid, Le, PastEnd, Region, MIB};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 use std::path::Path;
@@ -106,8 +106,92 @@ fn corrupt(path: &Path, message: String) -> Error {
     Error::corrupt(path, format!("vhdx: metadata {message}"))
 }
 
+/// The items a reader needs, by slot, with their names in messages.
+const KNOWN: [(Guid, &str); 6] = [
+    (FILE_PARAMETERS, "File Parameters"),
+    (VIRTUAL_DISK_SIZE, "Virtual Disk Size"),
+    (PAGE_83, "Virtual Disk ID (page 83)"),
+    (LOGICAL_SECTOR_SIZE, "Logical Sector Size"),
+    (PHYSICAL_SECTOR_SIZE, "Physical Sector Size"),
+    (PARENT_LOCATOR, "Parent Locator"),
+];
+/// Slots of [`KNOWN`].
+const SLOT_FILE_PARAMETERS: usize = 0;
+const SLOT_DISK_SIZE: usize = 1;
+const SLOT_PAGE_83: usize = 2;
+const SLOT_LOGICAL_SECTOR: usize = 3;
+const SLOT_PHYSICAL_SECTOR: usize = 4;
+const SLOT_PARENT_LOCATOR: usize = 5;
+
 /// Read and check the metadata region.
 pub fn parse(path: &Path, file: &dyn Storage, region: Region, file_len: u64) -> Result<Metadata> {
+    let table = read_table(path, file, region, file_len)?;
+    let items = Items {
+        path,
+        file,
+        region,
+        found: table_items(path, &table, region)?,
+    };
+    let internal = |e: PastEnd| e.internal(path);
+    // Each item is read at least as long as its fields (Items::read's min_len).
+    let params = items.read(SLOT_FILE_PARAMETERS, 8)?;
+    let p = Le(&params);
+    let block_size = p.field_u32(0).map_err(internal)?;
+    let bits = p.field_u32(4).map_err(internal)?;
+    check_file_parameters(path, block_size, bits)?;
+    let logical = Le(&items.read(SLOT_LOGICAL_SECTOR, 4)?)
+        .field_u32(0)
+        .map_err(internal)?;
+    let physical = Le(&items.read(SLOT_PHYSICAL_SECTOR, 4)?)
+        .field_u32(0)
+        .map_err(internal)?;
+    check_sector_sizes(path, logical, physical)?;
+    let disk_size = Le(&items.read(SLOT_DISK_SIZE, 8)?)
+        .field_u64(0)
+        .map_err(internal)?;
+    if disk_size > MAX_DISK_SIZE || disk_size % u64::from(logical) != 0 {
+        return Err(corrupt(
+            path,
+            format!(
+                "Virtual Disk Size is {disk_size}, not a multiple of the {logical}-byte sector up to 64 TiB"
+            ),
+        ));
+    }
+    let page83 = Le(&items.read(SLOT_PAGE_83, 16)?)
+        .field(0)
+        .map_err(internal)?;
+    let has_parent = bits & 2 != 0;
+    let parent_locator = if has_parent {
+        if items
+            .found
+            .get(SLOT_PARENT_LOCATOR)
+            .is_none_or(Option::is_none)
+        {
+            return Err(corrupt(
+                path,
+                "File Parameters say the disk has a parent, but there is no Parent Locator item"
+                    .into(),
+            ));
+        }
+        Some(parse_locator(path, &items.read(SLOT_PARENT_LOCATOR, 20)?)?)
+    } else {
+        None
+    };
+    Ok(Metadata {
+        block_size,
+        leave_blocks_allocated: bits & 1 != 0,
+        has_parent,
+        disk_size,
+        logical_sector_size: logical,
+        physical_sector_size: physical,
+        page83,
+        parent_locator,
+    })
+}
+
+/// The metadata table: the region's first 64 KiB, after checking that the
+/// region lies in the file and the table's signature.
+fn read_table(path: &Path, file: &dyn Storage, region: Region, file_len: u64) -> Result<Vec<u8>> {
     if region.length < TABLE_BYTES as u64 {
         return Err(corrupt(
             path,
@@ -126,14 +210,22 @@ pub fn parse(path: &Path, file: &dyn Storage, region: Region, file_len: u64) -> 
     }
     let mut table = vec![0u8; TABLE_BYTES];
     file.read_exact_at(&mut table, region.offset)?;
-    let t = Le(&table);
     if table.get(..8) != Some(b"metadata".as_slice()) {
         return Err(corrupt(
             path,
             format!("table at {:#x}: signature is not 'metadata'", region.offset),
         ));
     }
-    let count = t.u16(10).unwrap_or(0);
+    Ok(table)
+}
+
+/// The table's entries for the items of [`KNOWN`], by slot: each checked to
+/// lie in the region, past the table, overlapping no other, and listed once.
+/// A required item we do not know is refused.
+fn table_items(path: &Path, table: &[u8], region: Region) -> Result<[Option<Item>; 6]> {
+    let t = Le(table);
+    let internal = |e: PastEnd| e.internal(path);
+    let count = t.field_u16(10).map_err(internal)?;
     if count > MAX_ENTRIES {
         return Err(corrupt(
             path,
@@ -141,46 +233,18 @@ pub fn parse(path: &Path, file: &dyn Storage, region: Region, file_len: u64) -> 
         ));
     }
     let mut items: [Option<Item>; 6] = Default::default();
-    let known = [
-        (FILE_PARAMETERS, "File Parameters"),
-        (VIRTUAL_DISK_SIZE, "Virtual Disk Size"),
-        (PAGE_83, "Virtual Disk ID (page 83)"),
-        (LOGICAL_SECTOR_SIZE, "Logical Sector Size"),
-        (PHYSICAL_SECTOR_SIZE, "Physical Sector Size"),
-        (PARENT_LOCATOR, "Parent Locator"),
-    ];
     let mut spans: Vec<(u32, u32, usize)> = Vec::new();
     for i in 0..usize::from(count) {
+        // At most MAX_ENTRIES entries of 32 bytes: all inside the table.
         let at = 32 + 32 * i;
-        let id: Guid = t.bytes(at).unwrap_or_default();
-        let offset = t.u32(at + 16).unwrap_or(0);
-        let length = t.u32(at + 20).unwrap_or(0);
-        let flags = t.u32(at + 24).unwrap_or(0);
+        let id: Guid = t.field(at).map_err(internal)?;
+        let offset = t.field_u32(at + 16).map_err(internal)?;
+        let length = t.field_u32(at + 20).map_err(internal)?;
+        let flags = t.field_u32(at + 24).map_err(internal)?;
         let (is_user, is_required) = (flags & 1 != 0, flags & 4 != 0);
         let what = format!("entry {i} ({})", guid_string(&id));
-        if length > MAX_ITEM {
-            return Err(corrupt(
-                path,
-                format!("{what}: Length {length:#x} is more than 1 MiB"),
-            ));
-        }
-        if length == 0 && offset != 0 {
-            return Err(corrupt(
-                path,
-                format!("{what}: Length is 0 but Offset is {offset:#x}"),
-            ));
-        }
+        check_item_place(path, &what, offset, length, region)?;
         if length > 0 {
-            let item_end = u64::from(offset) + u64::from(length);
-            if u64::from(offset) < TABLE_BYTES as u64 || item_end > region.length {
-                return Err(corrupt(
-                    path,
-                    format!(
-                        "{what}: item at offset {offset:#x} ({length} bytes) lies outside the region's {:#x} bytes past its table",
-                        region.length
-                    ),
-                ));
-            }
             if let Some((_, _, j)) = spans.iter().find(|(o, l, _)| {
                 offset < o.saturating_add(*l) && *o < offset.saturating_add(length)
             }) {
@@ -188,7 +252,7 @@ pub fn parse(path: &Path, file: &dyn Storage, region: Region, file_len: u64) -> 
             }
             spans.push((offset, length, i));
         }
-        let slot = known
+        let slot = KNOWN
             .iter()
             .position(|(g, _)| *g == id)
             .filter(|_| !is_user);
@@ -208,15 +272,64 @@ pub fn parse(path: &Path, file: &dyn Storage, region: Region, file_len: u64) -> 
             None => {}
         }
     }
-    let read_item = |k: usize, min_len: u32| -> Result<Vec<u8>> {
-        let (_, name) = known.get(k).copied().unwrap_or((FILE_PARAMETERS, "?"));
-        let item = items
-            .get(k)
+    Ok(items)
+}
+
+/// An entry's item is at most 1 MiB, and, unless empty, lies in the region
+/// past the table.
+fn check_item_place(
+    path: &Path,
+    what: &str,
+    offset: u32,
+    length: u32,
+    region: Region,
+) -> Result<()> {
+    if length > MAX_ITEM {
+        return Err(corrupt(
+            path,
+            format!("{what}: Length {length:#x} is more than 1 MiB"),
+        ));
+    }
+    if length == 0 && offset != 0 {
+        return Err(corrupt(
+            path,
+            format!("{what}: Length is 0 but Offset is {offset:#x}"),
+        ));
+    }
+    let item_end = u64::from(offset) + u64::from(length);
+    if length > 0 && (u64::from(offset) < TABLE_BYTES as u64 || item_end > region.length) {
+        return Err(corrupt(
+            path,
+            format!(
+                "{what}: item at offset {offset:#x} ({length} bytes) lies outside the region's {:#x} bytes past its table",
+                region.length
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The items the table lists, to read.
+struct Items<'a> {
+    path: &'a Path,
+    file: &'a dyn Storage,
+    region: Region,
+    found: [Option<Item>; 6],
+}
+
+impl Items<'_> {
+    /// The bytes of the item in `slot`, which must be there and at least
+    /// `min_len` bytes long.
+    fn read(&self, slot: usize, min_len: u32) -> Result<Vec<u8>> {
+        let (_, name) = KNOWN.get(slot).copied().unwrap_or((FILE_PARAMETERS, "?"));
+        let item = self
+            .found
+            .get(slot)
             .and_then(Option::as_ref)
-            .ok_or_else(|| corrupt(path, format!("item {name} is missing")))?;
+            .ok_or_else(|| corrupt(self.path, format!("item {name} is missing")))?;
         if item.length < min_len {
             return Err(corrupt(
-                path,
+                self.path,
                 format!(
                     "item {name} is {} bytes, shorter than its {min_len}",
                     item.length
@@ -224,14 +337,15 @@ pub fn parse(path: &Path, file: &dyn Storage, region: Region, file_len: u64) -> 
             ));
         }
         let mut buf = vec![0u8; item.length as usize];
-        file.read_exact_at(&mut buf, region.offset + u64::from(item.offset))?;
+        self.file
+            .read_exact_at(&mut buf, self.region.offset + u64::from(item.offset))?;
         Ok(buf)
-    };
+    }
+}
 
-    let params = read_item(0, 8)?;
-    let p = Le(&params);
-    let block_size = p.u32(0).unwrap_or(0);
-    let bits = p.u32(4).unwrap_or(0);
+/// The block size is a power of two from 1 MiB to 256 MiB; no reserved flag
+/// is set.
+fn check_file_parameters(path: &Path, block_size: u32, bits: u32) -> Result<()> {
     if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) || !block_size.is_power_of_two() {
         return Err(corrupt(
             path,
@@ -244,8 +358,11 @@ pub fn parse(path: &Path, file: &dyn Storage, region: Region, file_len: u64) -> 
             format!("vhdx: metadata File Parameters: reserved flags {bits:#x} are set"),
         ));
     }
-    let logical = Le(&read_item(3, 4)?).u32(0).unwrap_or(0);
-    let physical = Le(&read_item(4, 4)?).u32(0).unwrap_or(0);
+    Ok(())
+}
+
+/// Both sector sizes are 512 or 4096.
+fn check_sector_sizes(path: &Path, logical: u32, physical: u32) -> Result<()> {
     for (name, value) in [("Logical", logical), ("Physical", physical)] {
         if value != 512 && value != 4096 {
             return Err(corrupt(
@@ -254,45 +371,15 @@ pub fn parse(path: &Path, file: &dyn Storage, region: Region, file_len: u64) -> 
             ));
         }
     }
-    let disk_size = Le(&read_item(1, 8)?).u64(0).unwrap_or(0);
-    if disk_size > MAX_DISK_SIZE || disk_size % u64::from(logical) != 0 {
-        return Err(corrupt(
-            path,
-            format!(
-                "Virtual Disk Size is {disk_size}, not a multiple of the {logical}-byte sector up to 64 TiB"
-            ),
-        ));
-    }
-    let page83 = Le(&read_item(2, 16)?).bytes(0).unwrap_or_default();
-    let has_parent = bits & 2 != 0;
-    let parent_locator = if has_parent {
-        if items.get(5).is_none_or(Option::is_none) {
-            return Err(corrupt(
-                path,
-                "File Parameters say the disk has a parent, but there is no Parent Locator item"
-                    .into(),
-            ));
-        }
-        Some(parse_locator(path, &read_item(5, 20)?)?)
-    } else {
-        None
-    };
-    Ok(Metadata {
-        block_size,
-        leave_blocks_allocated: bits & 1 != 0,
-        has_parent,
-        disk_size,
-        logical_sector_size: logical,
-        physical_sector_size: physical,
-        page83,
-        parent_locator,
-    })
+    Ok(())
 }
 
 /// The key/value pairs of a VHDX parent locator (MS-VHDX 2.6.2.6).
 fn parse_locator(path: &Path, item: &[u8]) -> Result<Vec<(String, String)>> {
     let f = Le(item);
-    let kind: Guid = f.bytes(0).unwrap_or_default();
+    // The item is at least 20 bytes (read_item's min_len): the type and count are there.
+    let internal = |e: PastEnd| e.internal(path);
+    let kind: Guid = f.field(0).map_err(internal)?;
     if kind != VHDX_PARENT_TYPE {
         return Err(Error::format(
             path,
@@ -302,7 +389,7 @@ fn parse_locator(path: &Path, item: &[u8]) -> Result<Vec<(String, String)>> {
             ),
         ));
     }
-    let count = f.u16(18).unwrap_or(0);
+    let count = f.field_u16(18).map_err(internal)?;
     let mut pairs: Vec<(String, String)> = Vec::new();
     for i in 0..usize::from(count) {
         let at = 20 + 12 * i;

@@ -16,11 +16,12 @@ pub mod header;
 pub mod log;
 pub mod metadata;
 
+use super::read::{read_backing, read_mapped, view_through_map};
 use super::{
-    check_range, gate, locate_in_backing, BlockDriver, Extent, Location, Mapping, OpenOptions,
-    TableIndex,
+    check_range, gate, locate_in_backing, BlockDriver, Extent, Format, Location, Mapping,
+    OpenOptions, TableIndex,
 };
-use crate::error::{Error, Result};
+use crate::error::{usize_of, Error, Result};
 use crate::storage::{Storage, View};
 use bat::{Block, Geometry};
 use header::{guid_string, Header, Region, Regions, HEADER_SECTION, MIB};
@@ -228,14 +229,27 @@ impl Vhdx {
         self.geometry.block_size
     }
 
-    /// The payload block `block`'s state, or a read error naming its entry.
-    fn block(&self, block: u64) -> Result<Block> {
-        let index = self.geometry.payload_index(block);
-        let entry = usize::try_from(index)
+    /// BAT entry `index`. The BAT was read whole, with an entry for every
+    /// block of the disk, so an index past it is a bug, never a block that
+    /// is not present.
+    fn bat_entry(&self, index: u64) -> Result<u64> {
+        usize::try_from(index)
             .ok()
             .and_then(|i| self.bat.get(i))
             .copied()
-            .unwrap_or(0);
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "{}: BAT entry {index} lies past the BAT's {} entries",
+                    self.path().display(),
+                    self.bat.len()
+                ))
+            })
+    }
+
+    /// The payload block `block`'s state, or a read error naming its entry.
+    fn block(&self, block: u64) -> Result<Block> {
+        let index = self.geometry.payload_index(block);
+        let entry = self.bat_entry(index)?;
         let decoded = bat::decode_payload(entry, self.meta.has_parent)
             .map_err(|e| self.bat_error(index, block, e))?;
         if let Block::Present { file_offset } | Block::Partial { file_offset } = decoded {
@@ -274,11 +288,7 @@ impl Vhdx {
     fn map_partial(&self, block: u64, file_offset: u64, offset: u64, limit: u64) -> Result<Extent> {
         let g = &self.geometry;
         let index = g.bitmap_index(block);
-        let entry = usize::try_from(index)
-            .ok()
-            .and_then(|i| self.bat.get(i))
-            .copied()
-            .unwrap_or(0);
+        let entry = self.bat_entry(index)?;
         let bitmap = match bat::decode_bitmap(entry) {
             Ok(Some(at)) => at,
             Ok(None) => {
@@ -335,22 +345,6 @@ impl Vhdx {
             mapping,
         })
     }
-
-    fn read_backing(&self, buf: &mut [u8], guest_offset: u64) -> Result<()> {
-        match &self.backing {
-            Some(backing) if guest_offset < backing.size() => {
-                let n = (backing.size() - guest_offset).min(buf.len() as u64);
-                let (head, tail) = buf.split_at_mut(usize::try_from(n).unwrap_or(0));
-                backing.read_at(head, guest_offset)?;
-                tail.fill(0);
-                Ok(())
-            }
-            _ => {
-                buf.fill(0);
-                Ok(())
-            }
-        }
-    }
 }
 
 /// Read the BAT entries the disk needs (the region may hold more).
@@ -384,7 +378,7 @@ fn read_bat(
         ));
     }
     // Bounded: at most 64 TiB / 1 MiB entries, and inside the file.
-    let mut entries = Vec::with_capacity(usize::try_from(geometry.entries).unwrap_or(0));
+    let mut entries = Vec::with_capacity(usize_of(geometry.entries)?);
     let mut chunk = vec![0u8; (1 << 20).min(bytes as usize)];
     let mut done = 0u64;
     while done < bytes {
@@ -443,8 +437,8 @@ fn check_bat_places(
 }
 
 impl BlockDriver for Vhdx {
-    fn format_name(&self) -> &'static str {
-        "vhdx"
+    fn format(&self) -> Format {
+        Format::Vhdx
     }
 
     fn path(&self) -> &Path {
@@ -461,34 +455,24 @@ impl BlockDriver for Vhdx {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(self.path(), self.size(), offset, buf.len() as u64)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let guest = offset + done as u64;
-            let extent = self.map(guest, (buf.len() - done) as u64)?;
-            let len = usize::try_from(extent.length)
-                .unwrap_or(0)
-                .min(buf.len() - done)
-                .max(1);
-            let piece = buf
-                .get_mut(done..done + len)
-                .ok_or_else(|| Error::InvalidArgument("extent outside request".into()))?;
-            match extent.mapping {
-                Mapping::Data { host_offset } => self.file.read_exact_at(piece, host_offset)?,
-                Mapping::Zero { .. } => piece.fill(0),
-                Mapping::Unallocated => self.read_backing(piece, guest)?,
-                Mapping::Compressed { .. } => {
-                    return Err(Error::InvalidArgument(
-                        "vhdx has no compressed blocks".into(),
-                    ))
-                }
+        read_mapped(self, buf, offset, |piece, guest, mapping| {
+            match mapping {
+            Mapping::Data { host_offset } => self.file.read_exact_at(piece, host_offset),
+            Mapping::Zero { .. } => {
+                piece.fill(0);
+                Ok(())
             }
-            done += len;
+            Mapping::Unallocated => read_backing(self.backing(), piece, guest),
+            Mapping::Compressed { .. } => Err(Error::Internal(format!(
+                "{}: the vhdx map gave a compressed extent at guest offset {guest:#x}; vhdx has no compressed blocks",
+                self.path().display()
+            ))),
         }
-        Ok(())
+        })
     }
 
     fn read_view(&self, offset: u64, len: usize) -> Result<Option<View>> {
-        super::view_through_map(self, self.file.as_ref(), self.backing.as_ref(), offset, len)
+        view_through_map(self, self.file.as_ref(), self.backing.as_ref(), offset, len)
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
@@ -542,7 +526,7 @@ impl BlockDriver for Vhdx {
         let block = offset / self.block_size();
         let mut location = Location {
             kind: extent.mapping.kind(),
-            format: "vhdx",
+            format: Format::Vhdx,
             unit: "block",
             tables: vec![TableIndex {
                 table: "BAT",

@@ -21,6 +21,7 @@
 //! line is a comment, a `KEY=VALUE` setting, or an extent line, and anything
 //! else is an error naming the line.
 
+use crate::driver::SECTOR_SIZE;
 use std::fmt;
 
 /// The most extents a descriptor may list. A 2 TiB twoGbMaxExtent disk has
@@ -153,13 +154,7 @@ pub fn text_of(bytes: &[u8]) -> &[u8] {
 
 /// Parse a descriptor's text (see [`text_of`]).
 pub fn parse(text: &[u8]) -> Result<Descriptor, Problem> {
-    let mut version = None;
-    let mut cid = None;
-    let mut parent_cid = None;
-    let mut create_type = None;
-    let mut parent_hint = None;
-    let mut extents = Vec::new();
-    let mut total_sectors: u64 = 0;
+    let mut found = Found::default();
     for (index, raw_line) in text.split(|&b| b == b'\n').enumerate() {
         let number = index + 1;
         let invalid = |m: String| Problem::Invalid(format!("descriptor line {number}: {m}"));
@@ -171,27 +166,7 @@ pub fn parse(text: &[u8]) -> Result<Descriptor, Problem> {
         }
         let first = line.split_whitespace().next().unwrap_or("");
         if matches!(first, "RW" | "RDONLY" | "NOACCESS") {
-            if extents.len() == MAX_EXTENTS {
-                return Err(invalid(format!(
-                    "more than {MAX_EXTENTS} extents are listed"
-                )));
-            }
-            let extent = parse_extent(line).map_err(|p| match p {
-                Problem::Unsupported(m) => {
-                    Problem::Unsupported(format!("descriptor line {number}: {m}"))
-                }
-                Problem::Invalid(m) => invalid(m),
-            })?;
-            total_sectors = total_sectors
-                .checked_add(extent.sectors)
-                .filter(|&s| s <= u64::MAX / 512)
-                .ok_or_else(|| {
-                    invalid("the extents add up to more bytes than 64 bits can count".to_string())
-                })?;
-            extents.push(ExtentLine {
-                line: number,
-                ..extent
-            });
+            found.extent(number, line)?;
             continue;
         }
         let Some((key, value)) = line.split_once('=') else {
@@ -203,6 +178,58 @@ pub fn parse(text: &[u8]) -> Result<Descriptor, Problem> {
         let key = key.trim();
         let value = unquote(value.trim())
             .ok_or_else(|| invalid(format!("the value of {key} has an unmatched quote")))?;
+        found.setting(number, key, value)?;
+    }
+    found.finish()
+}
+
+/// What a descriptor's lines say, as they are read.
+#[derive(Default)]
+struct Found {
+    version: Option<u32>,
+    cid: Option<u32>,
+    parent_cid: Option<u32>,
+    create_type: Option<CreateType>,
+    parent_hint: Option<String>,
+    extents: Vec<ExtentLine>,
+    total_sectors: u64,
+}
+
+impl Found {
+    /// Extent line `number`; the extents may not add up to more than 64 bits
+    /// of bytes.
+    fn extent(&mut self, number: usize, line: &str) -> Result<(), Problem> {
+        let invalid = |m: String| Problem::Invalid(format!("descriptor line {number}: {m}"));
+        if self.extents.len() == MAX_EXTENTS {
+            return Err(invalid(format!(
+                "more than {MAX_EXTENTS} extents are listed"
+            )));
+        }
+        let extent = parse_extent(line).map_err(|p| match p {
+            Problem::Unsupported(m) => {
+                Problem::Unsupported(format!("descriptor line {number}: {m}"))
+            }
+            Problem::Invalid(m) => invalid(m),
+        })?;
+        self.total_sectors = self
+            .total_sectors
+            .checked_add(extent.sectors)
+            .filter(|&s| s <= u64::MAX / SECTOR_SIZE)
+            .ok_or_else(|| {
+                invalid("the extents add up to more bytes than 64 bits can count".to_string())
+            })?;
+        self.extents.push(ExtentLine {
+            line: number,
+            ..extent
+        });
+        Ok(())
+    }
+
+    /// The setting `key = value` of line `number`: each key we read may be
+    /// given once; keys about the virtual machine rather than the data are
+    /// skipped.
+    fn setting(&mut self, number: usize, key: &str, value: &str) -> Result<(), Problem> {
+        let invalid = |m: String| Problem::Invalid(format!("descriptor line {number}: {m}"));
         let once = |slot_taken: bool| {
             if slot_taken {
                 Err(invalid(format!("{key} is given twice")))
@@ -212,9 +239,9 @@ pub fn parse(text: &[u8]) -> Result<Descriptor, Problem> {
         };
         match key {
             "version" => {
-                once(version.is_some())?;
+                once(self.version.is_some())?;
                 let v = value.parse::<u32>().ok().filter(|v| (1..=3).contains(v));
-                version = Some(v.ok_or_else(|| {
+                self.version = Some(v.ok_or_else(|| {
                     Problem::Unsupported(format!(
                         "descriptor line {number}: version is '{}' (supported: 1 to 3)",
                         clip(value)
@@ -222,8 +249,8 @@ pub fn parse(text: &[u8]) -> Result<Descriptor, Problem> {
                 })?);
             }
             "CID" => {
-                once(cid.is_some())?;
-                cid = Some(parse_cid(value).ok_or_else(|| {
+                once(self.cid.is_some())?;
+                self.cid = Some(parse_cid(value).ok_or_else(|| {
                     invalid(format!(
                         "CID '{}' is not a 32-bit hexadecimal number",
                         clip(value)
@@ -231,8 +258,8 @@ pub fn parse(text: &[u8]) -> Result<Descriptor, Problem> {
                 })?);
             }
             "parentCID" => {
-                once(parent_cid.is_some())?;
-                parent_cid = Some(parse_cid(value).ok_or_else(|| {
+                once(self.parent_cid.is_some())?;
+                self.parent_cid = Some(parse_cid(value).ok_or_else(|| {
                     invalid(format!(
                         "parentCID '{}' is not a 32-bit hexadecimal number",
                         clip(value)
@@ -240,8 +267,8 @@ pub fn parse(text: &[u8]) -> Result<Descriptor, Problem> {
                 })?);
             }
             "createType" => {
-                once(create_type.is_some())?;
-                create_type = Some(CreateType::parse(value).ok_or_else(|| {
+                once(self.create_type.is_some())?;
+                self.create_type = Some(CreateType::parse(value).ok_or_else(|| {
                     Problem::Unsupported(format!(
                         "descriptor line {number}: createType '{}' is not supported (supported: {})",
                         clip(value),
@@ -250,7 +277,7 @@ pub fn parse(text: &[u8]) -> Result<Descriptor, Problem> {
                 })?);
             }
             "parentFileNameHint" => {
-                once(parent_hint.is_some())?;
+                once(self.parent_hint.is_some())?;
                 if value.len() > MAX_NAME_BYTES {
                     return Err(invalid(format!(
                         "parentFileNameHint is {} bytes long (the limit is {MAX_NAME_BYTES})",
@@ -260,32 +287,42 @@ pub fn parse(text: &[u8]) -> Result<Descriptor, Problem> {
                 if value.is_empty() {
                     return Err(invalid("parentFileNameHint is empty".to_string()));
                 }
-                parent_hint = Some(value.to_string());
+                self.parent_hint = Some(value.to_string());
             }
             // The disk database (ddb.*), encoding, isNativeSnapshot, uuids,
             // change tracking: facts about the virtual machine, not the data.
             _ => {}
         }
+        Ok(())
     }
-    let create_type =
-        create_type.ok_or_else(|| Problem::Invalid("descriptor has no createType".to_string()))?;
-    let cid = cid.ok_or_else(|| Problem::Invalid("descriptor has no CID".to_string()))?;
-    let parent_cid =
-        parent_cid.ok_or_else(|| Problem::Invalid("descriptor has no parentCID".to_string()))?;
-    if extents.is_empty() {
-        return Err(Problem::Invalid(format!(
-            "descriptor (createType {}) lists no extents",
-            create_type.name()
-        )));
+
+    /// The descriptor, once every line is read: createType, CID and
+    /// parentCID are required, and at least one extent.
+    fn finish(self) -> Result<Descriptor, Problem> {
+        let create_type = self
+            .create_type
+            .ok_or_else(|| Problem::Invalid("descriptor has no createType".to_string()))?;
+        let cid = self
+            .cid
+            .ok_or_else(|| Problem::Invalid("descriptor has no CID".to_string()))?;
+        let parent_cid = self
+            .parent_cid
+            .ok_or_else(|| Problem::Invalid("descriptor has no parentCID".to_string()))?;
+        if self.extents.is_empty() {
+            return Err(Problem::Invalid(format!(
+                "descriptor (createType {}) lists no extents",
+                create_type.name()
+            )));
+        }
+        Ok(Descriptor {
+            version: self.version.unwrap_or(1),
+            cid,
+            parent_cid,
+            create_type,
+            parent_hint: self.parent_hint,
+            extents: self.extents,
+        })
     }
-    Ok(Descriptor {
-        version: version.unwrap_or(1),
-        cid,
-        parent_cid,
-        create_type,
-        parent_hint,
-        extents,
-    })
 }
 
 /// `ACCESS SECTORS TYPE "FILE" [OFFSET]`.
@@ -342,7 +379,7 @@ fn parse_extent(line: &str) -> Result<ExtentLine, Problem> {
             let offset = offset
                 .parse::<u64>()
                 .ok()
-                .and_then(|s| s.checked_mul(512))
+                .and_then(|s| s.checked_mul(SECTOR_SIZE))
                 .ok_or_else(|| invalid("the offset is not a number of sectors"))?;
             ExtentKind::Flat { offset }
         }

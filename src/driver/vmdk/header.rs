@@ -11,6 +11,7 @@
 //!  73  "\n", " ", "\r", "\n" (newline check bytes) 77  compressAlgorithm (u16)
 //! ```
 
+use crate::driver::{MAX_TABLE_BYTES, SECTOR_SIZE};
 use crate::error::{Error, Result};
 use std::path::Path;
 
@@ -18,10 +19,8 @@ use std::path::Path;
 pub const MAGIC: &[u8; 4] = b"KDMV";
 /// The magic of ESX's older sparse format (vmfsSparse, "COWD"), which we refuse.
 pub const COWD_MAGIC: &[u8; 4] = b"COWD";
-/// Bytes per sector: every offset and size in the header counts these.
-pub const SECTOR: u64 = 512;
 /// Bytes of the header (one sector).
-pub const HEADER_BYTES: usize = 512;
+pub const HEADER_BYTES: usize = SECTOR_SIZE as usize;
 
 /// The newline check bytes are valid (bit 0).
 pub const FLAG_NL_DETECT: u32 = 1 << 0;
@@ -46,9 +45,6 @@ pub const MAX_GRAIN_SECTORS: u64 = 2048;
 /// The most grain table entries per grain table (the specification says 512,
 /// and QEMU refuses more).
 pub const MAX_GTES_PER_GT: u32 = 512;
-/// The largest grain directory we load (as the qcow2 L1 limit). A 2 TiB disk
-/// with 4 KiB grains needs 4 MiB.
-pub const MAX_GD_BYTES: u64 = 32 << 20;
 /// The largest descriptor we read (QEMU reads at most 1 MiB too).
 pub const MAX_DESCRIPTOR_BYTES: u64 = 1 << 20;
 
@@ -152,12 +148,12 @@ pub struct Header {
 impl Header {
     /// Bytes per grain.
     pub fn grain_bytes(&self) -> u64 {
-        self.grain_sectors * SECTOR
+        self.grain_sectors * SECTOR_SIZE
     }
 
     /// The extent's size in bytes.
     pub fn capacity_bytes(&self) -> u64 {
-        self.capacity * SECTOR
+        self.capacity * SECTOR_SIZE
     }
 
     /// Guest bytes one grain table maps.
@@ -188,7 +184,37 @@ impl Header {
 pub fn check(path: &Path, what: &str, raw: &RawHeader, file_len: u64) -> Result<Header> {
     let corrupt = |m: String| Error::corrupt(path, format!("vmdk: {what}: {m}"));
     let unsupported = |m: String| Error::format(path, format!("vmdk: {what}: {m}"));
+    let compressed = check_encoding(raw, &corrupt, &unsupported)?;
+    check_geometry(raw, file_len, &corrupt, &unsupported)?;
+    let descriptor = descriptor_place(raw, &corrupt)?;
+    let mut header = Header {
+        version: raw.version,
+        flags: raw.flags,
+        capacity: raw.capacity,
+        grain_sectors: raw.grain_size,
+        descriptor,
+        gtes_per_gt: raw.gtes_per_gt,
+        gd_offset: 0,
+        rgd_offset: None,
+        overhead: raw.overhead,
+        compressed,
+        zeroed_grain: raw.flags & FLAG_ZERO_GRAIN != 0,
+        unclean_shutdown: raw.unclean_shutdown != 0,
+    };
+    place_grain_directories(&mut header, raw, file_len, &corrupt)?;
+    if let Some((at, len)) = header.descriptor {
+        check_fits(&corrupt, "embedded descriptor", at, len, file_len)?;
+    }
+    Ok(header)
+}
 
+/// The version, the compression and the flags that go with it, and the
+/// newline check bytes. Returns whether grains are compressed.
+fn check_encoding(
+    raw: &RawHeader,
+    corrupt: &impl Fn(String) -> Error,
+    unsupported: &impl Fn(String) -> Error,
+) -> Result<bool> {
     if !(1..=3).contains(&raw.version) {
         return Err(unsupported(format!(
             "version is {} (supported: 1 to 3)",
@@ -226,6 +252,16 @@ pub fn check(path: &Path, what: &str, raw: &RawHeader, file_len: u64) -> Result<
             raw.check_bytes
         )));
     }
+    Ok(compressed)
+}
+
+/// The grain size, the grain table size, the capacity and the overhead.
+fn check_geometry(
+    raw: &RawHeader,
+    file_len: u64,
+    corrupt: &impl Fn(String) -> Error,
+    unsupported: &impl Fn(String) -> Error,
+) -> Result<()> {
     if raw.grain_size == 0 || !raw.grain_size.is_power_of_two() {
         return Err(corrupt(format!(
             "grainSize is {} sectors; it must be a power of two",
@@ -247,78 +283,73 @@ pub fn check(path: &Path, what: &str, raw: &RawHeader, file_len: u64) -> Result<
     if raw.capacity == 0 {
         return Err(corrupt("capacity is 0 sectors".to_string()));
     }
-    if raw.capacity > u64::MAX / SECTOR {
+    if raw.capacity > u64::MAX / SECTOR_SIZE {
         return Err(corrupt(format!(
             "capacity is {} sectors, more bytes than 64 bits can count",
             raw.capacity
         )));
     }
-    let overhead_bytes = raw.overhead.saturating_mul(SECTOR);
+    let overhead_bytes = raw.overhead.saturating_mul(SECTOR_SIZE);
     if overhead_bytes > file_len {
         return Err(corrupt(format!(
             "overHead is {} sectors, but the file is only {file_len} bytes long (truncated?)",
             raw.overhead
         )));
     }
-    let descriptor = match raw.descriptor_offset {
-        0 => None,
-        offset => {
-            if raw.descriptor_size == 0 || raw.descriptor_size > MAX_DESCRIPTOR_BYTES / SECTOR {
-                return Err(corrupt(format!(
-                    "descriptorSize is {} sectors; it must be 1 to {}",
-                    raw.descriptor_size,
-                    MAX_DESCRIPTOR_BYTES / SECTOR
-                )));
-            }
-            let at = table_place(&corrupt, "descriptor", offset, raw.descriptor_size * SECTOR)?;
-            Some((at, raw.descriptor_size * SECTOR))
-        }
+    Ok(())
+}
+
+/// Where the embedded descriptor is, and its length, if there is one.
+fn descriptor_place(
+    raw: &RawHeader,
+    corrupt: &impl Fn(String) -> Error,
+) -> Result<Option<(u64, u64)>> {
+    let offset = match raw.descriptor_offset {
+        0 => return Ok(None),
+        offset => offset,
     };
-    let mut header = Header {
-        version: raw.version,
-        flags: raw.flags,
-        capacity: raw.capacity,
-        grain_sectors: raw.grain_size,
-        descriptor,
-        gtes_per_gt: raw.gtes_per_gt,
-        gd_offset: 0,
-        rgd_offset: None,
-        overhead: raw.overhead,
-        compressed,
-        zeroed_grain: raw.flags & FLAG_ZERO_GRAIN != 0,
-        unclean_shutdown: raw.unclean_shutdown != 0,
-    };
+    if raw.descriptor_size == 0 || raw.descriptor_size > MAX_DESCRIPTOR_BYTES / SECTOR_SIZE {
+        return Err(corrupt(format!(
+            "descriptorSize is {} sectors; it must be 1 to {}",
+            raw.descriptor_size,
+            MAX_DESCRIPTOR_BYTES / SECTOR_SIZE
+        )));
+    }
+    let at = table_place(
+        corrupt,
+        "descriptor",
+        offset,
+        raw.descriptor_size * SECTOR_SIZE,
+    )?;
+    Ok(Some((at, raw.descriptor_size * SECTOR_SIZE)))
+}
+
+/// Place the grain directory (and the redundant one, if the flags say so)
+/// in the file, within the table cap.
+fn place_grain_directories(
+    header: &mut Header,
+    raw: &RawHeader,
+    file_len: u64,
+    corrupt: &impl Fn(String) -> Error,
+) -> Result<()> {
     let gd_bytes = header.gd_bytes();
-    if gd_bytes > MAX_GD_BYTES {
+    if gd_bytes > MAX_TABLE_BYTES {
         return Err(corrupt(format!(
             "capacity of {} sectors with {} grain table entries of {} sectors needs a grain \
-             directory of {gd_bytes} bytes (the limit is {MAX_GD_BYTES})",
+             directory of {gd_bytes} bytes (the limit is {MAX_TABLE_BYTES})",
             raw.capacity, raw.gtes_per_gt, raw.grain_size
         )));
     }
-    let gd_offset = table_place(&corrupt, "grain directory", raw.gd_offset, gd_bytes)?;
-    check_fits(&corrupt, "grain directory", gd_offset, gd_bytes, file_len)?;
+    let gd_offset = table_place(corrupt, "grain directory", raw.gd_offset, gd_bytes)?;
+    check_fits(corrupt, "grain directory", gd_offset, gd_bytes, file_len)?;
     header.gd_offset = gd_offset;
     if raw.flags & FLAG_RGD != 0 && raw.rgd_offset != 0 {
-        let rgd = table_place(
-            &corrupt,
-            "redundant grain directory",
-            raw.rgd_offset,
-            gd_bytes,
-        )?;
-        check_fits(
-            &corrupt,
-            "redundant grain directory",
-            rgd,
-            gd_bytes,
-            file_len,
-        )?;
+        let what = "redundant grain directory";
+        let rgd = table_place(corrupt, what, raw.rgd_offset, gd_bytes)?;
+        check_fits(corrupt, what, rgd, gd_bytes, file_len)?;
         header.rgd_offset = Some(rgd);
     }
-    if let Some((at, len)) = header.descriptor {
-        check_fits(&corrupt, "embedded descriptor", at, len, file_len)?;
-    }
-    Ok(header)
+    Ok(())
 }
 
 /// The byte offset of a table stored at sector `sector`: never sector 0 (the
@@ -334,7 +365,7 @@ fn table_place(
             "the {what} is at sector 0, on top of the header"
         )));
     }
-    match sector.checked_mul(SECTOR) {
+    match sector.checked_mul(SECTOR_SIZE) {
         Some(at) if at.checked_add(bytes).is_some() && sector != GD_AT_END => Ok(at),
         _ => Err(corrupt(format!(
             "the {what} offset is sector {sector:#x}, past any file"

@@ -19,8 +19,12 @@ pub mod header;
 pub mod sparse;
 pub mod stream;
 
-use super::{check_range, gate, BlockDriver, Extent, Location, Mapping, OpenOptions, TableIndex};
-use crate::error::{Error, Result};
+use super::read::{read_backing, read_through_map};
+use super::{
+    check_range, gate, locate_in_backing, BlockDriver, Extent, Format, Location, Mapping,
+    OpenOptions, TableIndex, SECTOR_SIZE,
+};
+use crate::error::{usize_of, Error, Result};
 use crate::storage::{Storage, View};
 use descriptor::{CreateType, Descriptor, ExtentKind, NO_PARENT};
 use sparse::{Grain, SparseExtent};
@@ -96,10 +100,10 @@ impl Vmdk {
     ) -> Result<Self> {
         let path = storage.path().to_path_buf();
         let len = storage.len()?;
-        let mut head = [0u8; 512];
-        let head = head
-            .get_mut(..usize::try_from(len.min(512)).unwrap_or(0))
-            .unwrap_or(&mut []);
+        let mut head = [0u8; header::HEADER_BYTES];
+        // At most HEADER_BYTES, so it fits a usize.
+        let n = len.min(header::HEADER_BYTES as u64) as usize;
+        let head = head.get_mut(..n).unwrap_or(&mut []);
         storage.read_exact_at(head, 0)?;
         let (descriptor, slots, descriptor_file) = if head.starts_with(header::MAGIC) {
             let (descriptor, slot) = open_monolithic(storage)?;
@@ -163,10 +167,7 @@ impl Vmdk {
     /// (never past its extent).
     fn piece(&self, offset: u64, max_len: u64) -> Result<Piece> {
         let index = self.slot_of(offset)?;
-        let slot = self
-            .slots
-            .get(index)
-            .ok_or_else(|| Error::InvalidArgument("extent index out of range".into()))?;
+        let slot = self.slot(index)?;
         let in_extent = offset - slot.start;
         let max_len = max_len.max(1).min(slot.len - in_extent);
         match &slot.data {
@@ -192,20 +193,15 @@ impl Vmdk {
         }
     }
 
-    fn read_backing(&self, buf: &mut [u8], guest_offset: u64) -> Result<()> {
-        match &self.backing {
-            Some(backing) if guest_offset < backing.size() => {
-                let n = (backing.size() - guest_offset).min(buf.len() as u64);
-                let (head, tail) = buf.split_at_mut(usize::try_from(n).unwrap_or(0));
-                backing.read_at(head, guest_offset)?;
-                tail.fill(0);
-                Ok(())
-            }
-            _ => {
-                buf.fill(0);
-                Ok(())
-            }
-        }
+    /// Extent `index` of the descriptor (an index `slot_of` gave).
+    fn slot(&self, index: usize) -> Result<&Slot> {
+        self.slots.get(index).ok_or_else(|| {
+            Error::Internal(format!(
+                "{}: extent index {index} out of range ({} extents)",
+                self.path.display(),
+                self.slots.len()
+            ))
+        })
     }
 }
 
@@ -329,7 +325,7 @@ fn read_descriptor_file(storage: &dyn Storage, len: u64) -> Result<Descriptor> {
             ),
         ));
     }
-    let mut bytes = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    let mut bytes = vec![0u8; usize_of(len)?];
     storage.read_exact_at(&mut bytes, 0)?;
     let descriptor = parse_descriptor(path, descriptor::text_of(&bytes))?;
     if descriptor.create_type.is_embedded() {
@@ -364,7 +360,7 @@ fn open_extents(path: &Path, descriptor: &Descriptor, options: &OpenOptions) -> 
         let file: Arc<dyn Storage> =
             Arc::new(super::locks::open_extent(&extent_path, metadata, options)?);
         // The sum of all extents was checked against 64 bits by the parser.
-        let len = line.sectors * header::SECTOR;
+        let len = line.sectors * SECTOR_SIZE;
         let data = match line.kind {
             ExtentKind::Flat { offset } => {
                 let file_len = file.len()?;
@@ -455,8 +451,8 @@ fn check_parent_cid(
 }
 
 impl BlockDriver for Vmdk {
-    fn format_name(&self) -> &'static str {
-        "vmdk"
+    fn format(&self) -> Format {
+        Format::Vmdk
     }
 
     fn path(&self) -> &Path {
@@ -475,39 +471,33 @@ impl BlockDriver for Vmdk {
                 Data::Flat { .. } => None,
             })
             .min()
-            .unwrap_or(header::SECTOR)
+            .unwrap_or(SECTOR_SIZE)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_range(&self.path, self.size, offset, buf.len() as u64)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let guest = offset + done as u64;
-            let piece = self.piece(guest, (buf.len() - done) as u64)?;
-            let len = usize::try_from(piece.length)
-                .unwrap_or(0)
-                .clamp(1, buf.len() - done);
-            let out = buf
-                .get_mut(done..done + len)
-                .ok_or_else(|| Error::InvalidArgument("piece outside request".into()))?;
-            let slot = self
-                .slots
-                .get(piece.slot)
-                .ok_or_else(|| Error::InvalidArgument("extent index out of range".into()))?;
+        let lookup = |guest: u64, max_len: u64| {
+            let piece = self.piece(guest, max_len)?;
+            Ok((piece.length, piece))
+        };
+        read_through_map(&self.path, buf, offset, lookup, |out, guest, piece| {
+            let slot = self.slot(piece.slot)?;
             match (piece.grain, &slot.data) {
-                (Grain::Data { host_offset }, _) => slot.file().read_exact_at(out, host_offset)?,
-                (Grain::Zero, _) => out.fill(0),
-                (Grain::Unallocated, _) => self.read_backing(out, guest)?,
+                (Grain::Data { host_offset }, _) => slot.file().read_exact_at(out, host_offset),
+                (Grain::Zero, _) => {
+                    out.fill(0);
+                    Ok(())
+                }
+                (Grain::Unallocated, _) => read_backing(self.backing(), out, guest),
                 (Grain::Compressed { host_offset }, Data::Sparse(sparse)) => {
-                    sparse.read_compressed(out, guest - slot.start, host_offset)?
+                    sparse.read_compressed(out, guest - slot.start, host_offset)
                 }
-                (Grain::Compressed { .. }, Data::Flat { .. }) => {
-                    return Err(Error::InvalidArgument("compressed flat extent".into()))
-                }
+                (Grain::Compressed { .. }, Data::Flat { .. }) => Err(Error::Internal(format!(
+                    "{}: a flat extent's map gave a compressed grain at guest offset {guest:#x}",
+                    self.path.display()
+                ))),
             }
-            done += len;
-        }
-        Ok(())
+        })
     }
 
     fn read_view(&self, offset: u64, len: usize) -> Result<Option<View>> {
@@ -546,7 +536,12 @@ impl BlockDriver for Vmdk {
                             ..
                         },
                     ) => (slot, sparse),
-                    _ => return Err(Error::InvalidArgument("compressed flat extent".into())),
+                    _ => {
+                        return Err(Error::Internal(format!(
+                            "{}: a flat extent's map gave a compressed grain at guest offset {offset:#x}",
+                            self.path.display()
+                        )))
+                    }
                 };
                 let grain = sparse.header().grain_bytes();
                 let grain_start = (offset - slot.start) / grain * grain;
@@ -570,10 +565,7 @@ impl BlockDriver for Vmdk {
     fn locate(&self, offset: u64) -> Result<Option<Location>> {
         check_range(&self.path, self.size, offset, 1)?;
         let piece = self.piece(offset, 1)?;
-        let slot = self
-            .slots
-            .get(piece.slot)
-            .ok_or_else(|| Error::InvalidArgument("extent index out of range".into()))?;
+        let slot = self.slot(piece.slot)?;
         let mut tables = Vec::new();
         if self.listed {
             tables.push(TableIndex {
@@ -606,7 +598,7 @@ impl BlockDriver for Vmdk {
         };
         let mut location = Location {
             kind,
-            format: "vmdk",
+            format: Format::Vmdk,
             unit: match slot.data {
                 Data::Flat { .. } => "extent",
                 Data::Sparse(_) => "grain",
@@ -622,21 +614,7 @@ impl BlockDriver for Vmdk {
                 location.host_offset = Some(host_offset)
             }
             Grain::Zero => {}
-            Grain::Unallocated => {
-                if let Some(backing) = self.backing.as_deref().filter(|b| offset < b.size()) {
-                    location.kind = "backing";
-                    location.backing_depth = 1;
-                    location.file = backing.path().to_path_buf();
-                    match backing.locate(offset)? {
-                        Some(inner) => {
-                            location.host_offset = inner.host_offset;
-                            location.file = inner.file;
-                            location.backing_depth = inner.backing_depth + 1;
-                        }
-                        None => location.host_offset = Some(offset),
-                    }
-                }
-            }
+            Grain::Unallocated => locate_in_backing(&mut location, self.backing(), offset)?,
         }
         Ok(Some(location))
     }

@@ -10,10 +10,11 @@
 //! starts. Grain tables are checked when first loaded and kept in a bounded
 //! cache; the grain directory is loaded whole at open (at most 32 MiB).
 
-use super::header::{self, Header, SECTOR};
+use super::header::{self, Header};
 use super::stream::{self, GRAIN_MARKER_BYTES};
-use crate::driver::qcow2::cache::{L2Cache, L2Table};
-use crate::error::{Error, Result};
+use crate::driver::cache::{L2Cache, L2Table};
+use crate::driver::SECTOR_SIZE;
+use crate::error::{usize_of, Error, Result};
 use crate::storage::Storage;
 use std::cell::RefCell;
 use std::path::Path;
@@ -125,7 +126,7 @@ impl SparseExtent {
             header::check(&path, "header", &raw, file_len)?
         };
 
-        let gd_bytes = usize::try_from(header.gd_bytes()).unwrap_or(0);
+        let gd_bytes = usize_of(header.gd_bytes())?;
         let mut raw_gd = vec![0u8; gd_bytes];
         file.read_exact_at(&mut raw_gd, header.gd_offset)?;
         let gd = raw_gd
@@ -135,7 +136,7 @@ impl SparseExtent {
         let descriptor = match header.descriptor {
             None => None,
             Some((at, len)) => {
-                let mut bytes = vec![0u8; usize::try_from(len).unwrap_or(0)];
+                let mut bytes = vec![0u8; usize_of(len)?];
                 file.read_exact_at(&mut bytes, at)?;
                 let text_len = super::descriptor::text_of(&bytes).len();
                 bytes.truncate(text_len);
@@ -192,7 +193,7 @@ impl SparseExtent {
         if entry == 0 {
             return Ok(None);
         }
-        let gt_offset = u64::from(entry) * SECTOR;
+        let gt_offset = u64::from(entry) * SECTOR_SIZE;
         let table = self.cache.get_or_load(gt_offset, || {
             let gt_bytes = self.header.gt_bytes();
             if gt_offset + gt_bytes > self.file_len {
@@ -207,7 +208,7 @@ impl SparseExtent {
                     "GD index {gd_index}: grain table at {gt_offset:#x} overlaps the grain directory (at {gd_offset:#x})"
                 )));
             }
-            let mut raw = vec![0u8; usize::try_from(gt_bytes).unwrap_or(0)];
+            let mut raw = vec![0u8; usize_of(gt_bytes)?];
             self.file.read_exact_at(&mut raw, gt_offset)?;
             let entries: Vec<u64> = raw
                 .chunks_exact(4)
@@ -227,7 +228,7 @@ impl SparseExtent {
             1 if h.zeroed_grain => return Ok(Grain::Zero),
             _ => {}
         }
-        let host_offset = gte * SECTOR;
+        let host_offset = gte * SECTOR_SIZE;
         if gte < h.overhead {
             return Err(self.corrupt(format!(
                 "GD index {gd_index}, GT index {gt_index}: grain at sector {gte:#x} lies inside \
@@ -270,15 +271,23 @@ impl SparseExtent {
                 gt_index,
             });
         };
+        // A grain table holds every entry of its span: an index past it is a
+        // bug, never an unallocated grain.
         let entry = |index: u64| {
             usize::try_from(index)
                 .ok()
                 .and_then(|i| table.get(i))
                 .copied()
-                .unwrap_or(0)
+                .ok_or_else(|| {
+                    Error::Internal(format!(
+                        "{}: grain table entry {index} of GD entry {gd_index} lies past the table's {} entries",
+                        self.file.path().display(),
+                        table.len()
+                    ))
+                })
         };
         let within = offset % grain;
-        let first = match self.decode(entry(gt_index), gd_index, gt_index, offset - within)? {
+        let first = match self.decode(entry(gt_index)?, gd_index, gt_index, offset - within)? {
             Grain::Data { host_offset } => Grain::Data {
                 host_offset: host_offset + within,
             },
@@ -290,7 +299,7 @@ impl SparseExtent {
             // contiguous host offsets).
             while end < limit {
                 let index = end / grain % gtes;
-                let next = self.decode(entry(index), gd_index, index, end)?;
+                let next = self.decode(entry(index)?, gd_index, index, end)?;
                 let continues = match (first, next) {
                     (Grain::Data { host_offset }, Grain::Data { host_offset: h }) => {
                         h == host_offset + (end - offset)
@@ -340,7 +349,7 @@ impl SparseExtent {
         let mut marker = [0u8; GRAIN_MARKER_BYTES as usize];
         self.file.read_exact_at(&mut marker, host_offset)?;
         let (lba, size) = stream::grain_marker(&marker);
-        let sector = grain_start / SECTOR;
+        let sector = grain_start / SECTOR_SIZE;
         if lba != sector {
             return Err(self.corrupt(format!(
                 "{}: its grain marker says sector {lba:#x}, but the grain table maps it at sector {sector:#x}",
@@ -375,7 +384,8 @@ impl SparseExtent {
         let needed = grain.min(self.header.capacity_bytes() - grain_start);
         STREAM.with(|cell| {
             let mut stream = cell.borrow_mut();
-            let n = usize::try_from(size).unwrap_or(0);
+            // At most twice a grain (checked by grain_marker): it fits a usize.
+            let n = size as usize;
             if stream.len() < n {
                 stream.resize(n, 0);
             }
@@ -407,7 +417,7 @@ impl SparseExtent {
         let grain = self.header.grain_bytes();
         let within = offset % grain;
         let grain_start = offset - within;
-        let grain_len = usize::try_from(grain).unwrap_or(0);
+        let grain_len = usize_of(grain)?;
         if within == 0 && buf.len() == grain_len {
             // A whole grain (the verifier's case): inflate in place, and leave
             // the one-grain cache to small reads.
@@ -427,7 +437,12 @@ impl SparseExtent {
             let src = last
                 .2
                 .get(from..from.saturating_add(buf.len()))
-                .ok_or_else(|| Error::InvalidArgument("compressed read crosses a grain".into()))?;
+                .ok_or_else(|| {
+                    Error::Internal(format!(
+                        "{}: a compressed read at {within:#x} in the grain at {grain_start:#x} crosses the grain",
+                        self.file.path().display()
+                    ))
+                })?;
             buf.copy_from_slice(src);
             Ok(())
         })

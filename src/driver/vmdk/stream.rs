@@ -17,7 +17,8 @@
 //! QEMU writes stream-optimized files with the grain directory in place (no
 //! footer); VMware's tools write the footer. Both are read here.
 
-use super::header::{self, RawHeader, SECTOR};
+use super::header::{self, RawHeader};
+use crate::driver::SECTOR_SIZE;
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 use std::cell::RefCell;
@@ -43,20 +44,20 @@ pub fn read_footer(file: &dyn Storage, file_len: u64) -> Result<RawHeader> {
             format!("vmdk: gdOffset is 0xffffffffffffffff (the grain directory follows the grains), but {m}"),
         )
     };
-    if file_len < 4 * SECTOR {
+    if file_len < 4 * SECTOR_SIZE {
         return Err(corrupt(format!(
             "the file is only {file_len} bytes, too short to end with a footer"
         )));
     }
-    if file_len % SECTOR != 0 {
+    if file_len % SECTOR_SIZE != 0 {
         return Err(corrupt(format!(
             "the file's length {file_len} is not a whole number of sectors, so it cannot end with a footer"
         )));
     }
-    let mut tail = [0u8; 3 * SECTOR as usize];
-    file.read_exact_at(&mut tail, file_len - 3 * SECTOR)?;
-    let (footer_marker, rest) = tail.split_at(SECTOR as usize);
-    let (footer, end_marker) = rest.split_at(SECTOR as usize);
+    let mut tail = [0u8; 3 * SECTOR_SIZE as usize];
+    file.read_exact_at(&mut tail, file_len - 3 * SECTOR_SIZE)?;
+    let (footer_marker, rest) = tail.split_at(SECTOR_SIZE as usize);
+    let (footer, end_marker) = rest.split_at(SECTOR_SIZE as usize);
     let (_, size, kind) = metadata_marker(footer_marker);
     if size != 0 || kind != MARKER_FOOTER {
         return Err(corrupt(format!(

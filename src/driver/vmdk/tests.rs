@@ -2,7 +2,7 @@
 //! (The Python suite covers every subformat, damage and policy; these keep the
 //! driver honest under `cargo test` alone.)
 
-use crate::driver::{self, BlockDriver, OpenOptions};
+use crate::driver::{self, BlockDriver, Format, OpenOptions};
 use std::path::Path;
 use std::process::Command;
 
@@ -66,7 +66,7 @@ fn every_subformat_reads_as_qemu_reads_it() {
         image.read_at(&mut buf, 65_000).unwrap();
         assert_eq!(buf, want[65_000..135_001], "{sub}");
         let location = image.locate(4096).unwrap().unwrap();
-        assert_eq!(location.format, "vmdk");
+        assert_eq!(location.format, Format::Vmdk);
         assert_eq!(
             location.kind,
             if sub == "streamOptimized" {

@@ -14,6 +14,7 @@
 //! from the parent (differencing) or as zeros (dynamic).
 
 use super::footer::{be_u32, be_u64, checksum};
+use crate::driver::SECTOR_SIZE;
 use crate::error::{Error, Result};
 use std::path::Path;
 
@@ -22,10 +23,6 @@ pub const HEADER_SIZE: usize = 1024;
 
 /// A BAT entry that maps nothing.
 pub const UNALLOCATED: u32 = 0xffff_ffff;
-
-/// The largest BAT read: 8 Mi entries, enough for 16 TiB of 2 MiB blocks (VHD
-/// stops at 2040 GiB), so a hostile entry count cannot make us allocate more.
-pub const MAX_BAT_BYTES: u64 = 32 << 20;
 
 /// The smallest block size read (see [`DynamicHeader::parse`]).
 pub const MIN_BLOCK_SIZE: u32 = 4096;
@@ -98,9 +95,9 @@ impl DynamicHeader {
             ));
         }
         let block_size = be_u32(bytes, 32);
-        if block_size < 512 || !block_size.is_power_of_two() {
+        if u64::from(block_size) < SECTOR_SIZE || !block_size.is_power_of_two() {
             return Err(corrupt(format!(
-                "block size is {block_size}, not a power of two of at least 512"
+                "block size is {block_size}, not a power of two of at least {SECTOR_SIZE}"
             )));
         }
         if block_size < MIN_BLOCK_SIZE {
@@ -150,7 +147,11 @@ impl DynamicHeader {
     /// Bytes of the sector bitmap in front of each block: one bit per sector,
     /// padded to whole sectors.
     pub fn bitmap_size(&self) -> u64 {
-        (u64::from(self.block_size) / 512).div_ceil(8).div_ceil(512) * 512
+        // One bit per sector, in whole sectors.
+        (u64::from(self.block_size) / SECTOR_SIZE)
+            .div_ceil(8)
+            .div_ceil(SECTOR_SIZE)
+            * SECTOR_SIZE
     }
 
     /// Bytes the BAT occupies.

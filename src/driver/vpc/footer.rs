@@ -10,6 +10,7 @@
 //! cylinders u16, heads u8, sectors per track u8 (56), disk type (60),
 //! checksum (64), unique id (68, 16 bytes), saved state (84), reserved to 512.
 
+use crate::driver::SECTOR_SIZE;
 use crate::error::{Error, Result};
 use std::path::Path;
 
@@ -181,7 +182,7 @@ impl Footer {
         let sectors = if self.sized_by_geometry() {
             self.chs_sectors()
         } else {
-            self.current_size / 512
+            self.current_size / SECTOR_SIZE
         };
         if sectors > MAX_SECTORS {
             let (c, h, s) = self.geometry;
@@ -197,7 +198,7 @@ impl Footer {
                 ),
             ));
         }
-        Ok(sectors * 512)
+        Ok(sectors * SECTOR_SIZE)
     }
 
     /// The fields on which reading depends, named, to compare a footer with its

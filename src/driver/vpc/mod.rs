@@ -17,10 +17,12 @@ pub mod dynamic;
 pub mod footer;
 pub mod parent;
 
+use super::read::{map_flat, read_backing, read_mapped, view_through_map};
 use super::{
-    check_range, gate, raw, BlockDriver, Extent, Location, Mapping, OpenOptions, TableIndex,
+    check_range, gate, BlockDriver, Extent, Format, Location, Mapping, OpenOptions, TableIndex,
+    MAX_TABLE_BYTES, SECTOR_SIZE,
 };
-use crate::error::{Error, Result};
+use crate::error::{usize_of, Error, Result};
 use crate::storage::{Storage, View};
 use dynamic::{DynamicHeader, UNALLOCATED};
 use footer::{Footer, FOOTER_SIZE, TYPE_DIFFERENCING, TYPE_FIXED};
@@ -28,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-/// Whether the last 512 bytes of `storage` are a valid fixed-disk footer: the
+/// Whether the last sector of `storage` is a valid fixed-disk footer: the
 /// probe for fixed VHDs, which have no magic at the start (QEMU probes them as
 /// raw). The checksum must be right, so a raw disk whose last sector merely
 /// starts with `conectix` stays raw.
@@ -253,22 +255,6 @@ impl Vpc {
     pub fn footer(&self) -> &Footer {
         &self.footer
     }
-
-    fn read_backing(&self, buf: &mut [u8], guest_offset: u64) -> Result<()> {
-        match &self.backing {
-            Some(backing) if guest_offset < backing.size() => {
-                let n = (backing.size() - guest_offset).min(buf.len() as u64);
-                let (head, tail) = buf.split_at_mut(usize::try_from(n).unwrap_or(0));
-                backing.read_at(head, guest_offset)?;
-                tail.fill(0);
-                Ok(())
-            }
-            _ => {
-                buf.fill(0);
-                Ok(())
-            }
-        }
-    }
 }
 
 /// Read and check the dynamic header and the BAT.
@@ -296,31 +282,8 @@ fn open_sparse(
     let header = DynamicHeader::parse(path, &raw_header, header_offset)?;
     let block_size = u64::from(header.block_size);
     let bitmap_size = header.bitmap_size();
-
-    let covered = u64::from(header.max_table_entries) * block_size;
-    if covered < size {
-        return Err(corrupt(format!(
-            "max_table_entries is {}: the BAT maps {covered} bytes, less than the disk size {size}",
-            header.max_table_entries
-        )));
-    }
-    let bat_bytes = header.bat_bytes();
-    if bat_bytes > dynamic::MAX_BAT_BYTES {
-        return Err(corrupt(format!(
-            "max_table_entries is {}, a BAT of {bat_bytes} bytes (the limit is {})",
-            header.max_table_entries,
-            dynamic::MAX_BAT_BYTES
-        )));
-    }
     let bat_offset = header.table_offset;
-    if bat_offset
-        .checked_add(bat_bytes)
-        .is_none_or(|end| end > file_len)
-    {
-        return Err(corrupt(format!(
-            "BAT at {bat_offset:#x} ({bat_bytes} bytes) lies past the end of the file (size {file_len:#x})"
-        )));
-    }
+    let bat_bytes = check_bat_place(&header, size, file_len, &corrupt)?;
     // Metadata no block may overlap, and that must not overlap each other.
     let mut regions: Vec<(&str, u64, u64)> = vec![
         ("the footer copy", 0, FOOTER_SIZE as u64),
@@ -343,25 +306,86 @@ fn open_sparse(
             }
         }
     }
-
-    let mut raw_bat = vec![0u8; usize::try_from(bat_bytes).unwrap_or(0)];
+    let mut raw_bat = vec![0u8; usize_of(bat_bytes)?];
     file.read_exact_at(&mut raw_bat, bat_offset)?;
     let bat: Vec<u32> = raw_bat
         .chunks_exact(4)
         .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     drop(raw_bat);
+    check_blocks(
+        &bat,
+        bitmap_size + block_size,
+        block_size,
+        &regions,
+        file_len,
+        &corrupt,
+    )?;
+    let bitmap_states = (0..bat.len())
+        .map(|_| AtomicU8::new(BITMAP_UNKNOWN))
+        .collect();
+    Ok(Sparse {
+        header,
+        header_offset,
+        bat,
+        block_size,
+        bitmap_size,
+        bitmap_states,
+        last_bitmap: Mutex::new(None),
+    })
+}
 
-    // Every entry, as QEMU checks them at open (it refuses an image with a
-    // block past the end of the file), and more: no block may overlap
-    // metadata or another block.
-    let span = bitmap_size + block_size;
+/// The BAT's size: it must map the whole disk, stay within the table cap
+/// and lie in the file.
+fn check_bat_place(
+    header: &DynamicHeader,
+    size: u64,
+    file_len: u64,
+    corrupt: &impl Fn(String) -> Error,
+) -> Result<u64> {
+    let covered = u64::from(header.max_table_entries) * u64::from(header.block_size);
+    if covered < size {
+        return Err(corrupt(format!(
+            "max_table_entries is {}: the BAT maps {covered} bytes, less than the disk size {size}",
+            header.max_table_entries
+        )));
+    }
+    let bat_bytes = header.bat_bytes();
+    if bat_bytes > MAX_TABLE_BYTES {
+        return Err(corrupt(format!(
+            "max_table_entries is {}, a BAT of {bat_bytes} bytes (the limit is {})",
+            header.max_table_entries, MAX_TABLE_BYTES
+        )));
+    }
+    let bat_offset = header.table_offset;
+    if bat_offset
+        .checked_add(bat_bytes)
+        .is_none_or(|end| end > file_len)
+    {
+        return Err(corrupt(format!(
+            "BAT at {bat_offset:#x} ({bat_bytes} bytes) lies past the end of the file (size {file_len:#x})"
+        )));
+    }
+    Ok(bat_bytes)
+}
+
+/// Every BAT entry, as QEMU checks them at open (it refuses an image with a
+/// block past the end of the file), and more: no block (its bitmap and data,
+/// `span` bytes) may overlap the metadata `regions` or another block.
+fn check_blocks(
+    bat: &[u32],
+    span: u64,
+    block_size: u64,
+    regions: &[(&str, u64, u64)],
+    file_len: u64,
+    corrupt: &impl Fn(String) -> Error,
+) -> Result<()> {
     let mut starts: Vec<u64> = Vec::new();
     for (index, &entry) in bat.iter().enumerate() {
         if entry == UNALLOCATED {
             continue;
         }
-        let start = u64::from(entry) * 512;
+        let start = u64::from(entry) * SECTOR_SIZE;
         let guest = index as u64 * block_size;
         if start + span > file_len {
             return Err(corrupt(format!(
@@ -381,28 +405,17 @@ fn open_sparse(
     starts.sort_unstable();
     for pair in starts.windows(2) {
         let [a, b] = *pair else { continue };
-        if (b >> 32) * 512 < (a >> 32) * 512 + span {
+        if (b >> 32) * SECTOR_SIZE < (a >> 32) * SECTOR_SIZE + span {
             return Err(corrupt(format!(
                 "BAT entries {} and {} put their blocks at {:#x} and {:#x}, which overlap",
                 a & 0xffff_ffff,
                 b & 0xffff_ffff,
-                (a >> 32) * 512,
-                (b >> 32) * 512
+                (a >> 32) * SECTOR_SIZE,
+                (b >> 32) * SECTOR_SIZE
             )));
         }
     }
-    let bitmap_states = (0..bat.len())
-        .map(|_| AtomicU8::new(BITMAP_UNKNOWN))
-        .collect();
-    Ok(Sparse {
-        header,
-        header_offset,
-        bat,
-        block_size,
-        bitmap_size,
-        bitmap_states,
-        last_bitmap: Mutex::new(None),
-    })
+    Ok(())
 }
 
 fn overlaps(a: u64, a_len: u64, b: u64, b_len: u64) -> bool {
@@ -410,19 +423,26 @@ fn overlaps(a: u64, a_len: u64, b: u64, b_len: u64) -> bool {
 }
 
 impl Sparse {
-    /// The BAT entry of block `block` (blocks past the table are unallocated;
-    /// open made sure the table covers the disk).
-    fn entry(&self, block: u64) -> u32 {
+    /// The BAT entry of block `block` of the image at `path`. Open made sure
+    /// the table covers the disk, so a block past it is a bug, never an
+    /// unallocated block.
+    fn entry(&self, path: &Path, block: u64) -> Result<u32> {
         usize::try_from(block)
             .ok()
             .and_then(|i| self.bat.get(i))
             .copied()
-            .unwrap_or(UNALLOCATED)
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "{}: block {block} lies past the BAT's {} entries",
+                    path.display(),
+                    self.bat.len()
+                ))
+            })
     }
 
     /// Where block `block`'s bitmap starts.
     fn bitmap_offset(&self, entry: u32) -> u64 {
-        u64::from(entry) * 512
+        u64::from(entry) * SECTOR_SIZE
     }
 
     /// Read block `block`'s sector bitmap (`entry` is its BAT entry).
@@ -436,7 +456,7 @@ impl Sparse {
                 return Ok(bitmap.clone());
             }
         }
-        let mut bytes = vec![0u8; usize::try_from(self.bitmap_size).unwrap_or(0)];
+        let mut bytes = vec![0u8; usize_of(self.bitmap_size)?];
         file.read_exact_at(&mut bytes, self.bitmap_offset(entry))?;
         let bitmap: Arc<[u8]> = Arc::from(bytes);
         *last = Some((block, bitmap.clone()));
@@ -455,7 +475,8 @@ impl Sparse {
         }
         let bitmap = self.bitmap(file, block, entry)?;
         // Only the bits of the block's sectors count; the padding may hold anything.
-        let used = usize::try_from(self.block_size / 512 / 8).unwrap_or(0);
+        // A u32 block size's bitmap is at most 1 MiB: it fits a usize.
+        let used = (self.block_size / SECTOR_SIZE / 8) as usize;
         let bits = bitmap.get(..used).unwrap_or(&[]);
         let state = if bits.iter().all(|&b| b == 0xff) {
             BITMAP_FULL
@@ -475,7 +496,7 @@ impl Sparse {
         let block = offset / self.block_size;
         let in_block = offset % self.block_size;
         let block_end = (block + 1) * self.block_size;
-        let entry = self.entry(block);
+        let entry = self.entry(file.path(), block)?;
         let data_start = self.bitmap_offset(entry) + self.bitmap_size;
         let (length, mapping) = match entry {
             UNALLOCATED => (block_end.min(limit) - offset, Mapping::Unallocated),
@@ -489,10 +510,10 @@ impl Sparse {
                 BITMAP_EMPTY => (block_end.min(limit) - offset, Mapping::Unallocated),
                 _ => {
                     let bitmap = self.bitmap(file, block, entry)?;
-                    let sector = in_block / 512;
-                    let sectors = self.block_size / 512;
+                    let sector = in_block / SECTOR_SIZE;
+                    let sectors = self.block_size / SECTOR_SIZE;
                     let run = dynamic::run_length(&bitmap, sector, sectors);
-                    let run_end = block * self.block_size + (sector + run) * 512;
+                    let run_end = block * self.block_size + (sector + run) * SECTOR_SIZE;
                     let length = run_end.min(limit) - offset;
                     if dynamic::bit(&bitmap, sector) {
                         (
@@ -513,7 +534,7 @@ impl Sparse {
         if mapping == Mapping::Unallocated && end == block_end {
             let mut next = block + 1;
             while end < limit {
-                let entry = self.entry(next);
+                let entry = self.entry(file.path(), next)?;
                 let state = match entry {
                     UNALLOCATED => BITMAP_EMPTY,
                     _ => self.bitmap_state(file, next, entry)?,
@@ -521,7 +542,8 @@ impl Sparse {
                 if state == BITMAP_MIXED {
                     let bitmap = self.bitmap(file, next, entry)?;
                     if !dynamic::bit(&bitmap, 0) {
-                        end += dynamic::run_length(&bitmap, 0, self.block_size / 512) * 512;
+                        end += dynamic::run_length(&bitmap, 0, self.block_size / SECTOR_SIZE)
+                            * SECTOR_SIZE;
                     }
                     break;
                 }
@@ -542,8 +564,8 @@ impl Sparse {
 }
 
 impl BlockDriver for Vpc {
-    fn format_name(&self) -> &'static str {
-        "vpc"
+    fn format(&self) -> Format {
+        Format::Vpc
     }
 
     fn path(&self) -> &Path {
@@ -555,7 +577,7 @@ impl BlockDriver for Vpc {
     }
 
     fn granularity(&self) -> u64 {
-        self.sparse.as_ref().map_or(512, |s| s.block_size)
+        self.sparse.as_ref().map_or(SECTOR_SIZE, |s| s.block_size)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -563,35 +585,30 @@ impl BlockDriver for Vpc {
         if self.sparse.is_none() {
             return self.file.read_exact_at(buf, offset);
         }
-        let mut done = 0usize;
-        while done < buf.len() {
-            let guest = offset + done as u64;
-            let extent = self.map(guest, (buf.len() - done) as u64)?;
-            let len = usize::try_from(extent.length)
-                .unwrap_or(0)
-                .min(buf.len() - done)
-                .max(1);
-            let piece = buf
-                .get_mut(done..done + len)
-                .ok_or_else(|| Error::InvalidArgument("extent outside request".into()))?;
-            match extent.mapping {
-                Mapping::Data { host_offset } => self.file.read_exact_at(piece, host_offset)?,
-                Mapping::Unallocated => self.read_backing(piece, guest)?,
-                Mapping::Zero { .. } | Mapping::Compressed { .. } => piece.fill(0),
+        read_mapped(self, buf, offset, |piece, guest, mapping| {
+            match mapping {
+            Mapping::Data { host_offset } => self.file.read_exact_at(piece, host_offset),
+            Mapping::Unallocated => read_backing(self.backing(), piece, guest),
+            Mapping::Zero { .. } => {
+                piece.fill(0);
+                Ok(())
             }
-            done += len;
+            Mapping::Compressed { .. } => Err(Error::Internal(format!(
+                "{}: the vpc map gave a compressed extent at guest offset {guest:#x}; VHD has no compressed blocks",
+                self.path().display()
+            ))),
         }
-        Ok(())
+        })
     }
 
     fn read_view(&self, offset: u64, len: usize) -> Result<Option<View>> {
-        super::view_through_map(self, self.file.as_ref(), self.backing.as_ref(), offset, len)
+        view_through_map(self, self.file.as_ref(), self.backing.as_ref(), offset, len)
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
         check_range(self.path(), self.size, offset, max_len.min(1))?;
         match &self.sparse {
-            None => raw::map_flat(self.file.as_ref(), self.size, offset, max_len),
+            None => map_flat(self.file.as_ref(), self.size, offset, max_len),
             Some(sparse) => {
                 let limit = offset.saturating_add(max_len.max(1)).min(self.size);
                 sparse.map(self.file.as_ref(), offset, limit)
@@ -607,7 +624,7 @@ impl BlockDriver for Vpc {
         let extent = self.map(offset, 1)?;
         let mut location = Location {
             kind: extent.mapping.kind(),
-            format: "vpc",
+            format: Format::Vpc,
             unit: if self.sparse.is_some() {
                 "block"
             } else {
@@ -625,11 +642,13 @@ impl BlockDriver for Vpc {
                 table: "BAT",
                 index: block,
             });
-            if sparse.entry(block) != UNALLOCATED && extent.mapping == Mapping::Unallocated {
+            if sparse.entry(self.path(), block)? != UNALLOCATED
+                && extent.mapping == Mapping::Unallocated
+            {
                 // An allocated block whose bitmap sends this sector elsewhere.
                 location.tables.push(TableIndex {
                     table: "bitmap",
-                    index: offset % sparse.block_size / 512,
+                    index: offset % sparse.block_size / SECTOR_SIZE,
                 });
             }
         }

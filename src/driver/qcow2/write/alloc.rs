@@ -6,7 +6,7 @@ use super::WriteState;
 use crate::driver::qcow2::l2::{COPIED, OFFSET_MASK};
 use crate::driver::qcow2::refcount;
 use crate::driver::qcow2::{header, Qcow2};
-use crate::error::{Error, Result};
+use crate::error::{usize_of, Error, Result};
 use std::sync::{Arc, PoisonError};
 
 /// The step by which the image file grows ahead of new data clusters, so
@@ -33,7 +33,7 @@ impl Qcow2 {
         // itself.
         let cluster_size = self.header.cluster_size();
         let block_cluster = ti * per_block;
-        let mut block = vec![0u8; usize::try_from(cluster_size).unwrap_or(0)];
+        let mut block = vec![0u8; usize_of(cluster_size)?];
         refcount::set_entry(&mut block, 0, ws.rc.order(), 1);
         let block_offset = block_cluster * cluster_size;
         if block_offset == 0 {
@@ -97,11 +97,11 @@ impl Qcow2 {
             )));
         }
         let mut table = ws.rc.table.clone();
-        table.resize(usize::try_from(entries).unwrap_or(0), 0);
+        table.resize(usize_of(entries)?, 0);
         let blocks_start = start + table_clusters;
         for (i, ti) in missing.iter().enumerate() {
             let offset = (blocks_start + i as u64) * cluster_size;
-            let block = vec![0u8; usize::try_from(cluster_size).unwrap_or(0)];
+            let block = vec![0u8; usize_of(cluster_size)?];
             self.meta_write(ws, &block, offset)?;
             ws.rc.insert_block(offset, block);
             if let Some(slot) = table.get_mut(usize::try_from(*ti).unwrap_or(usize::MAX)) {
@@ -213,7 +213,7 @@ impl Qcow2 {
     ) -> Result<u64> {
         let cluster_size = self.header.cluster_size();
         let table: Vec<u64> = if old_l2 == 0 {
-            vec![0; usize::try_from(cluster_size / 8).unwrap_or(0)]
+            vec![0; usize_of(cluster_size / 8)?]
         } else {
             self.load_l2(old_l2)?.to_vec()
         };

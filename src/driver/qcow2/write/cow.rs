@@ -8,7 +8,7 @@ use super::{Entry, Piece, WriteState, ALL_ALLOCATED, ALL_ZEROES};
 use crate::driver::qcow2::l2::{COMPRESSED, COPIED, ZERO};
 use crate::driver::qcow2::Qcow2;
 use crate::driver::BlockDriver;
-use crate::error::Result;
+use crate::error::{usize_of, Result};
 
 impl Qcow2 {
     /// The current guest bytes of `[from, to)`, with `data` laid over
@@ -22,17 +22,15 @@ impl Qcow2 {
         data: Option<&[u8]>,
         len: u64,
     ) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; usize::try_from(to - from).unwrap_or(0)];
+        let mut buf = vec![0u8; usize_of(to - from)?];
         let readable = to.min(self.size - cluster_start);
         let covered = a <= from && a + len >= readable;
         if !covered && readable > from {
-            let part = buf
-                .get_mut(..usize::try_from(readable - from).unwrap_or(0))
-                .unwrap_or(&mut []);
+            let part = buf.get_mut(..usize_of(readable - from)?).unwrap_or(&mut []);
             self.read_at(part, cluster_start + from)?;
         }
-        let at = usize::try_from(a - from).unwrap_or(0);
-        if let Some(dst) = buf.get_mut(at..at + usize::try_from(len).unwrap_or(0)) {
+        let at = usize_of(a - from)?;
+        if let Some(dst) = buf.get_mut(at..at + usize_of(len)?) {
             match data {
                 Some(d) => dst.copy_from_slice(d),
                 None => dst.fill(0),
@@ -62,8 +60,7 @@ impl Qcow2 {
             let (sa, sb) = (a / sub, b.div_ceil(sub));
             let mask = ((1u64 << (sb - sa)) - 1) << sa;
             let (from, to) = (sa * sub, (sb * sub).min(cluster_size));
-            if self.owned(old) {
-                let host = self.host_of(old).unwrap_or(0);
+            if let Some(host) = self.owned_host(old) {
                 if old.bitmap & mask == mask {
                     self.write_piece(ws, host + a, data, piece.len())?;
                     return Ok(old);
@@ -96,21 +93,22 @@ impl Qcow2 {
                 bitmap: ALL_ALLOCATED,
             });
         }
-        if old.entry & ZERO == 0 && self.owned(old) {
-            let host = self.host_of(old).unwrap_or(0);
-            self.write_piece(ws, host + a, data, piece.len())?;
-            return Ok(old);
-        }
-        if old.entry & ZERO != 0 && self.owned(old) {
-            // An allocated zero cluster we own: reuse its host cluster, whose
-            // bytes are stale.
-            let host = self.host_of(old).unwrap_or(0);
-            let fresh = self.fresh(ws, host);
-            self.fill(ws, piece, 0, cluster_size, host, data, fresh)?;
-            return Ok(Entry {
-                entry: host | COPIED,
-                bitmap: 0,
-            });
+        match self.owned_host(old) {
+            Some(host) if old.entry & ZERO == 0 => {
+                self.write_piece(ws, host + a, data, piece.len())?;
+                return Ok(old);
+            }
+            Some(host) => {
+                // An allocated zero cluster we own: reuse its host cluster,
+                // whose bytes are stale.
+                let fresh = self.fresh(ws, host);
+                self.fill(ws, piece, 0, cluster_size, host, data, fresh)?;
+                return Ok(Entry {
+                    entry: host | COPIED,
+                    bitmap: 0,
+                });
+            }
+            None => {}
         }
         let host = self.new_data_cluster(ws, cluster_start)?;
         let fresh = self.fresh(ws, host);
@@ -207,7 +205,7 @@ impl Qcow2 {
         match data {
             Some(d) => self.data_write(ws, d, host),
             None => {
-                let zeros = vec![0u8; usize::try_from(len).unwrap_or(0)];
+                let zeros = vec![0u8; usize_of(len)?];
                 self.data_write(ws, &zeros, host)
             }
         }

@@ -28,11 +28,11 @@ mod zero;
 #[cfg(test)]
 mod tests;
 
-use super::cache::L2Table;
 use super::l2::{self, COMPRESSED, COPIED, OFFSET_MASK};
 use super::refcount::Refcounts;
 use super::{header, Qcow2};
-use crate::error::{Error, Result};
+use crate::driver::cache::L2Table;
+use crate::error::{usize_of, Error, Result};
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{MutexGuard, PoisonError};
@@ -189,7 +189,7 @@ impl Qcow2 {
     /// between flushes. Only right after a writable open.
     #[cfg(test)]
     pub(super) fn set_cache_limits(&mut self, l2_tables: usize, refblocks: usize) {
-        self.cache = super::cache::L2Cache::new(l2_tables);
+        self.cache = crate::driver::cache::L2Cache::new(l2_tables);
         if let Some(m) = &self.writer {
             let mut ws = m.lock().unwrap_or_else(PoisonError::into_inner);
             ws.rc.set_capacity(refblocks);
@@ -324,8 +324,8 @@ impl Qcow2 {
             let piece_end = end.min(table_end);
             let piece_op = match op {
                 Op::Data(buf) => {
-                    let from = usize::try_from(pos - offset).unwrap_or(0);
-                    let to = usize::try_from(piece_end - offset).unwrap_or(0);
+                    let from = usize_of(pos - offset)?;
+                    let to = usize_of(piece_end - offset)?;
                     Op::Data(buf.get(from..to).unwrap_or(&[]))
                 }
                 other => other,
@@ -337,22 +337,9 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn get_entry(&self, table: &[u64], index: u64) -> Entry {
-        if self.header.extended_l2() {
-            let at = usize::try_from(index * 2).unwrap_or(usize::MAX);
-            Entry {
-                entry: table.get(at).copied().unwrap_or(0),
-                bitmap: table.get(at + 1).copied().unwrap_or(0),
-            }
-        } else {
-            Entry {
-                entry: table
-                    .get(usize::try_from(index).unwrap_or(usize::MAX))
-                    .copied()
-                    .unwrap_or(0),
-                bitmap: 0,
-            }
-        }
+    fn get_entry(&self, table: &[u64], index: u64) -> Result<Entry> {
+        let (entry, bitmap) = self.l2_entry(table, index)?;
+        Ok(Entry { entry, bitmap })
     }
 
     /// Store `e` at `index`; returns the words it occupies.
@@ -409,14 +396,15 @@ impl Qcow2 {
                 b: (end - cluster_start).min(cluster_len),
             };
             let index = guest_cluster % l2_entries;
-            let old = table
-                .as_ref()
-                .map(|t| self.get_entry(t, index))
-                .unwrap_or_default();
+            // No L2 table yet: every entry reads as unallocated (0).
+            let old = match table.as_ref() {
+                Some(t) => self.get_entry(t, index)?,
+                None => Entry::default(),
+            };
             let piece_op = match op {
                 Op::Data(buf) => {
-                    let from = usize::try_from(pos - start).unwrap_or(0);
-                    let len = usize::try_from(piece.len()).unwrap_or(0);
+                    let from = usize_of(pos - start)?;
+                    let len = usize_of(piece.len())?;
                     Op::Data(buf.get(from..from + len).unwrap_or(&[]))
                 }
                 other => other,
@@ -518,8 +506,14 @@ impl Qcow2 {
         }
     }
 
+    /// The entry's host cluster, if it may be written in place (refcount 1).
+    fn owned_host(&self, e: Entry) -> Option<u64> {
+        self.host_of(e)
+            .filter(|_| e.entry & COPIED != 0 || self.header.has_data_file())
+    }
+
     /// Whether the entry's cluster may be written in place (refcount 1).
     fn owned(&self, e: Entry) -> bool {
-        self.host_of(e).is_some() && (e.entry & COPIED != 0 || self.header.has_data_file())
+        self.owned_host(e).is_some()
     }
 }

@@ -6,7 +6,7 @@ use super::WriteState;
 use crate::driver::qcow2::l2::{self, COMPRESSED, OFFSET_MASK};
 use crate::driver::qcow2::refcount::{self, Refcounts};
 use crate::driver::qcow2::{self as qcow2, header, Qcow2};
-use crate::error::{Error, Result};
+use crate::error::{usize_of, Error, Result};
 
 /// The largest file (in clusters) whose refcounts a writable open of a dirty
 /// image rebuilds: 8 bytes of memory each, so at most 256 MiB.
@@ -80,7 +80,7 @@ impl Qcow2 {
                 "the image is dirty (lazy refcounts) and its file has {file_clusters} clusters, more than the {MAX_REBUILD_CLUSTERS} whose refcounts we rebuild; repair it with 'qemu-img check -r all'"
             )));
         }
-        let mut counts: Vec<u64> = vec![0; usize::try_from(file_clusters).unwrap_or(0)];
+        let mut counts: Vec<u64> = vec![0; usize_of(file_clusters)?];
         let path = self.file.path();
         let mut add = |start: u64, len: u64| -> Result<()> {
             if len == 0 {
@@ -160,8 +160,8 @@ fn snapshot_table_len(file: &dyn crate::storage::Storage, h: &header::Header) ->
     let file_len = file.len()?;
     let len = file_len
         .saturating_sub(h.snapshots_offset)
-        .min(qcow2::snapshot::MAX_TABLE_BYTES);
-    let mut table = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        .min(qcow2::snapshot::MAX_SNAPSHOT_TABLE_BYTES);
+    let mut table = vec![0u8; usize_of(len)?];
     file.read_exact_at(&mut table, h.snapshots_offset)?;
     qcow2::snapshot::table_len(file.path(), &table, h.nb_snapshots)
 }

@@ -1,12 +1,21 @@
 //! The worker pool every whole-image engine runs on (verify, digest, checking
 //! against block digests): N scoped threads that take chunks from a shared
 //! counter, while the calling thread reports progress about ten times a second
-//! and passes on a cancellation.
+//! and passes on a cancellation. It lies below the engines, which all use it
+//! and none owns.
 
-use super::report::Progress;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
+
+/// Progress, as an engine reports it to its caller's hook.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Guest bytes done.
+    pub done: u64,
+    /// Guest bytes in all.
+    pub total: u64,
+}
 
 /// Worker threads for `threads` (0: one per core), never more than `chunks`
 /// units of work.

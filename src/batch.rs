@@ -1,15 +1,25 @@
 //! Many verifications at once, within one core budget: pairs run side by side
 //! in a few slots, and the worker threads are split between the slots, so a
 //! batch never runs more threads than a single verify would.
+//!
+//! A pair's reference is a raw image (checked by the verify engine) or a block
+//! digests file (checked by the digest engine), so the batch sits above both
+//! engines, in a module of its own.
 
-use super::{verify, Progress, Report, VerifyOptions};
 use crate::digest::{self, BlockDigests};
 use crate::driver::{self, BlockDriver, OpenOptions};
 use crate::error::{Error, Result};
+use crate::pool::Progress;
+use crate::report::{Report, VerifyOptions};
+use crate::verify::verify;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+/// The name a block digests file goes by where a format name is expected
+/// (`-f digests` for verify's reference, a report's `raw_format`).
+pub const DIGESTS_FORMAT: &str = "digests";
 
 /// What the reference of a pair is taken to be.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -45,7 +55,7 @@ impl Reference {
     pub fn format_name(&self) -> &'static str {
         match self {
             Reference::Image(driver) => driver.format_name(),
-            Reference::Digests(_) => "digests",
+            Reference::Digests(_) => DIGESTS_FORMAT,
         }
     }
 }

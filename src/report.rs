@@ -1,7 +1,10 @@
-//! What the verify engine is asked and what it answers: its options, the
-//! mismatching runs it finds, its report, and its progress.
+//! What a verification is asked and what it answers: its options, the guest
+//! range they select, the mismatching runs it finds, and its report. Both
+//! engines that verify share them: `verify` (against a reference image) and
+//! `digest::check` (against a block digests file), so they live below both.
 
-use crate::driver::SECTOR_SIZE;
+use crate::error::{Error, Result};
+use crate::size::SECTOR_SIZE;
 use std::ops::Range;
 use std::time::Duration;
 
@@ -105,11 +108,42 @@ pub struct Report {
     pub block_size: Option<u64>,
 }
 
-/// Progress, as the engine reports it to its caller's hook.
-#[derive(Debug, Clone, Copy)]
-pub struct Progress {
-    /// Guest bytes done.
-    pub done: u64,
-    /// Guest bytes in all.
-    pub total: u64,
+/// The guest range `options` asks for on a disk of `total` bytes. It starts on
+/// a sector and ends on one, or where the disk does (whose size need not be a
+/// multiple of 512), so every run a range finds is one a whole-disk verify
+/// finds too.
+pub fn requested_range(options: &VerifyOptions, total: u64) -> Result<Range<u64>> {
+    aligned_range(options, total, SECTOR_SIZE)
+}
+
+/// [`requested_range`] on a grid of `align` bytes (a block digests file's
+/// blocks: a range of whole blocks).
+pub(crate) fn aligned_range(options: &VerifyOptions, total: u64, align: u64) -> Result<Range<u64>> {
+    let align = align.max(1);
+    let start = options.start;
+    let end = match options.length {
+        Some(length) => start.checked_add(length).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "the range at {start:#x} of {length} bytes ends past 2^64"
+            ))
+        })?,
+        None => total.max(start),
+    };
+    if start % align != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "the range's start ({start:#x}) is not a multiple of {align} bytes"
+        )));
+    }
+    if end > total {
+        return Err(Error::InvalidArgument(format!(
+            "the range {start:#x}..{end:#x} ends past the end of the disk ({total} bytes)"
+        )));
+    }
+    if end % align != 0 && end != total {
+        return Err(Error::InvalidArgument(format!(
+            "the range's length ({}) is not a multiple of {align} bytes, and the range does not end where the disk does",
+            end - start
+        )));
+    }
+    Ok(start..end)
 }

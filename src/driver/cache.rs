@@ -1,5 +1,6 @@
-//! A bounded, write-back cache of decoded L2 tables, shared by every reader
-//! thread and the writer.
+//! A bounded, write-back cache of decoded second-level tables (qcow2's L2
+//! tables, vmdk's grain tables), shared by every reader thread and the writer.
+//! It serves more than one format, so it lives at `driver/` level.
 //!
 //! Tables are handed out as `Arc`s, so a lookup holds the lock only to find or
 //! insert, never while walking entries. The writer changes a cached table in
