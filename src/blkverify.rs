@@ -11,14 +11,23 @@
 //! a 4 KiB read costs two `pread`s and a `memcmp`, and a thread hand-off would
 //! cost more than the I/O. Requests of at least [`PARALLEL_MIN`] bytes run the raw
 //! side on a scoped thread while the caller's thread serves the test side.
+//!
+//! Callers that run requests concurrently admit each one first
+//! ([`Blkverify::admit`]): the device numbers them and orders the overlapping
+//! ones (see [`order`]), so both sides see them in the same order. The device
+//! also counts the bytes each side read and wrote for it ([`Blkverify::io_counts`]).
+
+pub mod order;
 
 use crate::compare::first_difference;
 use crate::driver::{self, check_range, BlockDriver, Extent, Format, Location, OpenOptions};
 use crate::error::{ContentsMismatch, Error, Result, ReturnMismatch};
 use crate::size::request_sectors;
+use order::{Observer, Order, Ticket};
 use std::cell::RefCell;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The prefix of a mirrored-device spec: `blkverify:RAW:TEST`.
@@ -73,11 +82,95 @@ pub fn parse_spec(spec: &str) -> Result<Option<Spec>> {
     }
 }
 
+/// The bytes one side of the device moved on its behalf.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IoCounts {
+    /// Bytes read (reads, and the checks of discards and block status).
+    pub read: u64,
+    /// Bytes written.
+    pub written: u64,
+    /// Bytes made to read as zeros (write-zeroes).
+    pub zeroed: u64,
+    /// Bytes discarded.
+    pub discarded: u64,
+}
+
+/// Both sides' [`IoCounts`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SideCounts {
+    /// The image under test.
+    pub test: IoCounts,
+    /// The raw reference.
+    pub raw: IoCounts,
+}
+
+#[derive(Default)]
+struct Counters {
+    read: AtomicU64,
+    written: AtomicU64,
+    zeroed: AtomicU64,
+    discarded: AtomicU64,
+}
+
+/// One side of the device: its driver, and what it moved for the device.
+struct Side {
+    driver: Arc<dyn BlockDriver>,
+    counters: Counters,
+}
+
+impl Side {
+    fn new(driver: Arc<dyn BlockDriver>) -> Side {
+        Side {
+            driver,
+            counters: Counters::default(),
+        }
+    }
+
+    /// `result`, counting `bytes` in `counter` when it is a success.
+    fn counted(counter: &AtomicU64, bytes: u64, result: Result<()>) -> Result<()> {
+        if result.is_ok() {
+            counter.fetch_add(bytes, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let result = self.driver.read_at(buf, offset);
+        Side::counted(&self.counters.read, buf.len() as u64, result)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let result = self.driver.write_at(buf, offset);
+        Side::counted(&self.counters.written, buf.len() as u64, result)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        let result = self.driver.write_zeroes(offset, len, unmap);
+        Side::counted(&self.counters.zeroed, len, result)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let result = self.driver.discard(offset, len);
+        Side::counted(&self.counters.discarded, len, result)
+    }
+
+    fn counts(&self) -> IoCounts {
+        let c = &self.counters;
+        IoCounts {
+            read: c.read.load(Ordering::Relaxed),
+            written: c.written.load(Ordering::Relaxed),
+            zeroed: c.zeroed.load(Ordering::Relaxed),
+            discarded: c.discarded.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// The mirrored device.
 pub struct Blkverify {
-    raw: Arc<dyn BlockDriver>,
-    test: Arc<dyn BlockDriver>,
+    raw: Side,
+    test: Side,
     name: PathBuf,
+    order: Order,
 }
 
 impl Blkverify {
@@ -103,66 +196,112 @@ impl Blkverify {
             raw: raw.path().to_path_buf(),
             test: test.path().to_path_buf(),
         };
+        // Our NBD client read-modify-writes partial blocks: requests that
+        // share a block overlap.
+        let unit = [&raw, &test]
+            .iter()
+            .map(|side| match side.format_name() {
+                "nbd" => side.granularity().max(driver::SECTOR_SIZE),
+                _ => driver::SECTOR_SIZE,
+            })
+            .max()
+            .unwrap_or(driver::SECTOR_SIZE);
         Blkverify {
-            raw,
-            test,
+            raw: Side::new(raw),
+            test: Side::new(test),
             name: PathBuf::from(spec.to_string()),
+            order: Order::new(unit),
         }
     }
 
     /// The raw reference.
     pub fn raw(&self) -> &dyn BlockDriver {
-        self.raw.as_ref()
+        self.raw.driver.as_ref()
     }
 
     /// The image under test.
     pub fn test(&self) -> &dyn BlockDriver {
-        self.test.as_ref()
+        self.test.driver.as_ref()
     }
 
-    /// Run `op` on both sides (in parallel when `parallel`), the test side on the
-    /// calling thread. Returns both results, test first.
-    fn both<T: Send>(
-        &self,
-        parallel: bool,
-        op: impl Fn(&dyn BlockDriver) -> Result<T> + Sync,
-    ) -> (Result<T>, Result<T>) {
-        if parallel {
-            std::thread::scope(|scope| {
-                let raw = scope.spawn(|| op(self.raw.as_ref()));
-                let test = op(self.test.as_ref());
-                let raw = raw.join().unwrap_or_else(|_| {
-                    Err(Error::Internal(
-                        "blkverify: the raw side's worker thread panicked".to_string(),
-                    ))
-                });
-                (test, raw)
-            })
-        } else {
-            (op(self.test.as_ref()), op(self.raw.as_ref()))
+    /// Number `request` and order it among the requests in flight (see
+    /// [`order`]); it counts as in flight until the ticket is dropped.
+    pub fn admit(&self, request: &order::Request<'_>) -> Ticket<'_> {
+        self.order.admit(request)
+    }
+
+    /// How admitted requests are ordered.
+    pub fn order(&self) -> &Order {
+        &self.order
+    }
+
+    /// Let `observer` see every request admitted from now on, in number order.
+    pub fn set_observer(&mut self, observer: Arc<dyn Observer>) {
+        self.order.set_observer(observer);
+    }
+
+    /// The bytes each side has read and written for the device so far.
+    pub fn io_counts(&self) -> SideCounts {
+        SideCounts {
+            test: self.test.counts(),
+            raw: self.raw.counts(),
         }
+    }
+
+    /// Run `test` and `raw`, one side's work each, in parallel when
+    /// `parallel` (the raw side's on a scoped thread, the test side's on the
+    /// calling thread), else one after the other. Returns both results.
+    fn both<T: Send>(
+        parallel: bool,
+        test: impl FnOnce() -> Result<T>,
+        raw: impl FnOnce() -> Result<T> + Send,
+    ) -> (Result<T>, Result<T>) {
+        if !parallel {
+            return (test(), raw());
+        }
+        std::thread::scope(|scope| {
+            let raw = scope.spawn(raw);
+            let test = test();
+            let raw = raw.join().unwrap_or_else(|_| {
+                Err(Error::Internal(
+                    "blkverify: the raw side's worker thread panicked".to_string(),
+                ))
+            });
+            (test, raw)
+        })
+    }
+
+    /// Read both sides, the test side into `buf` and the reference into
+    /// `reference` (as long as `buf`), and compare. On a difference the
+    /// caller keeps both sides' bytes (a server can answer with the
+    /// reference's).
+    pub fn read_pair(&self, buf: &mut [u8], reference: &mut [u8], offset: u64) -> Result<()> {
+        check_range(&self.name, self.size(), offset, buf.len() as u64)?;
+        if reference.len() != buf.len() {
+            return Err(Error::InvalidArgument(format!(
+                "blkverify: read_pair's reference buffer holds {} bytes, not {}",
+                reference.len(),
+                buf.len()
+            )));
+        }
+        self.read_compare(buf, reference, offset)
+    }
+
+    /// Read the reference alone (counted among its reads): for checks the
+    /// device's users make against it, such as a server checking that a
+    /// range the test side calls zero is zero there.
+    pub fn read_reference(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.raw.read_at(buf, offset)
     }
 
     /// Read both sides into `buf` (test) and `reference` (raw) and compare.
     fn read_compare(&self, buf: &mut [u8], reference: &mut [u8], offset: u64) -> Result<()> {
         let length = buf.len() as u64;
-        let (test, raw) = if buf.len() >= PARALLEL_MIN {
-            std::thread::scope(|scope| {
-                let raw = scope.spawn(|| self.raw.read_at(reference, offset));
-                let test = self.test.read_at(buf, offset);
-                let raw = raw.join().unwrap_or_else(|_| {
-                    Err(Error::Internal(
-                        "blkverify: the raw side's worker thread panicked".to_string(),
-                    ))
-                });
-                (test, raw)
-            })
-        } else {
-            (
-                self.test.read_at(buf, offset),
-                self.raw.read_at(reference, offset),
-            )
-        };
+        let (test, raw) = Blkverify::both(
+            buf.len() >= PARALLEL_MIN,
+            || self.test.read_at(buf, offset),
+            || self.raw.read_at(reference, offset),
+        );
         settle("read", offset, length, test, raw)?;
         if buf[..] != reference[..] {
             let at = first_difference(buf, reference).unwrap_or(0) as u64;
@@ -193,7 +332,7 @@ impl Blkverify {
         let end = offset + len;
         let mut at = offset;
         while at < end {
-            let (zero_len, zero) = match driver::zero_status(self.test.as_ref(), at, end - at) {
+            let (zero_len, zero) = match driver::zero_status(self.test(), at, end - at) {
                 Ok(status) => status,
                 Err(e) => return test_side(Err(e)),
             };
@@ -209,12 +348,13 @@ impl Blkverify {
             let mut before = vec![0u8; n];
             test_side(self.test.read_at(&mut now, at))?;
             raw_side(self.raw.read_at(&mut before, at))?;
-            let backing = match self.test.backing() {
+            let backing = match self.test().backing() {
                 Some(b) => {
                     let mut data = vec![0u8; n];
                     let stored = b.size().saturating_sub(at).min(n as u64) as usize;
                     if let Some(head) = data.get_mut(..stored) {
-                        test_side(b.read_at(head, at))?;
+                        let read = b.read_at(head, at);
+                        test_side(Side::counted(&self.test.counters.read, stored as u64, read))?;
                     }
                     Some(data)
                 }
@@ -282,7 +422,7 @@ impl BlockDriver for Blkverify {
     /// The device serves the test image's guest bytes, read through the test
     /// side's driver: its format is the test image's.
     fn format(&self) -> Format {
-        self.test.format()
+        self.test().format()
     }
 
     /// The device is a filter over two images, not a format of a file: it
@@ -296,11 +436,11 @@ impl BlockDriver for Blkverify {
     }
 
     fn size(&self) -> u64 {
-        self.test.size()
+        self.test().size()
     }
 
     fn granularity(&self) -> u64 {
-        self.test.granularity()
+        self.test().granularity()
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -330,45 +470,52 @@ impl BlockDriver for Blkverify {
 
     /// The test side's mapping: allocation is a property of the image under test.
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
-        self.test.map(offset, max_len)
+        self.test().map(offset, max_len)
     }
 
     fn backing(&self) -> Option<&dyn BlockDriver> {
-        self.test.backing()
+        self.test().backing()
     }
 
     fn locate(&self, offset: u64) -> Result<Option<Location>> {
-        self.test.locate(offset)
+        self.test().locate(offset)
     }
 
     fn info(&self) -> Vec<(String, String)> {
         let mut facts = vec![
-            ("raw".to_string(), self.raw.path().display().to_string()),
-            ("test".to_string(), self.test.path().display().to_string()),
+            ("raw".to_string(), self.raw().path().display().to_string()),
+            ("test".to_string(), self.test().path().display().to_string()),
             (
                 "test_format".to_string(),
-                self.test.format_name().to_string(),
+                self.test().format_name().to_string(),
             ),
         ];
-        facts.extend(self.test.info());
+        facts.extend(self.test().info());
         facts
     }
 
     fn is_read_only(&self) -> bool {
-        self.test.is_read_only() || self.raw.is_read_only()
+        self.test().is_read_only() || self.raw().is_read_only()
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         let length = buf.len() as u64;
         check_range(&self.name, self.size(), offset, length)?;
-        let (test, raw) = self.both(buf.len() >= PARALLEL_MIN, |d| d.write_at(buf, offset));
+        let (test, raw) = Blkverify::both(
+            buf.len() >= PARALLEL_MIN,
+            || self.test.write_at(buf, offset),
+            || self.raw.write_at(buf, offset),
+        );
         settle("write", offset, length, test, raw)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         check_range(&self.name, self.size(), offset, len)?;
-        let parallel = len >= PARALLEL_MIN as u64;
-        let (test, raw) = self.both(parallel, |d| d.write_zeroes(offset, len, unmap));
+        let (test, raw) = Blkverify::both(
+            len >= PARALLEL_MIN as u64,
+            || self.test.write_zeroes(offset, len, unmap),
+            || self.raw.write_zeroes(offset, len, unmap),
+        );
         settle("write_zeroes", offset, len, test, raw)
     }
 
@@ -382,13 +529,13 @@ impl BlockDriver for Blkverify {
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         check_range(&self.name, self.size(), offset, len)?;
         let test = self.test.discard(offset, len);
-        let raw = check_range(self.raw.path(), self.raw.size(), offset, len);
+        let raw = check_range(self.raw().path(), self.raw().size(), offset, len);
         settle("discard", offset, len, test, raw)?;
         self.reconcile_discarded(offset, len)
     }
 
     fn flush(&self) -> Result<()> {
-        let (test, raw) = self.both(false, |d| d.flush());
+        let (test, raw) = (self.test().flush(), self.raw().flush());
         settle("flush", 0, 0, test, raw)
     }
 }
@@ -497,6 +644,18 @@ mod tests {
         dev.discard(1 << 20, 65536).unwrap();
         dev.flush().unwrap();
         assert_eq!(fs::read(&raw).unwrap(), fs::read(&test).unwrap());
+        let counts = dev.io_counts();
+        for side in [counts.test, counts.raw] {
+            assert_eq!(side.written, 2 << 20);
+            assert_eq!(side.read, 4096 + (2 << 20));
+        }
+        assert_eq!((counts.test.discarded, counts.raw.discarded), (65536, 0));
+        // the test side punched a hole: the reference is zeroed to match,
+        // without reading either side
+        assert_eq!(
+            (counts.test.zeroed, counts.raw.zeroed),
+            (1000, 1000 + 65536)
+        );
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //!
 //! - [`error`], [`size`] (the size grammar and the sector), [`compare`], and
 //!   big-endian fields;
-//! - [`storage`]: how bytes are read and written (files, memory, mapped views);
+//! - [`storage`]: how bytes are read and written (files, memory, mapped views),
+//!   and [`nbd`], the NBD protocol's wire format that the client and the
+//!   server share;
 //! - [`driver`]: the block-driver trait, the probe, and one folder per format
 //!   (raw, qcow2, vmdk, vhdx, vpc, vdi, and the NBD client), with what the
 //!   formats share at driver level;
@@ -15,7 +17,8 @@
 //!   digests files) and [`map`] (the allocation map);
 //! - [`batch`]: many pairs at once, each checked by verify or digest;
 //! - [`blkverify`]: the mirrored device;
-//! - [`exercise`]: the seeded workload run through the device.
+//! - [`exercise`]: the seeded workload run through the device, and beside it
+//!   [`serve`], the device as an NBD server.
 //!
 //! Nothing here knows Python; the bindings live in `python` behind the `python`
 //! feature.
@@ -32,8 +35,10 @@ pub mod exercise;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod map;
+pub mod nbd;
 pub mod pool;
 pub mod report;
+pub mod serve;
 pub mod size;
 pub mod storage;
 pub mod verify;

@@ -29,6 +29,7 @@ from blkverify_rs.cli_common import (
     size_option,
 )
 from blkverify_rs.map_cmd import map_command
+from blkverify_rs.serve_cmd import serve_command
 
 
 def _version() -> str:
@@ -528,6 +529,7 @@ def create(
 
 main.add_command(batch)
 main.add_command(map_command)
+main.add_command(serve_command)
 
 
 if __name__ == "__main__":

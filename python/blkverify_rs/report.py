@@ -1,5 +1,5 @@
-"""Reporting: the human text and JSON for verify, digest and exercise reports,
-and the progress bar.
+"""Reporting: the human text and JSON for verify, digest, exercise and serve
+reports, and the progress bar.
 
 :class:`ProgressBar` is the one progress display: verify, digest and batch
 draw it, for pairs verified here or on a Dask cluster (whose workers only
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         ExerciseResult,
         Mismatch,
         Report,
+        ServeSummary,
         ShrinkResult,
     )
 
@@ -252,4 +253,41 @@ def shrink_human(result: ShrinkResult) -> str:
         "Reproduce (on the images as they were before the failing run):",
         f"  {result.reproduce}",
     ]
+    return "\n".join(lines) + "\n"
+
+
+def serve_summary(summary: ServeSummary) -> str:
+    """``serve``'s summary for stderr: requests, both sides' bytes, findings,
+    and what did not reach the client."""
+    by = ", ".join(f"{n} {name}" for name, n in summary.by_command.items() if n)
+    clients = f"{summary.connections} client{'s' if summary.connections != 1 else ''}"
+    finds = f"{summary.findings} finding{'s' if summary.findings != 1 else ''}"
+    lines = [
+        f"blkverify: serve: {summary.requests} requests from {clients} in "
+        f"{summary.elapsed_s:.2f} s{f' ({by})' if by else ''}; {finds}; "
+        f"stopped by {summary.stopped_by}"
+    ]
+    for side, name, counts in (
+        ("test", f"{summary.test_image} ({summary.test_format})", summary.test),
+        ("raw", summary.raw_image, summary.raw),
+    ):
+        lines.append(
+            f"blkverify: serve: {side} {name}: read {human_size(counts['read'])}, "
+            f"wrote {human_size(counts['written'])}, zeroed {human_size(counts['zeroed'])}, "
+            f"discarded {human_size(counts['discarded'])}"
+        )
+    if summary.refused:
+        lines.append(
+            f"blkverify: serve: {summary.refused} requests refused (bad range, size or flags)"
+        )
+    if summary.dropped_replies:
+        lines.append(
+            f"blkverify: serve: {summary.dropped_replies} replies dropped: the client left "
+            "while the request ran (it ran on both sides)"
+        )
+    if summary.truncated_requests:
+        lines.append(
+            f"blkverify: serve: {summary.truncated_requests} requests cut short by the client "
+            "leaving (not run)"
+        )
     return "\n".join(lines) + "\n"

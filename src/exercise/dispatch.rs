@@ -1,9 +1,12 @@
 //! Issuing a plan's ops: one after the other at queue depth 1, or through a
-//! pool of workers that keeps up to the queue depth in flight, never two that
-//! overlap (see the module doc of [`super`]).
+//! pool of workers that keeps up to the queue depth in flight. Every op is
+//! admitted to the device in op order as it is issued, and the device orders
+//! the ones that overlap (see [`crate::blkverify::order`]).
 
 use super::finding::{self, Finding};
 use super::{fill_pattern, Op, OpKind, OpLog, Plan};
+use crate::blkverify::order::Ticket;
+use crate::blkverify::order::{self, Kind};
 use crate::blkverify::Blkverify;
 use crate::driver::BlockDriver;
 use crate::error::{Error, Result};
@@ -26,13 +29,26 @@ enum OpResult {
     Failed(Error),
 }
 
-/// An op a worker is running: its number, the guest range it may touch, and
-/// whether it only reads.
-struct InFlight {
-    number: u64,
-    start: u64,
-    end: u64,
-    read: bool,
+/// The device's view of `op`, to admit it.
+fn admission(op: &Op) -> order::Request<'static> {
+    let kind = match op.kind {
+        OpKind::Read => Kind::Read,
+        OpKind::Write => Kind::Write { fua: false },
+        OpKind::Zero { unmap } => Kind::Zero {
+            unmap,
+            fua: false,
+            fast: false,
+        },
+        OpKind::Discard => Kind::Discard { fua: false },
+        OpKind::Flush => Kind::Flush,
+    };
+    order::Request {
+        kind,
+        offset: op.offset,
+        length: op.length,
+        source: op.number,
+        data: None,
+    }
 }
 
 /// Calls the caller's tick about ten times a second and watches the deadline.
@@ -105,6 +121,7 @@ impl Dispatcher<'_, '_> {
                 log.op(&op)?;
             }
             out.issued += 1;
+            let _admitted = self.device.admit(&admission(&op));
             match execute(self.device, self.plan.seed(), &op, &mut buf, self.stats) {
                 OpResult::Done => {}
                 OpResult::Finding(f) => {
@@ -121,21 +138,19 @@ impl Dispatcher<'_, '_> {
     }
 
     /// Up to `queue_depth` ops in flight on worker threads. Each worker takes
-    /// the next op itself, in number order, and one that overlaps an op in
-    /// flight (ranges widened to `unit`) waits for it; the calling thread only
-    /// ticks. We rejected a dispatching thread that hands ops to the workers:
-    /// against an NBD server each hand-off (a wake-up there, another back)
-    /// cost more than the request itself.
-    pub fn queued(&mut self, queue_depth: usize, unit: u64) -> Result<Dispatched> {
+    /// the next op itself, in number order, and admits it to the device, which
+    /// makes one that overlaps an op in flight wait for it; the calling thread
+    /// only ticks. We rejected a dispatching thread that hands ops to the
+    /// workers: against an NBD server each hand-off (a wake-up there, another
+    /// back) cost more than the request itself.
+    pub fn queued(&mut self, queue_depth: usize) -> Result<Dispatched> {
         let queue = Queue {
             state: Mutex::new(QueueState {
                 log: self.log.take(),
                 ..QueueState::default()
             }),
-            next: Condvar::new(),
             ended: Condvar::new(),
             deadline: self.pacer.deadline,
-            unit,
         };
         let (device, plan, stats) = (self.device, self.plan, self.stats);
         std::thread::scope(|scope| {
@@ -155,7 +170,6 @@ impl Dispatcher<'_, '_> {
                     q = queue.lock();
                     if !keep_going {
                         q.stop = true;
-                        queue.next.notify_all();
                     }
                 }
             }
@@ -180,9 +194,6 @@ impl Dispatcher<'_, '_> {
 struct QueueState<'a> {
     /// Ops issued so far: the next op is the plan's op at this position.
     issued: u64,
-    in_flight: Vec<InFlight>,
-    /// Workers waiting for the next op to stop overlapping one in flight.
-    waiting: usize,
     workers_done: usize,
     stop: bool,
     findings: Vec<Finding>,
@@ -192,12 +203,9 @@ struct QueueState<'a> {
 
 struct Queue<'a> {
     state: Mutex<QueueState<'a>>,
-    /// Workers wait here for the next op to stop overlapping.
-    next: Condvar,
     /// The calling thread waits here for the workers to end (and ticks).
     ended: Condvar,
     deadline: Option<Instant>,
-    unit: u64,
 }
 
 impl<'a> Queue<'a> {
@@ -205,28 +213,19 @@ impl<'a> Queue<'a> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A worker: take the next op, run it, until the plan ends or a finding,
-    /// an error or the caller stops the run. Other workers are woken outside
-    /// the lock (a wake-up is a system call, which would keep every worker
-    /// waiting for the lock).
+    /// A worker: take the next op (admitted to the device), wait until the
+    /// device lets it run, run it, until the plan ends or a finding, an error
+    /// or the caller stops the run.
     fn work(&self, device: &Blkverify, plan: &Plan, stats: &Stats, queue_depth: usize) {
         let mut buf = Vec::new();
-        let mut q = self.lock();
         loop {
-            let (guard, op) = self.take(q, plan, queue_depth);
-            q = guard;
-            let Some(op) = op else {
+            let Some((op, mut admitted)) = self.take(device, plan) else {
                 break;
             };
-            // The op after this one may be free to go: let a waiter look.
-            let wake_one = q.waiting > 0;
-            drop(q);
-            if wake_one {
-                self.next.notify_one();
-            }
+            admitted.wait();
             let result = execute(device, plan.seed(), &op, &mut buf, stats);
-            q = self.lock();
-            q.in_flight.retain(|f| f.number != op.number);
+            drop(admitted);
+            let mut q = self.lock();
             match result {
                 OpResult::Done => {}
                 OpResult::Finding(f) => {
@@ -238,73 +237,35 @@ impl<'a> Queue<'a> {
                     q.stop = true;
                 }
             }
-            // No wake-up here: this worker looks at the next op itself, and
-            // wakes a waiter if it can go.
         }
-        // The run is over for every worker: those waiting for an op that
-        // will never come must hear it.
-        let wake_all = q.waiting > 0;
+        let mut q = self.lock();
         q.workers_done += 1;
         let last = q.workers_done == queue_depth;
         drop(q);
-        if wake_all {
-            self.next.notify_all();
-        }
         if last {
             self.ended.notify_all();
         }
     }
 
-    /// Issue the next op of `plan` (logged, and marked in flight), waiting
-    /// while it conflicts with an op in flight: their ranges (widened to the
-    /// unit) overlap and one of them writes (two reads may run together: the
-    /// bytes they must read are the same either way). `None` when the run is
-    /// over.
-    fn take<'q>(
-        &'q self,
-        mut q: MutexGuard<'q, QueueState<'a>>,
-        plan: &Plan,
-        queue_depth: usize,
-    ) -> (MutexGuard<'q, QueueState<'a>>, Option<Op>) {
-        let unit = self.unit;
-        loop {
-            if q.stop || self.deadline.is_some_and(|d| Instant::now() >= d) {
-                return (q, None);
-            }
-            let Some(op) = plan.op(q.issued) else {
-                return (q, None);
-            };
-            let read = op.kind == OpKind::Read;
-            let range = op
-                .range()
-                .map(|(start, end)| (start / unit * unit, end.div_ceil(unit) * unit));
-            let conflicts = range.is_some_and(|(start, end)| {
-                q.in_flight
-                    .iter()
-                    .any(|f| f.start < end && start < f.end && !(read && f.read))
-            });
-            if !conflicts && q.in_flight.len() < queue_depth {
-                if let Some(log) = q.log.as_deref_mut() {
-                    if let Err(e) = log.op(&op) {
-                        q.error.get_or_insert(e);
-                        q.stop = true;
-                        return (q, None);
-                    }
-                }
-                let (start, end) = range.unwrap_or((0, 0));
-                q.in_flight.push(InFlight {
-                    number: op.number,
-                    start,
-                    end,
-                    read,
-                });
-                q.issued += 1;
-                return (q, Some(op));
-            }
-            q.waiting += 1;
-            q = self.next.wait(q).unwrap_or_else(PoisonError::into_inner);
-            q.waiting -= 1;
+    /// Issue the next op of `plan`: log it and admit it to the device, in op
+    /// order (under the queue lock, so the device numbers ops in the order
+    /// they are logged). `None` when the run is over.
+    fn take<'d>(&self, device: &'d Blkverify, plan: &Plan) -> Option<(Op, Ticket<'d>)> {
+        let mut q = self.lock();
+        if q.stop || self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return None;
         }
+        let op = plan.op(q.issued)?;
+        if let Some(log) = q.log.as_deref_mut() {
+            if let Err(e) = log.op(&op) {
+                q.error.get_or_insert(e);
+                q.stop = true;
+                return None;
+            }
+        }
+        q.issued += 1;
+        let admitted = device.admit(&admission(&op));
+        Some((op, admitted))
     }
 }
 

@@ -4,13 +4,11 @@
 //! is verified, so writes that were never read back are checked too.
 //!
 //! With a queue depth above 1, worker threads keep that many ops in flight. The
-//! workers take ops in number order, and an op that overlaps one still in
-//! flight waits for it unless both only read, so every pair of overlapping ops
-//! of which one writes runs in number order: the raw reference stays well
+//! workers take ops in number order and admit each to the device, whose rule
+//! ([`crate::blkverify::order`]) makes an op that overlaps one still in flight
+//! wait for it unless both only read, so every pair of overlapping ops of
+//! which one writes runs in number order: the raw reference stays well
 //! defined and each read's expected bytes are the same whatever the timing.
-//! (Overlap is judged on ranges widened to the test side's
-//! request granularity for NBD exports, whose client read-modify-writes partial
-//! blocks; to whole sectors otherwise.)
 //!
 //! The op log (`--log`) is written as ops are issued, so it survives a crash or a
 //! hang of the driver under test; see [`log`] for its format.
@@ -24,14 +22,15 @@ mod finding;
 pub mod log;
 pub mod workload;
 
-pub use finding::{hexdump_diff, Finding};
+pub use crate::compare::hexdump_diff;
+pub use finding::Finding;
 pub use log::{parse_log, Log, OpLog, LOG_MAGIC};
 pub use workload::{
     fill_pattern, pattern_key, pattern_word, Mix, Op, OpKind, SizeMix, Workload, MAX_REQUEST,
 };
 
 use crate::blkverify::{parse_spec, Blkverify, Spec};
-use crate::driver::{BlockDriver, OpenOptions, SECTOR_SIZE};
+use crate::driver::{BlockDriver, OpenOptions};
 use crate::error::{Error, Result};
 use crate::verify::{self, VerifyOptions};
 use dispatch::{Dispatcher, Pacer, Stats};
@@ -357,13 +356,7 @@ pub fn run(
     let dispatched = if queue_depth == 1 {
         dispatcher.serial()?
     } else {
-        // NBD clients read-modify-write partial blocks: ops that share a block overlap.
-        let unit = if device.test().format_name() == "nbd" {
-            device.test().granularity().max(SECTOR_SIZE)
-        } else {
-            SECTOR_SIZE
-        };
-        dispatcher.queued(queue_depth, unit)?
+        dispatcher.queued(queue_depth)?
     };
     let elapsed = started.elapsed();
     let cancelled = pacer.cancelled;

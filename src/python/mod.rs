@@ -17,6 +17,7 @@ mod map;
 mod open;
 mod options;
 mod rules;
+mod serve;
 mod verify;
 
 use errors::{exc, CorruptImageError, FormatError, MismatchError};
@@ -48,6 +49,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<digest::PyBlockDigests>()?;
     m.add_class::<digest::PySpanJoiner>()?;
     m.add_class::<map::PyMapExtent>()?;
+    m.add_class::<serve::PyServer>()?;
     m.add_function(wrap_pyfunction!(open::open, m)?)?;
     m.add_function(wrap_pyfunction!(device::open_device, m)?)?;
     m.add_function(wrap_pyfunction!(image::probe_format, m)?)?;
@@ -64,6 +66,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(exercise::exercise, m)?)?;
     m.add_function(wrap_pyfunction!(exercise::read_log, m)?)?;
     m.add_function(wrap_pyfunction!(exercise::write_log, m)?)?;
+    m.add_function(wrap_pyfunction!(serve::serve, m)?)?;
     m.add_function(wrap_pyfunction!(rules::parse_size, m)?)?;
     m.add_function(wrap_pyfunction!(rules::formats, m)?)?;
     m.add_function(wrap_pyfunction!(rules::parse_spec, m)?)?;

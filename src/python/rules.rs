@@ -32,6 +32,7 @@ pub(crate) fn add_constants(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DIGEST_BLOCK_SIZE", crate::digest::BLOCK_SIZE)?;
     m.add("MAX_LOCATED", crate::verify::MAX_LOCATED)?;
     m.add("MAX_QUEUE_DEPTH", crate::exercise::MAX_QUEUE_DEPTH)?;
+    m.add("ON_MISMATCH", crate::serve::Policy::NAMES.to_vec())?;
     Ok(())
 }
 

@@ -18,12 +18,13 @@
 //! reason, and later ones fail at once. The socket is shut down, so nothing
 //! blocks on it, and the position in the stream is never guessed at.
 
-use super::wire::{
-    command_name, request_header, Stream, Wire, CMD_BLOCK_STATUS, CMD_DISC, CMD_READ,
-    MAX_OPTION_REPLY, MAX_STATUS_REPLY, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS,
-    REPLY_TYPE_ERROR_BIT, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE,
-    SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
+use super::{explain_timeout, MAX_OPTION_REPLY, MAX_STATUS_REPLY};
+use crate::nbd::wire::{
+    command_name, ChunkHeader, RequestHeader, SimpleReply, Wire, CMD_BLOCK_STATUS, CMD_DISC,
+    CMD_READ, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR_BIT, REPLY_TYPE_NONE,
+    REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
 };
+use crate::nbd::Stream;
 use std::collections::HashMap;
 use std::io::{self, BufReader, Read, Write};
 use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
@@ -182,7 +183,7 @@ impl Connection {
     ) -> Result<(), Failure> {
         let cookie = self.register(request)?;
         if let Err(e) = self.send(cookie, &request, write_data) {
-            let e = super::wire::explain_timeout(e, self.timeout);
+            let e = explain_timeout(e, self.timeout);
             self.break_connection(e.kind(), format!("sending the request failed: {e}"));
         }
         let (data, extents) = self.wait(cookie)?;
@@ -232,13 +233,14 @@ impl Connection {
     }
 
     fn send(&self, cookie: u64, request: &Request, write_data: Option<&[u8]>) -> io::Result<()> {
-        let header = request_header(
-            request.command,
-            request.flags,
+        let header = RequestHeader {
+            flags: request.flags,
+            command: request.command,
             cookie,
-            request.offset,
-            request.length,
-        );
+            offset: request.offset,
+            length: request.length,
+        }
+        .encode();
         let mut writer = lock(&self.writer);
         match write_data {
             Some(data) if data.len() <= COALESCE_MAX => {
@@ -322,7 +324,7 @@ impl Connection {
                 Ok(Some(done)) if done == cookie => return,
                 Ok(_) => {}
                 Err(Wire::Io(e)) => {
-                    let e = super::wire::explain_timeout(e, self.timeout);
+                    let e = explain_timeout(e, self.timeout);
                     return self.break_connection(e.kind(), e.to_string());
                 }
                 Err(Wire::Protocol(m)) => {
@@ -362,8 +364,8 @@ impl Connection {
         let magic = u32::from_be_bytes(self.fill_array(replies)?);
         match magic {
             SIMPLE_REPLY_MAGIC => {
-                let head: [u8; 12] = self.fill_array(replies)?;
-                let (error, cookie) = split_u32_u64(&head);
+                let SimpleReply { error, cookie } =
+                    SimpleReply::decode_body(&self.fill_array(replies)?);
                 // An error reply, or one to anything but a read, has no data:
                 // it is filed at once.
                 let error = (error != 0).then(|| (error, String::new()));
@@ -383,10 +385,12 @@ impl Connection {
                 Ok(Some(cookie))
             }
             STRUCTURED_REPLY_MAGIC if self.structured => {
-                let head: [u8; 16] = self.fill_array(replies)?;
-                let flags = u16::from_be_bytes([head[0], head[1]]);
-                let chunk_type = u16::from_be_bytes([head[2], head[3]]);
-                let (cookie, len) = split_u64_u32(&head[4..]);
+                let ChunkHeader {
+                    flags,
+                    kind: chunk_type,
+                    cookie,
+                    length: len,
+                } = ChunkHeader::decode_body(&self.fill_array(replies)?);
                 let done = flags & REPLY_FLAG_DONE != 0;
                 // The chunk that ends most replies to writes: nothing follows.
                 let finished = |_: &Request| Ok(done && chunk_type == REPLY_TYPE_NONE && len == 0);
@@ -653,7 +657,14 @@ impl Drop for Connection {
     fn drop(&mut self) {
         // Tell the server we are leaving; ignore failures.
         if lock(&self.table).broken.is_none() {
-            let header = request_header(CMD_DISC, 0, 0, 0, 0);
+            let header = RequestHeader {
+                flags: 0,
+                command: CMD_DISC,
+                cookie: 0,
+                offset: 0,
+                length: 0,
+            }
+            .encode();
             let _ = lock(&self.writer).write_all(&header);
         }
     }
@@ -695,23 +706,4 @@ fn take_outcome(table: &mut Table, cookie: u64) -> Result<Reply, Failure> {
             reason: format!("request with cookie {cookie:#x} has no reply"),
         }),
     }
-}
-
-/// A big-endian u32 then u64 (a simple reply's error and cookie).
-fn split_u32_u64(b: &[u8; 12]) -> (u32, u64) {
-    let (first, second) = b.split_at(4);
-    (
-        u32::from_be_bytes(first.try_into().unwrap_or([0; 4])),
-        u64::from_be_bytes(second.try_into().unwrap_or([0; 8])),
-    )
-}
-
-/// A big-endian u64 then u32 (a structured chunk's cookie and length).
-fn split_u64_u32(b: &[u8]) -> (u64, u32) {
-    let cookie = b.get(..8).and_then(|c| c.try_into().ok()).unwrap_or([0; 8]);
-    let len = b
-        .get(8..12)
-        .and_then(|l| l.try_into().ok())
-        .unwrap_or([0; 4]);
-    (u64::from_be_bytes(cookie), u32::from_be_bytes(len))
 }

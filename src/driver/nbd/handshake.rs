@@ -2,17 +2,16 @@
 //! the `base:allocation` metadata context (block status) if it offers it, then
 //! `NBD_OPT_GO` with the export name, asking for block sizes.
 
-use super::wire::{
-    read_u16, read_u32, read_u64, Stream, Wire, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT,
-    INFO_BLOCK_SIZE, INFO_EXPORT, MAX_OPTION_REPLY, NBDMAGIC, OLDSTYLE_MAGIC, OPT_GO,
-    OPT_REPLY_MAGIC, OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_BIT, REP_INFO,
-    REP_META_CONTEXT,
-};
+use super::MAX_OPTION_REPLY;
 use crate::bytes::BeBytes;
+use crate::nbd::wire::{
+    option_error_name, read_u16, read_u64, OptionHeader, OptionReply, Wire, BASE_ALLOCATION,
+    FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_BLOCK_SIZE, INFO_EXPORT, NBDMAGIC,
+    OLDSTYLE_MAGIC, OPT_GO, OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_BIT,
+    REP_INFO, REP_META_CONTEXT,
+};
+use crate::nbd::Stream;
 use std::io::{Read, Write};
-
-/// The metadata context that says which ranges are holes and which read as zeros.
-const BASE_ALLOCATION: &str = "base:allocation";
 
 /// What the handshake settled.
 pub(super) struct Negotiated {
@@ -160,15 +159,7 @@ fn go(s: &mut Stream, export: &str) -> Result<ExportInfo, Wire> {
 /// message.
 fn refusal(export: &str, reply: u32, data: &[u8]) -> Wire {
     let message = String::from_utf8_lossy(data).into_owned();
-    let what = match reply & !REP_ERR_BIT {
-        1 => "unsupported option",
-        2 => "policy refused",
-        3 => "invalid",
-        6 => "unknown export",
-        8 => "export shutting down",
-        9 => "block size constraints not met",
-        _ => "error",
-    };
+    let what = option_error_name(reply);
     Wire::Protocol(format!(
         "server refused export '{export}': {what}{}",
         if message.is_empty() {
@@ -213,30 +204,23 @@ fn set_meta_context(s: &mut Stream, export: &str) -> Result<Option<u32>, Wire> {
 }
 
 fn send_option(s: &mut Stream, option: u32, data: &[u8]) -> Result<(), Wire> {
-    let mut msg = Vec::with_capacity(16 + data.len());
-    msg.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    msg.extend_from_slice(&option.to_be_bytes());
-    msg.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    msg.extend_from_slice(data);
-    s.write_all(&msg)?;
+    s.write_all(&OptionHeader::message(option, data))?;
     Ok(())
 }
 
 fn read_option_reply(s: &mut Stream, option: u32) -> Result<(u32, Vec<u8>), Wire> {
-    let magic = read_u64(s)?;
-    if magic != OPT_REPLY_MAGIC {
-        return Err(Wire::Protocol(format!(
-            "option reply has bad magic {magic:#018x}"
-        )));
-    }
-    let replied = read_u32(s)?;
+    let mut head = [0u8; OptionReply::SIZE];
+    s.read_exact(&mut head)?;
+    let OptionReply {
+        option: replied,
+        reply,
+        length: len,
+    } = OptionReply::decode(&head).map_err(Wire::Protocol)?;
     if replied != option {
         return Err(Wire::Protocol(format!(
             "option reply is for option {replied}, not {option}"
         )));
     }
-    let reply = read_u32(s)?;
-    let len = read_u32(s)?;
     if len > MAX_OPTION_REPLY {
         return Err(Wire::Protocol(format!(
             "option reply of {len} bytes is too large"

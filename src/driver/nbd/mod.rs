@@ -14,18 +14,23 @@
 //! misbehaving server gives a clear error naming the request, never a hang or
 //! a later misparse.
 //!
-//! The parts: `uri` reads `nbd://` and `nbd+unix://` URIs, `handshake`
-//! negotiates, `conn` carries the requests, `wire` has the protocol's numbers.
+//! The parts: `handshake` negotiates, `conn` carries the requests; the
+//! protocol's numbers, the socket and the URI syntax are [`crate::nbd`]'s,
+//! which the server shares.
 
 mod conn;
 mod handshake;
-mod uri;
-mod wire;
 
-pub use uri::{is_uri, parse_uri, Address};
+pub use crate::nbd::{is_uri, parse_uri, Address};
 
 use super::{check_range, BlockDriver, Extent, Format, Mapping, SECTOR_SIZE};
 use crate::error::{usize_of, Error, Result};
+use crate::nbd::wire::{
+    nbd_errno, Wire, CMD_BLOCK_STATUS, CMD_FLAG_NO_HOLE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE,
+    CMD_WRITE_ZEROES, MAX_REQUEST, STATE_HOLE, STATE_ZERO, TFLAG_READ_ONLY, TFLAG_SEND_FLUSH,
+    TFLAG_SEND_TRIM, TFLAG_SEND_WRITE_ZEROES,
+};
+use crate::nbd::Stream;
 use conn::{Connection, Failure, Payload, Request};
 use handshake::{negotiate, Negotiated};
 use std::io;
@@ -34,11 +39,32 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
-use wire::{
-    explain_timeout, nbd_errno, Stream, Wire, CMD_BLOCK_STATUS, CMD_FLAG_NO_HOLE, CMD_FLUSH,
-    CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, MAX_REQUEST, MAX_STATUS_REQUEST, STATE_HOLE,
-    STATE_ZERO, TFLAG_READ_ONLY, TFLAG_SEND_FLUSH, TFLAG_SEND_TRIM, TFLAG_SEND_WRITE_ZEROES,
-};
+
+/// The longest range one block status request asks about.
+const MAX_STATUS_REQUEST: u64 = 1 << 30;
+/// The largest block status reply we accept (8 bytes per extent).
+const MAX_STATUS_REPLY: u32 = 1 << 20;
+/// The largest option reply or structured chunk we accept beyond data.
+const MAX_OPTION_REPLY: u32 = 64 << 10;
+
+/// A socket timeout surfaces as EAGAIN ("resource temporarily unavailable");
+/// say what it means.
+fn explain_timeout(e: io::Error, timeout: Duration) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the server did not answer within {} s (is it busy with another client?)",
+                timeout.as_secs_f64()
+            ),
+        ),
+        io::ErrorKind::UnexpectedEof => io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the server closed the connection",
+        ),
+        _ => e,
+    }
+}
 
 /// An NBD export opened as a block device.
 pub struct Nbd {

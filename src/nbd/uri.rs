@@ -25,6 +25,37 @@ pub fn is_uri(spec: &str) -> bool {
     spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") || spec.starts_with("nbd+tcp://")
 }
 
+/// Percent-encode `s` for a URI's path or query value: everything but
+/// unreserved characters (and `/` in a path) is escaped.
+fn percent_encode(s: &str, keep_slash: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || (keep_slash && b == b'/') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The URI of `export` at `address`, as [`parse_uri`] reads it back:
+/// `nbd+unix:///EXPORT?socket=PATH` or `nbd://HOST:PORT/EXPORT` (an IPv6
+/// host in brackets).
+pub fn format_uri(address: &Address, export: &str) -> String {
+    let export = percent_encode(export, true);
+    match address {
+        Address::Unix { socket } => format!(
+            "nbd+unix:///{export}?socket={}",
+            percent_encode(&socket.to_string_lossy(), true)
+        ),
+        Address::Tcp { host, port } if host.contains(':') => {
+            format!("nbd://[{host}]:{port}/{export}")
+        }
+        Address::Tcp { host, port } => format!("nbd://{host}:{port}/{export}"),
+    }
+}
+
 fn percent_decode(s: &str) -> std::result::Result<String, String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -160,5 +191,47 @@ mod tests {
         assert!(parse_uri("nbd://:99/x").is_err());
         assert!(parse_uri("nbd://h:notaport/x").is_err());
         assert!(parse_uri("http://h/x").is_err());
+    }
+
+    #[test]
+    fn formatted_uris_parse_back() {
+        for (address, export) in [
+            (
+                Address::Unix {
+                    socket: "/tmp/a b/s?.sock".into(),
+                },
+                "",
+            ),
+            (
+                Address::Tcp {
+                    host: "127.0.0.1".into(),
+                    port: 10809,
+                },
+                "disk 1&2",
+            ),
+            (
+                Address::Tcp {
+                    host: "::1".into(),
+                    port: 5,
+                },
+                "x/y",
+            ),
+        ] {
+            let uri = format_uri(&address, export);
+            assert_eq!(
+                parse_uri(&uri).unwrap(),
+                (address, export.to_string()),
+                "{uri}"
+            );
+        }
+        assert_eq!(
+            format_uri(
+                &Address::Unix {
+                    socket: "/tmp/s".into()
+                },
+                ""
+            ),
+            "nbd+unix:///?socket=/tmp/s"
+        );
     }
 }
