@@ -19,8 +19,8 @@ Rust rules:
 - Inside ``driver/``, a format (one folder or file per format) may use what the
   formats share at ``driver/`` level (``driver::open`` and ``open_in_chain``
   included, which open other images), never another format. The NBD wire
-  protocol is not part of the driver layer: it sits with storage, so that the
-  client and the server can share it (``WIRE_MODULES``).
+  protocol is not part of the driver layer: it is ``src/nbd/``, beside
+  storage, so that the client and the server can share it.
 - The crate root (lib.rs) is the crate's face: it re-exports from every layer
   and is not checked. Paths in comments and strings are not arrows.
 
@@ -45,7 +45,7 @@ from pathlib import Path
 LAYERS: list[tuple[str, ...]] = [
     ("error", "size", "compare", "bytes"),
     # Storage, and the NBD wire protocol the client and the server share.
-    ("storage", "nbd", "wire"),
+    ("storage", "nbd"),
     ("driver",),
     # What the whole-image engines share: the worker pool and the report types.
     ("pool", "report"),
@@ -58,10 +58,6 @@ LAYERS: list[tuple[str, ...]] = [
     # The bindings, and the fuzzing harness (used by fuzz/ and its regressions).
     ("python", "fuzzing"),
 ]
-
-# The NBD wire protocol, wherever it lives: at the storage layer, not the
-# driver's, though it may sit in the driver's folder.
-WIRE_MODULES = {("driver", "nbd", "wire"): "wire"}
 
 # What the formats share, at driver/ level.
 DRIVER_SHARED = {"gate", "locks", "cache", "read"}
@@ -250,10 +246,6 @@ def resolve(module: tuple[str, ...], path: str) -> tuple[str, ...] | None:
 def layer_of(path: tuple[str, ...]) -> tuple[int, str] | None:
     """The layer index and unit (top-level module, or the wire module) of a
     module path; None if its top-level module is in no layer."""
-    for prefix, unit in WIRE_MODULES.items():
-        if path[: len(prefix)] == prefix:
-            path = (unit,)
-            break
     for index, names in enumerate(LAYERS):
         if path[0] in names:
             return index, path[0]
