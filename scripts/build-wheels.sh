@@ -10,9 +10,9 @@
 #
 #   sh scripts/build-wheels.sh [OUT]     (default dist/; its old blkverify_rs-* files are removed)
 #
-# Needs Rust, and CPython 3.10 and 3.11 or later: python3 if it is >= 3.11,
-# else python3.11; python3.10 (PYTHON310 and PYTHON311 override; pyenv's are
-# found). The build tools (scripts/wheel-tools.txt: maturin, ziglang,
+# Needs Rust, and CPython 3.11 or later: python3 if it is >= 3.11, else
+# python3.11; and CPython 3.10 if there is one (python3.10, pyenv's; else
+# maturin's bundled sysconfig of 3.10). PYTHON310 and PYTHON311 override. The build tools (scripts/wheel-tools.txt: maturin, ziglang,
 # auditwheel) are installed into python3's environment.
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,7 +37,9 @@ if python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
 else
     py_abi3=$(find_python 3.11 "${PYTHON311:-}")
 fi
-py310=$(find_python 3.10 "${PYTHON310:-}")
+# Without a CPython 3.10 here, maturin builds the cp310 wheel from the sysconfig
+# it bundles for CPython 3.10 on Linux (the extension links no libpython).
+py310=$(find_python 3.10 "${PYTHON310:-}" 2>/dev/null) || py310=python3.10
 
 python3 -m pip install --quiet --disable-pip-version-check -r scripts/wheel-tools.txt
 # maturin finds zig as `python3 -m ziglang`; name the python3 that has it (a
