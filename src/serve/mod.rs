@@ -36,6 +36,7 @@ mod connection;
 mod execute;
 mod finding;
 mod handshake;
+mod inbox;
 mod listen;
 mod reply;
 mod status;
@@ -98,6 +99,11 @@ pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 /// it stops reading more (so memory per connection is bounded).
 pub const MAX_IN_FLIGHT: usize = 64;
 
+/// How long a client has to send the rest of a request once its first byte
+/// has come (a write's data included): a client that stalls in the middle
+/// of a request is disconnected. Idle time between requests is not limited.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long a stop waits for clients to take their last replies before it
 /// closes their connections.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -119,6 +125,8 @@ pub struct ServeOptions {
     pub handshake_limit: Duration,
     /// Requests one connection keeps in flight at most.
     pub max_in_flight: usize,
+    /// How long a begun request may take to arrive whole.
+    pub request_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -131,6 +139,7 @@ impl Default for ServeOptions {
             on_mismatch: Policy::Stop,
             handshake_limit: HANDSHAKE_LIMIT,
             max_in_flight: MAX_IN_FLIGHT,
+            request_timeout: REQUEST_TIMEOUT,
         }
     }
 }
@@ -200,6 +209,11 @@ struct Stats {
     connections: AtomicU64,
     dropped_replies: AtomicU64,
     truncated_requests: AtomicU64,
+    /// Connections dropped because a request they began did not arrive
+    /// whole in time (among `truncated_requests`).
+    stalled: AtomicU64,
+    /// The most requests one connection had on its workers at once.
+    peak_in_flight: AtomicU64,
 }
 
 /// The command names [`Stats::by_command`] counts, in its order.
