@@ -396,7 +396,7 @@ pub fn serve_connection(data: &[u8]) -> ServeOutcome {
     };
     let mut outcome = ServeOutcome::default();
     std::thread::scope(|scope| {
-        scope.spawn(move || {
+        let feeder = scope.spawn(move || {
             // The server may hang up before reading it all.
             let _ = input.write_all(data);
             let _ = input.shutdown(std::net::Shutdown::Write);
@@ -418,6 +418,9 @@ pub fn serve_connection(data: &[u8]) -> ServeOutcome {
             Err(e) => outcome.error = Some(e),
         }
         outcome.replied = replies.join().unwrap_or(0);
+        // Joined, not left to the scope: the leak checker then finds every
+        // thread's memory freed.
+        let _ = feeder.join();
     });
     // Both sides alike, sector by sector, but for the planted one.
     let mut test_bytes = vec![0u8; size];
@@ -462,16 +465,21 @@ pub fn nbd_client(server: &[u8]) -> Outcome {
         return Outcome::default();
     };
     std::thread::scope(|scope| {
-        scope.spawn(move || {
+        let feeder = scope.spawn(move || {
             let _ = feed.write_all(server);
             let _ = feed.shutdown(std::net::Shutdown::Write);
         });
-        scope.spawn(move || {
+        let drain = scope.spawn(move || {
             let mut theirs = theirs;
             let mut sink = [0u8; 1 << 16];
             while matches!(theirs.read(&mut sink), Ok(n) if n > 0) {}
         });
-        nbd_client_session(Stream::Unix(ours))
+        let outcome = nbd_client_session(Stream::Unix(ours));
+        // Joined, not left to the scope: the leak checker then finds every
+        // thread's memory freed.
+        let _ = feeder.join();
+        let _ = drain.join();
+        outcome
     })
 }
 

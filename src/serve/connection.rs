@@ -87,8 +87,9 @@ pub(super) fn serve(ctx: &Context<'_>, id: u64, stream: Stream) {
         room: Condvar::new(),
     };
     std::thread::scope(|scope| {
+        let mut workers = Vec::new();
         connection.read_requests(stream, |connection| {
-            scope.spawn(move || connection.work());
+            workers.push(scope.spawn(move || connection.work()));
         });
         let mut queue = connection.lock_queue();
         queue.closed = true;
@@ -98,6 +99,12 @@ pub(super) fn serve(ctx: &Context<'_>, id: u64, stream: Stream) {
             .fetch_max(queue.peak_in_flight as u64, Ordering::Relaxed);
         drop(queue);
         connection.work.notify_all();
+        // Joined one by one, not left to the scope: a join waits for the
+        // thread's end, its thread-locals freed, so that nothing of the
+        // connection outlives it.
+        for worker in workers {
+            let _ = worker.join();
+        }
     });
     let mut writer = lock(&connection.writer);
     writer.flush();
