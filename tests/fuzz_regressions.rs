@@ -283,11 +283,14 @@ fn nbd_handshake_regressions_give_errors_not_panics() {
 
 /// The reply stream alone, after a handshake the harness makes: the
 /// `seed-*` inputs are real servers' replies to the session (the handshake
-/// cut off, its terms in the prefix), and succeed; others give errors that
-/// name the export.
+/// cut off, its terms in the prefix), and succeed; the `bad-*` ones (a read
+/// answered without all its data, chunks that overlap or lie outside the
+/// request, a reply to a cookie never sent, a status chunk for a read) fail
+/// the first request; any other gives errors that name the export.
 #[test]
 fn nbd_replies_regressions_give_errors_not_panics() {
     let mut seeds = 0;
+    let mut bad = 0;
     for path in inputs("nbd_replies") {
         let data = std::fs::read(&path).unwrap();
         let started = Instant::now();
@@ -313,8 +316,23 @@ fn nbd_replies_regressions_give_errors_not_panics() {
             );
             seeds += 1;
         }
+        if file_name(&path).starts_with("bad-") {
+            // The first request (a 4 KiB read at 0) is the one refused.
+            let first = outcome.op_errors.first().map(ToString::to_string);
+            assert!(
+                first
+                    .as_deref()
+                    .is_some_and(|e| e.contains("read at offset 0x0")),
+                "{}: {first:?}",
+                path.display()
+            );
+            bad += 1;
+        }
     }
-    assert!(seeds >= 1, "{seeds} recorded reply streams");
+    assert!(
+        seeds >= 1 && bad >= 6,
+        "{seeds} recorded reply streams, {bad} bad ones"
+    );
 }
 
 /// Record the NBD seeds (run by hand, then commit the files):
