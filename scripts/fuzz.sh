@@ -112,8 +112,8 @@ vb.Vhd(
 ).write(f"{out}/seed-differencing")
 PY
 # The NBD targets' seeds are the recorded sessions in fuzz/regressions (real clients
-# talking to serve, real servers answering our client: tests/fuzz_regressions.rs
-# record_nbd_seeds). The regression inputs are seeds too (README.md files aside).
+# talking to serve, real servers answering our client: `cargo run --release --example
+# record_nbd_seeds`). The regression inputs are seeds too (README.md files aside).
 all="header l2_entry read_image write_image read_vmdk read_vhdx vpc_image vdi_image digests_file"
 all="$all serve_connection nbd_handshake nbd_replies"
 for target in $all; do
