@@ -639,12 +639,20 @@ impl BlockDriver for Qcow2 {
             },
         };
         let mapping = mapping_of(first, within);
-        // The image file's length, for data stored in it: asked of the file once
-        // per extent (one lseek), because a file that shrank under us must be an
-        // error, never zeros. External data files may be shorter than their data.
+        // The image file's length, for data stored in it: for an image opened
+        // read-only (another process may write it), asked of the file once per
+        // extent (one lseek), because a file that shrank under us must be named
+        // as such, never read as zeros. A writable image's file is ours and only
+        // grows: the largest length seen does ([`Qcow2::file_len`]), sparing
+        // serve an lseek per request. External data files may be shorter than
+        // their data.
         let data_len = match mapping {
             Mapping::Data { host_offset } if !self.header.has_data_file() => {
-                Some(self.data_len(host_offset - within + 1)?)
+                Some(if self.data.is_read_only() {
+                    self.data.len()?
+                } else {
+                    self.data_len(host_offset - within + 1)?
+                })
             }
             _ => None,
         };
