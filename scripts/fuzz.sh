@@ -1,6 +1,7 @@
 #!/bin/sh
-# Fuzz the image parsers (qcow2, vmdk, vhdx, vpc, vdi) and the block digests file's
-# for a bounded time each (not run in CI).
+# Fuzz the image parsers (qcow2, vmdk, vhdx, vpc, vdi), the block digests file's, the
+# NBD server (whole client connections) and our NBD client (whole server transcripts,
+# and reply streams) for a bounded time each (not run in CI).
 #   sh scripts/fuzz.sh [SECONDS_PER_TARGET]   (TARGETS="a b" to pick targets)
 # Seeds are real images made by qemu-img; crashes land in fuzz/artifacts/<target>/.
 # Copy each crashing input into fuzz/regressions/<target>/ once fixed: `cargo
@@ -110,11 +111,16 @@ vb.Vhd(
     locators=locators, blocks=blocks,
 ).write(f"{out}/seed-differencing")
 PY
-# The regression inputs are seeds too (README.md files aside).
-for target in header l2_entry read_image write_image read_vmdk read_vhdx vpc_image vdi_image digests_file; do
+# The NBD targets' seeds are the recorded sessions in fuzz/regressions (real clients
+# talking to serve, real servers answering our client: `cargo run --release --example
+# record_nbd_seeds`). The regression inputs are seeds too (README.md files aside).
+all="header l2_entry read_image write_image read_vmdk read_vhdx vpc_image vdi_image digests_file"
+all="$all serve_connection nbd_handshake nbd_replies"
+for target in $all; do
+    mkdir -p "fuzz/corpus/$target"
     find "fuzz/regressions/$target" -type f ! -name '*.md' -exec cp {} "fuzz/corpus/$target/" \;
 done
-for target in ${TARGETS:-header l2_entry read_image write_image read_vmdk read_vhdx vpc_image vdi_image digests_file}; do
+for target in ${TARGETS:-$all}; do
     echo "== $target: ${seconds}s"
     case $target in vpc_image | vdi_image) more="-max_len=4194304" ;; *) more="" ;; esac
     # shellcheck disable=SC2086

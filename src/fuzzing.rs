@@ -287,3 +287,319 @@ pub fn write_image(data: &[u8], name: &str) -> Outcome {
     }
     outcome
 }
+
+/// The export a [`serve_connection`] input talks to: 1 MiB.
+pub const SERVE_EXPORT_SIZE: u64 = 1 << 20;
+
+/// The byte at which the two sides of [`serve_connection`]'s device differ
+/// (the reference holds 0x01 there, the test side reads zero), so that
+/// findings and every `--on-mismatch` policy are reached too.
+pub const SERVE_PLANTED: u64 = (512 << 10) + 100;
+
+/// What one [`serve_connection`] run came to.
+#[derive(Debug, Default)]
+pub struct ServeOutcome {
+    /// The server's summary, or the error that ended it.
+    pub summary: Option<crate::serve::Summary>,
+    /// The error that ended the server, if one did.
+    pub error: Option<Error>,
+    /// The bytes the server sent back.
+    pub replied: usize,
+}
+
+/// An empty qcow2 of [`SERVE_EXPORT_SIZE`] with 4 KiB clusters (many
+/// clusters in a small export), made once per process by our own create.
+fn empty_qcow2() -> &'static [u8] {
+    static IMAGE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(|| {
+        use crate::driver::qcow2::create::{create, CreateOptions};
+        let dir = std::env::temp_dir().join(format!("blkverify-fuzz-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("empty.qcow2");
+        let options = CreateOptions {
+            size: Some(SERVE_EXPORT_SIZE),
+            cluster_size: 4096,
+            ..CreateOptions::default()
+        };
+        let bytes = create(&path, &options)
+            .and_then(|()| std::fs::read(&path).map_err(|e| Error::io(&path, "read", e)));
+        let _ = std::fs::remove_dir_all(&dir);
+        bytes.unwrap_or_default()
+    })
+}
+
+/// Feed `data` to the NBD server as one client's whole connection (the
+/// handshake, options and requests), as nbdkit's `server/fuzzer.c` does:
+/// the server runs on one end of a socket pair, a thread writes `data` into
+/// the other and then closes its sending side, another takes the replies.
+///
+/// The export is named `fuzz` (the empty name works too). The device: a
+/// raw reference in memory, and a test side in memory that
+/// is an empty qcow2 (4 KiB clusters) when `data`'s length is even and raw
+/// when odd; the reference differs at [`SERVE_PLANTED`]. The
+/// `--on-mismatch` policy is `stop`, `eio` or `reference` by `data`'s length
+/// too. Afterwards every sector but the planted one must read the same on
+/// both sides (the server never wrote one side without the other, nor
+/// outside a request's range), or the harness panics.
+pub fn serve_connection(data: &[u8]) -> ServeOutcome {
+    use crate::blkverify::Blkverify;
+    use crate::driver::qcow2::Qcow2;
+    use crate::driver::raw::Raw;
+    use crate::nbd::Stream;
+    use crate::serve::{Policy, ServeOptions};
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
+    let size = SERVE_EXPORT_SIZE as usize;
+    let mut reference = vec![0u8; size];
+    if let Some(b) = reference.get_mut(SERVE_PLANTED as usize) {
+        *b = 1;
+    }
+    let raw_store = Arc::new(MemStorage::new("/nonexistent/raw.img", reference, true));
+    let Ok(raw) = Raw::new(raw_store.clone()) else {
+        return ServeOutcome::default();
+    };
+    let test: Arc<dyn BlockDriver> = if data.len() % 2 == 0 {
+        let store = Arc::new(LimitedStorage::new(
+            MemStorage::new("/nonexistent/test.qcow2", empty_qcow2().to_vec(), true),
+            STORE_LIMIT,
+        ));
+        match Qcow2::open(store, None, &options(true), &[]) {
+            Ok(image) => Arc::new(image),
+            Err(_) => return ServeOutcome::default(),
+        }
+    } else {
+        let store = Arc::new(MemStorage::new(
+            "/nonexistent/test.img",
+            vec![0u8; size],
+            true,
+        ));
+        match Raw::new(store) {
+            Ok(image) => Arc::new(image),
+            Err(_) => return ServeOutcome::default(),
+        }
+    };
+    let device = Blkverify::new(Arc::new(raw), test);
+    let options = ServeOptions {
+        export_name: "fuzz".to_string(),
+        on_mismatch: [Policy::Stop, Policy::Eio, Policy::Reference][data.len() / 2 % 3],
+        handshake_limit: Duration::from_secs(10),
+        request_timeout: Duration::from_secs(10),
+        ..ServeOptions::default()
+    };
+    let Ok((server_end, client_end)) = UnixStream::pair() else {
+        return ServeOutcome::default();
+    };
+    let Ok(mut input) = client_end.try_clone() else {
+        return ServeOutcome::default();
+    };
+    let mut outcome = ServeOutcome::default();
+    std::thread::scope(|scope| {
+        let feeder = scope.spawn(move || {
+            // The server may hang up before reading it all.
+            let _ = input.write_all(data);
+            let _ = input.shutdown(std::net::Shutdown::Write);
+        });
+        let replies = scope.spawn(move || {
+            let mut client_end = client_end;
+            let mut sink = [0u8; 1 << 16];
+            let mut total = 0usize;
+            while let Ok(n) = client_end.read(&mut sink) {
+                if n == 0 {
+                    break;
+                }
+                total += n;
+            }
+            total
+        });
+        match crate::serve::serve_connection(&device, &options, Stream::Unix(server_end)) {
+            Ok(summary) => outcome.summary = Some(summary),
+            Err(e) => outcome.error = Some(e),
+        }
+        outcome.replied = replies.join().unwrap_or(0);
+        // Joined, not left to the scope: the leak checker then finds every
+        // thread's memory freed.
+        let _ = feeder.join();
+    });
+    // Both sides alike, sector by sector, but for the planted one.
+    let mut test_bytes = vec![0u8; size];
+    let mut raw_bytes = vec![0u8; size];
+    let read = device
+        .test()
+        .read_at(&mut test_bytes, 0)
+        .and_then(|()| device.raw().read_at(&mut raw_bytes, 0));
+    if read.is_ok() {
+        let planted = SERVE_PLANTED / SECTOR_SIZE;
+        for (i, (t, r)) in test_bytes
+            .chunks(SECTOR_SIZE as usize)
+            .zip(raw_bytes.chunks(SECTOR_SIZE as usize))
+            .enumerate()
+        {
+            assert!(
+                i as u64 == planted || t == r,
+                "sector {i} differs between the sides after the connection"
+            );
+        }
+    }
+    outcome
+}
+
+/// The name the NBD client fuzz targets give their export in messages.
+pub const NBD_FUZZ_NAME: &str = "nbd+unix:///fuzz?socket=/nonexistent/fuzz.sock";
+
+/// Run our NBD client against a server whose every byte is `server`: a thread
+/// writes `server` into one end of a socket pair and closes its sending side,
+/// another takes what the client sends, and [`nbd_client_session`] runs on
+/// the other end. No input may make the client panic, hang, or allocate more
+/// than its own requests need.
+pub fn nbd_client(server: &[u8]) -> Outcome {
+    use crate::nbd::Stream;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    let Ok((ours, theirs)) = UnixStream::pair() else {
+        return Outcome::default();
+    };
+    let Ok(mut feed) = theirs.try_clone() else {
+        return Outcome::default();
+    };
+    std::thread::scope(|scope| {
+        let feeder = scope.spawn(move || {
+            let _ = feed.write_all(server);
+            let _ = feed.shutdown(std::net::Shutdown::Write);
+        });
+        let drain = scope.spawn(move || {
+            let mut theirs = theirs;
+            let mut sink = [0u8; 1 << 16];
+            while matches!(theirs.read(&mut sink), Ok(n) if n > 0) {}
+        });
+        let outcome = nbd_client_session(Stream::Unix(ours));
+        // Joined, not left to the scope: the leak checker then finds every
+        // thread's memory freed.
+        let _ = feeder.join();
+        let _ = drain.join();
+        outcome
+    })
+}
+
+/// Our NBD client's session with the server on `stream` (a real one, when
+/// the seeds are recorded, or made-up bytes): negotiate the export `fuzz`,
+/// then read, read unaligned, map (block status), write, zero, trim, flush
+/// and read the end; the outcome collects the errors.
+pub fn nbd_client_session(stream: crate::nbd::Stream) -> Outcome {
+    use crate::driver::nbd::Nbd;
+    use std::time::Duration;
+
+    let mut outcome = Outcome::default();
+    let nbd = match Nbd::over_stream(stream, NBD_FUZZ_NAME, "fuzz", true, Duration::from_secs(5)) {
+        Ok(nbd) => nbd,
+        Err(e) => {
+            outcome.open_error = Some(e);
+            return outcome;
+        }
+    };
+    let size = nbd.size();
+    let mut buf = vec![0x3cu8; 8192];
+    let at = |offset: u64, len: u64| -> Option<(u64, usize)> {
+        (offset < size).then(|| (offset, (size - offset).min(len) as usize))
+    };
+    let mut ops: Vec<crate::error::Result<()>> = Vec::new();
+    if let Some((offset, n)) = at(0, 4096) {
+        ops.push(nbd.read_at(buf.get_mut(..n).unwrap_or(&mut []), offset));
+    }
+    if let Some((offset, n)) = at(100, 1000) {
+        ops.push(nbd.read_at(buf.get_mut(..n).unwrap_or(&mut []), offset));
+    }
+    if size > 0 {
+        ops.push(nbd.map(0, size).map(|_| ()));
+    }
+    if let Some((offset, n)) = at(4096, 4096) {
+        ops.push(nbd.write_at(buf.get(..n).unwrap_or(&[]), offset));
+    }
+    if let Some((offset, n)) = at(8192, 8192) {
+        ops.push(nbd.write_zeroes(offset, n as u64, true));
+        ops.push(nbd.discard(offset, n as u64));
+    }
+    ops.push(nbd.flush());
+    if let Some((offset, n)) = at(size.saturating_sub(8192), 8192) {
+        ops.push(nbd.read_at(buf.get_mut(..n).unwrap_or(&mut []), offset));
+    }
+    outcome.op_errors = ops.into_iter().filter_map(|r| r.err()).collect();
+    outcome
+}
+
+/// The export an [`nbd_replies`] input's handshake offers: 64 KiB.
+pub const NBD_REPLIES_EXPORT: u64 = 64 << 10;
+
+/// The bytes of an [`nbd_replies`] input before the replies: a byte that
+/// chooses the handshake (bit 0: structured replies; bit 1: block status,
+/// `base:allocation`; bits 2-3: the minimum block size, 1, 512, 4096 or
+/// 64 KiB; bit 4: the export is read-only), then the context id the server
+/// gives `base:allocation` (big-endian).
+pub const NBD_REPLIES_PREFIX: usize = 5;
+
+/// Run our NBD client (as [`nbd_client`]) against a server that negotiates
+/// well, as `data`'s first bytes choose ([`NBD_REPLIES_PREFIX`]), and then
+/// sends the rest of `data` as its replies: the replies' parsing (simple, structured, block status
+/// chunks, errors) is reached without the fuzzer having to find a whole
+/// handshake. The client's requests use cookies 1, 2, 3… in order.
+pub fn nbd_replies(data: &[u8]) -> Outcome {
+    use crate::nbd::wire::{
+        OptionReply, BASE_ALLOCATION, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT,
+        INFO_BLOCK_SIZE, INFO_EXPORT, NBDMAGIC, OPT_GO, OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY,
+        REP_ACK, REP_ERR_UNSUP, REP_INFO, REP_META_CONTEXT, TFLAG_HAS_FLAGS, TFLAG_READ_ONLY,
+        TFLAG_SEND_FLUSH, TFLAG_SEND_TRIM, TFLAG_SEND_WRITE_ZEROES,
+    };
+    let mut prefix = [0u8; NBD_REPLIES_PREFIX];
+    for (dst, src) in prefix.iter_mut().zip(data) {
+        *dst = *src;
+    }
+    let [choice, c0, c1, c2, c3] = prefix;
+    let context_id = u32::from_be_bytes([c0, c1, c2, c3]);
+    let replies = data.get(NBD_REPLIES_PREFIX..).unwrap_or(&[]);
+    let structured = choice & 1 != 0;
+    let status = structured && choice & 2 != 0;
+    let min_block: u32 = [1, 512, 4096, 65536][usize::from(choice >> 2 & 3)];
+    let read_only = choice & 16 != 0;
+    let mut server = Vec::new();
+    server.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    server.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    server.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    let mut reply = |option: u32, reply: u32, payload: &[u8]| {
+        let head = OptionReply {
+            option,
+            reply,
+            length: payload.len() as u32,
+        };
+        server.extend_from_slice(&head.encode());
+        server.extend_from_slice(payload);
+    };
+    if structured {
+        reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]);
+        if status {
+            let mut context = context_id.to_be_bytes().to_vec();
+            context.extend_from_slice(BASE_ALLOCATION.as_bytes());
+            reply(OPT_SET_META_CONTEXT, REP_META_CONTEXT, &context);
+        }
+        reply(OPT_SET_META_CONTEXT, REP_ACK, &[]);
+    } else {
+        reply(OPT_STRUCTURED_REPLY, REP_ERR_UNSUP, &[]);
+    }
+    let mut flags = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES;
+    if read_only {
+        flags |= TFLAG_READ_ONLY;
+    }
+    let mut export = INFO_EXPORT.to_be_bytes().to_vec();
+    export.extend_from_slice(&NBD_REPLIES_EXPORT.to_be_bytes());
+    export.extend_from_slice(&flags.to_be_bytes());
+    reply(OPT_GO, REP_INFO, &export);
+    let mut sizes = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+    for size in [min_block, 4096.max(min_block), 32 << 20] {
+        sizes.extend_from_slice(&size.to_be_bytes());
+    }
+    reply(OPT_GO, REP_INFO, &sizes);
+    reply(OPT_GO, REP_ACK, &[]);
+    server.extend_from_slice(replies);
+    nbd_client(&server)
+}

@@ -240,12 +240,18 @@ pub fn nbd_errno(code: u32) -> i32 {
     }
 }
 
-/// The NBD error code for an errno, as a server sends it: the protocol's
-/// own numbers where one fits, else EIO (an error the protocol has no
-/// word for is still a failed I/O). `ENOTSUP` is only sent for a
-/// `FAST_ZERO` request, and `EOVERFLOW` for a `DF` read (the caller passes
-/// the request's flags); otherwise they are EINVAL.
-pub fn errno_to_nbd(errno: i32, command_flags: u16) -> u32 {
+/// The NBD error code for an errno, as a server sends it in reply to a
+/// request of `command` with `command_flags`: the protocol's own numbers
+/// where one fits, else EIO (an error the protocol has no word for is still
+/// a failed I/O). The spec limits two: `ENOTSUP` is only sent for a
+/// `FAST_ZERO` request, and `EOVERFLOW` for a `DF` read or a command that
+/// carries no data (cache, write zeroes, trim, block status) whose length
+/// is over the maximum; otherwise they are EINVAL.
+pub fn errno_to_nbd(errno: i32, command: u16, command_flags: u16) -> u32 {
+    let no_payload = matches!(
+        command,
+        CMD_CACHE | CMD_WRITE_ZEROES | CMD_TRIM | CMD_BLOCK_STATUS
+    );
     match errno {
         libc::EPERM | libc::EROFS => NBD_EPERM,
         libc::EIO => NBD_EIO,
@@ -254,7 +260,7 @@ pub fn errno_to_nbd(errno: i32, command_flags: u16) -> u32 {
         libc::ENOSPC | libc::EDQUOT | libc::EFBIG => NBD_ENOSPC,
         libc::ESHUTDOWN => NBD_ESHUTDOWN,
         libc::ENOTSUP if command_flags & CMD_FLAG_FAST_ZERO != 0 => NBD_ENOTSUP,
-        libc::EOVERFLOW if command_flags & CMD_FLAG_DF != 0 => NBD_EOVERFLOW,
+        libc::EOVERFLOW if command_flags & CMD_FLAG_DF != 0 || no_payload => NBD_EOVERFLOW,
         libc::ENOTSUP | libc::EOVERFLOW => NBD_EINVAL,
         _ => NBD_EIO,
     }
@@ -578,11 +584,20 @@ mod tests {
 
     #[test]
     fn errno_mapping_follows_the_spec() {
-        assert_eq!(errno_to_nbd(libc::EROFS, 0), NBD_EPERM);
-        assert_eq!(errno_to_nbd(libc::EDQUOT, 0), NBD_ENOSPC);
-        assert_eq!(errno_to_nbd(libc::ENOTSUP, 0), NBD_EINVAL);
-        assert_eq!(errno_to_nbd(libc::ENOTSUP, CMD_FLAG_FAST_ZERO), NBD_ENOTSUP);
-        assert_eq!(errno_to_nbd(libc::ENOENT, 0), NBD_EIO);
+        assert_eq!(errno_to_nbd(libc::EROFS, CMD_WRITE, 0), NBD_EPERM);
+        assert_eq!(errno_to_nbd(libc::EDQUOT, CMD_WRITE, 0), NBD_ENOSPC);
+        assert_eq!(errno_to_nbd(libc::ENOTSUP, CMD_WRITE_ZEROES, 0), NBD_EINVAL);
+        assert_eq!(
+            errno_to_nbd(libc::ENOTSUP, CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO),
+            NBD_ENOTSUP
+        );
+        assert_eq!(errno_to_nbd(libc::EOVERFLOW, CMD_READ, 0), NBD_EINVAL);
+        assert_eq!(
+            errno_to_nbd(libc::EOVERFLOW, CMD_READ, CMD_FLAG_DF),
+            NBD_EOVERFLOW
+        );
+        assert_eq!(errno_to_nbd(libc::EOVERFLOW, CMD_CACHE, 0), NBD_EOVERFLOW);
+        assert_eq!(errno_to_nbd(libc::ENOENT, CMD_READ, 0), NBD_EIO);
         assert_eq!(nbd_errno(NBD_ESHUTDOWN), libc::ESHUTDOWN);
         assert_eq!(nbd_errno(12345), libc::EINVAL);
     }

@@ -198,7 +198,7 @@ impl PyServer {
 /// `force_share`, `backing`, `max_backing_depth`, `allow_backing_anywhere`,
 /// `timeout` (for an NBD test side), `socket`, `port`, `bind`,
 /// `export_name`, `shared`, `persistent`, `on_mismatch`,
-/// `handshake_limit` (seconds), `max_in_flight`.
+/// `handshake_limit` and `request_timeout` (seconds), `max_in_flight`.
 #[pyfunction]
 #[pyo3(signature = (raw, test, **options))]
 pub(crate) fn serve(
@@ -245,6 +245,10 @@ pub(crate) fn serve(
             .filter(|t| t.is_finite() && *t > 0.0)
             .map_or(defaults.handshake_limit, Duration::from_secs_f64),
         max_in_flight: kw.take("max_in_flight")?.unwrap_or(defaults.max_in_flight),
+        request_timeout: kw
+            .take::<f64>("request_timeout")?
+            .filter(|t| t.is_finite() && *t > 0.0)
+            .map_or(defaults.request_timeout, Duration::from_secs_f64),
     };
     kw.finish("serve")?;
     let server = run_detached(py, move || {

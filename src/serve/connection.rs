@@ -1,46 +1,70 @@
 //! One client: the handshake (within the time limit), then its requests.
 //!
-//! The client's thread reads requests. Each is checked (`validate`), its
-//! data read, and it is admitted to the device, which numbers it. If it
-//! conflicts with nothing in flight and both sides are local files, it runs
-//! right there and its reply joins the batch written when the thread is about
-//! to block reading; otherwise (it must wait for an earlier request, it is a
-//! flush or has FUA, or a side is an NBD export whose latency wants requests
-//! in flight) it goes to the connection's workers. At most
-//! `max_in_flight` requests wait for or run on workers; past that the thread
-//! reads no more, so a client cannot make serve hold more than that much.
+//! The client's thread reads requests, as many as one `recv` brings
+//! ([`Inbox`]). Each is checked (`validate`), its data read, and it is
+//! admitted to the device, which numbers it. If it conflicts with nothing in
+//! flight and both sides are local files, it runs right there (a write's data
+//! straight from the receive buffer) and its reply joins the batch written
+//! when the thread is about to block reading; otherwise (it must wait for an
+//! earlier request, it is a flush or has FUA, or a side is an NBD export
+//! whose latency wants requests in flight) it goes to the connection's
+//! workers.
+//!
+//! What one connection can make serve hold is bounded:
+//! - at most `max_in_flight` requests (64) and [`MAX_QUEUED_BYTES`] (64 MiB)
+//!   of request data (a write's data, a read's two buffers) wait for or run
+//!   on its workers, one request of any size always passing; past that the
+//!   thread reads no more, and the client's further requests wait in the
+//!   socket (TCP's own backpressure);
+//! - at most [`MAX_WORKERS`] (8) worker threads;
+//! - one request on the reading thread (at most 64 MiB: a 32 MiB read's two
+//!   buffers), the receive buffer and the reply batch (256 KiB each, a
+//!   reply batch over it is written at once);
+//! - buffers grown past 1 MiB for a large request are given back after it,
+//!   so each thread keeps at most 3 MiB between requests.
+//!
+//! A request must arrive whole within the request timeout once its first
+//! byte has come ([`Inbox`]); a client that stops reading its replies for
+//! [`REPLY_TIMEOUT`] is disconnected.
 //!
 //! The connection ends when the client disconnects (`NBD_CMD_DISC` or EOF),
-//! breaks the protocol, or the server stops: requests already running finish
-//! on both sides, and replies to a client that left are dropped and counted.
+//! breaks the protocol, stalls, or the server stops: requests already
+//! running finish on both sides, and replies to a client that left are
+//! dropped and counted.
 
 use super::execute::{self, Buffers, KEEP_BUFFER};
 use super::handshake::{self, Negotiated};
+use super::inbox::{Ended, Inbox};
 use super::reply::{Reply, Writer};
 use super::validate::validate_request;
 use super::{lock, Context};
 use crate::blkverify::order::{self, Ticket};
-use crate::nbd::wire::{RequestHeader, CMD_DISC, CMD_FLAG_FUA, CMD_FLUSH, CMD_WRITE, MAX_REQUEST};
+use crate::nbd::wire::{
+    RequestHeader, CMD_CACHE, CMD_DISC, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_WRITE,
+};
 use crate::nbd::Stream;
 use std::collections::VecDeque;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::sync::atomic::Ordering;
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-/// The reading side's buffer: many small requests arrive in one `read`.
+/// The reading side's buffer: many small requests arrive in one `recv`.
 const READ_BUFFER: usize = 256 << 10;
 
 /// How long a reply may take to leave: a client that stops reading for this
-/// long is dropped.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+/// long is disconnected.
+pub(super) const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The most worker threads one connection starts.
-const MAX_WORKERS: usize = 8;
+pub(super) const MAX_WORKERS: usize = 8;
 
-/// The most write data one connection holds for its workers (one request of
-/// any size is always let through).
+/// The most request data one connection holds for its workers (one request
+/// of any size is always let through).
 pub(super) const MAX_QUEUED_BYTES: usize = 64 << 20;
+
+/// Write data buffers kept for reuse between jobs.
+const SPARE_PAYLOADS: usize = 2 * MAX_WORKERS;
 
 /// Serve one client on `stream` until it leaves or the server stops.
 pub(super) fn serve(ctx: &Context<'_>, id: u64, stream: Stream) {
@@ -49,7 +73,6 @@ pub(super) fn serve(ctx: &Context<'_>, id: u64, stream: Stream) {
         return;
     };
     ctx.shared.stats.connections.fetch_add(1, Ordering::Relaxed);
-    let _ = stream.set_read_timeout(None);
     let _ = stream.set_write_timeout(Some(REPLY_TIMEOUT));
     let Ok(write_half) = stream.try_clone() else {
         return;
@@ -64,13 +87,24 @@ pub(super) fn serve(ctx: &Context<'_>, id: u64, stream: Stream) {
         room: Condvar::new(),
     };
     std::thread::scope(|scope| {
+        let mut workers = Vec::new();
         connection.read_requests(stream, |connection| {
-            scope.spawn(move || connection.work());
+            workers.push(scope.spawn(move || connection.work()));
         });
         let mut queue = connection.lock_queue();
         queue.closed = true;
+        ctx.shared
+            .stats
+            .peak_in_flight
+            .fetch_max(queue.peak_in_flight as u64, Ordering::Relaxed);
         drop(queue);
         connection.work.notify_all();
+        // Joined one by one, not left to the scope: a join waits for the
+        // thread's end, its thread-locals freed, so that nothing of the
+        // connection outlives it.
+        for worker in workers {
+            let _ = worker.join();
+        }
     });
     let mut writer = lock(&connection.writer);
     writer.flush();
@@ -171,13 +205,32 @@ struct Job<'d> {
     payload: Vec<u8>,
 }
 
+impl Job<'_> {
+    /// The bytes of request data this job makes the connection hold.
+    fn cost(&self) -> usize {
+        Job::cost_of(&self.request, &self.payload)
+    }
+
+    /// A write holds its data; a read (or cache) its two sides' buffers.
+    fn cost_of(request: &RequestHeader, payload: &[u8]) -> usize {
+        match request.command {
+            CMD_READ | CMD_CACHE => 2 * request.length as usize,
+            _ => payload.len(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Queue<'d> {
     jobs: VecDeque<Job<'d>>,
     /// Jobs queued or running.
     in_flight: usize,
-    /// Their write data.
+    /// Their request data (see [`Job::cost`]).
     queued_bytes: usize,
+    /// The most jobs ever in flight at once.
+    peak_in_flight: usize,
+    /// Write data buffers the workers gave back, for the next jobs.
+    spare: Vec<Vec<u8>>,
     workers: usize,
     idle: usize,
     /// No more jobs will come: idle workers leave.
@@ -201,46 +254,59 @@ impl<'c, 'a> Connection<'c, 'a> {
         lock(&self.queue)
     }
 
-    /// Read and dispatch requests until the client leaves or the server
-    /// stops; then wait for the jobs in flight. `spawn` starts a worker.
+    /// Read and dispatch requests until the client leaves, breaks the
+    /// protocol, stalls in the middle of a request, or the server stops;
+    /// then wait for the jobs in flight. `spawn` starts a worker.
     fn read_requests(&'c self, stream: Stream, mut spawn: impl FnMut(&'c Self)) {
         let ctx = self.ctx;
         let stats = &ctx.shared.stats;
-        let mut reader = BufReader::with_capacity(READ_BUFFER, stream);
+        let Ok(mut inbox) = Inbox::new(stream, READ_BUFFER, ctx.options.request_timeout) else {
+            return;
+        };
         let mut buffers = Buffers::default();
-        // Writes' data, apart from the buffers a request runs with.
+        // Writes' data too large for the inbox, apart from the buffers a
+        // request runs with.
         let mut payload_buf = Vec::new();
         loop {
-            if reader.buffer().len() < RequestHeader::SIZE {
+            if inbox.buffered().len() < RequestHeader::SIZE {
                 // About to block: let the batched replies go first.
                 lock(&self.writer).flush();
             }
             if ctx.shared.stopping() {
-                self.refuse_buffered(&mut reader);
+                self.refuse_buffered(&mut inbox);
                 break;
             }
-            let mut head = [0u8; RequestHeader::SIZE];
-            if reader.read_exact(&mut head).is_err() {
+            if let Err(ended) = inbox.fill(RequestHeader::SIZE, false) {
+                self.count_end(ended, inbox.buffered().len());
                 break;
             }
-            let Ok(request) = RequestHeader::decode(&head) else {
+            let head = inbox
+                .buffered()
+                .get(..RequestHeader::SIZE)
+                .and_then(|h| <&[u8; RequestHeader::SIZE]>::try_from(h).ok());
+            let Some(Ok(request)) = head.map(RequestHeader::decode) else {
                 // Not a request: the stream cannot be trusted from here on.
                 break;
             };
+            inbox.consume(RequestHeader::SIZE);
             if request.command == CMD_DISC {
                 break;
             }
-            let length = request.length as usize;
             let payload_len = if request.command == CMD_WRITE {
-                length
+                request.length as usize
             } else {
                 0
             };
             if let Err(refusal) = validate_request(&ctx.export, &self.negotiated, &request) {
                 stats.refused.fetch_add(1, Ordering::Relaxed);
-                if payload_len > 0 && !skip(&mut reader, payload_len as u64) {
-                    stats.truncated_requests.fetch_add(1, Ordering::Relaxed);
+                if refusal.disconnect {
                     break;
+                }
+                if payload_len > 0 {
+                    if let Err(ended) = inbox.skip(payload_len as u64) {
+                        self.count_end(ended, 1);
+                        break;
+                    }
                 }
                 let reply = Reply::Error {
                     errno: refusal.errno,
@@ -249,29 +315,40 @@ impl<'c, 'a> Connection<'c, 'a> {
                 lock(&self.writer).reply(&request, reply, false);
                 continue;
             }
+            // A write's data: in the inbox when it fits, else read straight
+            // into a buffer of its own.
+            let in_inbox = payload_len <= inbox.capacity();
             if payload_len > 0 {
-                if reader.buffer().len() < payload_len {
+                if inbox.buffered().len() < payload_len {
                     lock(&self.writer).flush();
                 }
-                if payload_buf.len() < payload_len {
-                    payload_buf.resize(payload_len, 0);
-                }
-                let payload = payload_buf.get_mut(..payload_len).unwrap_or(&mut []);
-                if reader.read_exact(payload).is_err() {
-                    stats.truncated_requests.fetch_add(1, Ordering::Relaxed);
+                let got = if in_inbox {
+                    inbox.fill(payload_len, true)
+                } else {
+                    if payload_buf.len() < payload_len {
+                        payload_buf.resize(payload_len, 0);
+                    }
+                    inbox.read_exact_into(payload_buf.get_mut(..payload_len).unwrap_or(&mut []))
+                };
+                if let Err(ended) = got {
+                    self.count_end(ended, 1);
                     break;
                 }
             }
-            let kind = execute::kind(&request);
+            let payload: &[u8] = if in_inbox {
+                inbox.buffered().get(..payload_len).unwrap_or(&[])
+            } else {
+                payload_buf.get(..payload_len).unwrap_or(&[])
+            };
             if let Some(n) = stats.by_command.get(command_index(request.command)) {
                 n.fetch_add(1, Ordering::Relaxed);
             }
             let ticket = ctx.device.admit(&order::Request {
-                kind,
+                kind: execute::kind(&request),
                 offset: request.offset,
                 length: u64::from(request.length),
                 source: self.id,
-                data: (payload_len > 0).then(|| payload_buf.get(..payload_len).unwrap_or(&[])),
+                data: (payload_len > 0).then_some(payload),
             });
             let inline = ctx.export.inline
                 && !ticket.is_blocked()
@@ -283,32 +360,30 @@ impl<'c, 'a> Connection<'c, 'a> {
                     self.id,
                     ticket.number(),
                     &request,
-                    payload_buf.get(..payload_len).unwrap_or(&[]),
+                    payload,
                     &mut buffers,
                 );
                 drop(ticket);
                 lock(&self.writer).reply(&request, outcome.reply(&request, &buffers), false);
                 buffers.trim();
-                if payload_buf.capacity() > KEEP_BUFFER {
-                    payload_buf = Vec::new();
-                }
-                continue;
-            }
-            let payload = if payload_len > 0 {
-                let mut data = std::mem::take(&mut payload_buf);
-                data.truncate(payload_len);
-                data
             } else {
-                Vec::new()
-            };
-            self.hand_off(
-                Job {
-                    request,
-                    ticket,
-                    payload,
-                },
-                &mut spawn,
-            );
+                let mut data = self.spare_payload();
+                data.extend_from_slice(payload);
+                self.hand_off(
+                    Job {
+                        request,
+                        ticket,
+                        payload: data,
+                    },
+                    &mut spawn,
+                );
+            }
+            if in_inbox {
+                inbox.consume(payload_len);
+            }
+            if payload_buf.capacity() > KEEP_BUFFER {
+                payload_buf = Vec::new();
+            }
         }
         // Wait for the jobs in flight; their replies go out (or are dropped).
         let mut queue = self.lock_queue();
@@ -320,11 +395,31 @@ impl<'c, 'a> Connection<'c, 'a> {
         }
     }
 
+    /// The reading ended: a request cut short by the client leaving or
+    /// stalling is counted (`partial`: bytes of one had come).
+    fn count_end(&self, ended: Ended, partial: usize) {
+        if partial > 0 || ended == Ended::Stalled {
+            let stats = &self.ctx.shared.stats;
+            stats.truncated_requests.fetch_add(1, Ordering::Relaxed);
+            if ended == Ended::Stalled {
+                stats.stalled.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// An empty buffer for a write's data on its way to a worker: one that a
+    /// worker gave back, so that no request allocates.
+    fn spare_payload(&self) -> Vec<u8> {
+        self.lock_queue().spare.pop().unwrap_or_default()
+    }
+
     /// Give `job` to the workers, starting one if none is idle; first wait
-    /// while the connection has `max_in_flight` requests in flight.
+    /// while the connection has `max_in_flight` requests, or
+    /// [`MAX_QUEUED_BYTES`] of request data, in flight (one request of any
+    /// size is always let through).
     fn hand_off(&'c self, job: Job<'a>, spawn: &mut impl FnMut(&'c Self)) {
         let cap = self.ctx.options.max_in_flight.max(1);
-        let bytes = job.payload.len();
+        let bytes = job.cost();
         let mut queue = self.lock_queue();
         while queue.in_flight >= cap
             || (queue.in_flight > 0 && queue.queued_bytes + bytes > MAX_QUEUED_BYTES)
@@ -338,6 +433,7 @@ impl<'c, 'a> Connection<'c, 'a> {
         queue.jobs.push_back(job);
         queue.in_flight += 1;
         queue.queued_bytes += bytes;
+        queue.peak_in_flight = queue.peak_in_flight.max(queue.in_flight);
         let start = queue.idle == 0 && queue.workers < MAX_WORKERS.min(cap);
         if start {
             queue.workers += 1;
@@ -390,9 +486,18 @@ impl<'c, 'a> Connection<'c, 'a> {
             drop(ticket);
             lock(&self.writer).reply(&request, outcome.reply(&request, &buffers), true);
             buffers.trim();
+            let cost = Job::cost_of(&request, &payload);
             let mut queue = self.lock_queue();
             queue.in_flight -= 1;
-            queue.queued_bytes -= payload.len();
+            queue.queued_bytes -= cost;
+            if payload.capacity() > 0
+                && payload.capacity() <= KEEP_BUFFER
+                && queue.spare.len() < SPARE_PAYLOADS
+            {
+                let mut payload = payload;
+                payload.clear();
+                queue.spare.push(payload);
+            }
             drop(queue);
             self.room.notify_all();
         }
@@ -400,9 +505,9 @@ impl<'c, 'a> Connection<'c, 'a> {
 
     /// The server is stopping: answer the requests already received whole
     /// with `ESHUTDOWN`, without running them.
-    fn refuse_buffered(&self, reader: &mut BufReader<Stream>) {
+    fn refuse_buffered(&self, inbox: &mut Inbox) {
         loop {
-            let buffered = reader.buffer();
+            let buffered = inbox.buffered();
             let Some(head) = buffered
                 .get(..RequestHeader::SIZE)
                 .and_then(|h| <&[u8; RequestHeader::SIZE]>::try_from(h).ok())
@@ -420,7 +525,7 @@ impl<'c, 'a> Connection<'c, 'a> {
             if request.command == CMD_DISC || buffered.len() < RequestHeader::SIZE + payload {
                 return;
             }
-            reader.consume(RequestHeader::SIZE + payload);
+            inbox.consume(RequestHeader::SIZE + payload);
             let reply = Reply::Error {
                 errno: libc::ESHUTDOWN,
                 message: "blkverify serve is shutting down",
@@ -428,16 +533,6 @@ impl<'c, 'a> Connection<'c, 'a> {
             lock(&self.writer).reply(&request, reply, false);
         }
     }
-}
-
-/// Read and throw away `n` bytes (a refused write's data), up to twice the
-/// largest request; false if the client left, or sent more than that (the
-/// connection is then dropped: a denial of service).
-fn skip(reader: &mut impl Read, n: u64) -> bool {
-    if n > 2 * MAX_REQUEST {
-        return false;
-    }
-    io::copy(&mut reader.take(n), &mut io::sink()).is_ok_and(|copied| copied == n)
 }
 
 /// The index of `command` in the summary's counts.

@@ -36,6 +36,7 @@ mod connection;
 mod execute;
 mod finding;
 mod handshake;
+mod inbox;
 mod listen;
 mod reply;
 mod status;
@@ -98,6 +99,11 @@ pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 /// it stops reading more (so memory per connection is bounded).
 pub const MAX_IN_FLIGHT: usize = 64;
 
+/// How long a client has to send the rest of a request once its first byte
+/// has come (a write's data included): a client that stalls in the middle
+/// of a request is disconnected. Idle time between requests is not limited.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long a stop waits for clients to take their last replies before it
 /// closes their connections.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -119,6 +125,8 @@ pub struct ServeOptions {
     pub handshake_limit: Duration,
     /// Requests one connection keeps in flight at most.
     pub max_in_flight: usize,
+    /// How long a begun request may take to arrive whole.
+    pub request_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -131,6 +139,7 @@ impl Default for ServeOptions {
             on_mismatch: Policy::Stop,
             handshake_limit: HANDSHAKE_LIMIT,
             max_in_flight: MAX_IN_FLIGHT,
+            request_timeout: REQUEST_TIMEOUT,
         }
     }
 }
@@ -200,6 +209,11 @@ struct Stats {
     connections: AtomicU64,
     dropped_replies: AtomicU64,
     truncated_requests: AtomicU64,
+    /// Connections dropped because a request they began did not arrive
+    /// whole in time (among `truncated_requests`).
+    stalled: AtomicU64,
+    /// The most requests one connection had on its workers at once.
+    peak_in_flight: AtomicU64,
 }
 
 /// The command names [`Stats::by_command`] counts, in its order.
@@ -243,6 +257,29 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Fresh shared state, and the reading end of its stop pipe.
+    fn new() -> Result<(Shared, UnixStream)> {
+        let (waker, wake_reader) = UnixStream::pair()
+            .map_err(|e| Error::io(Path::new("serve"), "make the stop pipe", e))?;
+        for end in [&waker, &wake_reader] {
+            end.set_nonblocking(true)
+                .map_err(|e| Error::io(Path::new("serve"), "make the stop pipe", e))?;
+        }
+        let shared = Shared {
+            stopping: AtomicBool::new(false),
+            stopped_by: Mutex::new(None),
+            waker,
+            registry: Mutex::default(),
+            connection_ended: Condvar::new(),
+            findings: Mutex::default(),
+            finding_count: AtomicU64::new(0),
+            stats: Stats::default(),
+            outcome: Mutex::new(None),
+            ended: Condvar::new(),
+        };
+        Ok((shared, wake_reader))
+    }
+
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }
@@ -283,24 +320,8 @@ impl Server {
         }
         let (listener, uri) = Listener::bind(&options.listen, &options.export_name)?;
         let socket_files = listener.socket_files();
-        let (waker, wake_reader) = UnixStream::pair()
-            .map_err(|e| Error::io(Path::new("serve"), "make the stop pipe", e))?;
-        for end in [&waker, &wake_reader] {
-            end.set_nonblocking(true)
-                .map_err(|e| Error::io(Path::new("serve"), "make the stop pipe", e))?;
-        }
-        let shared = Arc::new(Shared {
-            stopping: AtomicBool::new(false),
-            stopped_by: Mutex::new(None),
-            waker,
-            registry: Mutex::default(),
-            connection_ended: Condvar::new(),
-            findings: Mutex::default(),
-            finding_count: AtomicU64::new(0),
-            stats: Stats::default(),
-            outcome: Mutex::new(None),
-            ended: Condvar::new(),
-        });
+        let (shared, wake_reader) = Shared::new()?;
+        let shared = Arc::new(shared);
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("blkverify-serve".to_string())
@@ -441,6 +462,61 @@ struct Export {
     multi_conn: bool,
 }
 
+impl Export {
+    /// The export of `device` served with `options`.
+    fn of(device: &Blkverify, options: &ServeOptions) -> Export {
+        let local = |d: &dyn BlockDriver| d.format_name() != "nbd";
+        Export {
+            name: options.export_name.clone(),
+            size: device.size(),
+            read_only: device.is_read_only(),
+            fast_zero: device.raw().format_name() == "raw" && device.test().format_name() == "raw",
+            inline: local(device.raw()) && local(device.test()),
+            multi_conn: options.shared > 1,
+        }
+    }
+}
+
+/// Serve one client already connected on `stream` (one end of a socket
+/// pair, say) until it leaves, then flush both sides as a server does at its
+/// end; no socket listens. The whole server code runs, from the greeting on:
+/// the fuzz target feeds it made-up connections this way, as nbdkit's
+/// `server/fuzzer.c` does.
+pub fn serve_connection(
+    device: &Blkverify,
+    options: &ServeOptions,
+    stream: Stream,
+) -> Result<Summary> {
+    let started = Instant::now();
+    let (shared, _wake_reader) = Shared::new()?;
+    let ctx = Context {
+        device,
+        options,
+        shared: &shared,
+        export: Export::of(device, options),
+    };
+    connection::serve(&ctx, 1, stream);
+    if let Err(e) = device.flush() {
+        match finding::of_error(device, None, String::new(), &e, None) {
+            Some(f) => shared.record(f),
+            None => return Err(e),
+        }
+    }
+    Ok(Summary {
+        test_image: (
+            device.test().path().display().to_string(),
+            device.test().format_name(),
+        ),
+        raw_image: device.raw().path().display().to_string(),
+        ..summarise(
+            &shared,
+            device.order().admitted(),
+            device.io_counts(),
+            started,
+        )
+    })
+}
+
 /// Accept clients until a stop, then shut the connections down and wait for
 /// them; then flush both sides.
 fn run(
@@ -450,20 +526,11 @@ fn run(
     listener: &Listener,
     mut wake_reader: UnixStream,
 ) -> Result<()> {
-    let local = |d: &dyn BlockDriver| d.format_name() != "nbd";
-    let export = Export {
-        name: options.export_name.clone(),
-        size: device.size(),
-        read_only: device.is_read_only(),
-        fast_zero: device.raw().format_name() == "raw" && device.test().format_name() == "raw",
-        inline: local(device.raw()) && local(device.test()),
-        multi_conn: options.shared > 1,
-    };
     let ctx = Context {
         device,
         options,
         shared,
-        export,
+        export: Export::of(device, options),
     };
     let accepted = std::thread::scope(|scope| {
         let result = accept_loop(&ctx, listener, &mut wake_reader, |id, stream| {

@@ -11,7 +11,7 @@ use crate::nbd::wire::{
     REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA,
 };
 use crate::nbd::Stream;
-use std::io::{self, IoSlice, Write};
+use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 
 /// Data up to this size is copied into the batch; larger goes out at once.
@@ -119,13 +119,13 @@ impl Writer {
                     }
                     .encode(),
                 );
-                push(&errno_to_nbd(errno, request.flags).to_be_bytes());
+                push(&errno_to_nbd(errno, request.command, request.flags).to_be_bytes());
                 push(&(message.len() as u16).to_be_bytes());
                 body = message;
             }
             (Reply::Error { errno, .. }, false) => push(
                 &SimpleReply {
-                    error: errno_to_nbd(errno, request.flags),
+                    error: errno_to_nbd(errno, request.command, request.flags),
                     cookie,
                 }
                 .encode(),
@@ -169,10 +169,18 @@ impl Writer {
             )
             .is_err()
             {
-                self.gone = true;
+                self.lost();
                 self.dropped += 1;
             }
         }
+    }
+
+    /// The client is gone, or stopped reading for the reply timeout: no
+    /// reply can reach it any more. The socket is shut down, so that the
+    /// connection's reading ends too (requests already running finish).
+    fn lost(&mut self) {
+        self.gone = true;
+        let _ = self.stream.shutdown();
     }
 
     /// Write the batch.
@@ -180,8 +188,10 @@ impl Writer {
         if self.batch.is_empty() {
             return;
         }
-        if !self.gone && self.stream.write_all(&self.batch).is_err() {
-            self.gone = true;
+        if !self.gone
+            && write_all_parts(&mut self.stream, &mut [IoSlice::new(&self.batch)]).is_err()
+        {
+            self.lost();
         }
         if self.gone {
             self.dropped += self.batched;

@@ -639,3 +639,5 @@ fn overlapping_requests_from_four_connections_give_no_false_alarm() {
     assert!(summary.requests >= 4 * 8 * 150, "{summary:?}");
     assert!(identical(&raw, &test));
 }
+
+mod hostile;

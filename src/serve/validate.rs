@@ -1,28 +1,49 @@
 //! Every check of a client's request, in one place, before the device sees
 //! it (nbdkit's `validate_request`): the command, its flags, its range and
 //! size, its alignment, and what the export allows. A request that fails gets
-//! the protocol's error (`EINVAL`, `EPERM` for a write to a read-only export,
-//! `ENOSPC` for a write past the end, `ENOTSUP` for a `FAST_ZERO` that would
-//! not be fast); the connection goes on.
+//! the protocol's error and the connection goes on:
+//! - `EINVAL`: an unknown command or flag, a flag on a command it does not
+//!   apply to, a range past the end (reads, trims, cache, block status), a
+//!   read or write over 32 MiB, an unaligned request from a client that
+//!   agreed to the block size, block status that was not negotiated;
+//! - `EOVERFLOW`: cache or write zeroes over 32 MiB (commands that carry no
+//!   data either way; the spec's error for a length over the maximum);
+//! - `EPERM`: a write, trim or write zeroes to a read-only export;
+//! - `ENOSPC`: a write or write zeroes past the end;
+//! - `ENOTSUP`: a `FAST_ZERO` that would not be fast.
+//!
+//! One request ends the connection instead: a write whose data is over
+//! twice the maximum (64 MiB), which the server will not read through.
+//! (A bad magic ends it too, before any request can be parsed.)
 
 use super::handshake::{Negotiated, MAX_BLOCK, MIN_BLOCK};
 use super::Export;
 use crate::nbd::wire::{
     RequestHeader, CMD_BLOCK_STATUS, CMD_CACHE, CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA,
     CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
-    TFLAG_SEND_FAST_ZERO, TFLAG_SEND_FUA,
+    MAX_REQUEST, TFLAG_SEND_FAST_ZERO, TFLAG_SEND_FUA,
 };
 
-/// Why a request is refused: the errno to answer with, and what was wrong.
+/// Why a request is refused: the errno to answer with, and what was wrong;
+/// or, with `disconnect`, that the connection ends without an answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Refusal {
     pub errno: i32,
     pub message: String,
+    pub disconnect: bool,
 }
 
 fn refuse(errno: i32, message: String) -> Result<(), Refusal> {
-    Err(Refusal { errno, message })
+    Err(Refusal {
+        errno,
+        message,
+        disconnect: false,
+    })
 }
+
+/// The largest write whose data a refusal still reads through (to answer
+/// it and go on); past it the connection ends (a denial of service).
+pub(super) const MAX_SKIPPED_WRITE: u64 = 2 * MAX_REQUEST;
 
 /// Check `request` (any command but `NBD_CMD_DISC`, which ends the
 /// connection) against the export and what the client negotiated.
@@ -40,6 +61,13 @@ pub(super) fn validate_request(
     } = *request;
     let name = crate::nbd::wire::command_name(command);
     let einval = |what: String| refuse(libc::EINVAL, format!("{name}: {what}"));
+    if command == CMD_WRITE && u64::from(length) > MAX_SKIPPED_WRITE {
+        return Err(Refusal {
+            errno: libc::EINVAL,
+            message: format!("{name}: {length} bytes of data (more than {MAX_SKIPPED_WRITE})"),
+            disconnect: true,
+        });
+    }
     let writes = matches!(command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
     if !matches!(
         command,
@@ -114,12 +142,23 @@ pub(super) fn validate_request(
         return einval("length 0".to_string());
     }
 
-    // Size: reads and writes carry their data, and write zeroes is bounded
-    // unless it may fail fast.
-    let bounded = matches!(command, CMD_READ | CMD_WRITE | CMD_CACHE)
-        || (command == CMD_WRITE_ZEROES && flags & CMD_FLAG_FAST_ZERO == 0);
-    if bounded && length > MAX_BLOCK {
+    // Size: reads and writes carry their data (EINVAL past the maximum);
+    // cache and write zeroes carry none, but cost as much as a read or a
+    // write of their length, unless write zeroes may fail fast (EOVERFLOW,
+    // the spec's error for such a command over the maximum). Trim and block
+    // status may be any length.
+    let over = length > MAX_BLOCK;
+    if over && matches!(command, CMD_READ | CMD_WRITE) {
         return einval(format!("length {length} is over the maximum {MAX_BLOCK}"));
+    }
+    if over
+        && (command == CMD_CACHE
+            || (command == CMD_WRITE_ZEROES && flags & CMD_FLAG_FAST_ZERO == 0))
+    {
+        return refuse(
+            libc::EOVERFLOW,
+            format!("{name}: length {length} is over the maximum {MAX_BLOCK}"),
+        );
     }
 
     // Alignment, for a client that agreed to the advertised block size; the
@@ -150,9 +189,16 @@ mod tests {
 
     fn export(read_only: bool) -> Export {
         Export {
-            name: String::new(),
-            size: 1 << 20,
             read_only,
+            ..export_of(1 << 20)
+        }
+    }
+
+    fn export_of(size: u64) -> Export {
+        Export {
+            name: String::new(),
+            size,
+            read_only: false,
             fast_zero: false,
             inline: true,
             multi_conn: false,
@@ -219,6 +265,30 @@ mod tests {
             check(&rw, CMD_READ, 0, 0, (32 << 20) + 512),
             Some(libc::EINVAL)
         );
+        let big = export_of(1 << 30);
+        assert_eq!(
+            check(&big, CMD_WRITE, 0, 0, (32 << 20) + 512),
+            Some(libc::EINVAL)
+        );
+        assert_eq!(
+            check(&big, CMD_CACHE, 0, 0, (32 << 20) + 512),
+            Some(libc::EOVERFLOW)
+        );
+        assert_eq!(
+            check(&big, CMD_WRITE_ZEROES, 0, 0, (32 << 20) + 512),
+            Some(libc::EOVERFLOW)
+        );
+        assert_eq!(check(&big, CMD_TRIM, 0, 0, (64 << 20) + 512), None);
+        assert_eq!(check(&big, CMD_BLOCK_STATUS, 0, 0, (64 << 20) + 512), None);
+        let request = RequestHeader {
+            flags: 0,
+            command: CMD_WRITE,
+            cookie: 1,
+            offset: 0,
+            length: (64 << 20) + 512,
+        };
+        let refusal = validate_request(&big, &negotiated(&big), &request).unwrap_err();
+        assert!(refusal.disconnect, "{refusal:?}");
         assert_eq!(check(&rw, CMD_TRIM, 0, 0, 1 << 20), None);
         assert_eq!(
             check(&rw, CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 512),

@@ -95,7 +95,10 @@ struct Slot {
     waiting: bool,
     /// A read's data, filled in by whichever thread reads the reply.
     data: Vec<u8>,
-    /// A block status request's extents `(length, flags)`, likewise.
+    /// A block status request's extents `(length, flags)`, likewise. For a
+    /// read: the pieces of it that data and hole chunks covered so far,
+    /// `(start, end)` from the request's offset, adjacent ones merged (a
+    /// structured read succeeds only when they cover it exactly once).
     extents: Vec<(u32, u32)>,
     /// The first error chunk of a structured reply still in progress.
     server_error: Option<(u32, String)>,
@@ -378,9 +381,11 @@ impl Connection {
                     }
                     Ok(error.is_some() || !r.is_read())
                 };
-                if let Some((_, (mut data, extents))) = self.claim(cookie, &error, finished)? {
+                if let Some((_, (mut data, _))) = self.claim(cookie, &error, finished)? {
                     self.fill(replies, &mut data)?;
-                    self.file(cookie, data, extents, None, true);
+                    // A simple reply's data covers the whole read.
+                    let whole = vec![(0, data.len() as u32)];
+                    self.file(cookie, data, whole, None, true);
                 }
                 Ok(Some(cookie))
             }
@@ -460,6 +465,13 @@ impl Connection {
                     .ok_or_else(outside)?;
                 let to = from.checked_add(n as usize).ok_or_else(outside)?;
                 let dst = data.get_mut(from..to).ok_or_else(outside)?;
+                // Inside the request: `from` and `to` fit its u32 length.
+                cover(extents, from as u32, to as u32).map_err(|why| {
+                    Wire::Protocol(format!(
+                        "chunk at {at:#x} ({n} bytes) in reply to {}: {why}",
+                        request.describe()
+                    ))
+                })?;
                 if chunk_type == REPLY_TYPE_OFFSET_DATA {
                     self.fill(replies, dst)?;
                 } else {
@@ -685,11 +697,78 @@ fn next_reader(table: &Table, me: u64) -> Option<Thread> {
 /// unlocked (a wake-up is a system call: not one made holding the lock every
 /// thread needs).
 fn complete(slot: &mut Slot, error: Option<(u32, String)>) -> Thread {
+    let request = slot.request;
     slot.outcome = Some(match slot.server_error.take().or(error) {
         Some((code, message)) => Err(Failure::Server { code, message }),
+        // A read that succeeds must have had every byte sent: data the
+        // server never sent would read as zeros.
+        None if request.is_read() && slot.extents != [(0, request.length)] => {
+            let covered: u64 = slot
+                .extents
+                .iter()
+                .map(|(start, end)| u64::from(end - start))
+                .sum();
+            Err(Failure::Connection {
+                kind: io::ErrorKind::InvalidData,
+                reason: format!(
+                    "the server's reply to {} covers {covered} of its {} bytes",
+                    request.describe(),
+                    request.length
+                ),
+            })
+        }
         None => Ok(()),
     });
     slot.waiter.clone()
+}
+
+/// The most separate pieces a read's reply may come in before they join up.
+const MAX_PIECES: usize = 4096;
+
+/// Add `[from, to)` to the sorted, merged pieces of a read covered so far;
+/// an error if it overlaps one, or if there are too many pieces.
+fn cover(pieces: &mut Vec<(u32, u32)>, from: u32, to: u32) -> Result<(), String> {
+    if from == to {
+        return Ok(());
+    }
+    // The first piece that ends after `from`: the only one that can overlap.
+    let at = pieces.partition_point(|&(_, end)| end <= from);
+    if pieces.get(at).is_some_and(|&(start, _)| start < to) {
+        return Err("it overlaps data the reply already sent".to_string());
+    }
+    // Join the piece that ends at `from` and the one that starts at `to`.
+    let before = at
+        .checked_sub(1)
+        .filter(|&b| pieces.get(b).is_some_and(|p| p.1 == from));
+    let after = pieces.get(at).is_some_and(|&(start, _)| start == to);
+    match (before, after) {
+        (Some(b), true) => {
+            let end = pieces.get(at).map_or(to, |&(_, end)| end);
+            if let Some(piece) = pieces.get_mut(b) {
+                piece.1 = end;
+            }
+            pieces.remove(at);
+        }
+        (Some(b), false) => {
+            if let Some(piece) = pieces.get_mut(b) {
+                piece.1 = to;
+            }
+        }
+        (None, true) => {
+            if let Some(piece) = pieces.get_mut(at) {
+                piece.0 = from;
+            }
+        }
+        (None, false) => {
+            if pieces.len() >= MAX_PIECES {
+                return Err(format!(
+                    "the reply comes in more than {MAX_PIECES} separate pieces"
+                ));
+            }
+            pieces.insert(at, (from, to));
+        }
+    }
+    Ok(())
 }
 
 /// Remove `cookie`'s slot, whose reply is complete: its data, or its failure.
@@ -705,5 +784,39 @@ fn take_outcome(table: &mut Table, cookie: u64) -> Result<Reply, Failure> {
             kind: io::ErrorKind::Other,
             reason: format!("request with cookie {cookie:#x} has no reply"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cover;
+
+    #[test]
+    fn pieces_merge_and_overlaps_are_refused() {
+        let mut pieces = Vec::new();
+        cover(&mut pieces, 100, 200).unwrap();
+        cover(&mut pieces, 0, 50).unwrap();
+        cover(&mut pieces, 300, 400).unwrap();
+        assert_eq!(pieces, [(0, 50), (100, 200), (300, 400)]);
+        cover(&mut pieces, 200, 300).unwrap();
+        assert_eq!(pieces, [(0, 50), (100, 400)]);
+        cover(&mut pieces, 50, 100).unwrap();
+        assert_eq!(pieces, [(0, 400)]);
+        assert!(cover(&mut pieces, 399, 401).is_err());
+        let mut gap = vec![(0, 50), (60, 100)];
+        assert!(
+            cover(&mut gap, 50, 70).is_err(),
+            "overlaps the piece after the gap"
+        );
+        assert_eq!(gap, [(0, 50), (60, 100)]);
+        assert!(cover(&mut pieces, 0, 1).is_err());
+        cover(&mut pieces, 400, 400).unwrap();
+        cover(&mut pieces, 400, 512).unwrap();
+        assert_eq!(pieces, [(0, 512)]);
+        let mut many = Vec::new();
+        for i in 0..super::MAX_PIECES as u32 {
+            cover(&mut many, 2 * i, 2 * i + 1).unwrap();
+        }
+        assert!(cover(&mut many, 10_000_000, 10_000_001).is_err());
     }
 }

@@ -91,7 +91,7 @@ impl Nbd {
         let (address, export) = parse_uri(uri).map_err(&fail)?;
         let io_err =
             |context: &str, e: io::Error| Error::io(&uri_path, format!("nbd: {context}"), e);
-        let mut stream = match &address {
+        let stream = match &address {
             Address::Tcp { host, port } => {
                 let addrs = (host.as_str(), *port)
                     .to_socket_addrs()
@@ -126,7 +126,24 @@ impl Nbd {
                 Stream::Unix(s)
             }
         };
-        let negotiated = negotiate(&mut stream, &export);
+        Nbd::over_stream(stream, uri, &export, writable, timeout)
+    }
+
+    /// Negotiate `export` over `stream`, already connected to a server, and
+    /// open it; `name` names the export in messages (its URI). The fuzz
+    /// targets speak for the server this way, over a socket pair.
+    pub fn over_stream(
+        mut stream: Stream,
+        name: &str,
+        export: &str,
+        writable: bool,
+        timeout: Duration,
+    ) -> Result<Nbd> {
+        let uri_path = PathBuf::from(name);
+        let fail = |m: String| Error::format(&uri_path, format!("nbd: {m}"));
+        let io_err =
+            |context: &str, e: io::Error| Error::io(&uri_path, format!("nbd: {context}"), e);
+        let negotiated = negotiate(&mut stream, export);
         let Negotiated {
             size,
             transmission_flags,

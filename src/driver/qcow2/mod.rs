@@ -61,11 +61,13 @@ pub struct Qcow2 {
     backing: Option<Arc<dyn BlockDriver>>,
     snapshots: Vec<Snapshot>,
     snapshot: Option<Snapshot>,
-    /// The image and data file lengths at open. Both are opened read-only, so
-    /// these spare an lseek per extent; a file that shrinks later still fails
-    /// its reads with an error.
-    file_len: u64,
-    data_len: u64,
+    /// The image and data file lengths: at open, for a file opened
+    /// read-only (a file that shrinks later still fails its reads with an
+    /// error); for a writable one, the largest length seen so far, which is
+    /// asked of the file again only when a read needs more (see
+    /// [`Qcow2::file_len`]). Either way most reads spare an lseek.
+    file_len: AtomicU64,
+    data_len: AtomicU64,
 }
 
 impl Qcow2 {
@@ -126,8 +128,8 @@ impl Qcow2 {
             backing,
             snapshots,
             snapshot: chosen,
-            file_len,
-            data_len,
+            file_len: AtomicU64::new(file_len),
+            data_len: AtomicU64::new(data_len),
             data,
         };
         if writable {
@@ -141,22 +143,20 @@ impl Qcow2 {
         &self.header
     }
 
-    /// The image file's length (cached while nothing can write it).
-    fn file_len(&self) -> Result<u64> {
-        if self.file.is_read_only() {
-            Ok(self.file_len)
-        } else {
-            self.file.len()
-        }
+    /// The image file's length, as far as a read of the bytes up to `end`
+    /// needs it: the length at open while nothing can write the file.
+    /// A writable image's file is ours (we hold its write lock): it only
+    /// grows, and only by our own writes, so the largest length seen so far
+    /// is still true when it covers `end`; when it does not, the file is
+    /// asked (one lseek), and a shorter answer is the true length. Either
+    /// way, the caller sees all of `end` that the file holds.
+    fn file_len(&self, end: u64) -> Result<u64> {
+        len_covering(self.file.as_ref(), &self.file_len, end)
     }
 
-    /// The data file's length (cached while nothing can write it).
-    fn data_len(&self) -> Result<u64> {
-        if self.data.is_read_only() {
-            Ok(self.data_len)
-        } else {
-            self.data.len()
-        }
+    /// The data file's length, as [`Qcow2::file_len`] tells the image's.
+    fn data_len(&self, end: u64) -> Result<u64> {
+        len_covering(self.data.as_ref(), &self.data_len, end)
     }
 
     /// The internal snapshots.
@@ -180,7 +180,7 @@ impl Qcow2 {
     fn load_l2(&self, l2_offset: u64) -> Result<L2Table> {
         self.cache.get_or_load(l2_offset, || {
             let cluster_size = self.header.cluster_size();
-            let file_len = self.file_len()?;
+            let file_len = self.file_len(l2_offset.saturating_add(cluster_size))?;
             if l2_offset % cluster_size != 0 {
                 return Err(self.corrupt(format!(
                     "L2 table offset {l2_offset:#x} is not aligned to a cluster ({cluster_size} bytes)"
@@ -352,7 +352,7 @@ impl Qcow2 {
         compressed_size: u64,
         out: &mut [u8],
     ) -> Result<()> {
-        let file_len = self.file_len()?;
+        let file_len = self.file_len(host_offset.saturating_add(compressed_size))?;
         if host_offset >= file_len {
             return Err(self.corrupt(format!(
                 "compressed cluster at host offset {host_offset:#x} lies past the end of the file (size {file_len:#x})"
@@ -386,8 +386,8 @@ impl Qcow2 {
     fn read_data(&self, buf: &mut [u8], host_offset: u64) -> Result<()> {
         // A data cluster may end past the end of the data file (QEMU does not
         // always extend it): those bytes read as zeros, as they do in QEMU.
-        let file_len = self.data_len()?;
         let len = buf.len() as u64;
+        let file_len = self.data_len(host_offset.saturating_add(len))?;
         // At most the buffer's length: it fits a usize.
         let stored = file_len.saturating_sub(host_offset).min(len) as usize;
         let (head, tail) = buf.split_at_mut(stored);
@@ -397,6 +397,19 @@ impl Qcow2 {
         tail.fill(0);
         Ok(())
     }
+}
+
+/// The length of `store`, known to be at least `known` (its length at open,
+/// or the largest seen since), as far as a read up to `end` needs it: see
+/// [`Qcow2::file_len`].
+fn len_covering(store: &dyn Storage, known: &AtomicU64, end: u64) -> Result<u64> {
+    let cached = known.load(Ordering::Relaxed);
+    if store.is_read_only() || cached >= end {
+        return Ok(cached);
+    }
+    let now = store.len()?;
+    known.fetch_max(now, Ordering::Relaxed);
+    Ok(now)
 }
 
 /// The header, parsed from the first cluster (whose size the fixed header
@@ -626,11 +639,21 @@ impl BlockDriver for Qcow2 {
             },
         };
         let mapping = mapping_of(first, within);
-        // The image file's length, for data stored in it: asked of the file once
-        // per extent (one lseek), because a file that shrank under us must be an
-        // error, never zeros. External data files may be shorter than their data.
+        // The image file's length, for data stored in it: for an image opened
+        // read-only (another process may write it), asked of the file once per
+        // extent (one lseek), because a file that shrank under us must be named
+        // as such, never read as zeros. A writable image's file is ours and only
+        // grows: the largest length seen does ([`Qcow2::file_len`]), sparing
+        // serve an lseek per request. External data files may be shorter than
+        // their data.
         let data_len = match mapping {
-            Mapping::Data { .. } if !self.header.has_data_file() => Some(self.data.len()?),
+            Mapping::Data { host_offset } if !self.header.has_data_file() => {
+                Some(if self.data.is_read_only() {
+                    self.data.len()?
+                } else {
+                    self.data_len(host_offset - within + 1)?
+                })
+            }
             _ => None,
         };
         if let (Mapping::Data { host_offset }, Some(data_len)) = (mapping, data_len) {
