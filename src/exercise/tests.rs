@@ -140,12 +140,20 @@ fn run_logged(dev: &Blkverify, plan: &Plan, options: &ExerciseOptions) -> (Outco
     (outcome, std::fs::read_to_string(&path).unwrap())
 }
 
+/// A plan that replays `ops` as an op log of seed `seed` would.
+fn log_plan(seed: u64, ops: Vec<Op>) -> Plan {
+    Plan::replay(Record::Log(Log {
+        seed,
+        spec: None,
+        queue_depth: None,
+        size: None,
+        ops,
+    }))
+}
+
 fn replay(text: &str, fault: Option<Fault>, queue_depth: usize) -> Outcome {
     let log = parse_log("ops.log", text).unwrap();
-    let plan = Plan::Replay {
-        seed: log.seed,
-        ops: log.ops,
-    };
+    let plan = Plan::replay(Record::Log(log));
     run(&device(fault), &plan, &qd(queue_depth), None, &mut |_| true).unwrap()
 }
 
@@ -227,7 +235,7 @@ fn a_dropped_write_is_caught_and_blamed_on_the_lost_write() {
         .unwrap()
         .ops
         .into_iter()
-        .filter(|op| op.kind == OpKind::Write)
+        .filter(|op| matches!(op.kind, OpKind::Write { .. }))
         .nth(39)
         .unwrap();
     let first_byte = f.first_byte.unwrap();
@@ -250,7 +258,7 @@ fn a_misplaced_write_is_caught() {
         .unwrap()
         .ops
         .into_iter()
-        .filter(|op| op.kind == OpKind::Write)
+        .filter(|op| matches!(op.kind, OpKind::Write { .. }))
         .nth(24)
         .unwrap();
     let said = f.diagnosis.clone().unwrap_or_default();
@@ -269,7 +277,7 @@ fn a_failed_write_is_a_return_value_finding_on_that_op() {
         .unwrap()
         .ops
         .into_iter()
-        .filter(|op| op.kind == OpKind::Write)
+        .filter(|op| matches!(op.kind, OpKind::Write { .. }))
         .nth(9)
         .unwrap();
     assert_eq!(f.op, Some(tenth));
@@ -326,15 +334,15 @@ fn our_qcow2_driver_runs_clean_and_cancel_stops() {
 
 #[test]
 fn replay_refuses_ops_past_the_end() {
-    let plan = Plan::Replay {
-        seed: 1,
-        ops: vec![Op {
+    let plan = log_plan(
+        1,
+        vec![Op {
             number: 0,
             kind: OpKind::Read,
             offset: SIZE - 10,
             length: 20,
         }],
-    };
+    );
     let err = run(&device(None), &plan, &qd(1), None, &mut |_| true).unwrap_err();
     assert!(
         err.to_string().contains("past the end of the device"),
@@ -353,13 +361,13 @@ fn a_queue_whose_ops_all_overlap_still_ends() {
             kind: if number % 3 == 0 {
                 OpKind::Read
             } else {
-                OpKind::Write
+                OpKind::Write { fua: false }
             },
             offset: 0,
             length: 512,
         })
         .collect();
-    let plan = Plan::Replay { seed: 1, ops };
+    let plan = log_plan(1, ops);
     let (done, finished) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let dev = device(Some(Fault::SlowWrites));

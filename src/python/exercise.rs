@@ -5,7 +5,7 @@
 use super::detached::{run_detached, run_with_progress};
 use super::options::{format_for, open_options, Kwargs};
 use crate::driver::{Access, BlockDriver};
-use crate::exercise::{Exercise, Finding, Log, Op, Plan, Request};
+use crate::exercise::{Exercise, FinalCheck, Finding, Log, Op, Plan, Request};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -59,8 +59,10 @@ pub(crate) fn exercise<'py>(
         size_mix: kw.take("size_mix")?,
         queue_depth: kw.take("queue_depth")?,
         replay: kw.take("replay")?,
+        record: None,
+        positions: None,
         log: kw.take("log")?,
-        no_verify: !kw.take("verify")?.unwrap_or(true),
+        final_check: (!kw.take("verify")?.unwrap_or(true)).then_some(FinalCheck::Skip),
     };
     let mut open = open_options(&kw)?;
     open.format = format;

@@ -37,12 +37,14 @@ mod execute;
 mod finding;
 mod handshake;
 mod listen;
+mod replay;
 mod reply;
 mod status;
 mod validate;
 
 pub use finding::Finding;
 pub use listen::Listen;
+pub use replay::block_status;
 
 use crate::blkverify::{Blkverify, SideCounts};
 use crate::driver::{BlockDriver, OpenOptions};
