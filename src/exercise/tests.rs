@@ -376,3 +376,34 @@ fn a_queue_whose_ops_all_overlap_still_ends() {
     });
     assert_eq!(finished.recv_timeout(Duration::from_secs(60)).unwrap(), 300);
 }
+
+#[test]
+fn on_overlays_our_qcow2_driver_runs_clean_and_the_images_are_not_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("raw.img");
+    let test = dir.path().join("test.qcow2");
+    std::fs::write(&raw, vec![0u8; SIZE as usize]).unwrap();
+    crate::driver::qcow2::create::create(
+        &test,
+        &crate::driver::qcow2::create::CreateOptions {
+            size: Some(SIZE),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let before = (std::fs::read(&raw).unwrap(), std::fs::read(&test).unwrap());
+    let options = OpenOptions {
+        writable: true,
+        overlay: true,
+        ..OpenOptions::default()
+    };
+    for _ in 0..2 {
+        // Each overlay starts from the images as they are: the same run twice.
+        let dev = Blkverify::open(&raw, &test, &options).unwrap();
+        let outcome = run(&dev, &generated(9, 2000), &qd(4), None, &mut |_| true).unwrap();
+        assert!(outcome.findings.is_empty(), "{:?}", outcome.findings);
+        assert!(outcome.verified && outcome.bytes_written > 0);
+    }
+    let after = (std::fs::read(&raw).unwrap(), std::fs::read(&test).unwrap());
+    assert!(before == after, "an overlay wrote the images");
+}
