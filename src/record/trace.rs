@@ -120,6 +120,21 @@ pub struct TraceHeader {
     pub creator: String,
 }
 
+impl TraceHeader {
+    /// The header of a trace of `device`'s requests, starting now.
+    pub fn of_device(device: &crate::blkverify::Blkverify, creator: &str) -> TraceHeader {
+        use crate::driver::BlockDriver;
+        TraceHeader {
+            size: device.size(),
+            started_ns: now_ns(),
+            raw: device.raw().path().display().to_string(),
+            test: device.test().path().display().to_string(),
+            test_format: device.test().format_name().to_string(),
+            creator: creator.to_string(),
+        }
+    }
+}
+
 /// What a writer stored.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TraceStats {
