@@ -182,8 +182,8 @@ pub enum FinalCheck {
     Skip,
     /// Both sides flushed, then the whole device verified.
     Whole,
-    /// Both sides flushed, then every range the ops changed read back and
-    /// compared: what shrinking needs, at the cost of the ops' own bytes.
+    /// Both sides flushed, then every range the ops wrote or read read back
+    /// and compared: what shrinking needs, at the cost of the ops' own bytes.
     Touched,
 }
 
@@ -554,16 +554,16 @@ fn final_check(
     Ok((finding, true))
 }
 
-/// Flush both sides, then read back every range `ops` changed, on both
-/// sides, and compare: the first difference is the finding (as the whole
-/// verify would report it).
+/// Flush both sides, then read back every range `ops` wrote or read (block
+/// status aside: it may span the device), on both sides, and compare: the
+/// first difference is the finding (as the whole verify would report it).
 fn touched_check(device: &Blkverify, ops: impl Iterator<Item = Op>) -> Result<Option<Finding>> {
     const PIECE: u64 = 1 << 20;
     if let Err(e) = device.flush() {
         return finding::of_error(device, None, "final flush", e, None).map(Some);
     }
     let mut ranges: Vec<(u64, u64)> = ops
-        .filter(Op::writes)
+        .filter(|op| op.writes() || matches!(op.kind, OpKind::Read | OpKind::Cache))
         .filter_map(|op| op.range())
         .map(|(start, end)| {
             (

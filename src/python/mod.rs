@@ -16,6 +16,7 @@ mod image;
 mod map;
 mod open;
 mod options;
+mod replay;
 mod rules;
 mod serve;
 mod verify;
@@ -50,6 +51,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<digest::PySpanJoiner>()?;
     m.add_class::<map::PyMapExtent>()?;
     m.add_class::<serve::PyServer>()?;
+    m.add_class::<replay::PyRecording>()?;
     m.add_function(wrap_pyfunction!(open::open, m)?)?;
     m.add_function(wrap_pyfunction!(device::open_device, m)?)?;
     m.add_function(wrap_pyfunction!(image::probe_format, m)?)?;
