@@ -225,7 +225,8 @@ def _finding_lines(f: ExerciseFinding | ReplayFinding) -> list[str]:
     if mapping is not None:
         lines.append(f"  test side: {mapping}")
     if f.last_change is not None:
-        lines.append(f"  last changed by op {f.last_change}")
+        what = "request" if connection is not None else "op"
+        lines.append(f"  last changed by {what} {f.last_change}")
     if f.diagnosis is not None:
         lines.append(f"  {f.diagnosis}")
     return lines
@@ -328,6 +329,7 @@ def serve_summary(summary: ServeSummary) -> str:
 def trace_line(t: dict[str, Any]) -> str:
     """What a trace recorded: requests, the data they wrote, and what that cost."""
     blocks = t["new_blocks"] + t["repeated_blocks"] + t["zero_blocks"]
+    writes = f"{t['writes']} write{'s' if t['writes'] != 1 else ''}"
     stored = (
         ""
         if not blocks
@@ -338,6 +340,6 @@ def trace_line(t: dict[str, Any]) -> str:
     )
     return (
         f"blkverify: serve: trace {t['path']}: {t['requests']} requests, "
-        f"{human_size(t['write_bytes'])} written in {t['writes']} writes{stored}; "
+        f"{human_size(t['write_bytes'])} written in {writes}{stored}; "
         f"{human_size(t['file_bytes'])} on disk"
     )
