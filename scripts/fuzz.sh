@@ -1,6 +1,6 @@
 #!/bin/sh
-# Fuzz the image parsers (qcow2, vmdk, vhdx, vpc, vdi) and the block digests file's
-# for a bounded time each (not run in CI).
+# Fuzz the image parsers (qcow2, vmdk, vhdx, vpc, vdi), the block digests file's and
+# the serve trace's for a bounded time each (not run in CI).
 #   sh scripts/fuzz.sh [SECONDS_PER_TARGET]   (TARGETS="a b" to pick targets)
 # Seeds are real images made by qemu-img; crashes land in fuzz/artifacts/<target>/.
 # Copy each crashing input into fuzz/regressions/<target>/ once fixed: `cargo
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-60}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 seeds=fuzz/corpus/read_image
-mkdir -p "$seeds" fuzz/corpus/header fuzz/corpus/l2_entry fuzz/corpus/write_image fuzz/corpus/read_vmdk fuzz/corpus/digests_file
+mkdir -p "$seeds" fuzz/corpus/header fuzz/corpus/l2_entry fuzz/corpus/write_image fuzz/corpus/read_vmdk fuzz/corpus/digests_file fuzz/corpus/trace_file
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 i=0
@@ -111,10 +111,10 @@ vb.Vhd(
 ).write(f"{out}/seed-differencing")
 PY
 # The regression inputs are seeds too (README.md files aside).
-for target in header l2_entry read_image write_image read_vmdk read_vhdx vpc_image vdi_image digests_file; do
+for target in header l2_entry read_image write_image read_vmdk read_vhdx vpc_image vdi_image digests_file trace_file; do
     find "fuzz/regressions/$target" -type f ! -name '*.md' -exec cp {} "fuzz/corpus/$target/" \;
 done
-for target in ${TARGETS:-header l2_entry read_image write_image read_vmdk read_vhdx vpc_image vdi_image digests_file}; do
+for target in ${TARGETS:-header l2_entry read_image write_image read_vmdk read_vhdx vpc_image vdi_image digests_file trace_file}; do
     echo "== $target: ${seconds}s"
     case $target in vpc_image | vdi_image) more="-max_len=4194304" ;; *) more="" ;; esac
     # shellcheck disable=SC2086

@@ -773,11 +773,22 @@ impl<'p, R: Read> Reader<'p, R> {
                 format!("length {len} is absurd (1 to {MAX_PAYLOAD})"),
             ));
         }
+        // Read what is there, growing the buffer with it: a torn record that
+        // claims megabytes at the end of a short file costs what the file has.
         let mut payload = std::mem::take(&mut self.payload);
-        payload.resize(len as usize, 0);
-        let got = self.fill(&mut payload)?;
+        payload.clear();
+        let got = loop {
+            match (&mut self.input)
+                .take(u64::from(len) - payload.len() as u64)
+                .read_to_end(&mut payload)
+            {
+                Ok(_) => break payload.len(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(self.path, "read the trace", e)),
+            }
+        };
         torn += got as u64;
-        let whole = got == payload.len();
+        let whole = got == len as usize;
         let checked = whole && crc32c::crc32c_append(crc32c::crc32c(&head[..4]), &payload) == crc;
         // A record that runs into a zero-filled end of the file: the file
         // system extended it before the data reached the disk.
