@@ -21,6 +21,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -405,3 +406,55 @@ def test_an_op_log_replays_and_shrinks_through_the_same_commands(tmp_path: Path)
     again = bv.exercise(f"blkverify:{raw}:{img}", replay=trace)
     assert again.ops == 2
     assert (raw.read_bytes(), img.read_bytes()) != pristine
+
+
+def test_a_trace_that_cannot_be_written_stops_serve(tmp_path: Path) -> None:
+    """A full disk (here: a file-size limit on serve's process) stops serve with
+    the trace's error and exit 2, rather than leave a trace with a hole."""
+    import resource
+
+    raw, test = tmp_path / "raw.img", tmp_path / "test.img"
+    for p in (raw, test):
+        qemu_img("create", "-f", "raw", p, 4 * MiB)
+    trace = tmp_path / "full.bvt"
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 * MiB, 1 * MiB))
+
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "blkverify_rs",
+            "serve",
+            "--persistent",
+            "--trace",
+            trace,
+            raw,
+            test,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=limited,
+    )
+    try:
+        assert server.stdout is not None
+        uri = server.stdout.readline().decode().strip()
+        # Incompressible writes inside the images' first 512 KiB (which the
+        # limit allows), until the trace passes 1 MiB.
+        for i in range(4):
+            data = tmp_path / f"noise{i}"
+            data.write_bytes(os.urandom(512 * KiB))
+            run(["qemu-io", "-f", "raw", "-c", f"write -s {data} 0 512k", uri], check=False)
+        _, stderr = server.communicate(timeout=30)
+    finally:
+        if server.poll() is None:
+            os.kill(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+    text = stderr.decode()
+    assert server.returncode == 2, text
+    assert "stopped by the trace could not be written" in text
+    assert text.splitlines()[-1].startswith(f"blkverify: error: {trace}: write the trace: ")
+    assert "File too large" in text
+    # What reached the file replays, up to its last whole record.
+    assert len(bv.Recording(trace)) >= 1
