@@ -93,7 +93,7 @@ def fio(uri: str, ios: int, size: int, cwd: Path) -> dict:
             f"--number_ios={ios}",
             f"--size={size}",
             "--output-format=json",
-        ],  # fmt: skip
+        ],
         cwd=cwd,
     )
     job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]
