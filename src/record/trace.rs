@@ -472,8 +472,8 @@ const SEGMENT_BLOCKS: u64 = 16384;
 impl Store {
     fn push_block(&mut self, block: &[u8]) -> u64 {
         if self.blocks % SEGMENT_BLOCKS == 0 {
-            self.segments
-                .push(Vec::with_capacity(SEGMENT_BLOCKS as usize * BLOCK));
+            // Grown as blocks come (a trace of one write holds one block).
+            self.segments.push(Vec::new());
         }
         if let Some(segment) = self.segments.last_mut() {
             segment.extend_from_slice(block);
