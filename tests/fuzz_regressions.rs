@@ -123,14 +123,23 @@ fn trace_file_regressions_give_errors_not_panics() {
         ("bad-command", "command 2 with flags"),
         ("bad-flags", "with flags 0x80"),
         ("bad-past-the-export", "ends past the export"),
-        ("bad-numbers-do-not-grow", "does not follow the one before it"),
+        (
+            "bad-numbers-do-not-grow",
+            "does not follow the one before it",
+        ),
         ("bad-flush-with-range", "a flush with a range"),
         ("bad-record-after-end", "a record after the end record"),
         ("bad-end-miscounts", "the end record counts"),
-        ("bad-data-after-a-read", "data after a request that carries none"),
+        (
+            "bad-data-after-a-read",
+            "data after a request that carries none",
+        ),
         ("bad-write-without-data", "a write without its data"),
         ("bad-data-encoding", "data encoding 7"),
-        ("bad-repeat-of-an-unknown-block", "which no earlier record stored"),
+        (
+            "bad-repeat-of-an-unknown-block",
+            "which no earlier record stored",
+        ),
         ("bad-short-data", "short"),
         ("bad-long-data", "the write's data are long"),
     ];
@@ -146,7 +155,11 @@ fn trace_file_regressions_give_errors_not_panics() {
                     "{}: a valid trace is refused: {text}",
                     path.display()
                 );
-                assert!(text.starts_with("regression.bvt: "), "{}: {text}", path.display());
+                assert!(
+                    text.starts_with("regression.bvt: "),
+                    "{}: {text}",
+                    path.display()
+                );
                 if let Some((_, fact)) = facts.iter().find(|(seed, _)| *seed == name) {
                     assert!(text.contains(fact), "{}: {text}", path.display());
                 }
@@ -172,7 +185,10 @@ fn trace_file_regressions_give_errors_not_panics() {
         let trace = blkverify_rs::record::trace::parse_trace("cut.bvt", &data).unwrap();
         assert!(trace.ending().is_some(), "{cut} reads as whole");
     }
-    assert!(valid >= 5 && bad >= facts.len(), "{valid} traces parsed, {bad} refused");
+    assert!(
+        valid >= 5 && bad >= facts.len(),
+        "{valid} traces parsed, {bad} refused"
+    );
 }
 
 /// Every entry decodes or is refused with a message that shows the entry (or

@@ -39,7 +39,8 @@
 //! gets the next id, counting from 0 over the whole trace; a repeated block
 //! names the id of an earlier one with the same bytes. The writer finds them
 //! through an index of the last [`WINDOW`] blocks (by BLAKE3 digest), so its
-//! memory stays bounded however long the trace.
+//! memory stays bounded however long the trace. It compresses a body when that
+//! saves bytes, and stops trying for a while after bodies that did not shrink.
 //!
 //! The **end** record (type 3), last, is written when the trace is closed:
 //! the number of request records, then blocks stored new, repeated and zero,
@@ -95,6 +96,11 @@ const STORED: u8 = 0;
 const ZSTD: u8 = 1;
 /// Bodies shorter than this are not worth compressing.
 const COMPRESS_MIN: usize = 64;
+/// After a body that compression did not shrink, the writer skips trying for
+/// up to this many writes (doubling from 1 while it keeps failing): random
+/// data, which a client such as fio writes, costs zstd 5 µs a block for
+/// nothing. A body that shrinks resets it.
+const SKIP_COMPRESS_MAX: u32 = 64;
 /// The fixed fields of a request record, the type byte included.
 const REQUEST_LEN: usize = 1 + 8 + 8 + 2 + 2 + 8 + 4;
 
@@ -232,6 +238,10 @@ pub struct TraceWriter {
     fresh: Vec<u8>,
     packed: Vec<u8>,
     size: u64,
+    /// Writes whose bodies are stored without trying zstd, and the next
+    /// such run's length (see [`SKIP_COMPRESS_MAX`]).
+    skip_compress: u32,
+    skip_next: u32,
     stats: TraceStats,
 }
 
@@ -253,6 +263,8 @@ impl TraceWriter {
             fresh: Vec::new(),
             packed: Vec::new(),
             size: header.size,
+            skip_compress: 0,
+            skip_next: 1,
             stats: TraceStats::default(),
         };
         writer.put(&MAGIC)?;
@@ -387,7 +399,11 @@ impl TraceWriter {
             self.stats.new_blocks += 1;
         }
         let body_len = self.tags.len() + self.fresh.len();
-        if self.fresh.len() >= COMPRESS_MIN {
+        let try_zstd = self.fresh.len() >= COMPRESS_MIN && self.skip_compress == 0;
+        if self.fresh.len() >= COMPRESS_MIN && !try_zstd {
+            self.skip_compress -= 1;
+        }
+        if try_zstd {
             let mut body = std::mem::take(&mut self.tags);
             body.extend_from_slice(&self.fresh);
             let mut packed = std::mem::take(&mut self.packed);
@@ -399,9 +415,12 @@ impl TraceWriter {
             if matches!(fits, Ok(n) if n < body_len) {
                 p.push(ZSTD);
                 p.extend_from_slice(&packed);
+                self.skip_next = 1;
             } else {
                 p.push(STORED);
                 p.extend_from_slice(&body);
+                self.skip_compress = self.skip_next;
+                self.skip_next = (self.skip_next * 2).min(SKIP_COMPRESS_MAX);
             }
             self.packed = packed;
             body.clear();
