@@ -10,8 +10,11 @@ without and with ``--trace`` (the order rotates too), to fio's nbd engine:
     fio --ioengine=nbd --rw=randrw --rwmixread=70 --bs=4k --verify=crc32c
         --iodepth=8 --number_ios=IOS --size=SIZE
 
-and records fio's ops/s (read + write IOPS of its JSON report), its run time, and
-serve's peak RSS (``VmHWM`` of /proc/PID/status, read before serve is stopped).
+and records fio's ops/s (read + write IOPS of its JSON report), its run time,
+serve's peak RSS (``VmHWM`` of /proc/PID/status, read before serve is stopped),
+and the CPU time serve and fio spent per request (/proc/PID/stat; fio's
+``usr_cpu``/``sys_cpu``), which other processes' load barely moves: on two
+cores shared by fio and serve, ops/s follow the CPU each request costs.
 The traced run's trace is then replayed, ``blkverify replay --no-verify`` on
 fresh images (copy-on-write overlays), and its own ``elapsed_s`` set against
 fio's run time. Prints medians over the rounds.
@@ -53,6 +56,11 @@ class Serve:
         self.uri = self.proc.stdout.readline().decode().strip()
         if not self.uri:
             raise RuntimeError(self.stderr())
+
+    def cpu_s(self) -> float:
+        """serve's CPU time so far (user + system, every thread)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def hwm_kib(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -97,10 +105,14 @@ def fio(uri: str, ios: int, size: int, cwd: Path) -> dict:
         cwd=cwd,
     )
     job = json.loads(out.stdout[out.stdout.index("{") :])["jobs"][0]
+    runtime = job["job_runtime"] / 1000
+    ops = job["read"]["total_ios"] + job["write"]["total_ios"]
     return {
         "ops_per_s": job["read"]["iops"] + job["write"]["iops"],
-        "runtime_s": job["job_runtime"] / 1000,
+        "runtime_s": runtime,
         "written": job["write"]["io_bytes"],
+        "ops": ops,
+        "fio_cpu_us_per_op": (job["usr_cpu"] + job["sys_cpu"]) / 100 * runtime / ops * 1e6,
     }
 
 
@@ -110,8 +122,13 @@ def one_run(d: Path, fmt: str, traced: bool, ios: int, size: int) -> dict:
     args = ["--persistent", *(["--trace", trace] if traced else []), raw, test]
     serve = Serve(*args)
     try:
+        cpu_before = serve.cpu_s()
         result = fio(serve.uri, ios, size, d)
         result["hwm_mib"] = serve.hwm_kib() / 1024
+        # The writer thread may still be busy with the last batches: give it
+        # a moment, so that its CPU is counted.
+        time.sleep(0.5)
+        result["serve_cpu_us_per_op"] = (serve.cpu_s() - cpu_before) / result["ops"] * 1e6
     finally:
         status = serve.stop()
     if status != 0:
@@ -197,15 +214,19 @@ def main() -> None:
     print()
     print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f}")
     print()
-    print("| test | serve (ops/s) | serve --trace (ops/s) | traced/plain | VmHWM plain | "
-          "VmHWM traced | replay (s) | fio's run (s) | replay ops/s |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| test | serve (ops/s) | serve --trace (ops/s) | traced/plain | serve CPU/op plain | "
+          "traced | fio CPU/op | VmHWM plain | VmHWM traced | replay (s) | fio's run (s) | "
+          "replay ops/s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for fmt in formats:
         plain, traced = results[(fmt, False)], results[(fmt, True)]
         p_ops = med([x["ops_per_s"] for x in plain])
         t_ops = med([x["ops_per_s"] for x in traced])
         print(
             f"| {fmt} | {p_ops:,.0f} | {t_ops:,.0f} | {t_ops / p_ops:.2f} | "
+            f"{med([x['serve_cpu_us_per_op'] for x in plain]):.1f} µs | "
+            f"{med([x['serve_cpu_us_per_op'] for x in traced]):.1f} µs | "
+            f"{med([x['fio_cpu_us_per_op'] for x in plain + traced]):.1f} µs | "
             f"{med([x['hwm_mib'] for x in plain]):.0f} MiB | "
             f"{med([x['hwm_mib'] for x in traced]):.0f} MiB | "
             f"{med([x['replay_s'] for x in traced]):.2f} | "
