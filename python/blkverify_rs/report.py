@@ -201,7 +201,9 @@ def exercise_json(result: ExerciseResult) -> str:
     return json.dumps(result.to_dict())
 
 
-def _finding_lines(f: ExerciseFinding | ReplayFinding) -> list[str]:
+def _finding_lines(f: ExerciseFinding | ReplayFinding, unit: str = "op") -> list[str]:
+    """A finding's lines; ``unit`` names what the record holds (a trace's
+    requests, an op log's ops)."""
     lines = [f.message]
     connection = getattr(f, "connection", None)
     if f.op_number is not None and connection is not None:
@@ -225,8 +227,7 @@ def _finding_lines(f: ExerciseFinding | ReplayFinding) -> list[str]:
     if mapping is not None:
         lines.append(f"  test side: {mapping}")
     if f.last_change is not None:
-        what = "request" if connection is not None else "op"
-        lines.append(f"  last changed by {what} {f.last_change}")
+        lines.append(f"  last changed by {unit} {f.last_change}")
     if f.diagnosis is not None:
         lines.append(f"  {f.diagnosis}")
     return lines
@@ -258,7 +259,7 @@ def shrink_human(result: ShrinkResult) -> str:
     lines = [
         f"shrunk {result.ops_before} ops to {result.ops_after} in {result.trials} trials "
         f"({result.elapsed_s:.1f} s): {result.log}",
-        *_finding_lines(result.finding),
+        *_finding_lines(result.finding, "request" if result.kind == "trace" else "op"),
         "Reproduce (on the images as they were before the failing run):",
         f"  {result.reproduce}",
     ]
@@ -278,7 +279,7 @@ def replay_human(result: ReplayResult) -> str:
         f"wrote {_mib(result.bytes_written)}{verify}"
     ]
     for f in result.mismatches:
-        lines += _finding_lines(f)
+        lines += _finding_lines(f, "request" if result.kind == "trace" else "op")
     if result.mismatches:
         lines.append("Reproduce (on the images as they were when the recorded run started):")
         lines.append(f"  {result.reproduce}")
