@@ -240,8 +240,7 @@ impl PyServer {
 /// `force_share`, `backing`, `max_backing_depth`, `allow_backing_anywhere`,
 /// `timeout` (for an NBD test side), `socket`, `port`, `bind`,
 /// `export_name`, `shared`, `persistent`, `on_mismatch`,
-/// `handshake_limit` (seconds), `max_in_flight`, and `trace` (record every
-/// request admitted to the device to this file).
+/// `handshake_limit` (seconds), `max_in_flight`.
 #[pyfunction]
 #[pyo3(signature = (raw, test, **options))]
 pub(crate) fn serve(
@@ -251,6 +250,8 @@ pub(crate) fn serve(
     options: Option<&Bound<'_, PyDict>>,
 ) -> PyResult<PyServer> {
     let kw = Kwargs::new(py, options)?;
+    // `trace`: record every request admitted to the device to this file.
+    let trace: Option<PathBuf> = kw.take("trace")?;
     let read_only: bool = kw.take("read_only")?.unwrap_or(false);
     let open = open_options(&kw)?;
     let socket: Option<PathBuf> = kw.take("socket")?;
@@ -289,7 +290,6 @@ pub(crate) fn serve(
             .map_or(defaults.handshake_limit, Duration::from_secs_f64),
         max_in_flight: kw.take("max_in_flight")?.unwrap_or(defaults.max_in_flight),
     };
-    let trace: Option<PathBuf> = kw.take("trace")?;
     kw.finish("serve")?;
     let (server, recorder) = run_detached(py, move || {
         let mut device = open_device(&raw, &test, &open, read_only)?;
