@@ -45,13 +45,13 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FormatError", py.get_type::<FormatError>())?;
     m.add("CorruptImageError", py.get_type::<CorruptImageError>())?;
     m.add("MismatchError", py.get_type::<MismatchError>())?;
+    m.add_class::<replay::PyRecording>()?;
     m.add_class::<image::PyImage>()?;
     m.add_class::<device::PyDevice>()?;
     m.add_class::<digest::PyBlockDigests>()?;
     m.add_class::<digest::PySpanJoiner>()?;
     m.add_class::<map::PyMapExtent>()?;
     m.add_class::<serve::PyServer>()?;
-    m.add_class::<replay::PyRecording>()?;
     m.add_function(wrap_pyfunction!(open::open, m)?)?;
     m.add_function(wrap_pyfunction!(device::open_device, m)?)?;
     m.add_function(wrap_pyfunction!(image::probe_format, m)?)?;
