@@ -31,7 +31,7 @@
 //! 1 FUA on write, write-zeroes and trim; 2 NO_HOLE and 16 FAST_ZERO on
 //! write-zeroes; 8 REQ_ONE on block status), the offset (u64) and the length
 //! (u32; a flush has both 0). The range lies inside the export; a write is
-//! at most 32 MiB. A write then carries its data: an encoding byte (0 stored
+//! at most 32 MiB (and may be empty, as NBD allows). A write then carries its data: an encoding byte (0 stored
 //! as it is, 1 zstd-compressed), then the *body*, so encoded. The body is
 //! one tag per 4 KiB block of the data (the last block may be short): 0 a
 //! new block, whose bytes follow all the tags; 1 a block of zeros; 2 a
@@ -1050,11 +1050,11 @@ impl<'p, R: Read> Reader<'p, R> {
             length,
         };
         let data = if op.carries_data() {
-            if length > MAX_WRITE || length == 0 {
+            if length > MAX_WRITE {
                 return Err(self.damaged(
                     record,
                     at,
-                    format!("a write of {length} bytes (1 to {MAX_WRITE})"),
+                    format!("a write of {length} bytes (at most {MAX_WRITE})"),
                 ));
             }
             let encoded = f.rest();
@@ -1261,8 +1261,9 @@ mod tests {
             op(7, OpKind::BlockStatus { one: true }, 0, 64 << 20),
             op(8, OpKind::Cache, 512, 512),
             op(9, OpKind::Write { fua: false }, 2 << 20, text.len() as u64),
+            op(10, OpKind::Write { fua: false }, 4096, 0),
         ];
-        let datas = vec![a, b, text];
+        let datas = vec![a, b, text, Vec::new()];
         let mut next = datas.iter();
         for (i, o) in ops.iter().enumerate() {
             let data = o.carries_data().then(|| next.next().unwrap().as_slice());
