@@ -458,3 +458,35 @@ def test_a_trace_that_cannot_be_written_stops_serve(tmp_path: Path) -> None:
     assert "File too large" in text
     # What reached the file replays, up to its last whole record.
     assert len(bv.Recording(trace)) >= 1
+
+
+def test_requests_real_clients_never_send_are_traced_too(tmp_path: Path) -> None:
+    """An empty write and a FUA write from a raw NBD client (what qemu-io does
+    not send) are recorded, and the trace replays them."""
+    from test_serve import nbd_connect, recv_exactly, request
+
+    raw, test = tmp_path / "raw.img", tmp_path / "test.qcow2"
+    qemu_img("create", "-f", "raw", raw, 4 * MiB)
+    qemu_img("create", "-f", "qcow2", test, 4 * MiB)
+    raw0, test0 = tmp_path / "raw0.img", tmp_path / "test0.qcow2"
+    shutil.copyfile(raw, raw0)
+    shutil.copyfile(test, test0)
+    trace = tmp_path / "raw-client.bvt"
+    with bv.serve(raw, test, trace=trace, persistent=True) as server:
+        s = nbd_connect(server.uri)
+        s.sendall(request(1, 4096, 0, cookie=1))  # an empty write
+        s.sendall(request(1, 8192, 512, cookie=2, flags=1) + b"\x5a" * 512)  # FUA
+        s.sendall(request(0, 8192, 512, cookie=3))
+        for _ in range(3):
+            recv_exactly(s, 16)
+        recv_exactly(s, 512)
+        s.close()
+        time.sleep(0.2)
+    recording = bv.Recording(trace)
+    assert [op[1] for op in recording.ops()] == [
+        "write 4096 0",
+        "write 8192 512 fua",
+        "read 8192 512",
+    ]
+    result = bv.replay(trace, f"blkverify:{raw0}:{test0}")
+    assert result.clean and result.ops == 3 and result.verified
