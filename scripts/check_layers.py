@@ -54,7 +54,15 @@ LAYERS: list[tuple[str, ...]] = [
     ("batch",),
     # The mirrored device, with the rule that orders overlapping requests.
     ("blkverify",),
-    ("exercise", "serve"),
+    # The op log and the trace: their formats, and the device's observer
+    # that records a trace.
+    ("record",),
+    # The NBD server (it records traces through the device's observer).
+    ("serve",),
+    # The workloads: seeded, or replayed from a record. A trace's requests
+    # mean what serve made them mean (its checked block status), so exercise
+    # sits above serve.
+    ("exercise",),
     # The bindings, and the fuzzing harness (used by fuzz/ and its regressions).
     ("python", "fuzzing"),
 ]

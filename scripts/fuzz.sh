@@ -1,7 +1,7 @@
 #!/bin/sh
 # Fuzz the image parsers (qcow2, vmdk, vhdx, vpc, vdi), the block digests file's, the
-# NBD server (whole client connections) and our NBD client (whole server transcripts,
-# and reply streams) for a bounded time each (not run in CI).
+# serve trace's, the NBD server (whole client connections) and our NBD client (whole
+# server transcripts, and reply streams) for a bounded time each (not run in CI).
 #   sh scripts/fuzz.sh [SECONDS_PER_TARGET]   (TARGETS="a b" to pick targets)
 # Seeds are real images made by qemu-img; crashes land in fuzz/artifacts/<target>/.
 # Copy each crashing input into fuzz/regressions/<target>/ once fixed: `cargo
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-60}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 seeds=fuzz/corpus/read_image
-mkdir -p "$seeds" fuzz/corpus/header fuzz/corpus/l2_entry fuzz/corpus/write_image fuzz/corpus/read_vmdk fuzz/corpus/digests_file
+mkdir -p "$seeds" fuzz/corpus/header fuzz/corpus/l2_entry fuzz/corpus/write_image fuzz/corpus/read_vmdk fuzz/corpus/digests_file fuzz/corpus/trace_file
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 i=0
@@ -115,7 +115,7 @@ PY
 # talking to serve, real servers answering our client: `cargo run --release --example
 # record_nbd_seeds`). The regression inputs are seeds too (README.md files aside).
 all="header l2_entry read_image write_image read_vmdk read_vhdx vpc_image vdi_image digests_file"
-all="$all serve_connection nbd_handshake nbd_replies"
+all="$all trace_file serve_connection nbd_handshake nbd_replies"
 for target in $all; do
     mkdir -p "fuzz/corpus/$target"
     find "fuzz/regressions/$target" -type f ! -name '*.md' -exec cp {} "fuzz/corpus/$target/" \;

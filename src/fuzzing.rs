@@ -11,6 +11,7 @@ use crate::driver::vmdk::Vmdk;
 use crate::driver::vpc::Vpc;
 use crate::driver::{BlockDriver, OpenOptions, SECTOR_SIZE};
 use crate::error::Error;
+use crate::record::trace::parse_trace;
 use crate::storage::{LimitedStorage, MemStorage};
 use std::sync::Arc;
 
@@ -92,6 +93,33 @@ pub fn digests_file(data: &[u8], name: &str) -> Outcome {
                 covered, count,
                 "the runs of a parsed file cover every block"
             );
+            Outcome::default()
+        }
+    }
+}
+
+/// Parse `data` as a serve trace named `name`; if it parses, rebuild every
+/// write's data (up to 64 MiB in all) and say how it ended.
+pub fn trace_file(data: &[u8], name: &str) -> Outcome {
+    match parse_trace(name, data) {
+        Err(e) => Outcome {
+            open_error: Some(e),
+            ..Outcome::default()
+        },
+        Ok(trace) => {
+            assert_eq!(trace.ops.len(), trace.connections.len());
+            let mut budget: u64 = 64 << 20;
+            for (position, op) in trace.ops.iter().enumerate() {
+                if op.carries_data() && op.length <= budget {
+                    budget -= op.length;
+                    let mut buf = vec![0u8; op.length as usize];
+                    assert!(
+                        trace.fill(position, &mut buf),
+                        "a parsed write has its data"
+                    );
+                }
+            }
+            let _ = trace.ending();
             Outcome::default()
         }
     }

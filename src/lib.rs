@@ -17,8 +17,10 @@
 //!   digests files) and [`map`] (the allocation map);
 //! - [`batch`]: many pairs at once, each checked by verify or digest;
 //! - [`blkverify`]: the mirrored device;
-//! - [`exercise`]: the seeded workload run through the device, and beside it
-//!   [`serve`], the device as an NBD server.
+//! - [`record`]: the op log and the trace, what runs leave for replays;
+//! - [`serve`]: the device as an NBD server (which records traces);
+//! - [`exercise`]: the seeded workload run through the device, and the
+//!   replay of a record (an op log, or a trace with serve's meaning).
 //!
 //! Nothing here knows Python; the bindings live in `python` behind the `python`
 //! feature.
@@ -37,6 +39,7 @@ pub mod fuzzing;
 pub mod map;
 pub mod nbd;
 pub mod pool;
+pub mod record;
 pub mod report;
 pub mod serve;
 pub mod size;

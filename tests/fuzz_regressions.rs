@@ -103,6 +103,94 @@ fn digests_file_regressions_give_errors_not_panics() {
     assert!(valid > 0 && bad > 0, "{valid} files parsed, {bad} refused");
 }
 
+/// Trace inputs named `valid-*` (recorded by serve, some cut short) must parse,
+/// the cut ones saying where they end; `bad-*` (one record damaged) must be
+/// refused naming the file and, for the seeds, the fact; any other input may
+/// do either, but never panic.
+#[test]
+fn trace_file_regressions_give_errors_not_panics() {
+    let facts = [
+        ("bad-magic", "bad magic"),
+        ("bad-version", "trace version 9 is not supported"),
+        ("bad-truncated-header", "truncated header: 6 bytes"),
+        ("bad-torn-header-record", "truncated in its header record"),
+        ("bad-checksum", "checksum mismatch"),
+        ("bad-absurd-length", "is absurd"),
+        ("bad-zero-length", "length 0 is absurd"),
+        ("bad-record-type", "unknown record type 9"),
+        ("bad-second-header", "a second header record"),
+        ("bad-block-size", "block size 512 is not 4096"),
+        ("bad-command", "command 2 with flags"),
+        ("bad-flags", "with flags 0x80"),
+        ("bad-past-the-export", "ends past the export"),
+        (
+            "bad-numbers-do-not-grow",
+            "does not follow the one before it",
+        ),
+        ("bad-flush-with-range", "a flush with a range"),
+        ("bad-record-after-end", "a record after the end record"),
+        ("bad-end-miscounts", "the end record counts"),
+        (
+            "bad-data-after-a-read",
+            "data after a request that carries none",
+        ),
+        ("bad-write-without-data", "a write without its data"),
+        ("bad-data-encoding", "data encoding 7"),
+        (
+            "bad-repeat-of-an-unknown-block",
+            "which no earlier record stored",
+        ),
+        ("bad-short-data", "short"),
+        ("bad-long-data", "the write's data are long"),
+    ];
+    let (mut valid, mut bad) = (0, 0);
+    for path in inputs("trace_file") {
+        let data = std::fs::read(&path).unwrap();
+        let name = file_name(&path);
+        match fuzzing::trace_file(&data, "regression.bvt").open_error {
+            Some(e) => {
+                let text = e.to_string();
+                assert!(
+                    !name.starts_with("valid-"),
+                    "{}: a valid trace is refused: {text}",
+                    path.display()
+                );
+                assert!(
+                    text.starts_with("regression.bvt: "),
+                    "{}: {text}",
+                    path.display()
+                );
+                if let Some((_, fact)) = facts.iter().find(|(seed, _)| *seed == name) {
+                    assert!(text.contains(fact), "{}: {text}", path.display());
+                }
+                bad += 1;
+            }
+            None => {
+                assert!(
+                    !name.starts_with("bad-"),
+                    "{}: a damaged trace is accepted",
+                    path.display()
+                );
+                valid += 1;
+            }
+        }
+    }
+    for cut in ["valid-cut", "valid-no-end", "valid-zero-tail"] {
+        let data = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fuzz/regressions/trace_file")
+                .join(cut),
+        )
+        .unwrap();
+        let trace = blkverify_rs::record::trace::parse_trace("cut.bvt", &data).unwrap();
+        assert!(trace.ending().is_some(), "{cut} reads as whole");
+    }
+    assert!(
+        valid >= 5 && bad >= facts.len(),
+        "{valid} traces parsed, {bad} refused"
+    );
+}
+
 /// Every entry decodes or is refused with a message that shows the entry (or
 /// its bitmap) it refuses.
 #[test]

@@ -6,7 +6,9 @@ test image and a raw reference with ``open("blkverify:RAW:TEST")`` (a
 :class:`Device` that raises :class:`MismatchError` at the first corrupt
 sector), compare whole images with :func:`verify` and :func:`verify_many`, hash
 them with :func:`digest`, list or draw an image's allocation with :func:`map`
-and :func:`map_html`, and run a seeded workload with :func:`exercise`. The
+and :func:`map_html`, run a seeded workload with :func:`exercise`, serve the
+mirrored device over NBD with :func:`serve` (recording a trace of a client's
+requests), and :func:`replay` and :func:`shrink` a recorded run. The
 heavy work runs in Rust with the GIL released. docs/python.md is the guide.
 """
 
@@ -32,6 +34,7 @@ from blkverify_rs._native import (
     Image,
     MapExtent,
     MismatchError,
+    Recording,
     check_pair,
     formats,
     is_nbd_uri,
@@ -60,6 +63,9 @@ __all__ = [
     "MapExtent",
     "Mismatch",
     "MismatchError",
+    "Recording",
+    "ReplayFinding",
+    "ReplayResult",
     "Report",
     "ServeFinding",
     "ServeSummary",
@@ -76,6 +82,7 @@ __all__ = [
     "map_html",
     "open",
     "parse_size",
+    "replay",
     "serve",
     "shrink",
     "verify",
@@ -669,6 +676,9 @@ _LAZY = {
     "exercise": "blkverify_rs.exercise_api",
     "ExerciseFinding": "blkverify_rs.exercise_api",
     "ExerciseResult": "blkverify_rs.exercise_api",
+    "replay": "blkverify_rs.replay_api",
+    "ReplayFinding": "blkverify_rs.replay_api",
+    "ReplayResult": "blkverify_rs.replay_api",
     "shrink": "blkverify_rs.shrink",
     "ShrinkResult": "blkverify_rs.shrink",
     "serve": "blkverify_rs.serve_api",

@@ -29,6 +29,7 @@ from blkverify_rs.cli_common import (
     size_option,
 )
 from blkverify_rs.map_cmd import map_command
+from blkverify_rs.replay_cmd import replay_command, shrink_command
 from blkverify_rs.serve_cmd import serve_command
 
 
@@ -386,13 +387,19 @@ def io(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--log", "log_path", metavar="FILE", help="Write the ops to FILE as they run.")
-@click.option("--replay", metavar="FILE", help="Replay the ops of a log written by --log.")
+@click.option(
+    "--replay",
+    metavar="FILE",
+    help="Replay the ops of a log written by --log (or a trace written by serve --trace), "
+    "writing SPEC's images.",
+)
 @click.option(
     "--shrink",
     "shrink_out",
     metavar="OUT",
-    help="With --replay: shrink the failing log to a minimal failing one in OUT, "
-    "replaying on fresh copies of SPEC's image files (never written).",
+    help="With --replay: shrink the failing record to a minimal failing one in OUT, "
+    "replaying on copy-on-write overlays of SPEC's image files (never written); "
+    "as 'blkverify shrink'.",
 )
 @click.option("-f", "--format", "fmt", type=WRITABLE_FORMATS, help="Format of the test side.")
 @click.option("--timeout", type=float, metavar="S", help="NBD connect and I/O timeout.")
@@ -530,6 +537,8 @@ def create(
 main.add_command(batch)
 main.add_command(map_command)
 main.add_command(serve_command)
+main.add_command(replay_command)
+main.add_command(shrink_command)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
         ExerciseFinding,
         ExerciseResult,
         Mismatch,
+        ReplayFinding,
+        ReplayResult,
         Report,
         ServeSummary,
         ShrinkResult,
@@ -199,9 +201,14 @@ def exercise_json(result: ExerciseResult) -> str:
     return json.dumps(result.to_dict())
 
 
-def _finding_lines(f: ExerciseFinding) -> list[str]:
+def _finding_lines(f: ExerciseFinding | ReplayFinding, unit: str = "op") -> list[str]:
+    """A finding's lines; ``unit`` names what the record holds (a trace's
+    requests, an op log's ops)."""
     lines = [f.message]
-    if f.op_number is not None:
+    connection = getattr(f, "connection", None)
+    if f.op_number is not None and connection is not None:
+        lines.append(f"  at request {f.op_number} (connection {connection}): {f.op}")
+    elif f.op_number is not None:
         lines.append(f"  at op {f.op_number}: {f.op}")
     else:
         lines.append(f"  found by the {f.phase}, after the last op")
@@ -216,8 +223,11 @@ def _finding_lines(f: ExerciseFinding) -> list[str]:
             f"first differing byte at offset {f.first_byte:#x}:"
         )
         lines += [f"    {line}" for line in f.hexdump]
+    mapping = describe_mapping(getattr(f, "mapping", None))
+    if mapping is not None:
+        lines.append(f"  test side: {mapping}")
     if f.last_change is not None:
-        lines.append(f"  last changed by op {f.last_change}")
+        lines.append(f"  last changed by {unit} {f.last_change}")
     if f.diagnosis is not None:
         lines.append(f"  {f.diagnosis}")
     return lines
@@ -247,12 +257,34 @@ def exercise_human(result: ExerciseResult) -> str:
 def shrink_human(result: ShrinkResult) -> str:
     """What shrinking kept, the finding it still gives, and how to replay it."""
     lines = [
-        f"shrunk {result.ops_before} ops to {result.ops_after} in {result.trials} trials: "
-        f"{result.log}",
-        *_finding_lines(result.finding),
+        f"shrunk {result.ops_before} ops to {result.ops_after} in {result.trials} trials "
+        f"({result.elapsed_s:.1f} s): {result.log}",
+        *_finding_lines(result.finding, "request" if result.kind == "trace" else "op"),
         "Reproduce (on the images as they were before the failing run):",
         f"  {result.reproduce}",
     ]
+    return "\n".join(lines) + "\n"
+
+
+def replay_human(result: ReplayResult) -> str:
+    """The summary line, then the finding and the command that replays it again."""
+    what = "requests" if result.kind == "trace" else "ops"
+    verify = (
+        f"; whole device verified in {result.verify_elapsed_s:.2f} s" if result.verified else ""
+    )
+    lines = [
+        f"replay: {result.ops} of {result.total} {what} of {result.record} in "
+        f"{result.elapsed_s:.2f} s ({result.ops_per_s:,.0f} ops/s, queue depth "
+        f"{result.queue_depth}); read {_mib(result.bytes_read)}, "
+        f"wrote {_mib(result.bytes_written)}{verify}"
+    ]
+    for f in result.mismatches:
+        lines += _finding_lines(f, "request" if result.kind == "trace" else "op")
+    if result.mismatches:
+        lines.append("Reproduce (on the images as they were when the recorded run started):")
+        lines.append(f"  {result.reproduce}")
+    else:
+        lines.append("No mismatch.")
     return "\n".join(lines) + "\n"
 
 
@@ -290,4 +322,25 @@ def serve_summary(summary: ServeSummary) -> str:
             f"blkverify: serve: {summary.truncated_requests} requests cut short by the client "
             "leaving (not run)"
         )
+    if summary.trace is not None:
+        lines.append(trace_line(summary.trace))
     return "\n".join(lines) + "\n"
+
+
+def trace_line(t: dict[str, Any]) -> str:
+    """What a trace recorded: requests, the data they wrote, and what that cost."""
+    blocks = t["new_blocks"] + t["repeated_blocks"] + t["zero_blocks"]
+    writes = f"{t['writes']} write{'s' if t['writes'] != 1 else ''}"
+    stored = (
+        ""
+        if not blocks
+        else (
+            f" ({100 * t['repeated_blocks'] / blocks:.0f}% of 4 KiB blocks repeated, "
+            f"{100 * t['zero_blocks'] / blocks:.0f}% zeros)"
+        )
+    )
+    return (
+        f"blkverify: serve: trace {t['path']}: {t['requests']} requests, "
+        f"{human_size(t['write_bytes'])} written in {writes}{stored}; "
+        f"{human_size(t['file_bytes'])} on disk"
+    )

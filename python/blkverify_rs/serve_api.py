@@ -67,7 +67,11 @@ class ServeSummary:
     ``truncated_requests`` (the client left mid-request: not run),
     ``findings``, ``stopped_by``, ``elapsed_s``, and for each side (``test``,
     ``raw``) the bytes ``read``, ``written``, ``zeroed`` and ``discarded``;
-    ``test_image``, ``test_format`` and ``raw_image`` name the sides."""
+    ``test_image``, ``test_format`` and ``raw_image`` name the sides.
+    ``trace`` is what a trace recorded (``path``, ``requests``, ``writes``,
+    ``write_bytes``, ``new_blocks``, ``repeated_blocks``, ``zero_blocks``,
+    ``file_bytes``), ``None`` without one; ``trace_error`` says why it could
+    not be written, if it could not."""
 
     requests: int
     by_command: dict[str, int]
@@ -83,6 +87,8 @@ class ServeSummary:
     test_image: str
     test_format: str
     raw_image: str
+    trace: dict[str, Any] | None = None
+    trace_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -109,6 +115,11 @@ class Server:
         """Whether the server is stopping or has stopped (on its own too: a
         mismatch under ``on_mismatch="stop"``, the last client leaving)."""
         return self._native.stopping
+
+    @property
+    def trace_error(self) -> str | None:
+        """Why the trace (``trace=``) stopped being written, if it failed."""
+        return self._native.trace_error
 
     def new_findings(self) -> list[ServeFinding]:
         """The findings made since the last call (the first call: all so far)."""
@@ -181,6 +192,7 @@ def serve(
     max_backing_depth: int = 16,
     allow_backing_anywhere: bool = False,
     timeout: float | None = None,
+    trace: PathLike | None = None,
 ) -> Server:
     """Serve the mirrored device of ``raw`` (the raw reference) and ``test``
     (``format``, or probed; an NBD URI makes serve a verifying proxy) over NBD,
@@ -195,6 +207,8 @@ def serve(
     ``"reference"`` (the client gets the reference's bytes). ``read_only``
     exports read-only (and is needed for a format blkverify cannot write);
     ``force_share`` opens images another process holds (read-only only).
+    ``trace`` records every request, in the order serve applied it to both
+    sides, to that file (see :func:`replay` and :func:`shrink`).
     """
     if test is None:
         spec = _native.parse_spec(os.fspath(raw))
@@ -218,5 +232,6 @@ def serve(
         max_backing_depth=max_backing_depth,
         allow_backing_anywhere=allow_backing_anywhere,
         timeout=timeout,
+        trace=None if trace is None else os.fspath(trace),
     )
     return Server(native)

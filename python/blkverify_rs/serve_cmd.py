@@ -94,6 +94,14 @@ from blkverify_rs.cli_common import (
     type=click.Path(dir_okay=False),
     help="Also write every finding to FILE, one JSON object per line, as found.",
 )
+@click.option(
+    "--trace",
+    "trace_path",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Record every request, with its data, in the order serve applied it to both "
+    "sides, to FILE (for 'blkverify replay' and 'blkverify shrink').",
+)
 @click.option("--timeout", type=float, metavar="S", help="Connect and I/O timeout of an NBD TEST.")
 @force_share_option
 @backing_options
@@ -111,6 +119,7 @@ def serve_command(
     pid_file: str | None,
     on_mismatch: str,
     report_path: str | None,
+    trace_path: str | None,
     timeout: float | None,
     force_share: bool,
     no_backing: bool,
@@ -134,6 +143,10 @@ def serve_command(
     finish, both sides are flushed and closed, and a summary goes to stderr.
     A second signal exits at once. A signal is the normal way to end a serve:
     exit status 0 with no finding, 1 with any finding, 2 on an error.
+
+    With --trace FILE, every request is recorded as serve applied it (writes
+    with their data), so 'blkverify replay FILE' repeats the run without the
+    client, from copies of the images as they were when serve started.
     """
     if port is None and bind is not None:
         fail("--bind needs --port (it names a TCP address)")
@@ -163,6 +176,7 @@ def serve_command(
             max_backing_depth=max_backing_depth,
             allow_backing_anywhere=allow_backing_anywhere,
             timeout=timeout,
+            trace=trace_path,
         )
     status = _serve(server, report, pid_file)
     sys.exit(status)
@@ -214,8 +228,13 @@ def _serve(server: Any, report: IO[str] | None, pid_file: str | None) -> int:
                 return EXIT_ERROR
         click.echo(server.uri)
         sys.stdout.flush()
+        trace_failed = False
         while not server.wait(0.2):
             emit()
+            if not trace_failed and server.trace_error is not None:
+                # A trace with a hole cannot be replayed: stop serving.
+                trace_failed = True
+                server.stop(wait=False, reason="the trace could not be written")
         emit()
         try:
             summary = server.summary_wait()
@@ -224,6 +243,9 @@ def _serve(server: Any, report: IO[str] | None, pid_file: str | None) -> int:
             return EXIT_ERROR
         emit()
         click.echo(text.serve_summary(summary), err=True, nl=False)
+        if summary.trace_error is not None:
+            click.echo(f"blkverify: error: {summary.trace_error}", err=True)
+            return EXIT_ERROR
         return EXIT_FINDING if findings else EXIT_OK
     finally:
         for s, handler in previous.items():

@@ -1,44 +1,61 @@
-"""Shrink a failing op log to a minimal failing sequence (delta debugging).
+"""Shrink a failing record (a ``serve --trace`` trace or an ``exercise --log``
+op log) to a minimal failing one: the smallest subsequence of its requests
+that still gives a finding of the same kind (``contents`` or
+``return_value``). The sector may move: a lost write found by a later read in
+the full record is found by the final check in the shrunk one, which is the
+point.
 
-Each trial replays a subset of the log's ops, in their order and with their
-original op numbers (so every write keeps its bytes), on fresh copies of the
-images, at queue depth 1, and keeps the subset if it still ends in a finding of
-the same kind (``contents`` or ``return_value``). The sector may move: a lost
-write found by a later read in the full log is found by the final verify in the
-shrunk one, which is the point. The result is 1-minimal: removing any one op
-makes the failure go away.
+Each trial replays a subset, in the record's order and with the ops' own
+numbers (a log's write keeps its bytes, a trace's write its data), at queue
+depth 1, from the images as they were: on copy-on-write overlays of the image
+files (never written, never copied), and for an NBD test side on a fresh one
+that a test command serves for each trial (``test_command``, see
+``blkverify_rs.test_side``). After the subset's last op, both sides are
+flushed and every range its ops wrote or read is read back and compared; when
+only the whole device's verify finds the difference (a write that landed
+elsewhere), every trial verifies the whole device instead.
 
-The copies sit next to the originals (hidden names, removed afterwards), so a
-qcow2's relative backing file name still resolves; the originals are only ever
-read. Each trial copies both images, so shrinking suits small images; an NBD
-test side cannot be restored by us and is refused.
+Trials are cheap, and ordered so that most are spent where they pay:
+
+1. the requests after the one that found the difference are dropped (nothing
+   after it ran);
+2. one trial without the requests that change nothing (reads, block status,
+   cache, flushes), the finding's own request kept; then without reads only;
+3. one trial with only the requests that wrote the range the finding was
+   read from (and the finding's request);
+4. Zeller's ddmin on what is left, which makes the result 1-minimal: without
+   any one of its requests the failure goes away.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+import shlex
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 from blkverify_rs import _native
 from blkverify_rs._native import Error
-from blkverify_rs.exercise_api import ExerciseFinding, exercise
+from blkverify_rs.replay_api import ReplayFinding, replay_once, resolve_spec
 
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class ShrinkResult:
-    """What :func:`shrink` found: the minimal log it wrote and its finding."""
+    """What :func:`shrink` found: the minimal record it wrote (``log``: its
+    path, an op log or a trace as the input was, ``kind``), how many ops it
+    kept of how many, the trials it took, and the finding it still gives."""
 
     log: str
+    kind: str
     ops_before: int
     ops_after: int
     trials: int
-    finding: ExerciseFinding
+    elapsed_s: float
+    finding: ReplayFinding
     reproduce: str
 
     def to_dict(self) -> dict:
@@ -48,94 +65,120 @@ class ShrinkResult:
 
 
 def shrink(
-    log: str | os.PathLike[str],
+    record: str | os.PathLike[str],
     out: str | os.PathLike[str],
-    spec: str | None = None,
+    spec: str | os.PathLike[str] | None = None,
     *,
     format: str | None = None,
+    test_command: str | None = None,
+    timeout: float | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ShrinkResult:
-    """Shrink the failing op log ``log`` into ``out``; see the module docstring.
+    """Shrink the failing record ``record`` into ``out`` (the same format);
+    see the module docstring.
 
-    ``spec`` (default: the log's) names the images as they were before the
-    failing run; they are copied for each trial and never written.
-    ``progress(trials, ops)`` is called after each trial.
+    ``spec`` names the images as they were before the failing run
+    (``blkverify:RAW:TEST``; default: an op log's own): they are only read.
+    An NBD test side cannot be reset by us: give ``test_command``, run for
+    each trial to serve a fresh one, and ``spec`` is then the raw reference
+    alone. ``progress(trials, ops)`` is called after each trial.
     """
-    import shlex
-
-    log_path, out_path = Path(log), Path(out)
-    recorded = _native.read_log(log_path)
-    ops: list[tuple[int, str]] = recorded["ops"]
-    if spec is None:
-        spec = recorded["spec"]
-    sides = None if spec is None else _native.parse_spec(spec)
-    if sides is None:
-        raise ValueError(f"{log_path}: shrinking needs a blkverify:RAW:TEST spec")
-    raw, test = (Path(p) for p in sides)
-    if str(test).startswith("nbd"):
-        raise ValueError(
-            f"{test}: shrinking replays on fresh copies of the images, and an NBD export "
-            "cannot be copied; shrink on image files"
-        )
-    for side in (raw, test):
-        if not side.is_file():
-            raise FileNotFoundError(2, "shrinking needs the image file to copy", str(side))
-    tag = f".blkverify-shrink-{os.getpid()}-"
-    raw_copy = raw.with_name(tag + raw.name)
-    test_copy = test.with_name(tag + test.name)
-    trial_log = out_path.with_name(tag + out_path.name)
-    trial_spec = _native.make_spec(str(raw_copy), str(test_copy))
+    started = time.monotonic()
+    record_path, out_path = os.fspath(record), os.fspath(out)
+    recording = _native.Recording(record_path)
+    device = resolve_spec(recording, spec, test_command)
+    if test_command is None:
+        # The TEST part as written (a path would fold a URI's "//").
+        test = device.split(":", 2)[2]
+        if _native.is_nbd_uri(test):
+            raise ValueError(
+                f"{test}: shrinking replays each trial from the images as they were, and an "
+                "NBD export cannot be reset between trials: give a test command that "
+                "serves a fresh one (--test-command)"
+            )
+    ops: list[tuple[Any, ...]] = recording.ops()
     trials = 0
+    check = "touched"
 
-    def log_of(subset: list[tuple[int, str]], spec: str | None) -> dict[str, Any]:
-        """The log to replay: the recorded seed and size, queue depth 1."""
-        return {**recorded, "queue_depth": 1, "spec": spec, "ops": subset}
-
-    def attempt(subset: list[tuple[int, str]]) -> ExerciseFinding | None:
+    def attempt(positions: list[int]) -> ReplayFinding | None:
         nonlocal trials
         trials += 1
-        shutil.copyfile(raw, raw_copy)
-        shutil.copyfile(test, test_copy)
-        _native.write_log(trial_log, log_of(subset, None))
-        result = exercise(trial_spec, replay=trial_log, format=format)
+        d = replay_once(
+            recording,
+            device,
+            test_command,
+            trial=trials,
+            positions=positions,
+            queue_depth=1,
+            final_check=check,
+            format=format,
+            timeout=timeout,
+        )
         if progress is not None:
-            progress(trials, len(subset))
-        return result.mismatches[0] if result.mismatches else None
+            progress(trials, len(positions))
+        return ReplayFinding(**d["mismatches"][0]) if d["mismatches"] else None
 
-    try:
-        first = attempt(ops)
-        if first is None:
-            raise Error(
-                f"{log_path}: replaying the log on fresh copies of {raw} and {test} "
-                "(queue depth 1) finds nothing, so there is nothing to shrink"
-            )
-        if first.op_number is not None:
-            # Nothing after the failing op ran; drop it all at once.
-            cut = next(i for i, (number, _) in enumerate(ops) if number == first.op_number)
-            ops_run = ops[: cut + 1]
-        else:
-            ops_run = ops
+    everything = list(range(len(ops)))
+    first = attempt(everything)
+    if first is None:
+        check = "whole"
+        first = attempt(everything)
+    if first is None:
+        raise Error(
+            f"{record_path}: replaying it on {device} from the images as they are (queue "
+            "depth 1) finds nothing, so there is nothing to shrink"
+        )
 
-        def fails(subset: list[tuple[int, str]]) -> bool:
-            found = attempt(subset)
-            return found is not None and found.kind == first.kind
+    def fails(positions: list[int]) -> bool:
+        found = attempt(positions)
+        return found is not None and found.kind == first.kind
 
-        minimal = _ddmin(ops_run, fails)
-        final = attempt(minimal)
-        if final is None:  # a flaky driver: the last subset no longer fails
-            raise Error(f"{log_path}: the failure is not reproducible; shrinking stopped")
-        _native.write_log(out_path, log_of(minimal, spec), [f"finding: {final.message}"])
-    finally:
-        for p in (raw_copy, test_copy, trial_log):
-            p.unlink(missing_ok=True)
-    reproduce = shlex.join(["blkverify", "exercise", "--replay", str(out_path)])
+    kept = everything
+    culprit = None
+    if first.op_number is not None:
+        # Nothing after the failing op ran.
+        culprit = next(i for i, op in enumerate(ops) if op[0] == first.op_number)
+        kept = everything[: culprit + 1]
+
+    def without(drop: Callable[[int], bool]) -> list[int]:
+        return [p for p in kept if p == culprit or not drop(p)]
+
+    for drop in (
+        lambda p: not ops[p][4],  # every op that changes nothing
+        lambda p: ops[p][1].startswith(("read ", "cache ", "block_status ")),
+    ):
+        smaller = without(drop)
+        if len(smaller) < len(kept) and fails(smaller):
+            kept = smaller
+            break
+    if culprit is not None and ops[culprit][1] != "flush":
+        start, end = ops[culprit][2], ops[culprit][2] + ops[culprit][3]
+        focused = without(
+            lambda p: not (ops[p][4] and ops[p][2] < end and start < ops[p][2] + ops[p][3])
+        )
+        if len(focused) < len(kept) and fails(focused):
+            kept = focused
+    minimal = _ddmin(kept, fails)
+    final = attempt(minimal)
+    if final is None:  # a flaky driver: the last subset no longer fails
+        raise Error(f"{record_path}: the failure is not reproducible; shrinking stopped")
+    comments = [f"finding: {final.message}"]
+    written_spec = device if test_command is None else None
+    recording.write(out_path, minimal, comments, written_spec)
+    words = ["blkverify", "replay", out_path, device]
+    if test_command is not None:
+        words += ["--test-command", test_command]
+    if format is not None:
+        words += ["-f", format]
     return ShrinkResult(
-        log=str(out_path),
+        log=out_path,
+        kind=recording.kind,
         ops_before=len(ops),
         ops_after=len(minimal),
         trials=trials,
+        elapsed_s=time.monotonic() - started,
         finding=final,
-        reproduce=reproduce,
+        reproduce=shlex.join(words),
     )
 
 

@@ -54,7 +54,10 @@ pub enum Kind {
     Flush,
     /// Ask the test side which ranges are holes or zeros (checked against the
     /// reference).
-    BlockStatus,
+    BlockStatus {
+        /// One extent only (NBD's `REQ_ONE`): only that extent is checked.
+        one: bool,
+    },
     /// Read without returning the data (a prefetch hint; compared too).
     Cache,
 }
@@ -82,7 +85,7 @@ impl Kind {
             Kind::Zero { .. } => "write_zeroes",
             Kind::Discard { .. } => "discard",
             Kind::Flush => "flush",
-            Kind::BlockStatus => "block_status",
+            Kind::BlockStatus { .. } => "block_status",
             Kind::Cache => "cache",
         }
     }

@@ -18,7 +18,7 @@ pub mod vmdk;
 pub mod vpc;
 
 use crate::error::{Error, Result};
-use crate::storage::{FileStorage, Storage, View};
+use crate::storage::{FileStorage, Overlay, Storage, View};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -441,6 +441,10 @@ pub struct OpenOptions {
     /// (`-U`/`--force-share`, as in qemu-img): share every permission with
     /// others. Read-only opens only.
     pub force_share: bool,
+    /// With `writable`: writes go to a copy-on-write overlay in memory and a
+    /// scratch file, never to the image (QEMU's `-snapshot`). The image is
+    /// opened and locked read-only.
+    pub overlay: bool,
 }
 
 /// Open an image: a file, or an NBD export given as an `nbd://` or
@@ -488,6 +492,8 @@ pub(crate) fn open_in_chain(
     // asked, so a write fails as it would under `-r`.
     let top = chain.is_empty();
     let writable = options.writable && top && format.is_none_or(|f| f.can_write());
+    let overlay = writable && options.overlay;
+    let writable = writable && !overlay;
     let mut storage = if writable {
         FileStorage::open_read_write(path)?
     } else {
@@ -504,7 +510,11 @@ pub(crate) fn open_in_chain(
     if format.can_read() {
         locks::lock_image(&mut storage, format, options, top, writable)?;
     }
-    let storage: Arc<dyn Storage> = Arc::new(storage);
+    let storage: Arc<dyn Storage> = if overlay && format.can_write() {
+        Arc::new(Overlay::new(storage)?)
+    } else {
+        Arc::new(storage)
+    };
     if options.writable && chain.is_empty() && snapshot.is_some() {
         return Err(Error::InvalidArgument(format!(
             "{}: snapshots are read-only; open without a snapshot to write",

@@ -4,9 +4,8 @@
 //! the ones that overlap (see [`crate::blkverify::order`]).
 
 use super::finding::{self, Finding};
-use super::{fill_pattern, Op, OpKind, OpLog, Plan};
+use super::{Op, OpKind, OpLog, Plan};
 use crate::blkverify::order::Ticket;
-use crate::blkverify::order::{self, Kind};
 use crate::blkverify::Blkverify;
 use crate::driver::BlockDriver;
 use crate::error::{Error, Result};
@@ -27,28 +26,6 @@ enum OpResult {
     Done,
     Finding(Box<Finding>),
     Failed(Error),
-}
-
-/// The device's view of `op`, to admit it.
-fn admission(op: &Op) -> order::Request<'static> {
-    let kind = match op.kind {
-        OpKind::Read => Kind::Read,
-        OpKind::Write => Kind::Write { fua: false },
-        OpKind::Zero { unmap } => Kind::Zero {
-            unmap,
-            fua: false,
-            fast: false,
-        },
-        OpKind::Discard => Kind::Discard { fua: false },
-        OpKind::Flush => Kind::Flush,
-    };
-    order::Request {
-        kind,
-        offset: op.offset,
-        length: op.length,
-        source: op.number,
-        data: None,
-    }
 }
 
 /// Calls the caller's tick about ten times a second and watches the deadline.
@@ -111,7 +88,7 @@ impl Dispatcher<'_, '_> {
     /// Queue depth 1: each op on the calling thread, until the plan ends, a
     /// finding or an error, or the pacer says stop.
     pub fn serial(&mut self) -> Result<Dispatched> {
-        let mut buf = Vec::new();
+        let mut buf = Buffers::default();
         let mut out = Dispatched::default();
         while let Some(op) = self.plan.op(out.issued) {
             if !self.pacer.keep_going(self.stats) {
@@ -120,9 +97,11 @@ impl Dispatcher<'_, '_> {
             if let Some(log) = self.log.as_deref_mut() {
                 log.op(&op)?;
             }
+            let position = out.issued;
             out.issued += 1;
-            let _admitted = self.device.admit(&admission(&op));
-            match execute(self.device, self.plan.seed(), &op, &mut buf, self.stats) {
+            let source = self.plan.connection(position).unwrap_or(op.number);
+            let _admitted = self.device.admit(&op.admission(source, None));
+            match execute(self.device, self.plan, position, &op, &mut buf, self.stats) {
                 OpResult::Done => {}
                 OpResult::Finding(f) => {
                     out.findings.push(*f);
@@ -217,13 +196,13 @@ impl<'a> Queue<'a> {
     /// device lets it run, run it, until the plan ends or a finding, an error
     /// or the caller stops the run.
     fn work(&self, device: &Blkverify, plan: &Plan, stats: &Stats, queue_depth: usize) {
-        let mut buf = Vec::new();
+        let mut buf = Buffers::default();
         loop {
-            let Some((op, mut admitted)) = self.take(device, plan) else {
+            let Some((position, op, mut admitted)) = self.take(device, plan) else {
                 break;
             };
             admitted.wait();
-            let result = execute(device, plan.seed(), &op, &mut buf, stats);
+            let result = execute(device, plan, position, &op, &mut buf, stats);
             drop(admitted);
             let mut q = self.lock();
             match result {
@@ -250,7 +229,7 @@ impl<'a> Queue<'a> {
     /// Issue the next op of `plan`: log it and admit it to the device, in op
     /// order (under the queue lock, so the device numbers ops in the order
     /// they are logged). `None` when the run is over.
-    fn take<'d>(&self, device: &'d Blkverify, plan: &Plan) -> Option<(Op, Ticket<'d>)> {
+    fn take<'d>(&self, device: &'d Blkverify, plan: &Plan) -> Option<(u64, Op, Ticket<'d>)> {
         let mut q = self.lock();
         if q.stop || self.deadline.is_some_and(|d| Instant::now() >= d) {
             return None;
@@ -263,35 +242,70 @@ impl<'a> Queue<'a> {
                 return None;
             }
         }
+        let position = q.issued;
         q.issued += 1;
-        let admitted = device.admit(&admission(&op));
-        Some((op, admitted))
+        let source = plan.connection(position).unwrap_or(op.number);
+        let admitted = device.admit(&op.admission(source, None));
+        Some((position, op, admitted))
     }
 }
 
-/// Run one op through the device.
-fn execute(device: &Blkverify, seed: u64, op: &Op, buf: &mut Vec<u8>, stats: &Stats) -> OpResult {
+/// Buffers a worker reuses from op to op.
+#[derive(Default)]
+pub(super) struct Buffers {
+    /// A read's or a write's data.
+    data: Vec<u8>,
+    /// Block status checks.
+    scratch: Vec<u8>,
+}
+
+/// Run `op`, the `position`-th op issued, through the device: as serve runs
+/// a client's request of that kind (a FUA request flushes both sides after
+/// it; a block status is checked against the reference).
+fn execute(
+    device: &Blkverify,
+    plan: &Plan,
+    position: u64,
+    op: &Op,
+    bufs: &mut Buffers,
+    stats: &Stats,
+) -> OpResult {
     let length = usize::try_from(op.length).unwrap_or(usize::MAX);
-    if matches!(op.kind, OpKind::Read | OpKind::Write) && buf.len() < length {
-        buf.resize(length, 0);
+    let moves_data = matches!(op.kind, OpKind::Read | OpKind::Cache | OpKind::Write { .. });
+    if moves_data && bufs.data.len() < length {
+        bufs.data.resize(length, 0);
     }
-    let data = buf.get_mut(..length).unwrap_or(&mut []);
+    let data = bufs.data.get_mut(..length).unwrap_or(&mut []);
+    let durable = |result: Result<()>, fua: bool| match result {
+        Ok(()) if fua => device.flush(),
+        other => other,
+    };
     let result = match op.kind {
-        OpKind::Read => device.read_at(data, op.offset),
-        OpKind::Write => {
-            fill_pattern(data, seed, op.number, op.offset);
-            device.write_at(data, op.offset)
+        OpKind::Read | OpKind::Cache => device.read_at(data, op.offset),
+        OpKind::Write { fua } => {
+            if !plan.fill(position, op, data) {
+                return OpResult::Failed(Error::Internal(format!(
+                    "the record holds no data for op {op}"
+                )));
+            }
+            durable(device.write_at(data, op.offset), fua)
         }
-        OpKind::Zero { unmap } => device.write_zeroes(op.offset, op.length, unmap),
-        OpKind::Discard => device.discard(op.offset, op.length),
+        OpKind::Zero { unmap, fua, .. } => {
+            durable(device.write_zeroes(op.offset, op.length, unmap), fua)
+        }
+        OpKind::Discard { fua } => durable(device.discard(op.offset, op.length), fua),
         OpKind::Flush => device.flush(),
+        OpKind::BlockStatus { one } => {
+            crate::serve::block_status(device, op.offset, op.length, one, &mut bufs.scratch)
+                .map(|_| ())
+        }
     };
     stats.done.fetch_add(1, Ordering::Relaxed);
     match result {
         Ok(()) => {
             match op.kind {
                 OpKind::Read => stats.bytes_read.fetch_add(op.length, Ordering::Relaxed),
-                OpKind::Write => stats.bytes_written.fetch_add(op.length, Ordering::Relaxed),
+                OpKind::Write { .. } => stats.bytes_written.fetch_add(op.length, Ordering::Relaxed),
                 _ => 0,
             };
             OpResult::Done
@@ -299,9 +313,13 @@ fn execute(device: &Blkverify, seed: u64, op: &Op, buf: &mut Vec<u8>, stats: &St
         Err(e) => {
             // A read's buffer holds what the test side returned: keep it, a
             // second read may not return the same (a transient fault).
-            let seen = (op.kind == OpKind::Read).then(|| buf.get(..length).unwrap_or(&[]));
+            let reads = matches!(op.kind, OpKind::Read | OpKind::Cache);
+            let seen = reads.then(|| bufs.data.get(..length).unwrap_or(&[]));
             match finding::of_error(device, Some(*op), "op", e, seen) {
-                Ok(f) => OpResult::Finding(Box::new(f)),
+                Ok(mut f) => {
+                    f.connection = plan.connection(position);
+                    OpResult::Finding(Box::new(f))
+                }
                 Err(e) => OpResult::Failed(e),
             }
         }

@@ -2,10 +2,10 @@
 //! developer can act on (both sides' bytes, the op that last changed the byte,
 //! and a diagnosis: zeros, stale data, or data meant for another offset).
 
-use super::{fill_pattern, pattern_key, pattern_word, Op, OpKind, Plan};
+use super::{pattern_key, pattern_word, Op, OpKind, Plan};
 use crate::blkverify::Blkverify;
 use crate::compare::hexdump_diff;
-use crate::driver::{BlockDriver, SECTOR_SIZE};
+use crate::driver::{BlockDriver, Location, SECTOR_SIZE};
 use crate::error::{ContentsMismatch, Error, Result, ReturnMismatch};
 use crate::verify;
 
@@ -41,6 +41,11 @@ pub struct Finding {
     /// What the test side's bytes are, when we can tell: an earlier write's
     /// data (stale), or zeros.
     pub diagnosis: Option<String>,
+    /// The connection that sent the op (a trace's replay).
+    pub connection: Option<u64>,
+    /// Where the test side keeps the first differing byte (or the op's
+    /// first byte).
+    pub mapping: Option<Location>,
 }
 
 impl Finding {
@@ -61,6 +66,8 @@ impl Finding {
             raw_bytes: Vec::new(),
             last_change: None,
             diagnosis: None,
+            connection: None,
+            mapping: None,
         }
     }
 
@@ -104,10 +111,12 @@ pub(super) fn of_error(
                 first_byte: Some(first_byte),
                 test_bytes,
                 raw_bytes,
+                mapping: device.test().locate(first_byte).ok().flatten(),
                 ..Finding::new(op, phase, "contents", message)
             })
         }
         Error::ReturnMismatch(ReturnMismatch {
+            offset,
             test_ret,
             raw_ret,
             test_error,
@@ -118,6 +127,7 @@ pub(super) fn of_error(
             raw_ret: Some(raw_ret),
             test_error,
             raw_error,
+            mapping: device.test().locate(offset).ok().flatten(),
             ..Finding::new(op, phase, "return_value", message)
         }),
         Error::Io {
@@ -216,6 +226,7 @@ pub(super) fn of_verify(device: &Blkverify, m: &verify::Mismatch) -> Finding {
         first_byte: Some(m.first_byte),
         test_bytes,
         raw_bytes,
+        mapping: device.test().locate(m.first_byte).ok().flatten(),
         ..base
     }
 }
@@ -242,24 +253,25 @@ pub(super) fn explain(plan: &Plan, issued: u64, f: &mut Finding) {
     let covers = |op: &Op, at: u64| op.writes() && op.offset <= at && at < op.offset + op.length;
     let history = (before.saturating_sub(EXPLAIN_LOOK_BACK)..before)
         .rev()
-        .filter_map(|p| plan.op(p));
+        .filter_map(|p| plan.op(p).map(|op| (p, op)));
     let mut last_change = None;
     let mut diagnosis = None;
     let test = &f.test_bytes;
     if !test.is_empty() && test.iter().all(|&b| b == 0) {
         diagnosis = Some("the test side reads zeros here".to_string());
     }
-    for op in history.filter(|op| covers(op, first_byte)) {
+    for (position, op) in history.filter(|(_, op)| covers(op, first_byte)) {
         if last_change.is_none() {
             last_change = Some(op);
         }
         if diagnosis.is_some() {
             break;
         }
-        if op.kind == OpKind::Write && !test.is_empty() {
+        if matches!(op.kind, OpKind::Write { .. }) && !test.is_empty() {
             // Does the differing byte hold this write's data on the test side?
-            let mut expect = vec![0u8; test.len()];
-            fill_pattern(&mut expect, plan.seed(), op.number, sector_offset);
+            let Some(expect) = written(plan, position, &op, sector_offset, test.len()) else {
+                break;
+            };
             let lo = (first_byte - sector_offset) as usize;
             let hi = ((op.offset + op.length).min(sector_offset + test.len() as u64)
                 - sector_offset) as usize;
@@ -277,13 +289,37 @@ pub(super) fn explain(plan: &Plan, issued: u64, f: &mut Finding) {
             }
         }
     }
-    if diagnosis.is_none() {
+    if diagnosis.is_none() && plan.patterned() {
         diagnosis = misplaced(plan, before, f);
     }
     f.last_change = last_change;
     if f.diagnosis.is_none() {
         f.diagnosis = diagnosis;
     }
+}
+
+/// The bytes write `op` (the `position`-th op issued) put on the disk, as `len`
+/// bytes from `from` (bytes outside the write are left zero); `None` when
+/// the plan cannot say.
+fn written(plan: &Plan, position: u64, op: &Op, from: u64, len: usize) -> Option<Vec<u8>> {
+    let mut out = vec![0u8; len];
+    if plan.patterned() {
+        super::fill_pattern(&mut out, plan.seed(), op.number, from);
+        return Some(out);
+    }
+    let mut data = vec![0u8; usize::try_from(op.length).ok()?];
+    if !plan.fill(position, op, &mut data) {
+        return None;
+    }
+    let start = from.max(op.offset);
+    let end = (from + len as u64).min(op.offset + op.length);
+    if start < end {
+        let n = (end - start) as usize;
+        out.get_mut((start - from) as usize..)?
+            .get_mut(..n)?
+            .copy_from_slice(data.get((start - op.offset) as usize..)?.get(..n)?);
+    }
+    Some(out)
 }
 
 /// Write ops `misplaced` searches, newest first.
@@ -302,7 +338,7 @@ fn misplaced(plan: &Plan, before: u64, f: &Finding) -> Option<String> {
     let writes = (0..before)
         .rev()
         .filter_map(|p| plan.op(p))
-        .filter(|op| op.kind == OpKind::Write)
+        .filter(|op| matches!(op.kind, OpKind::Write { .. }))
         .take(MISPLACED_LOOK_BACK);
     for op in writes {
         let key = pattern_key(plan.seed(), op.number);

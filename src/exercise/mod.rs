@@ -11,47 +11,46 @@
 //! defined and each read's expected bytes are the same whatever the timing.
 //!
 //! The op log (`--log`) is written as ops are issued, so it survives a crash or a
-//! hang of the driver under test; see [`log`] for its format.
+//! hang of the driver under test; [`crate::record`] owns its format.
+//!
+//! **Replay** is the same engine on a record's ops instead of drawn ones: an
+//! op log (writes' bytes from the seed) or a serve trace (writes' bytes from
+//! the trace, and every request a client can make, block status included,
+//! checked as serve checks it). That is why exercise sits above serve in the
+//! layers: a trace's requests mean what serve made them mean. A replay of a
+//! trace at queue depth 1 runs its requests in the order serve applied them,
+//! so it repeats the live run and meets its finding at the same request.
 //!
 //! The parts: [`workload`] draws the ops, `dispatch` runs them, `finding`
-//! explains a difference, [`log`] reads and writes op logs; this module checks
-//! what the caller asked for ([`Request`]) and runs it ([`run`]).
+//! explains a difference; this module checks what the caller asked for
+//! ([`Request`]) and runs it ([`run`]).
 
 mod dispatch;
 mod finding;
-pub mod log;
 pub mod workload;
 
 pub use crate::compare::hexdump_diff;
+pub use crate::record::{
+    check_queue_depth, parse_log, Log, OpLog, Record, LOG_MAGIC, MAX_QUEUE_DEPTH,
+};
 pub use finding::Finding;
-pub use log::{parse_log, Log, OpLog, LOG_MAGIC};
 pub use workload::{
     fill_pattern, pattern_key, pattern_word, Mix, Op, OpKind, SizeMix, Workload, MAX_REQUEST,
 };
 
 use crate::blkverify::{parse_spec, Blkverify, Spec};
-use crate::driver::{BlockDriver, OpenOptions};
+use crate::driver::{BlockDriver, OpenOptions, SECTOR_SIZE};
 use crate::error::{Error, Result};
 use crate::verify::{self, VerifyOptions};
 use dispatch::{Dispatcher, Pacer, Stats};
 use std::hash::{BuildHasher, Hasher};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// The most ops an exercise keeps in flight at once.
-pub const MAX_QUEUE_DEPTH: usize = 256;
 
 /// The ops a run makes when neither an op count nor a duration is given.
 pub const DEFAULT_OPS: u64 = 10_000;
-
-/// `queue_depth` if it is 1 to [`MAX_QUEUE_DEPTH`]: the one check of that range.
-pub fn check_queue_depth(queue_depth: u64) -> std::result::Result<usize, String> {
-    usize::try_from(queue_depth)
-        .ok()
-        .filter(|q| (1..=MAX_QUEUE_DEPTH).contains(q))
-        .ok_or_else(|| format!("queue depth {queue_depth} is not 1 to {MAX_QUEUE_DEPTH}"))
-}
 
 /// How long a generated run lasts.
 #[derive(Debug, Clone, Copy)]
@@ -72,21 +71,45 @@ pub enum Plan {
         /// When to stop.
         limit: Limit,
     },
-    /// Replayed from a log, in its order.
+    /// Replayed from a record (an op log or a trace), in its order.
     Replay {
-        /// The seed the write patterns derive from.
-        seed: u64,
-        /// The ops.
-        ops: Vec<Op>,
+        /// The record.
+        record: Arc<Record>,
+        /// The positions of the ops to run, in order (shrinking runs
+        /// subsets); `None` runs them all.
+        positions: Option<Arc<[usize]>>,
     },
 }
 
 impl Plan {
-    /// The seed.
+    /// Replay every op of `record`.
+    pub fn replay(record: Record) -> Plan {
+        Plan::Replay {
+            record: Arc::new(record),
+            positions: None,
+        }
+    }
+
+    /// The seed (a trace's writes carry their bytes: 0).
     pub fn seed(&self) -> u64 {
         match self {
             Plan::Generated { workload, .. } => workload.seed,
-            Plan::Replay { seed, .. } => *seed,
+            Plan::Replay { record, .. } => match record.as_ref() {
+                Record::Log(log) => log.seed,
+                Record::Trace(_) => 0,
+            },
+        }
+    }
+
+    /// The record's position of the `position`-th op issued (replays).
+    fn index(&self, position: u64) -> Option<usize> {
+        let position = usize::try_from(position).ok()?;
+        match self {
+            Plan::Generated { .. } => None,
+            Plan::Replay {
+                positions: Some(p), ..
+            } => p.get(position).copied(),
+            Plan::Replay { .. } => Some(position),
         }
     }
 
@@ -98,9 +121,70 @@ impl Plan {
                 limit: Limit::Ops(n),
             } => (position < *n).then(|| workload.op(position)),
             Plan::Generated { workload, .. } => Some(workload.op(position)),
-            Plan::Replay { ops, .. } => ops.get(usize::try_from(position).ok()?).copied(),
+            Plan::Replay { record, .. } => record.ops().get(self.index(position)?).copied(),
         }
     }
+
+    /// How many ops the plan holds, if it is bounded.
+    fn len(&self) -> Option<u64> {
+        match self {
+            Plan::Generated {
+                limit: Limit::Ops(n),
+                ..
+            } => Some(*n),
+            Plan::Generated { .. } => None,
+            Plan::Replay {
+                positions: Some(p), ..
+            } => Some(p.len() as u64),
+            Plan::Replay { record, .. } => Some(record.ops().len() as u64),
+        }
+    }
+
+    /// The connection that sent the `position`-th op (traces).
+    fn connection(&self, position: u64) -> Option<u64> {
+        match self {
+            Plan::Replay { record, .. } => record.connection(self.index(position)?),
+            Plan::Generated { .. } => None,
+        }
+    }
+
+    /// Fill `buf` with the bytes of write `op`, the `position`-th op issued:
+    /// its pattern, or the trace's data. False if the trace holds none.
+    fn fill(&self, position: u64, op: &Op, buf: &mut [u8]) -> bool {
+        match self {
+            Plan::Replay { record, .. } => match record.as_ref() {
+                Record::Trace(trace) => self
+                    .index(position)
+                    .is_some_and(|index| trace.fill(index, buf)),
+                Record::Log(log) => {
+                    fill_pattern(buf, log.seed, op.number, op.offset);
+                    true
+                }
+            },
+            Plan::Generated { workload, .. } => {
+                fill_pattern(buf, workload.seed, op.number, op.offset);
+                true
+            }
+        }
+    }
+
+    /// Whether writes' bytes are patterns (derived from the seed), which a
+    /// finding can trace back to the op that wrote them.
+    fn patterned(&self) -> bool {
+        !matches!(self, Plan::Replay { record, .. } if matches!(record.as_ref(), Record::Trace(_)))
+    }
+}
+
+/// What is checked after the last op, when no op found anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinalCheck {
+    /// Nothing.
+    Skip,
+    /// Both sides flushed, then the whole device verified.
+    Whole,
+    /// Both sides flushed, then every range the ops wrote or read read back
+    /// and compared: what shrinking needs, at the cost of the ops' own bytes.
+    Touched,
 }
 
 /// How to run.
@@ -108,8 +192,8 @@ impl Plan {
 pub struct ExerciseOptions {
     /// Ops in flight at once (1 to [`MAX_QUEUE_DEPTH`]).
     pub queue_depth: usize,
-    /// Verify the whole device after the last op.
-    pub verify_at_end: bool,
+    /// What is checked after the last op.
+    pub final_check: FinalCheck,
     /// Worker threads for the final verify (0: one per core).
     pub verify_threads: usize,
 }
@@ -118,7 +202,7 @@ impl Default for ExerciseOptions {
     fn default() -> Self {
         ExerciseOptions {
             queue_depth: 1,
-            verify_at_end: true,
+            final_check: FinalCheck::Whole,
             verify_threads: 0,
         }
     }
@@ -165,12 +249,17 @@ pub struct Request {
     pub size_mix: Option<String>,
     /// Ops in flight (default: the replayed log's, else 1).
     pub queue_depth: Option<u64>,
-    /// Replay this log's ops instead of drawing them.
+    /// Replay the ops of this record (an op log or a trace) instead of
+    /// drawing them.
     pub replay: Option<PathBuf>,
+    /// Or of this record, already read (shrinking reads it once).
+    pub record: Option<Arc<Record>>,
+    /// Replay only the ops at these positions of the record (growing).
+    pub positions: Option<Vec<usize>>,
     /// Write the op log here.
     pub log: Option<PathBuf>,
-    /// Skip the whole-device verify after the last op.
-    pub no_verify: bool,
+    /// What to check after the last op (default: verify the whole device).
+    pub final_check: Option<FinalCheck>,
 }
 
 /// An exercise ready to run: checked, its device open, its plan made, its
@@ -208,22 +297,42 @@ impl Exercise {
             .map(check_queue_depth)
             .transpose()
             .map_err(Error::InvalidArgument)?;
-        let replayed = match &request.replay {
-            Some(_)
-                if request.ops.is_some()
-                    || request.duration.is_some()
-                    || request.seed.is_some()
-                    || request.mix.is_some()
-                    || request.size_mix.is_some() =>
-            {
+        let drawing = request.ops.is_some()
+            || request.duration.is_some()
+            || request.seed.is_some()
+            || request.mix.is_some()
+            || request.size_mix.is_some();
+        let replayed = match (request.record, &request.replay) {
+            (Some(_), _) | (_, Some(_)) if drawing => {
                 return Err(invalid(
-                    "a replay runs the log's ops: ops, duration, seed, mix and size_mix do not apply",
+                    "a replay runs the record's ops: ops, duration, seed, mix and size_mix do not apply",
                 ))
             }
-            Some(path) => Some(Log::read(path)?),
-            None => None,
+            (Some(record), _) => Some(record),
+            (None, Some(path)) => Some(Arc::new(Record::read(path)?)),
+            (None, None) => None,
         };
-        let spec = match (request.spec, replayed.as_ref().and_then(|l| l.spec.clone())) {
+        if let Some(positions) = &request.positions {
+            let count = replayed.as_ref().map_or(0, |r| r.ops().len());
+            let increasing = positions.windows(2).all(|w| w[0] < w[1]);
+            if !increasing || positions.last().is_some_and(|&p| p >= count) {
+                return Err(invalid(&format!(
+                    "positions must grow and stay below the record's {count} ops"
+                )));
+            }
+        }
+        let trace = replayed.as_ref().and_then(|r| match r.as_ref() {
+            Record::Trace(t) => Some(t),
+            Record::Log(_) => None,
+        });
+        if let (Some(trace), Some(_)) = (trace, &request.log) {
+            return Err(invalid(&format!(
+                "{}: a trace's writes carry their data, which an op log cannot hold: \
+                 no log of a trace's replay",
+                trace.path.display()
+            )));
+        }
+        let spec = match (request.spec, replayed.as_ref().and_then(|r| r.spec())) {
             (Some(spec), _) | (None, Some(spec)) => spec,
             (None, None) => {
                 return Err(invalid(
@@ -250,11 +359,16 @@ impl Exercise {
                 .finish()
                 >> 1
         });
-        let queue_depth = queue_depth
-            .or(replayed.as_ref().and_then(|l| l.queue_depth))
-            .unwrap_or(1);
+        let recorded_depth = replayed.as_ref().and_then(|r| match r.as_ref() {
+            Record::Log(log) => log.queue_depth,
+            Record::Trace(_) => None,
+        });
+        let queue_depth = queue_depth.or(recorded_depth).unwrap_or(1);
         let writes = match &replayed {
-            Some(l) => l.ops.iter().any(Op::writes),
+            Some(r) => match &request.positions {
+                Some(p) => p.iter().any(|&i| r.ops().get(i).is_some_and(Op::writes)),
+                None => r.ops().iter().any(Op::writes),
+            },
             None => mix.writes(),
         };
         let open = OpenOptions {
@@ -263,10 +377,20 @@ impl Exercise {
             ..open.clone()
         };
         let device = Blkverify::open(&raw, &test, &open)?;
+        if let Some(trace) = trace {
+            if trace.header.size != device.size() {
+                return Err(invalid(&format!(
+                    "{}: the trace was recorded on a device of {} bytes, and {spec} has {}",
+                    trace.path.display(),
+                    trace.header.size,
+                    device.size()
+                )));
+            }
+        }
         let plan = match replayed {
-            Some(l) => Plan::Replay {
-                seed: l.seed,
-                ops: l.ops,
+            Some(record) => Plan::Replay {
+                record,
+                positions: request.positions.map(Arc::from),
             },
             None => Plan::Generated {
                 workload: Workload {
@@ -285,7 +409,7 @@ impl Exercise {
             plan,
             options: ExerciseOptions {
                 queue_depth,
-                verify_at_end: !request.no_verify,
+                final_check: request.final_check.unwrap_or(FinalCheck::Whole),
                 ..ExerciseOptions::default()
             },
             log,
@@ -317,8 +441,11 @@ pub fn run(
 ) -> Result<Outcome> {
     let size = device.size();
     let queue_depth = options.queue_depth.clamp(1, MAX_QUEUE_DEPTH);
-    if let Plan::Replay { ops, .. } = plan {
-        if let Some(op) = ops.iter().find(|op| op.offset + op.length > size) {
+    if let Plan::Replay { .. } = plan {
+        let past = (0..plan.len().unwrap_or(0))
+            .filter_map(|p| plan.op(p))
+            .find(|op| op.offset + op.length > size);
+        if let Some(op) = past {
             return Err(Error::InvalidArgument(format!(
                 "op {op} ends past the end of the device ({size} bytes)"
             )));
@@ -374,9 +501,15 @@ pub fn run(
 
     let verify_started = Instant::now();
     let mut verified = false;
-    if findings.is_empty() && options.verify_at_end {
+    if findings.is_empty() && options.final_check != FinalCheck::Skip {
         let mut verify_tick = |_: verify::Progress| tick(stats.done.load(Ordering::Relaxed));
-        let (finding, whole) = final_check(device, options, &mut verify_tick)?;
+        let (finding, whole) = match options.final_check {
+            FinalCheck::Touched => {
+                let ops = (0..dispatched.issued).filter_map(|p| plan.op(p));
+                (touched_check(device, ops)?, false)
+            }
+            _ => final_check(device, options, &mut verify_tick)?,
+        };
         findings.extend(finding);
         verified = whole;
     }
@@ -419,6 +552,70 @@ fn final_check(
         .first()
         .map(|m| finding::of_verify(device, m));
     Ok((finding, true))
+}
+
+/// Flush both sides, then read back every range `ops` wrote or read (block
+/// status aside: it may span the device), on both sides, and compare: the
+/// first difference is the finding (as the whole verify would report it).
+fn touched_check(device: &Blkverify, ops: impl Iterator<Item = Op>) -> Result<Option<Finding>> {
+    const PIECE: u64 = 1 << 20;
+    if let Err(e) = device.flush() {
+        return finding::of_error(device, None, "final flush", e, None).map(Some);
+    }
+    let mut ranges: Vec<(u64, u64)> = ops
+        .filter(|op| op.writes() || matches!(op.kind, OpKind::Read | OpKind::Cache))
+        .filter_map(|op| op.range())
+        .map(|(start, end)| {
+            (
+                start / SECTOR_SIZE * SECTOR_SIZE,
+                end.div_ceil(SECTOR_SIZE) * SECTOR_SIZE,
+            )
+        })
+        .collect();
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (start, end) in ranges {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    let size = device.size();
+    let (mut test, mut raw) = (Vec::new(), Vec::new());
+    for (start, end) in merged {
+        let mut at = start.min(size);
+        let end = end.min(size);
+        while at < end {
+            let n = (end - at).min(PIECE) as usize;
+            test.resize(n, 0);
+            raw.resize(n, 0);
+            device.raw().read_at(&mut raw, at)?;
+            let mismatch = match device.test().read_at(&mut test, at) {
+                Err(e) => Some(crate::report::Mismatch {
+                    offset: at,
+                    length: n as u64,
+                    first_byte: at,
+                    errno: Some(e.errno()),
+                    error: Some(e.to_string()),
+                }),
+                Ok(()) => crate::compare::first_difference(&test, &raw).map(|i| {
+                    let first_byte = at + i as u64;
+                    crate::report::Mismatch {
+                        offset: first_byte / SECTOR_SIZE * SECTOR_SIZE,
+                        length: SECTOR_SIZE,
+                        first_byte,
+                        errno: None,
+                        error: None,
+                    }
+                }),
+            };
+            if let Some(m) = mismatch {
+                return Ok(Some(finding::of_verify(device, &m)));
+            }
+            at += n as u64;
+        }
+    }
+    Ok(None)
 }
 
 /// End the op log: the findings as comments, then a flush.

@@ -140,12 +140,20 @@ fn run_logged(dev: &Blkverify, plan: &Plan, options: &ExerciseOptions) -> (Outco
     (outcome, std::fs::read_to_string(&path).unwrap())
 }
 
+/// A plan that replays `ops` as an op log of seed `seed` would.
+fn log_plan(seed: u64, ops: Vec<Op>) -> Plan {
+    Plan::replay(Record::Log(Log {
+        seed,
+        spec: None,
+        queue_depth: None,
+        size: None,
+        ops,
+    }))
+}
+
 fn replay(text: &str, fault: Option<Fault>, queue_depth: usize) -> Outcome {
     let log = parse_log("ops.log", text).unwrap();
-    let plan = Plan::Replay {
-        seed: log.seed,
-        ops: log.ops,
-    };
+    let plan = Plan::replay(Record::Log(log));
     run(&device(fault), &plan, &qd(queue_depth), None, &mut |_| true).unwrap()
 }
 
@@ -227,7 +235,7 @@ fn a_dropped_write_is_caught_and_blamed_on_the_lost_write() {
         .unwrap()
         .ops
         .into_iter()
-        .filter(|op| op.kind == OpKind::Write)
+        .filter(|op| matches!(op.kind, OpKind::Write { .. }))
         .nth(39)
         .unwrap();
     let first_byte = f.first_byte.unwrap();
@@ -250,7 +258,7 @@ fn a_misplaced_write_is_caught() {
         .unwrap()
         .ops
         .into_iter()
-        .filter(|op| op.kind == OpKind::Write)
+        .filter(|op| matches!(op.kind, OpKind::Write { .. }))
         .nth(24)
         .unwrap();
     let said = f.diagnosis.clone().unwrap_or_default();
@@ -269,7 +277,7 @@ fn a_failed_write_is_a_return_value_finding_on_that_op() {
         .unwrap()
         .ops
         .into_iter()
-        .filter(|op| op.kind == OpKind::Write)
+        .filter(|op| matches!(op.kind, OpKind::Write { .. }))
         .nth(9)
         .unwrap();
     assert_eq!(f.op, Some(tenth));
@@ -326,15 +334,15 @@ fn our_qcow2_driver_runs_clean_and_cancel_stops() {
 
 #[test]
 fn replay_refuses_ops_past_the_end() {
-    let plan = Plan::Replay {
-        seed: 1,
-        ops: vec![Op {
+    let plan = log_plan(
+        1,
+        vec![Op {
             number: 0,
             kind: OpKind::Read,
             offset: SIZE - 10,
             length: 20,
         }],
-    };
+    );
     let err = run(&device(None), &plan, &qd(1), None, &mut |_| true).unwrap_err();
     assert!(
         err.to_string().contains("past the end of the device"),
@@ -353,13 +361,13 @@ fn a_queue_whose_ops_all_overlap_still_ends() {
             kind: if number % 3 == 0 {
                 OpKind::Read
             } else {
-                OpKind::Write
+                OpKind::Write { fua: false }
             },
             offset: 0,
             length: 512,
         })
         .collect();
-    let plan = Plan::Replay { seed: 1, ops };
+    let plan = log_plan(1, ops);
     let (done, finished) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let dev = device(Some(Fault::SlowWrites));
@@ -367,4 +375,226 @@ fn a_queue_whose_ops_all_overlap_still_ends() {
         let _ = done.send(outcome.ops);
     });
     assert_eq!(finished.recv_timeout(Duration::from_secs(60)).unwrap(), 300);
+}
+
+#[test]
+fn on_overlays_our_qcow2_driver_runs_clean_and_the_images_are_not_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("raw.img");
+    let test = dir.path().join("test.qcow2");
+    std::fs::write(&raw, vec![0u8; SIZE as usize]).unwrap();
+    crate::driver::qcow2::create::create(
+        &test,
+        &crate::driver::qcow2::create::CreateOptions {
+            size: Some(SIZE),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let before = (std::fs::read(&raw).unwrap(), std::fs::read(&test).unwrap());
+    let options = OpenOptions {
+        writable: true,
+        overlay: true,
+        ..OpenOptions::default()
+    };
+    for _ in 0..2 {
+        // Each overlay starts from the images as they are: the same run twice.
+        let dev = Blkverify::open(&raw, &test, &options).unwrap();
+        let outcome = run(&dev, &generated(9, 2000), &qd(4), None, &mut |_| true).unwrap();
+        assert!(outcome.findings.is_empty(), "{:?}", outcome.findings);
+        assert!(outcome.verified && outcome.bytes_written > 0);
+    }
+    let after = (std::fs::read(&raw).unwrap(), std::fs::read(&test).unwrap());
+    assert!(before == after, "an overlay wrote the images");
+}
+
+/// A qcow2 and a raw image with the same 8 MiB of data, by our own writers.
+fn data_pair(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let raw = dir.join("raw.img");
+    let test = dir.join("test.qcow2");
+    let data: Vec<u8> = (0..SIZE as usize).map(|i| (i / 4096 % 251) as u8).collect();
+    std::fs::write(&raw, &data).unwrap();
+    crate::driver::qcow2::create::create(
+        &test,
+        &crate::driver::qcow2::create::CreateOptions {
+            size: Some(SIZE),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let writable = OpenOptions {
+        writable: true,
+        ..OpenOptions::default()
+    };
+    let image = crate::driver::open(&test, &writable).unwrap();
+    image.write_at(&data, 0).unwrap();
+    image.flush().unwrap();
+    (raw, test)
+}
+
+/// Serve `raw` and `test` with a trace at `trace`; `client(uri)` drives it.
+/// Returns serve's findings.
+fn serve_traced(
+    raw: &Path,
+    test: &Path,
+    trace: &Path,
+    client: impl FnOnce(&str),
+) -> Vec<crate::serve::Finding> {
+    use crate::record::{Recorder, TraceHeader};
+    use crate::serve::{open_device, Policy, ServeOptions, Server};
+    let mut device = open_device(raw, test, &OpenOptions::default(), false).unwrap();
+    let recorder =
+        Arc::new(Recorder::start(trace, &TraceHeader::of_device(&device, "test")).unwrap());
+    device.set_observer(recorder.clone());
+    let server = Server::start(
+        device,
+        ServeOptions {
+            persistent: true,
+            shared: 4,
+            on_mismatch: Policy::Eio,
+            ..ServeOptions::default()
+        },
+    )
+    .unwrap();
+    client(server.uri());
+    server.stop();
+    server.take_outcome().unwrap().unwrap();
+    recorder.finish().unwrap();
+    server.findings(0)
+}
+
+/// Replay the trace at `trace` on `raw` and `test` (overlays unless
+/// `in_place`), at queue depth 1.
+fn replay_trace(raw: &Path, test: &Path, trace: &Path, in_place: bool) -> Outcome {
+    let request = Request {
+        spec: Some(format!("blkverify:{}:{}", raw.display(), test.display())),
+        replay: Some(trace.to_path_buf()),
+        ..Request::default()
+    };
+    let open = OpenOptions {
+        overlay: !in_place,
+        ..OpenOptions::default()
+    };
+    let mut exercise = Exercise::prepare(request, &open).unwrap();
+    exercise.run(&mut |_| true).unwrap()
+}
+
+#[test]
+fn a_served_clients_trace_replays_to_the_same_images_and_the_same_finding() {
+    let dir = tempfile::tempdir().unwrap();
+    let (raw, test) = data_pair(dir.path());
+    // The pristine copies a replay starts from.
+    let (raw0, test0) = (dir.path().join("raw0.img"), dir.path().join("test0.qcow2"));
+    std::fs::copy(&raw, &raw0).unwrap();
+    std::fs::copy(&test, &test0).unwrap();
+    let trace = dir.path().join("clients.bvt");
+    // Four connections of our NBD client at once, overlapping writes of
+    // every size, zeroing, discards, reads, flushes and FUA.
+    let findings = serve_traced(&raw, &test, &trace, |uri| {
+        std::thread::scope(|scope| {
+            for c in 0..4u64 {
+                scope.spawn(move || {
+                    let nbd = crate::driver::open(
+                        Path::new(uri),
+                        &OpenOptions {
+                            writable: true,
+                            ..OpenOptions::default()
+                        },
+                    )
+                    .unwrap();
+                    let mut buf = vec![0u8; 200_000];
+                    for i in 0..300u64 {
+                        let at = (i * 7919 + c * 131_071) % (SIZE - 200_000);
+                        let len = 512 + (i * 4099 % 190_000);
+                        match i % 6 {
+                            0 | 1 => {
+                                buf.iter_mut().for_each(|b| *b = (i + c) as u8);
+                                nbd.write_at(&buf[..len as usize], at).unwrap();
+                            }
+                            2 => nbd.read_at(&mut buf[..len as usize], at).unwrap(),
+                            3 => nbd.write_zeroes(at, len, i % 12 == 3).unwrap(),
+                            4 => nbd.discard(at / 512 * 512, 65536).unwrap(),
+                            _ => nbd.flush().unwrap(),
+                        }
+                    }
+                });
+            }
+        });
+    });
+    assert!(findings.is_empty(), "{findings:?}");
+    let record = crate::record::Record::read(&trace).unwrap();
+    assert_eq!(
+        record.ops().len() as u64,
+        record.ops().last().unwrap().number + 1
+    );
+    // On overlays: clean, and the pristine copies are not written.
+    let outcome = replay_trace(&raw0, &test0, &trace, false);
+    assert!(
+        outcome.findings.is_empty() && outcome.verified,
+        "{:?}",
+        outcome.findings
+    );
+    assert_eq!(outcome.issued, record.ops().len() as u64);
+    // In place: the replayed images hold what the served ones do.
+    let outcome = replay_trace(&raw0, &test0, &trace, true);
+    assert!(outcome.findings.is_empty());
+    let read = |p: &Path| {
+        let image = crate::driver::open(p, &OpenOptions::default()).unwrap();
+        let mut all = vec![0u8; SIZE as usize];
+        image.read_at(&mut all, 0).unwrap();
+        all
+    };
+    assert!(
+        read(&test) == read(&test0),
+        "the replay did not repeat the run"
+    );
+    assert!(read(&raw) == read(&raw0));
+}
+
+#[test]
+fn a_corrupt_read_caught_by_serve_is_met_again_by_the_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let (raw, test) = data_pair(dir.path());
+    // Flip one guest byte of the qcow2 (found through its map).
+    let guest = 3 * (1 << 20) + 777;
+    let located = crate::driver::open(&test, &OpenOptions::default())
+        .unwrap()
+        .locate(guest)
+        .unwrap()
+        .unwrap();
+    let host = located.host_offset.unwrap();
+    let mut bytes = std::fs::read(&test).unwrap();
+    bytes[host as usize] ^= 0x10;
+    std::fs::write(&test, &bytes).unwrap();
+    let (raw0, test0) = (dir.path().join("raw0.img"), dir.path().join("test0.qcow2"));
+    std::fs::copy(&raw, &raw0).unwrap();
+    std::fs::copy(&test, &test0).unwrap();
+    let trace = dir.path().join("t.bvt");
+    let findings = serve_traced(&raw, &test, &trace, |uri| {
+        let nbd = crate::driver::open(
+            Path::new(uri),
+            &OpenOptions {
+                writable: true,
+                ..OpenOptions::default()
+            },
+        )
+        .unwrap();
+        nbd.write_at(&[1u8; 4096], 0).unwrap();
+        let mut buf = vec![0u8; 65536];
+        nbd.read_at(&mut buf, 0).unwrap();
+        assert!(nbd.read_at(&mut buf, 3 << 20).is_err(), "EIO");
+        nbd.write_at(&[2u8; 4096], 8192).unwrap();
+    });
+    let [live] = &findings[..] else {
+        panic!("{findings:?}")
+    };
+    let outcome = replay_trace(&raw0, &test0, &trace, false);
+    let replayed = &outcome.findings[0];
+    assert_eq!(replayed.message, live.message);
+    assert_eq!(replayed.op.map(|op| op.number), live.request);
+    assert_eq!(replayed.sector, live.sector);
+    assert_eq!(replayed.connection, live.connection);
+    assert_eq!(replayed.sector, Some(guest / 512));
+    // It stopped there: the write after it was not replayed.
+    assert_eq!(outcome.issued, live.request.unwrap() + 1);
 }

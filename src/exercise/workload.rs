@@ -1,4 +1,4 @@
-//! The seeded workload: operations, the mixes that weight them, the generator
+//! The seeded workload: the mixes that weight them, the generator
 //! that turns (seed, op number) into an operation, and the write patterns.
 //!
 //! Op `n` depends only on the seed, `n`, the device size and the mixes, never on
@@ -11,65 +11,7 @@ use crate::error::{Error, Result};
 use crate::size::parse_size;
 use std::fmt;
 
-/// What an operation does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpKind {
-    /// Read the range from both sides and compare.
-    Read,
-    /// Write the op's pattern (see [`fill_pattern`]) to both sides.
-    Write,
-    /// Write zeros to both sides, letting the driver unmap when `unmap`.
-    Zero {
-        /// May the driver free the storage.
-        unmap: bool,
-    },
-    /// Discard the range (checked: see [`crate::Blkverify`]).
-    Discard,
-    /// Flush both sides.
-    Flush,
-}
-
-impl OpKind {
-    /// The op's name in logs and reports.
-    pub fn name(&self) -> &'static str {
-        match self {
-            OpKind::Read => "read",
-            OpKind::Write => "write",
-            OpKind::Zero { .. } => "zero",
-            OpKind::Discard => "discard",
-            OpKind::Flush => "flush",
-        }
-    }
-}
-
-/// One operation of a workload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Op {
-    /// Its number in the seeded sequence (kept through replay and shrinking, so a
-    /// write's bytes stay the same).
-    pub number: u64,
-    /// What it does.
-    pub kind: OpKind,
-    /// Guest offset in bytes (0 for flush).
-    pub offset: u64,
-    /// Length in bytes (0 for flush).
-    pub length: u64,
-}
-
-impl Op {
-    /// The guest range it touches, `None` for flush.
-    pub fn range(&self) -> Option<(u64, u64)> {
-        match self.kind {
-            OpKind::Flush => None,
-            _ => Some((self.offset, self.offset + self.length)),
-        }
-    }
-
-    /// Whether the op changes the device.
-    pub fn writes(&self) -> bool {
-        !matches!(self.kind, OpKind::Read | OpKind::Flush)
-    }
-}
+pub use crate::record::op::{Op, OpKind, MAX_REQUEST};
 
 /// How often each kind of op is drawn (relative weights).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,9 +134,6 @@ impl Default for SizeMix {
         }
     }
 }
-
-/// The largest request the workload issues.
-pub const MAX_REQUEST: u64 = 64 << 20;
 
 impl SizeMix {
     /// Parse `512=10,4k=40,64k=30,1M=15,4M=5`: each SIZE=WEIGHT is a bucket of
@@ -334,11 +273,13 @@ impl Workload {
             u64::from(m.flush),
         ]) {
             0 => OpKind::Read,
-            1 => OpKind::Write,
+            1 => OpKind::Write { fua: false },
             2 => OpKind::Zero {
                 unmap: rng.below(2) == 1,
+                fua: false,
+                fast: false,
             },
-            3 => OpKind::Discard,
+            3 => OpKind::Discard { fua: false },
             _ => OpKind::Flush,
         };
         if kind == OpKind::Flush || self.size == 0 {
@@ -484,6 +425,18 @@ mod tests {
         }
         assert_eq!(kinds.len(), 5);
         assert!(unaligned > 2000 && sector > 8000 && big > 500);
+    }
+
+    #[test]
+    fn every_op_drawn_has_a_log_line_that_reads_back() {
+        let w = Workload {
+            size: 64 << 20,
+            ..workload(3)
+        };
+        for n in 0..2000 {
+            let op = w.op(n);
+            assert_eq!(Op::parse(&op.log_line()).unwrap(), op);
+        }
     }
 
     #[test]

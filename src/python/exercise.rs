@@ -3,9 +3,10 @@
 //! and written for shrinking.
 
 use super::detached::{run_detached, run_with_progress};
+use super::image::location_dict;
 use super::options::{format_for, open_options, Kwargs};
 use crate::driver::{Access, BlockDriver};
-use crate::exercise::{Exercise, Finding, Log, Op, Plan, Request};
+use crate::exercise::{Exercise, FinalCheck, Finding, Log, Op, Outcome, Plan, Request};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -15,7 +16,13 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn finding_dict<'py>(py: Python<'py>, f: &Finding) -> PyResult<Bound<'py, PyDict>> {
+/// A finding as a dict: exercise's mismatch keys; with `serve_keys`, also
+/// serve's (`request`, `connection`, `mapping`), as a replay reports it.
+pub(crate) fn finding_dict<'py>(
+    py: Python<'py>,
+    f: &Finding,
+    serve_keys: bool,
+) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("op_number", f.op.map(|op| op.number))?;
     d.set_item("op", f.op.map(|op| op.command()))?;
@@ -33,6 +40,15 @@ fn finding_dict<'py>(py: Python<'py>, f: &Finding) -> PyResult<Bound<'py, PyDict
     d.set_item("hexdump", PyList::new(py, f.hexdump())?)?;
     d.set_item("last_change", f.last_change.map(|op| op.log_line()))?;
     d.set_item("diagnosis", &f.diagnosis)?;
+    if serve_keys {
+        d.set_item("request", f.op.map(|op| op.number))?;
+        d.set_item("connection", f.connection)?;
+        let mapping = match &f.mapping {
+            Some(l) => Some(location_dict(py, l)?),
+            None => None,
+        };
+        d.set_item("mapping", mapping)?;
+    }
     Ok(d)
 }
 
@@ -59,15 +75,27 @@ pub(crate) fn exercise<'py>(
         size_mix: kw.take("size_mix")?,
         queue_depth: kw.take("queue_depth")?,
         replay: kw.take("replay")?,
+        record: None,
+        positions: None,
         log: kw.take("log")?,
-        no_verify: !kw.take("verify")?.unwrap_or(true),
+        final_check: (!kw.take("verify")?.unwrap_or(true)).then_some(FinalCheck::Skip),
     };
     let mut open = open_options(&kw)?;
     open.format = format;
     kw.finish("exercise")?;
     let mut exercise = run_detached(py, move || Exercise::prepare(request, &open))?;
     let outcome = run_with_progress(py, progress, |done: u64| (done,), |tick| exercise.run(tick))?;
+    outcome_dict(py, &exercise, &outcome, false)
+}
 
+/// What a run did and found, as a dict (see the Python `ExerciseResult`);
+/// `serve_keys` as [`finding_dict`] takes it.
+pub(crate) fn outcome_dict<'py>(
+    py: Python<'py>,
+    exercise: &Exercise,
+    outcome: &Outcome,
+    serve_keys: bool,
+) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     let elapsed = outcome.elapsed.as_secs_f64();
     d.set_item("spec", &exercise.spec)?;
@@ -101,7 +129,7 @@ pub(crate) fn exercise<'py>(
     d.set_item("size_mix", size_mix)?;
     let list = PyList::empty(py);
     for f in &outcome.findings {
-        list.append(finding_dict(py, f)?)?;
+        list.append(finding_dict(py, f, serve_keys)?)?;
     }
     d.set_item("mismatches", list)?;
     Ok(d)

@@ -16,6 +16,7 @@ mod image;
 mod map;
 mod open;
 mod options;
+mod replay;
 mod rules;
 mod serve;
 mod verify;
@@ -44,6 +45,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FormatError", py.get_type::<FormatError>())?;
     m.add("CorruptImageError", py.get_type::<CorruptImageError>())?;
     m.add("MismatchError", py.get_type::<MismatchError>())?;
+    m.add_class::<replay::PyRecording>()?;
     m.add_class::<image::PyImage>()?;
     m.add_class::<device::PyDevice>()?;
     m.add_class::<digest::PyBlockDigests>()?;

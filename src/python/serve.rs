@@ -8,11 +8,13 @@ use super::errors::to_pyerr;
 use super::image::location_dict;
 use super::options::{open_options, Kwargs};
 use crate::blkverify::IoCounts;
+use crate::record::{Recorder, TraceHeader, TraceStats};
 use crate::serve::{open_device, Finding, Listen, Policy, ServeOptions, Server, Summary};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How often a wait looks for signals.
@@ -84,12 +86,31 @@ fn summary_dict<'py>(py: Python<'py>, s: &Summary) -> PyResult<Bound<'py, PyDict
     Ok(d)
 }
 
+fn trace_dict<'py>(
+    py: Python<'py>,
+    recorder: &Recorder,
+    s: &TraceStats,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("path", recorder.path().display().to_string())?;
+    d.set_item("requests", s.requests)?;
+    d.set_item("writes", s.writes)?;
+    d.set_item("write_bytes", s.write_bytes)?;
+    d.set_item("new_blocks", s.new_blocks)?;
+    d.set_item("repeated_blocks", s.repeated_blocks)?;
+    d.set_item("zero_blocks", s.zero_blocks)?;
+    d.set_item("file_bytes", s.file_bytes)?;
+    Ok(d)
+}
+
 /// A running `blkverify serve`.
 #[pyclass(module = "blkverify_rs._native", name = "Server")]
 pub struct PyServer {
     server: Server,
     /// What the server came to, once taken: the summary, or its error.
     outcome: Option<Result<Py<PyDict>, PyErr>>,
+    /// The trace being recorded, if one is.
+    recorder: Option<Arc<Recorder>>,
 }
 
 impl PyServer {
@@ -134,6 +155,13 @@ impl PyServer {
         self.server.finding_count()
     }
 
+    /// Why the trace stopped being written, if it failed (serve goes on
+    /// serving: the caller decides).
+    #[getter]
+    fn trace_error(&self) -> Option<String> {
+        self.recorder.as_ref().and_then(|r| r.error())
+    }
+
     /// Ask the server to stop (why, for the summary); returns at once.
     #[pyo3(signature = (reason=None))]
     fn stop(&self, reason: Option<&str>) {
@@ -173,8 +201,22 @@ impl PyServer {
             self.wait_for(py, None)?;
             let server = &self.server;
             let taken = py.detach(|| server.take_outcome());
+            // The server has ended: no request is admitted any more, and the
+            // trace can be closed.
+            let recorder = self.recorder.clone();
+            let traced = py.detach(|| recorder.map(|r| (r.finish(), r)));
             self.outcome = Some(match taken {
-                Some(Ok(summary)) => Ok(summary_dict(py, &summary)?.unbind()),
+                Some(Ok(summary)) => {
+                    let d = summary_dict(py, &summary)?;
+                    let (trace, trace_error) = match &traced {
+                        Some((Ok(stats), r)) => (Some(trace_dict(py, r, stats)?), None),
+                        Some((Err(e), _)) => (None, Some(e.clone())),
+                        None => (None, None),
+                    };
+                    d.set_item("trace", trace)?;
+                    d.set_item("trace_error", trace_error)?;
+                    Ok(d.unbind())
+                }
                 Some(Err(e)) => Err(to_pyerr(e)),
                 None => Err(PyValueError::new_err(
                     "the server's outcome was already taken",
@@ -208,6 +250,8 @@ pub(crate) fn serve(
     options: Option<&Bound<'_, PyDict>>,
 ) -> PyResult<PyServer> {
     let kw = Kwargs::new(py, options)?;
+    // `trace`: record every request admitted to the device to this file.
+    let trace: Option<PathBuf> = kw.take("trace")?;
     let read_only: bool = kw.take("read_only")?.unwrap_or(false);
     let open = open_options(&kw)?;
     let socket: Option<PathBuf> = kw.take("socket")?;
@@ -251,12 +295,23 @@ pub(crate) fn serve(
             .map_or(defaults.request_timeout, Duration::from_secs_f64),
     };
     kw.finish("serve")?;
-    let server = run_detached(py, move || {
-        let device = open_device(&raw, &test, &open, read_only)?;
-        Server::start(device, options)
+    let (server, recorder) = run_detached(py, move || {
+        let mut device = open_device(&raw, &test, &open, read_only)?;
+        let recorder = match &trace {
+            Some(path) => {
+                let creator = format!("blkverify {} serve", env!("CARGO_PKG_VERSION"));
+                let header = TraceHeader::of_device(&device, &creator);
+                let recorder = Arc::new(Recorder::start(path, &header)?);
+                device.set_observer(recorder.clone());
+                Some(recorder)
+            }
+            None => None,
+        };
+        Ok((Server::start(device, options)?, recorder))
     })?;
     Ok(PyServer {
         server,
         outcome: None,
+        recorder,
     })
 }

@@ -111,7 +111,9 @@ pub(super) fn kind(request: &RequestHeader) -> Kind {
         },
         CMD_TRIM => Kind::Discard { fua },
         CMD_FLUSH => Kind::Flush,
-        CMD_BLOCK_STATUS => Kind::BlockStatus,
+        CMD_BLOCK_STATUS => Kind::BlockStatus {
+            one: request.flags & CMD_FLAG_REQ_ONE != 0,
+        },
         // validated: only CACHE is left
         _ => Kind::Cache,
     }

@@ -38,12 +38,14 @@ mod finding;
 mod handshake;
 mod inbox;
 mod listen;
+mod replay;
 mod reply;
 mod status;
 mod validate;
 
 pub use finding::Finding;
 pub use listen::Listen;
+pub use replay::block_status;
 
 use crate::blkverify::{Blkverify, SideCounts};
 use crate::driver::{BlockDriver, OpenOptions};

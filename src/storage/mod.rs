@@ -11,17 +11,20 @@
 //! never mapped, so a view cannot race with our own writes.
 //!
 //! Backends: [`FileStorage`] (files and block devices) and [`MemStorage`]
-//! (tests and fuzzing), with [`LimitedStorage`] to simulate a full disk.
+//! (tests and fuzzing), with [`LimitedStorage`] to simulate a full disk, and
+//! [`Overlay`], a copy-on-write overlay over a file (replays write there).
 //! [`lock`] speaks QEMU's image-lock protocol on files.
 
 mod file;
 pub mod lock;
 mod mem;
+mod overlay;
 mod view;
 
 pub use file::FileStorage;
 pub use lock::{ImageLock, Perm, Perms, Role};
 pub use mem::{LimitedStorage, MemStorage};
+pub use overlay::Overlay;
 pub use view::View;
 
 use crate::error::{usize_of, Error, Result};

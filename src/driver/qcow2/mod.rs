@@ -17,7 +17,7 @@ use super::{
     OpenOptions, TableIndex, MAX_TABLE_BYTES, SECTOR_SIZE,
 };
 use crate::error::{usize_of, Error, Result};
-use crate::storage::{FileStorage, Storage, View};
+use crate::storage::{FileStorage, Overlay, Storage, View};
 use header::{CompressionType, Header};
 use l2::Cluster;
 use snapshot::Snapshot;
@@ -489,6 +489,10 @@ fn open_data_file(
             let data_path = gate::resolve_part(path, "qcow2", "external data file", name, options)?;
             if file.is_read_only() {
                 Ok(Arc::new(FileStorage::open_read_only(&data_path)?))
+            } else if options.overlay {
+                Ok(Arc::new(Overlay::new(FileStorage::open_read_only(
+                    &data_path,
+                )?)?))
             } else {
                 Ok(Arc::new(FileStorage::open_read_write(&data_path)?))
             }

@@ -17,10 +17,18 @@
 //!
 //! The magic line comes first; then `seed` (required: the write patterns derive
 //! from it), optional `size`, `queue-depth` and `spec` lines, and one op per
-//! line, `NUMBER KIND [OFFSET LENGTH [unmap]]`. Blank lines and lines starting
-//! with `#` are comments.
+//! line, `NUMBER KIND [OFFSET LENGTH [FLAG...]]`. Blank lines and lines
+//! starting with `#` are comments.
+//!
+//! Exercise draws five kinds: `read`, `write`, `zero` (flag `unmap`),
+//! `discard` and `flush`. The words of the other requests a client can make
+//! through serve are read and written too, so that every [`Op`] has a line:
+//! the flag `fua` on `write`, `zero` and `discard`, `fast` on `zero`,
+//! `block_status OFFSET LENGTH [one]` and `cache OFFSET LENGTH`. A log's
+//! writes carry no data (their bytes derive from the seed), so a trace is
+//! never turned into a log.
 
-use super::{check_queue_depth, Op, OpKind, MAX_REQUEST};
+use super::op::{check_queue_depth, Op, OpKind, MAX_REQUEST};
 use crate::error::{Error, Result};
 use std::fmt;
 use std::fs::File;
@@ -69,7 +77,8 @@ impl Log {
 
 impl Op {
     /// The op as one log line: `N read OFFSET LENGTH`, `N write OFFSET LENGTH`,
-    /// `N zero OFFSET LENGTH [unmap]`, `N discard OFFSET LENGTH`, `N flush`.
+    /// `N zero OFFSET LENGTH [unmap]`, `N discard OFFSET LENGTH`, `N flush`
+    /// (and the flags and kinds of a client's requests: see the module doc).
     pub fn log_line(&self) -> String {
         self.to_string()
     }
@@ -77,11 +86,23 @@ impl Op {
     /// The op's line without its number (`write 1049088 4096`), as reports
     /// name it.
     pub fn command(&self) -> String {
-        match self.kind {
-            OpKind::Flush => "flush".to_string(),
-            OpKind::Zero { unmap: true } => format!("zero {} {} unmap", self.offset, self.length),
-            kind => format!("{} {} {}", kind.name(), self.offset, self.length),
+        let (word, flags): (&str, &[(bool, &str)]) = match self.kind {
+            OpKind::Flush => return "flush".to_string(),
+            OpKind::Read => ("read", &[]),
+            OpKind::Write { fua } => ("write", &[(fua, "fua")]),
+            OpKind::Zero { unmap, fua, fast } => {
+                ("zero", &[(unmap, "unmap"), (fua, "fua"), (fast, "fast")])
+            }
+            OpKind::Discard { fua } => ("discard", &[(fua, "fua")]),
+            OpKind::BlockStatus { one } => ("block_status", &[(one, "one")]),
+            OpKind::Cache => ("cache", &[]),
+        };
+        let mut line = format!("{word} {} {}", self.offset, self.length);
+        for (_, name) in flags.iter().filter(|(set, _)| *set) {
+            line.push(' ');
+            line.push_str(name);
         }
+        line
     }
 
     /// Parse a log line written by [`Op::log_line`].
@@ -96,43 +117,66 @@ impl Op {
             _ => return Err("expected 'NUMBER OP [OFFSET LENGTH]'".to_string()),
         };
         let op_number = number(first, "op number")?;
-        let ranged = |kind: OpKind, extra: &[&str]| -> std::result::Result<Op, String> {
-            match words.get(2..) {
-                Some([offset, length, rest @ ..]) if rest == extra => {
-                    let length = number(length, "length")?;
-                    if length == 0 {
-                        return Err("length must be at least 1".to_string());
-                    }
-                    Ok(Op {
-                        number: op_number,
-                        kind,
-                        offset: number(offset, "offset")?,
-                        length,
-                    })
-                }
-                _ => Err(format!(
-                    "'{name}' takes OFFSET LENGTH{}",
-                    if extra.is_empty() { "" } else { " [unmap]" }
-                )),
+        if name == "flush" {
+            return match words.len() {
+                2 => Ok(Op {
+                    number: op_number,
+                    kind: OpKind::Flush,
+                    offset: 0,
+                    length: 0,
+                }),
+                _ => Err("'flush' takes no arguments".to_string()),
+            };
+        }
+        let known: &[&str] = match name {
+            "read" | "cache" => &[],
+            "write" | "discard" => &["fua"],
+            "zero" => &["unmap", "fua", "fast"],
+            "block_status" => &["one"],
+            other => {
+                return Err(format!(
+                    "unknown op '{other}' (known: read, write, zero, discard, flush, \
+                     block_status, cache)"
+                ))
             }
         };
-        match name {
-            "read" => ranged(OpKind::Read, &[]),
-            "write" => ranged(OpKind::Write, &[]),
-            "discard" => ranged(OpKind::Discard, &[]),
-            "zero" if words.len() == 5 => ranged(OpKind::Zero { unmap: true }, &["unmap"]),
-            "zero" => ranged(OpKind::Zero { unmap: false }, &[]),
-            "flush" if words.len() == 2 => Ok(Op {
-                number: op_number,
-                kind: OpKind::Flush,
-                offset: 0,
-                length: 0,
-            }),
-            "flush" => Err("'flush' takes no arguments".to_string()),
-            other => Err(format!(
-                "unknown op '{other}' (known: read, write, zero, discard, flush)"
-            )),
+        let usage = || {
+            let flags: String = known.iter().map(|f| format!(" [{f}]")).collect();
+            format!("'{name}' takes OFFSET LENGTH{flags}")
+        };
+        let (offset, length, flags) = match words.get(2..) {
+            Some([offset, length, flags @ ..]) => (*offset, *length, flags),
+            _ => return Err(usage()),
+        };
+        let mut set = [false; 3];
+        for flag in flags {
+            match known.iter().position(|k| k == flag) {
+                Some(i) if !set[i] => set[i] = true,
+                _ => return Err(usage()),
+            }
         }
+        let length = number(length, "length")?;
+        if length == 0 {
+            return Err("length must be at least 1".to_string());
+        }
+        let kind = match name {
+            "read" => OpKind::Read,
+            "cache" => OpKind::Cache,
+            "write" => OpKind::Write { fua: set[0] },
+            "discard" => OpKind::Discard { fua: set[0] },
+            "zero" => OpKind::Zero {
+                unmap: set[0],
+                fua: set[1],
+                fast: set[2],
+            },
+            _ => OpKind::BlockStatus { one: set[0] },
+        };
+        Ok(Op {
+            number: op_number,
+            kind,
+            offset: number(offset, "offset")?,
+            length,
+        })
     }
 }
 
@@ -186,7 +230,8 @@ pub fn parse_log(name: &str, text: &str) -> Result<Log> {
             "spec" => log.spec = Some(value.to_string()),
             _ => {
                 let op = Op::parse(line).map_err(|m| bad(i, m))?;
-                if op.length > MAX_REQUEST {
+                let asks = matches!(op.kind, OpKind::BlockStatus { .. });
+                if op.length > MAX_REQUEST && !asks {
                     return Err(bad(i, format!("length {} is over 64 MiB", op.length)));
                 }
                 if op.offset.checked_add(op.length).is_none() {
@@ -268,25 +313,55 @@ impl OpLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exercise::{Mix, SizeMix, Workload};
 
     #[test]
     fn log_lines_round_trip_and_bad_lines_are_named() {
-        let w = Workload {
-            seed: 3,
-            size: 64 << 20,
-            mix: Mix::default(),
-            size_mix: SizeMix::default(),
-        };
-        for n in 0..2000 {
-            let op = w.op(n);
-            assert_eq!(Op::parse(&op.log_line()).unwrap(), op);
+        // Every kind and every flag a client's request can carry.
+        let mut kinds = vec![OpKind::Read, OpKind::Cache, OpKind::Flush];
+        for a in [false, true] {
+            kinds.push(OpKind::Write { fua: a });
+            kinds.push(OpKind::Discard { fua: a });
+            kinds.push(OpKind::BlockStatus { one: a });
+            for b in [false, true] {
+                for c in [false, true] {
+                    kinds.push(OpKind::Zero {
+                        unmap: a,
+                        fua: b,
+                        fast: c,
+                    });
+                }
+            }
+        }
+        for (n, kind) in kinds.into_iter().enumerate() {
+            let (offset, length) = match kind {
+                OpKind::Flush => (0, 0),
+                _ => (512 * n as u64, 4096),
+            };
+            let op = Op {
+                number: n as u64,
+                kind,
+                offset,
+                length,
+            };
+            assert_eq!(Op::parse(&op.log_line()).unwrap(), op, "{op}");
+        }
+        assert_eq!(
+            Op::parse("4 zero 0 512 fast unmap").unwrap().command(),
+            "zero 0 512 unmap fast"
+        );
+        for bad in [
+            "4 zero 0 512 unmap unmap",
+            "4 read 0 512 fua",
+            "4 flush 0 1",
+        ] {
+            assert!(Op::parse(bad).is_err(), "{bad}");
         }
         let text = format!("{LOG_MAGIC}\nseed 9\nsize 100\n# c\n0 write 0 10\n1 wirte 0 1\n");
         let err = parse_log("x.log", &text).unwrap_err().to_string();
         assert_eq!(
             err,
-            "x.log:6: unknown op 'wirte' (known: read, write, zero, discard, flush)"
+            "x.log:6: unknown op 'wirte' (known: read, write, zero, discard, flush, \
+             block_status, cache)"
         );
         let err = parse_log("x.log", "0 read 0 1\n").unwrap_err().to_string();
         assert!(
