@@ -207,10 +207,12 @@ def slow_uri(images: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
 
 
 def kill_when_running(cluster: Cluster, name: str, running: Callable[[], bool]) -> None:
-    """SIGKILL worker ``name`` once it runs (or holds) a range task of ours."""
+    """SIGKILL worker ``name`` once it runs (or holds) a task of ours that
+    verifies or hashes (a group of pairs, or a range)."""
     address = cluster.worker_names()[name]
     deadline = time.monotonic() + 60
-    while not any("range" in key for key in cluster.client.processing().get(address, ())):
+    ours = re.compile(r"blkverify-.*-(group|range\d+)-")
+    while not any(ours.search(str(key)) for key in cluster.client.processing().get(address, ())):
         assert running(), "the batch ended before the worker got a task"
         assert time.monotonic() < deadline, f"{name} never got a task"
         time.sleep(0.02)
@@ -423,7 +425,10 @@ def test_ctrl_c_cancels_the_batch_on_the_cluster(images, cluster, slow_uri):
     )
     try:
         deadline = time.monotonic() + 60
-        while not any("range" in k for keys in cluster.client.processing().values() for k in keys):
+        ours = re.compile(r"blkverify-.*-(group|range\d+)-")
+        while not any(
+            ours.search(str(k)) for keys in cluster.client.processing().values() for k in keys
+        ):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
         proc.send_signal(signal.SIGINT)

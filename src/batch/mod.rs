@@ -2,20 +2,31 @@
 //! in a few slots, and the worker threads are split between the slots, so a
 //! batch never runs more threads than a single verify would.
 //!
+//! A batch streams: pairs are fed in order, a few at a time, and their results
+//! come back in the same order ([`stream`]); only the pairs being verified are
+//! open, and no more of them than the open-file limit leaves room for
+//! ([`descriptors`]). A pair is closed as soon as its report is made and its
+//! findings are located in both images' metadata ([`check_pair`]), so a result
+//! waiting its turn holds memory, never a descriptor.
+//!
 //! A pair's reference is a raw image (checked by the verify engine) or a block
 //! digests file (checked by the digest engine), so the batch sits above both
 //! engines, in a module of its own.
 
+pub mod descriptors;
+pub mod stream;
+
+pub use stream::{BatchStream, StreamOptions, WINDOW};
+
 use crate::digest::{self, BlockDigests};
-use crate::driver::{self, BlockDriver, OpenOptions};
+use crate::driver::{self, BlockDriver, Location, OpenOptions};
 use crate::error::{Error, Result};
 use crate::pool::Progress;
-use crate::report::{Report, VerifyOptions};
+use crate::report::{unopened_backing, Report, VerifyOptions, MAX_LOCATED};
 use crate::verify::verify;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The name a block digests file goes by where a format name is expected
 /// (`-f digests` for verify's reference, a report's `raw_format`).
@@ -78,14 +89,23 @@ pub struct VerifyJob {
     pub options: VerifyOptions,
 }
 
-/// A finished verification, with the drivers (for naming where mismatches live).
-pub struct Verified {
-    /// What the engine found.
+/// A verified pair, its images closed again: what the engine found, and where
+/// the first findings live in each side's metadata, looked up while the
+/// images were still open.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// What the engine found, with the warnings about the pair's opening
+    /// (a backing file left unopened) added.
     pub report: Report,
-    /// The reference, still open.
-    pub raw: Reference,
-    /// The test image, still open.
-    pub test: Arc<dyn BlockDriver>,
+    /// The reference's format, as reports name it.
+    pub raw_format: &'static str,
+    /// The test image's format.
+    pub test_format: &'static str,
+    /// Where the first differing byte of each of the first
+    /// [`MAX_LOCATED`] runs lives in the test image (`None`: nothing to name).
+    pub locations: Vec<Option<Location>>,
+    /// The same in the reference, when it is an image with metadata.
+    pub ref_locations: Vec<Option<Location>>,
 }
 
 /// Progress of a whole batch.
@@ -93,11 +113,12 @@ pub struct Verified {
 pub struct BatchProgress {
     /// Guest bytes done, over all pairs.
     pub done: u64,
-    /// Guest bytes in all pairs (those that could be opened).
+    /// Guest bytes in all pairs: an estimate until every pair has opened (see
+    /// [`StreamOptions::total`]).
     pub total: u64,
     /// Pairs finished (with any result).
     pub pairs_done: usize,
-    /// Pairs in all.
+    /// Pairs in all (those fed so far, when the caller did not say).
     pub pairs_total: usize,
 }
 
@@ -120,127 +141,147 @@ pub fn open_pair(job: &VerifyJob) -> Result<(Reference, Arc<dyn BlockDriver>)> {
     Ok((raw, test))
 }
 
-/// Open and verify one pair. `tick` as for [`verify`].
-pub fn verify_pair(job: &VerifyJob, tick: &mut dyn FnMut(Progress) -> bool) -> Result<Verified> {
+/// Open, verify and close one pair. `tick` as for [`verify`].
+pub fn check_pair(job: &VerifyJob, tick: &mut dyn FnMut(Progress) -> bool) -> Result<Checked> {
     let (raw, test) = open_pair(job)?;
-    let report = match &raw {
+    check_opened(job, &raw, &test, tick)
+}
+
+/// [`check_pair`], but of no more than the disk's first `split` bytes: a
+/// pair whose disk is larger gives the report of the range `0..split` (a
+/// multiple of 512), and the caller verifies the rest elsewhere, range by
+/// range (a cluster's tasks), and merges the reports. The pair is opened
+/// once either way.
+pub fn check_pair_within(
+    job: &VerifyJob,
+    split: u64,
+    tick: &mut dyn FnMut(Progress) -> bool,
+) -> Result<Checked> {
+    let (raw, test) = open_pair(job)?;
+    let size = raw.size().max(test.size());
+    let whole = job.options.start == 0 && job.options.length.is_none();
+    if whole && size > split {
+        let mut first = job.clone();
+        first.options.length = Some(split);
+        return check_opened(&first, &raw, &test, tick);
+    }
+    check_opened(job, &raw, &test, tick)
+}
+
+/// Verify an opened pair, and name where its first findings live while the
+/// images are open; the caller closes them.
+pub fn check_opened(
+    job: &VerifyJob,
+    raw: &Reference,
+    test: &Arc<dyn BlockDriver>,
+    tick: &mut dyn FnMut(Progress) -> bool,
+) -> Result<Checked> {
+    let mut report = match raw {
         Reference::Image(image) => verify(image.as_ref(), test.as_ref(), &job.options, tick)?,
         Reference::Digests(digests) => digest::check(digests, test.as_ref(), &job.options, tick)?,
     };
-    Ok(Verified { report, raw, test })
+    let offsets: Vec<u64> = report
+        .mismatches
+        .iter()
+        .take(MAX_LOCATED)
+        .map(|m| m.first_byte)
+        .collect();
+    // Both sides: a reference with metadata (not raw) is named too.
+    let locations = locate_all(test.as_ref(), &offsets);
+    let ref_locations = match raw {
+        Reference::Image(image) => locate_all(image.as_ref(), &offsets),
+        Reference::Digests(_) => Vec::new(),
+    };
+    if let Reference::Image(image) = raw {
+        report.warnings.extend(unopened_backing(
+            &job.raw,
+            image.as_ref(),
+            &job.test_options,
+            "compared",
+        ));
+    }
+    report.warnings.extend(unopened_backing(
+        &job.test,
+        test.as_ref(),
+        &job.test_options,
+        "compared",
+    ));
+    Ok(Checked {
+        report,
+        raw_format: raw.format_name(),
+        test_format: test.format_name(),
+        locations,
+        ref_locations,
+    })
+}
+
+/// Where each of `offsets` lives in `image`'s metadata (`None` where it has
+/// none to name: a raw image, or past its end). Best effort, as a report's
+/// mappings are: an error, or a panic in a driver's lookup, leaves no mapping.
+fn locate_all(image: &dyn BlockDriver, offsets: &[u64]) -> Vec<Option<Location>> {
+    catch_unwind(AssertUnwindSafe(|| {
+        offsets
+            .iter()
+            .map(|&o| {
+                if o < image.size() {
+                    image.locate(o).ok().flatten()
+                } else {
+                    None
+                }
+            })
+            .collect::<Vec<_>>()
+    }))
+    .unwrap_or_default()
+}
+
+/// What a pair's size can be told to be without opening it: the larger of
+/// its two files' sizes (a raw file's is its disk's; an image file's is what
+/// it holds, often less than its disk), 0 for an NBD export or a file that
+/// cannot be looked at. A batch's progress total starts as the sum of these
+/// and is corrected as each pair opens.
+pub fn size_hint(job: &VerifyJob) -> u64 {
+    file_size(&job.raw).max(file_size(&job.test))
+}
+
+fn file_size(path: &Path) -> u64 {
+    if path.to_str().is_some_and(driver::nbd::is_uri) {
+        return 0;
+    }
+    std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
 /// Verify every job, `threads` worker threads in all (0: one per core).
-/// Results come back in job order. `tick` is called from the calling thread
-/// about ten times a second; returning `false` cancels the batch: pairs not
-/// finished yet then end with `Error::Cancelled`.
+/// Results come back in job order, each pair closed once it is checked.
+/// `tick` is called from the calling thread about ten times a second;
+/// returning `false` cancels the batch: pairs not finished yet then end with
+/// `Error::Cancelled`. A stream ([`BatchStream`]) gives the same results one
+/// by one, in bounded memory.
 pub fn verify_many(
-    jobs: &[VerifyJob],
+    jobs: Vec<VerifyJob>,
     threads: usize,
     tick: &mut dyn FnMut(BatchProgress) -> bool,
-) -> Vec<Result<Verified>> {
-    let budget = if threads == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    } else {
-        threads
-    }
-    .clamp(1, 64);
-    let slots = budget.min(jobs.len()).max(1);
-    let per_pair = (budget / slots).max(1);
-
-    // Sizes first, for one progress total (drivers are closed again: a long
-    // manifest must not hold two descriptors per pair).
-    let sizes: Vec<u64> = jobs
-        .iter()
-        .map(|job| {
-            open_pair(job)
-                .map(|(raw, test)| raw.size().max(test.size()))
-                .unwrap_or(0)
-        })
-        .collect();
-    let total: u64 = sizes.iter().sum();
-
-    let next_job = AtomicUsize::new(0);
-    let pairs_done = AtomicUsize::new(0);
-    let finished_bytes = AtomicU64::new(0);
-    let running: Vec<AtomicU64> = (0..slots).map(|_| AtomicU64::new(0)).collect();
-    let cancelled = AtomicBool::new(false);
-    let results: Mutex<Vec<Option<Result<Verified>>>> =
-        Mutex::new((0..jobs.len()).map(|_| None).collect());
-
-    std::thread::scope(|scope| {
-        let (done_tx, done_rx) = mpsc::channel::<()>();
-        for slot in 0..slots {
-            let tx = done_tx.clone();
-            let (next_job, pairs_done, finished_bytes, running, cancelled, results, sizes) = (
-                &next_job,
-                &pairs_done,
-                &finished_bytes,
-                &running,
-                &cancelled,
-                &results,
-                &sizes,
-            );
-            scope.spawn(move || {
-                loop {
-                    let index = next_job.fetch_add(1, Ordering::Relaxed);
-                    let Some(job) = jobs.get(index) else { break };
-                    let outcome = if cancelled.load(Ordering::Relaxed) {
-                        Err(Error::Cancelled)
-                    } else {
-                        let mut job = job.clone();
-                        job.options.threads = per_pair;
-                        let mut pair_tick = |p: Progress| {
-                            if let Some(counter) = running.get(slot) {
-                                counter.store(p.done, Ordering::Relaxed);
-                            }
-                            !cancelled.load(Ordering::Relaxed)
-                        };
-                        verify_pair(&job, &mut pair_tick)
-                    };
-                    if let Some(counter) = running.get(slot) {
-                        counter.store(0, Ordering::Relaxed);
-                    }
-                    finished_bytes
-                        .fetch_add(sizes.get(index).copied().unwrap_or(0), Ordering::Relaxed);
-                    pairs_done.fetch_add(1, Ordering::Relaxed);
-                    if let Some(cell) = results
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .get_mut(index)
-                    {
-                        *cell = Some(outcome);
-                    }
-                }
-                let _ = tx.send(());
-            });
-        }
-        drop(done_tx);
-        let mut finished = 0;
-        let mut user_cancelled = false;
-        while finished < slots {
-            match done_rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(()) => finished += 1,
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-            let in_flight: u64 = running.iter().map(|c| c.load(Ordering::Relaxed)).sum();
-            let progress = BatchProgress {
-                done: (finished_bytes.load(Ordering::Relaxed) + in_flight).min(total),
-                total,
-                pairs_done: pairs_done.load(Ordering::Relaxed),
-                pairs_total: jobs.len(),
-            };
-            if !user_cancelled && !tick(progress) {
-                user_cancelled = true;
-                cancelled.store(true, Ordering::Relaxed);
-            }
-        }
+) -> Vec<Result<Checked>> {
+    let count = jobs.len();
+    let mut stream = BatchStream::new(StreamOptions {
+        threads,
+        pairs_total: Some(count),
+        total: None,
     });
+    let mut jobs = jobs.into_iter();
+    let mut results = Vec::with_capacity(count);
+    loop {
+        while stream.room() > 0 {
+            match jobs.next() {
+                Some(job) => stream.feed(job),
+                None => break,
+            }
+        }
+        match stream.next_result(tick) {
+            Ok(Some((_, result))) => results.push(result),
+            Ok(None) => break,
+            Err(_) => break,
+        }
+    }
+    results.resize_with(count, || Err(Error::Cancelled));
     results
-        .into_inner()
-        .unwrap_or_else(PoisonError::into_inner)
-        .into_iter()
-        .map(|r| r.unwrap_or(Err(Error::Cancelled)))
-        .collect()
 }
