@@ -179,9 +179,12 @@ impl Budget {
         self.open = self.open.saturating_sub(1);
     }
 
-    /// An open ran out of descriptors: pairs need more than was guessed.
+    /// An open ran out of descriptors while other pairs hold those they
+    /// hold now (the process has fewer to spare than the budget was told:
+    /// files opened since by someone else, say): from now on, the batch
+    /// holds no more than that.
     pub fn ran_out(&mut self) {
-        self.per_pair += PER_FILE;
+        self.room = Some(self.room.map_or(self.held, |room| room.min(self.held)));
     }
 }
 
@@ -222,8 +225,23 @@ mod tests {
         );
         tight.reserve();
         assert!(!tight.may_open());
-        tight.ran_out();
-        assert_eq!(tight.per_pair(), LEAST_PER_PAIR + PER_FILE);
+    }
+
+    #[test]
+    fn running_out_shrinks_the_room_to_what_the_others_hold() {
+        let mut budget = Budget::new(Some(1000), 0);
+        let a = budget.reserve();
+        budget.settle(a, 4);
+        let b = budget.reserve();
+        budget.settle(b, 4);
+        let c = budget.reserve();
+        // c ran out: it gives its guess back, and the room is what a and b hold.
+        budget.release(c);
+        budget.ran_out();
+        assert_eq!(budget.pairs_that_fit(), 2);
+        assert!(!budget.may_open());
+        budget.release(4);
+        assert!(budget.may_open(), "one closed: one may open in its place");
     }
 
     #[test]

@@ -392,9 +392,12 @@ impl Shared {
 
     /// Open a pair once the descriptors it needs are free: the pair and the
     /// descriptors it holds. A pair that runs out of descriptors while
-    /// others are open waits for one of them to close, and tries again.
+    /// others are open waits for one of them to close, and tries again (the
+    /// batch then holds no more than they did); alone, it tries once more,
+    /// and then its error is its result.
     fn open(&self, job: &VerifyJob) -> Result<(Reference, Arc<dyn BlockDriver>, usize)> {
         let mut budget = lock(&self.budget);
+        let mut tried_alone = false;
         loop {
             while !budget.may_open() {
                 if self.cancelled() {
@@ -420,17 +423,18 @@ impl Shared {
                     budget.settle(reserved, held);
                     return Ok((raw, test, held));
                 }
-                Err(e) if is_exhaustion(&e) && budget.open_pairs() > 1 => {
+                Err(e) if is_exhaustion(&e) => {
                     budget.release(reserved);
-                    budget.ran_out();
-                    self.notice_once(&budget);
-                    // Until another pair closes (or a while: the
-                    // descriptors may have been someone else's).
-                    budget = self
-                        .budget_freed
-                        .wait_timeout(budget, TICK)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0;
+                    self.budget_freed.notify_all();
+                    if budget.open_pairs() > 0 {
+                        budget.ran_out();
+                        self.notice_once(&budget);
+                    } else if tried_alone {
+                        return Err(e);
+                    } else {
+                        // The others closed meanwhile: alone, it may fit.
+                        tried_alone = true;
+                    }
                 }
                 Err(e) => {
                     budget.release(reserved);
