@@ -265,11 +265,12 @@ pub fn verify_many(
     let mut stream = BatchStream::new(StreamOptions {
         threads,
         pairs_total: Some(count),
-        total: None,
+        total: Some(jobs.iter().map(size_hint).sum()),
     });
     let mut jobs = jobs.into_iter();
     let mut results = Vec::with_capacity(count);
-    loop {
+    let mut started = stream.start(tick).is_ok();
+    while started {
         while stream.room() > 0 {
             match jobs.next() {
                 Some(job) => stream.feed(job),
@@ -278,8 +279,7 @@ pub fn verify_many(
         }
         match stream.next_result(tick) {
             Ok(Some((_, result))) => results.push(result),
-            Ok(None) => break,
-            Err(_) => break,
+            Ok(None) | Err(_) => started = false,
         }
     }
     results.resize_with(count, || Err(Error::Cancelled));

@@ -198,6 +198,15 @@ impl BatchStream {
         self.shared.job_ready.notify_one();
     }
 
+    /// Call `tick` once before any pair is fed, so that a display starts at
+    /// zero, from the total the caller gave (see [`next_result`](Self::next_result)).
+    pub fn start(&mut self, tick: &mut dyn FnMut(BatchProgress) -> bool) -> Result<()> {
+        if self.last_tick.is_none() {
+            self.tick(tick)?;
+        }
+        Ok(())
+    }
+
     /// The next pair's result, in feeding order, once it is done: `None` when
     /// every pair fed has been taken back. `tick` is called from this thread
     /// about ten times a second (and once at the start and at the end);

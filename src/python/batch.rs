@@ -91,18 +91,23 @@ impl PyVerifyStream {
     fn __next__(mut slf: PyRefMut<'_, Self>) -> PyResult<Option<Bound<'_, PyAny>>> {
         let py = slf.py();
         let this = &mut *slf;
+        if let Some(stream) = this.stream.as_mut() {
+            // The display starts at zero, from the first pass's total, before
+            // any pair is fed (and opened, which changes it).
+            let progress = this.progress.as_ref().map(|p| p.bind(py).clone());
+            let started = run_with_progress(py, progress, progress_args, |tick| stream.start(tick));
+            if let Err(e) = started {
+                this.close(py);
+                return Err(e);
+            }
+        }
         this.feed(py);
         let Some(stream) = this.stream.as_mut() else {
             return Ok(None);
         };
         warn(py, stream)?;
         let progress = this.progress.as_ref().map(|p| p.bind(py).clone());
-        let next = run_with_progress(
-            py,
-            progress,
-            |p: BatchProgress| (p.done, p.total, p.pairs_done, p.pairs_total),
-            |tick| stream.next_result(tick),
-        );
+        let next = run_with_progress(py, progress, progress_args, |tick| stream.next_result(tick));
         let next = match next {
             Ok(next) => next,
             Err(e) => {
@@ -164,6 +169,11 @@ impl PyVerifyStream {
             }
         }
     }
+}
+
+/// What `progress` is called with.
+fn progress_args(p: BatchProgress) -> (u64, u64, usize, usize) {
+    (p.done, p.total, p.pairs_done, p.pairs_total)
 }
 
 /// Tell the caller what the stream has to say (a `RuntimeWarning`: fewer
