@@ -34,12 +34,59 @@ fn every_kind_of_image_holds_the_descriptors_the_batch_counts() {
     let create = |args: &[&str]| qemu_img(d, args);
     create(&["create", "-q", "-f", "raw", "disk.raw", "1M"]);
     create(&["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
-    create(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "mid.qcow2"]);
-    create(&["create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2"]);
-    create(&["create", "-q", "-f", "qcow2", "-o", "data_file=data.bin", "external.qcow2", "1M"]);
+    create(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "mid.qcow2",
+    ]);
+    create(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        "top.qcow2",
+    ]);
+    create(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=data.bin",
+        "external.qcow2",
+        "1M",
+    ]);
     create(&["create", "-q", "-f", "vmdk", "mono.vmdk", "1M"]);
-    create(&["create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", "split.vmdk", "5G"]);
-    create(&["create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", "flat.vmdk", "1M"]);
+    create(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=twoGbMaxExtentSparse",
+        "split.vmdk",
+        "5G",
+    ]);
+    create(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        "flat.vmdk",
+        "1M",
+    ]);
     create(&["create", "-q", "-f", "vhdx", "disk.vhdx", "1M"]);
     create(&["create", "-q", "-f", "vpc", "disk.vhd", "1M"]);
     create(&["create", "-q", "-f", "vdi", "disk.vdi", "1M"]);
@@ -62,7 +109,11 @@ fn every_kind_of_image_holds_the_descriptors_the_batch_counts() {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let held = open_now() - before;
         assert_eq!(held_by_image(image.as_ref()), held, "{name}");
-        assert_eq!(held, 2 * files, "{name}: a file and its lock's duplicate per file");
+        assert_eq!(
+            held,
+            2 * files,
+            "{name}: a file and its lock's duplicate per file"
+        );
         drop(image);
         assert_eq!(open_now(), before, "{name}: closed with the image");
     }

@@ -69,7 +69,9 @@ fn pairs_that_run_out_of_descriptors_wait_for_others_to_close() {
         }
     }
     assert_eq!(verified, pairs);
-    let notice = stream.take_notice().expect("the batch says it ran fewer pairs");
+    let notice = stream
+        .take_notice()
+        .expect("the batch says it ran fewer pairs");
     assert!(notice.contains(&format!("ulimit -n: {limit}")), "{notice}");
     drop(others);
 }

@@ -789,6 +789,13 @@ class _Batch:
             self._cancel_all()
             self.fetcher.shutdown(wait=False, cancel_futures=True)
             self.client.unsubscribe_topic(self.topic)
+            # The events not handled hold their futures (whose callbacks hold
+            # this batch): let them go now, not at the next garbage collection.
+            try:
+                while True:
+                    self.events.get_nowait()
+            except queue.Empty:
+                pass
         if self.input_error is not None:
             raise self.input_error
 
