@@ -284,6 +284,14 @@ def test_iter_verify_many_and_bad_pairs(fleet):
         assert next(results).identical
     with pytest.raises(ValueError, match="unknown key 'colour'"):
         next(results)
+
+    # Ctrl-C while the pairs are read is not a bad pair: it is raised at once.
+    def interrupted() -> Iterator[tuple[str, str]]:
+        yield from good[:5]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        next(bv.iter_verify_many(interrupted()))
     # verify_many keeps returning a list, as documented.
     listed = bv.verify_many(good)
     assert isinstance(listed, list) and [r.test for r in listed] == [t for _, t in good]

@@ -17,6 +17,7 @@ import os
 import sys
 import tempfile
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
 from typing import IO, TYPE_CHECKING, Any
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from blkverify_rs import Report
 
 
-class ManifestError(Exception):
+class ManifestError(ValueError):
     """A line of the manifest that cannot be used: ``file:line: fact``."""
 
 
@@ -289,39 +290,39 @@ def batch(
     with the pair's findings marked (see 'blkverify map'). Exit status: the
     worst result (0 identical, 1 a pair differs, 2 a pair could not be verified).
     """
-    source = Manifest(manifest)
-    try:
-        source.check()
-    except ManifestError as exc:
-        fail(str(exc))
-    except OSError as exc:
-        fail(describe_error(exc))
     if split is not None and scheduler is None:
         fail("--split needs --scheduler: a local batch verifies each pair whole")
     split_bytes = size_option("--split", split)
+    source = Manifest(manifest)
+    if scheduler is not None:
+        # Before connecting: a bad line fails at once, not after the wait.
+        with reported():
+            source.check()
 
     show = progress if progress is not None else (sys.stderr.isatty() and not quiet)
     bar = ProgressBar(sys.stderr) if show and not quiet else None
     table = None if as_json or quiet else SummaryTable()
     status = EXIT_OK
+    pairs = 0
     client = None
     try:
         with reported(bar):
-            if html_dir is not None:
-                os.makedirs(html_dir, exist_ok=True)
             cluster: dict[str, Any] = {}
             if scheduler is not None:
                 client = cluster["client"] = connect(scheduler, scheduler_timeout)
                 cluster["scheduler_timeout"] = scheduler_timeout
             if split_bytes is not None:
                 cluster["split"] = split_bytes
+            recording = Recording(source)
             with warnings.catch_warnings():
                 # The batch's own warning (too few descriptors for the
                 # threads) is one line of ours, not Python's.
                 warnings.simplefilter("always", RuntimeWarning)
                 warnings.showwarning = _show_warning(bar)
+                # The first pass over the manifest (every line checked, the
+                # files' sizes added up) runs here, before any pair does.
                 results = bv.iter_verify_many(
-                    source,
+                    recording,
                     all=all_ or html_dir is not None,
                     strict=strict,
                     threads=threads,
@@ -329,25 +330,54 @@ def batch(
                     force_share=force_share,
                     **cluster,
                 )
-                # The results come in manifest order: the manifest is read a
-                # third time beside them, for each pair's line and names.
-                # Both end here, before the client closes.
-                with closing(results), closing(source.entries()) as entries:
+                with closing(results):  # ended here, before the client closes
                     for res in results:
-                        line, pair = next(entries)
+                        line, pair = recording.taken()
+                        pairs += 1
                         status = max(status, result_status(res))
                         if not quiet:
                             report_pair(pair, res, as_json, table, bar)
                         if html_dir is not None and not isinstance(res, BaseException):
                             if not res.identical:
+                                os.makedirs(html_dir, exist_ok=True)
                                 page = os.path.join(html_dir, page_name(line, pair["test"]))
                                 res.to_html(page)
     finally:
         if client is not None:
             client.close()
+    if not pairs:
+        fail(f"{manifest}: no pairs to verify")
     if table is not None:
         table.write(sys.stdout)
     sys.exit(status)
+
+
+class Recording:
+    """The manifest's pairs as ``iter_verify_many`` reads them: its first pass
+    (the check) just reads them; the second, the one verified, also keeps
+    each pair with its line number until the result that comes back for it
+    takes it (``taken``): at most the stream's window of pairs, in order."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self.passes = 0
+        self.pending: deque[tuple[int, dict[str, Any]]] = deque()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.passes += 1
+        if self.passes == 1:
+            return iter(self.manifest)
+        self.pending.clear()
+        return self._recorded()
+
+    def _recorded(self) -> Iterator[dict[str, Any]]:
+        for entry in self.manifest.entries():
+            self.pending.append(entry)
+            yield entry[1]
+
+    def taken(self) -> tuple[int, dict[str, Any]]:
+        """The line and the pair of the next result."""
+        return self.pending.popleft()
 
 
 def _show_warning(bar: ProgressBar | None) -> Callable[..., None]:

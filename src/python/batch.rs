@@ -11,7 +11,7 @@ use crate::batch::{self, BatchProgress, BatchStream, StreamOptions};
 use crate::driver::OpenOptions;
 use crate::error::Error;
 use crate::verify::VerifyOptions;
-use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeWarning};
+use pyo3::exceptions::{PyException, PyKeyboardInterrupt, PyRuntimeWarning};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyIterator};
 use std::ffi::CString;
@@ -101,7 +101,10 @@ impl PyVerifyStream {
                 return Err(e);
             }
         }
-        this.feed(py);
+        if let Err(e) = this.feed(py) {
+            this.close(py);
+            return Err(e);
+        }
         let Some(stream) = this.stream.as_mut() else {
             return Ok(None);
         };
@@ -144,30 +147,36 @@ impl PyVerifyStream {
 }
 
 impl PyVerifyStream {
-    /// Feed the stream from `pairs` while its window has room.
-    fn feed(&mut self, py: Python<'_>) {
+    /// Feed the stream from `pairs` while its window has room. A bad pair,
+    /// or an error of the iterable, waits its turn (`input_error`); Ctrl-C
+    /// (an exception that is not an `Exception`) is raised at once.
+    fn feed(&mut self, py: Python<'_>) -> PyResult<()> {
         let Some(stream) = self.stream.as_mut() else {
-            return;
+            return Ok(());
         };
         while stream.room() > 0 {
-            let Some(pairs) = &self.pairs else { return };
+            let Some(pairs) = &self.pairs else {
+                return Ok(());
+            };
             let mut pairs = pairs.bind(py).clone();
             let job = match pairs.next() {
                 None => {
                     self.pairs = None;
-                    return;
+                    return Ok(());
                 }
                 Some(pair) => pair.and_then(|pair| pair_job(&pair, &self.open, &self.options)),
             };
             match job {
                 Ok(job) => stream.feed(job),
+                Err(e) if !e.is_instance_of::<PyException>(py) => return Err(e),
                 Err(e) => {
                     self.input_error = Some(e);
                     self.pairs = None;
-                    return;
+                    return Ok(());
                 }
             }
         }
+        Ok(())
     }
 }
 
