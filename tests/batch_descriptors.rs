@@ -8,7 +8,8 @@
 use blkverify_rs::batch::descriptors::held_by_image;
 use blkverify_rs::driver::{self, OpenOptions};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
 fn qemu_img(dir: &Path, args: &[&str]) {
     let out = Command::new("qemu-img")
@@ -90,7 +91,8 @@ fn every_kind_of_image_holds_the_descriptors_the_batch_counts() {
     create(&["create", "-q", "-f", "vhdx", "disk.vhdx", "1M"]);
     create(&["create", "-q", "-f", "vpc", "disk.vhd", "1M"]);
     create(&["create", "-q", "-f", "vdi", "disk.vdi", "1M"]);
-    // (image, the files it opens: the batch's count is two descriptors a file)
+    // (image, the files it opens: two descriptors a file, the file and its
+    // lock's duplicate)
     let cases = [
         ("disk.raw", 1),
         ("base.qcow2", 1),
@@ -103,18 +105,44 @@ fn every_kind_of_image_holds_the_descriptors_the_batch_counts() {
         ("disk.vhd", 1),
         ("disk.vdi", 1),
     ];
-    for (name, files) in cases {
+    let mut expected: Vec<(String, usize)> = cases
+        .iter()
+        .map(|(name, files)| (d.join(name).display().to_string(), 2 * files))
+        .collect();
+    // An NBD export: its socket, and the reader's and the writer's duplicates.
+    let socket = d.join("nbd.sock");
+    let _server = Server(
+        Command::new("qemu-nbd")
+            .args(["-f", "raw", "-t", "-k"])
+            .arg(&socket)
+            .arg(d.join("disk.raw"))
+            .spawn()
+            .expect("qemu-nbd runs"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "qemu-nbd made no socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    expected.push((format!("nbd+unix:///?socket={}", socket.display()), 3));
+    for (name, descriptors) in expected {
         let before = open_now();
-        let image = driver::open(&d.join(name), &OpenOptions::default())
+        let image = driver::open(Path::new(&name), &OpenOptions::default())
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let held = open_now() - before;
         assert_eq!(held_by_image(image.as_ref()), held, "{name}");
-        assert_eq!(
-            held,
-            2 * files,
-            "{name}: a file and its lock's duplicate per file"
-        );
+        assert_eq!(held, descriptors, "{name}");
         drop(image);
         assert_eq!(open_now(), before, "{name}: closed with the image");
+    }
+}
+
+/// qemu-nbd, stopped by PID when the test ends, passed or failed.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

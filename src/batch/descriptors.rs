@@ -13,8 +13,9 @@ use std::path::Path;
 /// duplicate of it that its QEMU image lock is taken on (`storage::file`).
 pub const PER_FILE: usize = 2;
 
-/// Descriptors an NBD export holds: its socket.
-pub const PER_EXPORT: usize = 1;
+/// Descriptors an NBD export holds: its socket, and the two duplicates of it
+/// that its reader and its writer own (`driver::nbd::conn`).
+pub const PER_EXPORT: usize = 3;
 
 /// The fewest a pair of two image files holds, and a batch's guess for a
 /// pair it has not opened yet until a pair has shown it needs more.
