@@ -272,6 +272,22 @@ def test_iter_verify_many_reads_a_bounded_window_ahead(fleet):
         next(results)
 
 
+def test_a_reiterable_is_read_twice_and_no_more(fleet):
+    """The command's manifest relies on it: a first pass, then the verified
+    one, each a fresh iterator."""
+    pairs = pairs_of(fleet, 10)
+
+    class Twice:
+        passes = 0
+
+        def __iter__(self) -> Iterator[tuple[str, str]]:
+            Twice.passes += 1
+            return iter(pairs)
+
+    assert [r.test for r in bv.iter_verify_many(Twice())] == [t for _, t in pairs]
+    assert Twice.passes == 2
+
+
 def test_iter_verify_many_and_bad_pairs(fleet):
     """A list is checked whole before anything runs; a generator cannot be,
     and its bad pair raises in its turn, after the results before it."""

@@ -605,7 +605,7 @@ def iter_verify_many(
         "force_share": force_share,
     }
     pairs_total = total = None
-    if iter(pairs) is not pairs:
+    if not isinstance(pairs, Iterator):  # it can be read twice: a first pass
         pairs_total, total = _native.scan_pairs(pairs)
     if client is None:
         stream = _native.verify_stream(
