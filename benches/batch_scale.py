@@ -70,15 +70,14 @@ def run_limited(argv: list[str], nofile: int, out: Path) -> tuple[float, int, in
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
 
-    with open(out, "wb") as f:
+    errors = out.with_suffix(".err")
+    with open(out, "wb") as f, open(errors, "wb") as e:
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.PIPE, preexec_fn=limit)
+        proc = subprocess.Popen(argv, stdout=f, stderr=e, preexec_fn=limit)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
-        assert proc.stderr is not None
-        err = proc.stderr.read().decode(errors="replace")
-        proc.stderr.close()
-    code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code = os.waitstatus_to_exitcode(status)
+    err = errors.read_text(errors="replace")
     if err.strip():
         print(f"  stderr ({len(err.splitlines())} lines): {err.splitlines()[0][:200]}")
     return wall, usage.ru_maxrss, code
