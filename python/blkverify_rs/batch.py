@@ -6,8 +6,10 @@ object ``{"raw", "test", "raw_format"?, "test_format"?, "snapshot"?, "all"?,
 "strict"?, "workers"?}``: RAW is the reference, in any format blkverify reads,
 as in ``verify``. Blank lines and lines starting with ``#`` are ignored.
 Relative paths resolve against the manifest's directory. The verification
-itself runs in Rust through :func:`blkverify_rs.verify_many`; this module
-parses, shows progress and reports, the same way wherever the pairs ran.
+itself runs in Rust through :func:`blkverify_rs.iter_verify_many`; this
+module reads the manifest (line by line, twice: never held whole), shows
+progress and prints each pair's result as its turn comes, the same way
+wherever the pairs ran.
 """
 
 from __future__ import annotations

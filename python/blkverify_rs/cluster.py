@@ -827,21 +827,6 @@ def iter_verify_many(
     return batch.run()
 
 
-def verify_many(
-    client: Client,
-    pairs: list[dict[str, Any]],
-    options: dict[str, Any],
-    *,
-    split: int | str = DEFAULT_SPLIT,
-    timeout: float = DEFAULT_TIMEOUT,
-    progress: Callable[[int, int, int, int], None] | None = None,
-) -> list[dict[str, Any] | BaseException]:
-    """:func:`iter_verify_many` as a list."""
-    return list(
-        iter_verify_many(client, pairs, options, split=split, timeout=timeout, progress=progress)
-    )
-
-
 def digest_split(size: int, client: Client) -> int:
     """The range ``digest`` cuts an image of ``size`` bytes into when not
     told: one per worker thread in the cluster, of at least 64 MiB and at
