@@ -3,9 +3,11 @@
 //! engines that verify share them: `verify` (against a reference image) and
 //! `digest::check` (against a block digests file), so they live below both.
 
+use crate::driver::{BlockDriver, OpenOptions};
 use crate::error::{Error, Result};
 use crate::size::SECTOR_SIZE;
 use std::ops::Range;
+use std::path::Path;
 use std::time::Duration;
 
 /// How many of a report's runs (the first, in guest order) are located in
@@ -146,4 +148,25 @@ pub(crate) fn aligned_range(options: &VerifyOptions, total: u64, align: u64) -> 
         )));
     }
     Ok(start..end)
+}
+
+/// The warning that `image`'s backing file was not opened (`--no-backing`), so
+/// its unallocated clusters were `done` (compared, hashed) as zeros.
+pub fn unopened_backing(
+    path: &Path,
+    image: &dyn BlockDriver,
+    options: &OpenOptions,
+    done: &str,
+) -> Option<String> {
+    if options.backing.follow {
+        return None;
+    }
+    let (_, name) = image
+        .info()
+        .into_iter()
+        .find(|(k, _)| k == "backing_file")?;
+    Some(format!(
+        "{}: backing file '{name}' was not opened (--no-backing): unallocated clusters were {done} as zeros",
+        path.display()
+    ))
 }

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import blkverify_rs as bv
 import pytest
+from blkverify_rs.report import human_size
 from conftest import convert_to_raw, qemu_img, qemu_io, run_cli
 
 MiB = 1 << 20
@@ -96,11 +97,18 @@ def test_summary_table(pairs):
     m = write_manifest(d, "table.txt", "good.raw good.qcow2\ngood.raw bad.qcow2\n")
     code, out, _ = batch(m)
     assert code == 1
-    header, _rule, first, second = out.splitlines()
+    header, _rule, first, second, totals = out.splitlines()
     for column in ("pair", "size", "result", "first corrupt sector", "MiB/s"):
         assert column in header
     assert "identical" in first and "4.0 MiB" in first
     assert "differ" in second and " 2048 " in second
+    # The good pair is compared whole; the bad one up to its first mismatch.
+    good = bv.verify(pairs["raw"], pairs["good"]).bytes_compared
+    bad = bv.verify(pairs["raw"], pairs["bad"]).bytes_compared
+    assert totals == (
+        f"2 pairs: 1 identical, 1 differ, 0 failed; {good + bad} bytes compared "
+        f"({human_size(good + bad)})"
+    )
 
 
 @pytest.mark.parametrize(

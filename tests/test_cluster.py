@@ -21,6 +21,7 @@ from typing import Any
 
 import blkverify_rs as bv
 import pytest
+from blkverify_rs import cluster as cluster_module
 from conftest import convert_to_raw, qemu_img, qemu_io, run_cli
 from dask_cluster import Cluster, free_port
 
@@ -187,6 +188,49 @@ def test_api_reports_equal_local_reports(images, cluster):
         bv.verify_many([{"raw": "a", "test": "b", "workers": "w1"}], client=cluster.client)
 
 
+def test_a_long_batch_holds_a_window_of_pairs_on_the_client(cluster, tmp_path):
+    """3,000 small pairs through the cluster (a generator, read once): the
+    client reads them a window at a time, holds futures for that window's
+    tasks only (small pairs share a task), none once it is done, and the
+    results come in order (each line's test path is spelled its own way)."""
+    tiny = tmp_path / "tiny.raw"
+    tiny.write_bytes(bytes(range(256)) * 256)
+    for digit in range(10):
+        (tmp_path / f"d{digit}").mkdir()
+    count = 3_000
+    tests = [
+        str(tmp_path / "".join(f"d{c}/../" for c in f"{n:04d}") / "tiny.raw") for n in range(count)
+    ]
+    pulled = 0
+    held: list[int] = []
+
+    def ours() -> int:
+        return sum(1 for key in list(cluster.client.futures) if str(key).startswith("blkverify-"))
+
+    def source() -> Iterator[tuple[str, str]]:
+        nonlocal pulled
+        for test in tests:
+            pulled += 1
+            held.append(ours())
+            yield (str(tiny), test)
+
+    seen = 0
+    for report, test in zip(
+        bv.iter_verify_many(source(), client=cluster.client), tests, strict=True
+    ):
+        assert isinstance(report, bv.Report) and report.identical, report
+        assert report.test == test
+        seen += 1
+        assert pulled - seen <= cluster_module.WINDOW
+    assert seen == count
+    assert max(held) <= 2 * cluster_module.WINDOW // cluster_module.GROUP_PAIRS, max(held)
+    # Released (the client lets a key go on its event loop, soon after).
+    deadline = time.monotonic() + 10
+    while ours():
+        assert time.monotonic() < deadline, ours()
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def slow_uri(images: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """good.raw served by nbdkit with a delay on every read, so that a task
@@ -207,10 +251,12 @@ def slow_uri(images: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
 
 
 def kill_when_running(cluster: Cluster, name: str, running: Callable[[], bool]) -> None:
-    """SIGKILL worker ``name`` once it runs (or holds) a range task of ours."""
+    """SIGKILL worker ``name`` once it runs (or holds) a task of ours that
+    verifies or hashes (a group of pairs, or a range)."""
     address = cluster.worker_names()[name]
     deadline = time.monotonic() + 60
-    while not any("range" in key for key in cluster.client.processing().get(address, ())):
+    ours = re.compile(r"blkverify-.*-(group|range\d+)-")
+    while not any(ours.search(str(key)) for key in cluster.client.processing().get(address, ())):
         assert running(), "the batch ended before the worker got a task"
         assert time.monotonic() < deadline, f"{name} never got a task"
         time.sleep(0.02)
@@ -423,7 +469,10 @@ def test_ctrl_c_cancels_the_batch_on_the_cluster(images, cluster, slow_uri):
     )
     try:
         deadline = time.monotonic() + 60
-        while not any("range" in k for keys in cluster.client.processing().values() for k in keys):
+        ours = re.compile(r"blkverify-.*-(group|range\d+)-")
+        while not any(
+            ours.search(str(k)) for keys in cluster.client.processing().values() for k in keys
+        ):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
         proc.send_signal(signal.SIGINT)

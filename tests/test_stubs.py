@@ -29,8 +29,8 @@ def params(fn: ast.FunctionDef) -> list[str]:
 
 
 # Dunders a class defines that its stub must list too (a context manager's,
-# a constructor's).
-STUBBED_DUNDERS = ("__enter__", "__exit__", "__new__")
+# a constructor's, an iterator's).
+STUBBED_DUNDERS = ("__enter__", "__exit__", "__new__", "__iter__", "__next__")
 
 
 def test_py_typed_ships_beside_the_stub() -> None:

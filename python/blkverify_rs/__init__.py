@@ -4,7 +4,8 @@ Open images of every format blkverify reads (raw, qcow2, vmdk, vpc, vhdx, vdi:
 :func:`formats` lists them) and NBD exports with :func:`open`, mirror I/O to a
 test image and a raw reference with ``open("blkverify:RAW:TEST")`` (a
 :class:`Device` that raises :class:`MismatchError` at the first corrupt
-sector), compare whole images with :func:`verify` and :func:`verify_many`, hash
+sector), compare whole images with :func:`verify` and :func:`verify_many` (or
+:func:`iter_verify_many`, one report at a time), hash
 them with :func:`digest`, list or draw an image's allocation with :func:`map`
 and :func:`map_html`, run a seeded workload with :func:`exercise`, serve the
 mirrored device over NBD with :func:`serve` (recording a trace of a client's
@@ -15,7 +16,7 @@ heavy work runs in Rust with the GIL released. docs/python.md is the guide.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 from blkverify_rs import _native
@@ -78,6 +79,7 @@ __all__ = [
     "exercise",
     "formats",
     "is_nbd_uri",
+    "iter_verify_many",
     "map",
     "map_html",
     "open",
@@ -551,7 +553,60 @@ def verify_many(
     (``bv.Error`` or ``OSError``): one bad pair never hides the others' results.
     ``progress(done, total, pairs_done, pairs_total)`` is called about ten times
     a second. Ctrl-C raises ``KeyboardInterrupt``. ``force_share`` applies to
-    every pair, as in :func:`verify`.
+    every pair, as in :func:`verify`. The list holds every report: for many
+    pairs, :func:`iter_verify_many` gives them one by one instead.
+    """
+    return list(
+        iter_verify_many(
+            list(pairs),
+            all,
+            strict=strict,
+            backing=backing,
+            max_backing_depth=max_backing_depth,
+            allow_backing_anywhere=allow_backing_anywhere,
+            threads=threads,
+            progress=progress,
+            client=client,
+            split=split,
+            scheduler_timeout=scheduler_timeout,
+            force_share=force_share,
+        )
+    )
+
+
+def iter_verify_many(
+    pairs: Iterable[tuple[PathLike, PathLike] | Mapping[str, Any]],
+    all: bool = False,
+    *,
+    strict: bool = False,
+    backing: bool = True,
+    max_backing_depth: int = DEFAULT_BACKING_DEPTH,
+    allow_backing_anywhere: bool = False,
+    threads: int = 0,
+    progress: Callable[[int, int, int, int], None] | None = None,
+    client: Any = None,
+    split: int | str = 64 << 30,
+    scheduler_timeout: float = 30.0,
+    force_share: bool = False,
+) -> Iterator[Report | Exception]:
+    """:func:`verify_many`, one result at a time: yields each pair's
+    :class:`Report` (or its exception, as a value) in order, as soon as it and
+    the pairs before it are done, in memory and file descriptors that do not
+    grow with the number of pairs. The arguments are :func:`verify_many`'s.
+
+    Only the pairs being verified are open (no more at once than the
+    open-file limit, ``ulimit -n``, leaves room for: when that is fewer than
+    the threads would run, a ``RuntimeWarning`` says so, once), and at most
+    1,024 pairs are read ahead of the one yielded: a pair that takes long
+    holds back the results after it (see docs/batch.md). ``pairs`` is read
+    as it is consumed; when it can be read twice (a list, or any iterable
+    that is not its own iterator), a first pass checks every pair
+    (``ValueError`` before anything runs) and takes the progress total from
+    the files' sizes, corrected as each pair opens. A one-shot iterator (a
+    generator) is read once: a malformed pair then raises when its turn
+    comes, after the results of the pairs before it, and the progress totals
+    count the pairs read so far. Stop early by closing the iterator (or
+    dropping it): the pairs being verified are cancelled.
     """
     options = {
         "all": all,
@@ -562,21 +617,40 @@ def verify_many(
         "threads": threads,
         "force_share": force_share,
     }
-    pairs = list(pairs)
+    pairs_total = total = None
+    if not isinstance(pairs, Iterator):  # it can be read twice: a first pass
+        pairs_total, total = _native.scan_pairs(pairs)
     if client is None:
-        results = _native.verify_many(pairs, progress=progress, **options)
-    else:
-        from blkverify_rs import cluster
+        stream = _native.verify_stream(
+            pairs, progress=progress, pairs_total=pairs_total, total=total, **options
+        )
+        return _reports(stream)
+    from blkverify_rs import cluster
 
-        results = cluster.verify_many(
+    return _reports(
+        cluster.iter_verify_many(
             client,
-            [_pair_dict(p) for p in pairs],
+            (_pair_dict(p) for p in pairs),
             options,
             split=split,
             timeout=scheduler_timeout,
             progress=progress,
+            pairs_total=pairs_total,
+            total=total,
         )
-    return [r if isinstance(r, BaseException) else _report(r) for r in results]
+    )
+
+
+def _reports(results: Iterator[dict[str, Any] | BaseException]) -> Iterator[Report | Exception]:
+    """Report dicts as :class:`Report` (exceptions as they are); closing this
+    closes ``results``."""
+    try:
+        for r in results:
+            yield r if isinstance(r, BaseException) else _report(r)
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
 
 
 def _pair_dict(pair: tuple[PathLike, PathLike] | Mapping[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Type stubs for the native module (kept in step with src/python/mod.rs)."""
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,14 @@ class SpanJoiner:
     def __new__(cls, *, size: int, algorithm: str, blocks: str | None = None) -> SpanJoiner: ...
     def feed(self, span: dict[str, Any]) -> None: ...
     def finish(self) -> dict[str, Any]: ...
+
+class VerifyStream:
+    """What ``verify_stream`` returns: one report dict (or the pair's
+    exception, as a value) per pair, in order."""
+
+    def __iter__(self) -> VerifyStream: ...
+    def __next__(self) -> dict[str, Any] | Exception: ...
+    def close(self) -> None: ...
 
 class MapExtent:
     def __new__(
@@ -161,11 +169,14 @@ def create(path: str, **options: Any) -> None: ...
 def verify(
     pair: Pair, progress: Callable[[int, int], None] | None = None, **options: Any
 ) -> dict[str, Any]: ...
-def verify_many(
-    pairs: list[Pair],
+def verify_stream(
+    pairs: Iterable[Pair],
     progress: Callable[[int, int, int, int], None] | None = None,
+    pairs_total: int | None = None,
+    total: int | None = None,
     **options: Any,
-) -> list[dict[str, Any] | Exception]: ...
+) -> VerifyStream: ...
+def scan_pairs(pairs: Iterable[Pair]) -> tuple[int, int]: ...
 def check_pair(pair: Pair) -> None: ...
 def merge_reports(
     parts: list[dict[str, Any] | BaseException], **options: Any

@@ -6,8 +6,10 @@ object ``{"raw", "test", "raw_format"?, "test_format"?, "snapshot"?, "all"?,
 "strict"?, "workers"?}``: RAW is the reference, in any format blkverify reads,
 as in ``verify``. Blank lines and lines starting with ``#`` are ignored.
 Relative paths resolve against the manifest's directory. The verification
-itself runs in Rust through :func:`blkverify_rs.verify_many`; this module
-parses, shows progress and reports, the same way wherever the pairs ran.
+itself runs in Rust through :func:`blkverify_rs.iter_verify_many`; this
+module reads the manifest (line by line, twice: never held whole), shows
+progress and prints each pair's result as its turn comes, the same way
+wherever the pairs ran.
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+import tempfile
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
@@ -36,7 +43,7 @@ if TYPE_CHECKING:
     from blkverify_rs import Report
 
 
-class ManifestError(Exception):
+class ManifestError(ValueError):
     """A line of the manifest that cannot be used: ``file:line: fact``."""
 
 
@@ -77,24 +84,37 @@ def parse_manifest_line(text: str, where: str, base: str) -> dict[str, Any] | No
     return pair
 
 
-def read_manifest(path: str) -> tuple[list[dict[str, Any]], list[int]]:
-    """Every pair of the manifest at ``path``, and the line each came from;
-    ``ManifestError`` names the bad line."""
-    base = os.path.dirname(os.path.abspath(path))
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except UnicodeDecodeError:
-        raise ManifestError(f"{path}: not a text file (UTF-8)") from None
-    pairs, numbers = [], []
-    for number, text in enumerate(lines, start=1):
-        pair = parse_manifest_line(text, f"{path}:{number}", base)
-        if pair is not None:
-            pairs.append(pair)
-            numbers.append(number)
-    if not pairs:
-        raise ManifestError(f"{path}: no pairs to verify")
-    return pairs, numbers
+class Manifest:
+    """The pairs of the manifest at ``path``, read line by line each time it
+    is iterated, never held whole: a first pass checks every line (and sizes
+    the progress total), a second verifies. ``ManifestError`` names a bad
+    line."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.base = os.path.dirname(os.path.abspath(path))
+
+    def entries(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Each pair, with the number of the line it is on."""
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                for number, text in enumerate(f, start=1):
+                    pair = parse_manifest_line(text, f"{self.path}:{number}", self.base)
+                    if pair is not None:
+                        yield number, pair
+        except UnicodeDecodeError:
+            raise ManifestError(f"{self.path}: not a text file (UTF-8)") from None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (pair for _, pair in self.entries())
+
+    def check(self) -> int:
+        """The number of pairs, every line checked (``ManifestError``); no
+        pairs at all is an error too."""
+        count = sum(1 for _ in self.entries())
+        if not count:
+            raise ManifestError(f"{self.path}: no pairs to verify")
+        return count
 
 
 def page_name(line: int, test: str) -> str:
@@ -103,30 +123,43 @@ def page_name(line: int, test: str) -> str:
     return f"{line}-{os.path.basename(test)}.html"
 
 
-def write_pages(
-    out_dir: str, pairs: list[dict[str, Any]], lines: list[int], results: list[Report | Exception]
-) -> None:
-    """One HTML map per pair that differs (see ``Report.to_html``)."""
-    os.makedirs(out_dir, exist_ok=True)
-    for pair, line, res in zip(pairs, lines, results, strict=True):
-        if not isinstance(res, BaseException) and not res.identical:
-            res.to_html(os.path.join(out_dir, page_name(line, pair["test"])))
-
-
 def error_record(pair: dict[str, Any], exc: BaseException) -> dict[str, Any]:
     """The JSON line for a pair that could not be verified."""
     return {"raw": pair["raw"], "test": pair["test"], "error": describe_error(exc)}
 
 
-def summary_table(pairs: list[dict[str, Any]], results: list[Report | Exception]) -> str:
-    """The human summary: one row per pair."""
-    header = ("pair", "size", "result", "first corrupt sector", "MiB/s")
-    rows = []
-    for pair, res in zip(pairs, results, strict=False):
+def result_status(res: Report | BaseException) -> int:
+    """A pair's exit status: 0 identical, 1 it differs, 2 it failed."""
+    if isinstance(res, BaseException):
+        return EXIT_ERROR
+    return EXIT_OK if res.identical else EXIT_FINDING
+
+
+class SummaryTable:
+    """The human summary, one row per pair, and a closing line of totals.
+    The columns are as wide as their widest cell, known only at the end, so
+    the rows wait in a temporary file (strings only), not in memory."""
+
+    HEADER = ("pair", "size", "result", "first corrupt sector", "MiB/s")
+
+    def __init__(self) -> None:
+        self.rows: IO[str] = tempfile.TemporaryFile("w+", encoding="utf-8")
+        self.widths = [len(cell) for cell in self.HEADER]
+        self.counts = {"identical": 0, "differ": 0, "failed": 0}
+        self.bytes_compared = 0
+
+    def add(self, pair: dict[str, Any], res: Report | BaseException) -> None:
+        row = self.row(pair, res)
+        self.widths = [max(w, len(cell)) for w, cell in zip(self.widths, row, strict=True)]
+        self.rows.write(json.dumps(row) + "\n")
+
+    def row(self, pair: dict[str, Any], res: Report | BaseException) -> tuple[str, ...]:
         name = f"{pair['raw']} {pair['test']}"
         if isinstance(res, BaseException):
-            rows.append((name, "-", "error", "-", "-"))
-            continue
+            self.counts["failed"] += 1
+            return (name, "-", "error", "-", "-")
+        self.bytes_compared += res.bytes_compared
+        self.counts["identical" if res.identical else "differ"] += 1
         if res.identical:
             result = "identical"
         elif res.mismatches:
@@ -138,29 +171,31 @@ def summary_table(pairs: list[dict[str, Any]], results: list[Report | Exception]
             m = res.mismatches[0]
             first = f"block {m.block}" if isinstance(m, bv.BlockMismatch) else str(m.sector)
         rate = res.bytes_compared / (1 << 20) / res.elapsed_s if res.elapsed_s > 0 else 0.0
-        rows.append((name, human_size(res.virtual_size), result, first, f"{rate:.0f}"))
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = []
-    for i, row in enumerate([header, *rows]):
+        return (name, human_size(res.virtual_size), result, first, f"{rate:.0f}")
+
+    def _line(self, row: Iterable[str]) -> str:
         cells = [
             cell.ljust(w) if col == 0 or col == 2 else cell.rjust(w)
-            for col, (cell, w) in enumerate(zip(row, widths, strict=False))
+            for col, (cell, w) in enumerate(zip(row, self.widths, strict=True))
         ]
-        lines.append("  ".join(cells).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines) + "\n"
+        return "  ".join(cells).rstrip() + "\n"
 
-
-def exit_status(results: list[Report | Exception]) -> int:
-    """The worst result: 0 all identical < 1 a pair differs < 2 a pair failed."""
-    worst = EXIT_OK
-    for res in results:
-        if isinstance(res, BaseException):
-            return EXIT_ERROR
-        if not res.identical:
-            worst = EXIT_FINDING
-    return worst
+    def write(self, out: IO[str]) -> None:
+        """Print the table, then the totals: the pairs by result, and the
+        guest bytes compared in all pairs (each pair's ``bytes_compared``)."""
+        out.write(self._line(self.HEADER))
+        out.write("  ".join("-" * w for w in self.widths) + "\n")
+        self.rows.seek(0)
+        for text in self.rows:
+            out.write(self._line(json.loads(text)))
+        self.rows.close()
+        pairs = sum(self.counts.values())
+        c = self.counts
+        out.write(
+            f"{pairs} pairs: {c['identical']} identical, {c['differ']} differ, "
+            f"{c['failed']} failed; {self.bytes_compared} bytes compared "
+            f"({human_size(self.bytes_compared)})\n"
+        )
 
 
 def connect(address: str, timeout: float) -> Any:
@@ -257,18 +292,20 @@ def batch(
     with the pair's findings marked (see 'blkverify map'). Exit status: the
     worst result (0 identical, 1 a pair differs, 2 a pair could not be verified).
     """
-    try:
-        pairs, lines = read_manifest(manifest)
-    except ManifestError as exc:
-        fail(str(exc))
-    except OSError as exc:
-        fail(describe_error(exc))
     if split is not None and scheduler is None:
         fail("--split needs --scheduler: a local batch verifies each pair whole")
     split_bytes = size_option("--split", split)
+    source = Manifest(manifest)
+    if scheduler is not None:
+        # Before connecting: a bad line fails at once, not after the wait.
+        with reported():
+            source.check()
 
     show = progress if progress is not None else (sys.stderr.isatty() and not quiet)
     bar = ProgressBar(sys.stderr) if show and not quiet else None
+    table = None if as_json or quiet else SummaryTable()
+    status = EXIT_OK
+    pairs = 0
     client = None
     try:
         with reported(bar):
@@ -278,35 +315,101 @@ def batch(
                 cluster["scheduler_timeout"] = scheduler_timeout
             if split_bytes is not None:
                 cluster["split"] = split_bytes
-            results = bv.verify_many(
-                pairs,
-                all=all_ or html_dir is not None,
-                strict=strict,
-                threads=threads,
-                progress=bar.update if bar else None,
-                force_share=force_share,
-                **cluster,
-            )
+            recording = Recording(source)
+            with warnings.catch_warnings():
+                # The batch's own warning (too few descriptors for the
+                # threads) is one line of ours, not Python's.
+                warnings.simplefilter("always", RuntimeWarning)
+                warnings.showwarning = _show_warning(bar)
+                # The first pass over the manifest (every line checked, the
+                # files' sizes added up) runs here, before any pair does.
+                results = bv.iter_verify_many(
+                    recording,
+                    all=all_ or html_dir is not None,
+                    strict=strict,
+                    threads=threads,
+                    progress=bar.update if bar else None,
+                    force_share=force_share,
+                    **cluster,
+                )
+                with closing(results):  # ended here, before the client closes
+                    for res in results:
+                        line, pair = recording.taken()
+                        pairs += 1
+                        status = max(status, result_status(res))
+                        if not quiet:
+                            report_pair(pair, res, as_json, table, bar)
+                        if html_dir is not None and not isinstance(res, BaseException):
+                            if not res.identical:
+                                os.makedirs(html_dir, exist_ok=True)
+                                page = os.path.join(html_dir, page_name(line, pair["test"]))
+                                res.to_html(page)
     finally:
         if client is not None:
             client.close()
+    if not pairs:
+        fail(f"{manifest}: no pairs to verify")
+    if table is not None:
+        table.write(sys.stdout)
+    sys.exit(status)
 
-    if not quiet:
-        for pair, res in zip(pairs, results, strict=False):
-            if isinstance(res, BaseException):
-                click.echo(f"blkverify: error: {describe_error(res)}", err=True)
-            else:
-                for warning in res.warnings:
-                    click.echo(f"blkverify: warning: {pair['test']}: {warning}", err=True)
-        if as_json:
-            for pair, res in zip(pairs, results, strict=False):
-                record = (
-                    error_record(pair, res) if isinstance(res, BaseException) else res.to_dict()
-                )
-                click.echo(json.dumps(record))
-        else:
-            click.echo(summary_table(pairs, results), nl=False)
-    if html_dir is not None:
-        with reported():
-            write_pages(html_dir, pairs, lines, results)
-    sys.exit(exit_status(results))
+
+class Recording:
+    """The manifest's pairs as ``iter_verify_many`` reads them: its first pass
+    (the check) just reads them; the second, the one verified, also keeps
+    each pair with its line number until the result that comes back for it
+    takes it (``taken``): at most the stream's window of pairs, in order."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self.passes = 0
+        self.pending: deque[tuple[int, dict[str, Any]]] = deque()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.passes += 1
+        if self.passes == 1:
+            return iter(self.manifest)
+        self.pending.clear()
+        return self._recorded()
+
+    def _recorded(self) -> Iterator[dict[str, Any]]:
+        for entry in self.manifest.entries():
+            self.pending.append(entry)
+            yield entry[1]
+
+    def taken(self) -> tuple[int, dict[str, Any]]:
+        """The line and the pair of the next result."""
+        return self.pending.popleft()
+
+
+def _show_warning(bar: ProgressBar | None) -> Callable[..., None]:
+    def show(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+        if bar is not None:
+            bar.finish()
+        click.echo(f"blkverify: warning: {message}", err=True)
+
+    return show
+
+
+def report_pair(
+    pair: dict[str, Any],
+    res: Report | BaseException,
+    as_json: bool,
+    table: SummaryTable | None,
+    bar: ProgressBar | None,
+) -> None:
+    """Print what one pair's result says, as soon as it is in: its error or
+    warnings on stderr, its JSON line (or its table row, for the end)."""
+    if isinstance(res, BaseException):
+        messages = [f"blkverify: error: {describe_error(res)}"]
+    else:
+        messages = [f"blkverify: warning: {pair['test']}: {w}" for w in res.warnings]
+    if messages and bar is not None:
+        bar.finish()  # the progress line ends; the next update starts another
+    for message in messages:
+        click.echo(message, err=True)
+    if as_json:
+        record = error_record(pair, res) if isinstance(res, BaseException) else res.to_dict()
+        click.echo(json.dumps(record))
+    elif table is not None:
+        table.add(pair, res)

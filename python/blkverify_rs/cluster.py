@@ -3,12 +3,15 @@ and only once a cluster is asked for: ``import blkverify_rs`` never does.
 
 The work is done by the task functions of :mod:`blkverify_rs.tasks`, the same
 ones a caller can run locally, sent to the cluster's workers (which must see
-the pairs' paths). Each pair is first probed by one small task (opened, as
-verifying it would, for its size and any error); then verified by one task, or,
-when it is larger than ``split`` bytes, by one task per range of ``split``
-bytes, whose reports are merged here into the report one verify of the whole
-pair gives. A pair's ``workers`` pin its tasks to the workers named (by name,
-address or host). Running tasks send their progress as Dask events.
+the pairs' paths). Pairs are taken a window at a time and verified in
+groups, one task per group (small pairs share a task: a task costs more than
+opening and verifying a small pair); a pair larger than ``split`` bytes comes
+back from its group with its first ``split`` bytes verified, and the rest is
+verified by one task per range of ``split`` bytes, whose reports are merged
+here into the report one verify of the whole pair gives. Results are yielded
+in order as they come, and the window's state, futures and results are
+dropped once yielded. A pair's ``workers`` pin its tasks to the workers named
+(by name, address or host). Running tasks send their progress as Dask events.
 
 A pair whose sides live on different hosts (``raw_workers`` and
 ``test_workers``) is never read across the network: each side is hashed where
@@ -30,7 +33,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -54,8 +57,15 @@ INSTALL_HINT = 'pip install "blkverify-rs[dask]"'
 MAX_LOCATED = _native.MAX_LOCATED
 # How often the workers are looked at (pins, an empty cluster), in seconds.
 CHECK_INTERVAL = 1.0
-# The most pairs one probe task opens.
-PROBE_GROUP = 64
+# The most pairs one task verifies (or probes, for pairs on two hosts), one
+# after the other: opening and verifying a small pair costs far less than a
+# task; and the most bytes of files (the pairs' size hints) in one task.
+GROUP_PAIRS = 64
+GROUP_BYTES = 64 << 20
+# The pairs in a batch's window (taken in, not yet yielded): at least WINDOW,
+# 16 per task slot of the cluster, at most MAX_WINDOW.
+WINDOW = 1024
+MAX_WINDOW = 16384
 
 
 def _distributed() -> Any:
@@ -180,8 +190,9 @@ class _ProgressEvents:
 
 
 class _Task:
-    """One submitted task: the probe of a group of pairs pinned alike (``part``
-    None), or one range of one pair."""
+    """One submitted task: a group of pairs pinned alike (``part`` None),
+    verified one after the other, or the probe of their sides where they
+    live (``side`` set); or one range of one pair (``part`` set)."""
 
     __slots__ = (
         "attempt",
@@ -229,17 +240,21 @@ class _Task:
 
 
 class _PairState:
-    __slots__ = ("parts", "raw_parts", "report", "sides", "size", "started")
+    __slots__ = ("hint", "keys", "parts", "raw_parts", "report", "sides", "size", "started")
 
-    def __init__(self) -> None:
+    def __init__(self, hint: int) -> None:
+        # What the first pass knew of its size (its files' sizes), until it opens.
+        self.hint = hint
         self.size = 0
         self.parts: list[dict[str, Any] | BaseException | None] = []
-        self.started = 0.0
+        self.started = time.monotonic()
         # A pair hashed where its sides live: each side's probe, and how many
         # of `parts` are the raw side's spans (the test side's follow).
         self.sides: dict[str, dict[str, Any]] = {}
         self.raw_parts = 0
         self.report: dict[str, Any] | None = None  # waiting for its mappings
+        # The keys of the pair's own tasks (its ranges, spans, locate).
+        self.keys: set[str] = set()
 
 
 # The value of an event that says a task is done (its value is still to fetch).
@@ -275,21 +290,31 @@ def _task_error(pair: Mapping[str, Any], exc: BaseException | None) -> Exception
     return _native.Error(f"{pair['test']}: the cluster could not run the task: {what}")
 
 
+def _hint(pair: Mapping[str, Any]) -> int:
+    """What a pair's size is taken to be until it opens: its files' sizes,
+    as a local batch takes it (the native rule)."""
+    return _native.scan_pairs((pair,))[1]
+
+
 class _Batch:
-    """One ``verify_many`` on a cluster: submits the tasks, follows them, and
-    turns their outcomes into one result per pair, in order."""
+    """One batch on a cluster, as a stream: takes pairs from ``pairs`` a
+    window at a time, submits their tasks, follows them, and yields one
+    result per pair, in order. The client holds the pairs of the window
+    only: their state, futures and results are dropped once yielded."""
 
     def __init__(
         self,
         client: Client,
-        pairs: list[dict[str, Any]],
+        pairs: Iterator[dict[str, Any]],
         options: dict[str, Any],
         split: int,
         progress: Callable[[int, int, int, int], None] | None,
         timeout: float,
+        pairs_total: int | None = None,
+        total: int | None = None,
     ) -> None:
         self.client = client
-        self.pairs = pairs
+        self.source = pairs
         self.options = options
         self.split = split
         self.progress = progress
@@ -304,14 +329,99 @@ class _Batch:
         self.tasks: dict[str, _Task] = {}
         self.running_bytes: dict[str, int] = {}
         self.lock = threading.Lock()
-        self.state = [_PairState() for _ in pairs]
-        self.results: list[dict[str, Any] | BaseException | None] = [None] * len(pairs)
+        # The window: pairs taken from the source and not yet yielded, by index.
+        self.pairs: dict[int, dict[str, Any]] = {}
+        self.state: dict[int, _PairState] = {}
+        self.results: dict[int, dict[str, Any] | BaseException] = {}
+        self.admitted = 0  # pairs taken from the source
+        self.delivered = 0  # results yielded
+        self.exhausted = False
+        self.input_error: BaseException | None = None
+        self.gave_up: Exception | None = None  # no workers for too long: every pair left
         self.pairs_done = 0
-        self.total = 0
+        self.pairs_total = pairs_total
+        self.total_given = total is not None
+        self.total = total or 0
         self.finished_bytes = 0
         self.workers: dict[str, Any] = {}
         self.host_slots: dict[str, int] = {}
         self.no_workers_since: float | None = None
+
+    # -- taking pairs in ------------------------------------------------------
+
+    def _slots(self) -> int:
+        return max(1, sum(self.host_slots.values()))
+
+    def _window(self) -> int:
+        """The most pairs in the window: enough to keep every task slot of
+        the cluster busy, within bounds."""
+        return min(max(WINDOW, 16 * self._slots()), MAX_WINDOW)
+
+    def _group_cap(self, window: int) -> int:
+        """The most pairs in one task: up to GROUP_PAIRS, but fewer when the
+        pairs are few, so that every task slot gets some."""
+        pairs = window if self.pairs_total is None else min(window, self.pairs_total)
+        return max(1, min(GROUP_PAIRS, pairs // (4 * self._slots())))
+
+    def _admit(self) -> None:
+        """Take pairs from the source while the window has room (in batches
+        of at least a group, so groups fill), and submit their tasks."""
+        if self.exhausted:
+            return
+        window = self._window()
+        cap = self._group_cap(window)
+        room = window - (self.admitted - self.delivered)
+        if room < cap and self.admitted > self.delivered:
+            return
+        new: list[int] = []
+        while room > 0:
+            try:
+                pair = next(self.source)
+            except StopIteration:
+                self.exhausted = True
+                break
+            except Exception as exc:  # a bad pair of a one-shot iterator: raised in its turn
+                self.input_error = exc
+                self.exhausted = True
+                break
+            index = self.admitted
+            self.admitted += 1
+            room -= 1
+            state = _PairState(_hint(pair))
+            self.pairs[index] = pair
+            self.state[index] = state
+            if not self.total_given:
+                self.total += state.hint
+            if self.gave_up is not None:
+                self._opened(index, 0)
+                self._pair_done(index, self.gave_up)
+            else:
+                new.append(index)
+        self._submit_groups(new, cap)
+
+    def _submit_groups(self, indices: list[int], cap: int) -> None:
+        """Pairs pinned alike go in groups: up to ``cap`` pairs and
+        GROUP_BYTES of files (a pair whose size is not known goes alone),
+        since opening and verifying a small pair costs far less than a task.
+        A pair on two hosts is probed side by side, each where it lives."""
+        groups: dict[tuple[str | None, tuple[str, ...]], list[int]] = {}
+        for index in indices:
+            pair = self.pairs[index]
+            for side in ("raw", "test") if is_cross(pair) else (None,):
+                pins = tuple(_pins(pair, side) or ())
+                groups.setdefault((side, pins), []).append(index)
+        for (side, _), members in groups.items():
+            group: list[int] = []
+            nbytes = 0
+            for index in members:
+                hint = self.state[index].hint or GROUP_BYTES
+                if group and (len(group) >= cap or nbytes + hint > GROUP_BYTES):
+                    self._submit(_Task(group, side=side))
+                    group, nbytes = [], 0
+                group.append(index)
+                nbytes += hint
+            if group:
+                self._submit(_Task(group, side=side))
 
     # -- submitting -----------------------------------------------------------
 
@@ -339,7 +449,7 @@ class _Batch:
                 errors = [_pinned_error(self.pairs[index], task.side) for index in task.pairs]
                 self._task_done(task, errors if task.part is None else errors[0])
                 return
-        kind = "probe" if task.part is None else f"range{task.part}"
+        kind = "group" if task.part is None else f"range{task.part}"
         key = f"{self.prefix}-{task.pair}-{task.side or 'pair'}-{kind}-{task.attempt}"
         if task.part is None and task.side is not None:
             side = task.side
@@ -348,15 +458,13 @@ class _Batch:
                 for i in task.pairs
             ]
             args: tuple[Any, ...] = (tasks.probe_sides, items, self.options)
-            priority = 1
         elif task.part is None:
             group = [self.pairs[index] for index in task.pairs]
-            args = (tasks.probe_pairs, group, self.options)
-            priority = 1  # sizes first, so the progress total is known early
+            progress = _ProgressEvents(self.topic, key)
+            args = (tasks.verify_pairs, group, self.options, self.split, progress)
         elif task.offsets is not None:
             options = tasks.side_options(pair, "test", self.options)
             args = (tasks.locate, pair["test"], options, task.offsets)
-            priority = 0
         elif task.side is not None:
             options = tasks.side_options(pair, task.side, self.options)
             if task.side == "test":
@@ -372,11 +480,9 @@ class _Batch:
                 task.length,
                 progress,
             )
-            priority = 0
         else:
             progress = _ProgressEvents(self.topic, key)
             args = (tasks.verify_range, pair, self.options, task.start, task.length, progress)
-            priority = 0
         task.future = self.client.submit(
             _run_task,
             *args,
@@ -384,10 +490,13 @@ class _Batch:
             key=key,
             workers=task.restriction,
             allow_other_workers=False,
-            priority=priority,
+            # The window's first pairs first: results leave in order.
+            priority=-task.pair,
             pure=False,
         )
         self.tasks[key] = task
+        if task.part is not None:
+            self.state[task.pair].keys.add(key)
         self._when_done(task.future)
 
     def _submit_spans(self, index: int) -> None:
@@ -400,7 +509,7 @@ class _Batch:
         total = max(raw_size, int(state.sides["test"]["size"]))
         state.size = total
         state.started = time.monotonic()
-        self.total += raw_size + total
+        self._opened(index, raw_size + total)
         step = self.split // BLOCK_SIZE
         spans: list[tuple[str, int, int, int]] = []
         for side, limit in (("raw", raw_size), ("test", total)):
@@ -416,19 +525,15 @@ class _Batch:
             task.nbytes = nbytes
             self._submit(task)
 
-    def _submit_ranges(self, index: int, size: int) -> None:
+    def _submit_ranges(self, index: int, size: int, first: dict[str, Any]) -> None:
+        """A pair larger than ``split`` came back with its first range
+        verified: verify the others, a task each."""
         state = self.state[index]
         state.size = size
-        state.started = time.monotonic()
-        if size <= self.split:
-            ranges = [(0, None)]
-        else:
-            ranges = [
-                (start, min(self.split, size - start)) for start in range(0, size, self.split)
-            ]
-        state.parts = [None] * len(ranges)
-        for part, (start, length) in enumerate(ranges):
-            self._submit(_Task([index], part, start, length))
+        starts = range(self.split, size, self.split)
+        state.parts = [first, *(None for _ in starts)]
+        for part, start in enumerate(starts, start=1):
+            self._submit(_Task([index], part, start, min(self.split, size - start)))
 
     # -- following ------------------------------------------------------------
 
@@ -484,17 +589,29 @@ class _Batch:
     def _forget(self, key: str) -> _Task:
         with self.lock:
             self.running_bytes.pop(key, None)
-            return self.tasks.pop(key)
+            task = self.tasks.pop(key)
+        state = self.state.get(task.pair)
+        if state is not None:
+            state.keys.discard(key)
+        return task
+
+    def _opened(self, index: int, size: int) -> None:
+        """The pair has opened (``size``: the bytes its progress counts; 0 if
+        it could not): the total takes that instead of its hint."""
+        state = self.state[index]
+        self.total += size - state.hint
+        state.hint = size
 
     def _task_done(self, task: _Task, value: Any) -> None:
         if task.part is None:
-            # A probe's value: one outcome per pair, or the error that ended
+            # A group's value: one outcome per pair, or the error that ended
             # the task (for every pair of the group).
             outcomes = value if isinstance(value, list) else [value] * len(task.pairs)
             for index, outcome in zip(task.pairs, outcomes, strict=True):
-                if self.results[index] is not None:
+                if index in self.results:
                     continue
                 if isinstance(outcome, BaseException):
+                    self._opened(index, 0)
                     self._pair_done(index, outcome)
                 elif task.side is not None:
                     sides = self.state[index].sides
@@ -503,11 +620,16 @@ class _Batch:
                         self._submit_spans(index)
                 else:
                     size = int(outcome["virtual_size"])
-                    self.total += size
-                    self._submit_ranges(index, size)
+                    self._opened(index, size)
+                    if outcome.get("range") is None:
+                        self.finished_bytes += size
+                        self._pair_done(index, outcome)
+                    else:
+                        self.finished_bytes += int(outcome["range"][1])
+                        self._submit_ranges(index, size, outcome)
             return
         index = task.pair
-        if self.results[index] is not None:
+        if index in self.results:
             return  # the pair already ended (a part failed, say)
         state = self.state[index]
         if task.offsets is not None:
@@ -540,8 +662,6 @@ class _Batch:
                 return
             if isinstance(result, dict):
                 result["elapsed_s"] = time.monotonic() - state.started
-        elif len(state.parts) == 1:
-            result = state.parts[0]
         else:
             result = tasks.merge(self.pairs[index], state.parts, self.options)
             if isinstance(result, dict):
@@ -564,11 +684,12 @@ class _Batch:
     def _pair_done(self, index: int, result: dict[str, Any] | BaseException) -> None:
         self.results[index] = result
         self.pairs_done += 1
-        for key, task in list(self.tasks.items()):
-            if task.part is not None and task.pair == index:
-                self._forget(key)
-                if task.future is not None:
-                    task.future.cancel()
+        state = self.state[index]
+        state.parts = []  # the ranges' reports are merged: not kept till its turn
+        for key in list(state.keys):
+            task = self._forget(key)
+            if task.future is not None:
+                task.future.cancel()
 
     def _check_workers(self) -> None:
         """Re-pin tasks whose workers are gone to the workers their names now
@@ -580,12 +701,14 @@ class _Batch:
         if not self.workers:
             self.no_workers_since = self.no_workers_since or now
             if now - self.no_workers_since > self.timeout:
-                error = _native.Error(
+                self.gave_up = _native.Error(
                     f"the Dask cluster has had no workers for {self.timeout:g} s; giving up"
                 )
-                for index, result in enumerate(self.results):
-                    if result is None:
-                        self._pair_done(index, error)
+                self._cancel_all()
+                for index in self.pairs:
+                    if index not in self.results:
+                        self._opened(index, 0)
+                        self._pair_done(index, self.gave_up)
             return
         self.no_workers_since = None
         for key, task in list(self.tasks.items()):
@@ -606,31 +729,44 @@ class _Batch:
             task.orphaned_since = None
             self._submit(task)  # re-pinned, or (none back) the pinned error
 
+    def _cancel_all(self) -> None:
+        futures = [t.future for t in self.tasks.values() if t.future is not None]
+        if futures:
+            self.client.cancel(futures)
+        for key in list(self.tasks):
+            self._forget(key)
+
     def _tick(self) -> None:
         if self.progress is None:
             return
         with self.lock:
             running = sum(self.running_bytes.values())
-        done = min(self.finished_bytes + running, self.total)
-        self.progress(done, self.total, self.pairs_done, len(self.pairs))
+        total = max(self.total, 0)
+        done = min(self.finished_bytes + running, total)
+        pairs_total = max(self.pairs_total or 0, self.admitted)
+        self.progress(done, total, self.pairs_done, pairs_total)
 
-    def run(self) -> list[dict[str, Any] | BaseException]:
+    def run(self) -> Iterator[dict[str, Any] | BaseException]:
+        """The results, in order, as they come."""
         self.client.subscribe_topic(self.topic, self._on_event)
         try:
             self._look_at_workers()
-            # Probes go in groups of pairs pinned alike: opening a pair costs
-            # far less than a task does.
-            # A pair on two hosts is probed side by side, each where it lives.
-            groups: dict[tuple[str | None, tuple[str, ...]], list[int]] = {}
-            for index, pair in enumerate(self.pairs):
-                for side in ("raw", "test") if is_cross(pair) else (None,):
-                    pins = tuple(_pins(pair, side) or ())
-                    groups.setdefault((side, pins), []).append(index)
-            for (side, _), members in groups.items():
-                for first in range(0, len(members), PROBE_GROUP):
-                    self._submit(_Task(members[first : first + PROBE_GROUP], side=side))
-            last_check = time.monotonic()
-            while self.pairs_done < len(self.pairs):
+            self._tick()
+            last_check = last_tick = time.monotonic()
+            while True:
+                self._admit()
+                while self.delivered in self.results:
+                    index = self.delivered
+                    result = self.results.pop(index)
+                    del self.pairs[index], self.state[index]
+                    self.delivered += 1
+                    if time.monotonic() - last_tick >= 0.1:
+                        self._tick()
+                        last_tick = time.monotonic()
+                    yield result
+                    self._admit()
+                if self.exhausted and self.delivered == self.admitted:
+                    break
                 events: list[tuple[Future, Any]] = []
                 try:
                     events.append(self.events.get(timeout=0.1))
@@ -643,35 +779,52 @@ class _Batch:
                 if time.monotonic() - last_check >= CHECK_INTERVAL:
                     self._check_workers()
                     last_check = time.monotonic()
-                self._tick()
-        except BaseException:
-            futures = [t.future for t in self.tasks.values() if t.future is not None]
-            if futures:
-                self.client.cancel(futures)
-            raise
+                if time.monotonic() - last_tick >= 0.1:
+                    self._tick()
+                    last_tick = time.monotonic()
+            self._tick()
         finally:
+            # Ended, failed, or closed early (the consumer stopped): nothing of
+            # this batch is left running on the cluster.
+            self._cancel_all()
             self.fetcher.shutdown(wait=False, cancel_futures=True)
             self.client.unsubscribe_topic(self.topic)
-        self._tick()
-        return [r for r in self.results if r is not None]
+            # The events not handled hold their futures (whose callbacks hold
+            # this batch): let them go now, not at the next garbage collection.
+            try:
+                while True:
+                    self.events.get_nowait()
+            except queue.Empty:
+                pass
+        if self.input_error is not None:
+            raise self.input_error
 
 
-def verify_many(
+def iter_verify_many(
     client: Client,
-    pairs: list[dict[str, Any]],
+    pairs: Iterable[dict[str, Any]],
     options: dict[str, Any],
     *,
     split: int | str = DEFAULT_SPLIT,
     timeout: float = DEFAULT_TIMEOUT,
     progress: Callable[[int, int, int, int], None] | None = None,
-) -> list[dict[str, Any] | BaseException]:
+    pairs_total: int | None = None,
+    total: int | None = None,
+) -> Iterator[dict[str, Any] | BaseException]:
     """Verify checked ``pairs`` (dicts) on the cluster ``client`` is connected
     to, with ``verify``'s keyword ``options``: one report dict, or the
-    exception the pair ended with, per pair, in order. A pair larger than
+    exception the pair ended with, per pair, in order, as they come; the
+    client holds a window of pairs at a time, never all. A pair larger than
     ``split`` bytes is verified as ranges of that size, on as many workers.
     ``timeout``: how long the cluster may be without workers before the
-    pairs left end with an error."""
-    return _Batch(client, pairs, options, split_size(split), progress, timeout).run()
+    pairs left end with an error. ``pairs_total`` and ``total`` (the sum of
+    the pairs' size hints), from a first pass, give the progress its totals
+    from the start."""
+    _distributed()
+    batch = _Batch(
+        client, iter(pairs), options, split_size(split), progress, timeout, pairs_total, total
+    )
+    return batch.run()
 
 
 def digest_split(size: int, client: Client) -> int:

@@ -40,20 +40,35 @@ def verify_range(
         return exc
 
 
-def probe_pair(
-    pair: Mapping[str, Any], options: Mapping[str, Any]
-) -> dict[str, Any] | BaseException:
-    """Open ``pair`` as verifying it would, and compare nothing: the (empty)
-    range's report names the formats and sizes, and a pair that cannot be
-    opened gives the very error verifying it would."""
-    return verify_range(pair, options, start=0, length=0)
-
-
-def probe_pairs(
-    pairs: list[Mapping[str, Any]], options: Mapping[str, Any]
+def verify_pairs(
+    pairs: list[Mapping[str, Any]],
+    options: Mapping[str, Any],
+    split: int,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any] | BaseException]:
-    """:func:`probe_pair` for each of ``pairs``, in one task."""
-    return [probe_pair(pair, options) for pair in pairs]
+    """Verify each of ``pairs`` in turn, in one task (each opened once, and
+    closed before the next): its report, or, for a disk larger than
+    ``split`` bytes, the report of its first ``split`` bytes (``range`` set:
+    the caller verifies the other ranges and merges them), or its error.
+    ``progress(done, total)`` counts the bytes done over all the pairs."""
+    results: list[dict[str, Any] | BaseException] = []
+    before = 0
+    for pair in pairs:
+        each = None
+        if progress is not None:
+
+            def each(done: int, total: int, before: int = before) -> None:
+                progress(before + done, total)
+
+        try:
+            result = _native.verify(pair, progress=each, split=split, **options)
+        except PAIR_ERRORS as exc:
+            results.append(exc)
+            continue
+        results.append(result)
+        span = result.get("range")
+        before += int(span[1]) if span is not None else int(result["virtual_size"])
+    return results
 
 
 # The options that open an image (of those a batch passes its tasks).

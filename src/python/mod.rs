@@ -6,6 +6,7 @@
 //!
 //! One file per Python-facing concern; each registers itself in `_native` below.
 
+mod batch;
 mod create;
 mod detached;
 mod device;
@@ -52,12 +53,14 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<digest::PySpanJoiner>()?;
     m.add_class::<map::PyMapExtent>()?;
     m.add_class::<serve::PyServer>()?;
+    m.add_class::<batch::PyVerifyStream>()?;
     m.add_function(wrap_pyfunction!(open::open, m)?)?;
     m.add_function(wrap_pyfunction!(device::open_device, m)?)?;
     m.add_function(wrap_pyfunction!(image::probe_format, m)?)?;
     m.add_function(wrap_pyfunction!(create::create, m)?)?;
     m.add_function(wrap_pyfunction!(verify::verify, m)?)?;
-    m.add_function(wrap_pyfunction!(verify::verify_many, m)?)?;
+    m.add_function(wrap_pyfunction!(batch::verify_stream, m)?)?;
+    m.add_function(wrap_pyfunction!(batch::scan_pairs, m)?)?;
     m.add_function(wrap_pyfunction!(verify::check_pair, m)?)?;
     m.add_function(wrap_pyfunction!(verify::merge_reports, m)?)?;
     m.add_function(wrap_pyfunction!(digest::digest, m)?)?;

@@ -5,18 +5,18 @@ use super::detached::run_with_progress;
 use super::errors::to_pyerr;
 use super::image::location_dict;
 use super::options::{format_for, open_options, verify_options, Kwargs};
-use crate::batch::{self, BatchProgress, Reference, ReferenceKind, Verified, VerifyJob};
-use crate::driver::{Access, BlockDriver, Format, Location, OpenOptions};
+use crate::batch::{self, Checked, ReferenceKind, VerifyJob};
+use crate::driver::{Access, Format, Location, OpenOptions};
 use crate::error::Error;
 use crate::verify::{self as engine, Mismatch, Progress, Report, VerifyOptions, MAX_LOCATED};
-use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyMapping};
 use std::collections::HashMap;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
+
+pub(crate) use crate::report::unopened_backing;
 
 /// The `raw_format` that names a block digests file as the reference.
 pub(crate) use crate::batch::DIGESTS_FORMAT as DIGESTS;
@@ -45,7 +45,7 @@ const PAIR_KEYS: [&str; 10] = [
 /// where they live), are for the cluster's scheduling only; here they are
 /// checked and left out. Every mistake is a `ValueError` that names the
 /// key.
-fn pair_job(
+pub(crate) fn pair_job(
     pair: &Bound<'_, PyAny>,
     open: &OpenOptions,
     options: &VerifyOptions,
@@ -218,7 +218,7 @@ pub(crate) fn check_pair(pair: &Bound<'_, PyAny>) -> PyResult<()> {
 }
 
 /// The open and verify options of one call (everything but the pairs).
-fn job_options(
+pub(crate) fn job_options(
     py: Python<'_>,
     options: Option<&Bound<'_, PyDict>>,
     function: &str,
@@ -363,92 +363,17 @@ pub(crate) fn report_to_dict<'py>(
     .into_pyobject(py)
 }
 
-/// The warning that `image`'s backing file was not opened (`--no-backing`), so
-/// its unallocated clusters were `done` (compared, hashed) as zeros.
-pub(crate) fn unopened_backing(
-    path: &Path,
-    image: &dyn BlockDriver,
-    options: &OpenOptions,
-    done: &str,
-) -> Option<String> {
-    if options.backing.follow {
-        return None;
-    }
-    let (_, name) = image
-        .info()
-        .into_iter()
-        .find(|(k, _)| k == "backing_file")?;
-    Some(format!(
-        "{}: backing file '{name}' was not opened (--no-backing): unallocated clusters were {done} as zeros",
-        path.display()
-    ))
-}
-
-/// Where each of `offsets` lives in `image`'s metadata (`None` where it has
-/// none to name: a raw image, or past its end). Locating reads metadata, so it
-/// runs with the GIL released; it is best effort: an error or a panic just
-/// leaves no mapping.
-fn locate_all(
-    py: Python<'_>,
-    image: &Arc<dyn BlockDriver>,
-    offsets: &[u64],
-) -> Vec<Option<Location>> {
-    let image = image.clone();
-    py.detach(move || {
-        catch_unwind(AssertUnwindSafe(|| {
-            offsets
-                .iter()
-                .map(|&o| {
-                    if o < image.size() {
-                        image.locate(o).ok().flatten()
-                    } else {
-                        None
-                    }
-                })
-                .collect::<Vec<_>>()
-        }))
-        .unwrap_or_default()
-    })
-}
-
-/// The report of a verified pair as a dict.
-fn report_dict<'py>(
+/// The report of a checked pair as a dict.
+pub(crate) fn report_dict<'py>(
     py: Python<'py>,
     job: &VerifyJob,
-    verified: &Verified,
+    checked: &Checked,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let mut report = verified.report.clone();
-    let offsets: Vec<u64> = report
-        .mismatches
-        .iter()
-        .take(MAX_LOCATED)
-        .map(|m| m.first_byte)
-        .collect();
-    // Both sides: a reference with metadata (not raw) is named too.
-    let locations = locate_all(py, &verified.test, &offsets);
-    let ref_locations = match &verified.raw {
-        Reference::Image(reference) => locate_all(py, reference, &offsets),
-        Reference::Digests(_) => Vec::new(),
-    };
-    if let Reference::Image(reference) = &verified.raw {
-        report.warnings.extend(unopened_backing(
-            &job.raw,
-            reference.as_ref(),
-            &job.test_options,
-            "compared",
-        ));
-    }
-    report.warnings.extend(unopened_backing(
-        &job.test,
-        verified.test.as_ref(),
-        &job.test_options,
-        "compared",
-    ));
     let names = Names {
         raw: job.raw.display().to_string(),
         test: job.test.display().to_string(),
-        raw_format: verified.raw.format_name().to_string(),
-        test_format: verified.test.format_name().to_string(),
+        raw_format: checked.raw_format.to_string(),
+        test_format: checked.test_format.to_string(),
     };
     let as_dict = |found: Option<&Option<Location>>| {
         found
@@ -457,8 +382,11 @@ fn report_dict<'py>(
             .map(Bound::into_any)
     };
     let test_options = open_kwargs(py, &job.test_options)?;
-    report_to_dict(py, &names, &report, Some(test_options), |i, _| {
-        (as_dict(locations.get(i)), as_dict(ref_locations.get(i)))
+    report_to_dict(py, &names, &checked.report, Some(test_options), |i, _| {
+        (
+            as_dict(checked.locations.get(i)),
+            as_dict(checked.ref_locations.get(i)),
+        )
     })
 }
 
@@ -591,8 +519,10 @@ fn open_kwargs<'py>(py: Python<'py>, options: &OpenOptions) -> PyResult<Bound<'p
 
 /// Verify a pair (see `pair_job`); returns a dict (see the Python `Report`).
 /// `options`: `backing`, `max_backing_depth`, `allow_backing_anywhere`,
-/// `threads`, `chunk_size`, `max_runs`. `progress(done, total)` is called
-/// about ten times a second.
+/// `threads`, `chunk_size`, `max_runs`, `start`, `length`; and `split`: a disk
+/// larger than that gives the report of its first `split` bytes (a range:
+/// a cluster verifies the others, see `batch::check_pair_within`).
+/// `progress(done, total)` is called about ten times a second.
 #[pyfunction]
 #[pyo3(signature = (pair, progress=None, **options))]
 pub(crate) fn verify<'py>(
@@ -601,56 +531,20 @@ pub(crate) fn verify<'py>(
     progress: Option<Bound<'py, PyAny>>,
     options: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let (open, options) = job_options(py, options, "verify")?;
+    let kw = Kwargs::new(py, options)?;
+    let split = kw.take_size("split")?;
+    let open = open_options(&kw)?;
+    let options = verify_options(&kw)?;
+    kw.finish("verify")?;
     let job = pair_job(pair, &open, &options)?;
-    let verified = run_with_progress(
+    let checked = run_with_progress(
         py,
         progress,
         |p: Progress| (p.done, p.total),
-        |tick| batch::verify_pair(&job, tick),
+        |tick| match split {
+            Some(split) => batch::check_pair_within(&job, split, tick),
+            None => batch::check_pair(&job, tick),
+        },
     )?;
-    report_dict(py, &job, &verified)
-}
-
-/// Verify many pairs within one core budget (`threads` in all). Returns one
-/// item per pair, in order: a report dict, or the exception the pair raised
-/// (as a value). A bad pair raises before anything runs. `progress(done,
-/// total, pairs_done, pairs_total)` is called about ten times a second.
-#[pyfunction]
-#[pyo3(signature = (pairs, progress=None, **options))]
-pub(crate) fn verify_many<'py>(
-    py: Python<'py>,
-    pairs: Vec<Bound<'py, PyAny>>,
-    progress: Option<Bound<'py, PyAny>>,
-    options: Option<&Bound<'py, PyDict>>,
-) -> PyResult<Bound<'py, PyList>> {
-    let (open, options) = job_options(py, options, "verify_many")?;
-    let jobs = pairs
-        .iter()
-        .map(|pair| {
-            pair_job(
-                pair,
-                &open,
-                &VerifyOptions {
-                    threads: 0,
-                    ..options.clone()
-                },
-            )
-        })
-        .collect::<PyResult<Vec<_>>>()?;
-    let results = run_with_progress(
-        py,
-        progress,
-        |p: BatchProgress| (p.done, p.total, p.pairs_done, p.pairs_total),
-        |tick| Ok(batch::verify_many(&jobs, options.threads, tick)),
-    )?;
-    let list = PyList::empty(py);
-    for (job, result) in jobs.iter().zip(results) {
-        match result {
-            Ok(verified) => list.append(report_dict(py, job, &verified)?)?,
-            Err(Error::Cancelled) => return Err(PyKeyboardInterrupt::new_err("cancelled")),
-            Err(e) => list.append(to_pyerr(e).into_value(py))?,
-        }
-    }
-    Ok(list)
+    report_dict(py, &job, &checked)
 }

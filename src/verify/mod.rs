@@ -98,19 +98,34 @@ impl ChunkView {
     }
 }
 
-/// A worker's read buffers, one chunk long each.
+/// A worker's read buffers, as long as the longest read so far (at most a
+/// chunk, or the range if shorter): chunks compared through mapped views, or
+/// proven zero on both sides, are never read into them, and a batch of many
+/// small pairs would otherwise clear two whole chunks of memory per pair for
+/// a few clusters of data.
 struct Buffers {
+    len: usize,
     raw: Vec<u8>,
     test: Vec<u8>,
 }
 
 impl Buffers {
-    fn new(chunk_size: u64) -> Self {
-        let len = usize::try_from(chunk_size).unwrap_or(1 << 20);
+    fn new(len: u64) -> Self {
         Buffers {
-            raw: vec![0u8; len],
-            test: vec![0u8; len],
+            len: usize::try_from(len).unwrap_or(1 << 20),
+            raw: Vec::new(),
+            test: Vec::new(),
         }
+    }
+
+    /// The buffers, at least `n` bytes long each (`n` is at most a chunk).
+    fn ready(&mut self, n: usize) -> &mut Self {
+        let n = n.min(self.len);
+        if self.raw.len() < n {
+            self.raw.resize(n, 0);
+            self.test.resize(n, 0);
+        }
+        self
     }
 }
 
@@ -233,8 +248,15 @@ impl Shared<'_> {
         clamp(grid_start)..clamp(grid_end)
     }
 
+    /// The longest piece of the range a chunk covers: what a buffer needs.
+    /// A small disk gets small buffers: a batch of many small pairs would
+    /// otherwise clear two whole chunks of memory per worker and pair.
+    fn buffer_len(&self) -> u64 {
+        self.chunk_size.min(self.range.end - self.range.start)
+    }
+
     fn worker(&self) {
-        let mut bufs = Buffers::new(self.chunk_size);
+        let mut bufs = Buffers::new(self.buffer_len());
         loop {
             if self.cancelled.load(Ordering::Relaxed) {
                 return;
@@ -355,7 +377,7 @@ impl Shared<'_> {
                     (pos, len, end),
                     (raw_zero, test_zero),
                     (&mut raw_view, &mut test_view),
-                    &mut bufs.test,
+                    bufs,
                 );
             if !mapped {
                 self.compare_read(&mut result, (pos, len), (raw_zero, test_zero), bufs)?;
@@ -366,7 +388,7 @@ impl Shared<'_> {
     }
 
     /// Compare `[pos, pos + len)` from mapped views where the drivers offer them
-    /// (the test side may still be read into `test_buf`, e.g. compressed
+    /// (the test side may still be read into a buffer, e.g. compressed
     /// clusters). Returns false, with nothing recorded, when it could not vouch
     /// for the answer: a side is not mapped, a read failed, or a mapped page
     /// could not be read. The caller then reads with `compare_read`.
@@ -376,7 +398,7 @@ impl Shared<'_> {
         (pos, len, chunk_end): (u64, u64, u64),
         (raw_zero, test_zero): (bool, bool),
         (raw_view, test_view): (&mut ChunkView, &mut ChunkView),
-        test_buf: &mut [u8],
+        bufs: &mut Buffers,
     ) -> bool {
         let n = len as usize;
         let stop_early = !self.options.all;
@@ -400,7 +422,7 @@ impl Shared<'_> {
             match chunk_bytes.or(range_view.as_deref()) {
                 Some(bytes) => Some(bytes),
                 None => {
-                    let buf = test_buf.get_mut(..n).unwrap_or(&mut []);
+                    let buf = bufs.ready(n).test.get_mut(..n).unwrap_or(&mut []);
                     if self.test.read(buf, pos).is_err() {
                         return false;
                     }
@@ -438,6 +460,7 @@ impl Shared<'_> {
     ) -> Result<()> {
         let stop_early = !self.options.all;
         let n = len as usize;
+        let bufs = bufs.ready(n);
         match (raw_zero, test_zero) {
             (true, true) => {}
             (false, true) => {
@@ -502,6 +525,7 @@ impl Shared<'_> {
         let end = pos + len;
         let mut at = pos;
         let mut reported = false;
+        let bufs = bufs.ready(usize::try_from(len).unwrap_or(usize::MAX));
         while at < end {
             let piece_end = ((at / unit + 1) * unit).min(end);
             let n = (piece_end - at) as usize;
@@ -707,7 +731,7 @@ impl Shared<'_> {
                 return bytes_read;
             }
             looked_at.push(index);
-            let bufs = bufs.get_or_insert_with(|| Buffers::new(self.chunk_size));
+            let bufs = bufs.get_or_insert_with(|| Buffers::new(self.buffer_len()));
             let chunk = self.chunk_bounds(index);
             // A reference-side error here lies after the first finding, which
             // stands (as it does when a worker meets one there).
