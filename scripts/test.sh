@@ -5,7 +5,7 @@
 # distributed too: the cluster tests start a real scheduler and workers, and
 # must run, not skip). tests/test_wheels.py builds the wheels and the sdist once
 # (scripts/build-wheels.sh: two more release builds) and installs them into
-# fresh venvs of every CPython pyenv has (3.10 to 3.13).
+# fresh venvs of every CPython from 3.10 to 3.13 that pyenv has.
 set -eu
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check 'pytest>=8' 'pytest-benchmark>=4' \
