@@ -124,3 +124,193 @@ def test_guest_on_serve_over_our_qcow2_is_ok_and_finds_nothing(
     converted = tmp_path / "test.raw"
     qemu_img("convert", "-f", "qcow2", "-O", "raw", test, converted)
     assert_tree_on_disk(converted, guest_boot, tmp_path / "test")
+
+
+# --------------------------------------------------------------------------------------
+# 2. a planted bug, --on-mismatch stop, traced: caught, replayed, shrunk, explored
+# --------------------------------------------------------------------------------------
+
+
+def hex_bytes(io_output: str) -> bytes:
+    """The bytes of qemu-io's ``read -v`` dump: ``00000000:  de ad ...  ascii``."""
+    out = bytearray()
+    for line in io_output.splitlines():
+        m = re.match(r"^[0-9a-f]{8}:\s+((?:[0-9a-f]{2} ){1,16})", line)
+        if m:
+            out.extend(bytes.fromhex(m.group(1)))
+    return bytes(out)
+
+
+def test_guest_on_serve_stops_at_the_lost_writes_sector_and_the_trace_replays_and_shrinks(
+    guest_boot: GuestBoot, tmp_path: Path, serve, bug_server
+) -> None:
+    pristine = new_raw(tmp_path / "blank.raw")
+    raw, disk = tmp_path / "raw.img", tmp_path / "disk.raw"
+    shutil.copyfile(pristine, raw)
+    shutil.copyfile(pristine, disk)
+    trace = tmp_path / "guest.bvt"
+    bugs = bug_server(disk, bugs=[LOST_WRITE])
+    server, result, findings = guest_on_serve(
+        guest_boot, serve, tmp_path, raw, bugs.uri, "--on-mismatch", "stop", "--trace", trace
+    )
+    bugs.stop()
+    stderr = server.stderr()
+    report(f"serve --on-mismatch stop over the bug server, {BUG}", result, bugs.stats())
+    print(stderr)
+    # serve: the first corrupt sector, where the bug fired; exit 1
+    assert server.returncode == 1, stderr
+    [fired] = bugs.fired()
+    assert (fired["kind"], fired["phase"]) == ("lost-write", "lost"), fired
+    [live] = findings
+    print(json.dumps({k: live[k] for k in ("request", "op", "sector", "message")}))
+    assert live["kind"] == "contents" and live["op"].startswith("read "), live
+    assert live["sector"] == fired["first_sector"], (live, fired)
+    assert live["first_byte"] == fired["first_byte"], (live, fired)
+    assert re.search(
+        rf"^blkverify: read sector_num=\d+ nb_sectors=\d+ contents mismatch in sector "
+        rf"{fired['first_sector']}$",
+        stderr,
+        re.M,
+    ), stderr
+    assert "; 1 findings;" in summary_line(stderr) or "; 1 finding;" in summary_line(stderr)
+    # the guest: an I/O error, and a FAIL line (not a hang)
+    assert not result.timed_out, result.describe()
+    assert result.result_line is not None and result.result_line.startswith("FAIL "), (
+        result.describe()
+    )
+    assert "I/O error" in result.console_text, result.describe()
+
+    # the trace, without the guest: the same finding at the same request
+    command = bug_command(pristine, BUG)
+    recording = bv.Recording(trace)
+    requests = len(recording)
+    assert requests == live["request"] + 1, (requests, live["request"])
+    proc = run_cli("replay", "--json", trace, pristine, "--test-command", command)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout)
+    [replayed] = out["mismatches"]
+    for key in ("request", "message", "sector", "kind", "op", "connection", "first_byte"):
+        assert replayed[key] == live[key], (key, replayed, live)
+    assert out["ops"] == live["request"] + 1
+
+    # shrink: a handful of requests, in under a minute
+    shrunk = tmp_path / "min.bvt"
+    started = time.monotonic()
+    proc = run_cli("shrink", "--json", trace, shrunk, pristine, "--test-command", command)
+    shrink_s = time.monotonic() - started
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    result_json = json.loads(proc.stdout)
+    print(
+        f"trace: {requests} requests, {trace.stat().st_size} bytes; shrunk to "
+        f"{result_json['ops_after']} in {result_json['trials']} trials ({shrink_s:.1f} s)"
+    )
+    assert result_json["ops_before"] == requests
+    assert 2 <= result_json["ops_after"] <= 6, result_json
+    assert result_json["finding"]["kind"] == "contents"
+    assert shrink_s < 60, shrink_s
+    proc = run_cli("replay", "--json", shrunk, pristine, "--test-command", command)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    again = json.loads(proc.stdout)
+    assert again["total"] == result_json["ops_after"]
+    assert again["mismatches"][0]["kind"] == "contents"
+
+    # the seed's last step: read the sector in question with io, as qemu-io does
+    offset = live["sector"] * 512
+    command_v = f"read -v {offset} 512"
+    ours = run_cli("io", "-f", "raw", "-c", command_v, disk)
+    theirs = run(["qemu-io", "-f", "raw", "-c", command_v, disk])
+    assert ours.returncode == 0, ours.stderr
+    strip = lambda s: re.sub(r"\(.*/sec and .* ops/sec\)", "", s)  # noqa: E731
+    assert strip(ours.stdout) == strip(theirs.stdout)
+    bad = hex_bytes(ours.stdout)
+    good = hex_bytes(run_cli("io", "-f", "raw", "-c", command_v, raw).stdout)
+    assert len(bad) == len(good) == 512
+    assert bad != good
+    at = live["first_byte"] - offset
+    assert bad[:at] == good[:at] and bad[at] != good[at]
+    # through the mirrored device, io stops at that sector with the seed's message
+    device = run_cli("io", "-c", command_v, f"blkverify:{raw}:{disk}")
+    assert device.returncode == 1, device.stdout + device.stderr
+    assert f"contents mismatch in sector {live['sector']}" in device.stderr
+
+
+# --------------------------------------------------------------------------------------
+# 3. the same bug, --on-mismatch reference: the guest runs to its end on correct data
+# --------------------------------------------------------------------------------------
+
+
+def corrupt_reads(ops: list, fired: dict) -> tuple[set[int], set[int]]:
+    """From the trace's requests: the reads that must be findings, and those that may be.
+
+    The lost write left the test side stale in [first_byte, last_byte] (both ends
+    certainly differ; bytes between may not); a later write, write-zeroes or discard
+    over a byte sets it alike on both sides.  A read after the lost write that covers an
+    end still stale must be a finding; one that covers no stale byte must not be.
+    """
+    writes = [op for op in ops if op[1].split()[0] == "write"]
+    lost = [op for op in writes if (op[2], op[3]) == (fired["offset"], fired["length"])]
+    assert lost, (fired, writes)
+    lost_number = lost[0][0]
+    stale = [(fired["first_byte"], fired["last_byte"] + 1)]  # [start, end) ranges
+    ends = {fired["first_byte"], fired["last_byte"]}
+    must, may = set(), set()
+    for number, line, offset, length, _writes, _conn in ops:
+        if number <= lost_number:
+            continue
+        end = offset + length
+        kind = line.split()[0]
+        if kind == "read":
+            if any(s < end and offset < e for s, e in stale):
+                may.add(number)
+                if any(offset <= b < end for b in ends):
+                    must.add(number)
+        elif kind in ("write", "zero", "discard"):
+            cut = []
+            for s, e in stale:
+                cut += [(s, min(e, offset)), (max(s, end), e)]
+            stale = [(s, e) for s, e in cut if s < e]
+            ends = {b for b in ends if not offset <= b < end}
+    return must, may
+
+
+def test_guest_on_serve_with_reference_runs_to_its_end_and_the_report_lists_every_corrupt_read(
+    guest_boot: GuestBoot, tmp_path: Path, serve, bug_server
+) -> None:
+    pristine = new_raw(tmp_path / "blank.raw")
+    raw, disk = tmp_path / "raw.img", tmp_path / "disk.raw"
+    shutil.copyfile(pristine, raw)
+    shutil.copyfile(pristine, disk)
+    trace = tmp_path / "guest.bvt"
+    bugs = bug_server(disk, bugs=[LOST_WRITE])
+    server, result, findings = guest_on_serve(
+        guest_boot, serve, tmp_path, raw, bugs.uri, "--on-mismatch", "reference", "--trace", trace
+    )
+    bugs.stop()
+    stderr = server.stderr()
+    report(f"serve --on-mismatch reference over the bug server, {BUG}", result, bugs.stats())
+    print(stderr)
+    # the guest ran to its end on correct data: every step, its cmp and its e2fsck -fn
+    assert result.result_line == "ok", result.describe()
+    assert list(result.steps) == STEPS
+    assert result.cmp_failures() == []
+    assert "I/O error" not in result.console_text, result.describe()
+    # what it wrote is right on the reference
+    (tmp_path / "raw").mkdir()
+    assert_tree_on_disk(raw, guest_boot, tmp_path / "raw")
+    # serve: exit 1, every corrupt read in the report, on stderr and in the summary
+    assert server.returncode == 1, stderr
+    [fired] = bugs.fired()
+    assert (fired["kind"], fired["phase"]) == ("lost-write", "lost"), fired
+    assert findings, stderr
+    for f in findings:
+        assert f["kind"] == "contents" and f["op"].startswith("read "), f
+        assert fired["first_sector"] <= f["sector"] <= fired["last_sector"], (f, fired)
+        assert f["message"] in stderr
+    assert findings[0]["sector"] == fired["first_sector"], (findings[0], fired)
+    numbers = [f["request"] for f in findings]
+    assert len(set(numbers)) == len(numbers)
+    assert f"; {len(findings)} finding" in summary_line(stderr)
+    must, may = corrupt_reads(bv.Recording(trace).ops(), fired)
+    assert must, (fired, findings)
+    assert must <= set(numbers) <= may, (sorted(must), sorted(numbers), sorted(may))
+    print(f"findings: {len(findings)} corrupt reads, requests {numbers}")
