@@ -490,3 +490,64 @@ def test_requests_real_clients_never_send_are_traced_too(tmp_path: Path) -> None
     ]
     result = bv.replay(trace, f"blkverify:{raw0}:{test0}")
     assert result.clean and result.ops == 3 and result.verified
+
+
+# --------------------------------------------------------------------------------------
+# a traced connection to an NBD side: its requests reach that side in number order
+# --------------------------------------------------------------------------------------
+
+
+def nbdkit_log_writes(log: Path) -> list[tuple[int, int]]:
+    """The writes nbdkit's log filter saw, in the order they came: (offset, count)."""
+    writes = []
+    for line in log.read_text().splitlines():
+        # "... connection=1 Write id=3 offset=0x1000 count=0x1000 fua=0 ..." (the
+        # request; its reply's line reads "...Write id=3 return=0")
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if " Write id=" in line:
+            writes.append((int(fields["offset"], 16), int(fields["count"], 16)))
+    return writes
+
+
+def test_a_traced_connection_reaches_an_nbd_side_in_the_traces_order(tmp_path: Path, serve) -> None:
+    """fio keeps 16 random writes in flight, in bursts; serve, tracing, runs a
+    connection's requests one at a time in number order when a side is an NBD
+    export, so the export (nbdkit, whose log filter records what arrives) sees
+    them in the trace's order, and a replay at queue depth 1 repeats it. (nbdkit
+    runs one thread per connection, ``-t 1``, so its log holds the arrival order.)"""
+    size = 64 * MiB
+    raw, disk = tmp_path / "raw.img", tmp_path / "disk.raw"
+    for path in (raw, disk):
+        with open(path, "wb") as f:
+            f.truncate(size)
+    log, sock, trace = tmp_path / "nbdkit.log", tmp_path / "nbdkit.sock", tmp_path / "t.bvt"
+    errors = tmp_path / "nbdkit.err"
+    with open(errors, "wb") as err:
+        nbdkit = subprocess.Popen(
+            ["nbdkit", "-f", "--exit-with-parent", "-t", "1", "-U", sock, "--filter=log", "file",
+             disk, f"logfile={log}"],
+            stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert nbdkit.poll() is None and time.monotonic() < deadline, errors.read_text()
+            time.sleep(0.05)
+        server = serve("--persistent", "--trace", trace, raw, f"nbd+unix:///?socket={sock}")
+        fio = run(
+            ["fio", "--name=order", "--ioengine=nbd", f"--uri={server.uri}", "--rw=randwrite",
+             "--bs=4k", "--iodepth=16", "--iodepth_batch_submit=16",
+             "--iodepth_batch_complete_min=16", "--size=60M", "--number_ios=400",
+             f"--directory={tmp_path}"],
+        )  # fmt: skip
+        assert fio.returncode == 0, fio.stderr
+        server.stop()
+    finally:
+        nbdkit.terminate()
+        nbdkit.wait(timeout=30)
+    traced = [(offset, length) for _n, line, offset, length, _w, _c in bv.Recording(trace).ops()
+              if line.split()[0] == "write"]  # fmt: skip
+    seen = nbdkit_log_writes(log)
+    assert len(traced) == 400, len(traced)
+    assert sorted(seen) == sorted(traced)  # the same writes reached nbdkit...
+    assert seen == traced  # ...in the trace's order

@@ -293,6 +293,7 @@ pub(crate) fn serve(
             .take::<f64>("request_timeout")?
             .filter(|t| t.is_finite() && *t > 0.0)
             .map_or(defaults.request_timeout, Duration::from_secs_f64),
+        in_order: trace.is_some(),
     };
     kw.finish("serve")?;
     let (server, recorder) = run_detached(py, move || {

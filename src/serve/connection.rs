@@ -8,7 +8,9 @@
 //! when the thread is about to block reading; otherwise (it must wait for an
 //! earlier request, it is a flush or has FUA, or a side is an NBD export
 //! whose latency wants requests in flight) it goes to the connection's
-//! workers.
+//! workers. While a trace records, a connection to an NBD side has one
+//! worker, which runs its requests in number order: the NBD side sees them
+//! as the trace holds them.
 //!
 //! What one connection can make serve hold is bounded:
 //! - at most `max_in_flight` requests (64) and [`MAX_QUEUED_BYTES`] (64 MiB)
@@ -434,7 +436,14 @@ impl<'c, 'a> Connection<'c, 'a> {
         queue.in_flight += 1;
         queue.queued_bytes += bytes;
         queue.peak_in_flight = queue.peak_in_flight.max(queue.in_flight);
-        let start = queue.idle == 0 && queue.workers < MAX_WORKERS.min(cap);
+        // One worker takes the jobs in the order they were admitted: their
+        // numbers' order.
+        let workers = if self.ctx.export.one_worker {
+            1
+        } else {
+            MAX_WORKERS.min(cap)
+        };
+        let start = queue.idle == 0 && queue.workers < workers;
         if start {
             queue.workers += 1;
         }

@@ -129,6 +129,12 @@ pub struct ServeOptions {
     pub max_in_flight: usize,
     /// How long a begun request may take to arrive whole.
     pub request_timeout: Duration,
+    /// A trace records the requests: each connection to a device with an NBD
+    /// side runs its requests one at a time, in number order, so the NBD side
+    /// sees them in the order the trace holds and a replay repeats. (Local
+    /// files give the same bytes whatever the order of requests that do not
+    /// overlap; an NBD side may count requests.)
+    pub in_order: bool,
 }
 
 impl Default for ServeOptions {
@@ -142,6 +148,7 @@ impl Default for ServeOptions {
             handshake_limit: HANDSHAKE_LIMIT,
             max_in_flight: MAX_IN_FLIGHT,
             request_timeout: REQUEST_TIMEOUT,
+            in_order: false,
         }
     }
 }
@@ -460,6 +467,9 @@ struct Export {
     /// Both sides are local files: a request that conflicts with nothing runs
     /// on the client's thread.
     inline: bool,
+    /// A connection runs its requests on one worker, in number order
+    /// (`in_order` with an NBD side).
+    one_worker: bool,
     /// More than one client may connect: advertise multi-conn.
     multi_conn: bool,
 }
@@ -474,6 +484,7 @@ impl Export {
             read_only: device.is_read_only(),
             fast_zero: device.raw().format_name() == "raw" && device.test().format_name() == "raw",
             inline: local(device.raw()) && local(device.test()),
+            one_worker: options.in_order && !(local(device.raw()) && local(device.test())),
             multi_conn: options.shared > 1,
         }
     }

@@ -201,6 +201,7 @@ mod tests {
             read_only: false,
             fast_zero: false,
             inline: true,
+            one_worker: false,
             multi_conn: false,
         }
     }
