@@ -25,6 +25,7 @@ import json
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import blkverify_rs as bv
@@ -86,6 +87,40 @@ def guest_on_serve(
     return server, result, findings_of(report_path)
 
 
+@dataclass
+class BugRun:
+    """A guest run on serve over the bug server (LOST_WRITE), traced."""
+
+    pristine: Path  # the disk as it was before the run, for replays
+    raw: Path
+    disk: Path
+    trace: Path
+    bugs: object  # the stopped BugServer: fired() and stats() still answer
+    server: ServeProc
+    result: GuestResult
+    findings: list[dict]
+    stderr: str
+
+
+def guest_on_bug_server(boot: GuestBoot, serve, bug_server, d: Path, policy: str) -> BugRun:
+    """Boot the guest on ``serve --on-mismatch POLICY --trace`` in front of the bug
+    server, over fresh blank copies; print what serve and the guest said."""
+    pristine = new_raw(d / "blank.raw")
+    raw, disk = d / "raw.img", d / "disk.raw"
+    shutil.copyfile(pristine, raw)
+    shutil.copyfile(pristine, disk)
+    trace = d / "guest.bvt"
+    bugs = bug_server(disk, bugs=[LOST_WRITE])
+    server, result, findings = guest_on_serve(
+        boot, serve, d, raw, bugs.uri, "--on-mismatch", policy, "--trace", trace
+    )
+    bugs.stop()
+    stderr = server.stderr()
+    report(f"serve --on-mismatch {policy} over the bug server, {BUG}", result, bugs.stats())
+    print(stderr)
+    return BugRun(pristine, raw, disk, trace, bugs, server, result, findings, stderr)
+
+
 # --------------------------------------------------------------------------------------
 # 1. the correct test side: our qcow2
 # --------------------------------------------------------------------------------------
@@ -145,19 +180,15 @@ def hex_bytes(io_output: str) -> bytes:
 def test_guest_on_serve_stops_at_the_lost_writes_sector_and_the_trace_replays_and_shrinks(
     guest_boot: GuestBoot, tmp_path: Path, serve, bug_server
 ) -> None:
-    pristine = new_raw(tmp_path / "blank.raw")
-    raw, disk = tmp_path / "raw.img", tmp_path / "disk.raw"
-    shutil.copyfile(pristine, raw)
-    shutil.copyfile(pristine, disk)
-    trace = tmp_path / "guest.bvt"
-    bugs = bug_server(disk, bugs=[LOST_WRITE])
-    server, result, findings = guest_on_serve(
-        guest_boot, serve, tmp_path, raw, bugs.uri, "--on-mismatch", "stop", "--trace", trace
+    caught = guest_on_bug_server(guest_boot, serve, bug_server, tmp_path, "stop")
+    pristine, raw, disk, trace, bugs = (
+        caught.pristine,
+        caught.raw,
+        caught.disk,
+        caught.trace,
+        caught.bugs,
     )
-    bugs.stop()
-    stderr = server.stderr()
-    report(f"serve --on-mismatch stop over the bug server, {BUG}", result, bugs.stats())
-    print(stderr)
+    server, result, findings, stderr = caught.server, caught.result, caught.findings, caught.stderr
     # serve: the first corrupt sector, where the bug fired; exit 1
     assert server.returncode == 1, stderr
     [fired] = bugs.fired()
@@ -280,19 +311,9 @@ def corrupt_reads(ops: list, fired: dict) -> tuple[set[int], set[int]]:
 def test_guest_on_serve_with_reference_runs_to_its_end_and_the_report_lists_every_corrupt_read(
     guest_boot: GuestBoot, tmp_path: Path, serve, bug_server
 ) -> None:
-    pristine = new_raw(tmp_path / "blank.raw")
-    raw, disk = tmp_path / "raw.img", tmp_path / "disk.raw"
-    shutil.copyfile(pristine, raw)
-    shutil.copyfile(pristine, disk)
-    trace = tmp_path / "guest.bvt"
-    bugs = bug_server(disk, bugs=[LOST_WRITE])
-    server, result, findings = guest_on_serve(
-        guest_boot, serve, tmp_path, raw, bugs.uri, "--on-mismatch", "reference", "--trace", trace
-    )
-    bugs.stop()
-    stderr = server.stderr()
-    report(f"serve --on-mismatch reference over the bug server, {BUG}", result, bugs.stats())
-    print(stderr)
+    caught = guest_on_bug_server(guest_boot, serve, bug_server, tmp_path, "reference")
+    raw, trace, bugs = caught.raw, caught.trace, caught.bugs
+    server, result, findings, stderr = caught.server, caught.result, caught.findings, caught.stderr
     # the guest ran to its end on correct data: every step, its cmp and its e2fsck -fn
     assert result.result_line == "ok", result.describe()
     assert list(result.steps) == STEPS
