@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from blkverify_rs import _native
+from blkverify_rs.exercise_api import ExerciseFinding
 
 PathLike = str | os.PathLike[str]
 
 
 @dataclass(frozen=True)
-class ServeFinding:
+class ServeFinding(ExerciseFinding):
     """A difference serve found: ``exercise``'s mismatch record (``message`` is
     the seed's line, ``sector``/``first_byte`` and both sides' bytes, or
     ``test_ret``/``raw_ret``), plus ``request`` (the global request number, the
@@ -33,22 +34,6 @@ class ServeFinding:
     (``phase``). ``last_change`` is always ``None`` (serve keeps no history).
     """
 
-    op_number: int | None
-    op: str | None
-    phase: str
-    kind: str
-    message: str
-    sector: int | None
-    first_byte: int | None
-    test_ret: int | None
-    raw_ret: int | None
-    test_error: str | None
-    raw_error: str | None
-    test_bytes: str
-    raw_bytes: str
-    hexdump: list[str]
-    last_change: str | None
-    diagnosis: str | None
     request: int | None
     connection: int | None
     mapping: dict[str, Any] | None
