@@ -223,16 +223,16 @@ fn a_corrupt_sector_is_named_under_every_policy() {
         assert_eq!(findings.len(), 1, "{policy:?} {findings:?}");
         let f = &findings[0];
         assert_eq!(
-            f.message,
+            f.difference.message,
             "blkverify: read sector_num=2048 nb_sectors=16 contents mismatch in sector 2057"
         );
-        assert_eq!(f.first_byte, Some((1 << 20) + 5000));
-        assert_eq!(f.kind, "contents");
-        assert_eq!(f.connection, Some(1));
+        assert_eq!(f.difference.first_byte, Some((1 << 20) + 5000));
+        assert_eq!(f.difference.kind, "contents");
+        assert_eq!(f.difference.connection, Some(1));
         assert_eq!(f.op.as_deref(), Some("read 1048576 8192"));
         let i = 5000 % 512;
-        assert_eq!(f.test_bytes[i] ^ f.raw_bytes[i], 0x01);
-        let mapping = f.mapping.as_ref().unwrap();
+        assert_eq!(f.difference.test_bytes[i] ^ f.difference.raw_bytes[i], 0x01);
+        let mapping = f.difference.mapping.as_ref().unwrap();
         assert_eq!(mapping.kind, "data");
         assert_eq!(mapping.host_offset, Some(host));
         assert_eq!(summary.findings, 1);
@@ -325,7 +325,7 @@ fn a_map_that_lies_is_a_finding() {
     let (_, findings) = finish(server);
     assert_eq!(findings.len(), 1, "{findings:?}");
     assert_eq!(
-        findings[0].message,
+        findings[0].difference.message,
         format!(
             "blkverify: block_status sector_num=0 nb_sectors={} contents mismatch in sector {}",
             SIZE / 512,
