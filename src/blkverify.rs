@@ -17,12 +17,14 @@
 //! ones (see [`order`]), so both sides see them in the same order. The device
 //! also counts the bytes each side read and wrote for it ([`Blkverify::io_counts`]).
 
+pub mod difference;
 pub mod order;
 
 use crate::compare::first_difference;
 use crate::driver::{self, check_range, BlockDriver, Extent, Format, Location, OpenOptions};
 use crate::error::{ContentsMismatch, Error, Result, ReturnMismatch};
 use crate::size::request_sectors;
+pub use difference::Difference;
 use order::{Observer, Order, Ticket};
 use std::cell::RefCell;
 use std::fmt;

@@ -317,7 +317,7 @@ fn execute(
             let seen = reads.then(|| bufs.data.get(..length).unwrap_or(&[]));
             match finding::of_error(device, Some(*op), "op", e, seen) {
                 Ok(mut f) => {
-                    f.connection = plan.connection(position);
+                    f.difference.connection = plan.connection(position);
                     OpResult::Finding(Box::new(f))
                 }
                 Err(e) => OpResult::Failed(e),

@@ -3,90 +3,31 @@
 //! and a diagnosis: zeros, stale data, or data meant for another offset).
 
 use super::{pattern_key, pattern_word, Op, OpKind, Plan};
-use crate::blkverify::Blkverify;
-use crate::compare::hexdump_diff;
-use crate::driver::{BlockDriver, Location, SECTOR_SIZE};
-use crate::error::{ContentsMismatch, Error, Result, ReturnMismatch};
+use crate::blkverify::difference::{zeros_diagnosis, Seen};
+use crate::blkverify::{Blkverify, Difference};
+use crate::driver::SECTOR_SIZE;
+use crate::error::{Error, Result, ReturnMismatch};
 use crate::verify;
 
-/// A difference between the two sides.
+/// A difference between the two sides, and the op that found it.
 #[derive(Debug, Clone)]
 pub struct Finding {
     /// The op that found it; `None` for the final flush or verify.
     pub op: Option<Op>,
-    /// Where it was found: "op", "final flush" or "final verify".
-    pub phase: &'static str,
-    /// "contents" (different bytes) or "return_value" (different results).
-    pub kind: &'static str,
-    /// The one-line message (blkverify's, for op findings).
-    pub message: String,
-    /// The first differing sector (contents findings).
-    pub sector: Option<u64>,
-    /// The first differing byte (contents findings).
-    pub first_byte: Option<u64>,
-    /// The test side's result: 0 or a negative errno (return-value findings).
-    pub test_ret: Option<i32>,
-    /// The raw side's result.
-    pub raw_ret: Option<i32>,
-    /// The test side's error text, if it failed.
-    pub test_error: Option<String>,
-    /// The raw side's error text, if it failed.
-    pub raw_error: Option<String>,
-    /// The first differing sector as the test side returned it.
-    pub test_bytes: Vec<u8>,
-    /// The same sector on the raw reference.
-    pub raw_bytes: Vec<u8>,
     /// The last op before the finding that changed the first differing byte.
     pub last_change: Option<Op>,
-    /// What the test side's bytes are, when we can tell: an earlier write's
-    /// data (stale), or zeros.
-    pub diagnosis: Option<String>,
-    /// The connection that sent the op (a trace's replay).
-    pub connection: Option<u64>,
-    /// Where the test side keeps the first differing byte (or the op's
-    /// first byte).
-    pub mapping: Option<Location>,
+    /// The difference: phase "op", "final flush" or "final verify"; its
+    /// diagnosis may name an earlier write's data (stale, misplaced).
+    pub difference: Difference,
 }
 
 impl Finding {
-    /// A finding with nothing known yet but where and what it is.
-    fn new(op: Option<Op>, phase: &'static str, kind: &'static str, message: String) -> Self {
+    /// The finding of `op` (if any) that `difference` is.
+    fn new(op: Option<Op>, difference: Difference) -> Self {
         Finding {
             op,
-            phase,
-            kind,
-            message,
-            sector: None,
-            first_byte: None,
-            test_ret: None,
-            raw_ret: None,
-            test_error: None,
-            raw_error: None,
-            test_bytes: Vec::new(),
-            raw_bytes: Vec::new(),
             last_change: None,
-            diagnosis: None,
-            connection: None,
-            mapping: None,
-        }
-    }
-
-    /// A short hexdump diff of the first differing sector (see [`hexdump_diff`]);
-    /// empty when neither side's bytes are known.
-    pub fn hexdump(&self) -> Vec<String> {
-        match (self.sector, self.first_byte) {
-            (Some(sector), Some(first_byte))
-                if !(self.test_bytes.is_empty() && self.raw_bytes.is_empty()) =>
-            {
-                hexdump_diff(
-                    sector * SECTOR_SIZE,
-                    first_byte,
-                    &self.test_bytes,
-                    &self.raw_bytes,
-                    4,
-                )
-            }
-            _ => Vec::new(),
+            difference,
         }
     }
 }
@@ -101,35 +42,15 @@ pub(super) fn of_error(
     e: Error,
     seen: Option<&[u8]>,
 ) -> Result<Finding> {
-    let message = e.to_string();
+    let seen = op.zip(seen).map(|(op, test)| Seen {
+        offset: op.offset,
+        test,
+        raw: &[],
+    });
+    if let Some(difference) = Difference::of_error(device, phase, &e, seen) {
+        return Ok(Finding::new(op, difference));
+    }
     match e {
-        Error::Mismatch(ContentsMismatch { first_byte, .. }) => {
-            let sector = first_byte / SECTOR_SIZE;
-            let (test_bytes, raw_bytes) = sector_bytes(device, sector, op, seen);
-            Ok(Finding {
-                sector: Some(sector),
-                first_byte: Some(first_byte),
-                test_bytes,
-                raw_bytes,
-                mapping: device.test().locate(first_byte).ok().flatten(),
-                ..Finding::new(op, phase, "contents", message)
-            })
-        }
-        Error::ReturnMismatch(ReturnMismatch {
-            offset,
-            test_ret,
-            raw_ret,
-            test_error,
-            raw_error,
-            ..
-        }) => Ok(Finding {
-            test_ret: Some(test_ret),
-            raw_ret: Some(raw_ret),
-            test_error,
-            raw_error,
-            mapping: device.test().locate(offset).ok().flatten(),
-            ..Finding::new(op, phase, "return_value", message)
-        }),
         Error::Io {
             path,
             context,
@@ -146,50 +67,9 @@ pub(super) fn of_error(
     }
 }
 
-/// Both sides' bytes of one sector (short at the end of a side). `seen` is
-/// the test side's data for a read op's whole request, used instead of a
-/// second read.
-fn sector_bytes(
-    device: &Blkverify,
-    sector: u64,
-    op: Option<Op>,
-    seen: Option<&[u8]>,
-) -> (Vec<u8>, Vec<u8>) {
-    let offset = sector * SECTOR_SIZE;
-    let read = |side: &dyn BlockDriver| -> Vec<u8> {
-        let n = side.size().saturating_sub(offset).min(SECTOR_SIZE) as usize;
-        let mut buf = vec![0u8; n];
-        match side.read_at(&mut buf, offset) {
-            Ok(()) => buf,
-            Err(_) => Vec::new(),
-        }
-    };
-    let test = match (op, seen) {
-        (Some(op), Some(seen)) => {
-            // The part of the sector the read covered, as the test side gave it.
-            let start = offset.max(op.offset);
-            let end = (offset + SECTOR_SIZE).min(op.offset + op.length);
-            let mut bytes = read(device.test());
-            let from = (start - op.offset) as usize;
-            let into = (start - offset) as usize;
-            let n = end.saturating_sub(start) as usize;
-            if let (Some(dst), Some(src)) =
-                (bytes.get_mut(into..into + n), seen.get(from..from + n))
-            {
-                dst.copy_from_slice(src);
-            }
-            bytes
-        }
-        _ => read(device.test()),
-    };
-    (test, read(device.raw()))
-}
-
 /// The finding for the final verify's first mismatch. A test-side read error
 /// there is a return-value finding, as the same failure in an op would be.
 pub(super) fn of_verify(device: &Blkverify, m: &verify::Mismatch) -> Finding {
-    let sector = m.first_byte / SECTOR_SIZE;
-    let (test_bytes, raw_bytes) = sector_bytes(device, sector, None, None);
     let base = match &m.error {
         Some(e) => {
             let test_ret = -m.errno.unwrap_or(libc::EIO);
@@ -207,28 +87,23 @@ pub(super) fn of_verify(device: &Blkverify, m: &verify::Mismatch) -> Finding {
                 "blkverify: final verify: {}",
                 mismatch.trim_start_matches("blkverify: ")
             );
-            Finding {
+            Difference {
                 test_ret: Some(test_ret),
                 raw_ret: Some(0),
                 test_error: Some(e.clone()),
-                ..Finding::new(None, "final verify", "return_value", message)
+                ..Difference::new("final verify", "return_value", message)
             }
         }
-        None => Finding::new(
-            None,
+        None => Difference::new(
             "final verify",
             "contents",
-            format!("blkverify: final verify: contents mismatch in sector {sector}"),
+            format!(
+                "blkverify: final verify: contents mismatch in sector {}",
+                m.first_byte / SECTOR_SIZE
+            ),
         ),
     };
-    Finding {
-        sector: Some(sector),
-        first_byte: Some(m.first_byte),
-        test_bytes,
-        raw_bytes,
-        mapping: device.test().locate(m.first_byte).ok().flatten(),
-        ..base
-    }
+    Finding::new(None, base.at_byte(device, m.first_byte, None))
 }
 
 /// How far back `explain` looks for the op that last changed a byte.
@@ -238,7 +113,7 @@ const EXPLAIN_LOOK_BACK: u64 = 1_000_000;
 /// and say what the test side's bytes are when we can tell: zeros, or the data
 /// an earlier write put there (a stale or lost write).
 pub(super) fn explain(plan: &Plan, issued: u64, f: &mut Finding) {
-    let Some(first_byte) = f.first_byte else {
+    let Some(first_byte) = f.difference.first_byte else {
         return;
     };
     let sector = first_byte / SECTOR_SIZE;
@@ -255,11 +130,8 @@ pub(super) fn explain(plan: &Plan, issued: u64, f: &mut Finding) {
         .rev()
         .filter_map(|p| plan.op(p).map(|op| (p, op)));
     let mut last_change = None;
-    let mut diagnosis = None;
-    let test = &f.test_bytes;
-    if !test.is_empty() && test.iter().all(|&b| b == 0) {
-        diagnosis = Some("the test side reads zeros here".to_string());
-    }
+    let test = &f.difference.test_bytes;
+    let mut diagnosis = zeros_diagnosis(test);
     for (position, op) in history.filter(|(_, op)| covers(op, first_byte)) {
         if last_change.is_none() {
             last_change = Some(op);
@@ -290,11 +162,11 @@ pub(super) fn explain(plan: &Plan, issued: u64, f: &mut Finding) {
         }
     }
     if diagnosis.is_none() && plan.patterned() {
-        diagnosis = misplaced(plan, before, f);
+        diagnosis = misplaced(plan, before, &f.difference);
     }
     f.last_change = last_change;
-    if f.diagnosis.is_none() {
-        f.diagnosis = diagnosis;
+    if f.difference.diagnosis.is_none() {
+        f.difference.diagnosis = diagnosis;
     }
 }
 
@@ -329,7 +201,7 @@ const MISPLACED_LOOK_BACK: usize = 2000;
 /// write meant for another offset: a misplaced write. Every aligned 8-byte word
 /// of every write is unique, so one word names the op and the offset it was
 /// meant for.
-fn misplaced(plan: &Plan, before: u64, f: &Finding) -> Option<String> {
+fn misplaced(plan: &Plan, before: u64, f: &Difference) -> Option<String> {
     let first_byte = f.first_byte?;
     let sector_offset = first_byte / SECTOR_SIZE * SECTOR_SIZE;
     let at = usize::try_from(first_byte.div_ceil(8) * 8 - sector_offset).ok()?;

@@ -622,7 +622,7 @@ fn touched_check(device: &Blkverify, ops: impl Iterator<Item = Op>) -> Result<Op
 fn finish_log(log: Option<&mut OpLog>, findings: &[Finding]) -> Result<()> {
     if let Some(log) = log {
         for f in findings {
-            log.comment(&format!("finding: {}", f.message))?;
+            log.comment(&format!("finding: {}", f.difference.message))?;
         }
         log.flush()?;
     }

@@ -158,7 +158,12 @@ fn replay(text: &str, fault: Option<Fault>, queue_depth: usize) -> Outcome {
 }
 
 fn key(f: &Finding) -> (Option<u64>, &'static str, Option<u64>, String) {
-    (f.op.map(|o| o.number), f.kind, f.sector, f.message.clone())
+    (
+        f.op.map(|o| o.number),
+        f.difference.kind,
+        f.difference.sector,
+        f.difference.message.clone(),
+    )
 }
 
 #[test]
@@ -209,18 +214,27 @@ fn a_corrupt_read_is_named_by_op_and_sector_and_replays() {
         let f = &outcome.findings[0];
         let expected = first_covering(&log, &["read", "discard"], at);
         assert_eq!(f.op, Some(expected));
-        assert_eq!((f.sector, f.first_byte), (Some(at / 512), Some(at)));
-        assert_eq!(f.kind, "contents");
+        assert_eq!(
+            (f.difference.sector, f.difference.first_byte),
+            (Some(at / 512), Some(at))
+        );
+        assert_eq!(f.difference.kind, "contents");
         let i = (at % 512) as usize;
-        assert_eq!(f.test_bytes[i] ^ f.raw_bytes[i], 0x40);
-        let lines = hexdump_diff(at / 512 * 512, at, &f.test_bytes, &f.raw_bytes, 4);
+        assert_eq!(f.difference.test_bytes[i] ^ f.difference.raw_bytes[i], 0x40);
+        let lines = hexdump_diff(
+            at / 512 * 512,
+            at,
+            &f.difference.test_bytes,
+            &f.difference.raw_bytes,
+            4,
+        );
         assert!(
             lines[0].starts_with(&format!("{:#010x}", at / 16 * 16)),
             "{lines:?}"
         );
         assert_eq!(lines.len(), 3);
         assert!(lines[2].contains("^^"));
-        assert!(log.contains(&format!("# finding: {}", f.message)));
+        assert!(log.contains(&format!("# finding: {}", f.difference.message)));
         let again = replay(&log, fault, queue_depth);
         assert_eq!(key(&again.findings[0]), key(f));
     }
@@ -238,10 +252,10 @@ fn a_dropped_write_is_caught_and_blamed_on_the_lost_write() {
         .filter(|op| matches!(op.kind, OpKind::Write { .. }))
         .nth(39)
         .unwrap();
-    let first_byte = f.first_byte.unwrap();
+    let first_byte = f.difference.first_byte.unwrap();
     assert!(lost.offset <= first_byte && first_byte < lost.offset + lost.length);
     assert_eq!(f.last_change, Some(lost), "{f:?}");
-    assert!(f.diagnosis.is_some(), "{f:?}");
+    assert!(f.difference.diagnosis.is_some(), "{f:?}");
     assert_eq!(key(&replay(&log, fault, 1).findings[0]), key(f));
     // without the fault, the same log runs clean
     assert!(replay(&log, None, 1).findings.is_empty());
@@ -252,7 +266,7 @@ fn a_misplaced_write_is_caught() {
     let fault = Some(Fault::MisplaceWrite(25));
     let (outcome, log) = run_logged(&device(fault), &generated(8, 4000), &qd(1));
     let f = &outcome.findings[0];
-    assert_eq!(f.kind, "contents");
+    assert_eq!(f.difference.kind, "contents");
     assert_eq!(key(&replay(&log, fault, 1).findings[0]), key(f));
     let moved = parse_log("ops.log", &log)
         .unwrap()
@@ -261,7 +275,7 @@ fn a_misplaced_write_is_caught() {
         .filter(|op| matches!(op.kind, OpKind::Write { .. }))
         .nth(24)
         .unwrap();
-    let said = f.diagnosis.clone().unwrap_or_default();
+    let said = f.difference.diagnosis.clone().unwrap_or_default();
     assert!(
         said.contains(&format!("op {}", moved.number)) && said.contains("misplaced by +0x200"),
         "{said}"
@@ -281,7 +295,10 @@ fn a_failed_write_is_a_return_value_finding_on_that_op() {
         .nth(9)
         .unwrap();
     assert_eq!(f.op, Some(tenth));
-    assert_eq!((f.test_ret, f.raw_ret), (Some(-libc::EIO), Some(0)));
+    assert_eq!(
+        (f.difference.test_ret, f.difference.raw_ret),
+        (Some(-libc::EIO), Some(0))
+    );
     assert_eq!(outcome.issued, outcome.ops);
     assert_eq!(outcome.issued, tenth.number + 1);
 }
@@ -590,11 +607,11 @@ fn a_corrupt_read_caught_by_serve_is_met_again_by_the_replay() {
     };
     let outcome = replay_trace(&raw0, &test0, &trace, false);
     let replayed = &outcome.findings[0];
-    assert_eq!(replayed.message, live.message);
+    assert_eq!(replayed.difference.message, live.difference.message);
     assert_eq!(replayed.op.map(|op| op.number), live.request);
-    assert_eq!(replayed.sector, live.sector);
-    assert_eq!(replayed.connection, live.connection);
-    assert_eq!(replayed.sector, Some(guest / 512));
+    assert_eq!(replayed.difference.sector, live.difference.sector);
+    assert_eq!(replayed.difference.connection, live.difference.connection);
+    assert_eq!(replayed.difference.sector, Some(guest / 512));
     // It stopped there: the write after it was not replayed.
     assert_eq!(outcome.issued, live.request.unwrap() + 1);
 }

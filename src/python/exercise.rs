@@ -3,54 +3,14 @@
 //! and written for shrinking.
 
 use super::detached::{run_detached, run_with_progress};
-use super::image::location_dict;
+use super::finding::exercise_finding_dict;
 use super::options::{format_for, open_options, Kwargs};
 use crate::driver::{Access, BlockDriver};
-use crate::exercise::{Exercise, FinalCheck, Finding, Log, Op, Outcome, Plan, Request};
+use crate::exercise::{Exercise, FinalCheck, Log, Op, Outcome, Plan, Request};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use std::path::PathBuf;
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A finding as a dict: exercise's mismatch keys; with `serve_keys`, also
-/// serve's (`request`, `connection`, `mapping`), as a replay reports it.
-pub(crate) fn finding_dict<'py>(
-    py: Python<'py>,
-    f: &Finding,
-    serve_keys: bool,
-) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("op_number", f.op.map(|op| op.number))?;
-    d.set_item("op", f.op.map(|op| op.command()))?;
-    d.set_item("phase", f.phase)?;
-    d.set_item("kind", f.kind)?;
-    d.set_item("message", &f.message)?;
-    d.set_item("sector", f.sector)?;
-    d.set_item("first_byte", f.first_byte)?;
-    d.set_item("test_ret", f.test_ret)?;
-    d.set_item("raw_ret", f.raw_ret)?;
-    d.set_item("test_error", &f.test_error)?;
-    d.set_item("raw_error", &f.raw_error)?;
-    d.set_item("test_bytes", hex(&f.test_bytes))?;
-    d.set_item("raw_bytes", hex(&f.raw_bytes))?;
-    d.set_item("hexdump", PyList::new(py, f.hexdump())?)?;
-    d.set_item("last_change", f.last_change.map(|op| op.log_line()))?;
-    d.set_item("diagnosis", &f.diagnosis)?;
-    if serve_keys {
-        d.set_item("request", f.op.map(|op| op.number))?;
-        d.set_item("connection", f.connection)?;
-        let mapping = match &f.mapping {
-            Some(l) => Some(location_dict(py, l)?),
-            None => None,
-        };
-        d.set_item("mapping", mapping)?;
-    }
-    Ok(d)
-}
 
 /// Run an exercise on the device `spec`; returns a dict (see the Python
 /// `ExerciseResult`). `options`: `ops`, `duration`, `seed`, `mix`, `size_mix`,
@@ -89,7 +49,7 @@ pub(crate) fn exercise<'py>(
 }
 
 /// What a run did and found, as a dict (see the Python `ExerciseResult`);
-/// `serve_keys` as [`finding_dict`] takes it.
+/// `serve_keys` as [`exercise_finding_dict`] takes it.
 pub(crate) fn outcome_dict<'py>(
     py: Python<'py>,
     exercise: &Exercise,
@@ -129,7 +89,7 @@ pub(crate) fn outcome_dict<'py>(
     d.set_item("size_mix", size_mix)?;
     let list = PyList::empty(py);
     for f in &outcome.findings {
-        list.append(finding_dict(py, f, serve_keys)?)?;
+        list.append(exercise_finding_dict(py, f, serve_keys)?)?;
     }
     d.set_item("mismatches", list)?;
     Ok(d)

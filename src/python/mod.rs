@@ -13,6 +13,7 @@ mod device;
 mod digest;
 mod errors;
 mod exercise;
+mod finding;
 mod image;
 mod map;
 mod open;

@@ -5,11 +5,11 @@
 
 use super::detached::run_detached;
 use super::errors::to_pyerr;
-use super::image::location_dict;
+use super::finding::serve_finding_dict;
 use super::options::{open_options, Kwargs};
 use crate::blkverify::IoCounts;
 use crate::record::{Recorder, TraceHeader, TraceStats};
-use crate::serve::{open_device, Finding, Listen, Policy, ServeOptions, Server, Summary};
+use crate::serve::{open_device, Listen, Policy, ServeOptions, Server, Summary};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -19,40 +19,6 @@ use std::time::{Duration, Instant};
 
 /// How often a wait looks for signals.
 const SIGNAL_POLL: Duration = Duration::from_millis(100);
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A finding as a dict: exercise's mismatch keys, plus `request`,
-/// `connection` and `mapping`.
-fn finding_dict<'py>(py: Python<'py>, f: &Finding) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("op_number", f.request)?;
-    d.set_item("op", &f.op)?;
-    d.set_item("phase", f.phase)?;
-    d.set_item("kind", f.kind)?;
-    d.set_item("message", &f.message)?;
-    d.set_item("sector", f.sector)?;
-    d.set_item("first_byte", f.first_byte)?;
-    d.set_item("test_ret", f.test_ret)?;
-    d.set_item("raw_ret", f.raw_ret)?;
-    d.set_item("test_error", &f.test_error)?;
-    d.set_item("raw_error", &f.raw_error)?;
-    d.set_item("test_bytes", hex(&f.test_bytes))?;
-    d.set_item("raw_bytes", hex(&f.raw_bytes))?;
-    d.set_item("hexdump", PyList::new(py, f.hexdump())?)?;
-    d.set_item("last_change", py.None())?;
-    d.set_item("diagnosis", &f.diagnosis)?;
-    d.set_item("request", f.request)?;
-    d.set_item("connection", f.connection)?;
-    let mapping = match &f.mapping {
-        Some(l) => Some(location_dict(py, l)?),
-        None => None,
-    };
-    d.set_item("mapping", mapping)?;
-    Ok(d)
-}
 
 fn counts_dict<'py>(py: Python<'py>, c: &IoCounts) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
@@ -189,7 +155,7 @@ impl PyServer {
     fn findings<'py>(&self, py: Python<'py>, start: usize) -> PyResult<Bound<'py, PyList>> {
         let list = PyList::empty(py);
         for f in self.server.findings(start) {
-            list.append(finding_dict(py, &f)?)?;
+            list.append(serve_finding_dict(py, &f)?)?;
         }
         Ok(list)
     }

@@ -7,10 +7,11 @@
 //! Every difference is a finding, whatever the policy. An error both sides
 //! share is no finding: the client gets it as it is.
 
-use super::finding::{self, Seen};
+use super::finding;
 use super::handshake::ALLOCATION_CONTEXT;
 use super::reply::Reply;
 use super::{status, Context, Policy};
+use crate::blkverify::difference::Seen;
 use crate::blkverify::order::Kind;
 use crate::driver::BlockDriver;
 use crate::error::{Error, Result};
@@ -214,7 +215,7 @@ pub(super) fn execute(
             message: e.to_string(),
         };
     };
-    let message = found.message.clone();
+    let message = found.difference.message.clone();
     ctx.shared.record(found);
     let eio = Outcome::Error {
         errno: libc::EIO,

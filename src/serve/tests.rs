@@ -5,108 +5,17 @@
 use super::*;
 use crate::driver::{self, Mapping};
 use crate::nbd::wire::{
-    OptionHeader, OptionReply, RequestHeader, SimpleReply, CMD_READ, CMD_WRITE, IHAVEOPT, NBDMAGIC,
+    OptionHeader, OptionReply, RequestHeader, SimpleReply, CMD_READ, CMD_WRITE, IHAVEOPT,
     NBD_EINVAL, NBD_ENOSPC, OPT_EXPORT_NAME, OPT_GO, OPT_LIST, OPT_STARTTLS, REP_ACK,
-    REP_ERR_POLICY, REP_ERR_UNKNOWN, REP_INFO, REP_SERVER,
+    REP_ERR_POLICY, REP_ERR_UNKNOWN, REP_SERVER,
 };
-use crate::verify::{self, VerifyOptions};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Command, Output};
-
-const SIZE: u64 = 8 << 20;
-
-fn run(program: &str, args: &[&str]) -> Output {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// A zeroed raw reference and an empty qcow2 of `SIZE` bytes.
-fn blank_pair(dir: &Path) -> (PathBuf, PathBuf) {
-    let raw = dir.join("raw.img");
-    let test = dir.join("test.qcow2");
-    std::fs::write(&raw, vec![0u8; SIZE as usize]).unwrap();
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            path_str(&test),
-            &SIZE.to_string(),
-        ],
-    );
-    (raw, test)
-}
-
-/// A raw reference and a qcow2 with the same data, written by qemu-io.
-fn data_pair(dir: &Path) -> (PathBuf, PathBuf) {
-    let (raw, test) = blank_pair(dir);
-    for image in [&raw, &test] {
-        let format = if image == &raw { "raw" } else { "qcow2" };
-        run(
-            "qemu-io",
-            &[
-                "-f",
-                format,
-                "-c",
-                "write -P 0x5a 0 64k",
-                "-c",
-                "write -P 0xa5 1M 128k",
-                "-c",
-                "write -z 2M 64k",
-                path_str(image),
-            ],
-        );
-    }
-    (raw, test)
-}
-
-fn start(raw: &Path, test: &Path, options: ServeOptions) -> Server {
-    let device = open_device(raw, test, &OpenOptions::default(), false).unwrap();
-    Server::start(device, options).unwrap()
-}
-
-fn persistent() -> ServeOptions {
-    ServeOptions {
-        persistent: true,
-        shared: 4,
-        ..ServeOptions::default()
-    }
-}
-
-fn finish(server: Server) -> (Summary, Vec<Finding>) {
-    server.stop();
-    let summary = server.take_outcome().unwrap().unwrap();
-    (summary, server.findings(0))
-}
-
-fn identical(raw: &Path, test: &Path) -> bool {
-    let open = |p: &Path| driver::open(p, &OpenOptions::default()).unwrap();
-    let report = verify::verify(
-        open(raw).as_ref(),
-        open(test).as_ref(),
-        &VerifyOptions::default(),
-        &mut |_| true,
-    )
-    .unwrap();
-    report.mismatches.is_empty()
-}
+use std::process::Command;
+use support::{
+    blank_pair, create_qcow2, data_pair, finish, go_data, greet, identical, option, path_str,
+    persistent, run, serve_blank, start, SIZE,
+};
 
 #[test]
 fn qemu_img_converts_in_and_compares_out() {
@@ -114,17 +23,7 @@ fn qemu_img_converts_in_and_compares_out() {
     let (raw, test) = blank_pair(dir.path());
     // The source: a qcow2 with data, zeros and holes.
     let source = dir.path().join("source.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            path_str(&source),
-            &SIZE.to_string(),
-        ],
-    );
+    create_qcow2(&source, SIZE);
     run(
         "qemu-io",
         &[
@@ -223,16 +122,16 @@ fn a_corrupt_sector_is_named_under_every_policy() {
         assert_eq!(findings.len(), 1, "{policy:?} {findings:?}");
         let f = &findings[0];
         assert_eq!(
-            f.message,
+            f.difference.message,
             "blkverify: read sector_num=2048 nb_sectors=16 contents mismatch in sector 2057"
         );
-        assert_eq!(f.first_byte, Some((1 << 20) + 5000));
-        assert_eq!(f.kind, "contents");
-        assert_eq!(f.connection, Some(1));
+        assert_eq!(f.difference.first_byte, Some((1 << 20) + 5000));
+        assert_eq!(f.difference.kind, "contents");
+        assert_eq!(f.difference.connection, Some(1));
         assert_eq!(f.op.as_deref(), Some("read 1048576 8192"));
         let i = 5000 % 512;
-        assert_eq!(f.test_bytes[i] ^ f.raw_bytes[i], 0x01);
-        let mapping = f.mapping.as_ref().unwrap();
+        assert_eq!(f.difference.test_bytes[i] ^ f.difference.raw_bytes[i], 0x01);
+        let mapping = f.difference.mapping.as_ref().unwrap();
         assert_eq!(mapping.kind, "data");
         assert_eq!(mapping.host_offset, Some(host));
         assert_eq!(summary.findings, 1);
@@ -325,7 +224,7 @@ fn a_map_that_lies_is_a_finding() {
     let (_, findings) = finish(server);
     assert_eq!(findings.len(), 1, "{findings:?}");
     assert_eq!(
-        findings[0].message,
+        findings[0].difference.message,
         format!(
             "blkverify: block_status sector_num=0 nb_sectors={} contents mismatch in sector {}",
             SIZE / 512,
@@ -334,50 +233,11 @@ fn a_map_that_lies_is_a_finding() {
     );
 }
 
-/// A raw connection after the greeting and the client flags.
-fn greet(uri: &str) -> UnixStream {
-    let socket = uri.split("socket=").nth(1).unwrap();
-    let mut s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut greeting = [0u8; 18];
-    s.read_exact(&mut greeting).unwrap();
-    assert_eq!(&greeting[..8], &NBDMAGIC.to_be_bytes());
-    assert_eq!(&greeting[8..16], &IHAVEOPT.to_be_bytes());
-    s.write_all(&3u32.to_be_bytes()).unwrap();
-    s
-}
-
-fn option(s: &mut UnixStream, option: u32, data: &[u8]) -> Vec<(u32, Vec<u8>)> {
-    s.write_all(&OptionHeader::message(option, data)).unwrap();
-    let mut replies = Vec::new();
-    loop {
-        let mut head = [0u8; OptionReply::SIZE];
-        s.read_exact(&mut head).unwrap();
-        let reply = OptionReply::decode(&head).unwrap();
-        let mut data = vec![0u8; reply.length as usize];
-        s.read_exact(&mut data).unwrap();
-        let done = reply.reply != REP_INFO && reply.reply != REP_SERVER;
-        replies.push((reply.reply, data));
-        if done {
-            return replies;
-        }
-    }
-}
-
-fn go_data(name: &str) -> Vec<u8> {
-    let mut go = (name.len() as u32).to_be_bytes().to_vec();
-    go.extend_from_slice(name.as_bytes());
-    go.extend_from_slice(&0u16.to_be_bytes());
-    go
-}
-
 #[test]
 fn the_handshake_answers_every_option() {
     let dir = tempfile::tempdir().unwrap();
-    let (raw, test) = blank_pair(dir.path());
-    let server = start(
-        &raw,
-        &test,
+    let (_, _, server) = serve_blank(
+        dir.path(),
         ServeOptions {
             export_name: "disk".to_string(),
             shared: 1,
@@ -466,8 +326,7 @@ fn the_handshake_answers_every_option() {
 #[test]
 fn export_name_with_the_oldstyle_option_and_an_unknown_name_hangs_up() {
     let dir = tempfile::tempdir().unwrap();
-    let (raw, test) = blank_pair(dir.path());
-    let server = start(&raw, &test, persistent());
+    let (_, _, server) = serve_blank(dir.path(), persistent());
     let mut s = greet(server.uri());
     s.write_all(&OptionHeader::message(OPT_EXPORT_NAME, b"nope"))
         .unwrap();
@@ -487,10 +346,8 @@ fn export_name_with_the_oldstyle_option_and_an_unknown_name_hangs_up() {
 #[test]
 fn a_stalled_handshake_is_cut_off() {
     let dir = tempfile::tempdir().unwrap();
-    let (raw, test) = blank_pair(dir.path());
-    let server = start(
-        &raw,
-        &test,
+    let (_, _, server) = serve_blank(
+        dir.path(),
         ServeOptions {
             handshake_limit: Duration::from_millis(300),
             ..persistent()
@@ -592,8 +449,7 @@ fn overlapping_requests_from_four_connections_give_no_false_alarm() {
     // same 64 KiB at random: if the two sides ever saw two overlapping
     // requests in different orders, a read would differ.
     let dir = tempfile::tempdir().unwrap();
-    let (raw, test) = blank_pair(dir.path());
-    let server = start(&raw, &test, persistent());
+    let (raw, test, server) = serve_blank(dir.path(), persistent());
     let uri = server.uri().to_string();
     std::thread::scope(|scope| {
         for client in 0..4u64 {
@@ -641,3 +497,4 @@ fn overlapping_requests_from_four_connections_give_no_false_alarm() {
 }
 
 mod hostile;
+mod support;

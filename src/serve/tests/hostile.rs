@@ -3,6 +3,7 @@
 //! server still serves another client, which then works (QEMU's `qemu-io`
 //! reads and writes through it). Nothing a refused request names is written.
 
+use super::support::pair_of;
 use super::*;
 use crate::nbd::wire::{
     ChunkHeader, BASE_ALLOCATION, CMD_BLOCK_STATUS, CMD_CACHE, CMD_FLAG_DF, CMD_FLAG_FAST_ZERO,
@@ -15,25 +16,6 @@ use std::io::ErrorKind;
 
 /// 64 MiB + 1 MiB: room for a trim and a block status over the maximum.
 const BIG: u64 = 65 << 20;
-
-/// A zeroed raw reference and an empty qcow2, both `size` bytes.
-fn pair_of(dir: &Path, size: u64) -> (PathBuf, PathBuf) {
-    let raw = dir.join("raw.img");
-    let test = dir.join("test.qcow2");
-    std::fs::File::create(&raw).unwrap().set_len(size).unwrap();
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            path_str(&test),
-            &size.to_string(),
-        ],
-    );
-    (raw, test)
-}
 
 /// A client speaking raw bytes.
 struct Client {
@@ -245,8 +227,7 @@ fn requests_past_the_end_and_over_the_maximum_get_the_specs_errors() {
 #[test]
 fn unknown_commands_and_flags_and_flags_on_the_wrong_command_are_einval() {
     let dir = tempfile::tempdir().unwrap();
-    let (raw, test) = blank_pair(dir.path());
-    let server = start(&raw, &test, persistent());
+    let (raw, test, server) = serve_blank(dir.path(), persistent());
     let mut c = Client::go(server.uri(), true);
     assert_eq!(c.error_of(8, 0, 0, 512), NBD_EINVAL);
     assert_eq!(c.error_of(0xffff, 0, 0, 512), NBD_EINVAL);
@@ -306,11 +287,9 @@ fn a_read_only_export_refuses_writes_with_eperm() {
 #[test]
 fn truncated_packets_and_a_write_whose_data_never_comes() {
     let dir = tempfile::tempdir().unwrap();
-    let (raw, test) = blank_pair(dir.path());
     let limit = Duration::from_millis(1500);
-    let server = start(
-        &raw,
-        &test,
+    let (raw, test, server) = serve_blank(
+        dir.path(),
         ServeOptions {
             request_timeout: limit,
             ..persistent()
@@ -384,8 +363,7 @@ fn truncated_packets_and_a_write_whose_data_never_comes() {
 #[test]
 fn endless_option_haggling_and_oversized_options_are_cut_off() {
     let dir = tempfile::tempdir().unwrap();
-    let (raw, test) = blank_pair(dir.path());
-    let server = start(&raw, &test, persistent());
+    let (_, _, server) = serve_blank(dir.path(), persistent());
     // 256 options are answered; the 257th is never read.
     let mut s = greet(server.uri());
     for _ in 0..handshake::MAX_OPTIONS {
@@ -436,16 +414,13 @@ fn endless_option_haggling_and_oversized_options_are_cut_off() {
 fn a_stalled_handshake_holds_no_place_and_is_cut_at_its_limit() {
     assert_eq!(HANDSHAKE_LIMIT, Duration::from_secs(10));
     let dir = tempfile::tempdir().unwrap();
-    let (raw, test) = blank_pair(dir.path());
     let limit = Duration::from_millis(1000);
-    let server = start(
-        &raw,
-        &test,
+    let (_, _, server) = serve_blank(
+        dir.path(),
         ServeOptions {
             handshake_limit: limit,
             shared: 1,
-            persistent: true,
-            ..ServeOptions::default()
+            ..persistent()
         },
     );
     // Two clients stall, one before any option, one in the middle of one;
@@ -472,10 +447,8 @@ fn a_stalled_handshake_holds_no_place_and_is_cut_at_its_limit() {
 #[test]
 fn more_clients_than_shared_are_refused_until_one_leaves() {
     let dir = tempfile::tempdir().unwrap();
-    let (raw, test) = blank_pair(dir.path());
-    let server = start(
-        &raw,
-        &test,
+    let (_, _, server) = serve_blank(
+        dir.path(),
         ServeOptions {
             shared: 2,
             ..persistent()
@@ -530,10 +503,8 @@ fn more_requests_in_flight_than_the_cap_wait_in_the_socket() {
     // answered.
     for cap in [4, MAX_IN_FLIGHT] {
         let dir = tempfile::tempdir().unwrap();
-        let (raw, test) = blank_pair(dir.path());
-        let server = start(
-            &raw,
-            &test,
+        let (raw, test, server) = serve_blank(
+            dir.path(),
             ServeOptions {
                 max_in_flight: cap,
                 ..persistent()
@@ -581,8 +552,7 @@ fn more_requests_in_flight_than_the_cap_wait_in_the_socket() {
 #[test]
 fn a_client_that_reads_no_replies_holds_nothing_of_the_device() {
     let dir = tempfile::tempdir().unwrap();
-    let (raw, test) = blank_pair(dir.path());
-    let server = start(&raw, &test, persistent());
+    let (_, _, server) = serve_blank(dir.path(), persistent());
     // 64 reads of 1 MiB, and never a reply read: serve's writes block.
     let mut greedy = Client::go(server.uri(), true);
     for i in 0..64u64 {
