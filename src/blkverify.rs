@@ -536,8 +536,10 @@ impl BlockDriver for Blkverify {
         self.reconcile_discarded(offset, len)
     }
 
+    /// Both sides flush at once: each waits for its disk, and the two disks'
+    /// (or one disk's two files') writeback overlaps.
     fn flush(&self) -> Result<()> {
-        let (test, raw) = (self.test().flush(), self.raw().flush());
+        let (test, raw) = Blkverify::both(true, || self.test().flush(), || self.raw().flush());
         settle("flush", 0, 0, test, raw)
     }
 }
