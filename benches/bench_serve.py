@@ -10,7 +10,10 @@ interleaved rounds (issue 21):
 - serve's peak RSS (VmHWM from /proc/PID/status, mappings included) while fio
   writes the whole export at queue depth 8;
 - a control round: the test side differs from the reference at one byte in
-  every 64 KiB, and the same fio run must be stopped by serve's finding.
+  every 64 KiB, and the same fio run must be stopped by serve's finding;
+- the disk's floor for the sequential case, with no server: the same bytes
+  written to one fresh file, and to two at once, and fdatasync'd (one is what
+  QEMU's blkverify makes durable at the client's flush, two what serve does).
 
 Every serve run is checked for honest work: the bytes its summary says each
 side read and wrote equal what the client moved (fio's own counts, or the
@@ -28,6 +31,7 @@ exact rather than rounded for people.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import signal
@@ -35,6 +39,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +76,9 @@ def fresh_pair(directory: Path, fmt: str, size: int) -> tuple[Path, Path]:
         path.unlink(missing_ok=True)
     sh("qemu-img", "create", "-q", "-f", "raw", str(raw), str(size))
     sh("qemu-img", "create", "-q", "-f", fmt, str(test), str(size))
+    # Every run starts with the disk quiet: the last run's dirty pages and the
+    # deleted images' freed blocks are written out first, not during this run.
+    os.sync()
     return raw, test
 
 
@@ -226,6 +234,49 @@ def convert_case(d: Path, impl: str, fmt: str, source: Path) -> dict:
     return {"seconds": seconds, "peak_rss_kib": server.peak_rss_kib, "summary": server.summary}
 
 
+def floor_case(d: Path, files: int, source: Path) -> dict:
+    """The disk's floor for the sequential case, with no NBD and no image format:
+    the source's bytes written in 2 MiB pieces to `files` fresh sparse files at
+    once (one thread each, with serve's write-behind: writeback started after
+    every piece), then fdatasync'd. One file is what QEMU's blkverify makes
+    durable at the client's final flush (it flushes the test side only); two
+    are what serve's flush makes durable (both sides)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    sync_file_range_write = 2
+    piece = 2 * MiB
+    size = source.stat().st_size
+    paths = [d / f"floor{i}.raw" for i in range(files)]
+    for path in paths:
+        path.unlink(missing_ok=True)
+        with open(path, "wb") as f:
+            f.truncate(size)
+    os.sync()
+    src = os.open(source, os.O_RDONLY)
+    fds = [os.open(path, os.O_WRONLY) for path in paths]
+
+    def write_all(fd: int) -> None:
+        for at in range(0, size, piece):
+            os.pwrite(fd, os.pread(src, piece, at), at)
+            libc.sync_file_range(fd, at, piece, sync_file_range_write)
+
+    try:
+        started = time.perf_counter()
+        for phase in (write_all, os.fdatasync):
+            threads = [threading.Thread(target=phase, args=(fd,)) for fd in fds]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        seconds = time.perf_counter() - started
+    finally:
+        for fd in (src, *fds):
+            os.close(fd)
+        for path in paths:
+            path.unlink()
+    return {"seconds": seconds}
+
+
 def memory_case(d: Path, mib: int) -> dict:
     """Serve's peak RSS while fio writes the whole export once at depth 8."""
     raw, test = fresh_pair(d, "qcow2", mib * MiB)
@@ -274,7 +325,7 @@ def main() -> int:
     parser.add_argument("--ops", type=int, default=60_000)
     parser.add_argument("--mib", type=int, default=1024, help="export size for fio")
     parser.add_argument("--convert-mib", type=int, default=2048)
-    parser.add_argument("--cases", default="fio,convert,memory,control")
+    parser.add_argument("--cases", default="fio,convert,floor,memory,control")
     parser.add_argument("--formats", default="qcow2,raw")
     parser.add_argument("--json", type=Path, help="write every sample here")
     args = parser.parse_args()
@@ -289,12 +340,12 @@ def main() -> int:
         samples.setdefault(case, {}).setdefault(impl, []).append(sample)
         print(f"{case:32} {impl:16} {json.dumps(sample)}", file=sys.stderr, flush=True)
 
-    source = None
-    if "convert" in cases:
+    source = raw_source = None
+    if "convert" in cases or "floor" in cases:
         sys.path.insert(0, str(Path(__file__).parent))
         import make_images
 
-        _, source = make_images.full_pair(d, args.convert_mib)
+        raw_source, source = make_images.full_pair(d, args.convert_mib)
     for r in range(args.rounds):
         loads.append(os.getloadavg()[0])
         for fmt in formats:
@@ -307,6 +358,10 @@ def main() -> int:
                 for impl in rotated(IMPLS, r):
                     note(f"convert {args.convert_mib} MiB, test {fmt}", impl,
                          convert_case(d, impl, fmt, source))  # fmt: skip
+        if "floor" in cases and raw_source is not None:
+            for files in (1, 2):
+                note(f"floor: {args.convert_mib} MiB to {files} file(s), durable", "plain writes",
+                     floor_case(d, files, raw_source))  # fmt: skip
         if "memory" in cases and r == 0:
             note("memory: QD8 randwrite of the export", "blkverify-serve", memory_case(d, args.mib))
         if "control" in cases and r == 0:
@@ -321,7 +376,7 @@ def main() -> int:
     print("| " + " | ".join(heads) + " |")
     print("|---|---|---|---|---|---|")
     for case, by_impl in samples.items():
-        if case.startswith(("memory", "control")):
+        if case.startswith(("memory", "control", "floor")):
             continue
         key = "ops_per_s" if case.startswith("fio") else "seconds"
         med = {i: statistics.median(s[key] for s in v) for i, v in by_impl.items()}
@@ -333,6 +388,10 @@ def main() -> int:
             cells = [f"{med[i]:.2f} s" for i in IMPLS]
             ratio = med["qemu-blkverify"] / med["blkverify-serve"]
         print(f"| {case} | {' | '.join(cells)} | {ratio:.2f}x | {rss:.0f} |")
+    for case, by_impl in samples.items():
+        if case.startswith("floor"):
+            times = [s["seconds"] for s in by_impl["plain writes"]]
+            print(f"{case}: median {statistics.median(times):.2f} s of {len(times)}")
     for case in ("memory: QD8 randwrite of the export", "control: planted corruption"):
         for s in samples.get(case, {}).get("blkverify-serve", []):
             print(f"{case}: {json.dumps(s)}")
