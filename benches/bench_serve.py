@@ -11,9 +11,9 @@ interleaved rounds (issue 21):
   writes the whole export at queue depth 8;
 - a control round: the test side differs from the reference at one byte in
   every 64 KiB, and the same fio run must be stopped by serve's finding;
-- the disk's floor for the sequential case, with no server: the same bytes
-  written to one fresh file, and to two at once, and fdatasync'd (one is what
-  QEMU's blkverify makes durable at the client's flush, two what serve does).
+- for scale, the sequential case's bytes written with no server: fio writing
+  them to one fresh file, and to two at once, then fsyncing (one is what QEMU's
+  blkverify makes durable at the client's flush, two what serve does).
 
 Every serve run is checked for honest work: the bytes its summary says each
 side read and wrote equal what the client moved (fio's own counts, or the
@@ -31,7 +31,6 @@ exact rather than rounded for people.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import signal
@@ -39,7 +38,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,46 +232,30 @@ def convert_case(d: Path, impl: str, fmt: str, source: Path) -> dict:
     return {"seconds": seconds, "peak_rss_kib": server.peak_rss_kib, "summary": server.summary}
 
 
-def floor_case(d: Path, files: int, source: Path) -> dict:
-    """The disk's floor for the sequential case, with no NBD and no image format:
-    the source's bytes written in 2 MiB pieces to `files` fresh sparse files at
-    once (one thread each, with serve's write-behind: writeback started after
-    every piece), then fdatasync'd. One file is what QEMU's blkverify makes
-    durable at the client's final flush (it flushes the test side only); two
-    are what serve's flush makes durable (both sides)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    sync_file_range_write = 2
-    piece = 2 * MiB
-    size = source.stat().st_size
-    paths = [d / f"floor{i}.raw" for i in range(files)]
-    for path in paths:
+def plain_case(d: Path, files: int, size: int) -> dict:
+    """The sequential case's bytes written by a plain program, with no NBD and
+    no image format, for scale:
+    fio writing `size` bytes in 2 MiB pieces to `files` fresh sparse files at
+    once (a job each, with serve's write-behind: writeback started after every
+    piece), then fsyncing them. One file is what QEMU's blkverify makes durable
+    at the client's final flush (it flushes the test side only); two are what
+    serve's flush makes durable (both sides)."""
+    paths = [d / f"plain{i}.raw" for i in range(files)]
+    argv = ["fio", "--rw=write", "--bs=2M", f"--size={size}", "--ioengine=psync"]
+    argv += ["--fallocate=none", "--sync_file_range=write:1", "--end_fsync=1"]
+    for i, path in enumerate(paths):
         path.unlink(missing_ok=True)
         with open(path, "wb") as f:
             f.truncate(size)
+        argv += [f"--name=plain{i}", f"--filename={path}"]
     os.sync()
-    src = os.open(source, os.O_RDONLY)
-    fds = [os.open(path, os.O_WRONLY) for path in paths]
-
-    def write_all(fd: int) -> None:
-        for at in range(0, size, piece):
-            os.pwrite(fd, os.pread(src, piece, at), at)
-            libc.sync_file_range(fd, at, piece, sync_file_range_write)
-
     try:
         started = time.perf_counter()
-        for phase in (write_all, os.fdatasync):
-            threads = [threading.Thread(target=phase, args=(fd,)) for fd in fds]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+        subprocess.run(NICE + argv, check=True, cwd=d, stdout=subprocess.DEVNULL)
         seconds = time.perf_counter() - started
     finally:
-        for fd in (src, *fds):
-            os.close(fd)
         for path in paths:
-            path.unlink()
+            path.unlink(missing_ok=True)
     return {"seconds": seconds}
 
 
@@ -325,7 +307,7 @@ def main() -> int:
     parser.add_argument("--ops", type=int, default=60_000)
     parser.add_argument("--mib", type=int, default=1024, help="export size for fio")
     parser.add_argument("--convert-mib", type=int, default=2048)
-    parser.add_argument("--cases", default="fio,convert,floor,memory,control")
+    parser.add_argument("--cases", default="fio,convert,plain,memory,control")
     parser.add_argument("--formats", default="qcow2,raw")
     parser.add_argument("--json", type=Path, help="write every sample here")
     args = parser.parse_args()
@@ -340,12 +322,12 @@ def main() -> int:
         samples.setdefault(case, {}).setdefault(impl, []).append(sample)
         print(f"{case:32} {impl:16} {json.dumps(sample)}", file=sys.stderr, flush=True)
 
-    source = raw_source = None
-    if "convert" in cases or "floor" in cases:
+    source = None
+    if "convert" in cases:
         sys.path.insert(0, str(Path(__file__).parent))
         import make_images
 
-        raw_source, source = make_images.full_pair(d, args.convert_mib)
+        _, source = make_images.full_pair(d, args.convert_mib)
     for r in range(args.rounds):
         loads.append(os.getloadavg()[0])
         for fmt in formats:
@@ -358,10 +340,10 @@ def main() -> int:
                 for impl in rotated(IMPLS, r):
                     note(f"convert {args.convert_mib} MiB, test {fmt}", impl,
                          convert_case(d, impl, fmt, source))  # fmt: skip
-        if "floor" in cases and raw_source is not None:
+        if "plain" in cases:
             for files in (1, 2):
-                note(f"floor: {args.convert_mib} MiB to {files} file(s), durable", "plain writes",
-                     floor_case(d, files, raw_source))  # fmt: skip
+                note(f"plain: fio, {args.convert_mib} MiB to {files} file(s), durable", "fio",
+                     plain_case(d, files, args.convert_mib * MiB))  # fmt: skip
         if "memory" in cases and r == 0:
             note("memory: QD8 randwrite of the export", "blkverify-serve", memory_case(d, args.mib))
         if "control" in cases and r == 0:
@@ -376,7 +358,7 @@ def main() -> int:
     print("| " + " | ".join(heads) + " |")
     print("|---|---|---|---|---|---|")
     for case, by_impl in samples.items():
-        if case.startswith(("memory", "control", "floor")):
+        if case.startswith(("memory", "control", "plain")):
             continue
         key = "ops_per_s" if case.startswith("fio") else "seconds"
         med = {i: statistics.median(s[key] for s in v) for i, v in by_impl.items()}
@@ -389,8 +371,8 @@ def main() -> int:
             ratio = med["qemu-blkverify"] / med["blkverify-serve"]
         print(f"| {case} | {' | '.join(cells)} | {ratio:.2f}x | {rss:.0f} |")
     for case, by_impl in samples.items():
-        if case.startswith("floor"):
-            times = [s["seconds"] for s in by_impl["plain writes"]]
+        if case.startswith("plain"):
+            times = [s["seconds"] for s in by_impl["fio"]]
             print(f"{case}: median {statistics.median(times):.2f} s of {len(times)}")
     for case in ("memory: QD8 randwrite of the export", "control: planted corruption"):
         for s in samples.get(case, {}).get("blkverify-serve", []):
