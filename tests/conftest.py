@@ -918,3 +918,21 @@ def bug_server():
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def serve():
+    """Start ``blkverify serve`` processes (test_serve's ``ServeProc``); each is
+    killed by PID at teardown if the test left it running."""
+    from test_serve import ServeProc
+
+    started: list[ServeProc] = []
+
+    def start(*args, **kwargs) -> ServeProc:
+        server = ServeProc(*args, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill()

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import blkverify_rs as bv
-import pytest
 from conftest import MiB, qemu_img, run, run_cli
 from guest import GuestBoot, GuestResult, run_guest
 from test_guest import DISK_SIZE, LOST_WRITE, STEPS, assert_tree_on_disk, new_raw, report
@@ -38,22 +37,6 @@ from test_trace import bug_command
 
 BUG = f"{LOST_WRITE[0]}@{LOST_WRITE[1]}"
 SERVE_END_S = 60  # serve ends by itself once the guest is gone (or at its finding)
-
-
-@pytest.fixture
-def serve():
-    """Start ``blkverify serve`` processes; each is killed by PID at teardown if the
-    test left it running."""
-    started: list[ServeProc] = []
-
-    def start(*args, **kwargs) -> ServeProc:
-        server = ServeProc(*args, **kwargs)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.kill()
 
 
 def findings_of(report_path: Path) -> list[dict]:

@@ -109,22 +109,6 @@ class ServeProc:
         self._close()
 
 
-@pytest.fixture
-def serve():
-    """Start ``blkverify serve`` processes; each is killed by PID at teardown if
-    the test left it running."""
-    started: list[ServeProc] = []
-
-    def start(*args, **kwargs) -> ServeProc:
-        server = ServeProc(*args, **kwargs)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.kill()
-
-
 class Mounted:
     """``nbdfuse MNT/disk URI``: the export as the file ``path``; ``unmount()``
     stops nbdfuse (fusermount3, then by PID)."""

@@ -29,26 +29,10 @@ import blkverify_rs as bv
 import pytest
 from bug_server import PLUGIN
 from conftest import KiB, MiB, qemu_img, run, run_cli
-from test_serve import Mounted, ServeProc, make_tree
+from test_serve import Mounted, make_tree
 
 SIZE = 32 * MiB
 CLUSTER = 64 * KiB
-
-
-@pytest.fixture
-def serve():
-    """Start ``blkverify serve`` processes (test_serve's); each is killed by PID
-    at teardown if the test left it running."""
-    started: list[ServeProc] = []
-
-    def start(*args, **kwargs) -> ServeProc:
-        server = ServeProc(*args, **kwargs)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.kill()
 
 
 @pytest.fixture
