@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 
 from conftest import KiB, MiB, qemu_img, qemu_io, run
-from test_serve import recv_exactly, request, serve  # noqa: F401 (serve is a fixture)
+from test_serve import recv_exactly, request
 
 SIZE = 40 * MiB
 READ, WRITE, DISC, FLUSH, TRIM, CACHE, WRITE_ZEROES, BLOCK_STATUS = range(8)
@@ -89,7 +89,7 @@ def qemu_io_works(uri: str, offset: int) -> None:
     assert "failed" not in out.stdout + out.stderr, out.stdout + out.stderr
 
 
-def test_nothing_outside_a_requests_range_is_written(tmp_path: Path, serve) -> None:  # noqa: F811
+def test_nothing_outside_a_requests_range_is_written(tmp_path: Path, serve) -> None:
     raw, test, before = pattern_pair(tmp_path)
     server = serve("--persistent", raw, test)
     s = structured_connect(server.uri)
@@ -133,7 +133,7 @@ def test_nothing_outside_a_requests_range_is_written(tmp_path: Path, serve) -> N
     qemu_img("check", test)
 
 
-def test_hostile_sessions_leave_serve_up_for_the_next_client(tmp_path: Path, serve) -> None:  # noqa: F811
+def test_hostile_sessions_leave_serve_up_for_the_next_client(tmp_path: Path, serve) -> None:
     raw, test, _ = pattern_pair(tmp_path)
     server = serve("--persistent", "--shared", "2", raw, test)
     path = server.uri.split("socket=", 1)[1]
