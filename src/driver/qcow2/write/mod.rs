@@ -69,6 +69,10 @@ pub(super) struct WriteState {
     quarantine: HashSet<u64>,
     /// Tables and blocks written back to make room, not for a flush.
     evictions: u64,
+    /// L1 indices whose entry names a new L2 table in memory only: the
+    /// entries reach the file at the next flush or close, once the tables
+    /// and their refcounts are durable (`write_new_l1_entries`).
+    new_l1: Vec<u64>,
 }
 
 impl WriteState {
@@ -154,6 +158,7 @@ impl Qcow2 {
             written_end: file_len,
             quarantine: HashSet::new(),
             evictions: 0,
+            new_l1: Vec::new(),
         };
         // Past the end of the file, clusters may still hold a refcount (QEMU
         // allocates before it writes): start allocating past the last one.

@@ -142,9 +142,9 @@ fn allocating_writes_sync_at_write_back_not_once_per_write() {
     let before_flush = *store.flushes.lock().unwrap();
     image.flush().unwrap();
     let syncs = *store.flushes.lock().unwrap();
-    // Where they come from: the file grows 1 MiB at a time (8 MiB here), and
-    // each new L2 table (2 MiB of guest) is made durable before the L1
-    // entry names it. Nothing scales with the number of writes.
+    // Where they come from: the flush itself, which makes the new L2 tables
+    // (2 MiB of guest each) durable before it writes the L1 entries that
+    // name them. Nothing scales with the number of writes.
     assert!(
         syncs * 50 < writes as usize,
         "{syncs} fdatasyncs for {writes} allocating writes ({before_flush} before the flush)"
@@ -154,6 +154,61 @@ fn allocating_writes_sync_at_write_back_not_once_per_write() {
         image.read_at(&mut back, i * 4096).unwrap();
         assert_eq!(back, [(i % 251) as u8 | 1; 512], "write {i}");
     }
+    close_and_check(&store, image, &path);
+}
+
+#[test]
+fn new_l2_tables_are_named_at_the_flush_after_one_sync() {
+    // A sequential writer across 8 new L2 tables (4 KiB clusters: 2 MiB of
+    // guest each). QEMU's l2_allocate syncs before each new table's L1
+    // entry; here no sync comes before the flush, the entries stay 0 on
+    // disk until then (a crash reads the range as before), and the flush
+    // writes them in one request, after the sync that makes the (empty)
+    // tables, their refcounts and the data durable, and before the tables'
+    // entries. (One-bit refcounts: the first refcount block
+    // covers 128 MiB, so no new block, which is synced for, comes between.)
+    let dir = tempfile::tempdir().unwrap();
+    let size = 16u64 << 20;
+    let (store, image, path) = fresh_image(dir.path(), "cluster_size=4096,refcount_bits=1", size);
+    let l1_offset = image.l1_offset;
+    let on_disk_l1 = |store: &CountingStorage| {
+        let mut bytes = [0u8; 64];
+        store.inner.read_exact_at(&mut bytes, l1_offset).unwrap();
+        bytes
+            .chunks(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+            .collect::<Vec<u64>>()
+    };
+    store.reset();
+    let chunk = 64u64 << 10;
+    for i in 0..size / chunk {
+        image
+            .write_at(&vec![(i % 251) as u8 | 1; chunk as usize], i * chunk)
+            .unwrap();
+    }
+    assert_eq!(*store.flushes.lock().unwrap(), 0, "syncs before the flush");
+    assert_eq!(
+        on_disk_l1(&store),
+        vec![0; 8],
+        "L1 entries before the flush"
+    );
+    // Reads go through the tables in memory meanwhile.
+    let mut back = vec![0u8; chunk as usize];
+    image.read_at(&mut back, size - chunk).unwrap();
+    assert_eq!(
+        back,
+        vec![((size / chunk - 1) % 251) as u8 | 1; chunk as usize]
+    );
+    store.reset();
+    image.flush().unwrap();
+    assert_eq!(
+        *store.flushes.lock().unwrap(),
+        2,
+        "one sync before the L1 entries, one after"
+    );
+    assert_eq!(store.writes_into(l1_offset, 64), vec![(l1_offset, 64)]);
+    let l1 = on_disk_l1(&store);
+    assert!(l1.iter().all(|e| *e != 0), "L1 after the flush: {l1:x?}");
     close_and_check(&store, image, &path);
 }
 

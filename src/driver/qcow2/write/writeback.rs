@@ -173,6 +173,10 @@ impl Qcow2 {
     /// flush, or (`closing`) the close. Like QEMU, a flush of an image whose
     /// refcounts are lazy (dirty bit set) leaves its refcount blocks cached.
     pub(super) fn flush_caches(&self, ws: &mut WriteState, closing: bool) -> Result<()> {
+        // First: its sync also makes durable what the L2 tables below wait
+        // for (their data and refcounts), so a flush that named new tables
+        // still syncs twice, not three times.
+        self.write_new_l1_entries(ws)?;
         if self.cache.dirty_count() > 0 {
             self.before_l2_write(ws)?;
             self.write_l2_tables(ws)?;
