@@ -200,8 +200,9 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// A new L2 table for L1 index `l1_index`: a copy of the table at `old_l2`
-    /// (shared with a snapshot), or an empty one when that is 0. The table
+    /// A new L2 table for L1 index `l1_index`, whose entry is `l1_entry`: a
+    /// copy of the table at `old_l2` (the entry's offset, a table shared with
+    /// a snapshot), or an empty one when that is 0. The table
     /// and its refcount reach the disk before the L1 entry names it, as in
     /// QEMU's l2_allocate; a shared table loses our reference only once the
     /// L1 entry on disk no longer names it.
@@ -218,6 +219,7 @@ impl Qcow2 {
         &self,
         ws: &mut WriteState,
         l1_index: u64,
+        l1_entry: u64,
         old_l2: u64,
     ) -> Result<u64> {
         let cluster_size = self.header.cluster_size();
@@ -233,28 +235,20 @@ impl Qcow2 {
         self.meta_write(ws, &bytes, l2_offset)?;
         let entry = l2_offset | COPIED;
         let at = self.l1_offset + l1_index * 8;
-        if old_l2 != 0 {
-            self.flush_refblocks(ws)?;
-            self.sync(ws)?;
-            self.meta_write(ws, &entry.to_be_bytes(), at)?;
-        }
-        let index = usize::try_from(l1_index).unwrap_or(usize::MAX);
         if old_l2 == 0 {
             // Write the entry's old value over itself now, so that the file
             // holds the space the flush will write it into: a fresh image's
             // L1 table may be a hole, and on a full disk the flush could
             // otherwise not name the tables the writes before it went into.
-            let old_entry = {
-                let l1 = self.l1.read().unwrap_or_else(PoisonError::into_inner);
-                l1.get(index).copied().ok_or_else(|| {
-                    self.corrupt(format!("L1 index {l1_index} is past the L1 table"))
-                })?
-            };
-            self.meta_write(ws, &old_entry.to_be_bytes(), at)?;
+            self.meta_write(ws, &l1_entry.to_be_bytes(), at)?;
+        } else {
+            self.flush_refblocks(ws)?;
+            self.sync(ws)?;
+            self.meta_write(ws, &entry.to_be_bytes(), at)?;
         }
         {
             let mut l1 = self.l1.write().unwrap_or_else(PoisonError::into_inner);
-            if let Some(slot) = l1.get_mut(index) {
+            if let Some(slot) = l1.get_mut(usize::try_from(l1_index).unwrap_or(usize::MAX)) {
                 *slot = entry;
             }
         }
@@ -283,25 +277,16 @@ impl Qcow2 {
         self.sync(ws)?;
         ws.new_l1.sort_unstable();
         ws.new_l1.dedup();
-        let runs: Vec<(u64, Vec<u8>)> = {
-            let l1 = self.l1.read().unwrap_or_else(PoisonError::into_inner);
-            let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
-            for &index in &ws.new_l1 {
-                let entry = l1
-                    .get(usize::try_from(index).unwrap_or(usize::MAX))
-                    .copied()
-                    .ok_or_else(|| {
-                        self.corrupt(format!("L1 index {index} is past the L1 table"))
-                    })?;
-                match runs.last_mut() {
-                    Some((first, bytes)) if *first + (bytes.len() / 8) as u64 == index => {
-                        bytes.extend_from_slice(&entry.to_be_bytes());
-                    }
-                    _ => runs.push((index, entry.to_be_bytes().to_vec())),
+        let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
+        for &index in &ws.new_l1 {
+            let entry = self.l1_entry(index)?.to_be_bytes();
+            match runs.last_mut() {
+                Some((first, bytes)) if *first + (bytes.len() / 8) as u64 == index => {
+                    bytes.extend_from_slice(&entry);
                 }
+                _ => runs.push((index, entry.to_vec())),
             }
-            runs
-        };
+        }
         for (first, bytes) in runs {
             self.meta_write(ws, &bytes, self.l1_offset + first * 8)?;
         }

@@ -367,17 +367,20 @@ impl Qcow2 {
         }
     }
 
+    /// The L1 entry at `l1_index`, as the writer has it (in memory).
+    fn l1_entry(&self, l1_index: u64) -> Result<u64> {
+        let l1 = self.l1.read().unwrap_or_else(PoisonError::into_inner);
+        l1.get(usize::try_from(l1_index).unwrap_or(usize::MAX))
+            .copied()
+            .ok_or_else(|| self.corrupt(format!("L1 index {l1_index} is past the L1 table")))
+    }
+
     fn apply_in_table(&self, ws: &mut WriteState, start: u64, end: u64, op: Op<'_>) -> Result<()> {
         let bits = self.header.cluster_bits;
         let cluster_size = self.header.cluster_size();
         let l2_entries = self.header.l2_entries();
         let l1_index = (start >> bits) / l2_entries;
-        let l1_entry = {
-            let l1 = self.l1.read().unwrap_or_else(PoisonError::into_inner);
-            l1.get(usize::try_from(l1_index).unwrap_or(usize::MAX))
-                .copied()
-                .ok_or_else(|| self.corrupt(format!("L1 index {l1_index} is past the L1 table")))?
-        };
+        let l1_entry = self.l1_entry(l1_index)?;
         let old_l2 = l2::l1_offset(l1_entry)
             .map_err(|e| self.corrupt(format!("L1 index {l1_index}: {e}")))?;
         // Plan every cluster against the table as it is; the changes go into
@@ -428,7 +431,7 @@ impl Qcow2 {
         }
         // A missing table, or one shared with a snapshot, gets a new cluster.
         let l2_offset = if old_l2 == 0 || l1_entry & COPIED == 0 {
-            self.new_l2_table(ws, l1_index, old_l2)?
+            self.new_l2_table(ws, l1_index, l1_entry, old_l2)?
         } else {
             old_l2
         };
