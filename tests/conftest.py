@@ -14,13 +14,18 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 KiB = 1024
 MiB = 1024 * KiB
+
+T = TypeVar("T")
 
 QCOW2_MAGIC = b"QFI\xfb"
 
@@ -900,6 +905,31 @@ def guest_boot():
     return build_guest(Path(__file__).resolve().parent.parent / "target" / "guest")
 
 
+@contextmanager
+def stopped_at_teardown(
+    make: Callable[..., T], stop: Callable[[T], None]
+) -> Iterator[Callable[..., T]]:
+    """The body of a fixture that starts servers: yields ``start``, which makes one
+    with ``make(*args, **kwargs)`` and keeps it; at teardown each one is stopped with
+    ``stop`` (by PID), the rest too when stopping one fails."""
+    started: list[T] = []
+
+    def start(*args, **kwargs) -> T:
+        server = make(*args, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    failed: BaseException | None = None
+    for server in started:
+        try:
+            stop(server)
+        except BaseException as e:  # stop the others first, then report it
+            failed = failed or e
+    if failed is not None:
+        raise failed
+
+
 @pytest.fixture
 def bug_server():
     """Start planted-bug NBD servers (tests/bug_server.py); each is stopped by PID at teardown.
@@ -908,16 +938,8 @@ def bug_server():
     """
     from bug_server import BugServer
 
-    started: list = []
-
-    def start(path, bugs=(), **kwargs):
-        server = BugServer(path, bugs=bugs, **kwargs)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+    with stopped_at_teardown(BugServer, BugServer.stop) as start:
+        yield start
 
 
 @pytest.fixture
@@ -926,13 +948,5 @@ def serve():
     killed by PID at teardown if the test left it running."""
     from test_serve import ServeProc
 
-    started: list[ServeProc] = []
-
-    def start(*args, **kwargs) -> ServeProc:
-        server = ServeProc(*args, **kwargs)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.kill()
+    with stopped_at_teardown(ServeProc, ServeProc.kill) as start:
+        yield start

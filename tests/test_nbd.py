@@ -8,6 +8,7 @@ error and never a hang.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import struct
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import blkverify_rs as bv
 import pytest
-from conftest import MiB, flip_byte, qemu_img, qemu_io, qemu_map, run_cli
+from conftest import MiB, flip_byte, qemu_img, qemu_io, qemu_map, run_cli, stopped_at_teardown
 
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
@@ -84,16 +85,13 @@ class QemuNbd:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Callable[..., QemuNbd]]:
-    servers: list[QemuNbd] = []
+    sockets = (tmp_path / f"nbd{i}.sock" for i in itertools.count())
 
-    def start(image: Path, fmt: str = "qcow2", *extra: str) -> QemuNbd:
-        server = QemuNbd(image, fmt, tmp_path / f"nbd{len(servers)}.sock", *extra)
-        servers.append(server)
-        return server
+    def make(image: Path, fmt: str = "qcow2", *extra: str) -> QemuNbd:
+        return QemuNbd(image, fmt, next(sockets), *extra)
 
-    yield start
-    for server in servers:
-        server.stop()
+    with stopped_at_teardown(make, QemuNbd.stop) as start:
+        yield start
 
 
 @pytest.mark.parametrize(
